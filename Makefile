@@ -1,0 +1,51 @@
+# headwise: every target bootstraps .venv when it is missing.
+# CPU-only Linux gets torch==2.13.0 (a CPU wheel); a GPU user overrides: make TORCH_SPEC=torch
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: help venv model demo test test-fast bench proto lint clean
+
+help:
+	@echo "make demo       run the main job: local cluster answering questions about a real document"
+	@echo "make test       run the whole test suite (fast tests, then slow ones: real model, Redis, Ray)"
+	@echo "make test-fast  only the fast tests (tiny random models)"
+	@echo "make bench      engine benchmark -> bench/results/engine.json"
+	@echo "make proto      regenerate the gRPC stubs from proto/"
+	@echo "make lint       ruff"
+
+$(BIN)/.bootstrapped: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev,k8s]"
+	touch $@
+
+venv: $(BIN)/.bootstrapped
+
+model: venv
+	$(BIN)/headwise model install
+
+demo: venv
+	$(BIN)/headwise demo
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: venv
+	mkdir -p bench/results
+	$(BIN)/python -m bench.engine --json bench/results/engine.json
+
+proto: venv
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/headwise/v1/*.proto
+
+lint: venv
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,1 @@
+"""Local cluster launcher, serve config and the `headwise` command line."""

@@ -1,0 +1,315 @@
+"""CompactCache: a KV cache that is ragged per attention head, for real.
+
+Every (layer, KV head) holds its own number of rows. Rows of all heads of one layer are
+flattened into `keys`/`values` of shape [R, d] with `head_offsets` [Hkv + 1] (the
+`cu_seqlens` layout of varlen attention), so nothing evicted occupies memory, the wire
+or the store. Decode tokens are the same for every head, so they live in a dense
+tail [Hkv, T, d] that grows by doubling; `compacted()` folds the tail into the ragged rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+NO_RECALL = -1  # recall id of a row that stands only for itself
+
+
+@dataclass
+class RecallTable:
+    """Originals behind merged rows of one layer, so the store can keep them for recall.
+
+    Merged row with recall id `i` stands for `positions[offsets[i]:offsets[i+1]]`, whose
+    original keys/values are `keys`/`values` at the same slice (may be empty tensors when
+    only the handle, not the data, is carried).
+    """
+
+    offsets: Tensor  # [G + 1] int64
+    positions: Tensor  # [sum m_i] int64, original token positions
+    heads: Tensor  # [G] int64, KV head of each merged row
+    keys: Tensor  # [sum m_i, d] or [0, d]
+    values: Tensor  # [sum m_i, d] or [0, d]
+
+    @classmethod
+    def empty(cls, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> "RecallTable":
+        z = torch.zeros(0, dtype=torch.long, device=device)
+        e = torch.zeros(0, head_dim, dtype=dtype, device=device)
+        return cls(torch.zeros(1, dtype=torch.long, device=device), z, z.clone(), e, e.clone())
+
+    @property
+    def num_groups(self) -> int:
+        return self.offsets.numel() - 1
+
+    def group(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return self.positions[a:b], self.keys[a:b], self.values[a:b]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.offsets, self.positions, self.heads, self.keys, self.values))
+
+    def to(self, device) -> "RecallTable":
+        return RecallTable(*(t.to(device) for t in (self.offsets, self.positions, self.heads, self.keys, self.values)))
+
+
+@dataclass
+class LayerCache:
+    """The kept rows of every KV head of one layer.
+
+    keys, values: [R, d] post-RoPE rows, head h at rows head_offsets[h]:head_offsets[h+1].
+    positions:    [R] int64 original token position; -1 for synthetic rows (merged/compensation).
+    log_weights:  [R] float32 additive logit bias: 0 for a real token, log(count) for a row
+                  standing for `count` tokens (RazorAttention Eq. 5 in log space).
+    recall_ids:   [R] int64 index into `recall`, NO_RECALL for ordinary rows.
+    tail_*:       dense decode rows shared by all heads: [Hkv, cap, d], first tail_len valid.
+    """
+
+    keys: Tensor
+    values: Tensor
+    head_offsets: Tensor
+    positions: Tensor
+    log_weights: Tensor
+    recall_ids: Tensor
+    recall: RecallTable | None = None
+    tail_keys: Tensor | None = None
+    tail_values: Tensor | None = None
+    tail_positions: Tensor | None = None
+    tail_len: int = 0
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def from_heads(
+        cls,
+        keys: list[Tensor],
+        values: list[Tensor],
+        positions: list[Tensor],
+        log_weights: list[Tensor] | None = None,
+        recall_ids: list[Tensor] | None = None,
+        recall: RecallTable | None = None,
+    ) -> "LayerCache":
+        """Build from per-head lists: keys[h] is [n_h, d]."""
+        lens = torch.tensor([k.shape[0] for k in keys], dtype=torch.long)
+        offsets = torch.zeros(len(keys) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lens, 0)
+        device = keys[0].device
+        R = int(offsets[-1])
+        lw = torch.cat(log_weights) if log_weights is not None else torch.zeros(R, dtype=torch.float32, device=device)
+        rid = torch.cat(recall_ids) if recall_ids is not None else torch.full((R,), NO_RECALL, dtype=torch.long, device=device)
+        return cls(
+            keys=torch.cat(keys).contiguous(),
+            values=torch.cat(values).contiguous(),
+            head_offsets=offsets.to(device),
+            positions=torch.cat(positions).to(torch.long),
+            log_weights=lw.to(torch.float32),
+            recall_ids=rid.to(torch.long),
+            recall=recall,
+        )
+
+    @classmethod
+    def from_dense(cls, keys: Tensor, values: Tensor, positions: Tensor) -> "LayerCache":
+        """keys/values: [Hkv, S, d]; positions: [S]. Every head keeps every row."""
+        H = keys.shape[0]
+        return cls.from_heads(list(keys), list(values), [positions] * H)
+
+    # ---- shape facts --------------------------------------------------------------
+    @property
+    def num_heads(self) -> int:
+        return self.head_offsets.numel() - 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.keys.shape[-1]
+
+    def head_lengths(self) -> Tensor:
+        """[Hkv] rows held per head (ragged part only)."""
+        return (self.head_offsets[1:] - self.head_offsets[:-1]).cpu()
+
+    def head(self, h: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys [n_h, d], values [n_h, d], log-weights [n_h] of head h (views, no copy)."""
+        a, b = int(self.head_offsets[h]), int(self.head_offsets[h + 1])
+        return self.keys[a:b], self.values[a:b], self.log_weights[a:b]
+
+    def tail(self) -> tuple[Tensor, Tensor] | None:
+        if self.tail_len == 0:
+            return None
+        return self.tail_keys[:, : self.tail_len], self.tail_values[:, : self.tail_len]
+
+    @property
+    def num_rows(self) -> int:
+        """Rows held over all heads, tail included."""
+        return int(self.head_offsets[-1]) + self.num_heads * self.tail_len
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the key and value rows actually held (tail capacity not counted)."""
+        return self.num_rows * self.head_dim * self.keys.element_size() * 2
+
+    # ---- mutation -----------------------------------------------------------------
+    def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        """Append rows to every head. keys/values: [Hkv, t, d]; positions: [t]."""
+        t = keys.shape[1]
+        if self.tail_keys is None or self.tail_len + t > self.tail_keys.shape[1]:
+            cap = max(64, 2 * (self.tail_len + t))
+            H, d = self.num_heads, self.head_dim
+            nk = self.keys.new_empty(H, cap, d)
+            nv = self.values.new_empty(H, cap, d)
+            npos = torch.empty(cap, dtype=torch.long, device=self.keys.device)
+            if self.tail_len:
+                nk[:, : self.tail_len] = self.tail_keys[:, : self.tail_len]
+                nv[:, : self.tail_len] = self.tail_values[:, : self.tail_len]
+                npos[: self.tail_len] = self.tail_positions[: self.tail_len]
+            self.tail_keys, self.tail_values, self.tail_positions = nk, nv, npos
+        n = self.tail_len
+        self.tail_keys[:, n : n + t] = keys
+        self.tail_values[:, n : n + t] = values
+        self.tail_positions[n : n + t] = positions
+        self.tail_len = n + t
+
+    def compacted(self) -> "LayerCache":
+        """A copy whose tail rows are folded into the ragged rows (for storage/extension)."""
+        if self.tail_len == 0:
+            return self
+        H = self.num_heads
+        tk, tv = self.tail()
+        tp = self.tail_positions[: self.tail_len]
+        ks, vs, ps, lws, rids = [], [], [], [], []
+        for h in range(H):
+            a, b = int(self.head_offsets[h]), int(self.head_offsets[h + 1])
+            ks += [self.keys[a:b], tk[h]]
+            vs += [self.values[a:b], tv[h]]
+            ps += [self.positions[a:b], tp]
+            lws += [self.log_weights[a:b], torch.zeros(self.tail_len, dtype=torch.float32, device=tk.device)]
+            rids += [self.recall_ids[a:b], torch.full((self.tail_len,), NO_RECALL, dtype=torch.long, device=tk.device)]
+        lens = self.head_lengths() + self.tail_len
+        offsets = torch.zeros(H + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lens, 0)
+        return LayerCache(
+            torch.cat(ks), torch.cat(vs), offsets.to(self.keys.device), torch.cat(ps),
+            torch.cat(lws), torch.cat(rids), self.recall,
+        )
+
+    def extended(self, other: "LayerCache") -> "LayerCache":
+        """Rows of `self` then rows of `other`, per head (both compacted first)."""
+        a, b = self.compacted(), other.compacted()
+        if a.num_heads != b.num_heads or a.head_dim != b.head_dim:
+            raise ValueError(f"cannot extend a cache of {a.num_heads} heads x {a.head_dim} with {b.num_heads} x {b.head_dim}")
+        ks, vs, ps, lws, rids = [], [], [], [], []
+        recall, shift = _concat_recall(a.recall, b.recall)
+        b_rids = torch.where(b.recall_ids >= 0, b.recall_ids + shift, b.recall_ids)
+        for h in range(a.num_heads):
+            for c, r in ((a, a.recall_ids), (b, b_rids)):
+                s, e = int(c.head_offsets[h]), int(c.head_offsets[h + 1])
+                ks.append(c.keys[s:e]); vs.append(c.values[s:e]); ps.append(c.positions[s:e])
+                lws.append(c.log_weights[s:e]); rids.append(r[s:e])
+        lens = a.head_lengths() + b.head_lengths()
+        offsets = torch.zeros(a.num_heads + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lens, 0)
+        return LayerCache(
+            torch.cat(ks), torch.cat(vs), offsets.to(a.keys.device), torch.cat(ps),
+            torch.cat(lws), torch.cat(rids), recall,
+        )
+
+    def to(self, device: torch.device | str) -> "LayerCache":
+        c = self.compacted()
+        return LayerCache(
+            c.keys.to(device), c.values.to(device), c.head_offsets.to(device), c.positions.to(device),
+            c.log_weights.to(device), c.recall_ids.to(device), c.recall.to(device) if c.recall is not None else None,
+        )
+
+    def clone(self) -> "LayerCache":
+        c = self.compacted()
+        return LayerCache(
+            c.keys.clone(), c.values.clone(), c.head_offsets.clone(), c.positions.clone(),
+            c.log_weights.clone(), c.recall_ids.clone(), c.recall,
+        )
+
+
+def _concat_recall(a: RecallTable | None, b: RecallTable | None) -> tuple[RecallTable | None, int]:
+    if b is None or b.num_groups == 0:
+        return a, 0
+    if a is None or a.num_groups == 0:
+        return b, 0
+    shift = a.num_groups
+    offsets = torch.cat([a.offsets, b.offsets[1:] + a.offsets[-1]])
+    return RecallTable(
+        offsets, torch.cat([a.positions, b.positions]), torch.cat([a.heads, b.heads]),
+        torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values]),
+    ), shift
+
+
+@dataclass
+class CompactCache:
+    """Per-layer ragged caches plus the count of original tokens they cover.
+
+    seq_len is the number of original tokens seen so far: the RoPE position of the next
+    token, whatever the number of rows kept (positions continue from the original prompt).
+    start is the first original position covered (0 unless this is one segment of a chain).
+    """
+
+    layers: list[LayerCache]
+    seq_len: int
+    start: int = 0
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_tokens(self) -> int:
+        """Original tokens covered by this cache."""
+        return self.seq_len - self.start
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(layer.num_rows for layer in self.layers)
+
+    def full_nbytes(self) -> int:
+        """Bytes an uncompressed cache of the same tokens would hold."""
+        l0 = self.layers[0]
+        return self.num_layers * l0.num_heads * self.num_tokens * l0.head_dim * l0.keys.element_size() * 2
+
+    def kept_fraction(self) -> float:
+        """Rows held / rows a full cache holds: the realised kept fraction (ALGORITHMS.md 0.3)."""
+        l0 = self.layers[0]
+        full = self.num_layers * l0.num_heads * self.num_tokens
+        return self.num_rows / full if full else 1.0
+
+    def append(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor) -> None:
+        self.layers[layer].append(keys, values, positions)
+
+    def advance(self, n: int) -> None:
+        self.seq_len += n
+
+    def compacted(self) -> "CompactCache":
+        return CompactCache([layer.compacted() for layer in self.layers], self.seq_len, self.start, dict(self.meta))
+
+    def extended(self, segment: "CompactCache") -> "CompactCache":
+        """This cache followed by a segment that starts where this one ends."""
+        if segment.start != self.seq_len:
+            raise ValueError(f"segment starts at position {segment.start}, cache ends at {self.seq_len}")
+        if segment.num_layers != self.num_layers:
+            raise ValueError(f"segment has {segment.num_layers} layers, cache has {self.num_layers}")
+        layers = [a.extended(b) for a, b in zip(self.layers, segment.layers)]
+        return CompactCache(layers, segment.seq_len, self.start, dict(self.meta))
+
+    @classmethod
+    def concat(cls, segments: list["CompactCache"]) -> "CompactCache":
+        if not segments:
+            raise ValueError("no segments to concatenate")
+        out = segments[0]
+        for seg in segments[1:]:
+            out = out.extended(seg)
+        return out
+
+    def to(self, device: torch.device | str) -> "CompactCache":
+        return CompactCache([layer.to(device) for layer in self.layers], self.seq_len, self.start, dict(self.meta))
+
+    def clone(self) -> "CompactCache":
+        return CompactCache([layer.clone() for layer in self.layers], self.seq_len, self.start, dict(self.meta))

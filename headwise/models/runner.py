@@ -1,0 +1,200 @@
+"""ModelRunner: prefill segments and decode steps of a Llama-family model over a CompactCache.
+
+The forward pass is written out (gpt-fast style) over the HF model's own modules, so the
+attention can run over ragged per-head rows and record what policies ask for, while
+every weight, norm, RoPE and MLP is transformers' own. With the `full` policy the logits
+equal transformers' forward within 1e-4 in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from headwise.attention import MergedShare, column_sums, ragged_decode_attention, ragged_prefill_attention
+from headwise.cache.compact import CompactCache, LayerCache
+from headwise.errors import InvalidInput
+from headwise.models.loader import check_model_dir, load_model, model_id
+from headwise.models.sampling import SamplingParams, sample
+from headwise.policies.base import Capture, CompressContext, LayerState, Policy
+
+
+@dataclass
+class PrefillOutput:
+    logits: Tensor  # [V] fp32, last position of the segment
+    states: list[LayerState]  # per layer, for the policy
+    start: int  # original position of the segment's first token
+
+
+@dataclass
+class SegmentResult:
+    logits: Tensor  # [V] logits after the segment
+    segment: CompactCache  # this segment's rows only (compressed by the policy)
+    cache: CompactCache  # the whole cache: previous rows + segment rows
+
+
+@dataclass
+class DecodeStats:
+    recalls: list[tuple[int, MergedShare]] = field(default_factory=list)  # (layer, share)
+
+
+class ModelRunner:
+    """Owns one model on one device. Not thread-safe; one runner per worker."""
+
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", name: str = "model"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        cfg = model.config
+        self.config = cfg
+        self.name = name
+        self.num_layers = cfg.num_hidden_layers
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.max_positions = cfg.max_position_embeddings
+        self.vocab_size = cfg.vocab_size
+        self.dtype = next(model.parameters()).dtype
+        self._inner = model.model
+        eos = cfg.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_ids = frozenset(e for e in eos if e is not None)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        check_model_dir(path)
+        model, tok = load_model(path, device, dtype)
+        return cls(model, tok, device, name=model_id(path))
+
+    # ---- validation ---------------------------------------------------------------
+    def check_tokens(self, token_ids: Sequence[int], start: int = 0) -> Tensor:
+        if len(token_ids) == 0:
+            raise InvalidInput("the prompt is empty; give at least one token")
+        ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise InvalidInput(f"token id {bad} is out of the vocabulary; allowed range [0, {self.vocab_size - 1}]")
+        if start + len(ids) > self.max_positions:
+            raise InvalidInput(
+                f"prompt of {start + len(ids)} tokens exceeds the model's context of {self.max_positions} tokens"
+            )
+        return ids.to(self.device)
+
+    # ---- forward pieces -----------------------------------------------------------
+    def _qkv(self, layer, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """h [1, S, D] -> post-RoPE q [Hq, S, d], k [Hkv, S, d], v [Hkv, S, d]."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = layer.self_attn
+        S = h.shape[1]
+        q = attn.q_proj(h).view(1, S, -1, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(1, S, -1, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(1, S, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q[0], k[0], v[0]
+
+    def _finish_layer(self, layer, h: Tensor, attn_out: Tensor) -> Tensor:
+        """Residual, o_proj and MLP. attn_out: [Hq, S, d]."""
+        S = attn_out.shape[1]
+        h = h + layer.self_attn.o_proj(attn_out.transpose(0, 1).reshape(1, S, -1))
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def _logits(self, h_last: Tensor) -> Tensor:
+        return self.model.lm_head(self._inner.norm(h_last)).float().reshape(-1)
+
+    # ---- prefill ------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, token_ids: Sequence[int], cache: CompactCache | None = None, capture: Capture = Capture()) -> PrefillOutput:
+        """Run a segment on top of `cache` (not modified); return last logits and per-layer state."""
+        start = cache.seq_len if cache is not None else 0
+        ids = self.check_tokens(token_ids, start)
+        S = ids.numel()
+        pos = torch.arange(start, start + S, device=self.device)
+        h = self._inner.embed_tokens(ids)[None]  # [1, S, D]
+        cos, sin = self._inner.rotary_emb(h, pos[None])
+        states: list[LayerState] = []
+        for i, layer in enumerate(self._inner.layers):
+            x = layer.input_layernorm(h)
+            q, k, v = self._qkv(layer, x, cos, sin)
+            scaling = layer.self_attn.scaling
+            o = ragged_prefill_attention(q, cache.layers[i] if cache is not None else None, k, v, scaling)
+            h = self._finish_layer(layer, h, o)
+            W = min(capture.window, S)
+            states.append(LayerState(
+                layer=i, keys=k, values=v, positions=pos, scaling=scaling,
+                window_queries=q[:, S - W :].clone() if W else None,
+                column_sums=column_sums(q, k, scaling) if capture.column_sums else None,
+            ))
+        return PrefillOutput(self._logits(h[:, -1]), states, start)
+
+    def context(self) -> CompressContext:
+        return CompressContext(num_layers=self.num_layers, model_id=self.name)
+
+    def prefill_segment(
+        self, token_ids: Sequence[int], cache: CompactCache | None = None, policy: Policy | None = None,
+        ctx: CompressContext | None = None,
+    ) -> SegmentResult:
+        """Prefill a segment, compress it with `policy` (full when None), extend the cache."""
+        from headwise.policies.full import FullPolicy
+
+        policy = policy or FullPolicy()
+        out = self.prefill(token_ids, cache, policy.capture)
+        segment = policy.compress(out.states, out.start, ctx or self.context())
+        whole = cache.extended(segment) if cache is not None else segment
+        return SegmentResult(out.logits, segment, whole)
+
+    # ---- decode -------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode_step(
+        self, token: int, cache: CompactCache, recall_threshold: float | None = None, stats: DecodeStats | None = None
+    ) -> Tensor:
+        """Append one token to every head of every layer and return the next logits [V]."""
+        pos = cache.seq_len
+        if pos + 1 > self.max_positions:
+            raise InvalidInput(f"sequence of {pos + 1} tokens exceeds the model's context of {self.max_positions} tokens")
+        ids = torch.tensor([token], dtype=torch.long, device=self.device)
+        p = torch.tensor([pos], dtype=torch.long, device=self.device)
+        h = self._inner.embed_tokens(ids)[None]
+        cos, sin = self._inner.rotary_emb(h, p[None])
+        for i, layer in enumerate(self._inner.layers):
+            x = layer.input_layernorm(h)
+            q, k, v = self._qkv(layer, x, cos, sin)
+            lc: LayerCache = cache.layers[i]
+            lc.append(k, v, p)
+            o, hits = ragged_decode_attention(q, lc, layer.self_attn.scaling, recall_threshold)
+            if hits and stats is not None:
+                stats.recalls.extend((i, s) for s in hits)
+            h = self._finish_layer(layer, h, o)
+        cache.advance(1)
+        return self._logits(h[:, -1])
+
+    def generate(
+        self, cache: CompactCache, logits: Tensor, params: SamplingParams = SamplingParams(),
+        recall_threshold: float | None = None, stats: DecodeStats | None = None,
+    ) -> Iterator[int]:
+        """Yield tokens: the first from `logits` (the prefill's), then one decode step each.
+
+        Stops at EOS (unless ignore_eos), after max_new_tokens, or once the text ends with
+        a stop string (the token that completed it is still yielded). `cache` grows in place.
+        """
+        gen = torch.Generator(device="cpu").manual_seed(params.seed)
+        out: list[int] = []
+        for n in range(params.max_new_tokens):
+            tok = sample(logits.cpu(), params, gen)
+            out.append(tok)
+            yield tok
+            if tok in self.eos_ids and not params.ignore_eos:
+                return
+            if params.stop and self.tokenizer is not None:
+                text = self.tokenizer.decode(out[-32:], skip_special_tokens=True)
+                if any(s in text for s in params.stop):
+                    return
+            if n + 1 < params.max_new_tokens:
+                logits = self.decode_step(tok, cache, recall_threshold, stats)

@@ -1,0 +1,160 @@
+"""The policy interface: turn a segment's per-layer prefill state into ragged per-head rows.
+
+A policy is a frozen dataclass validated in `__post_init__`. Its one budget knob is
+`kept`, the kept fraction of the segment's rows. Scorer policies only write `score()`;
+`ScorerPolicy` owns the top-k and the gather (kvpress's ScorerPress habit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from headwise.cache.compact import CompactCache, LayerCache
+from headwise.errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class Capture:
+    """What the runner must record during prefill for a policy."""
+
+    window: int = 0  # last W post-RoPE queries of the segment, per layer
+    column_sums: bool = False  # causal attention received by each key from all segment queries
+
+    def merge(self, other: "Capture") -> "Capture":
+        return Capture(max(self.window, other.window), self.column_sums or other.column_sums)
+
+
+@dataclass
+class LayerState:
+    """What prefill of one segment leaves for the policy, for one layer.
+
+    keys, values:    [Hkv, S, d] post-RoPE rows of the segment
+    positions:       [S] int64 original positions
+    window_queries:  [Hq, W, d] post-RoPE queries of the last W segment positions, or None
+    column_sums:     [Hq, S] fp32 attention each key received from the segment, or None
+    """
+
+    layer: int
+    keys: Tensor
+    values: Tensor
+    positions: Tensor
+    scaling: float
+    window_queries: Tensor | None = None
+    column_sums: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[0]
+
+
+@dataclass
+class CompressContext:
+    """Whole-model facts a policy may need beside one layer's state."""
+
+    num_layers: int
+    model_id: str = ""
+    profile: Any = None  # a HeadProfile where the policy family needs one
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base of every compression policy. `kept` is the kept fraction of the segment, in (0, 1]."""
+
+    name: ClassVar[str] = ""
+    reusable: ClassVar[bool] = True  # query-agnostic: the result may be stored and reused
+    kept: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kept, (int, float)) or not (0.0 < float(self.kept) <= 1.0) or math.isnan(self.kept):
+            raise InvalidInput(f"kept fraction {self.kept!r} is outside the allowed range (0, 1]")
+
+    @property
+    def capture(self) -> Capture:
+        return Capture()
+
+    def params(self) -> dict[str, Any]:
+        """Canonical settings: everything that changes the bytes (goes into segment keys)."""
+        out = {"policy": self.name}
+        for f in dataclasses.fields(self):
+            out[f.name] = getattr(self, f.name)
+        return out
+
+    def budget(self, num_tokens: int) -> int:
+        """Rows kept per head for a segment of num_tokens (uniform allocation)."""
+        return max(1, min(num_tokens, round(self.kept * num_tokens)))
+
+    def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
+        """The segment's cache: one LayerCache per layer, positions start..start+S."""
+        ctx = ctx or CompressContext(num_layers=len(states))
+        layers = [self.compress_layer(s, ctx) for s in states]
+        S = states[0].num_tokens
+        return CompactCache(layers, seq_len=start + S, start=start, meta={"policy": self.params()})
+
+    def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
+        raise NotImplementedError
+
+
+def keep_all(state: LayerState) -> LayerCache:
+    return LayerCache.from_dense(state.keys, state.values, state.positions)
+
+
+def gather_rows(state: LayerState, indices: list[Tensor]) -> LayerCache:
+    """Keep rows indices[h] (sorted, int64) of each head h."""
+    ks = [state.keys[h, idx] for h, idx in enumerate(indices)]
+    vs = [state.values[h, idx] for h, idx in enumerate(indices)]
+    ps = [state.positions[idx] for idx in indices]
+    return LayerCache.from_heads(ks, vs, ps)
+
+
+@dataclass(frozen=True)
+class ScorerPolicy(Policy):
+    """Keep, per head, the sinks, the last `window` tokens and the top-scored rest.
+
+    Subclasses write `score(state, ctx) -> [Hkv, S]` (higher is kept).
+    """
+
+    window: int = 32
+    sinks: int = 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for attr in ("window", "sinks"):
+            v = getattr(self, attr)
+            if not isinstance(v, int) or v < 0:
+                raise InvalidInput(f"{attr}={v!r} must be an integer >= 0")
+
+    @property
+    def capture(self) -> Capture:
+        return Capture(window=max(1, self.window))
+
+    def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
+        raise NotImplementedError
+
+    def protected(self, S: int, budget: int) -> tuple[int, int]:
+        """(sinks, window) that fit in the budget: sinks first, then window, then scored rows."""
+        sinks = min(self.sinks, budget)
+        window = min(self.window, budget - sinks)
+        return sinks, window
+
+    def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
+        S = state.num_tokens
+        b = self.budget(S)
+        if b >= S:
+            return keep_all(state)
+        scores = self.score(state, ctx).float().clone()  # [Hkv, S]
+        sinks, window = self.protected(S, b)
+        scores[:, :sinks] = float("inf")
+        if window:
+            scores[:, S - window :] = float("inf")
+        idx = scores.topk(b, dim=-1).indices.sort(dim=-1).values  # [Hkv, b]
+        return gather_rows(state, list(idx))
