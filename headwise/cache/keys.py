@@ -1,0 +1,51 @@
+"""Segment keys: a stable, chained identity of a segment's cache (DESIGN.md 4).
+
+key = blake2b(parent key, token ids, model id, policy and its parameters, codec version,
+tenant salt). Keys chain, so a conversation turn names everything before it; the salt
+differs per tenant, so reuse never crosses tenants. Never Python's hash().
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, NewType, Sequence
+
+SegmentKey = NewType("SegmentKey", str)  # 32 hex chars
+ROOT = SegmentKey("0" * 32)
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def segment_key(
+    parent: SegmentKey | None,
+    token_ids: Sequence[int],
+    model_id: str,
+    policy_params: dict[str, Any],
+    codec_version: int,
+    tenant_salt: str,
+) -> SegmentKey:
+    h = hashlib.blake2b(digest_size=16, person=b"headwise-seg-v1")
+    h.update((parent or ROOT).encode())
+    h.update(len(token_ids).to_bytes(8, "little"))
+    h.update(b"".join(int(t).to_bytes(4, "little") for t in token_ids))
+    h.update(_canonical({"model": model_id, "policy": policy_params, "codec": codec_version, "salt": tenant_salt}))
+    return SegmentKey(h.hexdigest())
+
+
+def chain_keys(
+    segments: Sequence[Sequence[int]],
+    model_id: str,
+    policies: Sequence[dict[str, Any]],
+    codec_version: int,
+    tenant_salt: str,
+) -> list[SegmentKey]:
+    """Keys of a chain of segments, each naming its parent."""
+    keys: list[SegmentKey] = []
+    parent: SegmentKey | None = None
+    for ids, params in zip(segments, policies, strict=True):
+        parent = segment_key(parent, ids, model_id, params, codec_version, tenant_salt)
+        keys.append(parent)
+    return keys
