@@ -1,0 +1,55 @@
+"""The Serve application config: the one source of truth for `headwise up` and the KubeRay RayService.
+
+`serve_config(settings)` returns the dict of Ray Serve's config file schema (what
+`serve deploy` and RayService.spec.serveConfigV2 take). k8s/ is generated from / checked
+against it by tests, so the local cluster and Kubernetes cannot drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.settings import Settings
+
+APP_NAME = "headwise"
+APP_IMPORT_PATH = "services.app:build_app"
+PREFILL_DEPLOYMENT = "Prefill"
+DECODE_DEPLOYMENT = "Decode"
+# The servicer function Ray Serve's gRPC proxy registers (set once the stubs exist).
+GRPC_SERVICER_FUNCTIONS = ["services.protos.headwise.v1.generate_pb2_grpc.add_GenerateServicer_to_server"]
+
+
+def serve_config(settings: Settings) -> dict[str, Any]:
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": settings.http_port},
+        "grpc_options": {"port": settings.grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": APP_IMPORT_PATH,
+                "args": {},
+                "deployments": [
+                    {
+                        "name": PREFILL_DEPLOYMENT,
+                        "autoscaling_config": {
+                            "min_replicas": settings.prefill_min_replicas,
+                            "max_replicas": settings.prefill_max_replicas,
+                            "target_ongoing_requests": settings.prefill_target_ongoing_requests,
+                        },
+                        "ray_actor_options": {"num_cpus": settings.prefill_num_cpus},
+                    },
+                    {
+                        "name": DECODE_DEPLOYMENT,
+                        "autoscaling_config": {
+                            "min_replicas": settings.decode_min_replicas,
+                            "max_replicas": settings.decode_max_replicas,
+                            "target_ongoing_requests": settings.decode_target_ongoing_requests,
+                        },
+                        "ray_actor_options": {"num_cpus": settings.decode_num_cpus},
+                    },
+                ],
+            }
+        ],
+    }

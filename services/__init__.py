@@ -1,0 +1,1 @@
+"""Services on top of the engine: kvstore (gRPC over Redis), prefill and decode (Ray Serve)."""

@@ -1,0 +1,57 @@
+"""One settings object per process (pydantic-settings, env prefix HEADWISE_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HEADWISE_", env_file=None, extra="ignore")
+
+    # model
+    model_path: str = Field("", description="HF model directory; empty = the installed default model")
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    # ports and addresses
+    grpc_port: int = Field(9000, description="Ray Serve gRPC proxy port (the client API: Generate)")
+    http_port: int = Field(8000, description="Ray Serve HTTP port (health)")
+    kvstore_addr: str = Field("127.0.0.1:50051", description="host:port of the kvstore gRPC server")
+    kvstore_port: int = 50051
+    kvstore_metrics_port: int = 0
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # security
+    service_token: str = Field("dev-service-token", description="token services present to kvstore")
+    tenants_file: str = Field("", description="YAML/JSON file of tenants: id, key hash, limits")
+
+    # store behaviour
+    store_timeout_s: float = 5.0
+    tenant_ttl_s: int = 86400
+    tenant_quota_bytes: int = 2 * 1024**3
+
+    # request defaults and limits
+    default_policy: str = "razor"
+    default_kept: float = 0.25
+    max_prompt_tokens: int = 8000
+    max_new_tokens: int = 256
+    recall_threshold: float = 0.2
+    recall: bool = True
+
+    # autoscaling (Ray Serve autoscaling_config of each deployment)
+    prefill_min_replicas: int = 1
+    prefill_max_replicas: int = 4
+    prefill_target_ongoing_requests: int = 2
+    decode_min_replicas: int = 1
+    decode_max_replicas: int = 4
+    decode_target_ongoing_requests: int = 4
+    prefill_num_cpus: float = 1.0
+    decode_num_cpus: float = 1.0
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
