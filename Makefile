@@ -42,7 +42,7 @@ bench: venv
 	$(BIN)/python -m bench.engine --json bench/results/engine.json
 
 proto: venv
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. proto/headwise/v1/*.proto
+	$(BIN)/python -m services.protos.build  # -> services/protos/headwise/v1/*_pb2*.py (imports rewritten)
 
 lint: venv
 	$(BIN)/ruff check .

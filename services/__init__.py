@@ -1,1 +1,1 @@
-"""Services on top of the engine: kvstore (gRPC over Redis), prefill and decode (Ray Serve)."""
+"""Services around the headwise engine: KV store, prefill and decode workers (Ray, gRPC, Redis live here)."""

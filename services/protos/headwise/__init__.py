@@ -1,0 +1,1 @@
+"""package headwise.v1 of proto/ (generated stubs)."""
