@@ -38,7 +38,7 @@ def serve_config(settings: Settings) -> dict[str, Any]:
                             "max_replicas": settings.prefill_max_replicas,
                             "target_ongoing_requests": settings.prefill_target_ongoing_requests,
                         },
-                        "ray_actor_options": {"num_cpus": settings.prefill_num_cpus},
+                        "ray_actor_options": _actor_options(settings.prefill_num_cpus, settings.prefill_num_gpus),
                     },
                     {
                         "name": DECODE_DEPLOYMENT,
@@ -47,9 +47,14 @@ def serve_config(settings: Settings) -> dict[str, Any]:
                             "max_replicas": settings.decode_max_replicas,
                             "target_ongoing_requests": settings.decode_target_ongoing_requests,
                         },
-                        "ray_actor_options": {"num_cpus": settings.decode_num_cpus},
+                        "ray_actor_options": _actor_options(settings.decode_num_cpus, settings.decode_num_gpus),
                     },
                 ],
             }
         ],
     }
+
+
+def _actor_options(num_cpus: float, num_gpus: float) -> dict[str, float]:
+    # num_gpus only when asked for, so the CPU config stays exactly what it was
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus} if num_gpus > 0 else {"num_cpus": num_cpus}

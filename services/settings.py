@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     decode_target_ongoing_requests: int = 4
     prefill_num_cpus: float = 1.0
     decode_num_cpus: float = 1.0
+    # GPUs per replica (the gpu k8s overlay sets 1); 0 leaves ray_actor_options CPU-only
+    prefill_num_gpus: float = 0.0
+    decode_num_gpus: float = 0.0
 
 
 @lru_cache(maxsize=1)
