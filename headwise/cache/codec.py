@@ -1,0 +1,454 @@
+"""Codec: CompactCache <-> a versioned header blob plus chunks of at most 1 MiB.
+
+The bytes here are the only serialisation of a cache: what the prefill worker sends, what
+the KV store keeps unchanged and what decode reads back. Layout (all integers little-endian):
+
+header blob   = "HWKH" | version u16 | flags u16 | body_len u32 | body (JSON) | blake2b-128(all before)
+chunk frame   = "HWKC" | version u16 | 0 u16 | segment_id 16B | index u32 | count u32 | len u32
+                | crc32 u32 | payload[len]         (crc32 over the 36 bytes before it and the payload)
+recall blob   = "HWKR" | version u16 | dtype u16 | m u32 | d u32 | positions i64[m] | keys[m, d]
+                | values[m, d] | crc32 u32         (crc32 over everything before it)
+
+The body names the segment (random 16-byte id), the dtype, seq_len/start/meta, every layer's
+shape, the payload size and every chunk's (length, crc32): the header's checksum thus covers
+the whole segment, and each frame is checked against its own crc and the header's. The
+payload is every layer's tensors in the order of `_layout()` (one function for both
+directions, so fields cannot be read back in another order), each aligned to 64 bytes.
+
+Decoding rejects truncated, reordered, duplicated, foreign or corrupted input with a
+CodecError that says what was wrong, before any tensor is built from it.
+
+The tail of a cache is folded in first (`compacted()`): what comes back is the compacted cache.
+With `include_recall=False` the recall handles (offsets, positions, heads) travel but not the
+original keys/values; `encode_recall()` gives those as one blob per merged row, and
+`decode(..., recall=entries)` puts them back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from headwise.cache.compact import NO_RECALL, CompactCache, LayerCache, RecallTable
+from headwise.errors import HeadwiseError
+
+CODEC_VERSION = 1
+MAX_CHUNK_BYTES = 1 << 20  # payload of one chunk; gRPC's default message cap is 4 MiB
+ALIGN = 64
+
+_HEADER_PREFIX = struct.Struct("<4sHHI")
+_DIGEST = 16
+_FRAME = struct.Struct("<4sH2x16sIIII")  # magic, version, segment id, index, count, len, crc
+_FRAME_CRC_AT = _FRAME.size - 4
+_RECALL = struct.Struct("<4sHHII")  # magic, version, dtype code, m, d
+FRAME_OVERHEAD = _FRAME.size
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+
+
+class CodecError(HeadwiseError, ValueError):
+    """Bytes that are not a complete, intact segment of this codec version."""
+
+
+# ---- layout -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerShape:
+    num_heads: int
+    rows: int  # R: ragged rows over all heads
+    groups: int  # G: merged rows with a recall handle (0 when the layer has no RecallTable)
+    recall_rows: int  # sum m_i: original rows behind the merged rows
+    has_recall: bool  # the layer carries a RecallTable (possibly with 0 groups)
+    recall_data: bool  # its original keys/values travel in the payload
+
+
+@dataclass(frozen=True)
+class Field:
+    layer: int
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype) -> tuple[list[Field], int]:
+    """Every tensor of the payload in order, with its byte offset; and the payload size."""
+    fields: list[Field] = []
+    offset = 0
+
+    def add(layer: int, name: str, dt: torch.dtype, shape: tuple[int, ...]) -> None:
+        nonlocal offset
+        f = Field(layer, name, dt, shape, offset)
+        fields.append(f)
+        offset = -(-(offset + f.nbytes) // ALIGN) * ALIGN
+
+    for i, s in enumerate(shapes):
+        add(i, "keys", dtype, (s.rows, head_dim))
+        add(i, "values", dtype, (s.rows, head_dim))
+        add(i, "head_offsets", torch.int64, (s.num_heads + 1,))
+        add(i, "positions", torch.int64, (s.rows,))
+        add(i, "log_weights", torch.float32, (s.rows,))
+        add(i, "recall_ids", torch.int64, (s.rows,))
+        if s.has_recall:
+            add(i, "recall.offsets", torch.int64, (s.groups + 1,))
+            add(i, "recall.positions", torch.int64, (s.recall_rows,))
+            add(i, "recall.heads", torch.int64, (s.groups,))
+            m = s.recall_rows if s.recall_data else 0
+            add(i, "recall.keys", dtype, (m, head_dim))
+            add(i, "recall.values", dtype, (m, head_dim))
+    return fields, offset
+
+
+def _layer_tensors(layer: LayerCache, include_recall: bool) -> dict[str, Tensor]:
+    t = {
+        "keys": layer.keys, "values": layer.values, "head_offsets": layer.head_offsets,
+        "positions": layer.positions, "log_weights": layer.log_weights, "recall_ids": layer.recall_ids,
+    }
+    r = layer.recall
+    if r is not None:
+        t.update({"recall.offsets": r.offsets, "recall.positions": r.positions, "recall.heads": r.heads})
+        t["recall.keys"] = r.keys if include_recall else r.keys[:0]
+        t["recall.values"] = r.values if include_recall else r.values[:0]
+    return t
+
+
+def _layer_shape(layer: LayerCache, include_recall: bool) -> LayerShape:
+    r = layer.recall
+    has_data = r is not None and r.keys.shape[0] == r.positions.numel() and r.positions.numel() > 0
+    return LayerShape(
+        num_heads=layer.num_heads, rows=int(layer.keys.shape[0]),
+        groups=r.num_groups if r is not None else 0,
+        recall_rows=int(r.positions.numel()) if r is not None else 0,
+        has_recall=r is not None, recall_data=bool(include_recall and has_data),
+    )
+
+
+# ---- header -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class SegmentHeader:
+    """The parsed header blob: everything needed to check and decode the chunks."""
+
+    segment_id: bytes
+    dtype: torch.dtype
+    head_dim: int
+    seq_len: int
+    start: int
+    meta: dict
+    layers: tuple[LayerShape, ...]
+    total_bytes: int
+    chunk_size: int
+    chunks: tuple[tuple[int, int], ...]  # (payload length, crc32) per chunk
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.chunks)
+
+    def to_bytes(self) -> bytes:
+        body = json.dumps({
+            "segment_id": self.segment_id.hex(), "dtype": _DTYPE_NAMES[self.dtype], "head_dim": self.head_dim,
+            "seq_len": self.seq_len, "start": self.start, "meta": self.meta,
+            "layers": [[s.num_heads, s.rows, s.groups, s.recall_rows, s.has_recall, s.recall_data] for s in self.layers],
+            "total_bytes": self.total_bytes, "chunk_size": self.chunk_size, "chunks": [list(c) for c in self.chunks],
+        }, sort_keys=True, separators=(",", ":")).encode()
+        head = _HEADER_PREFIX.pack(b"HWKH", CODEC_VERSION, 0, len(body)) + body
+        return head + hashlib.blake2b(head, digest_size=_DIGEST).digest()
+
+
+def parse_header(blob: bytes) -> SegmentHeader:
+    """Check and parse a header blob; CodecError when it is not an intact header of this version."""
+    blob = bytes(blob)
+    if len(blob) < _HEADER_PREFIX.size + _DIGEST:
+        raise CodecError(f"header of {len(blob)} bytes is truncated (at least {_HEADER_PREFIX.size + _DIGEST} expected)")
+    magic, version, _flags, body_len = _HEADER_PREFIX.unpack_from(blob)
+    if magic != b"HWKH":
+        raise CodecError(f"not a headwise segment header (magic {magic!r}, expected b'HWKH')")
+    if version != CODEC_VERSION:
+        raise CodecError(f"codec version {version} is not supported; this build reads version {CODEC_VERSION}")
+    end = _HEADER_PREFIX.size + body_len
+    if len(blob) != end + _DIGEST:
+        raise CodecError(f"header is {len(blob)} bytes, its prefix says {end + _DIGEST}: truncated or padded")
+    if hashlib.blake2b(blob[:end], digest_size=_DIGEST).digest() != blob[end:]:
+        raise CodecError("header checksum mismatch: the header is corrupted")
+    try:
+        return _header_from_body(json.loads(blob[_HEADER_PREFIX.size : end]))
+    except (KeyError, TypeError, ValueError) as e:  # a checksummed body from a buggy encoder
+        raise CodecError(f"header body is malformed: {e}") from None
+
+
+def _header_from_body(b: dict) -> SegmentHeader:
+    if b["dtype"] not in _DTYPES:
+        raise CodecError(f"unknown dtype {b['dtype']!r}; allowed: {', '.join(_DTYPES)}")
+    layers = tuple(LayerShape(int(h), int(r), int(g), int(m), bool(hr), bool(rd)) for h, r, g, m, hr, rd in b["layers"])
+    h = SegmentHeader(
+        segment_id=bytes.fromhex(b["segment_id"]), dtype=_DTYPES[b["dtype"]], head_dim=int(b["head_dim"]),
+        seq_len=int(b["seq_len"]), start=int(b["start"]), meta=b["meta"], layers=layers,
+        total_bytes=int(b["total_bytes"]), chunk_size=int(b["chunk_size"]),
+        chunks=tuple((int(n), int(c)) for n, c in b["chunks"]),
+    )
+    _, total = _layout(h.layers, h.head_dim, h.dtype)
+    if total != h.total_bytes or sum(n for n, _ in h.chunks) != total or len(h.segment_id) != 16:
+        raise CodecError(f"header is inconsistent: layout needs {total} bytes, header says {h.total_bytes}")
+    if not 0 < h.chunk_size <= MAX_CHUNK_BYTES:
+        raise CodecError(f"chunk size {h.chunk_size} is outside (0, {MAX_CHUNK_BYTES}]")
+    return h
+
+
+# ---- encode -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncodedSegment:
+    header: bytes  # header blob
+    chunks: list[bytes]  # chunk frames, in order
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + sum(len(c) for c in self.chunks)
+
+
+def encode(cache: CompactCache, *, include_recall: bool = True, chunk_size: int = MAX_CHUNK_BYTES) -> EncodedSegment:
+    """Serialise a cache (its tail folded in) into a header blob and chunk frames."""
+    if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+        raise CodecError(f"chunk_size={chunk_size} is outside (0, {MAX_CHUNK_BYTES}]")
+    if not cache.layers:
+        raise CodecError("a cache with no layers cannot be encoded")
+    cache = cache.compacted()
+    dtype, head_dim = cache.layers[0].keys.dtype, cache.layers[0].head_dim
+    if dtype not in _DTYPE_NAMES:
+        raise CodecError(f"dtype {dtype} is not supported; allowed: {', '.join(_DTYPES)}")
+    shapes = [_layer_shape(layer, include_recall) for layer in cache.layers]
+    fields, total = _layout(shapes, head_dim, dtype)
+    payload = bytearray(total)
+    flat = torch.frombuffer(payload, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
+    tensors = [_layer_tensors(layer, include_recall) for layer in cache.layers]
+    for f in fields:
+        _write_field(flat, f, tensors[f.layer][f.name])
+    segment_id = os.urandom(16)
+    frames, crcs = _frames(memoryview(payload), segment_id, chunk_size)
+    try:
+        meta = json.loads(json.dumps(cache.meta))
+    except (TypeError, ValueError) as e:
+        raise CodecError(f"cache.meta must be JSON-serialisable: {e}") from None
+    header = SegmentHeader(segment_id, dtype, head_dim, cache.seq_len, cache.start, meta, tuple(shapes),
+                           total, chunk_size, tuple(crcs))
+    return EncodedSegment(header.to_bytes(), frames)
+
+
+def _write_field(flat: Tensor, f: Field, t: Tensor) -> None:
+    if tuple(t.shape) != f.shape or t.dtype != f.dtype:
+        raise CodecError(f"layer {f.layer} {f.name}: {tuple(t.shape)} {t.dtype}, expected {f.shape} {f.dtype}")
+    if f.nbytes:
+        src = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        flat[f.offset : f.offset + f.nbytes].copy_(src)
+
+
+def _frames(payload: memoryview, segment_id: bytes, chunk_size: int) -> tuple[list[bytes], list[tuple[int, int]]]:
+    n = max(1, -(-len(payload) // chunk_size))
+    frames, crcs = [], []
+    for i in range(n):
+        part = payload[i * chunk_size : (i + 1) * chunk_size]
+        prefix = _FRAME.pack(b"HWKC", CODEC_VERSION, segment_id, i, n, len(part), 0)[:_FRAME_CRC_AT]
+        crc = zlib.crc32(part, zlib.crc32(prefix))
+        frames.append(b"".join((prefix, crc.to_bytes(4, "little"), part)))
+        crcs.append((len(part), crc))
+    return frames, crcs
+
+
+# ---- decode -----------------------------------------------------------------------
+def check_chunk(header: SegmentHeader, index: int, frame: bytes | memoryview) -> memoryview:
+    """Verify that `frame` is chunk `index` of this segment, intact; return its payload."""
+    view = memoryview(frame)
+    if len(view) < _FRAME.size:
+        raise CodecError(f"chunk {index} is truncated: {len(view)} bytes, the frame header alone is {_FRAME.size}")
+    magic, version, seg, idx, count, length, crc = _FRAME.unpack_from(view)
+    if magic != b"HWKC":
+        raise CodecError(f"chunk {index} is not a headwise chunk frame (magic {bytes(magic)!r})")
+    if version != CODEC_VERSION:
+        raise CodecError(f"chunk {index} has codec version {version}; this build reads version {CODEC_VERSION}")
+    if seg != header.segment_id:
+        raise CodecError(f"chunk {index} belongs to another segment ({seg.hex()} != {header.segment_id.hex()})")
+    if idx != index:
+        raise CodecError(f"chunk {idx} arrived where chunk {index} was expected: chunks must come once each, in order")
+    if count != header.num_chunks or index >= header.num_chunks:
+        raise CodecError(f"chunk {index} says the segment has {count} chunks, the header says {header.num_chunks}")
+    want_len, want_crc = header.chunks[index]
+    if length != want_len or len(view) != _FRAME.size + length:
+        raise CodecError(f"chunk {index} holds {len(view) - _FRAME.size} payload bytes, the header says {want_len}")
+    payload = view[_FRAME.size :]
+    if crc != want_crc or zlib.crc32(payload, zlib.crc32(view[:_FRAME_CRC_AT])) != crc:
+        raise CodecError(f"chunk {index} checksum mismatch: the chunk is corrupted")
+    return payload
+
+
+class Decoder:
+    """Streaming decode: feed chunk frames in order as they arrive, then `finish()`."""
+
+    def __init__(self, header: bytes | SegmentHeader):
+        self.header = header if isinstance(header, SegmentHeader) else parse_header(header)
+        self._payload = bytearray(self.header.total_bytes)
+        self._filled = 0
+        self._next = 0
+
+    def feed(self, frame: bytes | memoryview) -> None:
+        if self._next >= self.header.num_chunks:
+            raise CodecError(f"more chunks than the {self.header.num_chunks} the header announces (duplicate or foreign chunk)")
+        part = check_chunk(self.header, self._next, frame)
+        self._payload[self._filled : self._filled + len(part)] = part
+        self._filled += len(part)
+        self._next += 1
+
+    def finish(self, recall: Iterable["RecallEntry"] = (), device: torch.device | str = "cpu") -> CompactCache:
+        if self._next != self.header.num_chunks:
+            raise CodecError(f"segment is truncated: {self._next} of {self.header.num_chunks} chunks arrived")
+        return _build(self.header, self._payload, list(recall), device)
+
+
+def decode(header: bytes, chunks: Iterable[bytes], recall: Iterable["RecallEntry"] = (),
+           device: torch.device | str = "cpu") -> CompactCache:
+    """Rebuild the (compacted) cache from its header blob and chunk frames, plus recall entries if split off."""
+    dec = Decoder(header)
+    for frame in chunks:
+        dec.feed(frame)
+    return dec.finish(recall, device)
+
+
+def _build(h: SegmentHeader, payload: bytearray, recall: list["RecallEntry"], device) -> CompactCache:
+    fields, _ = _layout(h.layers, h.head_dim, h.dtype)
+    per_layer: list[dict[str, Tensor]] = [{} for _ in h.layers]
+    for f in fields:
+        n = f.nbytes // _itemsize(f.dtype)
+        t = torch.frombuffer(payload, dtype=f.dtype, count=n, offset=f.offset) if n else torch.empty(0, dtype=f.dtype)
+        per_layer[f.layer][f.name] = t.reshape(f.shape).to(device)
+    layers = [_layer_from(i, s, t, h.head_dim) for i, (s, t) in enumerate(zip(h.layers, per_layer))]
+    if recall:
+        _attach_recall(layers, recall, h)
+    return CompactCache(layers, h.seq_len, h.start, dict(h.meta))
+
+
+def _layer_from(i: int, s: LayerShape, t: dict[str, Tensor], head_dim: int) -> LayerCache:
+    offs = t["head_offsets"]
+    if int(offs[0]) != 0 or int(offs[-1]) != s.rows or bool((offs[1:] < offs[:-1]).any()):
+        raise CodecError(f"layer {i}: head_offsets {offs.tolist()} do not partition its {s.rows} rows")
+    rid = t["recall_ids"]
+    if rid.numel() and (int(rid.min()) < NO_RECALL or int(rid.max()) >= s.groups):
+        raise CodecError(f"layer {i}: recall ids outside [{NO_RECALL}, {s.groups})")
+    rec = None
+    if s.has_recall:
+        rec = RecallTable(t["recall.offsets"], t["recall.positions"], t["recall.heads"], t["recall.keys"], t["recall.values"])
+    return LayerCache(t["keys"], t["values"], offs, t["positions"], t["log_weights"], t["recall_ids"], rec)
+
+
+# ---- recall blobs -----------------------------------------------------------------
+@dataclass(frozen=True)
+class RecallEntry:
+    """The originals behind one merged row: row `row` of head `head` in layer `layer`."""
+
+    layer: int
+    head: int
+    row: int
+    data: bytes  # recall blob
+
+
+def encode_recall_rows(positions: Tensor, keys: Tensor, values: Tensor) -> bytes:
+    """positions [m] int64, keys/values [m, d] -> recall blob."""
+    m, d = keys.shape
+    if keys.dtype not in _DTYPE_CODES or values.shape != keys.shape or positions.shape != (m,):
+        raise CodecError(f"recall rows: positions {tuple(positions.shape)}, keys {tuple(keys.shape)} {keys.dtype}, "
+                         f"values {tuple(values.shape)} do not form m positions and [m, d] rows of a float dtype")
+    parts = [_RECALL.pack(b"HWKR", CODEC_VERSION, _DTYPE_CODES[keys.dtype], m, d)]
+    for t in (positions.to(torch.int64), keys, values):
+        parts.append(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    body = b"".join(parts)
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def decode_recall(blob: bytes) -> tuple[Tensor, Tensor, Tensor]:
+    """recall blob -> (keys [m, d], values [m, d], positions [m]); CodecError when damaged."""
+    blob = bytes(blob)
+    if len(blob) < _RECALL.size + 4:
+        raise CodecError(f"recall blob of {len(blob)} bytes is truncated")
+    magic, version, code, m, d = _RECALL.unpack_from(blob)
+    if magic != b"HWKR":
+        raise CodecError(f"not a headwise recall blob (magic {magic!r})")
+    if version != CODEC_VERSION:
+        raise CodecError(f"recall blob has codec version {version}; this build reads version {CODEC_VERSION}")
+    if code not in _CODE_DTYPES:
+        raise CodecError(f"recall blob has unknown dtype code {code}")
+    dtype = _CODE_DTYPES[code]
+    rows = m * d * _itemsize(dtype)
+    if len(blob) != _RECALL.size + 8 * m + 2 * rows + 4:
+        raise CodecError(f"recall blob is {len(blob)} bytes, its header says {_RECALL.size + 8 * m + 2 * rows + 4}")
+    if zlib.crc32(blob[:-4]) != int.from_bytes(blob[-4:], "little"):
+        raise CodecError("recall blob checksum mismatch: the blob is corrupted")
+    buf = bytearray(blob[_RECALL.size : -4])
+    pos = torch.frombuffer(buf, dtype=torch.int64, count=m) if m else torch.empty(0, dtype=torch.int64)
+    kv = [torch.frombuffer(buf, dtype=dtype, count=m * d, offset=8 * m + j * rows) if m * d else torch.empty(0, dtype=dtype)
+          for j in range(2)]
+    return kv[0].reshape(m, d), kv[1].reshape(m, d), pos
+
+
+def encode_recall(cache: CompactCache) -> list[RecallEntry]:
+    """One recall blob per merged row that has original keys/values, addressed by (layer, head, row)."""
+    out: list[RecallEntry] = []
+    for li, layer in enumerate(cache.compacted().layers):
+        r = layer.recall
+        if r is None or r.num_groups == 0 or r.keys.shape[0] != r.positions.numel():
+            continue
+        for idx in torch.nonzero(layer.recall_ids >= 0).flatten().tolist():
+            head = int(torch.searchsorted(layer.head_offsets, idx, right=True)) - 1
+            pos, k, v = r.group(int(layer.recall_ids[idx]))
+            out.append(RecallEntry(li, head, idx - int(layer.head_offsets[head]), encode_recall_rows(pos, k, v)))
+    return out
+
+
+def _attach_recall(layers: list[LayerCache], entries: list[RecallEntry], h: SegmentHeader) -> None:
+    """Fill the RecallTables' original keys/values from per-row recall entries."""
+    by_layer: dict[int, list[RecallEntry]] = {}
+    for e in entries:
+        by_layer.setdefault(e.layer, []).append(e)
+    for li, es in sorted(by_layer.items()):
+        if not 0 <= li < len(layers) or layers[li].recall is None:
+            raise CodecError(f"recall entry for layer {li}, which has no merged rows")
+        layer, r = layers[li], layers[li].recall
+        keys = r.keys.new_zeros(r.positions.numel(), h.head_dim)
+        values = keys.clone()
+        seen = 0
+        for e in es:
+            k, v, pos = decode_recall(e.data)
+            g = _group_of(layer, li, e.head, e.row)
+            a, b = int(r.offsets[g]), int(r.offsets[g + 1])
+            if k.shape[0] != b - a or not torch.equal(pos, r.positions[a:b]):
+                raise CodecError(f"recall entry (layer {li}, head {e.head}, row {e.row}) does not match the segment's handles")
+            keys[a:b], values[a:b] = k, v
+            seen += 1
+        if seen != r.num_groups:
+            raise CodecError(f"layer {li}: {seen} recall entries for {r.num_groups} merged rows")
+        layer.recall = RecallTable(r.offsets, r.positions, r.heads, keys, values)
+
+
+def _group_of(layer: LayerCache, li: int, head: int, row: int) -> int:
+    if not 0 <= head < layer.num_heads:
+        raise CodecError(f"recall entry names head {head} of layer {li}, which has {layer.num_heads} heads")
+    a, b = int(layer.head_offsets[head]), int(layer.head_offsets[head + 1])
+    if not 0 <= row < b - a or int(layer.recall_ids[a + row]) < 0:
+        raise CodecError(f"recall entry names row {row} of head {head} in layer {li}, which is not a merged row")
+    return int(layer.recall_ids[a + row])
