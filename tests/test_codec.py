@@ -8,8 +8,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from headwise.cache.codec import (
-    CODEC_VERSION, MAX_CHUNK_BYTES, CodecError, Decoder, EncodedSegment, decode, decode_recall, encode, encode_recall,
-    encode_recall_rows, parse_header,
+    CODEC_VERSION,
+    MAX_CHUNK_BYTES,
+    CodecError,
+    Decoder,
+    EncodedSegment,
+    decode,
+    decode_recall,
+    encode,
+    encode_recall,
+    encode_recall_rows,
+    parse_header,
 )
 from headwise.cache.compact import NO_RECALL, CompactCache, LayerCache, RecallTable
 from headwise.errors import HeadwiseError
@@ -54,7 +63,7 @@ def caches(draw) -> CompactCache:
 
 def assert_same(a: CompactCache, b: CompactCache, recall_data: bool = True) -> None:
     assert (a.seq_len, a.start, a.meta, a.num_layers) == (b.seq_len, b.start, b.meta, b.num_layers)
-    for x, y in zip(a.layers, b.layers):
+    for x, y in zip(a.layers, b.layers, strict=True):
         for name in ("keys", "values", "head_offsets", "positions", "log_weights", "recall_ids"):
             tx, ty = getattr(x, name), getattr(y, name)
             assert tx.dtype == ty.dtype and torch.equal(tx, ty), name

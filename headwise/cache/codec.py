@@ -338,7 +338,7 @@ def _build(h: SegmentHeader, payload: bytearray, recall: list["RecallEntry"], de
         n = f.nbytes // _itemsize(f.dtype)
         t = torch.frombuffer(payload, dtype=f.dtype, count=n, offset=f.offset) if n else torch.empty(0, dtype=f.dtype)
         per_layer[f.layer][f.name] = t.reshape(f.shape).to(device)
-    layers = [_layer_from(i, s, t, h.head_dim) for i, (s, t) in enumerate(zip(h.layers, per_layer))]
+    layers = [_layer_from(i, s, t, h.head_dim) for i, (s, t) in enumerate(zip(h.layers, per_layer, strict=True))]
     if recall:
         _attach_recall(layers, recall, h)
     return CompactCache(layers, h.seq_len, h.start, dict(h.meta))
