@@ -27,6 +27,8 @@ class Settings(BaseSettings):
     # security
     service_token: str = Field("dev-service-token", description="token services present to kvstore")
     tenants_file: str = Field("", description="YAML/JSON file of tenants: id, key hash, limits")
+    tenants: str = Field("", description="tenants inline: id:key[:max_streams[:quota_bytes]],...")
+    tenant_max_streams: int = 8
 
     # store behaviour
     store_timeout_s: float = 5.0
@@ -40,6 +42,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = 256
     recall_threshold: float = 0.2
     recall: bool = True
+    torch_threads: int = Field(0, description="torch threads per prefill/decode replica; 0 = the machine's cores")
 
     # autoscaling (Ray Serve autoscaling_config of each deployment)
     prefill_min_replicas: int = 1

@@ -211,6 +211,26 @@ class LayerCache:
             torch.cat(lws), torch.cat(rids), recall,
         )
 
+    def with_row_replaced(self, head: int, row: int, keys: Tensor, values: Tensor, positions: Tensor) -> "LayerCache":
+        """A copy in which ragged row `row` of `head` (a merged row) is replaced by its originals.
+
+        keys/values: [m, d], positions: [m]. The originals are ordinary rows (log-weight 0,
+        no recall id). The decode tail is kept as is, so this works mid-generation (recall).
+        """
+        a = int(self.head_offsets[head]) + row
+        dev, dt = self.keys.device, self.keys.dtype
+        m = keys.shape[0]
+        cut = lambda t, new: torch.cat([t[:a], new, t[a + 1 :]])  # noqa: E731
+        offsets = self.head_offsets.clone()
+        offsets[head + 1 :] += m - 1
+        return LayerCache(
+            cut(self.keys, keys.to(dev, dt)), cut(self.values, values.to(dev, dt)), offsets,
+            cut(self.positions, positions.to(dev, torch.long)),
+            cut(self.log_weights, torch.zeros(m, dtype=torch.float32, device=dev)),
+            cut(self.recall_ids, torch.full((m,), NO_RECALL, dtype=torch.long, device=dev)),
+            self.recall, self.tail_keys, self.tail_values, self.tail_positions, self.tail_len,
+        )
+
     def to(self, device: torch.device | str) -> "LayerCache":
         c = self.compacted()
         return LayerCache(

@@ -1,0 +1,73 @@
+"""What decode asks prefill, and what prefill answers: the cache handle (DESIGN.md 2, steps 3-4).
+
+These cross Ray between deployments, so they are plain picklable dataclasses. The handle
+names segments by key; the tensors stay in the KV store. The only tensors in a handle are
+the first token's logits and, when the store is unreachable, the inline segments (bypass).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+# Figures.store_status values (proto/headwise/v1/generate.proto).
+STORED, REUSED, PARTIAL, BYPASSED, PRIVATE = "stored", "reused", "partial", "bypassed", "private"
+
+
+class ServiceError(Exception):
+    """An error that crosses to the client as a gRPC status: `code` is a grpc.StatusCode name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __reduce__(self):  # keep code and message through pickling (Ray)
+        return (type(self), (self.code, self.message))
+
+
+def invalid(message: str) -> ServiceError:
+    return ServiceError("INVALID_ARGUMENT", message)
+
+
+def exhausted(message: str) -> ServiceError:
+    return ServiceError("RESOURCE_EXHAUSTED", message)
+
+
+@dataclass(frozen=True)
+class PrefillRequest:
+    """One Generate request as prefill needs it (already validated and authenticated by decode)."""
+
+    tenant: str  # tenant id (the store namespace)
+    salt: str  # tenant salt, part of every segment key
+    context: str
+    prompt: str
+    answer_prefix: str = ""
+    policy: str = "streaming"
+    kept: float = 0.25
+    history: tuple[tuple[int, ...], ...] = ()  # earlier turns of a session: token ids after the context
+    session: bool = False  # keep the question segment in the store (a later turn builds on it)
+    recompute: bool = False  # the stored chain failed to load: drop it and compute again
+    inline: bool = False  # hand the segments back through Ray (the store failed for decode)
+
+
+@dataclass
+class CacheHandle:
+    """Where the prompt's cache is and what it cost: prefill's answer to decode."""
+
+    keys: list[str]  # the chain to fetch, in order (the last one may be ephemeral)
+    ephemeral: list[str]  # keys decode deletes once fetched (one-shot question, private context)
+    segment_tokens: list[list[int]]  # token ids of each segment (a session appends the answer)
+    logits: Tensor  # [V] fp32 logits after the prompt: the first token comes from these
+    prompt_tokens: int
+    reused_tokens: int
+    full_kv_bytes: int
+    held_kv_bytes: int
+    realised_kept: float
+    wire_bytes: int  # bytes prefill moved to and from the store
+    store_status: str
+    policy: str  # e.g. "streaming(kept=0.25, sinks=4)"
+    prefill_s: float = 0.0
+    inline_segments: list | None = None  # CompactCache per segment, only when bypassed
+    recall_keys: dict[int, str] = field(default_factory=dict)  # segment index -> key, for merged rows

@@ -1,0 +1,95 @@
+"""The KV store as prefill and decode use it: one client per tenant, and a short circuit breaker.
+
+When the store is unreachable, every call would spend the client's retries before failing;
+after one such failure the breaker answers `StoreUnavailable` at once for `cooldown_s`, so
+requests go straight to the bypass path (DESIGN.md 6) instead of each waiting out timeouts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from headwise.cache.compact import CompactCache
+
+
+def _client_module():
+    from services.kvstore import client  # imported late: the store package is optional for unit tests
+
+    return client
+
+
+def store_errors() -> tuple[type[Exception], type[Exception], type[Exception]]:
+    """(StoreError, StoreUnavailable, QuotaExceeded) of the kvstore client."""
+    m = _client_module()
+    return m.StoreError, m.StoreUnavailable, m.QuotaExceeded
+
+
+class TenantStore:
+    """The store seen from one tenant's namespace, counting the bytes that cross the wire."""
+
+    def __init__(self, client: Any, breaker: "StoreClients"):
+        self.client = client
+        self.breaker = breaker
+
+    async def _call(self, name: str, *args):
+        self.breaker.check()
+        _, unavailable, _ = self.breaker.errors
+        try:
+            return await getattr(self.client, name)(*args)
+        except unavailable:
+            self.breaker.trip()
+            raise
+
+    async def lookup(self, keys: list[str]) -> int:
+        return int(await self._call("lookup", list(keys))) if keys else 0
+
+    async def get(self, key: str) -> CompactCache | None:
+        return await self._call("get", key)
+
+    async def put(self, key: str, cache: CompactCache) -> int:
+        return int(await self._call("put", key, cache))
+
+    async def delete(self, key: str) -> bool:
+        return bool(await self._call("delete", key))
+
+    async def recall(self, key: str, layer: int, head: int, row: int):
+        return await self._call("recall", key, layer, head, row)
+
+    async def stats(self) -> dict:
+        return await self._call("stats")
+
+
+class StoreClients:
+    """Lazily opened KVStoreClient per tenant, sharing one breaker."""
+
+    def __init__(self, addr: str, service_token: str, timeout_s: float = 5.0, cooldown_s: float = 5.0, factory=None):
+        self.addr, self.token, self.timeout_s, self.cooldown_s = addr, service_token, timeout_s, cooldown_s
+        self._factory = factory
+        self._clients: dict[str, TenantStore] = {}
+        self._down_until = 0.0
+        self.errors = store_errors() if factory is None else factory.errors
+
+    def for_tenant(self, tenant: str) -> TenantStore:
+        if tenant not in self._clients:
+            if self._factory is not None:
+                client = self._factory(tenant)
+            else:
+                client = _client_module().KVStoreClient(self.addr, self.token, tenant, timeout_s=self.timeout_s, retries=2)
+            self._clients[tenant] = TenantStore(client, self)
+        return self._clients[tenant]
+
+    def check(self) -> None:
+        if time.monotonic() < self._down_until:
+            raise self.errors[1](f"kvstore at {self.addr} was unreachable moments ago; bypassing it")
+
+    def trip(self) -> None:
+        self._down_until = time.monotonic() + self.cooldown_s
+
+    async def close(self) -> None:
+        for s in self._clients.values():
+            try:
+                await s.client.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self._clients.clear()

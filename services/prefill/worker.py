@@ -1,0 +1,228 @@
+"""Prefill without Ray: segments, keys, reuse, compute, compress, store (DESIGN.md 2, steps 3-4).
+
+The prompt is a chain of segments: the context (compressed by the requested policy), then
+for a session the earlier turns, then the question (raw rows). Their keys chain; the
+store's longest stored prefix is fetched and the model runs only over the rest, on top of
+it. The question segment is always computed (its logits give the first token); it is
+stored under a one-request key that decode deletes, unless a session will build on it.
+The same compressed rows that are stored are the ones the question ran over, so a cold
+request and a reused one decode from identical caches and give identical answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from headwise.cache.compact import CompactCache
+from headwise.cache.keys import chain_keys, segment_key
+from headwise.errors import InvalidInput
+from headwise.policies import Policy, get_policy, policy_names
+from headwise.policies.full import FullPolicy
+from headwise.prompt import build_segments
+from services.prefill.api import BYPASSED, PARTIAL, PRIVATE, REUSED, STORED, CacheHandle, PrefillRequest, ServiceError, invalid
+
+log = logging.getLogger("headwise.prefill")
+
+_A, _B, _C = "\x00HW_A\x00", "\x00HW_B\x00", "\x00HW_C\x00"
+
+
+def codec_version() -> int:
+    try:
+        from headwise.cache.codec import CODEC_VERSION
+
+        return int(CODEC_VERSION)
+    except ImportError:  # the codec lands with the kvstore; keys only need a stable number
+        return 1
+
+
+def default_policy_name(configured: str) -> str:
+    """The configured default when it exists, else the best available query-agnostic one."""
+    names = policy_names()
+    for name in (configured, "razor", "streaming", "full"):
+        if name in names:
+            return name
+    return names[0]
+
+
+def resolve_policy(name: str, kept: float, default_name: str, default_kept: float) -> Policy:
+    """A Policy for a request: empty name / zero kept take the server defaults."""
+    name = name or default_policy_name(default_name)
+    kept = float(kept) if kept else default_kept
+    try:
+        return get_policy(name, kept=kept)
+    except InvalidInput as e:
+        raise invalid(str(e)) from None
+    except TypeError as e:  # a policy without a `kept` setting
+        raise invalid(f"policy {name!r} rejected kept={kept}: {e}") from None
+
+
+def describe(policy: Policy) -> str:
+    params = {k: v for k, v in policy.params().items() if k != "policy"}
+    return f"{policy.name}(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
+
+
+def followup_ids(tokenizer, last_answer: list[int], eos_ids: frozenset[int], question: str, prefix: str) -> list[int]:
+    """Tokens of a later turn: the previous answer, the template between turns, the question."""
+    msgs = [{"role": "user", "content": _A}, {"role": "assistant", "content": _B}, {"role": "user", "content": _C}]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        between, tail = text.split(_B)[1].split(_C)
+    else:
+        between, tail = "\n\n", "\n\nAnswer: "
+    answer = list(last_answer)
+    if answer and answer[-1] in eos_ids:  # the template between turns writes the end of turn itself
+        answer = answer[:-1]
+    return answer + list(tokenizer(between + question + tail + prefix, add_special_tokens=False).input_ids)
+
+
+@dataclass
+class _Plan:
+    segments: list[list[int]]
+    policies: list[Policy]
+    keys: list[str]  # chain keys (what a later request looks up)
+    store_keys: list[str]  # where each segment is put (the question's may be one-request)
+    ephemeral: list[str]
+
+
+class PrefillWorker:
+    """One model, one thread for it; requests interleave on the event loop between model calls."""
+
+    def __init__(self, runner, stores, settings):
+        self.runner = runner
+        self.stores = stores
+        self.settings = settings
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-model")
+        self._inflight: dict[str, asyncio.Future] = {}
+
+    async def _model(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # ---- planning -----------------------------------------------------------------
+    def plan(self, req: PrefillRequest, policy: Policy) -> _Plan:
+        tok = self.runner.tokenizer
+        if req.history:
+            ctx = build_segments(tok, req.context, "", "").context
+            *earlier, last_answer = [list(s) for s in req.history]
+            question = followup_ids(tok, last_answer, self.runner.eos_ids, req.prompt, req.answer_prefix)
+            segments = [ctx, *earlier, question]
+        else:
+            seg = build_segments(tok, req.context, req.prompt, req.answer_prefix)
+            segments = [seg.context, seg.question]
+        self.check_length(sum(len(s) for s in segments))
+        full = FullPolicy()
+        policies = [policy] + [full] * (len(segments) - 1)
+        salt = req.salt if policy.reusable else f"{req.salt}:{secrets.token_hex(8)}"
+        cv = codec_version()
+        keys = list(chain_keys(segments, self.runner.name, [p.params() for p in policies], cv, salt))
+        store_keys, ephemeral = list(keys), []
+        if not policy.reusable:
+            ephemeral.append(keys[0])
+        if not req.session:  # nobody will build on this question: one-request key, deleted by decode
+            store_keys[-1] = segment_key(keys[-2] if len(keys) > 1 else None, segments[-1], self.runner.name,
+                                         full.params(), cv, f"{salt}:{secrets.token_hex(8)}")
+            ephemeral.append(store_keys[-1])
+        return _Plan(segments, policies, keys, store_keys, ephemeral)
+
+    def check_length(self, n: int) -> None:
+        limit = min(self.settings.max_prompt_tokens, self.runner.max_positions - 1)
+        if n > limit:
+            raise invalid(f"prompt of {n} tokens (document + question + answer prefix) exceeds the limit of "
+                          f"{limit} tokens; shorten the context to at most {limit} tokens in all")
+
+    # ---- the request --------------------------------------------------------------
+    async def prefill(self, req: PrefillRequest) -> CacheHandle:
+        t0 = time.perf_counter()
+        policy = resolve_policy(req.policy, req.kept, self.settings.default_policy, self.settings.default_kept)
+        plan = self.plan(req, policy)
+        if req.inline:
+            handle = await self._bypass(plan, [], None)
+        else:
+            try:
+                handle = await self._with_store(req, plan, policy)
+            except ServiceError:
+                raise
+            except self.stores.errors[2] as e:  # QuotaExceeded
+                raise ServiceError("RESOURCE_EXHAUSTED", f"tenant {req.tenant!r} is over its stored-bytes quota: {e}") from None
+            except self.stores.errors[1] as e:  # StoreUnavailable (put/get after the lookup)
+                log.warning("kvstore unavailable, bypassing: %s", e)
+                handle = await self._bypass(plan, [], None)
+        handle.policy = describe(policy)
+        handle.prefill_s = time.perf_counter() - t0
+        return handle
+
+    async def _with_store(self, req: PrefillRequest, plan: _Plan, policy: Policy) -> CacheHandle:
+        try:
+            store = self.stores.for_tenant(req.tenant)
+            await self._wait_inflight(plan.keys[0])
+            n = 0 if req.recompute or not policy.reusable else await store.lookup(plan.keys[:-1])
+        except self.stores.errors[1] as e:
+            log.warning("kvstore unavailable, bypassing: %s", e)
+            return await self._bypass(plan, [], None)
+        segs, wire = [], 0
+        for key in plan.keys[:n]:
+            seg = await store.get(key)
+            if seg is None:  # evicted or corrupt since the lookup: compute from here
+                break
+            segs.append(seg)
+            wire += seg.nbytes
+        reused = len(segs)
+        cache = CompactCache.concat(segs) if segs else None
+        done = asyncio.get_running_loop().create_future() if reused == 0 else None
+        if done is not None:
+            self._inflight.setdefault(plan.keys[0], done)
+        try:
+            logits = None
+            for i in range(reused, len(plan.segments)):
+                res = await self._model(self.runner.prefill_segment, plan.segments[i], cache, plan.policies[i])
+                cache, logits = res.cache, res.logits
+                segs.append(res.segment)
+                try:
+                    wire += await store.put(plan.store_keys[i], res.segment)
+                except self.stores.errors[1] as e:
+                    log.warning("kvstore unavailable during put, bypassing: %s", e)
+                    return await self._bypass(plan, segs, (cache, logits))
+        finally:
+            if done is not None and self._inflight.get(plan.keys[0]) is done:
+                del self._inflight[plan.keys[0]]
+                done.set_result(None)
+        reused_tokens = sum(len(s) for s in plan.segments[:reused])
+        status = PRIVATE if not policy.reusable else (STORED if reused == 0 else REUSED if reused == len(plan.segments) - 1 else PARTIAL)
+        return self._handle(plan, segs, logits, reused_tokens, wire, status)
+
+    async def _wait_inflight(self, key: str) -> None:
+        """Another request is computing this context right now: wait for it instead of doing it twice."""
+        fut = self._inflight.get(key)
+        if fut is not None:
+            await asyncio.shield(fut)
+
+    async def _bypass(self, plan: _Plan, segs: list[CompactCache], state) -> CacheHandle:
+        """The store is unreachable: compute what is missing and hand the segments over through Ray."""
+        segs = list(segs)
+        cache, logits = state if state else (None, None)
+        if not segs:
+            cache = None
+        for i in range(len(segs), len(plan.segments)):
+            res = await self._model(self.runner.prefill_segment, plan.segments[i], cache, plan.policies[i])
+            cache, logits = res.cache, res.logits
+            segs.append(res.segment)
+        handle = self._handle(plan, segs, logits, 0, 0, BYPASSED)
+        handle.inline_segments = segs
+        handle.ephemeral = []
+        return handle
+
+    def _handle(self, plan: _Plan, segs: list[CompactCache], logits, reused_tokens: int, wire: int, status: str) -> CacheHandle:
+        full = sum(s.full_nbytes() for s in segs)
+        held = sum(s.nbytes for s in segs)
+        rows = sum(s.num_rows for s in segs)
+        full_rows = sum(s.num_layers * s.layers[0].num_heads * s.num_tokens for s in segs)
+        return CacheHandle(
+            keys=plan.store_keys, ephemeral=plan.ephemeral, segment_tokens=plan.segments, logits=logits.float().cpu(),
+            prompt_tokens=sum(len(s) for s in plan.segments), reused_tokens=reused_tokens, full_kv_bytes=full,
+            held_kv_bytes=held, realised_kept=rows / full_rows if full_rows else 1.0, wire_bytes=wire,
+            store_status=status, policy="",
+        )
