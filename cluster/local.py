@@ -1,0 +1,201 @@
+"""The local cluster on one machine: embedded Redis, the kvstore server, Ray Serve (DESIGN.md 7).
+
+    with LocalCluster() as c:          # or: headwise up
+        print(c.endpoints)
+
+Everything it starts it stops, in reverse order, on exit or Ctrl-C. The Serve application is
+deployed from `serve_config(settings)` (the same dict the KubeRay RayService uses), with the
+local endpoints passed as the application's args.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cluster.serve_config import APP_NAME, serve_config
+from services.settings import Settings
+from services.tenancy import write_tenants_file
+
+DEV_TENANTS = {"acme": "acme-dev-key", "globex": "globex-dev-key", "initech": "initech-dev-key", "umbrella": "umbrella-dev-key"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
+
+
+@dataclass
+class Endpoints:
+    grpc: str  # the client API (Generate), Ray Serve's gRPC proxy
+    http: str
+    kvstore: str
+    redis: str
+
+    def lines(self) -> list[str]:
+        return [f"generate (gRPC)  {self.grpc}", f"http (health)    {self.http}",
+                f"kvstore (gRPC)   {self.kvstore}", f"redis            {self.redis}"]
+
+
+class LocalCluster:
+    """Redis + kvstore subprocess + Ray (local) + the Serve app with both deployments and the gRPC proxy."""
+
+    def __init__(self, settings: Settings | None = None, *, tenants: dict[str, str] | None = None,
+                 tenant_limits: dict[str, dict] | None = None, num_cpus: int | None = None,
+                 max_replicas: int = 1, ports: str = "free", log=print):
+        self.base = settings or Settings()
+        self.tenants = dict(tenants or DEV_TENANTS)
+        self.tenant_limits = tenant_limits or {}
+        self.num_cpus = num_cpus
+        self.max_replicas = max_replicas
+        self.ports = ports  # "free": pick free ports; "settings": the configured ones
+        self.log = log
+        self.redis = None
+        self.kvstore: subprocess.Popen | None = None
+        self.tmp = Path(tempfile.mkdtemp(prefix="headwise-local-"))
+        self.settings: Settings | None = None
+        self._ray = False
+
+    # ---- lifecycle ----------------------------------------------------------------
+    def __enter__(self) -> "LocalCluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self, timeout_s: float = 300.0) -> "LocalCluster":
+        try:
+            self._start(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, timeout_s: float) -> None:
+        from services.kvstore.redis_proc import start_redis
+
+        b = self.base
+        pick = (lambda p: free_port()) if self.ports == "free" else (lambda p: p)
+        grpc_port, http_port, kv_port = pick(b.grpc_port), pick(b.http_port), pick(b.kvstore_port)
+        self.log("starting redis …")
+        self.redis = start_redis(0)
+        tenants_file = b.tenants_file
+        if not tenants_file and not b.tenants:
+            tenants_file = str(write_tenants_file(self.tmp / "tenants.json", self.tenants, **self.tenant_limits))
+        self.settings = b.model_copy(update={
+            "grpc_port": grpc_port, "http_port": http_port, "kvstore_port": kv_port,
+            "kvstore_addr": f"127.0.0.1:{kv_port}", "redis_url": self.redis.url, "tenants_file": tenants_file,
+            "prefill_max_replicas": max(b.prefill_min_replicas, min(b.prefill_max_replicas, self.max_replicas)),
+            "decode_max_replicas": max(b.decode_min_replicas, min(b.decode_max_replicas, self.max_replicas)),
+        })
+        self.start_kvstore()
+        self.log("starting ray and the serve application (loads the model in prefill and decode) …")
+        self._start_serve(timeout_s)
+
+    def start_kvstore(self, timeout_s: float = 30.0) -> None:
+        s = self.settings
+        env = dict(os.environ, HEADWISE_SERVICE_TOKEN=s.service_token, HEADWISE_REDIS_URL=s.redis_url)
+        self.kvstore = subprocess.Popen(
+            [sys.executable, "-m", "services.kvstore", "--port", str(s.kvstore_port), "--redis-url", s.redis_url],
+            env=env, stdout=open(self.tmp / "kvstore.log", "ab"), stderr=subprocess.STDOUT,
+        )
+        wait_port("127.0.0.1", s.kvstore_port, timeout_s, self.kvstore)
+
+    def stop_kvstore(self) -> None:
+        if self.kvstore is not None and self.kvstore.poll() is None:
+            self.kvstore.terminate()
+            try:
+                self.kvstore.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kvstore.kill()
+                self.kvstore.wait()
+        self.kvstore = None
+
+    def app_args(self) -> dict:
+        """Settings every replica applies over its env: the local endpoints and what differs from defaults."""
+        s = self.settings
+        fields = ("kvstore_addr", "service_token", "tenants_file", "tenants", "model_path", "device", "dtype",
+                  "default_policy", "default_kept", "max_prompt_tokens", "max_new_tokens", "recall_threshold",
+                  "recall", "store_timeout_s", "tenant_max_streams", "tenant_quota_bytes", "torch_threads")
+        return {f: getattr(s, f) for f in fields}
+
+    def _start_serve(self, timeout_s: float) -> None:
+        import ray
+        from ray import serve
+        from ray.serve._private import api as serve_api
+        from ray.serve.config import gRPCOptions
+        from ray.serve.schema import ServeDeploySchema
+
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        cpus = self.num_cpus or int(max(2, self.settings.prefill_num_cpus + self.settings.decode_num_cpus))
+        ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=512 * 1024**2,
+                 log_to_driver=bool(os.environ.get("HEADWISE_RAY_LOGS")), configure_logging=False)
+        self._ray = True
+        config = serve_config(self.settings)
+        config["applications"][0]["args"] = self.app_args()
+        schema = ServeDeploySchema.model_validate(config)
+        client = serve_api.serve_start(
+            http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+            grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+        )
+        client.deploy_apps(schema, _blocking=False)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            app = serve.status().applications.get(APP_NAME)
+            state = str(app.status) if app else "NOT_STARTED"
+            if state.endswith("RUNNING"):
+                break
+            if state.endswith("DEPLOY_FAILED") or state.endswith("UNHEALTHY"):
+                raise RuntimeError(f"the serve application failed to deploy: {app.message}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the serve application is {state} after {timeout_s:.0f}s")
+            time.sleep(0.5)
+        wait_port("127.0.0.1", self.settings.grpc_port, 60)
+
+    def stop(self) -> None:
+        if self._ray:
+            import ray
+            from ray import serve
+
+            try:
+                serve.shutdown()
+            finally:
+                ray.shutdown()
+                self._ray = False
+        self.stop_kvstore()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ---- facts --------------------------------------------------------------------
+    @property
+    def endpoints(self) -> Endpoints:
+        s = self.settings
+        return Endpoints(f"127.0.0.1:{s.grpc_port}", f"http://127.0.0.1:{s.http_port}", s.kvstore_addr, self.redis.url)
+
+    def decode_stats(self) -> dict:
+        from ray import serve
+
+        return serve.get_deployment_handle("Decode", APP_NAME).stats.remote().result()

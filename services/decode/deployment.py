@@ -1,0 +1,69 @@
+"""The Decode Ray Serve deployment: the gRPC ingress `Generate`, served by Ray Serve's gRPC proxy.
+
+Errors become gRPC statuses: the code is set on the Serve gRPC context before raising, so
+the proxy sends that code and message (never a traceback) to the client, also mid-stream.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from services.decode.worker import DecodeWorker
+from services.prefill.api import CacheHandle, PrefillRequest, ServiceError
+from services.prefill.deployment import load_runner, make_settings, make_stores
+from services.tenancy import TenantRegistry
+
+log = logging.getLogger("headwise.decode")
+
+
+def unwrap(e: BaseException) -> ServiceError | None:
+    """The ServiceError behind an exception that crossed Ray (RayTaskError keeps it as .cause)."""
+    seen = 0
+    while e is not None and seen < 8:
+        if isinstance(e, ServiceError):
+            return ServiceError(e.code, e.message)
+        e = getattr(e, "cause", None) or e.__cause__
+        seen += 1
+    return None
+
+
+@serve.deployment(name="Decode", max_ongoing_requests=64, health_check_period_s=10)
+class Decode:
+    def __init__(self, prefill: DeploymentHandle, overrides: dict | None = None):
+        logging.basicConfig(level=logging.INFO)
+        settings = make_settings(overrides)
+        self._prefill = prefill
+        self.worker = DecodeWorker(load_runner(settings), make_stores(settings), self._call_prefill,
+                                   TenantRegistry.from_settings(settings), settings)
+
+    async def _call_prefill(self, req: PrefillRequest) -> CacheHandle:
+        try:
+            return await self._prefill.prefill.remote(req)
+        except Exception as e:  # noqa: BLE001 - every prefill failure becomes a status, never a hang
+            err = unwrap(e)
+            if err is not None:
+                raise err from None
+            log.exception("prefill failed")
+            raise ServiceError("INTERNAL", f"prefill failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+    async def Generate(self, request, grpc_context):  # noqa: N802 - the gRPC method name
+        metadata = dict(grpc_context.invocation_metadata())
+        try:
+            async for msg in self.worker.generate(request, metadata):
+                yield msg
+        except ServiceError as e:
+            grpc_context.set_code(getattr(grpc.StatusCode, e.code))
+            grpc_context.set_details(e.message)
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.exception("Generate failed")
+            grpc_context.set_code(grpc.StatusCode.INTERNAL)
+            grpc_context.set_details(f"decode failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            raise
+
+    async def stats(self) -> dict:
+        return self.worker.stats()

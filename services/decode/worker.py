@@ -1,0 +1,242 @@
+"""Decode without Ray: authenticate, ask prefill for the handle, fetch, decode, recall, stream.
+
+Orchestrated decode-first (ray.serve.llm's prefill/decode pattern): this worker is the
+ingress, calls prefill for a cache handle, fetches the chain of segments from the store
+and generates. One model thread per replica; streams interleave token by token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import AsyncIterator, Awaitable, Callable
+
+from headwise.cache.compact import CompactCache
+from headwise.models.runner import DecodeStats
+from services.decode.request import check_request
+from services.prefill.api import BYPASSED, CacheHandle, PrefillRequest, ServiceError
+from services.protos.headwise.v1 import generate_pb2 as pb
+from services.tenancy import TenantRegistry
+
+log = logging.getLogger("headwise.decode")
+MAX_SESSIONS = 1024
+
+
+@dataclass
+class Session:
+    context: str
+    history: list[list[int]]  # segments after the context, then the last answer
+
+
+@dataclass
+class RequestLog:
+    """What one request did, kept for the last few requests (tests and `stats`)."""
+
+    tenant: str
+    tokens: int = 0
+    max_new_tokens: int = 0
+    cancelled: bool = False
+    finished: bool = False
+    figures: dict = field(default_factory=dict)
+
+
+class TextStream:
+    """Incremental detokenization: emit only whole characters, in order."""
+
+    def __init__(self, tokenizer):
+        self.tok, self.ids, self.sent = tokenizer, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True) if self.tok is not None else ""
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    @property
+    def text(self) -> str:
+        return self.sent
+
+
+class DecodeWorker:
+    def __init__(self, runner, stores, prefill: Callable[[PrefillRequest], Awaitable[CacheHandle]],
+                 tenants: TenantRegistry, settings):
+        self.runner, self.stores, self.prefill, self.tenants, self.settings = runner, stores, prefill, tenants, settings
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-model")
+        self.sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self.recent: deque[RequestLog] = deque(maxlen=64)
+        self.active = 0
+
+    def stats(self) -> dict:
+        return {"active": self.active, "recent": [vars(r) | {} for r in self.recent]}
+
+    # ---- the request --------------------------------------------------------------
+    async def generate(self, request, metadata) -> AsyncIterator[pb.GenerateResponse]:
+        t0 = time.perf_counter()
+        tenant = self.tenants.authenticate(metadata)
+        params = check_request(request, self.settings)
+        with self.tenants.stream(tenant):
+            rec = RequestLog(tenant.id, max_new_tokens=params.max_new_tokens)
+            self.recent.append(rec)
+            self.active += 1
+            try:
+                async for msg in self._generate(request, tenant, params, rec, t0):
+                    yield msg
+                rec.finished = True
+            except (asyncio.CancelledError, GeneratorExit):
+                rec.cancelled = True
+                raise
+            finally:
+                self.active -= 1
+
+    def _prefill_request(self, request, tenant) -> PrefillRequest:
+        session = self.sessions.get((tenant.id, request.session_id)) if request.session_id else None
+        context = request.context
+        if session is not None:
+            if context and context != session.context:
+                raise ServiceError("INVALID_ARGUMENT", f"session {request.session_id!r} is about another context; "
+                                   "send the same context (or none) or use a new session_id")
+            context = session.context
+        return PrefillRequest(
+            tenant=tenant.id, salt=tenant.salt, context=context, prompt=request.prompt,
+            answer_prefix=request.answer_prefix, policy=request.policy, kept=request.kept,
+            history=tuple(tuple(s) for s in session.history) if session else (), session=bool(request.session_id),
+        )
+
+    async def _generate(self, request, tenant, params, rec: RequestLog, t0: float):
+        preq = self._prefill_request(request, tenant)
+        handle = await self.prefill(preq)
+        handle, cache, fetched = await self._load(preq, handle)
+        threshold = self.settings.recall_threshold if (request.recall and self.settings.recall) else None
+        recall = _RecallState(handle, cache) if threshold is not None else None
+        stats = DecodeStats()
+        text = TextStream(self.runner.tokenizer)
+        gen = self.runner.generate(cache, handle.logits, params, threshold, stats)
+        ids: list[int] = []
+        t_first = t_last = None
+        loop = asyncio.get_running_loop()
+        while True:
+            tok = await loop.run_in_executor(self.pool, next, gen, None)
+            if tok is None:
+                break
+            t_last = time.perf_counter()
+            t_first = t_first or t_last
+            ids.append(tok)
+            rec.tokens = len(ids)
+            if recall is not None and len(stats.recalls) > recall.seen:
+                await recall.apply(stats, self.stores.for_tenant(tenant.id), cache)
+            delta = text.push(tok)
+            yield pb.GenerateResponse(delta=pb.TokenDelta(text=delta, token_ids=[tok]))
+        if request.session_id:
+            self._remember(tenant.id, request.session_id, preq.context, handle, ids)
+        n = len(ids)
+        figures = pb.Figures(
+            prompt_tokens=handle.prompt_tokens, reused_tokens=handle.reused_tokens,
+            full_kv_bytes=handle.full_kv_bytes, held_kv_bytes=handle.held_kv_bytes,
+            wire_bytes=handle.wire_bytes + fetched, realised_kept=handle.realised_kept,
+            recalls=recall.count if recall else 0, ttft_s=(t_first or time.perf_counter()) - t0,
+            decode_tok_s=(n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0,
+            store_status=handle.store_status, policy=handle.policy,
+            finish_reason=self._finish_reason(ids, text.text, params),
+        )
+        rec.figures = {f.name: v for f, v in figures.ListFields()}
+        yield pb.GenerateResponse(figures=figures)
+
+    def _finish_reason(self, ids: list[int], text: str, params) -> str:
+        if ids and ids[-1] in self.runner.eos_ids:
+            return "eos"
+        if params.stop and any(s in text for s in params.stop):
+            return "stop"
+        return "length"
+
+    def _remember(self, tenant: str, session_id: str, context: str, handle: CacheHandle, answer: list[int]) -> None:
+        self.sessions[(tenant, session_id)] = Session(context, [list(s) for s in handle.segment_tokens[1:]] + [answer])
+        self.sessions.move_to_end((tenant, session_id))
+        while len(self.sessions) > MAX_SESSIONS:
+            self.sessions.popitem(last=False)
+
+    # ---- fetching the chain -------------------------------------------------------
+    async def _load(self, preq: PrefillRequest, handle: CacheHandle) -> tuple[CacheHandle, CompactCache, int]:
+        """The handle's cache, from the store; a miss is recomputed once, a dead store bypassed."""
+        if handle.inline_segments is not None:
+            return handle, CompactCache.concat(handle.inline_segments), 0
+        _, unavailable, _ = self.stores.errors
+        try:
+            for attempt in range(2):
+                segs, fetched = await self._fetch(preq.tenant, handle)
+                if segs is not None:
+                    return handle, CompactCache.concat(segs), fetched
+                log.warning("stored chain failed to load (attempt %d): recomputing", attempt + 1)
+                handle = await self.prefill(replace(preq, recompute=True))
+                if handle.inline_segments is not None:
+                    return handle, CompactCache.concat(handle.inline_segments), 0
+        except unavailable as e:
+            log.warning("kvstore unavailable to decode, asking prefill for the cache inline: %s", e)
+        handle = await self.prefill(replace(preq, inline=True))
+        handle.store_status = BYPASSED
+        return handle, CompactCache.concat(handle.inline_segments), 0
+
+    async def _fetch(self, tenant: str, handle: CacheHandle) -> tuple[list[CompactCache] | None, int]:
+        store = self.stores.for_tenant(tenant)
+        segs, nbytes = [], 0
+        try:
+            for key in handle.keys:
+                seg = await store.get(key)
+                if seg is None:
+                    return None, nbytes
+                segs.append(seg)
+                nbytes += seg.nbytes
+        finally:
+            for key in handle.ephemeral:
+                asyncio.ensure_future(_quiet(store.delete(key)))
+        return segs, nbytes
+
+
+async def _quiet(aw) -> None:
+    try:
+        await aw
+    except Exception as e:  # noqa: BLE001 - deleting a one-request key is best effort (TTL cleans up)
+        log.debug("delete failed: %s", e)
+
+
+class _RecallState:
+    """Maps merged rows back to (segment key, head, row in segment) and swaps originals in."""
+
+    def __init__(self, handle: CacheHandle, cache: CompactCache):
+        self.key = handle.keys[0]  # merged rows come from the compressed context segment only
+        self.seen = 0
+        self.count = 0
+        self.done: set[tuple[int, int]] = set()
+        self.origin: list[dict[int, tuple[int, int]]] = []
+        for layer in cache.layers:
+            m: dict[int, tuple[int, int]] = {}
+            for h in range(layer.num_heads):
+                a, b = int(layer.head_offsets[h]), int(layer.head_offsets[h + 1])
+                for r in (layer.recall_ids[a:b] >= 0).nonzero().flatten().tolist():
+                    m[int(layer.recall_ids[a + r])] = (h, r)
+            self.origin.append(m)
+
+    async def apply(self, stats: DecodeStats, store, cache: CompactCache) -> None:
+        new, self.seen = stats.recalls[self.seen:], len(stats.recalls)
+        for layer_idx, share in new:
+            layer = cache.layers[layer_idx]
+            rid = int(layer.recall_ids[int(layer.head_offsets[share.head]) + share.row])
+            if rid < 0 or (layer_idx, rid) in self.done or rid not in self.origin[layer_idx]:
+                continue
+            self.done.add((layer_idx, rid))
+            head, row = self.origin[layer_idx][rid]
+            try:
+                got = await store.recall(self.key, layer_idx, head, row)
+            except Exception as e:  # noqa: BLE001 - recall is an improvement; decoding goes on without it
+                log.warning("recall of layer %d head %d row %d failed: %s", layer_idx, head, row, e)
+                continue
+            if got is None:
+                continue
+            keys, values, positions = got
+            cache.layers[layer_idx] = layer.with_row_replaced(share.head, share.row, keys, values, positions)
+            self.count += 1

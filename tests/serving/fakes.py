@@ -1,0 +1,78 @@
+"""Test doubles for the serving unit tests: an in-memory store behind the KVStoreClient API."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    pass
+
+
+class QuotaExceeded(StoreError):
+    pass
+
+
+class MemoryStoreClient:
+    """KVStoreClient's API over a dict shared by all tenants' clients (namespaced by tenant)."""
+
+    def __init__(self, data: dict, tenant: str, flags: dict):
+        self.data, self.tenant, self.flags = data, tenant, flags
+
+    def _check(self):
+        if self.flags.get("down"):
+            raise StoreUnavailable("store is down")
+
+    async def put(self, key, cache):
+        self._check()
+        quota = self.flags.get("quota")
+        used = sum(c.nbytes for (t, _), c in self.data.items() if t == self.tenant)
+        if quota is not None and used + cache.nbytes > quota:
+            raise QuotaExceeded(f"{used + cache.nbytes} > {quota}")
+        self.data[(self.tenant, key)] = cache.clone()
+        self.flags["puts"] = self.flags.get("puts", 0) + 1
+        return cache.nbytes
+
+    async def get(self, key):
+        self._check()
+        if key in self.flags.get("corrupt", set()):
+            self.flags["corrupt"].discard(key)
+            return None
+        c = self.data.get((self.tenant, key))
+        return c.clone() if c is not None else None
+
+    async def lookup(self, keys):
+        self._check()
+        n = 0
+        for k in keys:
+            if (self.tenant, k) not in self.data:
+                break
+            n += 1
+        return n
+
+    async def recall(self, key, layer, head, row):
+        self._check()
+        return None
+
+    async def delete(self, key):
+        self._check()
+        return self.data.pop((self.tenant, key), None) is not None
+
+    async def stats(self):
+        return {}
+
+    async def close(self):
+        pass
+
+
+class MemoryFactory:
+    errors = (StoreError, StoreUnavailable, QuotaExceeded)
+
+    def __init__(self):
+        self.data: dict = {}
+        self.flags: dict = {}
+
+    def __call__(self, tenant: str) -> MemoryStoreClient:
+        return MemoryStoreClient(self.data, tenant, self.flags)
