@@ -1,0 +1,50 @@
+"""`python -m services.kvstore --port 50051 --redis-url redis://127.0.0.1:6379/0`: run the KV store."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+
+from services.kvstore.server import close_server, create_server, start_server
+from services.kvstore.settings import KVStoreSettings
+
+
+def parse(argv: list[str] | None = None) -> tuple[KVStoreSettings, str]:
+    ap = argparse.ArgumentParser(prog="python -m services.kvstore", description=__doc__)
+    ap.add_argument("--host", default="0.0.0.0")
+    ap.add_argument("--port", type=int, help="gRPC port (default $HEADWISE_KVSTORE_PORT or 50051)")
+    ap.add_argument("--redis-url", help="redis://host:port/db, or memory:// (default $HEADWISE_REDIS_URL)")
+    ap.add_argument("--metrics-port", type=int, help="Prometheus HTTP port (default $HEADWISE_KVSTORE_METRICS_PORT)")
+    ap.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    a = ap.parse_args(argv)
+    overrides = {"kvstore_port": a.port, "redis_url": a.redis_url, "kvstore_metrics_port": a.metrics_port}
+    settings = KVStoreSettings(**{k: v for k, v in overrides.items() if v is not None})
+    if a.no_metrics:
+        settings = settings.model_copy(update={"metrics_enabled": False})
+    return settings, a.host
+
+
+async def serve(settings: KVStoreSettings, host: str = "0.0.0.0") -> None:
+    server, port = create_server(f"{host}:{settings.kvstore_port}", settings)
+    await start_server(server)
+    m = server.kvstore.metrics.http_port
+    logging.info("kvstore listening on %s:%d (backend %s%s)", host, port, server.kvstore.backend.name,
+                 f", metrics on :{m}/metrics" if m else "")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await close_server(server)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings, host = parse(argv)
+    asyncio.run(serve(settings, host))
+
+
+if __name__ == "__main__":
+    main()

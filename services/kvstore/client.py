@@ -1,0 +1,245 @@
+"""KVStoreClient: what prefill and decode workers use to keep and fetch compact caches.
+
+One grpc.aio channel per client, opened lazily in the event loop of the first call (use the
+client from that loop only). Calls that fail with UNAVAILABLE or DEADLINE_EXCEEDED are
+retried with exponential backoff, then raise StoreUnavailable; a miss, including a segment
+that failed its checksum anywhere on the way, is None, never bad data.
+
+    client = KVStoreClient("127.0.0.1:50051", service_token, tenant="acme")
+    sent = await client.put(key, cache)           # bytes on the wire
+    cache = await client.get(key)                 # CompactCache or None
+    n = await client.lookup(chain)                # leading keys stored
+    k, v, pos = await client.recall(key, layer, head, row)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
+
+import grpc
+from torch import Tensor
+
+from headwise.cache.codec import (
+    MAX_CHUNK_BYTES,
+    CodecError,
+    Decoder,
+    EncodedSegment,
+    RecallEntry,
+    decode_recall,
+    encode,
+    encode_recall,
+)
+from headwise.cache.compact import CompactCache
+from services.kvstore.server import MAX_MESSAGE, TENANT_HEADER, TOKEN_HEADER
+from services.protos.headwise.v1 import kvstore_pb2 as pb
+from services.protos.headwise.v1 import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+WIRE_RATE_FLOOR = 20e6  # bytes/s: a streaming call's deadline grows by its size at this rate
+
+
+class StoreError(Exception):
+    """A store call that failed; `.code` is the grpc.StatusCode, the message says why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code = code
+        super().__init__(f"{code.name}: {message}")
+
+
+class StoreUnavailable(StoreError):
+    """UNAVAILABLE or DEADLINE_EXCEEDED after every retry: the store is down or too slow."""
+
+
+class QuotaExceeded(StoreError):
+    """RESOURCE_EXHAUSTED: the put would take the tenant over its byte quota; nothing was stored."""
+
+
+@dataclass
+class ClientCounters:
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    retries: int = 0
+    corrupt_misses: int = 0  # segments the client itself found damaged
+    last_error: str = ""
+
+
+@dataclass
+class KVStoreClient:
+    addr: str
+    service_token: str
+    tenant: str
+    timeout_s: float = 5.0
+    retries: int = 3
+    backoff_s: float = 0.05
+    chunk_size: int = MAX_CHUNK_BYTES
+    stream_timeout_s: float = 120.0  # whole-Get deadline (the size is unknown up front)
+    counters: ClientCounters = field(default_factory=ClientCounters)
+    _channel: grpc.aio.Channel | None = field(default=None, repr=False)
+    _stub: pb_grpc.KVStoreStub | None = field(default=None, repr=False)
+
+    # ---- plumbing -----------------------------------------------------------------
+    @property
+    def stub(self) -> pb_grpc.KVStoreStub:
+        if self._stub is None:
+            opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+            self._channel = grpc.aio.insecure_channel(self.addr, options=opts)
+            self._stub = pb_grpc.KVStoreStub(self._channel)
+        return self._stub
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((TOKEN_HEADER, self.service_token), (TENANT_HEADER, self.tenant))
+
+    async def _call(self, what: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` with retries on UNAVAILABLE / DEADLINE_EXCEEDED; map errors to StoreError."""
+        for n in range(self.retries + 1):
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as e:
+                code, msg = e.code(), e.details() or ""
+                self.counters.last_error = f"{what}: {code.name}: {msg}"
+                if code not in RETRYABLE:
+                    raise (QuotaExceeded if code == grpc.StatusCode.RESOURCE_EXHAUSTED else StoreError)(code, msg) from None
+                if n == self.retries:
+                    raise StoreUnavailable(code, f"{what} failed {n + 1} times; last: {msg}") from None
+                self.counters.retries += 1
+                delay = self.backoff_s * 2**n * (1 + random.random())
+                log.info("kvstore %s: %s, retry %d in %.2f s", what, code.name, n + 1, delay)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _deadline(self, nbytes: int) -> float:
+        return self.timeout_s + nbytes / WIRE_RATE_FLOOR
+
+    # ---- put ----------------------------------------------------------------------
+    async def put(self, key: str, cache: CompactCache) -> int:
+        """Store `cache` under `key` (recall originals as separate entries); return bytes sent."""
+        return await self.put_encoded(key, encode(cache, include_recall=False, chunk_size=self.chunk_size),
+                                      encode_recall(cache))
+
+    async def put_encoded(self, key: str, seg: EncodedSegment, recall: list[RecallEntry] = ()) -> int:
+        nbytes = seg.nbytes + sum(len(r.data) for r in recall)
+
+        async def requests() -> AsyncIterator[pb.PutRequest]:
+            yield pb.PutRequest(header=pb.PutHeader(key=key, header=seg.header, num_chunks=len(seg.chunks),
+                                                    total_bytes=sum(len(c) for c in seg.chunks)))
+            for i, c in enumerate(seg.chunks):
+                yield pb.PutRequest(chunk=pb.Chunk(index=i, data=c))
+            for r in recall:
+                yield pb.PutRequest(recall=pb.RecallEntry(layer=r.layer, head=r.head, row=r.row, data=r.data))
+
+        async def attempt() -> int:
+            await self.stub.Put(requests(), metadata=self.metadata, timeout=self._deadline(nbytes))
+            return nbytes
+
+        sent = await self._call(f"Put {key}", attempt)
+        self.counters.bytes_sent += sent
+        return sent
+
+    # ---- get ----------------------------------------------------------------------
+    async def get(self, key: str) -> CompactCache | None:
+        """The cache stored under `key` (recall originals not included: see `recall`), or None."""
+        return await self._call(f"Get {key}", lambda: self._get_once(key, decode=True))
+
+    async def get_encoded(self, key: str) -> tuple[bytes, list[bytes]] | None:
+        """The stored bytes, exactly as put: (header blob, chunk frames), or None."""
+        return await self._call(f"Get {key}", lambda: self._get_once(key, decode=False))
+
+    async def _get_once(self, key: str, decode: bool):
+        call = self.stub.Get(pb.GetRequest(key=key), metadata=self.metadata, timeout=self.stream_timeout_s)
+        dec, frames, received = None, [], 0
+        try:
+            async for msg in call:
+                if msg.WhichOneof("part") == "header":
+                    dec = Decoder(msg.header.header)
+                    frames.append(msg.header.header)
+                    received += len(msg.header.header)
+                elif dec is not None:
+                    dec.feed(msg.chunk.data)
+                    if not decode:
+                        frames.append(msg.chunk.data)
+                    received += len(msg.chunk.data)
+                else:
+                    raise CodecError("Get stream sent a chunk before the header")
+            self.counters.bytes_received += received
+            if dec is None:
+                raise CodecError("Get stream ended without a header")
+            return dec.finish() if decode else (frames[0], frames[1:])
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+        except CodecError as e:
+            self.counters.corrupt_misses += 1
+            log.warning("kvstore Get %s: damaged segment counted as a miss: %s", key, e)
+            call.cancel()
+            return None
+
+    # ---- small calls --------------------------------------------------------------
+    async def lookup(self, keys: list[str]) -> int:
+        """How many leading keys of the chain are stored."""
+        if not keys:
+            return 0
+
+        async def attempt() -> int:
+            r = await self.stub.Lookup(pb.LookupRequest(keys=list(keys)), metadata=self.metadata, timeout=self.timeout_s)
+            return r.stored_prefix
+
+        return await self._call("Lookup", attempt)
+
+    async def recall(self, key: str, layer: int, head: int, row: int) -> tuple[Tensor, Tensor, Tensor] | None:
+        """Originals behind merged row `row` of head `head` in `layer` of segment `key`:
+        (keys [m, d], values [m, d], positions [m]), or None when not stored."""
+
+        async def attempt():
+            try:
+                r = await self.stub.Recall(pb.RecallRequest(key=key, layer=layer, head=head, row=row),
+                                           metadata=self.metadata, timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                raise
+            try:
+                return decode_recall(r.data)
+            except CodecError as e:
+                self.counters.corrupt_misses += 1
+                log.warning("kvstore Recall %s: damaged entry counted as a miss: %s", key, e)
+                return None
+
+        return await self._call(f"Recall {key}", attempt)
+
+    async def delete(self, key: str) -> bool:
+        async def attempt() -> bool:
+            r = await self.stub.Delete(pb.DeleteRequest(key=key), metadata=self.metadata, timeout=self.timeout_s)
+            return r.deleted
+
+        return await self._call(f"Delete {key}", attempt)
+
+    async def stats(self) -> dict:
+        """The tenant's usage as the server sees it, plus this client's counters."""
+
+        async def attempt() -> dict:
+            r = await self.stub.Stats(pb.StatsRequest(), metadata=self.metadata, timeout=self.timeout_s)
+            return {"tenant": r.tenant, "tenant_bytes": r.tenant_bytes, "quota_bytes": r.quota_bytes,
+                    "segments": r.segments, "ttl_s": r.ttl_s, "backend": r.backend}
+
+        out = await self._call("Stats", attempt)
+        out["client"] = dict(vars(self.counters))
+        return out
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = self._stub = None
+
+    async def __aenter__(self) -> "KVStoreClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -1,0 +1,340 @@
+"""The KV store gRPC server (grpc.aio): Put / Get / Lookup / Recall / Delete / Stats over a Backend.
+
+`create_server(addr, settings) -> (server, port)` builds a server that is not yet started
+(bind port 0 in tests). The server checks the service token and tenant of every call,
+verifies every chunk against the codec header before storing it and again before sending
+it back (a mismatch on read is a miss plus a metric, never bad bytes), and maps failures
+to status codes whose message says what to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from headwise.cache.codec import FRAME_OVERHEAD, MAX_CHUNK_BYTES, CodecError, check_chunk, decode_recall, parse_header
+from services.kvstore.backend import Backend, BackendUnavailable, MemoryBackend, QuotaExceededError
+from services.kvstore.metrics import StoreMetrics
+from services.kvstore.settings import KVStoreSettings
+from services.protos.headwise.v1 import kvstore_pb2 as pb
+from services.protos.headwise.v1 import kvstore_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+TOKEN_HEADER = "x-headwise-service-token"
+TENANT_HEADER = "x-headwise-tenant"
+TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SEGMENT_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+MAX_FRAME = MAX_CHUNK_BYTES + FRAME_OVERHEAD
+MAX_MESSAGE = 8 << 20  # gRPC cap, above MAX_FRAME so an oversize chunk gets our precise message
+MAX_LOOKUP_KEYS = 1024
+GET_BATCH = 4  # chunks per backend read; the next batch is fetched while this one is sent
+SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
+
+
+@dataclass
+class Reject(Exception):
+    """A call that ends with `code`; the message says what to change."""
+
+    code: grpc.StatusCode
+    message: str
+
+
+class KVStoreServicer(pb_grpc.KVStoreServicer):
+    def __init__(self, settings: KVStoreSettings, backend: Backend, metrics: StoreMetrics):
+        self.settings, self.backend, self.metrics = settings, backend, metrics
+        self._token = settings.service_token.encode()
+
+    # ---- checks -------------------------------------------------------------------
+    def tenant_of(self, context: grpc.aio.ServicerContext) -> str:
+        md = {k: v for k, v in (context.invocation_metadata() or ())}
+        token = md.get(TOKEN_HEADER, "")
+        if not token or not hmac.compare_digest(str(token).encode(), self._token):
+            raise Reject(grpc.StatusCode.UNAUTHENTICATED,
+                         f"missing or wrong service token: send metadata '{TOKEN_HEADER}' with the cluster's token")
+        tenant = md.get(TENANT_HEADER, "")
+        if not TENANT_ID.match(str(tenant)):
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"tenant {tenant!r} is not valid: send metadata '{TENANT_HEADER}' matching {TENANT_ID.pattern}")
+        return str(tenant)
+
+    @staticmethod
+    def check_key(key: str) -> str:
+        if not SEGMENT_KEY.match(key):
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"segment key {key[:140]!r} is not valid: 1 to 128 characters of [A-Za-z0-9_.:-]")
+        return key
+
+    async def _run(self, method: str, context, body):
+        """Run a unary handler: map Reject / backend errors to a status, record latency and code."""
+        t0, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            return await body(self.tenant_of(context))
+        except Reject as r:
+            code = r.code
+            await context.abort(r.code, r.message)
+        except QuotaExceededError as e:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED
+            await context.abort(code, str(e))
+        except BackendUnavailable as e:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"store unavailable, retry later: {e}")
+        finally:
+            self.metrics.observe(method, code, time.perf_counter() - t0)
+
+    # ---- Put ----------------------------------------------------------------------
+    async def Put(self, request_iterator: AsyncIterator[pb.PutRequest], context) -> pb.PutResponse:
+        return await self._run("Put", context, lambda tenant: self._put(tenant, request_iterator))
+
+    async def _put(self, tenant: str, requests: AsyncIterator[pb.PutRequest]) -> pb.PutResponse:
+        first = await anext(aiter(requests), None)
+        if first is None or first.WhichOneof("part") != "header":
+            got = "an empty stream" if first is None else f"a {first.WhichOneof('part')} message"
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"Put must start with a header message; got {got}")
+        h = first.header
+        key = self.check_key(h.key)
+        header = self._parse(h)
+        writer = await self.backend.begin_put(tenant, key, h.header, h.num_chunks, h.total_bytes,
+                                              self.settings.limits(tenant))
+        try:
+            await self._receive(key, header, requests, writer)
+            stored, tenant_bytes = await writer.commit()
+        except BaseException:
+            await writer.abort()
+            raise
+        self.metrics.stored(tenant, stored, tenant_bytes)
+        return pb.PutResponse(stored_bytes=stored, tenant_bytes=tenant_bytes)
+
+    def _parse(self, h: pb.PutHeader):
+        try:
+            header = parse_header(h.header)
+        except CodecError as e:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"bad segment header: {e}") from None
+        frames = header.total_bytes + FRAME_OVERHEAD * header.num_chunks
+        if h.num_chunks != header.num_chunks or h.total_bytes != frames:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"PutHeader says {h.num_chunks} chunks / {h.total_bytes} bytes, the codec header "
+                         f"{header.num_chunks} chunks / {frames} bytes")
+        if frames > self.settings.max_segment_bytes:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"segment of {frames} bytes is over the {self.settings.max_segment_bytes}-byte limit")
+        return header
+
+    async def _receive(self, key, header, requests, writer) -> None:
+        index = 0
+        async for msg in requests:
+            part = msg.WhichOneof("part")
+            if part == "chunk":
+                if index >= header.num_chunks:
+                    raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                                 f"chunk {msg.chunk.index} is past the {header.num_chunks} chunks the header announces")
+                await writer.chunk(index, self._check_chunk(header, index, msg.chunk))
+                index += 1
+            elif part == "recall":
+                if index != header.num_chunks:
+                    raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "recall entries must follow the last chunk")
+                await writer.recall(*self._check_recall(header, msg.recall))
+            else:
+                raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {part} message after the header")
+        if index != header.num_chunks:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"Put stream of {key!r} ended after {index} of {header.num_chunks} chunks; nothing was stored")
+
+    @staticmethod
+    def _check_chunk(header, index: int, chunk: pb.Chunk) -> bytes:
+        if len(chunk.data) > MAX_FRAME:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"chunk {chunk.index} is {len(chunk.data)} bytes, over the limit of {MAX_FRAME} "
+                         f"({MAX_CHUNK_BYTES} payload + {FRAME_OVERHEAD} frame header)")
+        if chunk.index != index:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"chunk {chunk.index} arrived where chunk {index} was expected: send chunks once each, in order")
+        try:
+            check_chunk(header, index, chunk.data)
+        except CodecError as e:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"rejected chunk: {e}") from None
+        return chunk.data
+
+    @staticmethod
+    def _check_recall(header, r: pb.RecallEntry) -> tuple[int, int, int, bytes]:
+        if r.layer >= len(header.layers) or r.head >= header.layers[r.layer].num_heads:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"recall entry names layer {r.layer} head {r.head}, outside the segment's shape")
+        if len(r.data) > MAX_FRAME:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"recall entry of {len(r.data)} bytes is over {MAX_FRAME}")
+        try:
+            decode_recall(r.data)
+        except CodecError as e:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"rejected recall entry: {e}") from None
+        return r.layer, r.head, r.row, r.data
+
+    # ---- Get ----------------------------------------------------------------------
+    async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[pb.GetResponse]:
+        t0, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            tenant = self.tenant_of(context)
+            async for msg in self._get(tenant, self.check_key(request.key)):
+                yield msg
+        except Reject as r:
+            code = r.code
+            await context.abort(r.code, r.message)
+        except BackendUnavailable as e:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, f"store unavailable, retry later: {e}")
+        finally:
+            self.metrics.observe("Get", code, time.perf_counter() - t0)
+
+    async def _get(self, tenant: str, key: str) -> AsyncIterator[pb.GetResponse]:
+        m = await self.backend.manifest(tenant, key)
+        if m is None:
+            self.metrics.miss(tenant, "absent")
+            raise Reject(grpc.StatusCode.NOT_FOUND, f"segment {key!r} is not stored for tenant {tenant!r}")
+        try:
+            header = parse_header(m.header)
+        except CodecError as e:
+            raise self._corrupt(tenant, key, e) from None
+        yield pb.GetResponse(header=pb.GetHeader(header=m.header, num_chunks=m.num_chunks, total_bytes=m.total_bytes))
+        sent = len(m.header)
+        pending = asyncio.ensure_future(self.backend.chunks(tenant, m, 0, min(GET_BATCH, m.num_chunks)))
+        try:
+            for start in range(0, m.num_chunks, GET_BATCH):
+                frames = await pending
+                nxt = start + GET_BATCH
+                if nxt < m.num_chunks:
+                    pending = asyncio.ensure_future(self.backend.chunks(tenant, m, nxt, min(nxt + GET_BATCH, m.num_chunks)))
+                for i, frame in enumerate(frames, start):
+                    if frame is None:
+                        self.metrics.miss(tenant, "vanished")
+                        raise Reject(grpc.StatusCode.NOT_FOUND,
+                                     f"segment {key!r} was replaced, deleted or evicted while being read (a miss)")
+                    try:
+                        check_chunk(header, i, frame)
+                    except CodecError as e:
+                        raise self._corrupt(tenant, key, e) from None
+                    sent += len(frame)
+                    yield pb.GetResponse(chunk=pb.Chunk(index=i, data=frame))
+        finally:
+            pending.cancel()
+        self.metrics.hit(tenant, sent)
+
+    def _corrupt(self, tenant: str, key: str, e: Exception) -> Reject:
+        self.metrics.miss(tenant, "checksum")
+        log.warning("segment %s of tenant %s failed its checksum on read: %s", key, tenant, e)
+        return Reject(grpc.StatusCode.NOT_FOUND, f"segment {key!r} failed its checksum on read ({e}); counted as a miss")
+
+    # ---- small calls --------------------------------------------------------------
+    async def Lookup(self, request: pb.LookupRequest, context) -> pb.LookupResponse:
+        async def body(tenant: str):
+            if len(request.keys) > MAX_LOOKUP_KEYS:
+                raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"Lookup of {len(request.keys)} keys; at most {MAX_LOOKUP_KEYS} per call")
+            keys = [self.check_key(k) for k in request.keys]
+            return pb.LookupResponse(stored_prefix=await self.backend.lookup(tenant, keys))
+
+        return await self._run("Lookup", context, body)
+
+    async def Recall(self, request: pb.RecallRequest, context) -> pb.RecallResponse:
+        async def body(tenant: str):
+            key = self.check_key(request.key)
+            blob = await self.backend.recall(tenant, key, request.layer, request.head, request.row)
+            where = f"layer {request.layer} head {request.head} row {request.row} of segment {key!r}"
+            if blob is None:
+                self.metrics.miss(tenant, "absent")
+                raise Reject(grpc.StatusCode.NOT_FOUND, f"no recall entry for {where}")
+            try:
+                decode_recall(blob)
+            except CodecError as e:
+                raise self._corrupt(tenant, key, e) from None
+            return pb.RecallResponse(data=blob)
+
+        return await self._run("Recall", context, body)
+
+    async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
+        async def body(tenant: str):
+            deleted = await self.backend.delete(tenant, self.check_key(request.key))
+            used, _ = await self.backend.usage(tenant)
+            self.metrics.tenant_bytes.labels(tenant).set(used)
+            return pb.DeleteResponse(deleted=deleted)
+
+        return await self._run("Delete", context, body)
+
+    async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
+        async def body(tenant: str):
+            used, segments = await self.backend.usage(tenant)
+            lim = self.settings.limits(tenant)
+            self.metrics.tenant_bytes.labels(tenant).set(used)
+            return pb.StatsResponse(tenant=tenant, tenant_bytes=used, quota_bytes=lim.quota_bytes, segments=segments,
+                                    ttl_s=int(lim.ttl_s), backend=self.backend.name)
+
+        return await self._run("Stats", context, body)
+
+
+def make_backend(settings: KVStoreSettings) -> Backend:
+    if settings.redis_url in ("", "memory://"):
+        return MemoryBackend()
+    from services.kvstore.redis_backend import RedisBackend
+
+    return RedisBackend(settings.redis_url, settings.redis_deadline_s)
+
+
+def create_server(addr: str = "127.0.0.1:0", settings: KVStoreSettings | None = None,
+                  backend: Backend | None = None) -> tuple[grpc.aio.Server, int]:
+    """A KV store server bound to `addr` (port 0 = a free port), not yet started.
+
+    `server.kvstore` is the servicer (its backend and metrics); `await close_server(server)`
+    stops it and closes the backend. Call from inside the event loop that will run it.
+    """
+    settings = settings or KVStoreSettings()
+    metrics = StoreMetrics()
+    servicer = KVStoreServicer(settings, backend or make_backend(settings), metrics)
+    opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+    server = grpc.aio.server(options=opts)
+    pb_grpc.add_KVStoreServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(addr)
+    if port == 0:
+        raise OSError(f"could not bind the KV store to {addr}")
+    if settings.metrics_enabled:
+        metrics.serve(settings.kvstore_metrics_port)
+    server.kvstore = servicer
+    server.health = health_servicer
+    server.health_task = None
+    return server, port
+
+
+async def start_server(server: grpc.aio.Server) -> None:
+    """Start it and keep the health status in step with the backend (NOT_SERVING while Redis is down)."""
+    await server.start()
+    server.health_task = asyncio.ensure_future(_watch_health(server))
+
+
+async def _watch_health(server: grpc.aio.Server, every_s: float = 2.0) -> None:
+    while True:
+        try:
+            await server.kvstore.backend.ping()
+            status = health_pb2.HealthCheckResponse.SERVING
+        except BackendUnavailable:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await server.health.set(name, status)
+        await asyncio.sleep(every_s)
+
+
+async def close_server(server: grpc.aio.Server, grace_s: float = 1.0) -> None:
+    if getattr(server, "health_task", None) is not None:
+        server.health_task.cancel()
+    await server.stop(grace_s)
+    await server.kvstore.backend.close()
+    server.kvstore.metrics.close()

@@ -1,0 +1,52 @@
+"""Settings of the KV store process (pydantic-settings, env prefix HEADWISE_).
+
+Field names match services/settings.py (kvstore_port, redis_url, service_token, tenant_ttl_s,
+tenant_quota_bytes, ...), so the cluster's one Settings object can build this one:
+`KVStoreSettings(**settings.model_dump(include=KVStoreSettings.model_fields.keys()))`.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.kvstore.backend import Limits
+
+
+class TenantLimits(BaseSettings):
+    quota_bytes: int | None = Field(None, ge=0)
+    ttl_s: float | None = Field(None, ge=0)
+
+
+class KVStoreSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HEADWISE_", env_file=None, extra="ignore")
+
+    service_token: str = Field("dev-service-token", description="token callers present in x-headwise-service-token")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis to store in; '' or memory:// = in-process dict")
+    kvstore_port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = a free one)")
+    kvstore_metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus HTTP port (0 = a free one)")
+    metrics_enabled: bool = Field(True, description="serve /metrics over HTTP")
+    redis_deadline_s: float = Field(2.0, gt=0, le=60, description="a Redis call slower than this gives UNAVAILABLE")
+    tenant_ttl_s: float = Field(86400, ge=0, description="seconds a segment lives after its put (0 = forever)")
+    tenant_quota_bytes: int = Field(2 * 1024**3, ge=0, description="bytes a tenant may store (0 = unlimited)")
+    tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict, description="per-tenant overrides")
+    max_segment_bytes: int = Field(4 * 1024**3, gt=0, description="largest segment one Put may carry")
+
+    @field_validator("service_token")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not v:
+            raise ValueError("service_token must not be empty: callers authenticate with it")
+        return v
+
+    @model_validator(mode="after")
+    def _url(self) -> "KVStoreSettings":
+        if self.redis_url not in ("", "memory://") and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url {self.redis_url!r} must start with redis://, rediss:// or unix:// (or be memory://)")
+        return self
+
+    def limits(self, tenant: str) -> Limits:
+        o = self.tenant_limits.get(tenant)
+        quota = o.quota_bytes if o is not None and o.quota_bytes is not None else self.tenant_quota_bytes
+        ttl = o.ttl_s if o is not None and o.ttl_s is not None else self.tenant_ttl_s
+        return Limits(quota_bytes=quota, ttl_s=ttl)
