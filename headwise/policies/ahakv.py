@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from headwise.policies.base import CompressContext, LayerState, ScorerPolicy
+from headwise.policies.snapkv import check_budget, check_ints, group_reduce, pool1d, window_scores
+
+
+@dataclass(frozen=True)
+class AhaKVPolicy(ScorerPolicy):
+    """AhaKV (ALGORITHMS.md 5): recent accumulation with step-gain softmax and a value prior.
+
+    [F] score = pooled ||v||^2 prior (normalised by its max) x window attention of the last
+    `window` (r = 32) queries, each row's logits scaled by g_i = sqrt(2 ln(i / B)) with i the
+    keys row i sees and B the budget. [P] g_i = max(1, .) (sharpen only; `faithful=True`
+    uses sqrt(max(2 ln(i/B), 1e-2))), value-prior pooling kernel 7, mean over the GQA group,
+    the B the total per-head budget, the window kept and counted in B. Also keeps
+    `sinks` (4) first tokens like every scorer here (the paper keeps none: set sinks=0).
+    """
+
+    name = "ahakv"
+    kernel: int = 7
+    faithful: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ints(self, kernel=self.kernel)
+
+    def gains(self, S: int, window: int, budget: int) -> Tensor:
+        """[window] per-row temperature of the last `window` rows of an S-token segment."""
+        visible = torch.arange(S - window, S, dtype=torch.float64) + 1
+        x = 2 * torch.log(visible / budget)
+        g = torch.sqrt(x.clamp_min(1e-2)) if self.faithful else torch.sqrt(x.clamp_min(0)).clamp_min(1.0)
+        return g.float()
+
+    def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
+        S, W = state.num_tokens, min(self.window or 1, state.num_tokens)
+        gain = self.gains(S, W, self.budget(S)).to(state.keys.device)
+        s = group_reduce(window_scores(state, W, gain), state.num_kv_heads)  # [Hkv, N]
+        nu = state.values.float().pow(2).sum(-1)  # [Hkv, N]
+        gam = pool1d(nu, self.kernel, "avg")
+        return gam / gam.amax(-1, keepdim=True) * s
+
+    def compress_layer(self, state, ctx):
+        S = state.num_tokens
+        b = self.budget(S)
+        if b < S:
+            check_budget(self, b, self.sinks + self.window)
+        return super().compress_layer(state, ctx)

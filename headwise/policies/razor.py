@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from headwise.cache.compact import NO_RECALL, LayerCache, RecallTable
+from headwise.errors import InvalidInput
+from headwise.policies.base import CompressContext, LayerState, Policy, keep_all
+from headwise.policies.snapkv import check_budget, check_ints
+
+
+@dataclass(frozen=True)
+class RazorPolicy(Policy):
+    """RazorAttention (ALGORITHMS.md 1): retrieval heads whole, the rest sinks + recent + 1 compensation row.
+
+    [F] retrieval heads = top `induction` (0.14) of (layer, KV head) pairs by induction score
+    union top `echo` (0.01) by echo score, from the model's HeadProfile (GQA: max over the
+    group); `sinks` = 4; the compensation row is the mean of the dropped keys and values
+    with log_weight = log(dropped count) (Eq. 5) and a recall handle to the originals.
+    Deviation (budget knob): the paper's recent window max(4000, N/5) assumes 10K+ token
+    inputs. Here the kept fraction is global over the model: retrieval heads keep all N
+    rows, and the recent window of every other head is sized from what is left, so the
+    realised fraction equals `kept` (to one row). When the retrieval heads alone exceed
+    the budget (kept below ~0.15), the least important ones (tail of the echo-then-
+    induction order) lose their protection until each other head can hold sinks + 1 + 1.
+    """
+
+    name = "razor"
+    sinks: int = 4
+    induction: float = 0.14
+    echo: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ints(self, sinks=self.sinks)
+        for attr in ("induction", "echo"):
+            v = getattr(self, attr)
+            if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+                raise InvalidInput(f"policy 'razor': {attr}={v!r} must be a fraction of heads in [0, 1]")
+
+    needs_profile = True
+
+    def head_rows(self, S: int, ctx: CompressContext, num_kv_heads: int) -> dict[tuple[int, int], int]:
+        """Rows per (layer, KV head) for a segment of S tokens: S for retrieval heads."""
+        L, n = ctx.num_layers, ctx.num_layers * num_kv_heads
+        if ctx.profile is None:
+            raise InvalidInput("policy 'razor' needs a head profile; run `headwise profile --model PATH` "
+                               "or prefill through ModelRunner.prefill_segment, which loads it")
+        order = ctx.profile.check(L, num_kv_heads).retrieval_order(self.induction, self.echo)
+        total = round(self.kept * n * S)
+        least = self.sinks + 2  # sinks + compensation row + one recent token
+        check_budget(self, total // n, least, "sinks + compensation row + 1 recent")
+        while order and len(order) * S + (n - len(order)) * least > total:
+            order.pop()
+        retrieval = set(order)
+        others = [(l, h) for l in range(L) for h in range(num_kv_heads) if (l, h) not in retrieval]
+        rows = {lh: S for lh in retrieval}
+        if others:
+            base, extra = divmod(total - len(retrieval) * S, len(others))
+            rows.update({lh: min(S, base + (j < extra)) for j, lh in enumerate(others)})
+        return rows
+
+    def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
+        S, Hkv = state.num_tokens, state.num_kv_heads
+        if self.budget(S) >= S:
+            return keep_all(state)
+        rows = self.head_rows(S, ctx, Hkv)
+        ks, vs, ps, lws, rids = [], [], [], [], []
+        rec_pos, rec_heads, rec_lens = [], [], []
+        dev = state.keys.device
+        for h in range(Hkv):
+            n_h = rows[(state.layer, h)]
+            k, v, pos = state.keys[h], state.values[h], state.positions
+            sinks = min(self.sinks, n_h)
+            recent = n_h - sinks - 1
+            if n_h >= S or recent < 1:
+                ks.append(k); vs.append(v); ps.append(pos)
+                lws.append(torch.zeros(S, device=dev)); rids.append(torch.full((S,), NO_RECALL, device=dev))
+                continue
+            drop = slice(sinks, S - recent)  # the dropped middle, folded into one row
+            m = S - recent - sinks
+            ks.append(torch.cat([k[:sinks], k[drop].mean(0, keepdim=True), k[S - recent:]]))
+            vs.append(torch.cat([v[:sinks], v[drop].mean(0, keepdim=True), v[S - recent:]]))
+            ps.append(torch.cat([pos[:sinks], pos.new_full((1,), -1), pos[S - recent:]]))
+            lw = torch.zeros(n_h, device=dev)
+            lw[sinks] = math.log(m)
+            rid = torch.full((n_h,), NO_RECALL, dtype=torch.long, device=dev)
+            rid[sinks] = len(rec_heads)
+            lws.append(lw); rids.append(rid)
+            rec_pos.append(pos[drop]); rec_heads.append(h); rec_lens.append(m)
+        recall = _recall_table(state, rec_pos, rec_heads, rec_lens)
+        return LayerCache.from_heads(ks, vs, ps, lws, [r.long() for r in rids], recall)
+
+
+def _recall_table(state: LayerState, positions: list, heads: list[int], lens: list[int]) -> RecallTable | None:
+    """Originals behind each compensation row, so the store can keep them for recall."""
+    if not heads:
+        return None
+    start = int(state.positions[0])
+    offsets = torch.zeros(len(lens) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.tensor(lens), 0)
+    pos = torch.cat(positions)
+    idx = pos - start
+    head_of_row = torch.repeat_interleave(torch.tensor(heads), torch.tensor(lens)).to(idx.device)
+    return RecallTable(
+        offsets.to(idx.device), pos, torch.tensor(heads, dtype=torch.long, device=idx.device),
+        state.keys[head_of_row, idx], state.values[head_of_row, idx],
+    )
