@@ -134,8 +134,14 @@ class ModelRunner:
             ))
         return PrefillOutput(self._logits(h[:, -1]), states, start)
 
-    def context(self) -> CompressContext:
-        return CompressContext(num_layers=self.num_layers, model_id=self.name)
+    def context(self, policy: Policy | None = None) -> CompressContext:
+        """Whole-model facts; carries the head profile (from disk, else computed once) when the policy needs one."""
+        profile = None
+        if getattr(policy, "needs_profile", False):
+            from headwise.profiles import profile_for
+
+            profile = profile_for(self)
+        return CompressContext(num_layers=self.num_layers, model_id=self.name, profile=profile)
 
     def prefill_segment(
         self, token_ids: Sequence[int], cache: CompactCache | None = None, policy: Policy | None = None,
@@ -146,7 +152,7 @@ class ModelRunner:
 
         policy = policy or FullPolicy()
         out = self.prefill(token_ids, cache, policy.capture)
-        segment = policy.compress(out.states, out.start, ctx or self.context())
+        segment = policy.compress(out.states, out.start, ctx or self.context(policy))
         whole = cache.extended(segment) if cache is not None else segment
         return SegmentResult(out.logits, segment, whole)
 
