@@ -317,19 +317,24 @@ def create_server(addr: str = "127.0.0.1:0", settings: KVStoreSettings | None = 
 async def start_server(server: grpc.aio.Server) -> None:
     """Start it and keep the health status in step with the backend (NOT_SERVING while Redis is down)."""
     await server.start()
+    await _check_health(server)
     server.health_task = asyncio.ensure_future(_watch_health(server))
+
+
+async def _check_health(server: grpc.aio.Server) -> None:
+    try:
+        await server.kvstore.backend.ping()
+        status = health_pb2.HealthCheckResponse.SERVING
+    except BackendUnavailable:
+        status = health_pb2.HealthCheckResponse.NOT_SERVING
+    for name in ("", SERVICE):
+        await server.health.set(name, status)
 
 
 async def _watch_health(server: grpc.aio.Server, every_s: float = 2.0) -> None:
     while True:
-        try:
-            await server.kvstore.backend.ping()
-            status = health_pb2.HealthCheckResponse.SERVING
-        except BackendUnavailable:
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", SERVICE):
-            await server.health.set(name, status)
         await asyncio.sleep(every_s)
+        await _check_health(server)
 
 
 async def close_server(server: grpc.aio.Server, grace_s: float = 1.0) -> None:
