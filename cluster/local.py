@@ -10,6 +10,7 @@ local endpoints passed as the application's args.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -116,6 +117,9 @@ class LocalCluster:
     def start_kvstore(self, timeout_s: float = 30.0) -> None:
         s = self.settings
         env = dict(os.environ, HEADWISE_SERVICE_TOKEN=s.service_token, HEADWISE_REDIS_URL=s.redis_url)
+        quotas = {t: {"quota_bytes": lim["quota_bytes"]} for t, lim in self.tenant_limits.items() if "quota_bytes" in lim}
+        if quotas:  # the store enforces each tenant's stored-bytes limit on put
+            env["HEADWISE_TENANT_LIMITS"] = json.dumps(quotas)
         self.kvstore = subprocess.Popen(
             [sys.executable, "-m", "services.kvstore", "--port", str(s.kvstore_port), "--redis-url", s.redis_url],
             env=env, stdout=open(self.tmp / "kvstore.log", "ab"), stderr=subprocess.STDOUT,

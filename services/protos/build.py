@@ -17,6 +17,7 @@ PROTO_DIR = ROOT / "proto"
 DEFAULT_OUT = ROOT / "services" / "protos"
 GENERATED = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 _IMPORT = re.compile(r"^from headwise\.v1 import ", re.M)
+_MODULE = re.compile(r"(BuildTopDescriptorsAndMessages\(DESCRIPTOR, )'headwise\.v1\.")
 
 
 def proto_files() -> list[Path]:
@@ -36,7 +37,9 @@ def generate(out: Path) -> list[Path]:
         raise RuntimeError(f"protoc failed on {', '.join(str(p) for p in proto_files())}")
     files = sorted(p for p in (out / "headwise" / "v1").iterdir() if p.name.endswith(GENERATED))
     for p in files:
-        p.write_text(_IMPORT.sub("from services.protos.headwise.v1 import ", p.read_text()))
+        text = _IMPORT.sub("from services.protos.headwise.v1 import ", p.read_text())
+        # message classes take __module__ from this name; it must be importable so they pickle (Ray)
+        p.write_text(_MODULE.sub(r"\1'services.protos.headwise.v1.", text))
     return files
 
 
