@@ -85,6 +85,8 @@ def ragged_decode_attention(
     tail = layer.tail()
     weighted = _has_weights(layer)
     watch = recall_threshold is not None and layer.recall is not None and layer.recall.num_groups > 0
+    if not watch and _uniform(layer):
+        return _uniform_decode(q, layer, scaling, weighted, tail), []
     out = q.new_empty(Hq, 1, d)
     hits: list[MergedShare] = []
     for h in range(Hkv):
@@ -109,6 +111,35 @@ def ragged_decode_attention(
                 for i in (share > recall_threshold).nonzero().flatten().tolist():
                     hits.append(MergedShare(h, int(merged[i]), float(share[i])))
     return out, hits
+
+
+def _uniform(layer: LayerCache) -> bool:
+    """Every head holds the same number of rows: the flat rows are then a [Hkv, n, d] view."""
+    flag = getattr(layer, "_uniform", None)
+    if flag is None or flag[0] is not layer.head_offsets:
+        lens = layer.head_lengths()
+        flag = (layer.head_offsets, bool((lens == lens[0]).all()))
+        layer._uniform = flag
+    return flag[1]
+
+
+def _uniform_decode(q: Tensor, layer: LayerCache, scaling: float, weighted: bool, tail) -> Tensor:
+    """Batched over heads when the ragged rows happen to be rectangular (full, streaming, ...)."""
+    Hq, _, d = q.shape
+    Hkv = layer.num_heads
+    n = layer.keys.shape[0] // Hkv
+    qg = q.view(Hkv, Hq // Hkv, d)  # [Hkv, G, d]
+    k, v = layer.keys.view(Hkv, n, d), layer.values.view(Hkv, n, d)
+    logits = torch.bmm(qg, k.transpose(1, 2)) * scaling  # [Hkv, G, n]
+    if weighted:
+        logits = logits + layer.log_weights.view(Hkv, 1, n).to(q.dtype)
+    if tail is not None:
+        logits = torch.cat([logits, torch.bmm(qg, tail[0].transpose(1, 2)) * scaling], dim=2)
+    p = torch.softmax(logits, dim=-1)
+    o = torch.bmm(p[..., :n], v)
+    if tail is not None:
+        o = o + torch.bmm(p[..., n:], tail[1])
+    return o.reshape(Hq, 1, d)
 
 
 def column_sums(q: Tensor, k: Tensor, scaling: float, chunk: int = 512) -> Tensor:

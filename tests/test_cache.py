@@ -92,3 +92,27 @@ def test_segment_keys_are_stable_chained_and_salted():
     assert ks[0] == a and ks[1] == segment_key(a, [4], "m", {"policy": "full"}, 1, "tenant-a")
     # same tokens after a different parent: a different key
     assert chain_keys([[9], [4]], "m", [{"policy": "full"}] * 2, 1, "tenant-a")[1] != ks[1]
+
+
+def _reference_decode(q, layer, scaling):
+    """Plain per-head softmax over rows + tail, the definition the fast paths must match."""
+    Hq, _, d = q.shape
+    G = Hq // layer.num_heads
+    c = layer.compacted()
+    out = []
+    for hq in range(Hq):
+        k, v, lw = c.head(hq // G)
+        p = torch.softmax(q[hq, 0] @ k.T * scaling + lw, -1)
+        out.append(p @ v)
+    return torch.stack(out)[:, None]
+
+
+def test_uniform_and_ragged_decode_paths_match_reference():
+    g = torch.Generator().manual_seed(5)
+    for lens in ([6, 6, 6], [6, 2, 9]):
+        layer = _layer(lens, seed=7)
+        layer.log_weights = torch.rand(layer.keys.shape[0], generator=g)
+        layer.append(torch.randn(3, 4, 8, generator=g), torch.randn(3, 4, 8, generator=g), torch.arange(4) + 50)
+        q = torch.randn(6, 1, 8, generator=g)
+        out, _ = ragged_decode_attention(q, layer, 0.4)
+        assert torch.allclose(out, _reference_decode(q, layer, 0.4), atol=1e-6), lens

@@ -185,3 +185,10 @@ def test_qwen2_family_with_bias_matches(tmp_path):
     a = runner.prefill_segment(ids[:20])
     b = runner.prefill_segment(ids[20:], a.cache)
     assert torch.allclose(b.logits, _hf_logits(runner.model, ids), atol=1e-4)
+
+
+def test_decode_never_grows_the_stored_segment(tiny_runner):
+    res = tiny_runner.prefill_segment(_ids(64, seed=13), policy=get_policy("streaming", kept=0.5))
+    before = res.segment.nbytes
+    list(tiny_runner.generate(res.cache, res.logits, SamplingParams(max_new_tokens=4, ignore_eos=True)))
+    assert res.segment.nbytes == before and res.cache.nbytes > before

@@ -8,6 +8,7 @@ equal transformers' forward within 1e-4 in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -153,7 +154,10 @@ class ModelRunner:
         policy = policy or FullPolicy()
         out = self.prefill(token_ids, cache, policy.capture)
         segment = policy.compress(out.states, out.start, ctx or self.context(policy))
-        whole = cache.extended(segment) if cache is not None else segment
+        if cache is not None:
+            whole = cache.extended(segment)
+        else:  # same tensors, own LayerCache objects: decode appends to `whole`, never to `segment`
+            whole = CompactCache([dataclasses.replace(lc) for lc in segment.layers], segment.seq_len, segment.start, dict(segment.meta))
         return SegmentResult(out.logits, segment, whole)
 
     # ---- decode -------------------------------------------------------------------

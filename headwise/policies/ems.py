@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from headwise.cache.compact import NO_RECALL, LayerCache, RecallTable
+from headwise.errors import InvalidInput
+from headwise.policies.base import Capture, CompressContext, LayerState, Policy, keep_all
+from headwise.policies.snapkv import check_budget, check_ints, group_reduce, window_scores
+
+LOG_WEIGHTS = ("none", "count", "mass")
+
+
+@dataclass(frozen=True)
+class HeadMerge:
+    """One head's evict-then-merge plan: row indices into the segment."""
+
+    centers: Tensor  # [n_c] important rows, kept (as class centres)
+    members: Tensor  # [n_tbm] to-be-merged rows
+    assign: Tensor  # [n_tbm] centre slot of each member; n_c = the zero class (dropped)
+
+
+@dataclass(frozen=True)
+class EMSPolicy(Policy):
+    """EMS (ALGORITHMS.md 3, a [P] reconstruction): global-local score, evict-then-merge, zero class.
+
+    Score = lam * global + (1 - lam) * local, each mean-aligned over the prefix: global is
+    the segment's causal column sum divided by the number of queries that see each key
+    (ObservedAttention-style, removes the causal bias), local the SnapKV window sum. Per
+    head the top B - window rows (sinks forced) are class centres; the next 2B candidates
+    are scored for redundancy with the centres (relu cos K x relu cos V); a head-adaptive
+    count round(M redundancy (1 - sparsity)) of them is merged into its most similar
+    centre (score-weighted mean of values, key directions averaged with the centre's norm
+    kept), a member with similarity <= tau to every centre goes to the zero class
+    (dropped), the rest are evicted. Every head holds exactly B rows. Merged rows carry a
+    recall handle to all their originals (centre included); `log_weight` = "none" ([P]
+    default), "count" (log of tokens merged) or "mass" (log of score mass / centre score).
+    """
+
+    name = "ems"
+    window: int = 32
+    sinks: int = 4
+    lam: float = 0.5
+    tau: float = 0.0
+    candidates: float = 2.0
+    log_weight: str = "none"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ints(self, window=self.window, sinks=self.sinks)
+        for attr, lo, hi in (("lam", 0.0, 1.0), ("tau", -1.0, 1.0), ("candidates", 0.0, 64.0)):
+            v = getattr(self, attr)
+            if not isinstance(v, (int, float)) or not lo <= v <= hi:
+                raise InvalidInput(f"policy 'ems': {attr}={v!r} must be in [{lo}, {hi}]")
+        if self.log_weight not in LOG_WEIGHTS:
+            raise InvalidInput(f"policy 'ems': log_weight={self.log_weight!r}; allowed: {', '.join(LOG_WEIGHTS)}")
+
+    @property
+    def capture(self) -> Capture:
+        return Capture(window=max(1, self.window), column_sums=True)
+
+    def score(self, state: LayerState) -> Tensor:
+        """Global-local score [Hkv, S], >= 0."""
+        S, W, H = state.num_tokens, self.window, state.num_kv_heads
+        if state.column_sums is None:
+            raise InvalidInput("policy 'ems' needs column sums; prefill with the policy's capture")
+        seen_by = torch.arange(S, 0, -1, device=state.keys.device, dtype=torch.float32)
+        g = group_reduce(state.column_sums.float() / seen_by, H)
+        loc = group_reduce(window_scores(state, W), H)
+        p = max(1, S - W)
+        g = g / g[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
+        loc = loc / loc[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
+        return self.lam * g + (1 - self.lam) * loc
+
+    def plan(self, keys: Tensor, values: Tensor, score: Tensor, n_c: int) -> HeadMerge:
+        """Classes of one head over its prefix rows. keys/values [P, d]; score [P]."""
+        s = score.clone()
+        s[: self.sinks] = float("inf")
+        order = s.argsort(descending=True, stable=True)
+        centers, rest = order[:n_c], order[n_c:]
+        sparsity = float(score[centers].sum() / score.sum().clamp_min(1e-30))
+        cand = rest[: int(self.candidates * (n_c + self.window))]
+        nk, nv = F.normalize(keys.float(), dim=-1), F.normalize(values.float(), dim=-1)
+        sim = (nk[cand] @ nk[centers].T).relu() * (nv[cand] @ nv[centers].T).relu()  # [M, n_c]
+        best, arg = sim.max(-1) if cand.numel() and n_c else (sim.new_zeros(cand.numel()), cand.new_zeros(cand.numel()))
+        n_tbm = round(cand.numel() * float(best.mean() if best.numel() else 0.0) * (1 - sparsity))
+        assign = torch.where(best[:n_tbm] > self.tau, arg[:n_tbm], torch.full_like(arg[:n_tbm], n_c))
+        return HeadMerge(centers, cand[:n_tbm], assign)
+
+    def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
+        S, W = state.num_tokens, self.window
+        b = self.budget(S)
+        if b >= S:
+            return keep_all(state)
+        check_budget(self, b, self.sinks + W)
+        score = self.score(state)
+        rows = [self.merge_head(state, h, score[h], b - W) for h in range(state.num_kv_heads)]
+        groups = [g for r in rows for g in r[5]]
+        recall = _recall(state, groups) if groups else None
+        shift = 0
+        for r in rows:  # recall ids are per layer: offset each head's local ids
+            r[4][r[4] >= 0] += shift
+            shift += len(r[5])
+        return LayerCache.from_heads(*[[r[i] for r in rows] for i in range(5)], recall=recall)
+
+    def merge_head(self, state: LayerState, h: int, score: Tensor, n_c: int):
+        """Rows of head h: merged centres, then the window. Returns per-row tensors and recall groups."""
+        S, W = state.num_tokens, self.window
+        P = S - W
+        k, v = state.keys[h, :P], state.values[h, :P]
+        plan = self.plan(k, v, score[:P], n_c)
+        c = plan.centers.sort().values
+        slot = torch.full((P,), -1, dtype=torch.long, device=k.device)
+        slot[c] = torch.arange(c.numel(), device=k.device)
+        tgt = torch.where(plan.assign < n_c, slot[plan.centers[plan.assign.clamp(max=n_c - 1)]], torch.full_like(plan.assign, n_c))
+        w = score[:P].float().clamp_min(1e-12)
+        # zero-class accumulators: n_c + 1 slots, the last one thrown away
+        acc_w = torch.zeros(n_c + 1, device=k.device).index_add_(0, tgt, w[plan.members])
+        acc_v = torch.zeros(n_c + 1, v.shape[-1], device=k.device).index_add_(0, tgt, w[plan.members, None] * v[plan.members].float())
+        u = torch.zeros_like(acc_v).index_add_(0, tgt, w[plan.members, None] * F.normalize(k[plan.members].float(), dim=-1))
+        count = torch.zeros(n_c + 1, dtype=torch.long, device=k.device).index_add_(0, tgt, torch.ones_like(tgt))[:n_c]
+        wc, kc, vc = w[c], k[c].float(), v[c].float()
+        v_new = (wc[:, None] * vc + acc_v[:n_c]) / (wc + acc_w[:n_c])[:, None]
+        u = wc[:, None] * F.normalize(kc, dim=-1) + u[:n_c]
+        k_new = kc.norm(dim=-1, keepdim=True) * F.normalize(u, dim=-1)
+        merged = count > 0
+        keys = torch.where(merged[:, None], k_new.to(k.dtype), k[c])
+        values = torch.where(merged[:, None], v_new.to(v.dtype), v[c])
+        pos = torch.where(merged, torch.full_like(c, -1), state.positions[c])
+        lw = torch.zeros(n_c, device=k.device)
+        if self.log_weight == "count":
+            lw = torch.log1p(count.float())
+        elif self.log_weight == "mass":
+            lw = torch.log((wc + acc_w[:n_c]) / wc)
+        rid = torch.full((n_c,), NO_RECALL, dtype=torch.long, device=k.device)
+        groups = []
+        for j in merged.nonzero().flatten().tolist():
+            rid[j] = len(groups)
+            groups.append((h, torch.cat([c[j : j + 1], plan.members[tgt == j]]).sort().values))
+        win = torch.arange(P, S, device=k.device)
+        return (
+            torch.cat([keys, state.keys[h, P:]]), torch.cat([values, state.values[h, P:]]),
+            torch.cat([pos, state.positions[P:]]), torch.cat([lw, torch.zeros(W, device=k.device)]),
+            torch.cat([rid, torch.full((W,), NO_RECALL, dtype=torch.long, device=k.device)]), groups,
+        ) if win.numel() else (keys, values, pos, lw, rid, groups)
+
+
+def _recall(state: LayerState, groups: list[tuple[int, Tensor]]) -> RecallTable:
+    lens = torch.tensor([g[1].numel() for g in groups])
+    offsets = torch.zeros(len(groups) + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(lens, 0)
+    idx = torch.cat([g[1] for g in groups])
+    heads = torch.tensor([g[0] for g in groups], dtype=torch.long)
+    per_row = torch.repeat_interleave(heads, lens)
+    return RecallTable(offsets, state.positions[idx], heads, state.keys[per_row, idx], state.values[per_row, idx])
