@@ -1,0 +1,135 @@
+"""Every head-wise policy, one matrix: full-budget identity, realised fraction, raggedness,
+determinism, decoding over the result, and bad parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.errors import InvalidInput
+from headwise.policies import get_policy
+from headwise.policies.base import CompressContext, keep_all
+
+POLICIES = ["snapkv", "adakv", "razor", "taskkv", "ems", "ahakv"]
+S = 600  # >= 512: the realised fraction must be within 1% of the request
+
+
+@pytest.fixture(scope="module")
+def gqa_runner():
+    """3 layers, 6 query heads over 3 KV heads: GQA like the default model, seconds on CPU."""
+    from headwise.models import ModelRunner
+    from tests.fixtures.models import tiny_llama
+
+    return ModelRunner(tiny_llama(layers=3, heads=6, kv_heads=3, hidden=96, seed=1), None, name="tiny-gqa")
+
+
+@pytest.fixture(scope="module")
+def gqa_profile(gqa_runner):
+    from headwise.profiles import compute_profile
+
+    return compute_profile(gqa_runner, segment=64)
+
+
+@pytest.fixture(scope="module")
+def ctx(gqa_runner, gqa_profile):
+    return CompressContext(num_layers=gqa_runner.num_layers, model_id=gqa_runner.name, profile=gqa_profile)
+
+
+@pytest.fixture(scope="module")
+def prefilled(gqa_runner):
+    """One prefill capturing everything any policy asks for, shared by the matrix."""
+    from headwise.policies.base import Capture
+
+    ids = torch.randint(3, 250, (S,), generator=torch.Generator().manual_seed(7)).tolist()
+    return gqa_runner.prefill(ids, capture=Capture(window=64, column_sums=True))
+
+
+def _same(a, b) -> bool:
+    return all(
+        torch.equal(getattr(x, f), getattr(y, f))
+        for x, y in zip(a.layers, b.layers)
+        for f in ("keys", "values", "head_offsets", "positions", "log_weights", "recall_ids")
+    )
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_full_budget_equals_full(name, prefilled, ctx):
+    full = get_policy("full").compress(prefilled.states, prefilled.start, ctx)
+    out = get_policy(name, kept=1.0).compress(prefilled.states, prefilled.start, ctx)
+    assert _same(out, full)
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.25, 0.1])
+@pytest.mark.parametrize("name", POLICIES)
+def test_realised_fraction_and_raggedness(name, kept, prefilled, ctx):
+    out = get_policy(name, kept=kept).compress(prefilled.states, prefilled.start, ctx)
+    assert abs(out.kept_fraction() - kept) <= 0.01
+    for layer in out.layers:
+        rows = int(layer.head_offsets[-1])
+        # rows are really gone: storage holds exactly the kept rows, nothing masked
+        assert layer.keys.shape[0] == layer.values.shape[0] == layer.positions.numel() == rows
+        assert layer.log_weights.numel() == layer.recall_ids.numel() == rows
+        assert int(layer.head_lengths().sum()) == rows < layer.num_heads * S
+    assert out.nbytes < out.full_nbytes()
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_deterministic(name, prefilled, ctx):
+    p = get_policy(name, kept=0.25)
+    assert _same(p.compress(prefilled.states, 0, ctx), p.compress(prefilled.states, 0, ctx))
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_query_agnostic_by_default(name):
+    assert get_policy(name, kept=0.5).reusable is True
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_generation_over_compressed_cache(name, gqa_runner, ctx):
+    ids = torch.randint(3, 250, (520,), generator=torch.Generator().manual_seed(3)).tolist()
+    seg = gqa_runner.prefill_segment(ids, policy=get_policy(name, kept=0.25), ctx=ctx)
+    q = gqa_runner.prefill_segment([5, 6, 7], seg.cache)
+    assert torch.isfinite(q.logits).all()
+    toks = list(gqa_runner.generate(q.cache, q.logits))
+    assert len(toks) >= 1 and q.cache.seq_len == 523 + len(toks) - 1
+
+
+def test_scorers_keep_the_token_the_window_attends_to():
+    """A key that every window query points at must survive; a random key mostly does not."""
+    from headwise.policies.base import LayerState
+
+    g = torch.Generator().manual_seed(0)
+    N, d = 600, 16
+    keys = torch.randn(1, N, d, generator=g) * 0.1
+    target = 300
+    keys[0, target] = torch.ones(d) * 3
+    q = torch.ones(2, 32, d)  # 2 query heads over 1 KV head
+    st = LayerState(0, keys, torch.randn(1, N, d, generator=g) + 2, torch.arange(N), 0.25, window_queries=q)
+    for name in ("snapkv", "ahakv", "adakv", "taskkv"):
+        out = get_policy(name, kept=0.1).compress_layer(st, CompressContext(1))
+        assert target in out.positions.tolist(), name
+
+
+def test_bad_parameters_raise_clear_errors(prefilled, ctx):
+    with pytest.raises(InvalidInput, match="window"):
+        get_policy("snapkv", kept=0.5, window=-1)
+    with pytest.raises(InvalidInput, match="kept"):
+        get_policy("ems", kept=0.0)
+    with pytest.raises(InvalidInput, match="sinks"):  # 0.05 * 600 = 30 rows < 4 sinks + 32 window
+        get_policy("snapkv", kept=0.05).compress(prefilled.states, 0, ctx)
+    with pytest.raises(InvalidInput, match="sinks \\+ recent"):
+        get_policy("taskkv", kept=0.05).compress(prefilled.states, 0, ctx)
+    with pytest.raises(InvalidInput, match="scorer"):
+        get_policy("adakv", scorer="nope")
+    with pytest.raises(InvalidInput, match="log_weight"):
+        get_policy("ems", log_weight="sometimes")
+    with pytest.raises(InvalidInput, match="induction"):
+        get_policy("razor", induction=1.5)
+    with pytest.raises(InvalidInput, match="head profile"):
+        get_policy("razor", kept=0.5).compress(prefilled.states, 0, CompressContext(3))
+
+
+def test_full_keep_all_matches_state(prefilled):
+    st = prefilled.states[0]
+    layer = keep_all(st)
+    assert torch.equal(layer.head(1)[0], st.keys[1])
