@@ -59,6 +59,28 @@ def policies() -> None:
         console.print(f"[bold]{name}[/bold] ({fields})\n    {doc}")
 
 
+@app.command("profile")
+def profile(
+    model: Optional[Path] = typer.Option(None, help="Model directory (default: the installed default model)."),
+    force: bool = typer.Option(False, help="Compute again even if a cached profile exists."),
+) -> None:
+    """Compute once and cache the head profile (retrieval heads, PoD layer blocks) of a model."""
+    from headwise.models import ModelRunner, resolve_model_path
+    from headwise.profiles import compute_profile, profile_for, profile_path, save_profile, weights_key
+
+    runner = ModelRunner.from_pretrained(resolve_model_path(model))
+    path = profile_path(weights_key(runner))
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as prog:
+        task = prog.add_task("head profile", total=1.0)
+        bar = lambda s, f: prog.update(task, description=s, completed=f)  # noqa: E731
+        if force:
+            save_profile(compute_profile(runner, progress=bar), path)
+        prof = profile_for(runner, progress=bar)
+    heads = prof.retrieval_order()
+    console.print(f"[green]{path}[/green]: {prof.num_layers} layers x {prof.num_kv_heads} KV heads; "
+                  f"{len(heads)} retrieval heads {heads}; PoD bases per layer {prof.base_of}")
+
+
 @app.command("demo")
 def demo(
     model: Optional[Path] = typer.Option(None, help="Model directory (default: the installed default model)."),
