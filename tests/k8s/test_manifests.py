@@ -1,0 +1,121 @@
+"""The k8s/ manifests as rendered for each overlay: schemas, references, one source of truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.k8s_render import (
+    K8S_DIR,
+    build,
+    expected_serve_patch,
+    find,
+    kustomizations_with_serve_patch,
+    strategic_merge,
+)
+from tests.k8s import checks
+
+OVERLAYS = ["cpu", "gpu"]
+
+
+def overlay_images(kdir: Path) -> set[str]:
+    kust = yaml.safe_load((kdir / "kustomization.yaml").read_text())
+    return {i.get("newName", i["name"]) for i in kust.get("images", [])}
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, list[dict]]:
+    return request.param, build(K8S_DIR / "overlays" / request.param)
+
+
+def test_overlay_renders_everything(rendered):
+    _, docs = rendered
+    kinds = {d["kind"] for d in docs}
+    assert {"RayService", "StatefulSet", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+            "ConfigMap", "NetworkPolicy"} <= kinds
+    assert all(d["metadata"]["namespace"] == "headwise" for d in docs)
+
+
+@pytest.mark.parametrize("check", ["validate_core", "validate_rayservice", "check_serve_config", "check_ray_version",
+                                   "check_references", "check_selectors", "check_addresses", "check_no_inline_secrets",
+                                   "check_network_policies"])
+def test_overlay_passes(rendered, check):
+    _, docs = rendered
+    assert getattr(checks, check)(docs) == []
+
+
+def test_images_are_parameters(rendered):
+    overlay, docs = rendered
+    assert checks.check_images(docs, overlay_images(K8S_DIR / "overlays" / overlay)) == []
+
+
+def test_serve_patches_are_generated_from_serve_config():
+    # `make k8s` was run after the last change to serve_config.py or a ConfigMap
+    for kdir in kustomizations_with_serve_patch():
+        assert (kdir / "serve-config.patch.yaml").read_text() == expected_serve_patch(kdir), f"run `make k8s` ({kdir})"
+
+
+def test_gpu_overlay_asks_for_gpus():
+    docs = build(K8S_DIR / "overlays" / "gpu")
+    serve = yaml.safe_load(find(docs, "RayService", "headwise")["spec"]["serveConfigV2"])
+    assert all(d["ray_actor_options"]["num_gpus"] > 0 for d in serve["applications"][0]["deployments"])
+    worker = find(docs, "RayService", "headwise")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+    assert worker["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["nodeSelector"] and worker["tolerations"]
+
+
+def test_cpu_overlay_uses_no_gpu():
+    text = yaml.safe_dump_all(build(K8S_DIR / "overlays" / "cpu"))
+    assert "nvidia.com/gpu" not in text and "num_gpus" not in text
+
+
+def test_redis_is_a_cache_without_persistence():
+    docs = build(K8S_DIR / "overlays" / "cpu")
+    conf = find(docs, "ConfigMap", "redis-config")["data"]["redis.conf"].splitlines()
+    assert "maxmemory-policy allkeys-lru" in conf and 'save ""' in conf and "appendonly no" in conf
+    maxmem = next(line.split()[1] for line in conf if line.startswith("maxmemory "))
+    limit = find(docs, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
+    assert int(maxmem.removesuffix("mb")) < int(limit.removesuffix("Gi")) * 1024, "maxmemory must stay below the memory limit"
+
+
+def test_redis_persistence_patch_renders_and_validates():
+    docs = build(K8S_DIR / "overlays" / "cpu")
+    patch = yaml.safe_load((K8S_DIR / "patches" / "redis-persistence.yaml").read_text())
+    docs = [strategic_merge(d, patch) if checks.name_of(d) == "StatefulSet/redis" else d for d in docs]
+    sts = find(docs, "StatefulSet", "redis")
+    assert "data" not in {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert checks.validate_core([sts]) == []
+
+
+def test_kvstore_has_grpc_health_probes():
+    kv = find(build(K8S_DIR / "overlays" / "cpu"), "Deployment", "kvstore")["spec"]["template"]["spec"]["containers"][0]
+    assert kv["readinessProbe"]["grpc"]["port"] == kv["livenessProbe"]["grpc"]["port"] == 50051
+
+
+def test_dockerfile():
+    model_dir = find(build(K8S_DIR / "overlays" / "cpu"), "ConfigMap", "headwise-config")["data"]["HEADWISE_MODEL_DIR"]
+    text = (checks.ROOT / "Dockerfile").read_text()
+    assert checks.check_dockerfile(text, model_dir) == []
+    uid = text.split("\nUSER ")[-1].split(":")[0]
+    for where, tpl in checks.pod_templates(build(K8S_DIR / "overlays" / "cpu")):
+        assert str(tpl["spec"]["securityContext"]["runAsUser"]) == uid, where
+
+
+def test_dockerignore_keeps_the_context_small():
+    lines = [x for x in (checks.ROOT / ".dockerignore").read_text().splitlines() if x and not x.startswith("#")]
+    assert lines[0] == "*", "the build context is a whitelist"
+    for line in (checks.ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for path in line.split()[1:-1]:
+                assert f"!{path}" in lines, f".dockerignore leaves out {path}, which the Dockerfile copies"
+
+
+def test_docs_name_every_secret_and_autoscaler():
+    doc = (checks.ROOT / "docs" / "deploy.md").read_text()
+    for secret in yaml.safe_load((K8S_DIR / "required-secrets.yaml").read_text()):
+        assert secret in doc
+    for phrase in ("ongoing requests", "pending", "CPU", "held_kv_bytes", "allkeys-lru"):
+        assert phrase in doc
