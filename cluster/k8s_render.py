@@ -14,6 +14,8 @@ overlays use, with kustomize's meaning:
 Strategic merge here merges mappings recursively, merges lists of mappings by their `name`
 (containers, env, volumes, ports, volumeMounts...), honours `$patch: delete` on a list item,
 and replaces every other list: what Kubernetes' own merge keys do for the fields we patch.
+(For custom resources kustomize falls back to a JSON merge patch, which replaces lists: the
+RayService patches here therefore never carry a list.)
 
 `sync` writes the generated `serve-config.patch.yaml` of each kustomization that has one, from
 the HEADWISE_ settings of the ConfigMap that kustomization renders: the Serve application in
