@@ -158,7 +158,8 @@ class SegmentHeader:
     layers: tuple[LayerShape, ...]
     total_bytes: int
     chunk_size: int
-    chunks: tuple[tuple[int, int], ...]  # (payload length, crc32) per chunk
+    chunks: tuple[tuple[int, int], ...]  # (payload length, crc32) per chunk; crc as 8 hex digits, so the
+    # header's size depends on the cache's shape only
 
     @property
     def num_chunks(self) -> int:
@@ -169,7 +170,7 @@ class SegmentHeader:
             "segment_id": self.segment_id.hex(), "dtype": _DTYPE_NAMES[self.dtype], "head_dim": self.head_dim,
             "seq_len": self.seq_len, "start": self.start, "meta": self.meta,
             "layers": [[s.num_heads, s.rows, s.groups, s.recall_rows, s.has_recall, s.recall_data] for s in self.layers],
-            "total_bytes": self.total_bytes, "chunk_size": self.chunk_size, "chunks": [list(c) for c in self.chunks],
+            "total_bytes": self.total_bytes, "chunk_size": self.chunk_size, "chunks": [[n, f"{c:08x}"] for n, c in self.chunks],
         }, sort_keys=True, separators=(",", ":")).encode()
         head = _HEADER_PREFIX.pack(b"HWKH", CODEC_VERSION, 0, len(body)) + body
         return head + hashlib.blake2b(head, digest_size=_DIGEST).digest()
@@ -204,7 +205,7 @@ def _header_from_body(b: dict) -> SegmentHeader:
         segment_id=bytes.fromhex(b["segment_id"]), dtype=_DTYPES[b["dtype"]], head_dim=int(b["head_dim"]),
         seq_len=int(b["seq_len"]), start=int(b["start"]), meta=b["meta"], layers=layers,
         total_bytes=int(b["total_bytes"]), chunk_size=int(b["chunk_size"]),
-        chunks=tuple((int(n), int(c)) for n, c in b["chunks"]),
+        chunks=tuple((int(n), int(c, 16)) for n, c in b["chunks"]),
     )
     _, total = _layout(h.layers, h.head_dim, h.dtype)
     if total != h.total_bytes or sum(n for n, _ in h.chunks) != total or len(h.segment_id) != 16:

@@ -38,6 +38,7 @@ from services.kvstore.backend import BackendUnavailable, Limits, Manifest, Quota
 STAGING_TTL_MS = 3_600_000  # staged chunks of a put that never commits vanish after an hour
 FLUSH_BYTES = 4 << 20  # chunk bytes per pipelined write
 COMMIT_RETRIES = 50
+_CLEANUPS: set[asyncio.Task] = set()  # aborted puts still deleting their staged keys
 
 
 def _now_ms() -> int:
@@ -277,10 +278,18 @@ class _RedisWriter:
             pipe.pexpire(mkey, ttl_ms)
 
     async def abort(self):
-        """Delete whatever was staged (best effort: the staging TTL covers a dead Redis)."""
+        """Delete whatever was staged (best effort: the staging TTL covers a dead Redis).
+
+        Runs as its own task: the Put handler is usually being cancelled (client gone), and
+        the cleanup must finish even if that cancellation interrupts the wait for it."""
+        task = asyncio.ensure_future(self._cleanup())
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
+        await asyncio.shield(task)
+
+    async def _cleanup(self) -> None:
         task, self._inflight, self._pending = self._inflight, None, []
-        if task is not None:
-            task.cancel()
+        if task is not None:  # let a write in flight land first, so the delete below catches it
             await asyncio.gather(task, return_exceptions=True)
         st = self.store
         keys = [st._ckey(self.tenant, self.upload, i) for i in range(self.num_chunks)]
