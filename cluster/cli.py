@@ -83,13 +83,94 @@ def profile(
 
 @app.command("demo")
 def demo(
-    model: Optional[Path] = typer.Option(None, help="Model directory (default: the installed default model)."),
-    tokens: int = typer.Option(1500, help="Document length in tokens."),
+    tokens: int = typer.Option(1200, help="Document length in tokens."),
+    policy: str = typer.Option("razor", help="Compression policy of the document (see `headwise policies`)."),
+    kept: float = typer.Option(0.5, help="Kept fraction of the document's KV rows, in (0, 1]."),
+    engine: bool = typer.Option(False, help="Run the engine-only demo instead (no cluster)."),
 ) -> None:
-    """The main job: answer a question about a real document and print the figures."""
-    from cluster.engine_demo import run_engine_demo
+    """The main job: start the local cluster, ask about a real document from two sessions, show the figures."""
+    if engine:
+        from cluster.engine_demo import run_engine_demo
 
-    run_engine_demo(str(model) if model else None, tokens, console)
+        run_engine_demo(None, tokens, console)
+        return
+    from cluster.demo import run_demo
+    from headwise.policies import policy_names
+
+    run_demo(tokens, policy if policy in policy_names() else "", kept, console)
+
+
+@app.command("up")
+def up(
+    grpc_port: Optional[int] = typer.Option(None, help="Generate API port (default $HEADWISE_GRPC_PORT or 9000)."),
+    replicas: int = typer.Option(1, help="Most replicas per deployment (autoscaling ceiling on this machine)."),
+) -> None:
+    """Start the local cluster (Redis, kvstore, Ray Serve prefill + decode + gRPC proxy); Ctrl-C stops it."""
+    import time
+
+    from cluster.local import DEV_TENANTS, LocalCluster
+    from services.settings import get_settings
+
+    settings = get_settings()
+    if grpc_port is not None:
+        settings = settings.model_copy(update={"grpc_port": grpc_port})
+    cluster = LocalCluster(settings, ports="settings", max_replicas=replicas, log=lambda s: console.print(f"[dim]{s}[/]"))
+    try:
+        cluster.start()
+        for line in cluster.endpoints.lines():
+            console.print(line)
+        if not (settings.tenants_file or settings.tenants):
+            console.print("dev tenants: " + ", ".join(f"{t} (key {k})" for t, k in DEV_TENANTS.items()))
+        console.print(f"[green]ready[/]: headwise ask --addr {cluster.endpoints.grpc} --key acme-dev-key --context FILE \"question\"  (Ctrl-C stops)")
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping …")
+    finally:
+        cluster.stop()
+
+
+@app.command("ask")
+def ask(
+    question: str = typer.Argument(..., help="The question."),
+    context: Optional[Path] = typer.Option(None, help="File whose text is the document."),
+    policy: str = typer.Option("", help="Compression policy (default: the server's)."),
+    kept: float = typer.Option(0.0, help="Kept fraction in (0, 1] (0: the server's default)."),
+    key: str = typer.Option("acme-dev-key", envvar="HEADWISE_KEY", help="Tenant API key."),
+    addr: Optional[str] = typer.Option(None, help="host:port of the Generate API (default 127.0.0.1:$HEADWISE_GRPC_PORT)."),
+    answer_prefix: str = typer.Option("", help="Text the answer starts with."),
+    max_new_tokens: int = typer.Option(64, help="Most tokens to generate."),
+    session: str = typer.Option("", help="Session id: later turns of a session reuse the earlier ones."),
+    recall: bool = typer.Option(False, help="Recall merged tokens during decode."),
+) -> None:
+    """Ask the running service a question; tokens stream as they arrive, then a figures table."""
+    import asyncio
+
+    import grpc
+    from rich.table import Table
+
+    from cluster.client import HeadwiseClient
+    from services.settings import get_settings
+
+    addr = addr or f"127.0.0.1:{get_settings().grpc_port}"
+    text = context.read_text() if context else ""
+
+    async def run():
+        async with HeadwiseClient(addr, key) as c:
+            return await c.ask(question, text, on_text=lambda s: console.print(s, end="", markup=False, highlight=False),
+                               policy=policy, kept=kept, answer_prefix=answer_prefix, max_new_tokens=max_new_tokens,
+                               session_id=session, recall=recall)
+
+    try:
+        ans = asyncio.run(run())
+    except grpc.aio.AioRpcError as e:
+        console.print(f"[red]{e.code().name}[/]: {e.details()}")
+        raise typer.Exit(1) from None
+    console.print()
+    table = Table(show_header=False)
+    for k, v in ans.figures.items():
+        table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+    console.print(table)
 
 
 def main() -> None:  # pragma: no cover

@@ -24,7 +24,17 @@ from headwise.errors import InvalidInput
 from headwise.policies import Policy, get_policy, policy_names
 from headwise.policies.full import FullPolicy
 from headwise.prompt import build_segments
-from services.prefill.api import BYPASSED, PARTIAL, PRIVATE, REUSED, STORED, CacheHandle, PrefillRequest, ServiceError, invalid
+from services.prefill.api import (
+    BYPASSED,
+    PARTIAL,
+    PRIVATE,
+    REUSED,
+    STORED,
+    CacheHandle,
+    PrefillRequest,
+    ServiceError,
+    invalid,
+)
 
 log = logging.getLogger("headwise.prefill")
 

@@ -1,0 +1,128 @@
+"""`headwise demo`: the service end to end on one machine, readable in a terminal.
+
+Starts the local cluster, takes a real document (CPython's pydoc topics) with three facts
+inserted so answers can be checked, and asks questions from two separate client sessions
+(two connections) of one tenant, then once from another tenant. The first question
+compresses the document (cold); every later question of the same tenant reuses it from the
+KV store; the other tenant gets no reuse. Answers stream as they arrive; a figures table
+closes the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+
+from cluster.client import Answer, HeadwiseClient
+from cluster.engine_demo import insert_fact
+
+
+@dataclass(frozen=True)
+class Fact:
+    sentence: str
+    question: str
+    prefix: str
+    answer: str
+    depth: float
+
+
+FACTS = (
+    Fact("The access code for the Lisbon archive is 4817.", "What is the access code for the Lisbon archive?",
+         "The access code for the Lisbon archive is", "4817", 0.3),
+    Fact("The ferry to Tromso leaves from pier 12.", "From which pier does the ferry to Tromso leave?",
+         "The ferry to Tromso leaves from pier", "12", 0.6),
+    Fact("The museum's night guard is named Arvid.", "What is the name of the museum's night guard?",
+         "The museum's night guard is named", "Arvid", 0.85),
+)
+
+# (session label, tenant, fact index): session 2 is a second connection asking the same document
+PLAN = (("session 1", "acme", 0), ("session 1", "acme", 1), ("session 2", "acme", 0), ("session 2", "acme", 2),
+        ("other tenant", "globex", 0))
+
+
+def demo_document(tokens: int) -> str:
+    from transformers import AutoTokenizer
+
+    from headwise.documents import document_tokens
+    from headwise.models import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(None))
+    doc = document_tokens(tok, tokens)
+    for f in FACTS:
+        doc = insert_fact(doc, f.sentence, f.depth)
+    return doc
+
+
+async def ask_plan(addr: str, keys: dict[str, str], doc: str, policy: str, kept: float, console: Console) -> list[dict]:
+    clients: dict[str, HeadwiseClient] = {}
+    rows = []
+    try:
+        for label, tenant, i in PLAN:
+            fact = FACTS[i]
+            client = clients.get(label) or clients.setdefault(label, HeadwiseClient(addr, keys[tenant], tenant))
+            console.print(f"\n[bold cyan]{label}[/] ({tenant}) [bold]Q:[/] {fact.question}")
+            console.print(f"  [bold]A:[/] [dim]{fact.prefix}[/]", end="")
+            ans: Answer = await client.ask(
+                fact.question, doc, answer_prefix=" " + fact.prefix, policy=policy, kept=kept,
+                max_new_tokens=10, stop=[".", "\n"], on_text=lambda s: console.print(s, end="", markup=False, highlight=False),
+            )
+            console.print()
+            rows.append({"session": label, "tenant": tenant, "question": fact.question, "answer": ans.text.strip(),
+                         "ok": fact.answer in ans.text, **ans.figures})
+    finally:
+        for c in clients.values():
+            await c.close()
+    return rows
+
+
+def figures_table(rows: list[dict]) -> Table:
+    t = Table(title="headwise service: one document, two sessions, two tenants")
+    for col in ("session", "tenant", "store", "reused tok", "prompt tok", "TTFT s", "decode tok/s", "full KV", "held KV",
+                "kept", "answer", "ok"):
+        t.add_column(col, justify="right" if col not in ("session", "tenant", "store", "answer") else "left")
+    for r in rows:
+        t.add_row(r["session"], r["tenant"], r["store_status"], str(r["reused_tokens"]), str(r["prompt_tokens"]),
+                  f"{r['ttft_s']:.2f}", f"{r['decode_tok_s']:.1f}", _mb(r["full_kv_bytes"]), _mb(r["held_kv_bytes"]),
+                  f"{r['realised_kept']:.2f}", r["answer"][:24], "yes" if r["ok"] else "no")
+    return t
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def summary(rows: list[dict]) -> str:
+    cold = [r["ttft_s"] for r in rows if r["store_status"] == "stored"]
+    warm = [r["ttft_s"] for r in rows if r["store_status"] == "reused"]
+    same = [r["answer"] for r in rows if r["tenant"] == "acme" and r["question"] == FACTS[0].question]
+    lines = []
+    if cold and warm:
+        lines.append(f"cold TTFT {sum(cold) / len(cold):.2f} s vs reused {sum(warm) / len(warm):.2f} s "
+                     f"({sum(cold) / len(cold) / max(1e-9, sum(warm) / len(warm)):.0f}x faster)")
+    if rows:
+        lines.append(f"KV cache held {_mb(rows[0]['held_kv_bytes'])} of {_mb(rows[0]['full_kv_bytes'])} "
+                     f"({rows[0]['policy']})")
+    if len(same) == 2:
+        lines.append("the same question from two sessions: " + ("identical answers" if same[0] == same[1] else "DIFFERENT answers"))
+    lines.append(f"{sum(r['ok'] for r in rows)}/{len(rows)} answers contain the inserted fact")
+    return "\n".join(lines)
+
+
+def run_demo(tokens: int = 1200, policy: str = "razor", kept: float = 0.5, console: Console | None = None) -> list[dict]:
+    from cluster.local import DEV_TENANTS, LocalCluster
+
+    console = console or Console()
+    console.print(f"[bold]document[/]: CPython pydoc topics, about {tokens} tokens, three facts inserted")
+    doc = demo_document(tokens)
+    with LocalCluster(log=lambda s: console.print(f"[dim]{s}[/]")) as cluster:
+        for line in cluster.endpoints.lines():
+            console.print(f"[dim]  {line}[/]")
+        rows = asyncio.run(ask_plan(cluster.endpoints.grpc, DEV_TENANTS, doc, policy, kept, console))
+        console.print()
+        console.print(figures_table(rows))
+        console.print(summary(rows))
+        console.print("[dim]stopping the local cluster …[/]")
+    return rows
