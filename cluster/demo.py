@@ -39,8 +39,8 @@ FACTS = (
 )
 
 # (session label, tenant, fact index): session 2 is a second connection asking the same document
-PLAN = (("session 1", "acme", 0), ("session 1", "acme", 1), ("session 2", "acme", 0), ("session 2", "acme", 2),
-        ("other tenant", "globex", 0))
+PLAN = (("session 1", "acme", 1), ("session 1", "acme", 2), ("session 2", "acme", 1), ("session 2", "acme", 0),
+        ("other tenant", "globex", 1))
 
 
 def demo_document(tokens: int) -> str:
@@ -79,25 +79,26 @@ async def ask_plan(addr: str, keys: dict[str, str], doc: str, policy: str, kept:
 
 
 def figures_table(rows: list[dict]) -> Table:
-    t = Table(title="headwise service: one document, two sessions, two tenants")
-    for col in ("session", "tenant", "store", "reused tok", "prompt tok", "TTFT s", "decode tok/s", "full KV", "held KV",
-                "kept", "answer", "ok"):
-        t.add_column(col, justify="right" if col not in ("session", "tenant", "store", "answer") else "left")
+    policy = rows[0]["policy"].split("(")[0] if rows else ""
+    t = Table(title=f"figures ({policy}, kept {rows[0]['realised_kept']:.2f} realised)" if rows else "figures")
+    for col in ("who", "store", "reused", "TTFT s", "tok/s", "held / full KV", "answer", "ok"):
+        t.add_column(col, justify="left" if col in ("who", "store", "answer") else "right")
     for r in rows:
-        t.add_row(r["session"], r["tenant"], r["store_status"], str(r["reused_tokens"]), str(r["prompt_tokens"]),
-                  f"{r['ttft_s']:.2f}", f"{r['decode_tok_s']:.1f}", _mb(r["full_kv_bytes"]), _mb(r["held_kv_bytes"]),
-                  f"{r['realised_kept']:.2f}", r["answer"][:24], "yes" if r["ok"] else "no")
+        who = f"{r['session'].replace('session ', 's').replace('other tenant', 'other')}/{r['tenant']}"
+        t.add_row(who, r["store_status"], f"{r['reused_tokens']}/{r['prompt_tokens']}", f"{r['ttft_s']:.2f}",
+                  f"{r['decode_tok_s']:.1f}", f"{_mb(r['held_kv_bytes'])} / {_mb(r['full_kv_bytes'])}",
+                  r["answer"][:12], "yes" if r["ok"] else "no")
     return t
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e6:.1f}MB"
 
 
 def summary(rows: list[dict]) -> str:
     cold = [r["ttft_s"] for r in rows if r["store_status"] == "stored"]
     warm = [r["ttft_s"] for r in rows if r["store_status"] == "reused"]
-    same = [r["answer"] for r in rows if r["tenant"] == "acme" and r["question"] == FACTS[0].question]
+    same = [r["answer"] for r in rows if r["tenant"] == "acme" and r["question"] == FACTS[PLAN[0][2]].question]
     lines = []
     if cold and warm:
         lines.append(f"cold TTFT {sum(cold) / len(cold):.2f} s vs reused {sum(warm) / len(warm):.2f} s "
