@@ -1,0 +1,170 @@
+"""KV store benchmark: put/get of a real cache through the service vs raw redis-py on the same Redis.
+
+    python -m bench.kvstore --json bench/results/kvstore.json
+
+A 2,000-token real document (CPython's pydoc topics) is prefilled by the default model; its
+cache (full, and streaming at kept 0.25) is put and fetched through the KV store on loopback
+(client encode -> gRPC stream -> server -> pipelined Redis writes; and back, decode included),
+and the same bytes are SET/GET as one value with redis-py on the same Redis: the floor on
+this machine. MB/s are of wire bytes (codec header + chunk frames), 1 MB = 1e6 bytes; each
+figure is the median over the repeats. Target: ratio service/raw >= 0.7 for put and get.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from headwise.cache.codec import encode
+from headwise.cache.compact import CompactCache
+from headwise.documents import document_tokens
+from headwise.models import ModelRunner, resolve_model_path
+from headwise.policies import get_policy
+from services.kvstore.client import KVStoreClient
+from services.kvstore.redis_proc import start_redis
+from services.kvstore.server import close_server, create_server, start_server
+from services.kvstore.settings import KVStoreSettings
+
+TOKEN = "bench-token"
+
+
+def real_caches(model: str | None, tokens: int, kept: float) -> dict[str, CompactCache]:
+    runner = ModelRunner.from_pretrained(resolve_model_path(model))
+    tok = runner.tokenizer
+    ids = tok(document_tokens(tok, tokens + 50), add_special_tokens=False).input_ids[:tokens]
+    full = runner.prefill_segment(ids).segment
+    streaming = runner.prefill_segment(ids, policy=get_policy("streaming", kept=kept)).segment
+    return {"full": full, f"streaming_{kept:g}": streaming}
+
+
+def _median_rate(nbytes: int, times: list[float]) -> float:
+    return nbytes / statistics.median(times) / 1e6
+
+
+async def _time(fn, repeats: int) -> list[float]:
+    out = []
+    for i in range(repeats):
+        t = time.perf_counter()
+        await fn(i)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+async def bench_service(client: KVStoreClient, name: str, cache: CompactCache, repeats: int) -> dict:
+    seg = encode(cache, include_recall=False)
+    nbytes = seg.nbytes
+
+    async def put(i: int) -> None:
+        await client.put(f"{name}-{i}", cache)
+
+    async def get(i: int) -> None:
+        assert await client.get(f"{name}-{i}") is not None
+
+    async def put_raw_bytes(i: int) -> None:
+        await client.put_encoded(f"{name}-enc-{i}", seg)
+
+    async def get_raw_bytes(i: int) -> None:
+        assert await client.get_encoded(f"{name}-enc-{i}") is not None
+
+    put_t = await _time(put, repeats)
+    get_t = await _time(get, repeats)
+    put_b = await _time(put_raw_bytes, repeats)
+    get_b = await _time(get_raw_bytes, repeats)
+    for i in range(repeats):
+        await client.delete(f"{name}-{i}")
+        await client.delete(f"{name}-enc-{i}")
+    return {"wire_bytes": nbytes, "chunks": len(seg.chunks), "held_kv_bytes": cache.nbytes,
+            "put_mb_s": _median_rate(nbytes, put_t), "get_mb_s": _median_rate(nbytes, get_t),
+            "put_bytes_only_mb_s": _median_rate(nbytes, put_b), "get_bytes_only_mb_s": _median_rate(nbytes, get_b)}
+
+
+def bench_raw(url: str, cache: CompactCache, repeats: int) -> dict:
+    seg = encode(cache, include_recall=False)
+    blob = seg.header + b"".join(seg.chunks)
+    r = redis.Redis.from_url(url)
+    set_t, get_t = [], []
+    for i in range(repeats):
+        t = time.perf_counter()
+        r.set(f"raw-{i}", blob)
+        set_t.append(time.perf_counter() - t)
+    for i in range(repeats):
+        t = time.perf_counter()
+        assert len(r.get(f"raw-{i}")) == len(blob)
+        get_t.append(time.perf_counter() - t)
+    r.delete(*[f"raw-{i}" for i in range(repeats)])
+    r.close()
+    return {"raw_set_mb_s": _median_rate(len(blob), set_t), "raw_get_mb_s": _median_rate(len(blob), get_t)}
+
+
+async def run_async(caches: dict[str, CompactCache], repeats: int) -> dict:
+    proc = start_redis()
+    try:
+        settings = KVStoreSettings(service_token=TOKEN, redis_url=proc.url, metrics_enabled=False,
+                                   tenant_quota_bytes=0, tenant_ttl_s=0, redis_deadline_s=30)
+        server, port = create_server("127.0.0.1:0", settings)
+        await start_server(server)
+        client = KVStoreClient(f"127.0.0.1:{port}", TOKEN, "bench", timeout_s=60)
+        out = {}
+        try:
+            for name, cache in caches.items():
+                row = await bench_service(client, name, cache, repeats)
+                row.update(await asyncio.to_thread(bench_raw, proc.url, cache, repeats))
+                row["ratio_put"] = row["put_mb_s"] / row["raw_set_mb_s"]
+                row["ratio_get"] = row["get_mb_s"] / row["raw_get_mb_s"]
+                out[name] = row
+        finally:
+            await client.close()
+            await close_server(server)
+        return out
+    finally:
+        proc.stop()
+
+
+def table(results: dict) -> Table:
+    t = Table(title="KV store on loopback vs raw redis-py SET/GET (MB/s, median)")
+    for col in ("cache", "wire MB", "chunks", "put", "get", "raw SET", "raw GET", "put/raw", "get/raw",
+                "put bytes-only", "get bytes-only"):
+        t.add_column(col, justify="right")
+    for name, r in results.items():
+        t.add_row(name, f"{r['wire_bytes'] / 1e6:.1f}", str(r["chunks"]), f"{r['put_mb_s']:.0f}", f"{r['get_mb_s']:.0f}",
+                  f"{r['raw_set_mb_s']:.0f}", f"{r['raw_get_mb_s']:.0f}", f"{r['ratio_put']:.2f}", f"{r['ratio_get']:.2f}",
+                  f"{r['put_bytes_only_mb_s']:.0f}", f"{r['get_bytes_only_mb_s']:.0f}")
+    return t
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--model", default=None, help="model directory (default: the installed default model)")
+    ap.add_argument("--tokens", type=int, default=2000)
+    ap.add_argument("--kept", type=float, default=0.25)
+    ap.add_argument("--repeats", type=int, default=5)
+    a = ap.parse_args(argv)
+    console = Console()
+    with console.status("prefilling the document"):
+        caches = real_caches(a.model, a.tokens, a.kept)
+    results = asyncio.run(run_async(caches, a.repeats))
+    console.print(table(results))
+    full = results["full"]
+    doc = {k: full[k] for k in ("put_mb_s", "get_mb_s", "raw_set_mb_s", "raw_get_mb_s", "ratio_get", "ratio_put")}
+    doc.update({"caches": results, "tokens": a.tokens, "kept": a.kept, "repeats": a.repeats,
+                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                "note": "top-level figures are the full cache; MB = 1e6 bytes of codec wire bytes; put/get include "
+                        "encode/decode; *_bytes_only skip them"})
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(doc, indent=2))
+        console.print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()
