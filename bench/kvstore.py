@@ -4,7 +4,8 @@
 
 A 2,000-token real document (CPython's pydoc topics) is prefilled by the default model; its
 cache (full, and streaming at kept 0.25) is put and fetched through the KV store on loopback
-(client encode -> gRPC stream -> server -> pipelined Redis writes; and back, decode included),
+(client encode -> gRPC stream -> server process -> pipelined Redis writes; and back, decode
+included; the server runs as `python -m services.kvstore` in its own process, as deployed),
 and the same bytes are SET/GET as one value with redis-py on the same Redis: the floor on
 this machine. MB/s are of wire bytes (codec header + chunk frames), 1 MB = 1e6 bytes; each
 figure is the median over the repeats. Target: ratio service/raw >= 0.7 for put and get.
@@ -15,8 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,10 +33,8 @@ from headwise.cache.compact import CompactCache
 from headwise.documents import document_tokens
 from headwise.models import ModelRunner, resolve_model_path
 from headwise.policies import get_policy
-from services.kvstore.client import KVStoreClient
-from services.kvstore.redis_proc import start_redis
-from services.kvstore.server import close_server, create_server, start_server
-from services.kvstore.settings import KVStoreSettings
+from services.kvstore.client import KVStoreClient, StoreError
+from services.kvstore.redis_proc import free_port, start_redis
 
 TOKEN = "bench-token"
 
@@ -105,28 +107,49 @@ def bench_raw(url: str, cache: CompactCache, repeats: int) -> dict:
     return {"raw_set_mb_s": _median_rate(len(blob), set_t), "raw_get_mb_s": _median_rate(len(blob), get_t)}
 
 
+def start_store(redis_url: str) -> tuple[subprocess.Popen, int]:
+    """The store in its own process, as deployed (client and server do not share a GIL)."""
+    port = free_port()
+    env = {**os.environ, "HEADWISE_SERVICE_TOKEN": TOKEN, "HEADWISE_TENANT_QUOTA_BYTES": "0",
+           "HEADWISE_TENANT_TTL_S": "0", "HEADWISE_REDIS_DEADLINE_S": "30"}
+    proc = subprocess.Popen([sys.executable, "-m", "services.kvstore", "--host", "127.0.0.1", "--port", str(port),
+                             "--redis-url", redis_url, "--no-metrics"], env=env)
+    return proc, port
+
+
+async def wait_ready(client: KVStoreClient, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            await client.stats()
+            return
+        except StoreError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
 async def run_async(caches: dict[str, CompactCache], repeats: int) -> dict:
-    proc = start_redis()
+    redis_proc = start_redis()
+    store, port = start_store(redis_proc.url)
     try:
-        settings = KVStoreSettings(service_token=TOKEN, redis_url=proc.url, metrics_enabled=False,
-                                   tenant_quota_bytes=0, tenant_ttl_s=0, redis_deadline_s=30)
-        server, port = create_server("127.0.0.1:0", settings)
-        await start_server(server)
         client = KVStoreClient(f"127.0.0.1:{port}", TOKEN, "bench", timeout_s=60)
+        await wait_ready(client, store)
         out = {}
         try:
             for name, cache in caches.items():
                 row = await bench_service(client, name, cache, repeats)
-                row.update(await asyncio.to_thread(bench_raw, proc.url, cache, repeats))
+                row.update(await asyncio.to_thread(bench_raw, redis_proc.url, cache, repeats))
                 row["ratio_put"] = row["put_mb_s"] / row["raw_set_mb_s"]
                 row["ratio_get"] = row["get_mb_s"] / row["raw_get_mb_s"]
                 out[name] = row
         finally:
             await client.close()
-            await close_server(server)
         return out
     finally:
-        proc.stop()
+        store.terminate()
+        store.wait(10)
+        redis_proc.stop()
 
 
 def table(results: dict) -> Table:

@@ -238,13 +238,10 @@ def encode(cache: CompactCache, *, include_recall: bool = True, chunk_size: int 
         raise CodecError(f"dtype {dtype} is not supported; allowed: {', '.join(_DTYPES)}")
     shapes = [_layer_shape(layer, include_recall) for layer in cache.layers]
     fields, total = _layout(shapes, head_dim, dtype)
-    payload = bytearray(total)
-    flat = torch.frombuffer(payload, dtype=torch.uint8) if total else torch.empty(0, dtype=torch.uint8)
     tensors = [_layer_tensors(layer, include_recall) for layer in cache.layers]
-    for f in fields:
-        _write_field(flat, f, tensors[f.layer][f.name])
+    pieces = _pieces(fields, total, tensors)
     segment_id = os.urandom(16)
-    frames, crcs = _frames(memoryview(payload), segment_id, chunk_size)
+    frames, crcs = _frames(pieces, total, segment_id, chunk_size)
     try:
         meta = json.loads(json.dumps(cache.meta))
     except (TypeError, ValueError) as e:
@@ -254,23 +251,48 @@ def encode(cache: CompactCache, *, include_recall: bool = True, chunk_size: int 
     return EncodedSegment(header.to_bytes(), frames)
 
 
-def _write_field(flat: Tensor, f: Field, t: Tensor) -> None:
-    if tuple(t.shape) != f.shape or t.dtype != f.dtype:
-        raise CodecError(f"layer {f.layer} {f.name}: {tuple(t.shape)} {t.dtype}, expected {f.shape} {f.dtype}")
-    if f.nbytes:
-        src = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        flat[f.offset : f.offset + f.nbytes].copy_(src)
+def _pieces(fields: list[Field], total: int, tensors: list[dict[str, Tensor]]) -> list[memoryview]:
+    """The payload as views of the tensors' own memory plus zero padding: no staging copy."""
+    out: list[memoryview] = []
+    pos = 0
+    for f in fields:
+        t = tensors[f.layer][f.name]
+        if tuple(t.shape) != f.shape or t.dtype != f.dtype:
+            raise CodecError(f"layer {f.layer} {f.name}: {tuple(t.shape)} {t.dtype}, expected {f.shape} {f.dtype}")
+        if f.offset > pos:
+            out.append(memoryview(bytes(f.offset - pos)))
+        if f.nbytes:
+            out.append(memoryview(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()))
+        pos = f.offset + f.nbytes
+    if total > pos:
+        out.append(memoryview(bytes(total - pos)))
+    return out
 
 
-def _frames(payload: memoryview, segment_id: bytes, chunk_size: int) -> tuple[list[bytes], list[tuple[int, int]]]:
-    n = max(1, -(-len(payload) // chunk_size))
+def _frames(pieces: list[memoryview], total: int, segment_id: bytes, chunk_size: int) -> tuple[list[bytes], list[tuple[int, int]]]:
+    """Cut the payload into frames; each frame's bytes are copied once, straight from the tensors."""
+    n = max(1, -(-total // chunk_size))
     frames, crcs = [], []
+    queue = iter(pieces)
+    cur, at = memoryview(b""), 0
     for i in range(n):
-        part = payload[i * chunk_size : (i + 1) * chunk_size]
-        prefix = _FRAME.pack(b"HWKC", CODEC_VERSION, segment_id, i, n, len(part), 0)[:_FRAME_CRC_AT]
-        crc = zlib.crc32(part, zlib.crc32(prefix))
-        frames.append(b"".join((prefix, crc.to_bytes(4, "little"), part)))
-        crcs.append((len(part), crc))
+        need = min(chunk_size, total - i * chunk_size)
+        parts: list[memoryview] = []
+        while need > 0:
+            if at == len(cur):
+                cur, at = next(queue), 0
+                continue
+            take = min(need, len(cur) - at)
+            parts.append(cur[at : at + take])
+            at += take
+            need -= take
+        length = sum(len(p) for p in parts)
+        prefix = _FRAME.pack(b"HWKC", CODEC_VERSION, segment_id, i, n, length, 0)[:_FRAME_CRC_AT]
+        crc = zlib.crc32(prefix)
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+        frames.append(b"".join((prefix, crc.to_bytes(4, "little"), *parts)))
+        crcs.append((length, crc))
     return frames, crcs
 
 
