@@ -41,6 +41,7 @@ test-fast: venv
 bench: venv
 	mkdir -p bench/results
 	$(BIN)/python -m bench.engine --json bench/results/engine.json
+	$(BIN)/python -m bench.kvstore --json bench/results/kvstore.json
 
 proto: venv
 	$(BIN)/python -m services.protos.build  # -> services/protos/headwise/v1/*_pb2*.py (imports rewritten)
