@@ -48,7 +48,8 @@ class Decode:
             if err is not None:
                 raise err from None
             log.exception("prefill failed")
-            raise ServiceError("INTERNAL", f"prefill failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+            cause = getattr(e, "cause", None) or e
+            raise ServiceError("INTERNAL", f"prefill failed: {type(cause).__name__}: {str(cause).splitlines()[-1][:200] if str(cause) else ''}") from None
 
     async def Generate(self, request, grpc_context):  # noqa: N802 - the gRPC method name
         metadata = dict(grpc_context.invocation_metadata())

@@ -81,7 +81,9 @@ class StoreClients:
 
     def check(self) -> None:
         if time.monotonic() < self._down_until:
-            raise self.errors[1](f"kvstore at {self.addr} was unreachable moments ago; bypassing it")
+            import grpc
+
+            raise self.errors[1](grpc.StatusCode.UNAVAILABLE, f"kvstore at {self.addr} was unreachable moments ago; bypassing it")
 
     def trip(self) -> None:
         self._down_until = time.monotonic() + self.cooldown_s

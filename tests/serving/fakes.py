@@ -4,7 +4,9 @@ from __future__ import annotations
 
 
 class StoreError(Exception):
-    pass
+    def __init__(self, code, message: str):  # the real client's signature
+        super().__init__(f"{code}: {message}")
+        self.code = code
 
 
 class StoreUnavailable(StoreError):
@@ -23,14 +25,14 @@ class MemoryStoreClient:
 
     def _check(self):
         if self.flags.get("down"):
-            raise StoreUnavailable("store is down")
+            raise StoreUnavailable("UNAVAILABLE", "store is down")
 
     async def put(self, key, cache):
         self._check()
         quota = self.flags.get("quota")
         used = sum(c.nbytes for (t, _), c in self.data.items() if t == self.tenant)
         if quota is not None and used + cache.nbytes > quota:
-            raise QuotaExceeded(f"{used + cache.nbytes} > {quota}")
+            raise QuotaExceeded("RESOURCE_EXHAUSTED", f"{used + cache.nbytes} > {quota}")
         self.data[(self.tenant, key)] = cache.clone()
         self.flags["puts"] = self.flags.get("puts", 0) + 1
         return cache.nbytes

@@ -1,0 +1,138 @@
+"""Through the real gRPC port of a locally started Ray Serve app (slow: real model, Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from cluster.client import HeadwiseClient
+from cluster.engine_demo import PREFIX, QUESTION
+from tests.e2e.conftest import TENANTS
+
+pytestmark = pytest.mark.slow
+
+ASK = {"answer_prefix": " " + PREFIX, "max_new_tokens": 8, "policy": "full"}
+
+
+async def drain(call) -> list:
+    out = []
+    while (m := await call.read()) is not grpc.aio.EOF:
+        out.append(m)
+    return out
+
+
+def client(cluster, tenant="acme", key=None) -> HeadwiseClient:
+    return HeadwiseClient(cluster.endpoints.grpc, key or TENANTS[tenant])
+
+
+async def test_tokens_stream_before_the_answer_is_complete(cluster, document):
+    async with client(cluster) as c:
+        call = c.stream("Count from one to one hundred in words.", document, max_new_tokens=40, policy="streaming")
+        first = await call.read()
+        assert first.HasField("delta")
+        stats = await asyncio.to_thread(cluster.decode_stats)
+        rec = stats["recent"][-1]
+        assert stats["active"] == 1 and not rec["finished"] and rec["tokens"] < 40
+        rest = await drain(call)
+    assert rest[-1].HasField("figures") and sum(m.HasField("delta") for m in rest) >= 1
+
+
+async def test_second_session_reuses_and_answers_identically(cluster, document):
+    async with client(cluster) as a:
+        cold = await a.ask(QUESTION, document, **ASK)
+    async with client(cluster) as b:  # another connection: nothing shared but the tenant
+        warm = await b.ask(QUESTION, document, **ASK)
+    assert cold.figures["store_status"] == "stored" and cold.figures["reused_tokens"] == 0
+    assert warm.figures["store_status"] == "reused"
+    context_tokens = warm.figures["prompt_tokens"] - warm.figures["reused_tokens"]
+    assert 0 < context_tokens < 40  # only the question was prefilled
+    assert warm.token_ids == cold.token_ids and warm.text == cold.text
+    assert "4817" in cold.text
+
+
+async def test_other_tenant_gets_no_reuse(cluster, document):
+    async with client(cluster, "acme") as a:
+        await a.ask(QUESTION, document, **ASK)
+    async with client(cluster, "globex") as g:
+        other = await g.ask(QUESTION, document, **ASK)
+    assert other.figures["reused_tokens"] == 0 and other.figures["store_status"] == "stored"
+
+
+async def status_of(cluster, key="acme-key", context="", **fields) -> grpc.aio.AioRpcError:
+    async with client(cluster, key=key) as c:
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            await c.ask(fields.pop("prompt", "What?"), context, **fields)
+    return e.value
+
+
+async def test_wrong_key_is_unauthenticated(cluster):
+    e = await status_of(cluster, key="not-a-key")
+    assert e.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_bad_input_is_invalid_argument(cluster):
+    e = await status_of(cluster, policy="no-such-policy")
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "streaming" in e.details() and "full" in e.details()
+    e = await status_of(cluster, policy="streaming", kept=1.5)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "(0, 1]" in e.details()
+    e = await status_of(cluster, context="word " * 3000)
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "1500" in e.details()
+
+
+async def test_limits_are_resource_exhausted(cluster, document):
+    e = await status_of(cluster, key="small-key", context=document, policy="streaming")  # quota of 1000 bytes
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    async with client(cluster, "solo") as c:  # one stream at a time
+        call = c.stream("Count from one to one hundred.", "", max_new_tokens=40)
+        assert (await call.read()).HasField("delta")
+        e = await status_of(cluster, key="solo-key")
+        call.cancel()
+    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 1" in e.details()
+
+
+async def test_cancellation_stops_decoding(cluster):
+    async with client(cluster) as c:
+        call = c.stream("Count from one to five hundred in words.", "", max_new_tokens=200, policy="full")
+        for _ in range(2):
+            await call.read()
+        call.cancel()
+    for _ in range(100):  # the server notices within a decode step or two
+        stats = await asyncio.to_thread(cluster.decode_stats)
+        if stats["active"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    rec = [r for r in stats["recent"] if r["max_new_tokens"] == 200][-1]
+    assert stats["active"] == 0 and rec["cancelled"] and not rec["finished"] and rec["tokens"] < 200
+
+
+async def test_corrupt_segment_is_recomputed(cluster, document):
+    import redis.asyncio as redis
+
+    async with client(cluster) as c:
+        ref = await c.ask(QUESTION, document, **ASK)
+        r = redis.from_url(cluster.endpoints.redis)
+        chunks = [k async for k in r.scan_iter("hw:acme:c:*")]
+        assert chunks
+        for k in chunks:  # flip bytes in the middle of every stored chunk
+            n = await r.strlen(k)
+            await r.setrange(k, n // 2, b"\xff\x00\xff\x00")
+        await r.aclose()
+        again = await c.ask(QUESTION, document, **ASK)
+    assert again.token_ids == ref.token_ids
+    assert again.figures["reused_tokens"] == 0 and again.figures["store_status"] == "stored"
+
+
+async def test_killing_kvstore_still_answers(cluster, document):
+    async with client(cluster) as c:
+        call = c.stream(QUESTION, document + "\nA second copy.", **ASK)
+        cluster.stop_kvstore()  # mid-run: the request was just sent
+        msgs = [m async for m in call]
+        after = await c.ask(QUESTION, document, **ASK)
+    try:
+        assert msgs[-1].figures.store_status in ("bypassed", "stored")
+        assert after.figures["store_status"] == "bypassed" and "4817" in after.text
+    finally:
+        cluster.start_kvstore()
