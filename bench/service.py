@@ -1,0 +1,132 @@
+"""Service benchmark: `python -m bench.service --json PATH` (a local cluster, the default model).
+
+Measured through the real gRPC port, client side:
+  ttft_cold_s     first token of a 2,000-token document nobody asked about before
+  ttft_reused_s   the same document asked again from a new connection (its prefill is reused)
+  service_tok_s   decode tokens/s seen by the client (first to last token) vs
+  inprocess_tok_s the same prompt, cache and sampling decoded by a ModelRunner in this process
+  wire_bytes      bytes of cache that crossed the network for the cold request, vs full_kv_bytes
+  concurrent_*    16 streams from 4 tenants at once: how many completed, p50/p95 TTFT
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from cluster.client import Answer, HeadwiseClient
+from cluster.engine_demo import FACT, PREFIX, QUESTION, insert_fact
+
+TENANTS = {"acme": "acme-bench", "globex": "globex-bench", "initech": "initech-bench", "umbrella": "umbrella-bench"}
+LONG = "Write out, in words, every number from one to two hundred, separated by commas."
+
+
+async def timed_ask(addr: str, key: str, prompt: str, doc: str, **opts) -> tuple[Answer, float]:
+    """Answer plus the client-side decode rate (tokens after the first / time since the first)."""
+    stamps: list[float] = []
+    async with HeadwiseClient(addr, key) as c:
+        ans = await c.ask(prompt, doc, on_text=lambda s: stamps.append(time.perf_counter()), **opts)
+    rate = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 and stamps[-1] > stamps[0] else 0.0
+    return ans, rate
+
+
+def inprocess_rate(doc: str, policy: str, kept: float, n_tokens: int) -> tuple[float, int]:
+    from headwise.models import ModelRunner, SamplingParams, resolve_model_path
+    from headwise.policies import get_policy
+    from headwise.prompt import build_segments
+
+    runner = ModelRunner.from_pretrained(resolve_model_path(None))
+    seg = build_segments(runner.tokenizer, doc, LONG)
+    pol = get_policy(policy, kept=kept)
+    ctx = runner.prefill_segment(seg.context, policy=pol)
+    q = runner.prefill_segment(seg.question, ctx.segment)
+    stamps = []
+    for _ in runner.generate(q.cache, q.logits, SamplingParams(max_new_tokens=n_tokens)):
+        stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), len(stamps)
+
+
+async def concurrent(addr: str, doc: str, opts: dict) -> list[Answer | BaseException]:
+    jobs = [timed_ask(addr, key, QUESTION, doc, answer_prefix=" " + PREFIX, max_new_tokens=16, **opts)
+            for key in TENANTS.values() for _ in range(4)]
+    res = await asyncio.gather(*jobs, return_exceptions=True)
+    return [r[0] if isinstance(r, tuple) else r for r in res]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else 0.0
+
+
+def run(tokens: int, policy: str, kept: float, decode_tokens: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from cluster.local import LocalCluster
+    from headwise.documents import document_tokens
+    from headwise.models import resolve_model_path
+    from headwise.policies import policy_names
+    from services.settings import Settings
+
+    policy = policy if policy in policy_names() else "streaming"
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(None))
+    doc = insert_fact(document_tokens(tok, tokens), FACT, 0.5)
+    opts = {"policy": policy, "kept": kept}
+    out: dict = {"policy": policy, "kept": kept, "document_tokens": tokens}
+    settings = Settings(tenant_max_streams=8)
+    with LocalCluster(settings, tenants=TENANTS, log=lambda s: print(s, flush=True)) as cluster:
+        addr, key = cluster.endpoints.grpc, TENANTS["acme"]
+        cold, _ = asyncio.run(timed_ask(addr, key, QUESTION, doc, answer_prefix=" " + PREFIX, max_new_tokens=8, **opts))
+        warm, _ = asyncio.run(timed_ask(addr, key, QUESTION, doc, answer_prefix=" " + PREFIX, max_new_tokens=8, **opts))
+        print(f"cold: {cold.text!r} {cold.figures}\nreused: {warm.text!r} {warm.figures}", flush=True)
+        asyncio.run(timed_ask(addr, key, LONG, doc, max_new_tokens=2, **opts))  # store the document for LONG's chain
+        long_ans, service_rate = asyncio.run(timed_ask(addr, key, LONG, doc, max_new_tokens=decode_tokens, **opts))
+        print(f"service decode: {len(long_ans.token_ids)} tokens at {service_rate:.2f} tok/s", flush=True)
+        t0 = time.perf_counter()
+        conc = asyncio.run(concurrent(addr, doc, opts))
+        conc_s = time.perf_counter() - t0
+        ok = [a for a in conc if isinstance(a, Answer) and a.figures]
+        for a in conc:
+            if not isinstance(a, Answer):
+                print("concurrent stream failed:", a, flush=True)
+        ttfts = [a.first_delta_s for a in ok]
+    inproc_rate, n_inproc = inprocess_rate(doc, policy, kept, len(long_ans.token_ids))
+    out.update({
+        "ttft_cold_s": cold.first_delta_s, "ttft_reused_s": warm.first_delta_s,
+        "ttft_cold_server_s": cold.figures["ttft_s"], "ttft_reused_server_s": warm.figures["ttft_s"],
+        "reused_tokens": warm.figures["reused_tokens"], "prompt_tokens": warm.figures["prompt_tokens"],
+        "service_tok_s": service_rate, "inprocess_tok_s": inproc_rate, "decode_tokens": len(long_ans.token_ids),
+        "inprocess_tokens": n_inproc, "wire_bytes": cold.figures["wire_bytes"],
+        "wire_bytes_reused": warm.figures["wire_bytes"], "held_kv_bytes": cold.figures["held_kv_bytes"],
+        "full_kv_bytes": cold.figures["full_kv_bytes"], "answers_identical": cold.token_ids == warm.token_ids,
+        "concurrent_ok": len(ok), "concurrent_total": len(conc), "concurrent_wall_s": conc_s,
+        "concurrent_ttft_p50_s": pct(ttfts, 0.5), "concurrent_ttft_p95_s": pct(ttfts, 0.95),
+    })
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--tokens", type=int, default=2000, help="document length in tokens")
+    ap.add_argument("--policy", default="razor")
+    ap.add_argument("--kept", type=float, default=0.25)
+    ap.add_argument("--decode-tokens", type=int, default=48)
+    a = ap.parse_args(argv)
+    res = run(a.tokens, a.policy, a.kept, a.decode_tokens)
+    width = max(map(len, res))
+    for k, v in res.items():
+        print(f"{k:{width}s}  {v:.3f}" if isinstance(v, float) else f"{k:{width}s}  {v}")
+    print(f"reused/cold TTFT {res['ttft_reused_s'] / res['ttft_cold_s']:.3f} (target <= 0.1); "
+          f"service/in-process tok/s {res['service_tok_s'] / max(1e-9, res['inprocess_tok_s']):.2f} (target >= 0.85); "
+          f"concurrent {res['concurrent_ok']}/{res['concurrent_total']}")
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
