@@ -1,0 +1,279 @@
+"""Quality benchmark: answer accuracy against the kept fraction, per policy, on the default model.
+
+    python -m bench.quality --json bench/results/quality.json [--policies snapkv,razor] [--kept 0.5,0.25,0.1]
+    python -m bench.quality --calibrate            # full-cache accuracy against context length
+
+Cases are built deterministically from CPython's pydoc topics (real text, offline) with
+inserted facts whose exact answers are checked:
+  * single: one fact at several depths of a long document;
+  * keyed:  several facts of the same form (access codes of four archives), one asked;
+  * multi:  several different facts in ONE document; the context is compressed once and
+            every question is asked on top of that same compressed cache (the reuse path).
+The context segment is compressed before any question is seen (query-agnostic), exactly
+as the service does. Each case's context is prefilled once; every policy and kept fraction
+compresses the same prefill state, so the comparison is paired.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_POLICIES = ("streaming", "snapkv", "adakv", "razor", "taskkv", "ems", "ahakv")
+DEFAULT_KEPT = (0.5, 0.25, 0.1)
+CITIES = ("Lisbon", "Oslo", "Quito", "Hanoi", "Dakar", "Perth", "Tbilisi", "Lima")
+WORDS = ("marigold", "tangerine", "basalt", "juniper", "cobalt", "lantern", "saffron", "harbor")
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday")
+
+
+@dataclass(frozen=True)
+class Question:
+    text: str
+    prefix: str  # starts the assistant turn: restates the subject so the answer comes first
+    answer: str
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    kind: str  # single | keyed | multi
+    context: str
+    questions: tuple[Question, ...]
+
+
+def code_fact(city: str, code: str) -> tuple[str, Question]:
+    return (f"The access code for the {city} archive is {code}.",
+            Question(f"What is the access code for the {city} archive?", f"The access code for the {city} archive is", code))
+
+
+def word_fact(city: str, word: str) -> tuple[str, Question]:
+    return (f"The password of the {city} vault is {word}.",
+            Question(f"What is the password of the {city} vault?", f"The password of the {city} vault is", word))
+
+
+def day_fact(city: str, day: str) -> tuple[str, Question]:
+    return (f"The {city} delegation arrives on {day}.",
+            Question(f"On which day does the {city} delegation arrive?", f"The {city} delegation arrives on", day))
+
+
+def insert_facts(doc: str, facts: list[tuple[float, str]]) -> str:
+    """Each fact on its own line at its relative depth (by line) of the document."""
+    lines = doc.split("\n")
+    for depth, fact in sorted(facts, reverse=True):  # deepest first keeps earlier indices valid
+        at = int(len(lines) * depth)
+        lines[at:at] = ["", fact, ""]
+    return "\n".join(lines)
+
+
+def _doc(tokenizer, tokens: int, rng: random.Random) -> str:
+    from headwise.documents import document_tokens, pydoc_topics
+
+    names = sorted(pydoc_topics())
+    start = rng.randrange(len(names))
+    return document_tokens(tokenizer, tokens, tuple(names[start:] + names[:start]))
+
+
+def build_cases(tokenizer, suite: str = "default", length: int = 1500, keyed_length: int = 900, seed: int = 0) -> list[Case]:
+    """The benchmark's cases; same tokenizer + arguments -> same cases, byte for byte."""
+    rng = random.Random(seed)
+    big = suite == "full"
+    depths = (0.1, 0.3, 0.5, 0.7, 0.9) if big else (0.25, 0.5, 0.75)
+    cases = []
+    for depth in depths:
+        fact, q = code_fact(rng.choice(CITIES), str(rng.randrange(1000, 10000)))
+        cases.append(Case(f"single@{depth}", "single", insert_facts(_doc(tokenizer, length, rng), [(depth, fact)]), (q,)))
+    for i in range(4 if big else 2):
+        cities = rng.sample(CITIES, 4)
+        facts = [code_fact(c, str(rng.randrange(1000, 10000))) for c in cities]
+        doc = insert_facts(_doc(tokenizer, keyed_length, rng), [(0.15 + 0.2 * j, f) for j, (f, _) in enumerate(facts)])
+        cases.append(Case(f"keyed#{i}", "keyed", doc, (facts[rng.randrange(4)][1],)))
+    for i in range(2 if big else 1):
+        c = rng.sample(CITIES, 3)
+        facts = [code_fact(c[0], str(rng.randrange(1000, 10000))), word_fact(c[1], rng.choice(WORDS)), day_fact(c[2], rng.choice(DAYS))]
+        doc = insert_facts(_doc(tokenizer, length, rng), [(0.2 + 0.3 * j, f) for j, (f, _) in enumerate(facts)])
+        cases.append(Case(f"multi#{i}", "multi", doc, tuple(q for _, q in facts)))
+    return cases
+
+
+def is_correct(text: str, answer: str) -> bool:
+    return answer.lower() in text.lower()
+
+
+# ---- the headwise side ------------------------------------------------------------------
+def answer(runner, cache, q_ids: list[int], max_new_tokens: int = 10) -> str:
+    """Ask one question on top of a (compressed) context cache; the cache is not modified."""
+    from headwise.models import SamplingParams
+
+    res = runner.prefill_segment(q_ids, cache)
+    toks = list(runner.generate(res.cache, res.logits, SamplingParams(max_new_tokens=max_new_tokens, stop=(".", "\n"))))
+    return runner.tokenizer.decode(toks, skip_special_tokens=True).strip()
+
+
+def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[float], console: Console) -> dict:
+    from headwise.policies import get_policy
+    from headwise.policies.base import Capture
+    from headwise.prompt import build_segments
+
+    configs = [("full", 1.0)] + [(p, k) for p in policies for k in kept]
+    built = {c: get_policy(p, kept=k) if p != "full" else get_policy("full") for c in configs for p, k in [c]}
+    capture = Capture()
+    for pol in built.values():
+        capture = capture.merge(pol.capture)
+    needs_profile = any(getattr(p, "needs_profile", False) for p in built.values())
+    ctx = runner.context(next(p for p in built.values() if getattr(p, "needs_profile", False)) if needs_profile else None)
+    rows = {c: {"correct": 0, "total": 0, "realised": [], "compress_s": []} for c in configs}
+    details, prefill_s = [], {}
+    for ci, case in enumerate(cases):
+        segs = [build_segments(runner.tokenizer, case.context, q.text, " " + q.prefix) for q in case.questions]
+        ctx_ids = segs[0].context
+        if ci == 0:  # time both capture kinds once: the column sums (EMS) cost a second pass
+            t = time.perf_counter(); runner.prefill(ctx_ids, capture=Capture(window=capture.window))
+            prefill_s["window"] = time.perf_counter() - t
+        t = time.perf_counter()
+        out = runner.prefill(ctx_ids, capture=capture)
+        if ci == 0:
+            prefill_s["column_sums" if capture.column_sums else "window"] = time.perf_counter() - t
+        for cfg, pol in built.items():
+            t = time.perf_counter()
+            seg = pol.compress(out.states, out.start, ctx)
+            rows[cfg]["compress_s"].append(time.perf_counter() - t)
+            rows[cfg]["realised"].append(seg.kept_fraction())
+            for q, s in zip(case.questions, segs):
+                text = answer(runner, seg, s.question)
+                ok = is_correct(text, q.answer)
+                rows[cfg]["correct"] += ok; rows[cfg]["total"] += 1
+                details.append({"case": case.name, "tokens": len(ctx_ids), "policy": cfg[0], "kept": cfg[1],
+                                "question": q.text, "answer": q.answer, "output": text, "correct": ok})
+        done = ", ".join(f"{p}@{k}:{r['correct']}/{r['total']}" for (p, k), r in rows.items() if p in ("full", "razor"))
+        console.print(f"[dim]{case.name} ({len(ctx_ids)} tokens) done: {done}[/dim]")
+        del out
+    return _summarise(rows, built, prefill_s, details)
+
+
+def _summarise(rows: dict, built: dict, prefill_s: dict, details: list) -> dict:
+    res = {"full": None, "policies": {}, "prefill_s": prefill_s, "details": details}
+    for (p, k), r in rows.items():
+        acc = r["correct"] / r["total"] if r["total"] else 0.0
+        cap = "column_sums" if built[(p, k)].capture.column_sums else "window"
+        entry = {"accuracy": acc, "realised": sum(r["realised"]) / len(r["realised"]),
+                 "prefill_s": prefill_s.get(cap, prefill_s.get("window", 0.0)) + sum(r["compress_s"]) / len(r["compress_s"]),
+                 "correct": r["correct"], "total": r["total"]}
+        if p == "full":
+            res["full"] = acc
+            res["full_detail"] = entry
+        else:
+            res["policies"].setdefault(p, {})[str(k)] = entry
+    return res
+
+
+def calibrate(runner, lengths: list[int], depths=(0.1, 0.3, 0.5, 0.7, 0.9), seed: int = 0) -> list[dict]:
+    """Full-cache accuracy of the single-fact case against context length (the usable range)."""
+    from headwise.prompt import build_segments
+
+    rng = random.Random(seed)
+    curve = []
+    for n in lengths:
+        ok = 0
+        for d in depths:
+            fact, q = code_fact(rng.choice(CITIES), str(rng.randrange(1000, 10000)))
+            seg = build_segments(runner.tokenizer, insert_facts(_doc(runner.tokenizer, n, rng), [(d, fact)]), q.text, " " + q.prefix)
+            res = runner.prefill_segment(seg.context)
+            ok += is_correct(answer(runner, res.cache, seg.question), q.answer)
+        curve.append({"tokens": n, "accuracy": ok / len(depths), "cases": len(depths)})
+    return curve
+
+
+# ---- output -----------------------------------------------------------------------------
+def print_table(console: Console, res: dict, title: str, kept: list[float]) -> None:
+    t = Table(title=title)
+    t.add_column("method")
+    for k in kept:
+        t.add_column(f"kept {k}: acc / realised / prefill s", justify="right")
+    if res.get("full") is not None:
+        f = res.get("full_detail", {})
+        t.add_row("full", *[f"{res['full']:.2f} / 1.000 / {f.get('prefill_s', 0):.1f}"] * len(kept))
+    for name, by_k in res.get("policies", {}).items():
+        cells = []
+        for k in kept:
+            e = by_k.get(str(k))
+            cells.append(f"{e['accuracy']:.2f} / {e['realised']:.3f} / {e.get('prefill_s', 0):.1f}" if e else "-")
+        t.add_row(name, *cells)
+    console.print(t)
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, by_k in res["policies"].items():
+        ks = sorted(by_k, key=float)
+        ax.plot([float(k) for k in ks], [by_k[k]["accuracy"] for k in ks], marker="o", label=name)
+    for name, by_k in res.get("kvpress", {}).get("policies", {}).items():
+        ks = sorted(by_k, key=float)
+        ax.plot([float(k) for k in ks], [by_k[k]["accuracy"] for k in ks], marker="x", ls="--", alpha=0.6, label=f"kvpress {name}")
+    if res.get("full") is not None:
+        ax.axhline(res["full"], color="k", ls=":", label="full cache")
+    ax.set_xscale("log"); ax.set_xlabel("kept fraction of the context"); ax.set_ylabel("accuracy")
+    ax.set_title("headwise quality: accuracy vs kept fraction (SmolLM2-135M-Instruct)")
+    ax.legend(fontsize=7, ncol=2); fig.tight_layout(); fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", type=Path, default=Path("bench/results/quality.json"))
+    ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
+    ap.add_argument("--kept", default=",".join(map(str, DEFAULT_KEPT)))
+    ap.add_argument("--suite", choices=("default", "full"), default="default", help="full: more depths and cases (about 2x)")
+    ap.add_argument("--length", type=int, default=1500, help="context tokens of single/multi cases")
+    ap.add_argument("--keyed-length", type=int, default=900, help="context tokens of keyed cases")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--kvpress-json", type=Path, default=None, help="merge the anchor's results (bench.kvpress_anchor)")
+    ap.add_argument("--calibrate", action="store_true", help="only the full-cache accuracy curve against context length")
+    ap.add_argument("--lengths", default="500,1000,1500,2000,3000,4000")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (1 is much faster on a shared, busy CPU)")
+    args = ap.parse_args(argv)
+    console = Console()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from headwise.models import ModelRunner, resolve_model_path
+
+    runner = ModelRunner.from_pretrained(resolve_model_path(args.model))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.calibrate:
+        curve = calibrate(runner, [int(x) for x in args.lengths.split(",")])
+        for row in curve:
+            console.print(f"{row['tokens']:6d} tokens: full-cache accuracy {row['accuracy']:.2f} ({row['cases']} depths)")
+        args.json.write_text(json.dumps({"calibration": curve}, indent=1))
+        return {"calibration": curve}
+    kept = [float(x) for x in args.kept.split(",")]
+    policies = [p for p in args.policies.split(",") if p]
+    cases = build_cases(runner.tokenizer, args.suite, args.length, args.keyed_length)
+    console.print(f"{len(cases)} cases, {sum(len(c.questions) for c in cases)} questions; policies {policies}; kept {kept}")
+    t0 = time.perf_counter()
+    res = run_headwise(runner, cases, policies, kept, console)
+    res["seconds"] = time.perf_counter() - t0
+    res["cases"] = [asdict(c) | {"context": c.context[:80] + "..."} for c in cases]
+    print_table(console, res, f"headwise (full cache accuracy {res['full']:.2f})", kept)
+    if args.kvpress_json and args.kvpress_json.is_file():
+        res["kvpress"] = json.loads(args.kvpress_json.read_text())
+        print_table(console, res["kvpress"], "kvpress anchor (same cases; masked, full-size tensors)", kept)
+    args.json.write_text(json.dumps(res, indent=1))
+    plot(res, args.json.with_suffix(".png"))
+    console.print(f"wrote {args.json} and {args.json.with_suffix('.png')} in {res['seconds']:.0f} s")
+    return res
+
+
+if __name__ == "__main__":
+    main()
