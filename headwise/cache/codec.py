@@ -32,7 +32,7 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -226,8 +226,48 @@ class EncodedSegment:
         return len(self.header) + sum(len(c) for c in self.chunks)
 
 
+@dataclass(frozen=True)
+class StreamingSegment:
+    """A segment whose frames are built on demand, straight from the tensors' memory.
+
+    The header (which holds every chunk's CRC) is complete up front, so a sender can send it
+    first and then copy each frame only when it is about to go out: encoding overlaps sending
+    and no second full-size buffer exists. The tensors must not change until the frames are sent.
+    """
+
+    header: bytes
+    frame_bytes: int  # sum of the frames' lengths
+    _prefixes: list[bytes]  # per frame: frame header with its CRC
+    _payloads: list[list[memoryview]]  # per frame: views of the tensors (and padding) it carries
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._prefixes)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.header) + self.frame_bytes
+
+    def frame_parts(self, index: int) -> list[bytes | memoryview]:
+        """Frame `index` as pieces whose concatenation is the frame (join them into one buffer)."""
+        return [self._prefixes[index], *self._payloads[index]]
+
+    def frames(self) -> Iterator[bytes]:
+        for i in range(self.num_chunks):
+            yield b"".join(self.frame_parts(i))
+
+    def materialize(self) -> EncodedSegment:
+        return EncodedSegment(self.header, list(self.frames()))
+
+
 def encode(cache: CompactCache, *, include_recall: bool = True, chunk_size: int = MAX_CHUNK_BYTES) -> EncodedSegment:
     """Serialise a cache (its tail folded in) into a header blob and chunk frames."""
+    return encode_streaming(cache, include_recall=include_recall, chunk_size=chunk_size).materialize()
+
+
+def encode_streaming(cache: CompactCache, *, include_recall: bool = True,
+                     chunk_size: int = MAX_CHUNK_BYTES) -> StreamingSegment:
+    """Like `encode`, but the frames are copied out of the tensors only when asked for."""
     if not 0 < chunk_size <= MAX_CHUNK_BYTES:
         raise CodecError(f"chunk_size={chunk_size} is outside (0, {MAX_CHUNK_BYTES}]")
     if not cache.layers:
@@ -241,14 +281,15 @@ def encode(cache: CompactCache, *, include_recall: bool = True, chunk_size: int 
     tensors = [_layer_tensors(layer, include_recall) for layer in cache.layers]
     pieces = _pieces(fields, total, tensors)
     segment_id = os.urandom(16)
-    frames, crcs = _frames(pieces, total, segment_id, chunk_size)
+    payloads = _split(pieces, total, chunk_size)
+    prefixes, crcs = _frame_prefixes(payloads, segment_id)
     try:
         meta = json.loads(json.dumps(cache.meta))
     except (TypeError, ValueError) as e:
         raise CodecError(f"cache.meta must be JSON-serialisable: {e}") from None
     header = SegmentHeader(segment_id, dtype, head_dim, cache.seq_len, cache.start, meta, tuple(shapes),
                            total, chunk_size, tuple(crcs))
-    return EncodedSegment(header.to_bytes(), frames)
+    return StreamingSegment(header.to_bytes(), total + FRAME_OVERHEAD * len(prefixes), prefixes, payloads)
 
 
 def _pieces(fields: list[Field], total: int, tensors: list[dict[str, Tensor]]) -> list[memoryview]:
@@ -269,10 +310,10 @@ def _pieces(fields: list[Field], total: int, tensors: list[dict[str, Tensor]]) -
     return out
 
 
-def _frames(pieces: list[memoryview], total: int, segment_id: bytes, chunk_size: int) -> tuple[list[bytes], list[tuple[int, int]]]:
-    """Cut the payload into frames; each frame's bytes are copied once, straight from the tensors."""
+def _split(pieces: list[memoryview], total: int, chunk_size: int) -> list[list[memoryview]]:
+    """Cut the payload into per-chunk lists of views (no bytes are copied)."""
     n = max(1, -(-total // chunk_size))
-    frames, crcs = [], []
+    out: list[list[memoryview]] = []
     queue = iter(pieces)
     cur, at = memoryview(b""), 0
     for i in range(n):
@@ -286,14 +327,23 @@ def _frames(pieces: list[memoryview], total: int, segment_id: bytes, chunk_size:
             parts.append(cur[at : at + take])
             at += take
             need -= take
+        out.append(parts)
+    return out
+
+
+def _frame_prefixes(payloads: list[list[memoryview]], segment_id: bytes) -> tuple[list[bytes], list[tuple[int, int]]]:
+    """Each frame's header, CRC included (computed over the tensors' memory in place)."""
+    n = len(payloads)
+    prefixes, crcs = [], []
+    for i, parts in enumerate(payloads):
         length = sum(len(p) for p in parts)
         prefix = _FRAME.pack(b"HWKC", CODEC_VERSION, segment_id, i, n, length, 0)[:_FRAME_CRC_AT]
         crc = zlib.crc32(prefix)
         for p in parts:
             crc = zlib.crc32(p, crc)
-        frames.append(b"".join((prefix, crc.to_bytes(4, "little"), *parts)))
+        prefixes.append(prefix + crc.to_bytes(4, "little"))
         crcs.append((length, crc))
-    return frames, crcs
+    return prefixes, crcs
 
 
 # ---- decode -----------------------------------------------------------------------

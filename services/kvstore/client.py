@@ -29,12 +29,14 @@ from headwise.cache.codec import (
     Decoder,
     EncodedSegment,
     RecallEntry,
+    StreamingSegment,
     decode_recall,
-    encode,
     encode_recall,
+    encode_streaming,
 )
 from headwise.cache.compact import CompactCache
-from services.kvstore.server import MAX_MESSAGE, TENANT_HEADER, TOKEN_HEADER
+from services.kvstore.server import MAX_MESSAGE, SERVICE, TENANT_HEADER, TOKEN_HEADER
+from services.kvstore.wire import chunk_message, parse_get_response, serialize
 from services.protos.headwise.v1 import kvstore_pb2 as pb
 from services.protos.headwise.v1 import kvstore_pb2_grpc as pb_grpc
 
@@ -82,6 +84,7 @@ class KVStoreClient:
     counters: ClientCounters = field(default_factory=ClientCounters)
     _channel: grpc.aio.Channel | None = field(default=None, repr=False)
     _stub: pb_grpc.KVStoreStub | None = field(default=None, repr=False)
+    _bulk: tuple | None = field(default=None, repr=False)  # (Put, Get) with pre-serialised chunk messages
 
     # ---- plumbing -----------------------------------------------------------------
     @property
@@ -90,7 +93,19 @@ class KVStoreClient:
             opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
             self._channel = grpc.aio.insecure_channel(self.addr, options=opts)
             self._stub = pb_grpc.KVStoreStub(self._channel)
+            self._bulk = (
+                self._channel.stream_unary(f"/{SERVICE}/Put", request_serializer=serialize,
+                                           response_deserializer=pb.PutResponse.FromString),
+                self._channel.unary_stream(f"/{SERVICE}/Get", request_serializer=serialize,
+                                           response_deserializer=parse_get_response),
+            )
         return self._stub
+
+    @property
+    def bulk(self) -> tuple:
+        """Put and Get whose chunk messages skip protobuf's copies (services/kvstore/wire.py)."""
+        _ = self.stub
+        return self._bulk
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -120,22 +135,27 @@ class KVStoreClient:
     # ---- put ----------------------------------------------------------------------
     async def put(self, key: str, cache: CompactCache) -> int:
         """Store `cache` under `key` (recall originals as separate entries); return bytes sent."""
-        return await self.put_encoded(key, encode(cache, include_recall=False, chunk_size=self.chunk_size),
+        # Frames are copied out of the tensors as they are sent, not all before the first one goes.
+        return await self.put_encoded(key, encode_streaming(cache, include_recall=False, chunk_size=self.chunk_size),
                                       encode_recall(cache))
 
-    async def put_encoded(self, key: str, seg: EncodedSegment, recall: list[RecallEntry] = ()) -> int:
+    async def put_encoded(self, key: str, seg: EncodedSegment | StreamingSegment, recall: list[RecallEntry] = ()) -> int:
         nbytes = seg.nbytes + sum(len(r.data) for r in recall)
+        if isinstance(seg, StreamingSegment):
+            num_chunks, frame_bytes, parts = seg.num_chunks, seg.frame_bytes, seg.frame_parts
+        else:
+            num_chunks, frame_bytes, parts = len(seg.chunks), sum(map(len, seg.chunks)), lambda i: (seg.chunks[i],)
 
-        async def requests() -> AsyncIterator[pb.PutRequest]:
-            yield pb.PutRequest(header=pb.PutHeader(key=key, header=seg.header, num_chunks=len(seg.chunks),
-                                                    total_bytes=sum(len(c) for c in seg.chunks)))
-            for i, c in enumerate(seg.chunks):
-                yield pb.PutRequest(chunk=pb.Chunk(index=i, data=c))
+        async def requests() -> AsyncIterator[pb.PutRequest | bytes]:
+            yield pb.PutRequest(header=pb.PutHeader(key=key, header=seg.header, num_chunks=num_chunks,
+                                                    total_bytes=frame_bytes))
+            for i in range(num_chunks):
+                yield chunk_message(i, parts(i))
             for r in recall:
                 yield pb.PutRequest(recall=pb.RecallEntry(layer=r.layer, head=r.head, row=r.row, data=r.data))
 
         async def attempt() -> int:
-            await self.stub.Put(requests(), metadata=self.metadata, timeout=self._deadline(nbytes))
+            await self.bulk[0](requests(), metadata=self.metadata, timeout=self._deadline(nbytes))
             return nbytes
 
         sent = await self._call(f"Put {key}", attempt)
@@ -152,7 +172,7 @@ class KVStoreClient:
         return await self._call(f"Get {key}", lambda: self._get_once(key, decode=False))
 
     async def _get_once(self, key: str, decode: bool):
-        call = self.stub.Get(pb.GetRequest(key=key), metadata=self.metadata, timeout=self.stream_timeout_s)
+        call = self.bulk[1](pb.GetRequest(key=key), metadata=self.metadata, timeout=self.stream_timeout_s)
         dec, frames, received = None, [], 0
         try:
             async for msg in call:
@@ -161,10 +181,11 @@ class KVStoreClient:
                     frames.append(msg.header.header)
                     received += len(msg.header.header)
                 elif dec is not None:
-                    dec.feed(msg.chunk.data)
+                    data = msg.chunk.data  # a view into the received message (wire.parse_chunk)
+                    dec.feed(data)
                     if not decode:
-                        frames.append(msg.chunk.data)
-                    received += len(msg.chunk.data)
+                        frames.append(bytes(data))
+                    received += len(data)
                 else:
                     raise CodecError("Get stream sent a chunk before the header")
             self.counters.bytes_received += received
@@ -236,7 +257,7 @@ class KVStoreClient:
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
-        self._channel = self._stub = None
+        self._channel = self._stub = self._bulk = None
 
     async def __aenter__(self) -> "KVStoreClient":
         return self
