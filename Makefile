@@ -6,13 +6,14 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help venv model demo test test-fast bench proto lint clean k8s k8s-constraints
+.PHONY: help venv model demo test test-fast bench bench-quality proto lint clean k8s k8s-constraints
 
 help:
 	@echo "make demo       run the main job: local cluster answering questions about a real document"
 	@echo "make test       run the whole test suite (fast tests, then slow ones: real model, Redis, Ray)"
 	@echo "make test-fast  only the fast tests (tiny random models)"
 	@echo "make bench      engine benchmark -> bench/results/engine.json"
+	@echo "make bench-quality  accuracy vs kept fraction, headwise policies and the kvpress anchor (separate .venv-bench)"
 	@echo "make proto      regenerate the gRPC stubs from proto/"
 	@echo "make lint       ruff"
 	@echo "make k8s        regenerate serveConfigV2 in k8s/ from cluster/serve_config.py; render overlays to build/k8s/"
@@ -42,6 +43,14 @@ bench: venv
 	mkdir -p bench/results
 	$(BIN)/python -m bench.engine --json bench/results/engine.json
 	$(BIN)/python -m bench.kvstore --json bench/results/kvstore.json
+
+bench-quality: venv
+	mkdir -p bench/results
+	test -x .venv-bench/bin/python || ($(PY) -m venv .venv-bench && .venv-bench/bin/pip install --quiet "$(TORCH_SPEC)" \
+	  "kvpress==0.5.5" "transformers>=4.56,<5.3" rich matplotlib && .venv-bench/bin/pip install --quiet --no-deps -e .)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	.venv-bench/bin/python -m bench.kvpress_anchor --threads 1 --json bench/results/kvpress.json
+	$(BIN)/python -m bench.quality --threads 1 --json bench/results/quality.json --kvpress-json bench/results/kvpress.json
 
 proto: venv
 	$(BIN)/python -m services.protos.build  # -> services/protos/headwise/v1/*_pb2*.py (imports rewritten)
