@@ -9,10 +9,10 @@ Layout, one namespace per tenant (`hw:{tenant}:`; tenant ids cannot contain ':')
   hw:{t}:sz               stored bytes per segment (hash: key -> bytes), for the quota
 
 A put streams its chunks to per-upload keys with a staging TTL as they arrive (pipelined,
-one batch in flight while the next is received). Nothing refers to them until the commit,
-one MULTI/EXEC under WATCH of the tenant's index and the manifest: it gives chunks and
-recall blobs the tenant's TTL, drops expired index entries, records the size and writes
-the manifest last. A quota failure or an aborted stream deletes the staged keys; if the
+up to two batches in flight while the next is received). Nothing refers to them until the
+commit, one Lua script (atomic, one round trip): it re-checks the quota against live
+segments, gives chunks and recall blobs the tenant's TTL, drops expired index entries,
+deletes the key's previous upload, records the size and writes the manifest last. A quota failure or an aborted stream deletes the staged keys; if the
 server dies first, the staging TTL removes them. Readers start from the manifest, so they
 see a whole segment or none; a segment replaced or deleted under a reader gives a miss.
 """
@@ -20,9 +20,9 @@ see a whole segment or none; a segment replaced or deleted under a reader gives 
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -37,7 +37,51 @@ from services.kvstore.backend import BackendUnavailable, Limits, Manifest, Quota
 
 STAGING_TTL_MS = 3_600_000  # staged chunks of a put that never commits vanish after an hour
 FLUSH_BYTES = 4 << 20  # chunk bytes per pipelined write
+MAX_INFLIGHT = 2  # pipelined writes under way while the next batch is received
 COMMIT_RETRIES = 50
+
+# Bytes and number of a tenant's live segments, leaving out ARGV[2] (the key being replaced).
+# KEYS: idx, sz. ARGV: now_ms, key.
+_USAGE = """
+local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')
+local used, n = 0, 0
+for _, k in ipairs(live) do
+  if k ~= ARGV[2] then used = used + tonumber(redis.call('HGET', KEYS[2], k) or 0); n = n + 1 end
+end
+return {used, n}
+"""
+
+# The commit of a put, atomic (a script runs alone) and in one round trip. Returns {0, used}
+# when the quota would be exceeded (nothing changed), else {1, tenant bytes after the put}.
+# KEYS: idx, sz, manifest, then the staged keys to keep (chunks, recall hash).
+# ARGV: now_ms, ttl_ms (0 = none), quota (0 = none), key, stored, upload, header, n chunks,
+#       chunk bytes, namespace (to name the replaced upload's keys).
+_COMMIT = """
+local idx, sz, mkey = KEYS[1], KEYS[2], KEYS[3]
+local now, ttl, quota, key = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
+local stored, upload, ns = tonumber(ARGV[5]), ARGV[6], ARGV[10]
+local used = 0
+for _, k in ipairs(redis.call('ZRANGEBYSCORE', idx, '(' .. now, '+inf')) do
+  if k ~= key then used = used + tonumber(redis.call('HGET', sz, k) or 0) end
+end
+if quota > 0 and used + stored > quota then return {0, used} end
+for i = 4, #KEYS do
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
+end
+local old = redis.call('HMGET', mkey, 'u', 'n')
+if old[1] and old[1] ~= upload then
+  for i = 0, tonumber(old[2]) - 1 do redis.call('DEL', ns .. ':c:' .. old[1] .. ':' .. i) end
+  redis.call('DEL', ns .. ':r:' .. old[1])
+end
+local expired = redis.call('ZRANGEBYSCORE', idx, '-inf', now)
+for _, k in ipairs(expired) do redis.call('ZREM', idx, k); redis.call('HDEL', sz, k) end
+redis.call('ZADD', idx, ttl > 0 and (now + ttl) or '+inf', key)
+redis.call('HSET', sz, key, stored)
+redis.call('DEL', mkey)
+redis.call('HSET', mkey, 'u', upload, 'h', ARGV[7], 'n', ARGV[8], 'b', ARGV[9], 's', stored)
+if ttl > 0 then redis.call('PEXPIRE', mkey, ttl) end
+return {1, used + stored}
+"""
 _CLEANUPS: set[asyncio.Task] = set()  # aborted puts still deleting their staged keys
 
 
@@ -55,6 +99,8 @@ class RedisBackend:
             url, socket_timeout=deadline_s, socket_connect_timeout=deadline_s, decode_responses=False,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1), health_check_interval=0,
         )
+        self._usage = self.r.register_script(_USAGE)
+        self._commit = self.r.register_script(_COMMIT)
 
     # ---- plumbing -----------------------------------------------------------------
     @asynccontextmanager
@@ -85,17 +131,16 @@ class RedisBackend:
     async def begin_put(self, tenant, key, header, num_chunks, total_bytes, limits: Limits) -> "_RedisWriter":
         need = len(header) + total_bytes
         if limits.quota_bytes:
-            used = await self._used_except(tenant, key)
+            used, _ = await self._used_except(tenant, key)
             if used + need > limits.quota_bytes:
                 raise QuotaExceededError(tenant, used, need, limits.quota_bytes)
         return _RedisWriter(self, tenant, key, header, num_chunks, limits, os.urandom(8).hex())
 
-    async def _used_except(self, tenant: str, key: str) -> int:
+    async def _used_except(self, tenant: str, key: str | None) -> tuple[int, int]:
+        ns = self._ns(tenant)
         async with self.guard("a usage read"):
-            live = await self.r.zrangebyscore(f"{self._ns(tenant)}:idx", _now_ms(), "+inf")
-            live = [k for k in live if k != key.encode()]
-            sizes = await self.r.hmget(f"{self._ns(tenant)}:sz", live) if live else []
-        return sum(int(s or 0) for s in sizes)
+            used, n = await self._usage(keys=[f"{ns}:idx", f"{ns}:sz"], args=[_now_ms(), key if key is not None else ""])
+        return int(used), int(n)
 
     # ---- reads --------------------------------------------------------------------
     async def manifest(self, tenant, key):
@@ -130,11 +175,7 @@ class RedisBackend:
             return await self.r.hget(self._rkey(tenant, upload.decode()), recall_field(layer, head, row))
 
     async def usage(self, tenant):
-        ns = self._ns(tenant)
-        async with self.guard("a usage read"):
-            live = await self.r.zrangebyscore(f"{ns}:idx", _now_ms(), "+inf")
-            sizes = await self.r.hmget(f"{ns}:sz", live) if live else []
-        return sum(int(s or 0) for s in sizes), len(live)
+        return await self._used_except(tenant, None)
 
     # ---- delete -------------------------------------------------------------------
     async def delete(self, tenant, key):
@@ -179,9 +220,9 @@ class _RedisWriter:
     num_chunks: int
     limits: Limits
     upload: str
-    _pending: list[tuple[str, str | None, bytes]] = field(default_factory=list)
+    _pending: list[tuple[str, str | None, bytes | memoryview]] = field(default_factory=list)
     _pending_bytes: int = 0
-    _inflight: asyncio.Task | None = None
+    _inflight: deque[asyncio.Task] = field(default_factory=deque)
     _chunk_bytes: int = 0
     _recall_bytes: int = 0
     _has_recall: bool = False
@@ -200,16 +241,17 @@ class _RedisWriter:
     async def _add(self, n: int) -> None:
         self._pending_bytes += n
         if self._pending_bytes >= FLUSH_BYTES:
-            await self._flush()
+            await self._flush(MAX_INFLIGHT - 1)
 
-    async def _flush(self) -> None:
-        """Send the pending batch; at most one batch in flight, so receiving overlaps writing."""
+    async def _flush(self, keep: int) -> None:
+        """Send the pending batch, leaving at most `keep` earlier batches in flight (their
+        connections write while the handler receives the next chunks); bounded memory."""
         batch, self._pending, self._pending_bytes = self._pending, [], 0
-        if self._inflight is not None:
-            task, self._inflight = self._inflight, None
-            await task
         if batch:
-            self._inflight = asyncio.ensure_future(self._write(batch))
+            self._inflight.append(asyncio.ensure_future(self._write(batch)))
+        while len(self._inflight) > keep:
+            await self._inflight[0]  # stays queued if this raises, so abort() still waits for it
+            self._inflight.popleft()
 
     async def _write(self, batch) -> None:
         async with self.store.guard("a chunk write"):
@@ -225,8 +267,7 @@ class _RedisWriter:
     async def commit(self):
         stored = len(self.header) + self._chunk_bytes + self._recall_bytes
         try:
-            await self._flush()
-            await self._flush()  # waits for the last batch
+            await self._flush(0)  # every batch has landed
             async with self.store.guard("the commit"):
                 return stored, await self._commit(stored)
         except BaseException:
@@ -235,47 +276,16 @@ class _RedisWriter:
 
     async def _commit(self, stored: int) -> int:
         st, t = self.store, self.tenant
-        ns, mkey = st._ns(t), st._mkey(t, self.key)
-        ttl_ms = int(self.limits.ttl_s * 1000)
-        async with st.r.pipeline(transaction=True) as pipe:
-            for _ in range(COMMIT_RETRIES):
-                try:
-                    await pipe.watch(f"{ns}:idx", mkey)
-                    now = _now_ms()
-                    expired = await pipe.zrangebyscore(f"{ns}:idx", "-inf", now)
-                    live = [k for k in await pipe.zrangebyscore(f"{ns}:idx", now + 1, "+inf") if k != self.key.encode()]
-                    used = sum(int(s or 0) for s in (await pipe.hmget(f"{ns}:sz", live) if live else []))
-                    if self.limits.quota_bytes and used + stored > self.limits.quota_bytes:
-                        await pipe.unwatch()
-                        raise QuotaExceededError(t, used, stored, self.limits.quota_bytes)
-                    old = await pipe.hgetall(mkey)
-                    pipe.multi()
-                    self._queue_commit(pipe, ns, mkey, ttl_ms, now, expired, old, stored)
-                    await pipe.execute()
-                    return used + stored
-                except WatchError:
-                    continue
-        raise BackendUnavailable(f"put of {self.key!r} lost {COMMIT_RETRIES} races with concurrent writers")
-
-    def _queue_commit(self, pipe, ns, mkey, ttl_ms, now, expired, old, stored) -> None:
-        st, t = self.store, self.tenant
+        ns = st._ns(t)
         keep = [st._ckey(t, self.upload, i) for i in range(self.num_chunks)]
         if self._has_recall:
             keep.append(st._rkey(t, self.upload))
-        for k in keep:
-            pipe.pexpire(k, ttl_ms) if ttl_ms else pipe.persist(k)
-        if old and old[b"u"].decode() != self.upload:
-            st._drop_upload(pipe, t, old)
-        if expired:
-            pipe.zrem(f"{ns}:idx", *expired)
-            pipe.hdel(f"{ns}:sz", *expired)
-        pipe.zadd(f"{ns}:idx", {self.key: now + ttl_ms if ttl_ms else math.inf})
-        pipe.hset(f"{ns}:sz", self.key, stored)
-        pipe.delete(mkey)
-        pipe.hset(mkey, mapping={"u": self.upload, "h": self.header, "n": self.num_chunks,
-                                 "b": self._chunk_bytes, "s": stored})
-        if ttl_ms:
-            pipe.pexpire(mkey, ttl_ms)
+        args = [_now_ms(), int(self.limits.ttl_s * 1000), self.limits.quota_bytes, self.key, stored, self.upload,
+                self.header, self.num_chunks, self._chunk_bytes, ns]
+        ok, used = await st._commit(keys=[f"{ns}:idx", f"{ns}:sz", st._mkey(t, self.key), *keep], args=args)
+        if not ok:
+            raise QuotaExceededError(t, int(used), stored, self.limits.quota_bytes)
+        return int(used)
 
     async def abort(self):
         """Delete whatever was staged (best effort: the staging TTL covers a dead Redis).
@@ -288,9 +298,9 @@ class _RedisWriter:
         await asyncio.shield(task)
 
     async def _cleanup(self) -> None:
-        task, self._inflight, self._pending = self._inflight, None, []
-        if task is not None:  # let a write in flight land first, so the delete below catches it
-            await asyncio.gather(task, return_exceptions=True)
+        tasks, self._inflight, self._pending = list(self._inflight), deque(), []
+        if tasks:  # let writes in flight land first, so the delete below catches them
+            await asyncio.gather(*tasks, return_exceptions=True)
         st = self.store
         keys = [st._ckey(self.tenant, self.upload, i) for i in range(self.num_chunks)]
         keys.append(st._rkey(self.tenant, self.upload))
