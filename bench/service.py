@@ -33,11 +33,15 @@ async def timed_ask(addr: str, key: str, prompt: str, doc: str, **opts) -> tuple
     return ans, rate
 
 
-def inprocess_rate(doc: str, policy: str, kept: float, n_tokens: int) -> tuple[float, int]:
+def inprocess_rate(doc: str, policy: str, kept: float, n_tokens: int, threads: int) -> tuple[float, int]:
+    """The engine alone, with the decode replica's thread count (its num_cpus), on the same prompt."""
+    import torch
+
     from headwise.models import ModelRunner, SamplingParams, resolve_model_path
     from headwise.policies import get_policy
     from headwise.prompt import build_segments
 
+    torch.set_num_threads(threads)
     runner = ModelRunner.from_pretrained(resolve_model_path(None))
     seg = build_segments(runner.tokenizer, doc, LONG)
     pol = get_policy(policy, kept=kept)
@@ -92,13 +96,14 @@ def run(tokens: int, policy: str, kept: float, decode_tokens: int) -> dict:
             if not isinstance(a, Answer):
                 print("concurrent stream failed:", a, flush=True)
         ttfts = [a.first_delta_s for a in ok]
-    inproc_rate, n_inproc = inprocess_rate(doc, policy, kept, len(long_ans.token_ids))
+    threads = settings.torch_threads or max(1, int(settings.decode_num_cpus))
+    inproc_rate, n_inproc = inprocess_rate(doc, policy, kept, len(long_ans.token_ids), threads)
     out.update({
         "ttft_cold_s": cold.first_delta_s, "ttft_reused_s": warm.first_delta_s,
         "ttft_cold_server_s": cold.figures["ttft_s"], "ttft_reused_server_s": warm.figures["ttft_s"],
         "reused_tokens": warm.figures["reused_tokens"], "prompt_tokens": warm.figures["prompt_tokens"],
         "service_tok_s": service_rate, "inprocess_tok_s": inproc_rate, "decode_tokens": len(long_ans.token_ids),
-        "inprocess_tokens": n_inproc, "wire_bytes": cold.figures["wire_bytes"],
+        "inprocess_tokens": n_inproc, "torch_threads": threads, "wire_bytes": cold.figures["wire_bytes"],
         "wire_bytes_reused": warm.figures["wire_bytes"], "held_kv_bytes": cold.figures["held_kv_bytes"],
         "full_kv_bytes": cold.figures["full_kv_bytes"], "answers_identical": cold.token_ids == warm.token_ids,
         "concurrent_ok": len(ok), "concurrent_total": len(conc), "concurrent_wall_s": conc_s,

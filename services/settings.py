@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = 256
     recall_threshold: float = 0.2
     recall: bool = True
-    torch_threads: int = Field(0, description="torch threads per prefill/decode replica; 0 = the machine's cores")
+    torch_threads: int = Field(0, description="torch threads per prefill/decode replica; 0 = the replica's num_cpus")
 
     # autoscaling (Ray Serve autoscaling_config of each deployment)
     prefill_min_replicas: int = 1

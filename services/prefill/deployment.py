@@ -22,12 +22,8 @@ def load_runner(settings: Settings):
 
     from headwise.models import ModelRunner, resolve_model_path
 
-    if settings.torch_threads:
+    if settings.torch_threads:  # else as Ray allocates: OMP_NUM_THREADS = the replica's num_cpus
         torch.set_num_threads(settings.torch_threads)
-    else:  # Ray sets OMP_NUM_THREADS=1 per 1-CPU actor; the model wants the cores it can get
-        import os
-
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
     dtype = getattr(torch, settings.dtype)
     return ModelRunner.from_pretrained(resolve_model_path(settings.model_path or None), settings.device, dtype)
 

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -102,12 +103,17 @@ class _Plan:
 class PrefillWorker:
     """One model, one thread for it; requests interleave on the event loop between model calls."""
 
-    def __init__(self, runner, stores, settings):
+    def __init__(self, runner, stores, settings, cache_bytes: int = 512 * 1024**2):
         self.runner = runner
         self.stores = stores
         self.settings = settings
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-model")
         self._inflight: dict[str, asyncio.Future] = {}
+        # Recently used reusable segments of this replica, so a reused document is not fetched
+        # twice (here and in decode). The store stays the authority: a key is used only after
+        # lookup says it is stored. Keys carry the tenant salt, so this never crosses tenants.
+        self._recent: OrderedDict[str, CompactCache] = OrderedDict()
+        self._recent_budget = cache_bytes
 
     async def _model(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -175,11 +181,14 @@ class PrefillWorker:
             return await self._bypass(plan, [], None)
         segs, wire = [], 0
         for key in plan.keys[:n]:
-            seg = await store.get(key)
-            if seg is None:  # evicted or corrupt since the lookup: compute from here
-                break
+            seg = None if req.recompute else self._recent.get(key)
+            if seg is None:
+                seg = await store.get(key)
+                if seg is None:  # evicted or corrupt since the lookup: compute from here
+                    break
+                wire += seg.nbytes
+                self._remember(key, seg)
             segs.append(seg)
-            wire += seg.nbytes
         reused = len(segs)
         cache = CompactCache.concat(segs) if segs else None
         done = asyncio.get_running_loop().create_future() if reused == 0 else None
@@ -193,6 +202,8 @@ class PrefillWorker:
                 segs.append(res.segment)
                 try:
                     wire += await store.put(plan.store_keys[i], res.segment)
+                    if plan.store_keys[i] == plan.keys[i] and (i > 0 or policy.reusable):
+                        self._remember(plan.keys[i], res.segment)
                 except self.stores.errors[1] as e:
                     log.warning("kvstore unavailable during put, bypassing: %s", e)
                     return await self._bypass(plan, segs, (cache, logits))
@@ -203,6 +214,12 @@ class PrefillWorker:
         reused_tokens = sum(len(s) for s in plan.segments[:reused])
         status = PRIVATE if not policy.reusable else (STORED if reused == 0 else REUSED if reused == len(plan.segments) - 1 else PARTIAL)
         return self._handle(plan, segs, logits, reused_tokens, wire, status)
+
+    def _remember(self, key: str, seg: CompactCache) -> None:
+        self._recent[key] = seg
+        self._recent.move_to_end(key)
+        while self._recent and sum(s.nbytes for s in self._recent.values()) > self._recent_budget:
+            self._recent.popitem(last=False)
 
     async def _wait_inflight(self, key: str) -> None:
         """Another request is computing this context right now: wait for it instead of doing it twice."""
