@@ -377,7 +377,8 @@ class Decoder:
 
     def __init__(self, header: bytes | SegmentHeader):
         self.header = header if isinstance(header, SegmentHeader) else parse_header(header)
-        self._payload = bytearray(self.header.total_bytes)
+        # torch.empty, not bytearray(n): every byte is written by feed(), so skip a zero-fill pass
+        self._payload = memoryview(torch.empty(self.header.total_bytes, dtype=torch.uint8).numpy())
         self._filled = 0
         self._next = 0
 
@@ -404,7 +405,7 @@ def decode(header: bytes, chunks: Iterable[bytes], recall: Iterable["RecallEntry
     return dec.finish(recall, device)
 
 
-def _build(h: SegmentHeader, payload: bytearray, recall: list["RecallEntry"], device) -> CompactCache:
+def _build(h: SegmentHeader, payload: memoryview, recall: list["RecallEntry"], device) -> CompactCache:
     fields, _ = _layout(h.layers, h.head_dim, h.dtype)
     per_layer: list[dict[str, Tensor]] = [{} for _ in h.layers]
     for f in fields:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 
@@ -29,6 +30,9 @@ def parse(argv: list[str] | None = None) -> tuple[KVStoreSettings, str]:
 async def serve(settings: KVStoreSettings, host: str = "0.0.0.0") -> None:
     server, port = create_server(f"{host}:{settings.kvstore_port}", settings)
     await start_server(server)
+    # Everything imported so far (torch included) lives as long as the process: keep it out of
+    # the collector's full passes, which otherwise walk it while chunks stream.
+    gc.freeze()
     m = server.kvstore.metrics.http_port
     logging.info("kvstore listening on %s:%d (backend %s%s)", host, port, server.kvstore.backend.name,
                  f", metrics on :{m}/metrics" if m else "")
