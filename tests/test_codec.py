@@ -18,6 +18,7 @@ from headwise.cache.codec import (
     encode,
     encode_recall,
     encode_recall_rows,
+    encode_streaming,
     parse_header,
 )
 from headwise.cache.compact import NO_RECALL, CompactCache, LayerCache, RecallTable
@@ -226,3 +227,13 @@ def test_recall_entry_damage_and_mismatch_are_rejected() -> None:
     wrong = type(entries[0])(0, 1, 0, entries[0].data)
     with pytest.raises(CodecError, match="not a merged row"):
         decode(enc.header, enc.chunks, recall=[wrong, entries[1]])
+
+
+@SETTINGS
+@given(cache=caches(), chunk=st.integers(1, 300))
+def test_streaming_encode_gives_the_same_frames(cache: CompactCache, chunk: int) -> None:
+    lazy = encode_streaming(cache, chunk_size=chunk)
+    frames = list(lazy.frames())
+    assert lazy.num_chunks == len(frames) and lazy.nbytes == len(lazy.header) + sum(map(len, frames))
+    assert [b"".join(lazy.frame_parts(i)) for i in range(lazy.num_chunks)] == frames
+    assert_same(cache, decode(lazy.header, frames))

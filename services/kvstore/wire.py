@@ -71,7 +71,9 @@ class ChunkMessage:
 def chunk_message(index: int, parts: Sequence[bytes | memoryview]) -> bytes:
     """The serialised PutRequest / GetResponse carrying chunk `index` whose frame is `parts` joined."""
     size = sum(len(p) for p in parts)
-    inner = (bytes((_INDEX_FIELD,)) + _varint(index) if index else b"") + bytes((_CHUNK_FIELD,)) + _varint(size)
+    # proto3 leaves out fields at their default (index 0, empty data); so does this, byte for byte
+    inner = (bytes((_INDEX_FIELD,)) + _varint(index) if index else b"") + (
+        bytes((_CHUNK_FIELD,)) + _varint(size) if size else b"")
     return b"".join((bytes((_CHUNK_FIELD,)), _varint(len(inner) + size), inner, *parts))
 
 
