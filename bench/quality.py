@@ -116,13 +116,26 @@ def answer(runner, cache, q_ids: list[int], max_new_tokens: int = 10) -> str:
     return runner.tokenizer.decode(toks, skip_special_tokens=True).strip()
 
 
-def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[float], console: Console) -> dict:
+def make_policy(spec: str, kept: float):
+    """`name` or `name:setting=value:...` (e.g. razor:induction=0.2), at the given kept fraction."""
     from headwise.policies import get_policy
+
+    name, *settings = spec.split(":")
+    if name == "full":
+        return get_policy("full")
+    params = {}
+    for item in settings:
+        key, _, raw = item.partition("=")
+        params[key] = json.loads(raw) if raw not in ("", None) and raw[0] in "0123456789-[{tf" else raw
+    return get_policy(name, kept=kept, **params)
+
+
+def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[float], console: Console) -> dict:
     from headwise.policies.base import Capture
     from headwise.prompt import build_segments
 
     configs = [("full", 1.0)] + [(p, k) for p in policies for k in kept]
-    built = {c: get_policy(p, kept=k) if p != "full" else get_policy("full") for c in configs for p, k in [c]}
+    built = {(p, k): make_policy(p, k) for p, k in configs}
     capture = Capture()
     for pol in built.values():
         capture = capture.merge(pol.capture)
