@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kept", type=float, default=0.25)
     ap.add_argument("--repeats", type=int, default=5)
     a = ap.parse_args(argv)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # the table stays whole in logs
     with console.status("prefilling the document"):
         caches = real_caches(a.model, a.tokens, a.kept)
     results = asyncio.run(run_async(caches, a.repeats))
