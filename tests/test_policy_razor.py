@@ -84,3 +84,19 @@ def test_profile_of_another_shape_is_rejected():
     st = _state()
     with pytest.raises(InvalidInput, match="layers"):
         get_policy("razor", kept=0.25).compress_layer(st, CompressContext(1, profile=_profile(2, 1)))
+
+
+def test_snapkv_fill_keeps_scored_rows_and_folds_the_rest():
+    g = torch.Generator().manual_seed(2)
+    S, d = 600, 8
+    k, v = torch.randn(1, S, d, generator=g), torch.randn(1, S, d, generator=g)
+    k[0, 200] = 5.0  # the window queries all point at row 200
+    st = LayerState(0, k, v, torch.arange(S), 0.35, window_queries=torch.ones(2, 32, d))
+    layer = get_policy("razor", kept=0.1, fill="snapkv", induction=0.0, echo=0.0).compress_layer(
+        st, CompressContext(1, profile=_profile(1, 1)))
+    assert layer.head_lengths().tolist() == [60] and 200 in layer.positions.tolist()
+    comp = int((layer.positions == -1).nonzero()[0])
+    pos, _, _ = layer.recall.group(int(layer.recall_ids[comp]))
+    kept = set(layer.positions.tolist()) - {-1}
+    assert set(pos.tolist()) == set(range(S)) - kept  # every dropped row is behind the compensation row
+    assert float(layer.log_weights[comp]) == pytest.approx(math.log(S - 59), rel=1e-6)
