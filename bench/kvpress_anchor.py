@@ -13,7 +13,7 @@ Same token ids as headwise: the context segment and the question segment come fr
 headwise.prompt.build_segments; the context is prefilled under the press (context-only
 compression, as kvpress's pipeline does), every question is asked on that one compressed
 cache with explicit positions, and the answer rows are cut off again after each question.
-kvpress's head-wise presses (AdaKV) mask evicted keys in full-size tensors: the kept
+kvpress's head-wise presses (AdaKV, KVzip) mask evicted keys in full-size tensors: the kept
 fraction they report saves no bytes.
 """
 
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
                 console.print(f"[red]{name} at kept {k} failed: {e}[/red]")
                 continue
             entry = {"accuracy": sum(oks) / len(oks), "realised": k, "prefill_s": sum(secs) / len(secs),
-                     "correct": sum(oks), "total": len(oks), "bytes_saved": name not in ("adakv_expected_attention",)}
+                     "correct": sum(oks), "total": len(oks), "bytes_saved": name not in ("adakv_expected_attention", "kvzip")}
             if name is None:
                 res["full"], res["full_detail"] = entry["accuracy"], entry
             else:
