@@ -88,7 +88,7 @@ def run_case(models: dict, tokenizer, case, press_name: str | None, ratio: float
         model.model(input_ids=ctx_ids, past_key_values=cache)
     dt = time.perf_counter() - t
     oks, det = [], []
-    for q, s in zip(case.questions, segs):
+    for q, s in zip(case.questions, segs, strict=True):
         text = ask(model, tokenizer, cache, s.question, ctx_ids.shape[1])
         oks.append(is_correct(text, q.answer))
         det.append({"case": case.name, "press": press_name or "full", "kept": 1 - ratio, "question": q.text,

@@ -158,7 +158,7 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
             seg = pol.compress(out.states, out.start, ctx)
             rows[cfg]["compress_s"].append(time.perf_counter() - t)
             rows[cfg]["realised"].append(seg.kept_fraction())
-            for q, s in zip(case.questions, segs):
+            for q, s in zip(case.questions, segs, strict=True):
                 text = answer(runner, seg, s.question)
                 ok = is_correct(text, q.answer)
                 rows[cfg]["correct"] += ok; rows[cfg]["total"] += 1

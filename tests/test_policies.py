@@ -47,7 +47,7 @@ def prefilled(gqa_runner):
 def _same(a, b) -> bool:
     return all(
         torch.equal(getattr(x, f), getattr(y, f))
-        for x, y in zip(a.layers, b.layers)
+        for x, y in zip(a.layers, b.layers, strict=True)
         for f in ("keys", "values", "head_offsets", "positions", "log_weights", "recall_ids")
     )
 

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from headwise.errors import InvalidInput
-from headwise.profiles import HeadProfile, echo_induction, load_profile, pod_blocks, profile_for, profile_path, weights_key
+from headwise.profiles import (
+    HeadProfile,
+    echo_induction,
+    load_profile,
+    pod_blocks,
+    profile_for,
+    profile_path,
+    weights_key,
+)
 
 
 def test_echo_head_scores_echo_not_induction():

@@ -53,7 +53,7 @@ class AdaKVPolicy(Policy):
         check_ints(self, window=self.window, sinks=self.sinks)
         if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise InvalidInput(f"policy 'adakv': alpha={self.alpha!r} must be in [0, 1]")
-        self.inner  # validates the scorer name
+        _ = self.inner  # validates the scorer name
 
     @property
     def inner(self) -> ScorerPolicy:

@@ -66,7 +66,7 @@ class PoDPlan(Policy):
     def recent_for(self, S: int, base_of: list[list[int]]) -> int:
         """Recent window so that (K rows + V rows) / (2 L Hkv S) is closest to `kept`."""
         L, H = len(base_of), len(base_of[0])
-        nonbase = sum(base_of[l][h] != l for l in range(L) for h in range(H))
+        nonbase = sum(base_of[li][h] != li for li in range(L) for h in range(H))
         if nonbase == 0:
             return S
         # K rows kept: (L H - nonbase) S + nonbase (sinks + recent); V rows: L H S

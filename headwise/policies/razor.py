@@ -70,7 +70,7 @@ class RazorPolicy(Policy):
         while order and len(order) * S + (n - len(order)) * least > total:
             order.pop()
         retrieval = set(order)
-        others = [(l, h) for l in range(L) for h in range(num_kv_heads) if (l, h) not in retrieval]
+        others = [(li, h) for li in range(L) for h in range(num_kv_heads) if (li, h) not in retrieval]
         rows = {lh: S for lh in retrieval}
         if others:
             base, extra = divmod(total - len(retrieval) * S, len(others))
