@@ -123,6 +123,8 @@ def test_bad_parameters_raise_clear_errors(prefilled, ctx):
         get_policy("adakv", scorer="nope")
     with pytest.raises(InvalidInput, match="log_weight"):
         get_policy("ems", log_weight="sometimes")
+    with pytest.raises(InvalidInput, match="compensation"):
+        get_policy("razor", compensation="sometimes")
     with pytest.raises(InvalidInput, match="induction"):
         get_policy("razor", induction=1.5)
     with pytest.raises(InvalidInput, match="head profile"):

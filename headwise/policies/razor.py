@@ -30,7 +30,9 @@ class RazorPolicy(Policy):
     Measured on bench.quality (8 questions, SmolLM2): protecting more heads (induction
     0.2-0.3) or fewer (0.05) is worse than the paper's 0.14 at kept 0.25; `fill="snapkv"`
     (non-retrieval heads keep window-scored rows + the last `window` instead of the most
-    recent ones) is worse too (0.50 vs 0.88 at kept 0.5), so the defaults are the paper's.
+    recent ones) is worse too (0.50 vs 0.88 at kept 0.5), and so is the public deploy code's
+    unweighted compensation row (`compensation="plain"`: 0.75 / 0.12 / 0.00 against 0.88 / 0.38 /
+    0.12 at kept 0.5 / 0.25 / 0.1), so the defaults are the paper's.
     """
 
     name = "razor"
@@ -39,6 +41,7 @@ class RazorPolicy(Policy):
     echo: float = 0.01
     fill: str = "recent"  # rows of non-retrieval heads: "recent" (paper) or "snapkv" (window-scored + last `window`)
     window: int = 32
+    compensation: str = "weighted"  # "weighted": log_weight log(N_d) (Eq. 5); "plain": 0 (golden-stick deploy code)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,6 +51,8 @@ class RazorPolicy(Policy):
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise InvalidInput(f"policy 'razor': {attr}={v!r} must be a fraction of heads in [0, 1]")
         check_ints(self, window=self.window)
+        if self.compensation not in ("weighted", "plain"):
+            raise InvalidInput(f"policy 'razor': compensation={self.compensation!r}; allowed: weighted, plain")
         if self.fill not in FILLS:
             raise InvalidInput(f"policy 'razor': fill={self.fill!r}; allowed: {', '.join(FILLS)}")
 
@@ -113,7 +118,7 @@ class RazorPolicy(Policy):
             vs.append(torch.cat([v[:sinks], v[drop].mean(0, keepdim=True), v[tail]]))
             ps.append(torch.cat([pos[:sinks], pos.new_full((1,), -1), pos[tail]]))
             lw = torch.zeros(n_h, device=dev)
-            lw[sinks] = math.log(m)
+            lw[sinks] = math.log(m) if self.compensation == "weighted" else 0.0
             rid = torch.full((n_h,), NO_RECALL, dtype=torch.long, device=dev)
             rid[sinks] = len(rec_heads)
             lws.append(lw); rids.append(rid)
