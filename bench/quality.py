@@ -227,7 +227,7 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.8))
     for name, by_k in res["policies"].items():
         ks = sorted(by_k, key=float)
         ax.plot([float(k) for k in ks], [by_k[k]["accuracy"] for k in ks], marker="o", label=name)
@@ -238,7 +238,7 @@ def plot(res: dict, path: Path) -> None:
         ax.axhline(res["full"], color="k", ls=":", label="full cache")
     ax.set_xscale("log"); ax.set_xlabel("kept fraction of the context"); ax.set_ylabel("accuracy")
     ax.set_title("headwise quality: accuracy vs kept fraction (SmolLM2-135M-Instruct)")
-    ax.legend(fontsize=7, ncol=2); fig.tight_layout(); fig.savefig(path, dpi=120)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5)); fig.tight_layout(); fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> dict:
