@@ -183,3 +183,32 @@ def window_probs(window_queries: Tensor, keys: Tensor, scaling: float, gain: Ten
 
 def log_count(n: int) -> float:
     return math.log(n) if n > 0 else 0.0
+
+
+def prefill_attention_scores(
+    q: Tensor, layer: LayerCache, new_keys: Tensor, new_values: Tensor, scaling: float, scored: int, query_from: int = 0
+) -> tuple[Tensor, Tensor]:
+    """ragged_prefill_attention, plus what each of the last `scored` rows of every head received.
+
+    q: [Hq, C, d]; new_keys/new_values: [Hkv, C, d]; the layer must have no decode tail.
+    Returns the output [Hq, C, d] and scores [Hkv, scored] fp32: for each of the last `scored`
+    ragged rows of a head, the largest softmax probability any query row >= query_from of the
+    head's group gave it (KVzip's reconstruction score).
+    """
+    Hq, C, d = q.shape
+    Hkv = new_keys.shape[0]
+    G = Hq // Hkv
+    if layer.tail_len:
+        raise ValueError("prefill_attention_scores needs a compacted layer (no decode tail)")
+    causal = torch.full((C, C), float("-inf"), dtype=torch.float32, device=q.device).triu_(1)
+    out = q.new_empty(Hq, C, d)
+    scores = torch.zeros(Hkv, scored, dtype=torch.float32, device=q.device)
+    for h in range(Hkv):
+        k_h, v_h, lw_h = layer.head(h)
+        n_h = k_h.shape[0]
+        K, V = torch.cat([k_h, new_keys[h]]), torch.cat([v_h, new_values[h]])  # [n_h + C, d]
+        bias = torch.cat([lw_h.float()[None].expand(C, -1), causal], dim=1)  # [C, n_h + C]
+        p = torch.softmax((q[h * G : (h + 1) * G].float() @ K.float().T) * scaling + bias, dim=-1)  # [G, C, n_h + C]
+        out[h * G : (h + 1) * G] = (p @ V.float()).to(q.dtype)
+        scores[h] = p[:, query_from:, n_h - scored : n_h].amax(dim=(0, 1))
+    return out, scores

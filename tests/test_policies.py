@@ -10,7 +10,7 @@ from headwise.errors import InvalidInput
 from headwise.policies import get_policy
 from headwise.policies.base import CompressContext, keep_all
 
-POLICIES = ["snapkv", "adakv", "razor", "taskkv", "ems", "ahakv"]
+POLICIES = ["snapkv", "adakv", "razor", "taskkv", "ems", "ahakv", "kvzip"]
 S = 600  # >= 512: the realised fraction must be within 1% of the request
 
 
@@ -41,7 +41,7 @@ def prefilled(gqa_runner):
     from headwise.policies.base import Capture
 
     ids = torch.randint(3, 250, (S,), generator=torch.Generator().manual_seed(7)).tolist()
-    return gqa_runner.prefill(ids, capture=Capture(window=64, column_sums=True))
+    return gqa_runner.prefill(ids, capture=Capture(window=64, column_sums=True, reconstruction=True))
 
 
 def _same(a, b) -> bool:

@@ -16,7 +16,13 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from headwise.attention import MergedShare, column_sums, ragged_decode_attention, ragged_prefill_attention
+from headwise.attention import (
+    MergedShare,
+    column_sums,
+    prefill_attention_scores,
+    ragged_decode_attention,
+    ragged_prefill_attention,
+)
 from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
 from headwise.models.loader import check_model_dir, load_model, model_id
@@ -133,7 +139,56 @@ class ModelRunner:
                 window_queries=q[:, S - W :].clone() if W else None,
                 column_sums=column_sums(q, k, scaling) if capture.column_sums else None,
             ))
+        if capture.reconstruction:
+            for state, score in zip(states, self._reconstruction_scores(ids.tolist(), cache, states, start)):
+                state.reconstruction = score
         return PrefillOutput(self._logits(h[:, -1]), states, start)
+
+    RECONSTRUCT_QUESTION = "Repeat the text above exactly."
+    RECONSTRUCT_CHUNK = 512
+
+    def _repeat_prefix(self) -> list[int]:
+        """Tokens that ask the model to repeat the segment (chat-template aware)."""
+        if self.tokenizer is None:
+            return []
+        from headwise.prompt import build_segments
+
+        return build_segments(self.tokenizer, "", self.RECONSTRUCT_QUESTION).question
+
+    @torch.inference_mode()
+    def _reconstruction_scores(
+        self, token_ids: list[int], cache: CompactCache | None, states: list[LayerState], start: int
+    ) -> list[Tensor]:
+        """KVzip's query-agnostic score: per layer [Hkv, S], the max attention each segment row
+        receives while the model re-reads the segment, chunk by chunk, after a repeat request.
+
+        Every chunk runs on top of the whole (uncompressed) cache and is then thrown away, so
+        positions never go past start + S + prefix + chunk.
+        """
+        S = len(token_ids)
+        seg = CompactCache([LayerCache.from_dense(s.keys, s.values, s.positions) for s in states], start + S, start)
+        full = cache.extended(seg) if cache is not None else seg
+        prefix = self._repeat_prefix()
+        room = self.max_positions - (start + S) - len(prefix)
+        chunk = min(self.RECONSTRUCT_CHUNK, room)
+        if chunk < 16:
+            raise InvalidInput(
+                f"a segment of {S} tokens at position {start} leaves no room to score it by reconstruction "
+                f"(context {self.max_positions}); use at most {self.max_positions - start - len(prefix) - 16} tokens"
+            )
+        scores = [torch.zeros(self.num_kv_heads, S, dtype=torch.float32, device=self.device) for _ in states]
+        for a in range(0, S, chunk):
+            ids = torch.tensor(prefix + token_ids[a : a + chunk], dtype=torch.long, device=self.device)
+            pos = torch.arange(start + S, start + S + ids.numel(), device=self.device)
+            h = self._inner.embed_tokens(ids)[None]
+            cos, sin = self._inner.rotary_emb(h, pos[None])
+            for i, layer in enumerate(self._inner.layers):
+                q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
+                o, sc = prefill_attention_scores(q, full.layers[i], k, v, layer.self_attn.scaling, S, len(prefix))
+                torch.maximum(scores[i], sc, out=scores[i])
+                if i + 1 < len(self._inner.layers):
+                    h = self._finish_layer(layer, h, o)
+        return scores
 
     def context(self, policy: Policy | None = None) -> CompressContext:
         """Whole-model facts; carries the head profile (from disk, else computed once) when the policy needs one."""

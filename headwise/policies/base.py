@@ -25,9 +25,11 @@ class Capture:
 
     window: int = 0  # last W post-RoPE queries of the segment, per layer
     column_sums: bool = False  # causal attention received by each key from all segment queries
+    reconstruction: bool = False  # max attention each key gets while the model re-reads the segment
 
     def merge(self, other: "Capture") -> "Capture":
-        return Capture(max(self.window, other.window), self.column_sums or other.column_sums)
+        return Capture(max(self.window, other.window), self.column_sums or other.column_sums,
+                       self.reconstruction or other.reconstruction)
 
 
 @dataclass
@@ -38,6 +40,8 @@ class LayerState:
     positions:       [S] int64 original positions
     window_queries:  [Hq, W, d] post-RoPE queries of the last W segment positions, or None
     column_sums:     [Hq, S] fp32 attention each key received from the segment, or None
+    reconstruction:  [Hkv, S] fp32 max attention each key received while the model repeated
+                     the segment (KVzip-style, query-agnostic), or None
     """
 
     layer: int
@@ -47,6 +51,7 @@ class LayerState:
     scaling: float
     window_queries: Tensor | None = None
     column_sums: Tensor | None = None
+    reconstruction: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
