@@ -32,13 +32,13 @@ def test_segments_on_top_of_cache_equal_one_prefill(tiny_model, tiny_runner, cut
     ids = _ids(200, seed=2)
     bounds = [0, *cuts, len(ids)]
     cache = None
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in zip(bounds, bounds[1:], strict=False):
         res = tiny_runner.prefill_segment(ids[a:b], cache)
         cache = res.cache
     assert cache.seq_len == len(ids)
     assert torch.allclose(res.logits, _hf_logits(tiny_model, ids), atol=1e-4)
     one = tiny_runner.prefill_segment(ids).cache
-    for la, lb in zip(cache.layers, one.layers):
+    for la, lb in zip(cache.layers, one.layers, strict=False):
         assert torch.allclose(la.keys, lb.keys, atol=1e-5) and torch.equal(la.positions, lb.positions)
 
 
@@ -88,7 +88,7 @@ def test_streaming_at_full_budget_equals_full(tiny_runner):
     ids = _ids(300, seed=10)
     full = tiny_runner.prefill_segment(ids[:250])
     stream = tiny_runner.prefill_segment(ids[:250], policy=get_policy("streaming", kept=1.0))
-    for a, b in zip(full.segment.layers, stream.segment.layers):
+    for a, b in zip(full.segment.layers, stream.segment.layers, strict=False):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values) and torch.equal(a.head_offsets, b.head_offsets)
     f2 = tiny_runner.prefill_segment(ids[250:], full.cache)
     s2 = tiny_runner.prefill_segment(ids[250:], stream.cache)

@@ -316,7 +316,7 @@ class CompactCache:
             raise ValueError(f"segment starts at position {segment.start}, cache ends at {self.seq_len}")
         if segment.num_layers != self.num_layers:
             raise ValueError(f"segment has {segment.num_layers} layers, cache has {self.num_layers}")
-        layers = [a.extended(b) for a, b in zip(self.layers, segment.layers)]
+        layers = [a.extended(b) for a, b in zip(self.layers, segment.layers, strict=True)]
         return CompactCache(layers, segment.seq_len, self.start, dict(self.meta))
 
     @classmethod

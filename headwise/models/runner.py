@@ -140,7 +140,7 @@ class ModelRunner:
                 column_sums=column_sums(q, k, scaling) if capture.column_sums else None,
             ))
         if capture.reconstruction:
-            for state, score in zip(states, self._reconstruction_scores(ids.tolist(), cache, states, start)):
+            for state, score in zip(states, self._reconstruction_scores(ids.tolist(), cache, states, start), strict=True):
                 state.reconstruction = score
         return PrefillOutput(self._logits(h[:, -1]), states, start)
 

@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
 from headwise.cache.compact import CompactCache, LayerCache
