@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-DEFAULT_POLICIES = ("streaming", "snapkv", "adakv", "razor", "taskkv", "ems", "ahakv")
+DEFAULT_POLICIES = ("streaming", "snapkv", "adakv", "razor", "taskkv", "ems", "ahakv", "kvzip")
 DEFAULT_KEPT = (0.5, 0.25, 0.1)
 CITIES = ("Lisbon", "Oslo", "Quito", "Hanoi", "Dakar", "Perth", "Tbilisi", "Lima")
 WORDS = ("marigold", "tangerine", "basalt", "juniper", "cobalt", "lantern", "saffron", "harbor")

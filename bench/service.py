@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--tokens", type=int, default=2000, help="document length in tokens")
-    ap.add_argument("--policy", default="razor")
+    ap.add_argument("--policy", default="kvzip")
     ap.add_argument("--kept", type=float, default=0.25)
     ap.add_argument("--decode-tokens", type=int, default=48)
     a = ap.parse_args(argv)

@@ -84,8 +84,8 @@ def profile(
 @app.command("demo")
 def demo(
     tokens: int = typer.Option(1200, help="Document length in tokens."),
-    policy: str = typer.Option("razor", help="Compression policy of the document (see `headwise policies`)."),
-    kept: float = typer.Option(0.5, help="Kept fraction of the document's KV rows, in (0, 1]."),
+    policy: str = typer.Option("kvzip", help="Compression policy of the document (see `headwise policies`)."),
+    kept: float = typer.Option(0.25, help="Kept fraction of the document's KV rows, in (0, 1]."),
     engine: bool = typer.Option(False, help="Run the engine-only demo instead (no cluster)."),
 ) -> None:
     """The main job: start the local cluster, ask about a real document from two sessions, show the figures."""

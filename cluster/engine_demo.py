@@ -34,7 +34,7 @@ def run_engine_demo(model: str | None = None, tokens: int = 1500, console: Conso
     console.print(f"[bold]document[/bold]: CPython pydoc topics, {len(seg.context)} tokens, fact at depth 0.5")
     console.print(f"[bold]question[/bold]: {QUESTION}")
     rows = []
-    for name, kept in (("full", 1.0), ("streaming", 0.5), ("streaming", 0.25)):
+    for name, kept in (("full", 1.0), ("streaming", 0.25), ("razor", 0.25), ("kvzip", 0.25), ("kvzip", 0.1)):
         policy = get_policy(name, kept=kept)
         t0 = time.perf_counter()
         ctx = runner.prefill_segment(seg.context, policy=policy)

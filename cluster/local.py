@@ -28,7 +28,23 @@ from services.tenancy import write_tenants_file
 DEV_TENANTS = {"acme": "acme-dev-key", "globex": "globex-dev-key", "initech": "initech-dev-key", "umbrella": "umbrella-dev-key"}
 
 
-def free_port() -> int:
+def free_port(low: int = 20000, high: int = 32000) -> int:
+    """A port that is free now, chosen below the kernel's ephemeral range (32768+).
+
+    Ray's many processes take ephemeral ports while the cluster starts; a port the kernel
+    handed out as "free" from that range can be taken again before Serve binds it.
+    """
+    import random
+
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     tenant_quota_bytes: int = 2 * 1024**3
 
     # request defaults and limits
-    default_policy: str = "razor"
+    default_policy: str = "kvzip"
     default_kept: float = 0.25
     max_prompt_tokens: int = 8000
     max_new_tokens: int = 256

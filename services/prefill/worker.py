@@ -54,7 +54,7 @@ def codec_version() -> int:
 def default_policy_name(configured: str) -> str:
     """The configured default when it exists, else the best available query-agnostic one."""
     names = policy_names()
-    for name in (configured, "razor", "streaming", "full"):
+    for name in (configured, "kvzip", "razor", "streaming", "full"):
         if name in names:
             return name
     return names[0]
