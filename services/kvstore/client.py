@@ -155,7 +155,21 @@ class KVStoreClient:
                 yield pb.PutRequest(recall=pb.RecallEntry(layer=r.layer, head=r.head, row=r.row, data=r.data))
 
         async def attempt() -> int:
-            await self.bulk[0](requests(), metadata=self.metadata, timeout=self._deadline(nbytes))
+            # Written by hand, not from a request iterator: when the server ends the call early
+            # (quota, bad input) a racing write can fail with a bare INTERNAL from gRPC core; the
+            # call's own status, awaited below, is the server's precise one.
+            call = self.bulk[0](metadata=self.metadata, timeout=self._deadline(nbytes))
+            try:
+                try:
+                    async for req in requests():
+                        await call.write(req)
+                    await call.done_writing()
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    pass
+                await call
+            finally:
+                if not call.done():
+                    call.cancel()
             return nbytes
 
         sent = await self._call(f"Put {key}", attempt)

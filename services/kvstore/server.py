@@ -94,7 +94,17 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     # ---- Put ----------------------------------------------------------------------
     async def Put(self, request_iterator: AsyncIterator[pb.PutRequest], context) -> pb.PutResponse:
-        return await self._run("Put", context, lambda tenant: self._put(tenant, request_iterator))
+        async def body(tenant: str) -> pb.PutResponse:
+            try:
+                return await self._put(tenant, request_iterator)
+            except (Reject, QuotaExceededError):
+                # Read what the client is still sending before the status goes out: ending the
+                # call mid-upload makes the client's racing write fail as a bare INTERNAL
+                # instead of this precise status. Bounded by the segment limit and 10 s.
+                await _drain(request_iterator, self.settings.max_segment_bytes, 10.0)
+                raise
+
+        return await self._run("Put", context, body)
 
     async def _put(self, tenant: str, requests: AsyncIterator[pb.PutRequest]) -> pb.PutResponse:
         first = await anext(aiter(requests), None)
@@ -345,3 +355,21 @@ async def close_server(server: grpc.aio.Server, grace_s: float = 1.0) -> None:
     await server.stop(grace_s)
     await server.kvstore.backend.close()
     server.kvstore.metrics.close()
+
+
+async def _drain(requests: AsyncIterator, max_bytes: int, timeout_s: float) -> None:
+    """Consume and discard the rest of a request stream: at most the messages a segment of
+    max_bytes could take (chunks are at most 1 MiB, recall entries too), or timeout_s."""
+    limit = max_bytes // (1 << 20) + 64
+
+    async def consume() -> None:
+        seen = 0
+        async for _ in requests:
+            seen += 1
+            if seen > limit:
+                return
+
+    try:
+        await asyncio.wait_for(consume(), timeout_s)
+    except (asyncio.TimeoutError, grpc.RpcError, StopAsyncIteration):
+        pass
