@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from headwise.policies.base import CompressContext, LayerState, ScorerPolicy
-from headwise.policies.snapkv import check_budget, check_ints, group_reduce, pool1d, window_scores
+from headwise.policies.snapkv import check_ints, group_reduce, pool1d, window_scores
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,3 @@ class AhaKVPolicy(ScorerPolicy):
         nu = state.values.float().pow(2).sum(-1)  # [Hkv, N]
         gam = pool1d(nu, self.kernel, "avg")
         return gam / gam.amax(-1, keepdim=True) * s
-
-    def compress_layer(self, state, ctx):
-        S = state.num_tokens
-        b = self.budget(S)
-        if b < S:
-            check_budget(self, b, self.sinks + self.window)
-        return super().compress_layer(state, ctx)

@@ -108,6 +108,21 @@ class Policy:
         raise NotImplementedError
 
 
+def check_budget(policy, budget: int, protected: int, what: str = "sinks + window") -> None:
+    """Bad parameters fail loudly instead of silently keeping something else."""
+    if budget < protected:
+        raise InvalidInput(
+            f"policy {policy.name!r}: kept={policy.kept} keeps {budget} rows per head, fewer than "
+            f"{what} = {protected}; raise kept or lower the window/sinks"
+        )
+
+
+def check_ints(policy, **values: int) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise InvalidInput(f"policy {policy.name!r}: {name}={v!r} must be an integer >= 0")
+
+
 def keep_all(state: LayerState) -> LayerCache:
     return LayerCache.from_dense(state.keys, state.values, state.positions)
 
@@ -132,10 +147,7 @@ class ScorerPolicy(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for attr in ("window", "sinks"):
-            v = getattr(self, attr)
-            if not isinstance(v, int) or v < 0:
-                raise InvalidInput(f"{attr}={v!r} must be an integer >= 0")
+        check_ints(self, window=self.window, sinks=self.sinks)
 
     @property
     def capture(self) -> Capture:
@@ -144,21 +156,15 @@ class ScorerPolicy(Policy):
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
         raise NotImplementedError
 
-    def protected(self, S: int, budget: int) -> tuple[int, int]:
-        """(sinks, window) that fit in the budget: sinks first, then window, then scored rows."""
-        sinks = min(self.sinks, budget)
-        window = min(self.window, budget - sinks)
-        return sinks, window
-
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S = state.num_tokens
         b = self.budget(S)
         if b >= S:
             return keep_all(state)
+        check_budget(self, b, self.sinks + self.window)
         scores = self.score(state, ctx).float().clone()  # [Hkv, S]
-        sinks, window = self.protected(S, b)
-        scores[:, :sinks] = float("inf")
-        if window:
-            scores[:, S - window :] = float("inf")
+        scores[:, : self.sinks] = float("inf")
+        if self.window:
+            scores[:, S - self.window :] = float("inf")
         idx = scores.topk(b, dim=-1).indices.sort(dim=-1).values  # [Hkv, b]
         return gather_rows(state, list(idx))

@@ -3,8 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from headwise.cache.compact import CompactCache
-from headwise.errors import InvalidInput
-from headwise.policies.base import Capture, CompressContext, LayerState, Policy, gather_rows, keep_all
+from headwise.policies.base import Capture, CompressContext, LayerState, Policy, check_ints, gather_rows, keep_all
 
 
 @dataclass(frozen=True)
@@ -30,10 +29,7 @@ class KVzipPolicy(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for attr in ("sinks", "window"):
-            v = getattr(self, attr)
-            if not isinstance(v, int) or v < 0:
-                raise InvalidInput(f"{attr}={v!r} must be an integer >= 0")
+        check_ints(self, sinks=self.sinks, window=self.window)
 
     @property
     def capture(self) -> Capture:

@@ -1,7 +1,7 @@
 """SnapKV (ALGORITHMS.md 6.1): the context's own last tokens vote for the tokens to keep.
 
 Also home of the helpers the other scorer policies share (window scores, pooling, the
-budget check), so each method file stays one small class.
+budget checks re-exported from base), so each method file stays one small class.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from headwise.attention import window_probs
 from headwise.errors import InvalidInput
-from headwise.policies.base import CompressContext, LayerState, ScorerPolicy
+from headwise.policies.base import CompressContext, LayerState, ScorerPolicy, check_budget, check_ints  # noqa: F401 (re-exported)
 
 POOLINGS = ("avg", "max", "none")
 
@@ -44,21 +44,6 @@ def window_scores(state: LayerState, window: int, gain: Tensor | None = None) ->
     return window_probs(qw, state.keys, state.scaling, gain).mean(1)
 
 
-def check_budget(policy, budget: int, protected: int, what: str = "sinks + window") -> None:
-    """Bad parameters fail loudly instead of silently keeping something else."""
-    if budget < protected:
-        raise InvalidInput(
-            f"policy {policy.name!r}: kept={policy.kept} keeps {budget} rows per head, fewer than "
-            f"{what} = {protected}; raise kept or lower the window/sinks"
-        )
-
-
-def check_ints(policy, **values: int) -> None:
-    for name, v in values.items():
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise InvalidInput(f"policy {policy.name!r}: {name}={v!r} must be an integer >= 0")
-
-
 @dataclass(frozen=True)
 class SnapKVPolicy(ScorerPolicy):
     """SnapKV: mean window attention over the GQA group, pooled, top-k per head.
@@ -82,10 +67,3 @@ class SnapKVPolicy(ScorerPolicy):
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
         s = group_reduce(window_scores(state, self.window), state.num_kv_heads)  # [Hkv, N]
         return pool1d(s, self.kernel, self.pooling)
-
-    def compress_layer(self, state, ctx):
-        S = state.num_tokens
-        b = self.budget(S)
-        if b < S:
-            check_budget(self, b, self.sinks + self.window)
-        return super().compress_layer(state, ctx)

@@ -3,8 +3,7 @@ from dataclasses import dataclass
 import torch
 
 from headwise.cache.compact import LayerCache
-from headwise.errors import InvalidInput
-from headwise.policies.base import CompressContext, LayerState, Policy, gather_rows, keep_all
+from headwise.policies.base import CompressContext, LayerState, Policy, check_ints, gather_rows, keep_all
 
 
 @dataclass(frozen=True)
@@ -20,8 +19,7 @@ class StreamingPolicy(Policy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.sinks, int) or self.sinks < 0:
-            raise InvalidInput(f"sinks={self.sinks!r} must be an integer >= 0")
+        check_ints(self, sinks=self.sinks)
 
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S = state.num_tokens
