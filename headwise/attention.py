@@ -8,7 +8,6 @@ Query head h uses KV head h // G (the repeat_kv convention).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -179,10 +178,6 @@ def window_probs(window_queries: Tensor, keys: Tensor, scaling: float, gain: Ten
     cols = torch.arange(N, device=keys.device)
     logits.masked_fill_(cols[None, None, :] > rows[None, :, None], float("-inf"))
     return torch.softmax(logits, -1)
-
-
-def log_count(n: int) -> float:
-    return math.log(n) if n > 0 else 0.0
 
 
 def prefill_attention_scores(
