@@ -15,8 +15,9 @@ APP_NAME = "headwise"
 APP_IMPORT_PATH = "services.app:build_app"
 PREFILL_DEPLOYMENT = "Prefill"
 DECODE_DEPLOYMENT = "Decode"
-# The servicer function Ray Serve's gRPC proxy registers (set once the stubs exist).
-GRPC_SERVICER_FUNCTIONS = ["services.protos.headwise.v1.generate_pb2_grpc.add_GenerateServicer_to_server"]
+# The servicer function Ray Serve's gRPC proxy calls in its own process: registers Generate and makes
+# client cancels reach the replica (see services/decode/grpc_proxy.py).
+GRPC_SERVICER_FUNCTIONS = ["services.decode.grpc_proxy.add_GenerateServicer_to_server"]
 
 
 def serve_config(settings: Settings) -> dict[str, Any]:
