@@ -108,7 +108,8 @@ class PrefillWorker:
         self.stores = stores
         self.settings = settings
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-model")
-        self._inflight: dict[str, asyncio.Future] = {}
+        self._inflight: dict[str, asyncio.Future] = {}  # context key -> the lease of the request computing it
+        self.single_flight_waits = 0
         # Recently used reusable segments of this replica, so a reused document is not fetched
         # twice (here and in decode). The store stays the authority: a key is used only after
         # lookup says it is stored. Keys carry the tenant salt, so this never crosses tenants.
@@ -172,9 +173,16 @@ class PrefillWorker:
         return handle
 
     async def _with_store(self, req: PrefillRequest, plan: _Plan, policy: Policy) -> CacheHandle:
+        store = self.stores.for_tenant(req.tenant)
+        lease = await self._lead(plan.keys[0]) if policy.reusable and not req.recompute else None
         try:
-            store = self.stores.for_tenant(req.tenant)
-            await self._wait_inflight(plan.keys[0])
+            return await self._lookup_and_compute(req, plan, policy, store)
+        finally:
+            if lease is not None:
+                self._release(plan.keys[0], lease)
+
+    async def _lookup_and_compute(self, req: PrefillRequest, plan: _Plan, policy: Policy, store) -> CacheHandle:
+        try:
             n = 0 if req.recompute or not policy.reusable else await store.lookup(plan.keys[:-1])
         except self.stores.errors[1] as e:
             log.warning("kvstore unavailable, bypassing: %s", e)
@@ -191,26 +199,18 @@ class PrefillWorker:
             segs.append(seg)
         reused = len(segs)
         cache = CompactCache.concat(segs) if segs else None
-        done = asyncio.get_running_loop().create_future() if reused == 0 else None
-        if done is not None:
-            self._inflight.setdefault(plan.keys[0], done)
-        try:
-            logits = None
-            for i in range(reused, len(plan.segments)):
-                res = await self._model(self.runner.prefill_segment, plan.segments[i], cache, plan.policies[i])
-                cache, logits = res.cache, res.logits
-                segs.append(res.segment)
-                try:
-                    wire += await store.put(plan.store_keys[i], res.segment)
-                    if plan.store_keys[i] == plan.keys[i] and (i > 0 or policy.reusable):
-                        self._remember(plan.keys[i], res.segment)
-                except self.stores.errors[1] as e:
-                    log.warning("kvstore unavailable during put, bypassing: %s", e)
-                    return await self._bypass(plan, segs, (cache, logits))
-        finally:
-            if done is not None and self._inflight.get(plan.keys[0]) is done:
-                del self._inflight[plan.keys[0]]
-                done.set_result(None)
+        logits = None
+        for i in range(reused, len(plan.segments)):
+            res = await self._model(self.runner.prefill_segment, plan.segments[i], cache, plan.policies[i])
+            cache, logits = res.cache, res.logits
+            segs.append(res.segment)
+            try:
+                wire += await store.put(plan.store_keys[i], res.segment)
+                if plan.store_keys[i] == plan.keys[i] and (i > 0 or policy.reusable):
+                    self._remember(plan.keys[i], res.segment)
+            except self.stores.errors[1] as e:
+                log.warning("kvstore unavailable during put, bypassing: %s", e)
+                return await self._bypass(plan, segs, (cache, logits))
         reused_tokens = sum(len(s) for s in plan.segments[:reused])
         status = PRIVATE if not policy.reusable else (STORED if reused == 0 else REUSED if reused == len(plan.segments) - 1 else PARTIAL)
         return self._handle(plan, segs, logits, reused_tokens, wire, status)
@@ -221,11 +221,22 @@ class PrefillWorker:
         while self._recent and sum(s.nbytes for s in self._recent.values()) > self._recent_budget:
             self._recent.popitem(last=False)
 
-    async def _wait_inflight(self, key: str) -> None:
-        """Another request is computing this context right now: wait for it instead of doing it twice."""
-        fut = self._inflight.get(key)
-        if fut is not None:
+    async def _lead(self, key: str) -> asyncio.Future:
+        """Single flight per context: while another request of this replica looks up or computes the
+        same context (same tenant, policy and text: the key says so), wait for it, then look up
+        again; the stored result is reused instead of computed twice. Taken before the lookup, so
+        requests that arrive together cannot all miss and all compute. Returns this request's lease."""
+        while (fut := self._inflight.get(key)) is not None:
+            self.single_flight_waits += 1
             await asyncio.shield(fut)
+        lease = asyncio.get_running_loop().create_future()
+        self._inflight[key] = lease
+        return lease
+
+    def _release(self, key: str, lease: asyncio.Future) -> None:
+        if self._inflight.get(key) is lease:
+            del self._inflight[key]
+        lease.set_result(None)
 
     async def _bypass(self, plan: _Plan, segs: list[CompactCache], state) -> CacheHandle:
         """The store is unreachable: compute what is missing and hand the segments over through Ray."""

@@ -142,3 +142,56 @@ async def test_stream_slot_released_after_cancel(stack):
     await agen.aclose()  # what a client cancel does to the server's generator
     assert dw.tenants.open_streams("acme") == 0
     assert dw.recent[-1].cancelled and dw.recent[-1].tokens < 50
+
+
+async def test_concurrent_cold_requests_compute_the_context_once(tiny_model):
+    """Single flight: four requests for one document arrive together; one computes, three reuse."""
+    import asyncio
+
+    from headwise.models import ModelRunner
+    from services.prefill.api import PrefillRequest
+
+    runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
+    compressed = []
+    real = runner.prefill_segment
+
+    def counting(ids, cache, policy):
+        compressed.append(policy.name)
+        return real(ids, cache, policy)
+
+    runner.prefill_segment = counting
+    mem = MemoryFactory()
+    pw = PrefillWorker(runner, StoreClients("mem", "t", factory=mem), Settings(max_prompt_tokens=900))
+    reqs = [PrefillRequest(tenant="acme", salt="s", context=DOC, prompt=f"question {i}?", answer_prefix="",
+                           policy="streaming", kept=0.5) for i in range(4)]
+    handles = await asyncio.gather(*(pw.prefill(r) for r in reqs))
+    assert compressed.count("streaming") == 1 and compressed.count("full") == 4  # one context, four questions
+    assert sorted(h.store_status for h in handles) == ["reused", "reused", "reused", "stored"]
+    assert pw.single_flight_waits >= 3 and not pw._inflight
+    # another tenant's identical document is not shared, and a failed leader hands over
+    other = await pw.prefill(PrefillRequest(tenant="globex", salt="g", context=DOC, prompt="q?", answer_prefix="",
+                                            policy="streaming", kept=0.5))
+    assert other.store_status == "stored" and compressed.count("streaming") == 2
+
+
+async def test_a_failed_leader_lets_the_next_request_compute(tiny_model):
+    import asyncio
+
+    from headwise.models import ModelRunner
+    from services.prefill.api import PrefillRequest
+
+    runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
+    real, calls = runner.prefill_segment, []
+
+    def first_fails(ids, cache, policy):
+        calls.append(policy.name)
+        if len(calls) == 1:
+            raise RuntimeError("model fault")
+        return real(ids, cache, policy)
+
+    runner.prefill_segment = first_fails
+    pw = PrefillWorker(runner, StoreClients("mem", "t", factory=MemoryFactory()), Settings(max_prompt_tokens=900))
+    req = PrefillRequest(tenant="acme", salt="s", context=DOC, prompt="q?", answer_prefix="", policy="streaming",
+                         kept=0.5)
+    a, b = await asyncio.gather(pw.prefill(req), pw.prefill(req), return_exceptions=True)
+    assert isinstance(a, RuntimeError) and b.store_status == "stored" and not pw._inflight
