@@ -13,7 +13,8 @@ def cluster(default_model_path):
     from cluster.local import LocalCluster
     from services.settings import Settings
 
-    settings = Settings(default_policy="streaming", default_kept=0.5, max_prompt_tokens=1500, store_timeout_s=2.0)
+    settings = Settings(default_policy="streaming", default_kept=0.5, max_prompt_tokens=1500, store_timeout_s=2.0,
+                        recall_threshold=0.02)  # low, so the merging-policy test sees recalls
     with LocalCluster(settings, tenants=TENANTS, tenant_limits=LIMITS, log=lambda s: None) as c:
         yield c
 

@@ -141,3 +141,19 @@ async def test_killing_kvstore_still_answers(cluster, document):
         assert after.figures["store_status"] == "bypassed" and "4817" in after.text
     finally:
         cluster.start_kvstore()
+
+
+async def test_recall_through_a_merging_policy(cluster, document):
+    """EMS merges rows and stores their originals; decode recalls the ones attention asks for."""
+    import redis.asyncio as redis
+
+    opts = {"answer_prefix": " " + PREFIX, "max_new_tokens": 8, "policy": "ems", "kept": 0.25}
+    async with client(cluster) as c:
+        with_recall = await c.ask(QUESTION, document, recall=True, **opts)
+        without = await c.ask(QUESTION, document, recall=False, **opts)
+    r = redis.from_url(cluster.endpoints.redis)
+    recall_keys = [k async for k in r.scan_iter("hw:acme:r:*")]
+    await r.aclose()
+    assert recall_keys  # the originals of merged rows are in Redis
+    assert with_recall.figures["recalls"] > 0 and without.figures["recalls"] == 0
+    assert without.figures["store_status"] == "reused" and len(with_recall.token_ids) > 0
