@@ -10,6 +10,10 @@ frames and the recall blobs. Rules every backend keeps (tests/kvstore/test_contr
 
 Methods, grouped by caller: the Put handler uses `begin_put` and the writer; Get uses
 `manifest` and `chunks`; Lookup, Recall, Delete, Stats use the method of the same name.
+
+Coordination (Acquire/Release, PutRecord/GetRecord): a counting semaphore per (tenant, name)
+whose slots lapse `ttl_s` after their last renewal, and small records with a TTL. They are
+not segments: they do not count against the quota and never appear in Lookup.
 """
 
 from __future__ import annotations
@@ -76,6 +80,12 @@ class Backend(Protocol):
     async def usage(self, tenant: str) -> tuple[int, int]:
         """(bytes, segments) the tenant holds now."""
         ...
+    async def acquire(self, tenant: str, name: str, holder: str, limit: int, ttl_s: float) -> tuple[bool, int]:
+        """Take or renew `holder`'s slot of semaphore `name`: (granted, slots held now)."""
+        ...
+    async def release(self, tenant: str, name: str, holder: str) -> bool: ...
+    async def put_record(self, tenant: str, key: str, data: bytes, ttl_s: float) -> None: ...
+    async def get_record(self, tenant: str, key: str) -> bytes | None: ...
     async def ping(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -100,6 +110,8 @@ class MemoryBackend:
     clock: Callable[[], float] = time.monotonic
     name: str = "memory"
     _segments: dict[tuple[str, str], _Stored] = field(default_factory=dict)
+    _slots: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)  # holder -> expiry
+    _records: dict[tuple[str, str], tuple[bytes, float]] = field(default_factory=dict)
 
     def _live(self, tenant: str, key: str) -> _Stored | None:
         s = self._segments.get((tenant, key))
@@ -143,6 +155,26 @@ class MemoryBackend:
     async def usage(self, tenant):
         live = [s for (t, k) in list(self._segments) if t == tenant and (s := self._live(t, k)) is not None]
         return sum(s.manifest.stored_bytes for s in live), len(live)
+
+    async def acquire(self, tenant, name, holder, limit, ttl_s):
+        now = self.clock()
+        slots = {h: t for h, t in self._slots.get((tenant, name), {}).items() if t > now}
+        granted = holder in slots or len(slots) < limit
+        if granted:
+            slots[holder] = now + ttl_s
+        self._slots[(tenant, name)] = slots
+        return granted, len(slots)
+
+    async def release(self, tenant, name, holder):
+        slots = self._slots.get((tenant, name), {})
+        return slots.pop(holder, 0.0) > self.clock()
+
+    async def put_record(self, tenant, key, data, ttl_s):
+        self._records[(tenant, key)] = (bytes(data), self.clock() + ttl_s)
+
+    async def get_record(self, tenant, key):
+        data, expires = self._records.get((tenant, key), (None, 0.0))
+        return data if expires > self.clock() else None
 
     async def ping(self):
         return None

@@ -268,6 +268,45 @@ class KVStoreClient:
         out["client"] = dict(vars(self.counters))
         return out
 
+    # ---- coordination -------------------------------------------------------------
+    async def acquire(self, name: str, holder: str, limit: int, ttl_s: float) -> tuple[bool, int]:
+        """Take or renew `holder`'s slot of the tenant's semaphore `name`: (granted, held now)."""
+
+        async def attempt() -> tuple[bool, int]:
+            r = await self.stub.Acquire(pb.AcquireRequest(name=name, holder=holder, limit=limit, ttl_s=ttl_s),
+                                        metadata=self.metadata, timeout=self.timeout_s)
+            return r.granted, r.held
+
+        return await self._call(f"Acquire {name}", attempt)
+
+    async def release(self, name: str, holder: str) -> bool:
+        async def attempt() -> bool:
+            r = await self.stub.Release(pb.ReleaseRequest(name=name, holder=holder), metadata=self.metadata,
+                                        timeout=self.timeout_s)
+            return r.released
+
+        return await self._call(f"Release {name}", attempt)
+
+    async def put_record(self, key: str, data: bytes, ttl_s: float) -> None:
+        async def attempt() -> None:
+            await self.stub.PutRecord(pb.PutRecordRequest(key=key, data=data, ttl_s=ttl_s), metadata=self.metadata,
+                                      timeout=self.timeout_s)
+
+        await self._call(f"PutRecord {key}", attempt)
+
+    async def get_record(self, key: str) -> bytes | None:
+        async def attempt() -> bytes | None:
+            try:
+                r = await self.stub.GetRecord(pb.GetRecordRequest(key=key), metadata=self.metadata,
+                                              timeout=self.timeout_s)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.NOT_FOUND:
+                    return None
+                raise
+            return r.data
+
+        return await self._call(f"GetRecord {key}", attempt)
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()

@@ -7,6 +7,8 @@ Layout, one namespace per tenant (`hw:{tenant}:`; tenant ids cannot contain ':')
   hw:{t}:m:{key}          manifest (hash: u=upload, h=codec header, n=chunks, b=chunk bytes, s=stored bytes)
   hw:{t}:idx              live segments (zset: key -> expiry in ms since the epoch, +inf = none)
   hw:{t}:sz               stored bytes per segment (hash: key -> bytes), for the quota
+  hw:{t}:sem:{name}       a counting semaphore (zset: holder -> lapse time in ms, Redis's clock)
+  hw:{t}:rec:{key}        a small record (string with its own TTL)
 
 A put streams its chunks to per-upload keys with a staging TTL as they arrive (pipelined,
 up to two batches in flight while the next is received). Nothing refers to them until the
@@ -49,6 +51,31 @@ for _, k in ipairs(live) do
   if k ~= ARGV[2] then used = used + tonumber(redis.call('HGET', KEYS[2], k) or 0); n = n + 1 end
 end
 return {used, n}
+"""
+
+# Take or renew a semaphore slot, atomic. KEYS: the zset. ARGV: holder, limit, ttl_ms.
+# Redis's own clock, so kvstore replicas with skewed clocks agree. Returns {granted, held}.
+_ACQUIRE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local held = redis.call('ZCARD', KEYS[1])
+local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not mine and held >= tonumber(ARGV[2]) then return {0, held} end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]) * 2)
+if not mine then held = held + 1 end
+return {1, held}
+"""
+
+# Give a slot back; 1 if the holder had a live one. KEYS: the zset. ARGV: holder.
+_RELEASE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lapse = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[1], ARGV[1])
+if lapse and tonumber(lapse) > now then return 1 end
+return 0
 """
 
 # The commit of a put, atomic (a script runs alone) and in one round trip. Returns {0, used}
@@ -101,6 +128,8 @@ class RedisBackend:
         )
         self._usage = self.r.register_script(_USAGE)
         self._commit = self.r.register_script(_COMMIT)
+        self._acquire = self.r.register_script(_ACQUIRE)
+        self._release = self.r.register_script(_RELEASE)
 
     # ---- plumbing -----------------------------------------------------------------
     @asynccontextmanager
@@ -202,6 +231,25 @@ class RedisBackend:
     def _drop_upload(self, pipe, tenant: str, manifest: dict) -> None:
         upload = manifest[b"u"].decode()
         pipe.delete(*[self._ckey(tenant, upload, i) for i in range(int(manifest[b"n"]))], self._rkey(tenant, upload))
+
+    # ---- coordination -------------------------------------------------------------
+    async def acquire(self, tenant, name, holder, limit, ttl_s):
+        async with self.guard(f"an acquire of {name!r}"):
+            granted, held = await self._acquire(keys=[f"{self._ns(tenant)}:sem:{name}"],
+                                                args=[holder, int(limit), max(1, int(ttl_s * 1000))])
+        return bool(granted), int(held)
+
+    async def release(self, tenant, name, holder):
+        async with self.guard(f"a release of {name!r}"):
+            return bool(await self._release(keys=[f"{self._ns(tenant)}:sem:{name}"], args=[holder]))
+
+    async def put_record(self, tenant, key, data, ttl_s):
+        async with self.guard("a record write"):
+            await self.r.set(f"{self._ns(tenant)}:rec:{key}", bytes(data), px=max(1, int(ttl_s * 1000)))
+
+    async def get_record(self, tenant, key):
+        async with self.guard("a record read"):
+            return await self.r.get(f"{self._ns(tenant)}:rec:{key}")
 
     async def ping(self):
         async with self.guard("PING"):

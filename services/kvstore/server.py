@@ -38,6 +38,8 @@ SEGMENT_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_FRAME = MAX_CHUNK_BYTES + FRAME_OVERHEAD
 MAX_MESSAGE = 8 << 20  # gRPC cap, above MAX_FRAME so an oversize chunk gets our precise message
 MAX_LOOKUP_KEYS = 1024
+MAX_RECORD_BYTES = 1 << 20
+MAX_TTL_S = 30 * 86400.0  # leases and records: at most 30 days
 GET_BATCH = 4  # chunks per backend read; the next batch is fetched while this one is sent
 SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
 
@@ -288,6 +290,53 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                                     ttl_s=int(lim.ttl_s), backend=self.backend.name)
 
         return await self._run("Stats", context, body)
+
+
+    # ---- coordination -------------------------------------------------------------
+    @staticmethod
+    def _positive(what: str, value: float, unit: str) -> float:
+        if not value > 0 or value > MAX_TTL_S:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"{what} must be in (0, {MAX_TTL_S}] {unit}, got {value}")
+        return float(value)
+
+    async def Acquire(self, request: pb.AcquireRequest, context) -> pb.AcquireResponse:
+        async def body(tenant: str):
+            name, holder = self.check_key(request.name), self.check_key(request.holder)
+            if request.limit < 1:
+                raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"limit must be at least 1, got {request.limit}")
+            ttl = self._positive("ttl_s", request.ttl_s, "seconds")
+            granted, held = await self.backend.acquire(tenant, name, holder, request.limit, ttl)
+            return pb.AcquireResponse(granted=granted, held=held)
+
+        return await self._run("Acquire", context, body)
+
+    async def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseResponse:
+        async def body(tenant: str):
+            released = await self.backend.release(tenant, self.check_key(request.name), self.check_key(request.holder))
+            return pb.ReleaseResponse(released=released)
+
+        return await self._run("Release", context, body)
+
+    async def PutRecord(self, request: pb.PutRecordRequest, context) -> pb.PutRecordResponse:
+        async def body(tenant: str):
+            key = self.check_key(request.key)
+            if len(request.data) > MAX_RECORD_BYTES:
+                raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"record of {len(request.data)} bytes; at most {MAX_RECORD_BYTES} bytes")
+            await self.backend.put_record(tenant, key, request.data, self._positive("ttl_s", request.ttl_s, "seconds"))
+            return pb.PutRecordResponse()
+
+        return await self._run("PutRecord", context, body)
+
+    async def GetRecord(self, request: pb.GetRecordRequest, context) -> pb.GetRecordResponse:
+        async def body(tenant: str):
+            key = self.check_key(request.key)
+            data = await self.backend.get_record(tenant, key)
+            if data is None:
+                raise Reject(grpc.StatusCode.NOT_FOUND, f"no record {key!r} (never put, or expired)")
+            return pb.GetRecordResponse(data=data)
+
+        return await self._run("GetRecord", context, body)
 
 
 def make_backend(settings: KVStoreSettings) -> Backend:

@@ -122,8 +122,9 @@ def serialize(msg) -> bytes:
 
 def add_kvstore_handlers(servicer, server: grpc.aio.Server) -> None:
     """`kvstore_pb2_grpc.add_KVStoreServicer_to_server`, with the chunk fast path on Put and Get."""
-    unary = {"Lookup": pb.LookupRequest, "Recall": pb.RecallRequest, "Delete": pb.DeleteRequest,
-             "Stats": pb.StatsRequest}
+    desc = pb.DESCRIPTOR.services_by_name["KVStore"]
+    unary = {m.name: getattr(pb, m.input_type.name) for m in desc.methods  # every unary rpc of the proto
+             if not (m.client_streaming or m.server_streaming)}
     handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=req.FromString,
                                                           response_serializer=serialize)
                 for name, req in unary.items()}
@@ -131,6 +132,6 @@ def add_kvstore_handlers(servicer, server: grpc.aio.Server) -> None:
                                                            response_serializer=serialize)
     handlers["Get"] = grpc.unary_stream_rpc_method_handler(servicer.Get, request_deserializer=pb.GetRequest.FromString,
                                                            response_serializer=serialize)
-    service = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
+    service = desc.full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)

@@ -131,3 +131,37 @@ async def test_ttl_expires_segments_and_frees_quota(backend) -> None:
     assert n == 1
     # the expired segment no longer counts against the quota
     await put(backend, "acme", "k2", limits=Limits(quota_bytes=2 * stored + 10))
+
+
+async def test_semaphore_counts_slots_renews_releases_and_lapses(backend) -> None:
+    assert await backend.acquire("acme", "streams", "a", 2, 30) == (True, 1)
+    assert await backend.acquire("acme", "streams", "b", 2, 30) == (True, 2)
+    assert await backend.acquire("acme", "streams", "c", 2, 30) == (False, 2)  # full
+    assert await backend.acquire("acme", "streams", "a", 2, 30) == (True, 2)  # a renewal, not a new slot
+    assert await backend.acquire("globex", "streams", "c", 2, 30) == (True, 1)  # tenants do not share
+    assert await backend.release("acme", "streams", "a") and not await backend.release("acme", "streams", "a")
+    assert await backend.acquire("acme", "streams", "c", 2, 30) == (True, 2)
+    # a holder that stops renewing (a dead replica) frees its slot after ttl
+    assert await backend.acquire("acme", "short", "dead", 1, 0.3) == (True, 1)
+    assert (await backend.acquire("acme", "short", "next", 1, 30))[0] is False
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        if (await backend.acquire("acme", "short", "next", 1, 30))[0]:
+            break
+    assert await backend.acquire("acme", "short", "next", 1, 30) == (True, 1)
+    assert not await backend.release("acme", "short", "dead")
+
+
+async def test_records_round_trip_isolated_and_expire(backend) -> None:
+    await backend.put_record("acme", "s-1", b"\x00state\xff" * 100, 30)
+    await backend.put_record("acme", "s-2", b"short", 0.3)
+    assert await backend.get_record("acme", "s-1") == b"\x00state\xff" * 100
+    assert await backend.get_record("globex", "s-1") is None and await backend.get_record("acme", "nope") is None
+    await backend.put_record("acme", "s-1", b"replaced", 30)
+    assert await backend.get_record("acme", "s-1") == b"replaced"
+    for _ in range(50):
+        if await backend.get_record("acme", "s-2") is None:
+            break
+        await asyncio.sleep(0.1)
+    assert await backend.get_record("acme", "s-2") is None
+    assert await backend.lookup("acme", ["s-1"]) == 0 and (await backend.usage("acme")) == (0, 0)  # not segments

@@ -224,3 +224,23 @@ async def test_memory_backend_serves_the_same_api() -> None:
         assert (await c.stats())["backend"] == "memory"
     finally:
         await svc.close()
+
+
+async def test_acquire_release_and_records_through_the_service(service) -> None:
+    a, b = service.client("acme"), service.client("globex")
+    assert await a.acquire("streams", "r1", 1, 30) == (True, 1)
+    assert await a.acquire("streams", "r2", 1, 30) == (False, 1)
+    assert await b.acquire("streams", "r2", 1, 30) == (True, 1)
+    assert await a.release("streams", "r1") is True and await a.acquire("streams", "r2", 1, 30) == (True, 1)
+    await a.put_record("session-1", b"{}", 60)
+    assert await a.get_record("session-1") == b"{}" and await b.get_record("session-1") is None
+    assert await a.get_record("nope") is None
+
+
+async def test_coordination_bad_input_is_invalid_argument(service) -> None:
+    c = service.client()
+    for call in (c.acquire("streams", "r", 0, 30), c.acquire("streams", "r", 1, 0), c.acquire("bad name!", "r", 1, 30),
+                 c.put_record("k", b"x" * ((1 << 20) + 1), 30), c.put_record("k", b"x", -1)):
+        with pytest.raises(StoreError) as e:
+            await call
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -141,3 +141,63 @@ class StatsResponse(_message.Message):
     ttl_s: int
     backend: str
     def __init__(self, tenant: _Optional[str] = ..., tenant_bytes: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., segments: _Optional[int] = ..., ttl_s: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class AcquireRequest(_message.Message):
+    __slots__ = ("name", "holder", "limit", "ttl_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    holder: str
+    limit: int
+    ttl_s: float
+    def __init__(self, name: _Optional[str] = ..., holder: _Optional[str] = ..., limit: _Optional[int] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class AcquireResponse(_message.Message):
+    __slots__ = ("granted", "held")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    held: int
+    def __init__(self, granted: _Optional[bool] = ..., held: _Optional[int] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("name", "holder")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    holder: str
+    def __init__(self, name: _Optional[str] = ..., holder: _Optional[str] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ("released",)
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    released: bool
+    def __init__(self, released: _Optional[bool] = ...) -> None: ...
+
+class PutRecordRequest(_message.Message):
+    __slots__ = ("key", "data", "ttl_s")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    data: bytes
+    ttl_s: float
+    def __init__(self, key: _Optional[str] = ..., data: _Optional[bytes] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class PutRecordResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetRecordRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    def __init__(self, key: _Optional[str] = ...) -> None: ...
+
+class GetRecordResponse(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

@@ -64,6 +64,26 @@ class KVStoreStub:
                 request_serializer=headwise_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=headwise_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Acquire = channel.unary_unary(
+                '/headwise.v1.KVStore/Acquire',
+                request_serializer=headwise_dot_v1_dot_kvstore__pb2.AcquireRequest.SerializeToString,
+                response_deserializer=headwise_dot_v1_dot_kvstore__pb2.AcquireResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/headwise.v1.KVStore/Release',
+                request_serializer=headwise_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=headwise_dot_v1_dot_kvstore__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
+        self.PutRecord = channel.unary_unary(
+                '/headwise.v1.KVStore/PutRecord',
+                request_serializer=headwise_dot_v1_dot_kvstore__pb2.PutRecordRequest.SerializeToString,
+                response_deserializer=headwise_dot_v1_dot_kvstore__pb2.PutRecordResponse.FromString,
+                _registered_method=True)
+        self.GetRecord = channel.unary_unary(
+                '/headwise.v1.KVStore/GetRecord',
+                request_serializer=headwise_dot_v1_dot_kvstore__pb2.GetRecordRequest.SerializeToString,
+                response_deserializer=headwise_dot_v1_dot_kvstore__pb2.GetRecordResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -115,6 +135,38 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Acquire(self, request, context):
+        """Cluster-wide coordination of the services, in the tenant's namespace (small unary calls).
+        Take, or renew, one of `limit` slots of a named counting semaphore: how decode replicas
+        enforce a tenant's concurrent-stream limit across the whole cluster, not per replica.
+        A slot lapses `ttl_s` after its last renewal, so a replica that dies frees its slots.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Give a slot back (idempotent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutRecord(self, request, context):
+        """Keep a small record (at most 1 MiB, e.g. a conversation's state) for `ttl_s`, so any
+        replica can continue a session that another one started.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRecord(self, request, context):
+        """Read a record; NOT_FOUND when absent or expired.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +199,26 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=headwise_dot_v1_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=headwise_dot_v1_dot_kvstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'Acquire': grpc.unary_unary_rpc_method_handler(
+                    servicer.Acquire,
+                    request_deserializer=headwise_dot_v1_dot_kvstore__pb2.AcquireRequest.FromString,
+                    response_serializer=headwise_dot_v1_dot_kvstore__pb2.AcquireResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=headwise_dot_v1_dot_kvstore__pb2.ReleaseRequest.FromString,
+                    response_serializer=headwise_dot_v1_dot_kvstore__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'PutRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutRecord,
+                    request_deserializer=headwise_dot_v1_dot_kvstore__pb2.PutRecordRequest.FromString,
+                    response_serializer=headwise_dot_v1_dot_kvstore__pb2.PutRecordResponse.SerializeToString,
+            ),
+            'GetRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecord,
+                    request_deserializer=headwise_dot_v1_dot_kvstore__pb2.GetRecordRequest.FromString,
+                    response_serializer=headwise_dot_v1_dot_kvstore__pb2.GetRecordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +383,114 @@ class KVStore:
             '/headwise.v1.KVStore/Stats',
             headwise_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
             headwise_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Acquire(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headwise.v1.KVStore/Acquire',
+            headwise_dot_v1_dot_kvstore__pb2.AcquireRequest.SerializeToString,
+            headwise_dot_v1_dot_kvstore__pb2.AcquireResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headwise.v1.KVStore/Release',
+            headwise_dot_v1_dot_kvstore__pb2.ReleaseRequest.SerializeToString,
+            headwise_dot_v1_dot_kvstore__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headwise.v1.KVStore/PutRecord',
+            headwise_dot_v1_dot_kvstore__pb2.PutRecordRequest.SerializeToString,
+            headwise_dot_v1_dot_kvstore__pb2.PutRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/headwise.v1.KVStore/GetRecord',
+            headwise_dot_v1_dot_kvstore__pb2.GetRecordRequest.SerializeToString,
+            headwise_dot_v1_dot_kvstore__pb2.GetRecordResponse.FromString,
             options,
             channel_credentials,
             insecure,
