@@ -28,7 +28,10 @@ class Settings(BaseSettings):
     service_token: str = Field("dev-service-token", description="token services present to kvstore")
     tenants_file: str = Field("", description="YAML/JSON file of tenants: id, key hash, limits")
     tenants: str = Field("", description="tenants inline: id:key[:max_streams[:quota_bytes]],...")
-    tenant_max_streams: int = 8
+    tenant_max_streams: int = Field(8, description="concurrent Generate streams per tenant, across all decode replicas")
+    stream_lease_s: float = Field(30.0, description="a stream's cluster-wide slot lapses this long after its last "
+                                  "renewal (renewed every third of it), so a dead replica frees its slots")
+    session_ttl_s: float = Field(3600.0, description="a conversation (session_id) is kept this long after its last turn")
 
     # store behaviour
     store_timeout_s: float = 5.0

@@ -8,22 +8,27 @@ and generates. One model thread per replica; streams interleave token by token.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
+import secrets
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable
 
 from headwise.cache.compact import CompactCache
 from headwise.models.runner import DecodeStats
 from services.decode.request import check_request
-from services.prefill.api import BYPASSED, CacheHandle, PrefillRequest, ServiceError
+from services.prefill.api import BYPASSED, CacheHandle, PrefillRequest, ServiceError, exhausted
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.tenancy import TenantRegistry
 
 log = logging.getLogger("headwise.decode")
 MAX_SESSIONS = 1024
+STREAMS = "streams"  # the kvstore semaphore holding each tenant's concurrent streams
 
 
 @dataclass
@@ -80,22 +85,56 @@ class DecodeWorker:
         t0 = time.perf_counter()
         tenant = self.tenants.authenticate(metadata)
         params = check_request(request, self.settings)
-        with self.tenants.stream(tenant):
-            rec = RequestLog(tenant.id, max_new_tokens=params.max_new_tokens)
-            self.recent.append(rec)
-            self.active += 1
-            try:
-                async for msg in self._generate(request, tenant, params, rec, t0):
-                    yield msg
-                rec.finished = True
-            except (asyncio.CancelledError, GeneratorExit):
-                rec.cancelled = True
-                raise
-            finally:
-                self.active -= 1
+        with self.tenants.stream(tenant):  # this replica's count first (no store call), then the cluster's
+            async with self._cluster_slot(tenant):
+                rec = RequestLog(tenant.id, max_new_tokens=params.max_new_tokens)
+                self.recent.append(rec)
+                self.active += 1
+                try:
+                    async for msg in self._generate(request, tenant, params, rec, t0):
+                        yield msg
+                    rec.finished = True
+                except (asyncio.CancelledError, GeneratorExit):
+                    rec.cancelled = True
+                    raise
+                finally:
+                    self.active -= 1
 
-    def _prefill_request(self, request, tenant) -> PrefillRequest:
-        session = self.sessions.get((tenant.id, request.session_id)) if request.session_id else None
+    @asynccontextmanager
+    async def _cluster_slot(self, tenant):
+        """One of the tenant's `max_streams` slots across all decode replicas (a kvstore semaphore),
+        renewed while the stream lives and given back at its end. When the store cannot be asked,
+        the replica's own count (above) is the limit, and the request goes on."""
+        store = self.stores.for_tenant(tenant.id)
+        holder, ttl = secrets.token_hex(12), self.settings.stream_lease_s
+        try:
+            granted, held = await store.acquire(STREAMS, holder, tenant.max_streams, ttl)
+        except self.stores.errors[0] as e:  # any StoreError: unreachable, or an older kvstore
+            log.warning("cluster-wide stream limit not checked (%s); this replica's limit applies", e)
+            yield
+            return
+        if not granted:
+            raise exhausted(f"tenant {tenant.id!r} already has {held} open streams across the cluster "
+                            f"(limit {tenant.max_streams}); wait for one to finish")
+        renew = asyncio.ensure_future(self._renew(store, holder, tenant, ttl))
+        try:
+            yield
+        finally:
+            renew.cancel()
+            asyncio.ensure_future(_quiet(store.release(STREAMS, holder)))
+
+    async def _renew(self, store, holder: str, tenant, ttl: float) -> None:
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                granted, _ = await store.acquire(STREAMS, holder, tenant.max_streams, ttl)
+                if not granted:  # lapsed (store restarted or too slow) and taken: this stream goes on regardless
+                    log.warning("stream slot of tenant %s lapsed and was taken; the stream continues", tenant.id)
+            except self.stores.errors[0] as e:
+                log.warning("stream slot renewal failed: %s", e)
+
+    async def _prefill_request(self, request, tenant) -> PrefillRequest:
+        session = await self._session(tenant.id, request.session_id) if request.session_id else None
         context = request.context
         if session is not None:
             if context and context != session.context:
@@ -109,7 +148,7 @@ class DecodeWorker:
         )
 
     async def _generate(self, request, tenant, params, rec: RequestLog, t0: float):
-        preq = self._prefill_request(request, tenant)
+        preq = await self._prefill_request(request, tenant)
         handle = await self.prefill(preq)
         handle, cache, fetched = await self._load(preq, handle)
         threshold = self.settings.recall_threshold if (request.recall and self.settings.recall) else None
@@ -133,7 +172,7 @@ class DecodeWorker:
             delta = text.push(tok)
             yield pb.GenerateResponse(delta=pb.TokenDelta(text=delta, token_ids=[tok]))
         if request.session_id:
-            self._remember(tenant.id, request.session_id, preq.context, handle, ids)
+            await self._remember(tenant.id, request.session_id, preq.context, handle, ids)
         n = len(ids)
         figures = pb.Figures(
             prompt_tokens=handle.prompt_tokens, reused_tokens=handle.reused_tokens,
@@ -154,8 +193,43 @@ class DecodeWorker:
             return "stop"
         return "length"
 
-    def _remember(self, tenant: str, session_id: str, context: str, handle: CacheHandle, answer: list[int]) -> None:
-        self.sessions[(tenant, session_id)] = Session(context, [list(s) for s in handle.segment_tokens[1:]] + [answer])
+    # ---- sessions: this replica's LRU in front of the store, so any replica can take the next turn
+    @staticmethod
+    def _session_key(session_id: str) -> str:
+        return "session-" + hashlib.blake2b(session_id.encode(), digest_size=16).hexdigest()
+
+    async def _session(self, tenant: str, session_id: str) -> Session | None:
+        session = self.sessions.get((tenant, session_id))
+        if session is not None:
+            return session
+        try:
+            data = await self.stores.for_tenant(tenant).get_record(self._session_key(session_id))
+        except self.stores.errors[0] as e:
+            log.warning("session %r not on this replica and the store cannot be asked: %s", session_id, e)
+            return None
+        if data is None:
+            return None
+        try:
+            d = json.loads(data)
+            session = Session(str(d["context"]), [[int(t) for t in seg] for seg in d["history"]])
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("stored session %r is unreadable, starting afresh: %s", session_id, e)
+            return None
+        self._cache_session(tenant, session_id, session)
+        return session
+
+    async def _remember(self, tenant: str, session_id: str, context: str, handle: CacheHandle, answer: list[int]) -> None:
+        session = Session(context, [list(s) for s in handle.segment_tokens[1:]] + [answer])
+        self._cache_session(tenant, session_id, session)
+        data = json.dumps({"context": session.context, "history": session.history}, separators=(",", ":")).encode()
+        try:
+            await self.stores.for_tenant(tenant).put_record(self._session_key(session_id), data,
+                                                            self.settings.session_ttl_s)
+        except self.stores.errors[0] as e:
+            log.warning("session %r kept on this replica only: %s", session_id, e)
+
+    def _cache_session(self, tenant: str, session_id: str, session: Session) -> None:
+        self.sessions[(tenant, session_id)] = session
         self.sessions.move_to_end((tenant, session_id))
         while len(self.sessions) > MAX_SESSIONS:
             self.sessions.popitem(last=False)

@@ -59,6 +59,18 @@ class TenantStore:
     async def stats(self) -> dict:
         return await self._call("stats")
 
+    async def acquire(self, name: str, holder: str, limit: int, ttl_s: float) -> tuple[bool, int]:
+        return await self._call("acquire", name, holder, limit, ttl_s)
+
+    async def release(self, name: str, holder: str) -> bool:
+        return bool(await self._call("release", name, holder))
+
+    async def put_record(self, key: str, data: bytes, ttl_s: float) -> None:
+        await self._call("put_record", key, data, ttl_s)
+
+    async def get_record(self, key: str) -> bytes | None:
+        return await self._call("get_record", key)
+
 
 class StoreClients:
     """Lazily opened KVStoreClient per tenant, sharing one breaker."""

@@ -84,12 +84,36 @@ async def test_bad_input_is_invalid_argument(cluster):
 async def test_limits_are_resource_exhausted(cluster, document):
     e = await status_of(cluster, key="small-key", context=document, policy="streaming")  # quota of 1000 bytes
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    import redis.asyncio as redis
+
+    r = redis.from_url(cluster.endpoints.redis)
     async with client(cluster, "solo") as c:  # one stream at a time
         call = c.stream("Count from one to one hundred.", "", max_new_tokens=40)
         assert (await call.read()).HasField("delta")
+        assert await r.zcard("hw:solo:sem:streams") == 1  # the cluster-wide slot it holds
         e = await status_of(cluster, key="solo-key")
         call.cancel()
     assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "limit 1" in e.details()
+    for _ in range(100):  # the cancel gives the slot back
+        if await r.zcard("hw:solo:sem:streams") == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await r.zcard("hw:solo:sem:streams") == 0
+    await r.aclose()
+
+
+async def test_a_session_is_a_store_record_any_replica_can_read(cluster, document):
+    import redis.asyncio as redis
+
+    async with client(cluster) as c:
+        first = await c.ask(QUESTION, document, session_id="e2e-session", **ASK)
+        second = await c.ask("And what is the code again?", "", session_id="e2e-session", **ASK)
+    r = redis.from_url(cluster.endpoints.redis)
+    keys = [k async for k in r.scan_iter("hw:acme:rec:session-*")]
+    ttl = await r.ttl(keys[0]) if keys else -2
+    await r.aclose()
+    assert len(keys) == 1 and 0 < ttl <= 3600
+    assert second.figures["reused_tokens"] >= first.figures["prompt_tokens"] - 1
 
 
 @pytest.mark.parametrize("reads, idle_s", [(2, 0.0), (1, 1.0)], ids=["while-reading", "client-idle"])
@@ -130,19 +154,6 @@ async def test_corrupt_segment_is_recomputed(cluster, document):
     assert again.figures["reused_tokens"] == 0 and again.figures["store_status"] == "stored"
 
 
-async def test_killing_kvstore_still_answers(cluster, document):
-    async with client(cluster) as c:
-        call = c.stream(QUESTION, document + "\nA second copy.", **ASK)
-        cluster.stop_kvstore()  # mid-run: the request was just sent
-        msgs = [m async for m in call]
-        after = await c.ask(QUESTION, document, **ASK)
-    try:
-        assert msgs[-1].figures.store_status in ("bypassed", "stored")
-        assert after.figures["store_status"] == "bypassed" and "4817" in after.text
-    finally:
-        cluster.start_kvstore()
-
-
 async def test_recall_through_a_merging_policy(cluster, document):
     """EMS merges rows and stores their originals; decode recalls the ones attention asks for."""
     import redis.asyncio as redis
@@ -157,3 +168,16 @@ async def test_recall_through_a_merging_policy(cluster, document):
     assert recall_keys  # the originals of merged rows are in Redis
     assert with_recall.figures["recalls"] > 0 and without.figures["recalls"] == 0
     assert without.figures["store_status"] == "reused" and len(with_recall.token_ids) > 0
+
+
+async def test_killing_kvstore_still_answers(cluster, document):  # last: the store restarts behind a breaker
+    async with client(cluster) as c:
+        call = c.stream(QUESTION, document + "\nA second copy.", **ASK)
+        cluster.stop_kvstore()  # mid-run: the request was just sent
+        msgs = [m async for m in call]
+        after = await c.ask(QUESTION, document, **ASK)
+    try:
+        assert msgs[-1].figures.store_status in ("bypassed", "stored")
+        assert after.figures["store_status"] == "bypassed" and "4817" in after.text
+    finally:
+        cluster.start_kvstore()

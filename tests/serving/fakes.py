@@ -1,6 +1,12 @@
-"""Test doubles for the serving unit tests: an in-memory store behind the KVStoreClient API."""
+"""Test doubles for the serving unit tests: an in-memory store behind the KVStoreClient API.
+
+Segments are kept as CompactCache objects (no codec); semaphores and records go to the
+kvstore's own MemoryBackend, the reference the Redis backend is contract-tested against.
+"""
 
 from __future__ import annotations
+
+from services.kvstore.backend import MemoryBackend
 
 
 class StoreError(Exception):
@@ -20,8 +26,9 @@ class QuotaExceeded(StoreError):
 class MemoryStoreClient:
     """KVStoreClient's API over a dict shared by all tenants' clients (namespaced by tenant)."""
 
-    def __init__(self, data: dict, tenant: str, flags: dict):
+    def __init__(self, data: dict, tenant: str, flags: dict, backend: MemoryBackend | None = None):
         self.data, self.tenant, self.flags = data, tenant, flags
+        self.backend = backend or MemoryBackend()
 
     def _check(self):
         if self.flags.get("down"):
@@ -65,6 +72,22 @@ class MemoryStoreClient:
     async def stats(self):
         return {}
 
+    async def acquire(self, name, holder, limit, ttl_s):
+        self._check()
+        return await self.backend.acquire(self.tenant, name, holder, limit, ttl_s)
+
+    async def release(self, name, holder):
+        self._check()
+        return await self.backend.release(self.tenant, name, holder)
+
+    async def put_record(self, key, data, ttl_s):
+        self._check()
+        await self.backend.put_record(self.tenant, key, data, ttl_s)
+
+    async def get_record(self, key):
+        self._check()
+        return await self.backend.get_record(self.tenant, key)
+
     async def close(self):
         pass
 
@@ -75,6 +98,7 @@ class MemoryFactory:
     def __init__(self):
         self.data: dict = {}
         self.flags: dict = {}
+        self.backend = MemoryBackend()
 
     def __call__(self, tenant: str) -> MemoryStoreClient:
-        return MemoryStoreClient(self.data, tenant, self.flags)
+        return MemoryStoreClient(self.data, tenant, self.flags, self.backend)
