@@ -131,6 +131,7 @@ def make_policy(spec: str, kept: float):
 
 
 def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[float], console: Console) -> dict:
+    from headwise.errors import InvalidInput
     from headwise.policies.base import Capture
     from headwise.prompt import build_segments
 
@@ -155,7 +156,11 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
             prefill_s["column_sums" if capture.column_sums else "window"] = time.perf_counter() - t
         for cfg, pol in built.items():
             t = time.perf_counter()
-            seg = pol.compress(out.states, out.start, ctx)
+            try:
+                seg = pol.compress(out.states, out.start, ctx)
+            except InvalidInput as e:  # e.g. pod below its reachable range: reported, not fatal
+                rows[cfg]["error"] = str(e)
+                continue
             rows[cfg]["compress_s"].append(time.perf_counter() - t)
             rows[cfg]["realised"].append(seg.kept_fraction())
             for q, s in zip(case.questions, segs, strict=True):
@@ -173,6 +178,9 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
 def _summarise(rows: dict, built: dict, prefill_s: dict, details: list) -> dict:
     res = {"full": None, "policies": {}, "prefill_s": prefill_s, "details": details}
     for (p, k), r in rows.items():
+        if not r["total"] and r.get("error"):
+            res["policies"].setdefault(p, {})[str(k)] = {"accuracy": None, "realised": None, "error": r["error"]}
+            continue
         acc = r["correct"] / r["total"] if r["total"] else 0.0
         cap = "column_sums" if built[(p, k)].capture.column_sums else "window"
         entry = {"accuracy": acc, "realised": sum(r["realised"]) / len(r["realised"]),
@@ -216,6 +224,9 @@ def print_table(console: Console, res: dict, title: str, kept: list[float]) -> N
         cells = []
         for k in kept:
             e = by_k.get(str(k))
+            if e and e.get("error"):
+                cells.append("out of range")
+                continue
             cells.append(f"{e['accuracy']:.2f} / {e['realised']:.3f} / {e.get('prefill_s', 0):.1f}" if e else "-")
         t.add_row(name, *cells)
     console.print(t)
@@ -228,9 +239,14 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 4.8))
+    points = 0
     for name, by_k in res["policies"].items():
-        ks = sorted(by_k, key=float)
+        ks = sorted((k for k in by_k if by_k[k]["accuracy"] is not None), key=float)
         ax.plot([float(k) for k in ks], [by_k[k]["accuracy"] for k in ks], marker="o", label=name)
+        points += len(ks)
+    if not points:  # every requested point was out of range: nothing to draw on a log axis
+        plt.close(fig)
+        return
     for name, by_k in res.get("kvpress", {}).get("policies", {}).items():
         ks = sorted(by_k, key=float)
         ax.plot([float(k) for k in ks], [by_k[k]["accuracy"] for k in ks], marker="x", ls="--", alpha=0.6, label=f"kvpress {name}")
@@ -279,12 +295,17 @@ def main(argv: list[str] | None = None) -> dict:
     res["seconds"] = time.perf_counter() - t0
     res["cases"] = [asdict(c) | {"context": c.context[:80] + "..."} for c in cases]
     print_table(console, res, f"headwise (full cache accuracy {res['full']:.2f})", kept)
+    for name, by_k in res["policies"].items():
+        for k, e in by_k.items():
+            if e.get("error"):
+                console.print(f"[yellow]{name} at kept {k}: {e['error']}[/yellow]")
     if args.kvpress_json and args.kvpress_json.is_file():
         res["kvpress"] = json.loads(args.kvpress_json.read_text())
         print_table(console, res["kvpress"], "kvpress anchor (same cases; masked, full-size tensors)", kept)
     args.json.write_text(json.dumps(res, indent=1))
     plot(res, args.json.with_suffix(".png"))
-    console.print(f"wrote {args.json} and {args.json.with_suffix('.png')} in {res['seconds']:.0f} s")
+    png = args.json.with_suffix(".png")
+    console.print(f"wrote {args.json}{f' and {png}' if png.is_file() else ''} in {res['seconds']:.0f} s")
     return res
 
 

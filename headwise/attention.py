@@ -4,11 +4,17 @@ Each KV head attends over its own rows: the ragged kept rows (with their log-wei
 a merged row standing for m tokens adds log m to its logit, RazorAttention Eq. 5), the
 dense decode tail, and, during prefill, the new segment's rows under a causal mask.
 Query head h uses KV head h // G (the repeat_kv convention).
+
+PoD heads (`LayerCache.distant`) score their distant rows with the same head of their base
+layer: q_base . K_base[same token] (training-free score sharing, ALGORITHMS.md 4.2 [P]),
+in one softmax with their own keyed rows, over their own values. The base layer's
+queries of the current step come in a `BaseQueries`, which the runner fills layer by layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,81 @@ class MergedShare:
     share: float  # max over the head's query heads of its softmax probability
 
 
+@dataclass
+class BaseQueries:
+    """What PoD layers of one forward step take from their base layers.
+
+    layers:  the cache's layers; a distant row's key is its token's row in the base layer
+    queries: base layer index -> that layer's post-RoPE queries of this step, [Hq, S, d]
+    """
+
+    layers: Sequence[LayerCache]
+    queries: dict[int, Tensor] = field(default_factory=dict)
+    last_use: dict[int, int] = field(default_factory=dict)  # base layer -> last layer that needs it
+
+    @classmethod
+    def for_cache(cls, cache) -> "BaseQueries":
+        """For a forward step over `cache` (a CompactCache or None); holds nothing without PoD rows."""
+        if cache is None:
+            return cls([])
+        return cls(cache.layers, {}, cache.shared_bases())
+
+    def hold(self, layer: int, q: Tensor) -> None:
+        """Keep layer's queries [Hq, S, d] if a later layer needs them."""
+        if layer in self.last_use:
+            self.queries[layer] = q
+
+    def release(self, layer: int) -> None:
+        """Forget the queries that no layer after `layer` needs."""
+        for b, last in self.last_use.items():
+            if last == layer:
+                self.queries.pop(b, None)
+
+
+def _distant_plan(layer: LayerCache, h: int, base: LayerCache, b: int) -> tuple[Tensor, Tensor, Tensor | slice]:
+    """Head h of a PoD layer: its keyed rows [n_k], its distant rows [n_d] (indices within the
+    head), and where their tokens' keys are in base.keys (a slice when contiguous, else [n_d])."""
+    cache = layer.__dict__.setdefault("_distant_plans", {})
+    ident = (layer.distant, layer.head_offsets, base.positions, base.keys)
+    hit = cache.get(h)
+    if hit is not None and all(x is y for x, y in zip(hit[0], ident, strict=True)):
+        return hit[1]
+    dist = layer.head_distant(h)
+    if base.head_distant(h) is not None and bool(base.head_distant(h).any()):
+        raise ValueError(f"layer {b} is the base of head {h} but has distant rows itself")
+    a, e = int(layer.head_offsets[h]), int(layer.head_offsets[h + 1])
+    pos = layer.positions[a:e][dist]  # [n_d] tokens whose logits come from the base
+    ba, be = int(base.head_offsets[h]), int(base.head_offsets[h + 1])
+    order = base.positions[ba:be].argsort(stable=True)
+    held = base.positions[ba:be][order]
+    j = torch.searchsorted(held, pos).clamp_max(max(0, held.numel() - 1))
+    if held.numel() == 0 or not bool((held[j] == pos).all()):
+        missing = pos[held[j] != pos][:1].tolist() if held.numel() else pos[:1].tolist()
+        raise ValueError(f"head {h}: base layer {b} holds no row for distant token at position {missing}")
+    rows = order[j] + int(base.key_offsets()[h])
+    n = rows.numel()
+    if n and int(rows[-1]) - int(rows[0]) == n - 1 and bool((rows.diff() == 1).all()):
+        rows = slice(int(rows[0]), int(rows[0]) + n)  # the usual PoD segment: a view, no gather
+    plan = ((~dist).nonzero().flatten(), dist.nonzero().flatten(), rows)
+    cache[h] = (ident, plan)
+    return plan
+
+
+def _pod_logits(qh: Tensor, layer: LayerCache, h: int, scaling: float, base: BaseQueries | None) -> Tensor:
+    """Logits [G, S, n_h] of head h's query rows qh [G, S, d] over its ragged rows (no log-weights):
+    own keys for keyed rows, the base layer's query and keys for distant rows."""
+    b = layer.distant_from[h]
+    if base is None or b not in base.queries:
+        raise ValueError(f"head {h} scores its distant rows with layer {b}; pass that layer's queries (BaseQueries)")
+    keyed, distant, rows = _distant_plan(layer, h, base.layers[b], b)
+    G = qh.shape[0]
+    qb = base.queries[b][h * G : (h + 1) * G]  # [G, S, d] the base layer's queries, same step
+    out = qh.new_empty(G, qh.shape[1], keyed.numel() + distant.numel())
+    out[..., keyed] = (qh @ layer.head(h)[0].to(qh.dtype).T) * scaling
+    out[..., distant] = (qb.to(qh.dtype) @ base.layers[b].keys[rows].to(qh.dtype).T) * scaling
+    return out
+
+
 def _has_weights(layer: LayerCache) -> bool:
     flag = getattr(layer, "_has_weights", None)
     if flag is None or flag[0] is not layer.log_weights:
@@ -35,11 +116,13 @@ def _has_weights(layer: LayerCache) -> bool:
 
 
 def ragged_prefill_attention(
-    q: Tensor, layer: LayerCache | None, new_keys: Tensor, new_values: Tensor, scaling: float
+    q: Tensor, layer: LayerCache | None, new_keys: Tensor, new_values: Tensor, scaling: float,
+    base: BaseQueries | None = None,
 ) -> Tensor:
     """Attention of a new segment over the cached rows and, causally, over itself.
 
-    q: [Hq, S, d]; new_keys/new_values: [Hkv, S, d]; returns [Hq, S, d].
+    q: [Hq, S, d]; new_keys/new_values: [Hkv, S, d]; returns [Hq, S, d]. `base` is needed
+    when the layer has PoD (distant) rows.
     """
     Hq, S, d = q.shape
     Hkv = new_keys.shape[0]
@@ -53,6 +136,10 @@ def ragged_prefill_attention(
     tail = layer.tail()
     out = q.new_empty(Hq, S, d)
     for h in range(Hkv):
+        if layer.head_distant(h) is not None:
+            out[h * G : (h + 1) * G] = _pod_prefill_head(q[h * G : (h + 1) * G], layer, h, new_keys[h], new_values[h],
+                                                         causal, scaling, base)
+            continue
         k_h, v_h, lw_h = layer.head(h)
         ks, vs, bias = [k_h], [v_h], [lw_h.to(q.dtype)[None].expand(S, -1)]
         if tail is not None:
@@ -68,15 +155,29 @@ def ragged_prefill_attention(
     return out
 
 
+def _pod_prefill_head(qh: Tensor, layer: LayerCache, h: int, new_k: Tensor, new_v: Tensor, causal: Tensor,
+                     scaling: float, base: BaseQueries | None) -> Tensor:
+    """One PoD head: qh [G, S, d] over its ragged rows, the tail and, causally, new_k/new_v [S, d]."""
+    _, v_h, lw_h = layer.head(h)
+    logits = [_pod_logits(qh, layer, h, scaling, base) + lw_h.to(qh.dtype)]  # [G, S, n_h]
+    vs = [v_h]
+    tail = layer.tail()
+    if tail is not None:
+        logits.append((qh @ tail[0][h].T) * scaling); vs.append(tail[1][h])
+    logits.append((qh @ new_k.T) * scaling + causal); vs.append(new_v)
+    return torch.softmax(torch.cat(logits, -1), -1) @ torch.cat(vs)
+
+
 def ragged_decode_attention(
-    q: Tensor, layer: LayerCache, scaling: float, recall_threshold: float | None = None
+    q: Tensor, layer: LayerCache, scaling: float, recall_threshold: float | None = None,
+    base: BaseQueries | None = None,
 ) -> tuple[Tensor, list[MergedShare]]:
     """One decode step: q [Hq, 1, d] over every row of the layer (new token already appended).
 
     Returns the output [Hq, 1, d] and the merged rows whose attention share in their head
     exceeded `recall_threshold` (empty when the threshold is None or no row is merged).
     Logits of the ragged part and the tail are computed separately and joined, so no
-    per-step copy of the cache is made.
+    per-step copy of the cache is made. `base` is needed when the layer has PoD (distant) rows.
     """
     Hq, _, d = q.shape
     Hkv = layer.num_heads
@@ -91,13 +192,16 @@ def ragged_decode_attention(
     for h in range(Hkv):
         k_h, v_h, lw_h = layer.head(h)
         qh = q[h * G : (h + 1) * G, 0]  # [G, d]
-        logits = (qh @ k_h.T) * scaling  # [G, n_h]
+        if layer.head_distant(h) is None:
+            logits = (qh @ k_h.T) * scaling  # [G, n_h]
+        else:
+            logits = _pod_logits(q[h * G : (h + 1) * G], layer, h, scaling, base)[:, 0]
         if weighted:
             logits = logits + lw_h.to(q.dtype)
         if tail is not None:
             logits = torch.cat([logits, (qh @ tail[0][h].T) * scaling], dim=1)  # [G, n_h + T]
         p = torch.softmax(logits, dim=-1)
-        n_h = k_h.shape[0]
+        n_h = v_h.shape[0]
         o = p[:, :n_h] @ v_h
         if tail is not None:
             o = o + p[:, n_h:] @ tail[1][h]
@@ -113,11 +217,11 @@ def ragged_decode_attention(
 
 
 def _uniform(layer: LayerCache) -> bool:
-    """Every head holds the same number of rows: the flat rows are then a [Hkv, n, d] view."""
+    """Every head holds the same number of rows, all keyed: the flat rows are then a [Hkv, n, d] view."""
     flag = getattr(layer, "_uniform", None)
     if flag is None or flag[0] is not layer.head_offsets:
         lens = layer.head_lengths()
-        flag = (layer.head_offsets, bool((lens == lens[0]).all()))
+        flag = (layer.head_offsets, bool((lens == lens[0]).all()) and layer.distant is None)
         layer._uniform = flag
     return flag[1]
 
@@ -181,7 +285,8 @@ def window_probs(window_queries: Tensor, keys: Tensor, scaling: float, gain: Ten
 
 
 def prefill_attention_scores(
-    q: Tensor, layer: LayerCache, new_keys: Tensor, new_values: Tensor, scaling: float, scored: int, query_from: int = 0
+    q: Tensor, layer: LayerCache, new_keys: Tensor, new_values: Tensor, scaling: float, scored: int, query_from: int = 0,
+    base: BaseQueries | None = None,
 ) -> tuple[Tensor, Tensor]:
     """ragged_prefill_attention, plus what each of the last `scored` rows of every head received.
 
@@ -200,10 +305,16 @@ def prefill_attention_scores(
     scores = torch.zeros(Hkv, scored, dtype=torch.float32, device=q.device)
     for h in range(Hkv):
         k_h, v_h, lw_h = layer.head(h)
-        n_h = k_h.shape[0]
-        K, V = torch.cat([k_h, new_keys[h]]), torch.cat([v_h, new_values[h]])  # [n_h + C, d]
+        n_h = v_h.shape[0]
+        K, V = torch.cat([k_h, new_keys[h]]), torch.cat([v_h, new_values[h]])  # [n_h + C, d] ([n_k + C, d] for PoD)
         bias = torch.cat([lw_h.float()[None].expand(C, -1), causal], dim=1)  # [C, n_h + C]
-        p = torch.softmax((q[h * G : (h + 1) * G].float() @ K.float().T) * scaling + bias, dim=-1)  # [G, C, n_h + C]
+        qh = q[h * G : (h + 1) * G].float()
+        if layer.head_distant(h) is None:
+            logits = (qh @ K.float().T) * scaling
+        else:
+            pod = _pod_logits(qh, layer, h, scaling, base)
+            logits = torch.cat([pod, (qh @ new_keys[h].float().T) * scaling], -1)
+        p = torch.softmax(logits + bias, dim=-1)  # [G, C, n_h + C]
         out[h * G : (h + 1) * G] = (p @ V.float()).to(q.dtype)
         scores[h] = p[:, query_from:, n_h - scored : n_h].amax(dim=(0, 1))
     return out, scores

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from headwise.attention import ragged_decode_attention, ragged_prefill_attention
@@ -116,3 +117,101 @@ def test_uniform_and_ragged_decode_paths_match_reference():
         q = torch.randn(6, 1, 8, generator=g)
         out, _ = ragged_decode_attention(q, layer, 0.4)
         assert torch.allclose(out, _reference_decode(q, layer, 0.4), atol=1e-6), lens
+
+
+# ---- PoD layers: values for every row, keys for the keyed rows only ---------------------
+def _pod_pair(lens=(6, 5, 7), d=8, seed=11):
+    """A base layer (ordinary) and a PoD layer whose heads 0 and 2 score some rows by the base."""
+    g = torch.Generator().manual_seed(seed)
+    base = _layer([6, 8, 7], d=d, seed=seed)
+    masks = [torch.tensor([0, 1, 1, 0, 1, 0][: lens[0]], dtype=torch.bool), torch.zeros(lens[1], dtype=torch.bool),
+             torch.tensor([0, 0, 1, 1, 1, 0, 0][: lens[2]], dtype=torch.bool)]
+    ks = [torch.randn(int((~m).sum()), d, generator=g) for m in masks]
+    vs = [torch.randn(n, d, generator=g) for n in lens]
+    lws = [torch.rand(n, generator=g) for n in lens]
+    pod = LayerCache.from_heads(ks, vs, [torch.arange(n) for n in lens], lws, distant=masks, distant_from=[0, -1, 0])
+    return base, pod
+
+
+def _reference_pod(q, qb, base, pod, scaling, new_k=None, new_v=None):
+    """Per query head: own logits for keyed rows, base query . base key (same position) for distant rows."""
+    Hq, S, d = q.shape
+    G = Hq // pod.num_heads
+    c = pod.compacted()
+    out = []
+    for hq in range(Hq):
+        h = hq // G
+        a, b = int(c.head_offsets[h]), int(c.head_offsets[h + 1])
+        dist = c.distant[a:b] if c.distant is not None else torch.zeros(b - a, dtype=torch.bool)
+        full_k = torch.zeros(b - a, d)
+        full_k[~dist] = c.head(h)[0]
+        logits = q[hq] @ full_k.T * scaling
+        if dist.any():
+            bk, _, _ = base.head(h)
+            bpos = base.positions[int(base.head_offsets[h]) : int(base.head_offsets[h + 1])].tolist()
+            rows = [bpos.index(p) for p in c.positions[a:b][dist].tolist()]
+            logits[:, dist] = qb[hq] @ bk[rows].T * scaling
+        logits = logits + c.log_weights[a:b]
+        vs = [c.values[a:b]]
+        if new_k is not None:
+            causal = torch.full((S, S), float("-inf")).triu_(1)
+            logits = torch.cat([logits, q[hq] @ new_k[h].T * scaling + causal], -1)
+            vs.append(new_v[h])
+        out.append(torch.softmax(logits, -1) @ torch.cat(vs))
+    return torch.stack(out)
+
+
+def test_pod_layer_attention_matches_reference():
+    from headwise.attention import BaseQueries
+
+    g = torch.Generator().manual_seed(12)
+    for lens in ((6, 5, 7), (6, 6, 6)):  # ragged heads, and equal lengths (never the uniform fast path)
+        base, pod = _pod_pair(lens)
+        cache = CompactCache([base, pod], seq_len=10)
+        assert cache.shared_bases() == {0: 1} and pod.keys.shape[0] == sum(lens) - 6
+        assert pod.nbytes == (pod.keys.shape[0] + sum(lens)) * 8 * 4 and pod.nbytes < 2 * sum(lens) * 8 * 4
+        q, qb = torch.randn(6, 3, 8, generator=g), torch.randn(6, 3, 8, generator=g)
+        nk, nv = torch.randn(3, 3, 8, generator=g), torch.randn(3, 3, 8, generator=g)
+        shared = BaseQueries(cache.layers, {0: qb}, {0: 1})
+        out = ragged_prefill_attention(q, pod, nk, nv, 0.4, shared)
+        assert torch.allclose(out, _reference_pod(q, qb, base, pod, 0.4, nk, nv), atol=1e-6), lens
+        # decode: the new token is appended to every head (keyed) before attention
+        pod.append(nk[:, :1], nv[:, :1], torch.tensor([10]))
+        dq, dqb = q[:, :1], qb[:, :1]
+        o, _ = ragged_decode_attention(dq, pod, 0.4, base=BaseQueries(cache.layers, {0: dqb}, {0: 1}))
+        assert torch.allclose(o, _reference_pod(dq, dqb, base, pod, 0.4), atol=1e-6), lens
+        with pytest.raises(ValueError, match="layer 0"):
+            ragged_decode_attention(dq, pod, 0.4)
+
+
+def test_pod_layer_operations_carry_key_only_rows():
+    base, pod = _pod_pair()
+    other = _layer([2, 3, 1], seed=4)
+    ext = pod.extended(other)  # a later plain segment: keyed rows after the PoD ones
+    assert ext.head_lengths().tolist() == [8, 8, 8] and ext.key_lengths().tolist() == [5, 8, 5]
+    assert ext.distant_from == (0, -1, 0)
+    k0, v0, _ = ext.head(0)
+    assert torch.equal(k0, torch.cat([pod.head(0)[0], other.head(0)[0]])) and torch.equal(v0[:6], pod.head(0)[1])
+    assert ext.head_distant(0).tolist() == [False, True, True, False, True, False, False, False]
+    with pytest.raises(ValueError, match="head 0"):
+        pod.extended(LayerCache.from_heads(*_pod_parts(distant_from=[1, 0, 0])))
+    # compacted folds the tail in as keyed rows; to/clone keep the layout
+    pod.append(torch.ones(3, 2, 8), torch.ones(3, 2, 8), torch.tensor([20, 21]))
+    c = pod.compacted()
+    assert c.key_lengths().tolist() == [5, 7, 6] and c.head_distant(0)[-2:].tolist() == [False, False]
+    for copy in (pod.clone(), pod.to("cpu")):
+        assert torch.equal(copy.keys, c.keys) and torch.equal(copy.distant, c.distant) and copy.distant_from == c.distant_from
+    # replacing a keyed row after distant rows puts its keys at the right key index
+    rep = c.with_row_replaced(0, 3, torch.full((2, 8), 7.0), torch.zeros(2, 8), torch.tensor([3, 3]))
+    assert rep.key_lengths().tolist() == [6, 7, 6] and torch.equal(rep.head(0)[0][1:3], torch.full((2, 8), 7.0))
+    with pytest.raises(ValueError, match="distant"):
+        c.with_row_replaced(0, 1, torch.zeros(1, 8), torch.zeros(1, 8), torch.tensor([1]))
+    # a layer without a distant row is an ordinary one
+    plain = LayerCache.from_heads([torch.ones(2, 8)], [torch.ones(2, 8)], [torch.arange(2)],
+                                  distant=[torch.zeros(2, dtype=torch.bool)], distant_from=[0])
+    assert plain.distant is None and plain.distant_from is None
+
+
+def _pod_parts(distant_from):
+    m = torch.tensor([0, 1], dtype=torch.bool)
+    return [[torch.ones(1, 8)] * 3, [torch.ones(2, 8)] * 3, [torch.arange(2)] * 3, None, None, None, [m] * 3, distant_from]

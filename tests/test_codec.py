@@ -237,3 +237,63 @@ def test_streaming_encode_gives_the_same_frames(cache: CompactCache, chunk: int)
     assert lazy.num_chunks == len(frames) and lazy.nbytes == len(lazy.header) + sum(map(len, frames))
     assert [b"".join(lazy.frame_parts(i)) for i in range(lazy.num_chunks)] == frames
     assert_same(cache, decode(lazy.header, frames))
+
+
+# ---- PoD layers: keys of the keyed rows only --------------------------------------------
+def make_pod_cache(gen: torch.Generator, dtype: torch.dtype, d: int = 4) -> CompactCache:
+    """Layer 0 ordinary (with merged rows); layer 1 PoD: heads 0 and 2 score distant rows by layer 0."""
+    base = make_layer(gen, [7, 5, 6], d, dtype, 2)
+    lens = [7, 3, 6]
+    masks = [torch.rand(n, generator=gen) < 0.5 for n in lens]
+    masks[0][1] = True
+    masks[1][:] = False
+    pod = LayerCache.from_heads(
+        [torch.randn(int((~m).sum()), d, generator=gen).to(dtype) for m in masks],
+        [torch.randn(n, d, generator=gen).to(dtype) for n in lens], [torch.arange(n) for n in lens],
+        [torch.randn(n, generator=gen) for n in lens], distant=masks, distant_from=[0, -1, 0],
+    )
+    return CompactCache([base, pod], 20, 3, {"policy": {"policy": "pod"}})
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pod_layout_round_trip_is_exact(dtype: torch.dtype) -> None:
+    cache = make_pod_cache(torch.Generator().manual_seed(3), dtype)
+    cache.layers[1].append(torch.ones(3, 2, 4, dtype=dtype), torch.ones(3, 2, 4, dtype=dtype), torch.tensor([20, 21]))
+    for chunk in (7, 64, MAX_CHUNK_BYTES):
+        enc = encode(cache, chunk_size=chunk)
+        back = decode(enc.header, enc.chunks)
+        want = cache.compacted()
+        assert_same(back, want)
+        assert back.layers[0].distant is None and back.layers[1].distant_from == (0, -1, 0)
+        assert torch.equal(back.layers[1].distant, want.layers[1].distant)
+        assert back.layers[1].keys.shape[0] < back.layers[1].values.shape[0]
+        assert b"distant" in enc.header
+        dec = Decoder(enc.header)
+        for frame in enc.chunks:
+            dec.feed(frame)
+        assert_same(dec.finish(), want)
+
+
+def test_ordinary_headers_carry_no_pod_entry() -> None:
+    enc = _encode_small()
+    assert b"distant" not in enc.header
+
+
+def test_pod_damage_and_inconsistent_headers_are_rejected() -> None:
+    import dataclasses
+
+    enc = encode(make_pod_cache(torch.Generator().manual_seed(4), torch.float32), chunk_size=64)
+    for i in (0, len(enc.chunks) // 2, len(enc.chunks) - 1):
+        bad = bytearray(enc.chunks[i]); bad[-1] ^= 0x40
+        with pytest.raises(CodecError, match="checksum"):
+            decode(enc.header, enc.chunks[:i] + [bytes(bad)] + enc.chunks[i + 1 :])
+    with pytest.raises(CodecError, match="truncated"):
+        decode(enc.header, enc.chunks[:-1])
+    # a correctly checksummed header whose PoD entry does not fit the layer (a buggy encoder)
+    h = parse_header(enc.header)
+    wrong = dataclasses.replace(h.layers[1], key_rows=h.layers[1].key_rows + 1)
+    with pytest.raises(CodecError, match="inconsistent"):
+        parse_header(dataclasses.replace(h, layers=(h.layers[0], wrong)).to_bytes())
+    late = dataclasses.replace(h.layers[1], distant_from=(1, -1, 1))  # a layer cannot be its own base
+    with pytest.raises(CodecError, match="earlier layers"):
+        decode(dataclasses.replace(h, layers=(h.layers[0], late)).to_bytes(), enc.chunks)

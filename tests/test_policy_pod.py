@@ -1,12 +1,26 @@
-"""PoD: the gate form equals the single-softmax form; the layout budget."""
+"""PoD: the gate form equals the single-softmax form; the `pod` policy against a dense reference.
+
+The reference below computes PoD attention densely (every segment key kept, distant logits
+taken from the base layer with torch.where): the truly smaller cache must give the same
+logits through prefill-on-cache and decode.
+"""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from headwise.policies.pod import PoDPlan, pod_gate_attention, pod_single_attention, proximal
+from headwise.errors import InvalidInput
+from headwise.policies import get_policy
+from headwise.policies.base import CompressContext
+from headwise.policies.pod import PoDPolicy, pod_gate_attention, pod_single_attention, proximal
+from headwise.profiles import HeadProfile
+
+S = 600  # >= 512: the realised fraction must be within 1% of the request
+# 4 layers x 3 KV heads: 6 of 12 (layer, head) pairs are non-base -> kept in [~0.757, 1]
+BASE_OF = [[0, 0, 0], [0, 1, 0], [0, 1, 2], [3, 1, 2]]
 
 
 @settings(max_examples=30, deadline=None)
@@ -27,8 +41,190 @@ def test_gate_is_not_a_plain_average():
 
 def test_recent_window_hits_the_kept_fraction():
     base_of = [[0, 0], [0, 1], [0, 1], [3, 3]]  # 3 non-base (layer, head) pairs of 8
-    S = 1000
-    plan = PoDPlan(kept=0.85, sinks=16)
-    r = plan.recent_for(S, base_of)
-    k_rows = 5 * S + 3 * proximal(S, 16, r).sum().item()
-    assert abs((k_rows + 8 * S) / (2 * 8 * S) - 0.85) < 0.01
+    plan = PoDPolicy(kept=0.85, sinks=16)
+    r = plan.recent_for(1000, base_of)
+    k_rows = 5 * 1000 + 3 * proximal(1000, 16, r).sum().item()
+    assert abs((k_rows + 8 * 1000) / (2 * 8 * 1000) - 0.85) < 0.01
+
+
+# ---- the policy on a tiny GQA model with a synthetic profile ------------------------------
+def _profile(base_of) -> HeadProfile:
+    L, H = len(base_of), len(base_of[0])
+    return HeadProfile("tiny-pod", L, H, [[0.0] * H] * L, [[0.0] * H] * L, base_of)
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from headwise.models import ModelRunner
+    from tests.fixtures.models import tiny_llama
+
+    return ModelRunner(tiny_llama(layers=4, heads=6, kv_heads=3, hidden=96, seed=1), None, name="tiny-pod")
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return CompressContext(num_layers=4, model_id="tiny-pod", profile=_profile(BASE_OF))
+
+
+@pytest.fixture(scope="module")
+def seg_ids():
+    return torch.randint(3, 250, (S,), generator=torch.Generator().manual_seed(7)).tolist()
+
+
+@pytest.fixture(scope="module")
+def prefilled(runner, seg_ids):
+    return runner.prefill(seg_ids)
+
+
+def _same(a, b) -> bool:
+    return all(
+        torch.equal(getattr(x, f), getattr(y, f)) and x.distant_from == y.distant_from
+        and (x.distant is None) == (y.distant is None) and (x.distant is None or torch.equal(x.distant, y.distant))
+        for x, y in zip(a.layers, b.layers, strict=True)
+        for f in ("keys", "values", "head_offsets", "positions", "log_weights", "recall_ids")
+    )
+
+
+def dense_pod_logits(runner, states, base_of, prox, new_ids):
+    """Reference: logits [T, V] of new tokens after a PoD-compressed segment, computed densely.
+
+    states: the segment's full prefill (K, V of every token in every layer); prox: [S] bool.
+    Query head hq of layer l over segment token j: q_l . K_l[j] if j is proximal or l is the
+    base of (l, hq // G), else q_b . K_b[j] with b the base and q_b the base layer's query of
+    the same new token; new tokens are causal and use own keys; values are always layer l's.
+    """
+    inner = runner.model.model
+    S = states[0].num_tokens
+    T = len(new_ids)
+    pos = torch.arange(S, S + T)
+    h = inner.embed_tokens(torch.tensor(new_ids))[None]
+    cos, sin = inner.rotary_emb(h, pos[None])
+    causal = torch.full((T, T), float("-inf")).triu_(1)
+    queries = []
+    with torch.inference_mode():
+        for li, layer in enumerate(inner.layers):
+            q, k, v = runner._qkv(layer, layer.input_layernorm(h), cos, sin)  # [Hq, T, d], [Hkv, T, d]
+            queries.append(q)
+            G, sc = q.shape[0] // k.shape[0], layer.self_attn.scaling
+            K, V = states[li].keys, states[li].values  # [Hkv, S, d]
+            out = []
+            for hq in range(q.shape[0]):
+                g = hq // G
+                b = base_of[li][g]
+                a_seg = q[hq] @ K[g].T * sc  # [T, S]
+                if b != li:
+                    a_seg = torch.where(prox[None, :], a_seg, queries[b][hq] @ states[b].keys[g].T * sc)
+                p = torch.softmax(torch.cat([a_seg, q[hq] @ k[g].T * sc + causal], -1), -1)
+                out.append(p @ torch.cat([V[g], v[g]]))
+            h = runner._finish_layer(layer, h, torch.stack(out))
+        return runner.model.lm_head(inner.norm(h))[0].float()
+
+
+def _generate(runner, cache, q_ids, steps=4):
+    """Question prefill on the cache, then greedy decode steps: (tokens, logits per step)."""
+    res = runner.prefill_segment(q_ids, cache)
+    logits, toks = [res.logits], []
+    for _ in range(steps):
+        toks.append(int(logits[-1].argmax()))
+        logits.append(runner.decode_step(toks[-1], res.cache))
+    return toks, logits, res.cache
+
+
+@pytest.mark.parametrize("kept", [0.9, 0.8])
+def test_prefill_and_decode_match_dense_reference(runner, ctx, seg_ids, prefilled, kept):
+    pol = get_policy("pod", kept=kept)
+    seg = runner.prefill_segment(seg_ids, policy=pol, ctx=ctx)
+    assert any(layer.distant is not None for layer in seg.cache.layers)
+    q_ids = [5, 6, 7, 8, 9]
+    toks, logits, _ = _generate(runner, seg.cache, q_ids)
+    prox = proximal(S, pol.sinks, pol.recent_for(S, BASE_OF))
+    ref = dense_pod_logits(runner, prefilled.states, BASE_OF, prox, q_ids + toks)
+    for i, lg in enumerate(logits):
+        torch.testing.assert_close(lg, ref[len(q_ids) - 1 + i], atol=1e-5, rtol=0)
+    # and PoD is not secretly the full cache
+    full = dense_pod_logits(runner, prefilled.states, [[li] * 3 for li in range(4)], prox, q_ids)
+    assert not torch.allclose(full[-1], ref[len(q_ids) - 1], atol=1e-3)
+
+
+def test_full_budget_equals_full(runner, ctx, seg_ids):
+    full = runner.prefill_segment(seg_ids)
+    pod = runner.prefill_segment(seg_ids, policy=get_policy("pod", kept=1.0), ctx=ctx)
+    assert _same(pod.segment, full.segment) and all(layer.distant is None for layer in pod.segment.layers)
+    q_ids = [5, 6, 7]
+    for a, b in zip(_generate(runner, full.cache, q_ids)[1], _generate(runner, pod.cache, q_ids)[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_no_multi_layer_blocks_equals_full_and_cannot_go_lower(runner, prefilled):
+    flat = CompressContext(4, "tiny-pod", _profile([[li] * 3 for li in range(4)]))
+    full = get_policy("full").compress(prefilled.states, 0)
+    assert _same(get_policy("pod", kept=1.0).compress(prefilled.states, 0, flat), full)
+    with pytest.raises(InvalidInput, match=r"\[1.000, 1\]"):
+        get_policy("pod", kept=0.9).compress(prefilled.states, 0, flat)
+
+
+@pytest.mark.parametrize("kept", [0.95, 0.9, 0.8])
+def test_realised_fraction_and_rows_really_gone(prefilled, ctx, kept):
+    pol = get_policy("pod", kept=kept)
+    out = pol.compress(prefilled.states, 0, ctx)
+    assert abs(out.kept_fraction() - kept) <= 0.01
+    assert out.kept_fraction() == pytest.approx(out.nbytes / out.full_nbytes())
+    n_prox = int(proximal(S, pol.sinks, pol.recent_for(S, BASE_OF)).sum())
+    for li, layer in enumerate(out.layers):
+        lens, klens = layer.head_lengths().tolist(), layer.key_lengths().tolist()
+        assert lens == [S] * 3  # values of every token
+        assert klens == [S if BASE_OF[li][h] == li else n_prox for h in range(3)]
+        assert layer.keys.shape[0] == sum(klens) < layer.values.shape[0] or li == 0  # key rows absent, not masked
+    assert out.nbytes < out.full_nbytes()
+
+
+def test_deterministic(prefilled, ctx):
+    p = get_policy("pod", kept=0.85)
+    assert _same(p.compress(prefilled.states, 0, ctx), p.compress(prefilled.states, 0, ctx))
+
+
+def test_codec_round_trip_is_exact(runner, ctx, seg_ids):
+    from headwise.cache.codec import FRAME_OVERHEAD, CodecError, decode, encode
+
+    seg = runner.prefill_segment(seg_ids, policy=get_policy("pod", kept=0.8), ctx=ctx)
+    _, _, cache = _generate(runner, seg.cache, [5, 6], steps=2)  # with a decode tail
+    enc = encode(cache, chunk_size=64 << 10)
+    back = decode(enc.header, enc.chunks)
+    assert _same(back, cache.compacted()) and (back.seq_len, back.start) == (cache.seq_len, cache.start)
+    payload = lambda e: [c[FRAME_OVERHEAD:] for c in e.chunks]  # noqa: E731  (frames carry a random segment id)
+    assert payload(encode(back, chunk_size=64 << 10)) == payload(enc)  # byte-exact
+    # a PoD segment is smaller on the wire than the full one
+    assert encode(seg.segment).nbytes < encode(runner.prefill_segment(seg_ids).segment).nbytes
+    bad = bytearray(enc.chunks[1]); bad[-1] ^= 1
+    with pytest.raises(CodecError, match="checksum"):
+        decode(enc.header, [enc.chunks[0], bytes(bad), *enc.chunks[2:]])
+    with pytest.raises(CodecError, match="truncated"):
+        decode(enc.header, enc.chunks[:-1])
+
+
+def test_chained_segments_and_questions_decode(runner, ctx, seg_ids):
+    """Two PoD segments in a chain, then a question: the second segment's distant rows find
+    their base rows by position; the result survives the codec and gives the same logits."""
+    from headwise.cache.codec import decode, encode
+
+    pol = get_policy("pod", kept=0.85)
+    a = runner.prefill_segment(seg_ids, policy=pol, ctx=ctx)
+    b = runner.prefill_segment(seg_ids[:400], a.cache, policy=pol, ctx=ctx)
+    assert b.cache.kept_fraction() == pytest.approx(0.85, abs=0.01)
+    enc = encode(b.cache)
+    again = decode(enc.header, enc.chunks)
+    for x, y in zip(_generate(runner, b.cache, [5, 6])[1], _generate(runner, again, [5, 6])[1], strict=True):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+
+
+def test_bad_parameters_raise_clear_errors(prefilled, ctx):
+    with pytest.raises(InvalidInput, match=r"\[0.5, 1\]"):
+        get_policy("pod", kept=0.4)
+    with pytest.raises(InvalidInput, match="sinks"):
+        get_policy("pod", kept=0.9, sinks=-1)
+    with pytest.raises(InvalidInput, match=r"out of reach.*\[0.75\d, 1\]"):
+        get_policy("pod", kept=0.6).compress(prefilled.states, 0, ctx)
+    with pytest.raises(InvalidInput, match="head profile"):
+        get_policy("pod", kept=0.9).compress(prefilled.states, 0, CompressContext(4))
+    with pytest.raises(InvalidInput, match="not an earlier layer"):
+        get_policy("pod", kept=0.9).compress(prefilled.states, 0, CompressContext(4, "x", _profile([[1, 0, 0]] * 4)))

@@ -15,6 +15,11 @@ the whole segment, and each frame is checked against its own crc and the header'
 payload is every layer's tensors in the order of `_layout()` (one function for both
 directions, so fields cannot be read back in another order), each aligned to 64 bytes.
 
+PoD layers (some rows without keys, `LayerCache.distant`) carry `keys` for their keyed rows
+only, a "distant" bool[rows] field after the layer's other fields, and, in the body's
+"distant" entry, {layer: [key rows, distant_from per head]}; the entry is absent when no
+layer has distant rows, so ordinary segments are byte-identical to before it existed.
+
 Decoding rejects truncated, reordered, duplicated, foreign or corrupted input with a
 CodecError that says what was wrong, before any tensor is built from it.
 
@@ -26,6 +31,7 @@ original keys/values; `encode_recall()` gives those as one blob per merged row, 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -70,6 +76,8 @@ class LayerShape:
     recall_rows: int  # sum m_i: original rows behind the merged rows
     has_recall: bool  # the layer carries a RecallTable (possibly with 0 groups)
     recall_data: bool  # its original keys/values travel in the payload
+    key_rows: int | None = None  # PoD: rows that hold a key (the others are distant); None: all
+    distant_from: tuple[int, ...] | None = None  # PoD: base layer per head (-1: none)
 
 
 @dataclass(frozen=True)
@@ -104,7 +112,7 @@ def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype) -> 
         offset = -(-(offset + f.nbytes) // ALIGN) * ALIGN
 
     for i, s in enumerate(shapes):
-        add(i, "keys", dtype, (s.rows, head_dim))
+        add(i, "keys", dtype, (s.rows if s.key_rows is None else s.key_rows, head_dim))
         add(i, "values", dtype, (s.rows, head_dim))
         add(i, "head_offsets", torch.int64, (s.num_heads + 1,))
         add(i, "positions", torch.int64, (s.rows,))
@@ -117,6 +125,8 @@ def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype) -> 
             m = s.recall_rows if s.recall_data else 0
             add(i, "recall.keys", dtype, (m, head_dim))
             add(i, "recall.values", dtype, (m, head_dim))
+        if s.key_rows is not None:
+            add(i, "distant", torch.bool, (s.rows,))
     return fields, offset
 
 
@@ -130,6 +140,8 @@ def _layer_tensors(layer: LayerCache, include_recall: bool) -> dict[str, Tensor]
         t.update({"recall.offsets": r.offsets, "recall.positions": r.positions, "recall.heads": r.heads})
         t["recall.keys"] = r.keys if include_recall else r.keys[:0]
         t["recall.values"] = r.values if include_recall else r.values[:0]
+    if layer.distant is not None:
+        t["distant"] = layer.distant
     return t
 
 
@@ -137,10 +149,12 @@ def _layer_shape(layer: LayerCache, include_recall: bool) -> LayerShape:
     r = layer.recall
     has_data = r is not None and r.keys.shape[0] == r.positions.numel() and r.positions.numel() > 0
     return LayerShape(
-        num_heads=layer.num_heads, rows=int(layer.keys.shape[0]),
+        num_heads=layer.num_heads, rows=int(layer.values.shape[0]),
         groups=r.num_groups if r is not None else 0,
         recall_rows=int(r.positions.numel()) if r is not None else 0,
         has_recall=r is not None, recall_data=bool(include_recall and has_data),
+        key_rows=int(layer.keys.shape[0]) if layer.distant is not None else None,
+        distant_from=layer.distant_from if layer.distant is not None else None,
     )
 
 
@@ -166,12 +180,16 @@ class SegmentHeader:
         return len(self.chunks)
 
     def to_bytes(self) -> bytes:
-        body = json.dumps({
+        body = {
             "segment_id": self.segment_id.hex(), "dtype": _DTYPE_NAMES[self.dtype], "head_dim": self.head_dim,
             "seq_len": self.seq_len, "start": self.start, "meta": self.meta,
             "layers": [[s.num_heads, s.rows, s.groups, s.recall_rows, s.has_recall, s.recall_data] for s in self.layers],
             "total_bytes": self.total_bytes, "chunk_size": self.chunk_size, "chunks": [[n, f"{c:08x}"] for n, c in self.chunks],
-        }, sort_keys=True, separators=(",", ":")).encode()
+        }
+        distant = {str(i): [s.key_rows, list(s.distant_from)] for i, s in enumerate(self.layers) if s.key_rows is not None}
+        if distant:
+            body["distant"] = distant
+        body = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
         head = _HEADER_PREFIX.pack(b"HWKH", CODEC_VERSION, 0, len(body)) + body
         return head + hashlib.blake2b(head, digest_size=_DIGEST).digest()
 
@@ -201,6 +219,11 @@ def _header_from_body(b: dict) -> SegmentHeader:
     if b["dtype"] not in _DTYPES:
         raise CodecError(f"unknown dtype {b['dtype']!r}; allowed: {', '.join(_DTYPES)}")
     layers = tuple(LayerShape(int(h), int(r), int(g), int(m), bool(hr), bool(rd)) for h, r, g, m, hr, rd in b["layers"])
+    for i, (k, df) in b.get("distant", {}).items():
+        i = int(i)
+        if not 0 <= i < len(layers) or not 0 <= int(k) <= layers[i].rows or len(df) != layers[i].num_heads:
+            raise CodecError(f"header names distant rows for layer {i} that do not fit its shape")
+        layers = layers[:i] + (dataclasses.replace(layers[i], key_rows=int(k), distant_from=tuple(int(x) for x in df)),) + layers[i + 1 :]
     h = SegmentHeader(
         segment_id=bytes.fromhex(b["segment_id"]), dtype=_DTYPES[b["dtype"]], head_dim=int(b["head_dim"]),
         seq_len=int(b["seq_len"]), start=int(b["start"]), meta=b["meta"], layers=layers,
@@ -428,7 +451,15 @@ def _layer_from(i: int, s: LayerShape, t: dict[str, Tensor], head_dim: int) -> L
     rec = None
     if s.has_recall:
         rec = RecallTable(t["recall.offsets"], t["recall.positions"], t["recall.heads"], t["recall.keys"], t["recall.values"])
-    return LayerCache(t["keys"], t["values"], offs, t["positions"], t["log_weights"], t["recall_ids"], rec)
+    layer = LayerCache(t["keys"], t["values"], offs, t["positions"], t["log_weights"], t["recall_ids"], rec)
+    if s.key_rows is None:
+        return layer
+    if any(not -1 <= b < i for b in s.distant_from) or not bool(t["distant"].any()):
+        raise CodecError(f"layer {i}: distant rows {s.distant_from} must come from earlier layers (and exist)")
+    try:
+        return layer._with_distant(t["distant"], s.distant_from)
+    except ValueError as e:
+        raise CodecError(f"layer {i}: {e}") from None
 
 
 # ---- recall blobs -----------------------------------------------------------------

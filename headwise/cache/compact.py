@@ -5,11 +5,18 @@ flattened into `keys`/`values` of shape [R, d] with `head_offsets` [Hkv + 1] (th
 `cu_seqlens` layout of varlen attention), so nothing evicted occupies memory, the wire
 or the store. Decode tokens are the same for every head, so they live in a dense
 tail [Hkv, T, d] that grows by doubling; `compacted()` folds the tail into the ragged rows.
+
+PoD (ALGORITHMS.md 4) heads hold values for all their rows but keys for some only: a
+`distant` row has no key of its own and takes its logit from the same token's row of the
+same KV head in an earlier layer `distant_from[h]` (the block's base layer), scored with
+that layer's query. Such a layer stores keys only for its other rows, so `keys` is
+[R_k, d] with R_k < R, and the missing rows cost nothing.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -64,6 +71,12 @@ class LayerCache:
                   standing for `count` tokens (RazorAttention Eq. 5 in log space).
     recall_ids:   [R] int64 index into `recall`, NO_RECALL for ordinary rows.
     tail_*:       dense decode rows shared by all heads: [Hkv, cap, d], first tail_len valid.
+    distant:      [R] bool, or None when every row holds its key. True marks a row without
+                  a key (PoD): `keys` then holds only the other rows, [R_k, d], head h at
+                  key_offsets()[h]:key_offsets()[h+1], in row order.
+    distant_from: per KV head, the earlier layer whose same head scores this head's distant
+                  rows (its row of the same position, its query); -1 for heads without any.
+    Rows of a head are in segment order; tail rows and later segments' rows have keys.
     """
 
     keys: Tensor
@@ -77,6 +90,8 @@ class LayerCache:
     tail_values: Tensor | None = None
     tail_positions: Tensor | None = None
     tail_len: int = 0
+    distant: Tensor | None = None
+    distant_from: tuple[int, ...] | None = None
 
     # ---- construction -------------------------------------------------------------
     @classmethod
@@ -88,9 +103,12 @@ class LayerCache:
         log_weights: list[Tensor] | None = None,
         recall_ids: list[Tensor] | None = None,
         recall: RecallTable | None = None,
+        distant: list[Tensor] | None = None,
+        distant_from: Sequence[int] | None = None,
     ) -> "LayerCache":
-        """Build from per-head lists: keys[h] is [n_h, d]."""
-        lens = torch.tensor([k.shape[0] for k in keys], dtype=torch.long)
+        """Build from per-head lists: values[h] is [n_h, d]; keys[h] is [n_h, d], or, with
+        `distant` ([n_h] bool per head), the keys of the rows not marked distant only."""
+        lens = torch.tensor([v.shape[0] for v in values], dtype=torch.long)
         offsets = torch.zeros(len(keys) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(lens, 0)
         device = keys[0].device
@@ -105,7 +123,28 @@ class LayerCache:
             log_weights=lw.to(torch.float32),
             recall_ids=rid.to(torch.long),
             recall=recall,
-        )
+        )._with_distant(torch.cat(distant) if distant is not None else None, distant_from)
+
+    def _with_distant(self, distant: Tensor | None, distant_from: Sequence[int] | None) -> "LayerCache":
+        """Attach (checked) PoD rows; a layer with no distant row is an ordinary one."""
+        if distant is None or not bool(distant.any()):
+            if self.keys.shape[0] != self.values.shape[0]:
+                raise ValueError(f"{self.keys.shape[0]} key rows for {self.values.shape[0]} rows and no distant rows")
+            self.distant, self.distant_from = None, None
+            return self
+        H = self.num_heads
+        if distant.shape != (self.values.shape[0],) or distant.dtype != torch.bool:
+            raise ValueError(f"distant must be [{self.values.shape[0]}] bool, got {tuple(distant.shape)} {distant.dtype}")
+        if distant_from is None or len(distant_from) != H:
+            raise ValueError(f"distant_from must name a layer (or -1) for each of the {H} heads")
+        self.distant, self.distant_from = distant, tuple(int(b) for b in distant_from)
+        if self.keys.shape[0] != self.values.shape[0] - int(distant.sum()):
+            raise ValueError(f"{self.keys.shape[0]} key rows, expected {self.values.shape[0] - int(distant.sum())} "
+                             "(one per row that is not distant)")
+        counts = self.head_lengths() - self.key_lengths()
+        if any(int(c) and b < 0 for c, b in zip(counts, self.distant_from, strict=True)):
+            raise ValueError(f"a head with distant rows has no base layer: distant_from={self.distant_from}")
+        return self
 
     @classmethod
     def from_dense(cls, keys: Tensor, values: Tensor, positions: Tensor) -> "LayerCache":
@@ -126,10 +165,37 @@ class LayerCache:
         """[Hkv] rows held per head (ragged part only)."""
         return (self.head_offsets[1:] - self.head_offsets[:-1]).cpu()
 
-    def head(self, h: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys [n_h, d], values [n_h, d], log-weights [n_h] of head h (views, no copy)."""
+    def key_offsets(self) -> Tensor:
+        """[Hkv + 1] where each head's own keys start in `keys` (head_offsets without distant rows)."""
+        if self.distant is None:
+            return self.head_offsets
+        cached = getattr(self, "_key_offsets", None)
+        if cached is None or cached[0] is not self.distant or cached[1] is not self.head_offsets:
+            before = torch.zeros(self.distant.numel() + 1, dtype=torch.long, device=self.distant.device)
+            before[1:] = torch.cumsum(self.distant.long(), 0)  # distant rows before each row
+            cached = (self.distant, self.head_offsets, self.head_offsets - before[self.head_offsets])
+            self._key_offsets = cached  # cached: a device sync
+        return cached[2]
+
+    def key_lengths(self) -> Tensor:
+        """[Hkv] key rows held per head (ragged part only)."""
+        k = self.key_offsets()
+        return (k[1:] - k[:-1]).cpu()
+
+    def head_distant(self, h: int) -> Tensor | None:
+        """[n_h] bool distant rows of head h, or None when the head has none."""
+        if self.distant is None or self.distant_from[h] < 0:
+            return None
         a, b = int(self.head_offsets[h]), int(self.head_offsets[h + 1])
-        return self.keys[a:b], self.values[a:b], self.log_weights[a:b]
+        return self.distant[a:b]
+
+    def head(self, h: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Own keys [n_k, d], values [n_h, d], log-weights [n_h] of head h (views, no copy).
+
+        n_k == n_h unless the head has distant rows (see `head_distant`)."""
+        a, b = int(self.head_offsets[h]), int(self.head_offsets[h + 1])
+        ko = self.key_offsets()
+        return self.keys[int(ko[h]) : int(ko[h + 1])], self.values[a:b], self.log_weights[a:b]
 
     def tail(self) -> tuple[Tensor, Tensor] | None:
         if self.tail_len == 0:
@@ -142,9 +208,14 @@ class LayerCache:
         return int(self.head_offsets[-1]) + self.num_heads * self.tail_len
 
     @property
+    def num_key_rows(self) -> int:
+        """Key rows held over all heads, tail included (== num_rows unless rows are distant)."""
+        return int(self.keys.shape[0]) + self.num_heads * self.tail_len
+
+    @property
     def nbytes(self) -> int:
         """Bytes of the key and value rows actually held (tail capacity not counted)."""
-        return self.num_rows * self.head_dim * self.keys.element_size() * 2
+        return (self.num_key_rows + self.num_rows) * self.head_dim * self.keys.element_size()
 
     # ---- mutation -----------------------------------------------------------------
     def append(self, keys: Tensor, values: Tensor, positions: Tensor) -> None:
@@ -167,34 +238,49 @@ class LayerCache:
         self.tail_positions[n : n + t] = positions
         self.tail_len = n + t
 
+    def _head_rows(self, h: int, recall_shift: int = 0) -> tuple[Tensor, ...]:
+        """Head h's ragged rows: own keys, values, positions, log-weights, recall ids, distant mask."""
+        a, b = int(self.head_offsets[h]), int(self.head_offsets[h + 1])
+        k, v, lw = self.head(h)
+        rid = self.recall_ids[a:b]
+        if recall_shift:
+            rid = torch.where(rid >= 0, rid + recall_shift, rid)
+        dist = self.distant[a:b] if self.distant is not None else torch.zeros(b - a, dtype=torch.bool, device=v.device)
+        return k, v, self.positions[a:b], lw, rid, dist
+
+    def _tail_rows(self, h: int) -> tuple[Tensor, ...]:
+        """Head h's decode-tail rows in the order of `_head_rows` (all keyed, weight 0, no recall)."""
+        T, dev = self.tail_len, self.tail_keys.device
+        return (self.tail_keys[h, :T], self.tail_values[h, :T], self.tail_positions[:T],
+                torch.zeros(T, dtype=torch.float32, device=dev), torch.full((T,), NO_RECALL, dtype=torch.long, device=dev),
+                torch.zeros(T, dtype=torch.bool, device=dev))
+
+    @staticmethod
+    def _from_rows(heads: list[list[tuple[Tensor, ...]]], recall, distant_from) -> "LayerCache":
+        """A layer whose head h is the concatenation of the row groups heads[h]."""
+        cols = [[torch.cat([g[i] for g in groups]) for groups in heads] for i in range(6)]
+        return LayerCache.from_heads(*cols[:5], recall=recall, distant=cols[5], distant_from=distant_from)
+
     def compacted(self) -> "LayerCache":
         """A copy whose tail rows are folded into the ragged rows (for storage/extension)."""
         if self.tail_len == 0:
             return self
-        H = self.num_heads
-        tk, tv = self.tail()
-        tp = self.tail_positions[: self.tail_len]
-        ks, vs, ps, lws, rids = [], [], [], [], []
-        for h in range(H):
-            a, b = int(self.head_offsets[h]), int(self.head_offsets[h + 1])
-            ks += [self.keys[a:b], tk[h]]
-            vs += [self.values[a:b], tv[h]]
-            ps += [self.positions[a:b], tp]
-            lws += [self.log_weights[a:b], torch.zeros(self.tail_len, dtype=torch.float32, device=tk.device)]
-            rids += [self.recall_ids[a:b], torch.full((self.tail_len,), NO_RECALL, dtype=torch.long, device=tk.device)]
-        lens = self.head_lengths() + self.tail_len
-        offsets = torch.zeros(H + 1, dtype=torch.long)
-        offsets[1:] = torch.cumsum(lens, 0)
-        return LayerCache(
-            torch.cat(ks), torch.cat(vs), offsets.to(self.keys.device), torch.cat(ps),
-            torch.cat(lws), torch.cat(rids), self.recall,
-        )
+        heads = [[self._head_rows(h), self._tail_rows(h)] for h in range(self.num_heads)]
+        return self._from_rows(heads, self.recall, self.distant_from)
 
     def extended(self, other: "LayerCache") -> "LayerCache":
         """Rows of `self` then rows of `other`, per head (both compacted first)."""
         a, b = self.compacted(), other.compacted()
         if a.num_heads != b.num_heads or a.head_dim != b.head_dim:
             raise ValueError(f"cannot extend a cache of {a.num_heads} heads x {a.head_dim} with {b.num_heads} x {b.head_dim}")
+        if a.distant is None and b.distant is None:  # the common case, kept free of per-row masks
+            return a._extended_plain(b)
+        recall, shift = _concat_recall(a.recall, b.recall)
+        heads = [[a._head_rows(h), b._head_rows(h, shift)] for h in range(a.num_heads)]
+        return self._from_rows(heads, recall, _merge_distant_from(a.distant_from, b.distant_from, a.num_heads))
+
+    def _extended_plain(self, b: "LayerCache") -> "LayerCache":
+        a = self
         ks, vs, ps, lws, rids = [], [], [], [], []
         recall, shift = _concat_recall(a.recall, b.recall)
         b_rids = torch.where(b.recall_ids >= 0, b.recall_ids + shift, b.recall_ids)
@@ -218,17 +304,25 @@ class LayerCache:
         no recall id). The decode tail is kept as is, so this works mid-generation (recall).
         """
         a = int(self.head_offsets[head]) + row
+        ka = int(self.key_offsets()[head]) + row
+        dist = self.head_distant(head)
+        if dist is not None:
+            if bool(dist[row]):
+                raise ValueError(f"row {row} of head {head} is a distant (key-less) row, not a merged row")
+            ka -= int(dist[:row].sum())
         dev, dt = self.keys.device, self.keys.dtype
         m = keys.shape[0]
-        cut = lambda t, new: torch.cat([t[:a], new, t[a + 1 :]])  # noqa: E731
+        cut = lambda t, new, at=a: torch.cat([t[:at], new, t[at + 1 :]])  # noqa: E731
         offsets = self.head_offsets.clone()
         offsets[head + 1 :] += m - 1
         return LayerCache(
-            cut(self.keys, keys.to(dev, dt)), cut(self.values, values.to(dev, dt)), offsets,
+            cut(self.keys, keys.to(dev, dt), ka), cut(self.values, values.to(dev, dt)), offsets,
             cut(self.positions, positions.to(dev, torch.long)),
             cut(self.log_weights, torch.zeros(m, dtype=torch.float32, device=dev)),
             cut(self.recall_ids, torch.full((m,), NO_RECALL, dtype=torch.long, device=dev)),
             self.recall, self.tail_keys, self.tail_values, self.tail_positions, self.tail_len,
+            None if self.distant is None else cut(self.distant, torch.zeros(m, dtype=torch.bool, device=dev)),
+            self.distant_from,
         )
 
     def to(self, device: torch.device | str) -> "LayerCache":
@@ -236,6 +330,7 @@ class LayerCache:
         return LayerCache(
             c.keys.to(device), c.values.to(device), c.head_offsets.to(device), c.positions.to(device),
             c.log_weights.to(device), c.recall_ids.to(device), c.recall.to(device) if c.recall is not None else None,
+            distant=c.distant.to(device) if c.distant is not None else None, distant_from=c.distant_from,
         )
 
     def clone(self) -> "LayerCache":
@@ -243,7 +338,19 @@ class LayerCache:
         return LayerCache(
             c.keys.clone(), c.values.clone(), c.head_offsets.clone(), c.positions.clone(),
             c.log_weights.clone(), c.recall_ids.clone(), c.recall,
+            distant=c.distant.clone() if c.distant is not None else None, distant_from=c.distant_from,
         )
+
+
+def _merge_distant_from(a: tuple[int, ...] | None, b: tuple[int, ...] | None, H: int) -> tuple[int, ...]:
+    """Per head, the base layer of either part; two different bases for one head cannot be joined."""
+    a, b = a or (-1,) * H, b or (-1,) * H
+    out = []
+    for h, (x, y) in enumerate(zip(a, b, strict=True)):
+        if x >= 0 and y >= 0 and x != y:
+            raise ValueError(f"head {h} takes distant logits from layer {x} in one part and {y} in the other")
+        out.append(max(x, y))
+    return tuple(out)
 
 
 def _concat_recall(a: RecallTable | None, b: RecallTable | None) -> tuple[RecallTable | None, int]:
@@ -290,16 +397,32 @@ class CompactCache:
     def num_rows(self) -> int:
         return sum(layer.num_rows for layer in self.layers)
 
+    @property
+    def num_key_rows(self) -> int:
+        return sum(layer.num_key_rows for layer in self.layers)
+
     def full_nbytes(self) -> int:
         """Bytes an uncompressed cache of the same tokens would hold."""
         l0 = self.layers[0]
         return self.num_layers * l0.num_heads * self.num_tokens * l0.head_dim * l0.keys.element_size() * 2
 
     def kept_fraction(self) -> float:
-        """Rows held / rows a full cache holds: the realised kept fraction (ALGORITHMS.md 0.3)."""
+        """Key and value rows held / those of a full cache: the realised kept fraction
+        (ALGORITHMS.md 0.3, K and V counted separately), equal to nbytes / full_nbytes()."""
         l0 = self.layers[0]
         full = self.num_layers * l0.num_heads * self.num_tokens
-        return self.num_rows / full if full else 1.0
+        return (self.num_key_rows + self.num_rows) / (2 * full) if full else 1.0
+
+    def shared_bases(self) -> dict[int, int]:
+        """PoD: each layer whose queries later layers need for their distant rows -> the last such layer."""
+        last: dict[int, int] = {}
+        for i, layer in enumerate(self.layers):
+            for b in layer.distant_from or ():
+                if b >= i:
+                    raise ValueError(f"layer {i} takes distant logits from layer {b}, which is not an earlier layer")
+                if b >= 0:
+                    last[b] = i
+        return last
 
     def append(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor) -> None:
         self.layers[layer].append(keys, values, positions)

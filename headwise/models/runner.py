@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from headwise.attention import (
+    BaseQueries,
     MergedShare,
     column_sums,
     prefill_attention_scores,
@@ -127,11 +128,14 @@ class ModelRunner:
         h = self._inner.embed_tokens(ids)[None]  # [1, S, D]
         cos, sin = self._inner.rotary_emb(h, pos[None])
         states: list[LayerState] = []
+        shared = BaseQueries.for_cache(cache)  # PoD: base layers' queries for later layers
         for i, layer in enumerate(self._inner.layers):
             x = layer.input_layernorm(h)
             q, k, v = self._qkv(layer, x, cos, sin)
             scaling = layer.self_attn.scaling
-            o = ragged_prefill_attention(q, cache.layers[i] if cache is not None else None, k, v, scaling)
+            shared.hold(i, q)
+            o = ragged_prefill_attention(q, cache.layers[i] if cache is not None else None, k, v, scaling, shared)
+            shared.release(i)
             h = self._finish_layer(layer, h, o)
             W = min(capture.window, S)
             states.append(LayerState(
@@ -182,9 +186,12 @@ class ModelRunner:
             pos = torch.arange(start + S, start + S + ids.numel(), device=self.device)
             h = self._inner.embed_tokens(ids)[None]
             cos, sin = self._inner.rotary_emb(h, pos[None])
+            shared = BaseQueries.for_cache(full)
             for i, layer in enumerate(self._inner.layers):
                 q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
-                o, sc = prefill_attention_scores(q, full.layers[i], k, v, layer.self_attn.scaling, S, len(prefix))
+                shared.hold(i, q)
+                o, sc = prefill_attention_scores(q, full.layers[i], k, v, layer.self_attn.scaling, S, len(prefix), base=shared)
+                shared.release(i)
                 torch.maximum(scores[i], sc, out=scores[i])
                 if i + 1 < len(self._inner.layers):
                     h = self._finish_layer(layer, h, o)
@@ -228,12 +235,15 @@ class ModelRunner:
         p = torch.tensor([pos], dtype=torch.long, device=self.device)
         h = self._inner.embed_tokens(ids)[None]
         cos, sin = self._inner.rotary_emb(h, p[None])
+        shared = BaseQueries.for_cache(cache)  # PoD: base layers' step queries for later layers
         for i, layer in enumerate(self._inner.layers):
             x = layer.input_layernorm(h)
             q, k, v = self._qkv(layer, x, cos, sin)
             lc: LayerCache = cache.layers[i]
             lc.append(k, v, p)
-            o, hits = ragged_decode_attention(q, lc, layer.self_attn.scaling, recall_threshold)
+            shared.hold(i, q)
+            o, hits = ragged_decode_attention(q, lc, layer.self_attn.scaling, recall_threshold, shared)
+            shared.release(i)
             if hits and stats is not None:
                 stats.recalls.extend((i, s) for s in hits)
             h = self._finish_layer(layer, h, o)
