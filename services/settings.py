@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     tenant_max_streams: int = Field(8, description="concurrent Generate streams per tenant, across all decode replicas")
     stream_lease_s: float = Field(30.0, description="a stream's cluster-wide slot lapses this long after its last "
                                   "renewal (renewed every third of it), so a dead replica frees its slots")
+    fill_lease_s: float = Field(60.0, description="a prefill replica computing a context holds a cluster-wide lease "
+                                "on it (renewed every third of this), so other replicas wait instead of computing it too")
     session_ttl_s: float = Field(3600.0, description="a conversation (session_id) is kept this long after its last turn")
 
     # store behaviour

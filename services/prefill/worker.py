@@ -38,6 +38,7 @@ from services.prefill.api import (
 )
 
 log = logging.getLogger("headwise.prefill")
+FILL_POLL_S = 0.25  # how often a request waiting for another replica's computation looks again
 
 _A, _B, _C = "\x00HW_A\x00", "\x00HW_B\x00", "\x00HW_C\x00"
 
@@ -109,7 +110,8 @@ class PrefillWorker:
         self.settings = settings
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-model")
         self._inflight: dict[str, asyncio.Future] = {}  # context key -> the lease of the request computing it
-        self.single_flight_waits = 0
+        self.single_flight_waits = 0  # requests that waited for this replica's computation of their context
+        self.cluster_waits = 0  # ... for another replica's
         # Recently used reusable segments of this replica, so a reused document is not fetched
         # twice (here and in decode). The store stays the authority: a key is used only after
         # lookup says it is stored. Keys carry the tenant salt, so this never crosses tenants.
@@ -174,12 +176,20 @@ class PrefillWorker:
 
     async def _with_store(self, req: PrefillRequest, plan: _Plan, policy: Policy) -> CacheHandle:
         store = self.stores.for_tenant(req.tenant)
-        lease = await self._lead(plan.keys[0]) if policy.reusable and not req.recompute else None
+        key, reusable = plan.keys[0], policy.reusable and not req.recompute
+        lease = await self._lead(key) if reusable else None
+        cluster = None
         try:
+            if reusable:
+                cluster = await self._lead_cluster(store, key)
             return await self._lookup_and_compute(req, plan, policy, store)
         finally:
+            if cluster is not None:
+                name, holder, renew = cluster
+                renew.cancel()
+                asyncio.ensure_future(_quiet(store.release(name, holder)))
             if lease is not None:
-                self._release(plan.keys[0], lease)
+                self._release(key, lease)
 
     async def _lookup_and_compute(self, req: PrefillRequest, plan: _Plan, policy: Policy, store) -> CacheHandle:
         try:
@@ -233,6 +243,32 @@ class PrefillWorker:
         self._inflight[key] = lease
         return lease
 
+    async def _lead_cluster(self, store, key: str):
+        """The same single flight across prefill replicas, through a kvstore semaphore of one slot per
+        context: the holder computes; the others poll until the context is stored (or the slot is
+        free: the holder failed, or died and its slot lapsed). Without the store, compute."""
+        name, holder, ttl = f"fill-{key}", secrets.token_hex(12), self.settings.fill_lease_s
+        waited = False
+        try:
+            while not (await store.acquire(name, holder, 1, ttl))[0]:
+                if not waited:
+                    self.cluster_waits, waited = self.cluster_waits + 1, True
+                await asyncio.sleep(FILL_POLL_S)
+                if await store.lookup([key]) == 1:
+                    return None  # another replica stored it: the lookup that follows reuses it
+        except self.stores.errors[0] as e:
+            log.info("cluster-wide single flight skipped: %s", e)
+            return None
+        return name, holder, asyncio.ensure_future(self._renew_fill(store, name, holder, ttl))
+
+    async def _renew_fill(self, store, name: str, holder: str, ttl: float) -> None:
+        while True:
+            await asyncio.sleep(ttl / 3)
+            try:
+                await store.acquire(name, holder, 1, ttl)
+            except self.stores.errors[0] as e:
+                log.warning("single-flight lease renewal failed: %s", e)
+
     def _release(self, key: str, lease: asyncio.Future) -> None:
         if self._inflight.get(key) is lease:
             del self._inflight[key]
@@ -264,3 +300,10 @@ class PrefillWorker:
             held_kv_bytes=held, realised_kept=rows / full_rows if full_rows else 1.0, wire_bytes=wire,
             store_status=status, policy="",
         )
+
+
+async def _quiet(aw) -> None:
+    try:
+        await aw
+    except Exception as e:  # noqa: BLE001 - giving a lease back is best effort (it lapses anyway)
+        log.debug("lease release failed: %s", e)

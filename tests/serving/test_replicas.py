@@ -97,3 +97,31 @@ async def test_store_down_falls_back_to_each_replicas_own_limit_and_sessions(rep
         await s.aclose()
     _, first = await ask(a, session_id="s2")
     assert first.store_status == "bypassed" and ("acme", "s2") in a.sessions
+
+
+async def test_two_prefill_replicas_compute_a_new_document_once(tiny_model):
+    from headwise.models import ModelRunner
+    from services.prefill.api import PrefillRequest
+
+    compressed = []
+
+    def replica(mem) -> PrefillWorker:
+        runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
+        real = runner.prefill_segment
+
+        def counting(ids, cache, policy):
+            compressed.append(policy.name)
+            return real(ids, cache, policy)
+
+        runner.prefill_segment = counting
+        return PrefillWorker(runner, StoreClients("mem", "t", factory=mem), Settings(max_prompt_tokens=900))
+
+    mem = MemoryFactory()
+    p1, p2 = replica(mem), replica(mem)
+    req = PrefillRequest(tenant="acme", salt="s", context=DOC, prompt="q?", answer_prefix="", policy="streaming",
+                         kept=0.5)
+    handles = await asyncio.gather(p1.prefill(req), p2.prefill(req), p1.prefill(req), p2.prefill(req))
+    assert compressed.count("streaming") == 1
+    assert sorted(h.store_status for h in handles) == ["reused", "reused", "reused", "stored"]
+    assert p1.cluster_waits + p2.cluster_waits >= 1
+    assert await mem.backend.acquire("acme", f"fill-{handles[0].keys[0]}", "probe", 1, 1) == (True, 1)  # released
