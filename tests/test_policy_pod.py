@@ -1,11 +1,14 @@
 """PoD: the gate form equals the single-softmax form; the `pod` policy against a dense reference.
 
-The reference below computes PoD attention densely (every segment key kept, distant logits
-taken from the base layer with torch.where): the truly smaller cache must give the same
-logits through prefill-on-cache and decode.
+The reference below computes PoD attention densely (every segment key present, evicted
+tokens masked, distant logits taken from the base layer with torch.where): the truly
+smaller cache must give the same logits through prefill-on-cache and decode, with PoD alone
+and with the eviction stage.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -14,13 +17,18 @@ from hypothesis import strategies as st
 
 from headwise.errors import InvalidInput
 from headwise.policies import get_policy
-from headwise.policies.base import CompressContext
-from headwise.policies.pod import PoDPolicy, pod_gate_attention, pod_single_attention, proximal
+from headwise.policies.base import Capture, CompressContext
+from headwise.policies.pod import PoDPolicy, block_members, pod_gate_attention, pod_single_attention, proximal, spread
+from headwise.policies.snapkv import SnapKVPolicy
 from headwise.profiles import HeadProfile
 
 S = 600  # >= 512: the realised fraction must be within 1% of the request
-# 4 layers x 3 KV heads: 6 of 12 (layer, head) pairs are non-base -> kept in [~0.757, 1]
+# 4 layers x 3 KV heads: 6 of 12 (layer, head) pairs are non-base -> PoD alone reaches kept in
+# [~0.757, 1] (recent window 0) or [0.770, 1] (recent window >= 32, with eviction on); below, tokens go
 BASE_OF = [[0, 0, 0], [0, 1, 0], [0, 1, 2], [3, 1, 2]]
+FLAT = [[li] * 3 for li in range(4)]  # no multi-layer block: eviction alone (SnapKV heads)
+ONE_BLOCK = [[0, 0, 0]] * 4  # one 4-layer block per head
+EVICT_KEPT = [0.9, 0.5, 0.25, 0.1]
 
 
 @settings(max_examples=30, deadline=None)
@@ -73,7 +81,7 @@ def seg_ids():
 
 @pytest.fixture(scope="module")
 def prefilled(runner, seg_ids):
-    return runner.prefill(seg_ids)
+    return runner.prefill(seg_ids, capture=Capture(window=32))
 
 
 def _same(a, b) -> bool:
@@ -85,13 +93,15 @@ def _same(a, b) -> bool:
     )
 
 
-def dense_pod_logits(runner, states, base_of, prox, new_ids):
+def dense_pod_logits(runner, states, base_of, prox, new_ids, kept=None):
     """Reference: logits [T, V] of new tokens after a PoD-compressed segment, computed densely.
 
-    states: the segment's full prefill (K, V of every token in every layer); prox: [S] bool.
-    Query head hq of layer l over segment token j: q_l . K_l[j] if j is proximal or l is the
-    base of (l, hq // G), else q_b . K_b[j] with b the base and q_b the base layer's query of
-    the same new token; new tokens are causal and use own keys; values are always layer l's.
+    states: the segment's full prefill (K, V of every token in every layer); prox: [S] bool;
+    kept: kept[l][g] [S] bool tokens (layer l, KV head g) holds, None for every token.
+    Query head hq of layer l over segment token j: -inf if (l, hq // G) does not hold j, else
+    q_l . K_l[j] if j is proximal or l is the base of (l, hq // G), else q_b . K_b[j] with b
+    the base and q_b the base layer's query of the same new token; new tokens are causal and
+    use own keys; values are always layer l's.
     """
     inner = runner.model.model
     S = states[0].num_tokens
@@ -114,6 +124,8 @@ def dense_pod_logits(runner, states, base_of, prox, new_ids):
                 a_seg = q[hq] @ K[g].T * sc  # [T, S]
                 if b != li:
                     a_seg = torch.where(prox[None, :], a_seg, queries[b][hq] @ states[b].keys[g].T * sc)
+                if kept is not None:
+                    a_seg = a_seg.masked_fill(~kept[li][g][None, :], float("-inf"))
                 p = torch.softmax(torch.cat([a_seg, q[hq] @ k[g].T * sc + causal], -1), -1)
                 out.append(p @ torch.cat([V[g], v[g]]))
             h = runner._finish_layer(layer, h, torch.stack(out))
@@ -129,43 +141,87 @@ def _generate(runner, cache, q_ids, steps=4):
         logits.append(runner.decode_step(toks[-1], res.cache))
     return toks, logits, res.cache
 
+def _held(cache):
+    """kept[l][g]: [S] bool tokens of the segment that (layer l, KV head g) holds (first segment at 0)."""
+    out = []
+    for layer in cache.layers:
+        row = []
+        for g in range(layer.num_heads):
+            a, b = int(layer.head_offsets[g]), int(layer.head_offsets[g + 1])
+            m = torch.zeros(S, dtype=torch.bool)
+            m[layer.positions[a:b]] = True
+            row.append(m)
+        out.append(row)
+    return out
 
-@pytest.mark.parametrize("kept", [0.9, 0.8])
+
+def expected_keep(states, base_of, pol, counts):
+    """Independent selection: per (block, head), the block's mean of the per-layer SnapKV scores,
+    sinks + window forced, the top counts[(b, h)] tokens."""
+    scorer = SnapKVPolicy(kept=pol.kept, window=pol.window, sinks=pol.sinks, kernel=pol.kernel)
+    scores = [scorer.score(st, CompressContext(len(states))) for st in states]
+    keep = {}
+    for (b, h), layers in block_members(base_of).items():
+        s = torch.stack([scores[li][h] for li in layers]).mean(0)
+        s[: pol.sinks] = float("inf")
+        s[S - pol.window :] = float("inf")
+        m = torch.zeros(S, dtype=torch.bool)
+        m[s.topk(counts[(b, h)]).indices] = True
+        keep[(b, h)] = m
+    return keep
+
+
+@pytest.mark.parametrize("kept", [0.9, 0.8, 0.5, 0.25])
 def test_prefill_and_decode_match_dense_reference(runner, ctx, seg_ids, prefilled, kept):
     pol = get_policy("pod", kept=kept)
     seg = runner.prefill_segment(seg_ids, policy=pol, ctx=ctx)
     assert any(layer.distant is not None for layer in seg.cache.layers)
+    evicts = pol.evicts(S, BASE_OF)
+    assert evicts == (kept < 0.77)
     q_ids = [5, 6, 7, 8, 9]
     toks, logits, _ = _generate(runner, seg.cache, q_ids)
-    prox = proximal(S, pol.sinks, pol.recent_for(S, BASE_OF))
-    ref = dense_pod_logits(runner, prefilled.states, BASE_OF, prox, q_ids + toks)
+    if evicts:
+        prox = proximal(S, pol.sinks, pol.window)
+        keep = expected_keep(prefilled.states, BASE_OF, pol, pol.token_counts(S, BASE_OF))
+        kept_masks = [[keep[(BASE_OF[li][g], g)] for g in range(3)] for li in range(4)]
+        held = _held(seg.segment)  # the selection, computed independently
+        assert all(torch.equal(held[li][g], kept_masks[li][g]) for li in range(4) for g in range(3))
+    else:
+        prox, kept_masks = proximal(S, pol.sinks, pol.recent_for(S, BASE_OF)), None
+    ref = dense_pod_logits(runner, prefilled.states, BASE_OF, prox, q_ids + toks, kept_masks)
     for i, lg in enumerate(logits):
         torch.testing.assert_close(lg, ref[len(q_ids) - 1 + i], atol=1e-5, rtol=0)
-    # and PoD is not secretly the full cache
-    full = dense_pod_logits(runner, prefilled.states, [[li] * 3 for li in range(4)], prox, q_ids)
-    assert not torch.allclose(full[-1], ref[len(q_ids) - 1], atol=1e-3)
+    # and PoD is not secretly the full cache, nor plain eviction without score sharing
+    flat = dense_pod_logits(runner, prefilled.states, FLAT, prox, q_ids, kept_masks)
+    assert not torch.allclose(flat[-1], ref[len(q_ids) - 1], atol=1e-3)
 
 
 def test_full_budget_equals_full(runner, ctx, seg_ids):
     full = runner.prefill_segment(seg_ids)
-    pod = runner.prefill_segment(seg_ids, policy=get_policy("pod", kept=1.0), ctx=ctx)
-    assert _same(pod.segment, full.segment) and all(layer.distant is None for layer in pod.segment.layers)
+    for evict in ("snapkv", "none"):
+        pod = runner.prefill_segment(seg_ids, policy=get_policy("pod", kept=1.0, evict=evict), ctx=ctx)
+        assert _same(pod.segment, full.segment) and all(layer.distant is None for layer in pod.segment.layers)
     q_ids = [5, 6, 7]
     for a, b in zip(_generate(runner, full.cache, q_ids)[1], _generate(runner, pod.cache, q_ids)[1], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def test_no_multi_layer_blocks_equals_full_and_cannot_go_lower(runner, prefilled):
-    flat = CompressContext(4, "tiny-pod", _profile([[li] * 3 for li in range(4)]))
+def test_no_multi_layer_blocks(runner, prefilled):
+    """kept 1 is `full`; PoD alone cannot go lower; with eviction every head is a plain SnapKV head."""
+    flat = CompressContext(4, "tiny-pod", _profile(FLAT))
     full = get_policy("full").compress(prefilled.states, 0)
     assert _same(get_policy("pod", kept=1.0).compress(prefilled.states, 0, flat), full)
     with pytest.raises(InvalidInput, match=r"\[1.000, 1\]"):
-        get_policy("pod", kept=0.9).compress(prefilled.states, 0, flat)
+        get_policy("pod", kept=0.9, evict="none").compress(prefilled.states, 0, flat)
+    for kept in (0.5, 0.25):  # kept x S whole: SnapKV's per-head budget, the same rows
+        snap = get_policy("snapkv", kept=kept, sinks=16, window=32).compress(prefilled.states, 0)
+        assert _same(get_policy("pod", kept=kept).compress(prefilled.states, 0, flat), snap)
 
 
 @pytest.mark.parametrize("kept", [0.95, 0.9, 0.8])
 def test_realised_fraction_and_rows_really_gone(prefilled, ctx, kept):
     pol = get_policy("pod", kept=kept)
+    assert not pol.evicts(S, BASE_OF)
     out = pol.compress(prefilled.states, 0, ctx)
     assert abs(out.kept_fraction() - kept) <= 0.01
     assert out.kept_fraction() == pytest.approx(out.nbytes / out.full_nbytes())
@@ -178,15 +234,70 @@ def test_realised_fraction_and_rows_really_gone(prefilled, ctx, kept):
     assert out.nbytes < out.full_nbytes()
 
 
-def test_deterministic(prefilled, ctx):
-    p = get_policy("pod", kept=0.85)
+def _check_blocks(out, base_of, pol):
+    """Every layer of a block holds the same tokens; distant rows are exactly the kept tokens that
+    are not proximal, in non-base layers, and each one's token is in its base head (without
+    distant rows of its own); base heads hold a key for every row."""
+    prox = proximal(S, pol.sinks, pol.window)
+    for li, layer in enumerate(out.layers):
+        for h in range(layer.num_heads):
+            b = base_of[li][h]
+            a, e = int(layer.head_offsets[h]), int(layer.head_offsets[h + 1])
+            pos = layer.positions[a:e]
+            base = out.layers[b]
+            ba, be = int(base.head_offsets[h]), int(base.head_offsets[h + 1])
+            assert torch.equal(pos, base.positions[ba:be])
+            assert bool(prox[pos].sum() == prox.sum())  # sinks and window always kept
+            dist = layer.head_distant(h)
+            if b == li:
+                assert dist is None or not bool(dist.any())
+                assert int(layer.key_lengths()[h]) == e - a
+            else:
+                assert dist is not None and torch.equal(dist, ~prox[pos]) and layer.distant_from[h] == b
+                assert bool(torch.isin(pos[dist], base.positions[ba:be]).all())
+                assert base.head_distant(h) is None or not bool(base.head_distant(h).any())
+                assert int(layer.key_lengths()[h]) == int(prox.sum())  # keys of proximal rows only
+
+
+@pytest.mark.parametrize("profile", ["pod", "one_block", "flat"])
+@pytest.mark.parametrize("kept", EVICT_KEPT)
+def test_eviction_hits_the_kept_fraction_and_keeps_blocks_consistent(prefilled, kept, profile):
+    base_of = {"pod": BASE_OF, "one_block": ONE_BLOCK, "flat": FLAT}[profile]
+    c = CompressContext(4, "tiny-pod", _profile(base_of))
+    pol = get_policy("pod", kept=kept)
+    out = pol.compress(prefilled.states, 0, c)
+    assert abs(out.kept_fraction() - kept) <= 0.01
+    assert out.kept_fraction() == pytest.approx(out.nbytes / out.full_nbytes())
+    if pol.evicts(S, base_of):
+        _check_blocks(out, base_of, pol)
+        counts = pol.token_counts(S, base_of)
+        assert max(counts.values()) - min(counts.values()) <= 1  # uniform, one more for some blocks
+        for li, layer in enumerate(out.layers):
+            assert layer.head_lengths().tolist() == [counts[(base_of[li][h], h)] for h in range(3)]
+    # the K rows PoD saves buy more kept tokens than plain eviction at the same bytes
+    if profile != "flat" and kept <= 0.5:
+        snap = get_policy("snapkv", kept=kept, sinks=16, window=32).compress(prefilled.states, 0)
+        assert out.num_rows > snap.num_rows and out.nbytes <= snap.nbytes + 4 * 3 * 2 * 64 * 4
+
+
+def test_spread_is_exact_enough():
+    assert spread(100, [2, 3, 5], 1, 100) == [10, 10, 10]
+    assert spread(107, [2, 3, 5], 1, 100) == [11, 10, 11]  # 5 + 2 of the 7 left
+    assert spread(10, [2, 3, 5], 4, 100) == [4, 4, 4]  # never below `low`
+    assert spread(10**6, [2, 3], 1, 50) == [50, 50]  # nor above `high`
+
+
+@pytest.mark.parametrize("kept", [0.85, 0.25])
+def test_deterministic(prefilled, ctx, kept):
+    p = get_policy("pod", kept=kept)
     assert _same(p.compress(prefilled.states, 0, ctx), p.compress(prefilled.states, 0, ctx))
 
 
-def test_codec_round_trip_is_exact(runner, ctx, seg_ids):
+@pytest.mark.parametrize("kept", [0.8, 0.3])
+def test_codec_round_trip_is_exact(runner, ctx, seg_ids, kept):
     from headwise.cache.codec import FRAME_OVERHEAD, CodecError, decode, encode
 
-    seg = runner.prefill_segment(seg_ids, policy=get_policy("pod", kept=0.8), ctx=ctx)
+    seg = runner.prefill_segment(seg_ids, policy=get_policy("pod", kept=kept), ctx=ctx)
     _, _, cache = _generate(runner, seg.cache, [5, 6], steps=2)  # with a decode tail
     enc = encode(cache, chunk_size=64 << 10)
     back = decode(enc.header, enc.chunks)
@@ -202,29 +313,58 @@ def test_codec_round_trip_is_exact(runner, ctx, seg_ids):
         decode(enc.header, enc.chunks[:-1])
 
 
-def test_chained_segments_and_questions_decode(runner, ctx, seg_ids):
+@pytest.mark.parametrize("kept", [0.85, 0.3])
+def test_chained_segments_and_questions_decode(runner, ctx, seg_ids, kept):
     """Two PoD segments in a chain, then a question: the second segment's distant rows find
     their base rows by position; the result survives the codec and gives the same logits."""
     from headwise.cache.codec import decode, encode
 
-    pol = get_policy("pod", kept=0.85)
+    pol = get_policy("pod", kept=kept)
     a = runner.prefill_segment(seg_ids, policy=pol, ctx=ctx)
     b = runner.prefill_segment(seg_ids[:400], a.cache, policy=pol, ctx=ctx)
-    assert b.cache.kept_fraction() == pytest.approx(0.85, abs=0.01)
+    assert b.cache.kept_fraction() == pytest.approx(kept, abs=0.01)
     enc = encode(b.cache)
     again = decode(enc.header, enc.chunks)
     for x, y in zip(_generate(runner, b.cache, [5, 6])[1], _generate(runner, again, [5, 6])[1], strict=True):
         torch.testing.assert_close(x, y, atol=0, rtol=0)
 
 
+def test_kvzip_scored_eviction(runner, ctx, seg_ids):
+    """evict='kvzip': the reconstruction score chooses the block's tokens; same layout rules."""
+    pol = get_policy("pod", kept=0.3, evict="kvzip")
+    assert pol.capture.reconstruction and not pol.capture.window
+    seg = runner.prefill_segment(seg_ids, policy=pol, ctx=ctx)
+    assert abs(seg.segment.kept_fraction() - 0.3) <= 0.01
+    _check_blocks(seg.segment, BASE_OF, pol)
+    snap = runner.prefill_segment(seg_ids, policy=get_policy("pod", kept=0.3), ctx=ctx)
+    assert not _same(seg.segment, snap.segment)
+    _generate(runner, seg.cache, [5, 6], steps=1)  # decodes
+
+
 def test_bad_parameters_raise_clear_errors(prefilled, ctx):
     with pytest.raises(InvalidInput, match=r"\[0.5, 1\]"):
-        get_policy("pod", kept=0.4)
-    with pytest.raises(InvalidInput, match="sinks"):
-        get_policy("pod", kept=0.9, sinks=-1)
+        get_policy("pod", kept=0.4, evict="none")
+    assert get_policy("pod", kept=0.4).evict == "snapkv"  # eviction on by default
+    for bad in ({"sinks": -1}, {"window": -1}, {"kernel": 1.5}):
+        with pytest.raises(InvalidInput, match=next(iter(bad))):
+            get_policy("pod", kept=0.9, **bad)
+    with pytest.raises(InvalidInput, match="evict='h2o'; allowed: snapkv, kvzip, none"):
+        get_policy("pod", kept=0.9, evict="h2o")
+    with pytest.raises(InvalidInput, match="block_score='sum'; allowed: mean, max"):
+        get_policy("pod", kept=0.9, block_score="sum")
     with pytest.raises(InvalidInput, match=r"out of reach.*\[0.75\d, 1\]"):
-        get_policy("pod", kept=0.6).compress(prefilled.states, 0, ctx)
+        get_policy("pod", kept=0.6, evict="none").compress(prefilled.states, 0, ctx)
+    # below sinks + window: 0.05 x 600 = 30 tokens per head < 16 + 32
+    with pytest.raises(InvalidInput, match=r"fewer than sinks \+ window = 48.*>= 0.080"):
+        get_policy("pod", kept=0.05).compress(prefilled.states, 0, ctx)
+    assert get_policy("pod", kept=0.08).compress(prefilled.states, 0, ctx).kept_fraction() == pytest.approx(0.08, abs=0.01)
+    with pytest.raises(InvalidInput, match="window queries"):
+        get_policy("pod", kept=0.5).compress([dataclasses.replace(s, window_queries=None) for s in prefilled.states], 0, ctx)
+    with pytest.raises(InvalidInput, match="reconstruction"):
+        get_policy("pod", kept=0.5, evict="kvzip").compress(prefilled.states, 0, ctx)
     with pytest.raises(InvalidInput, match="head profile"):
         get_policy("pod", kept=0.9).compress(prefilled.states, 0, CompressContext(4))
     with pytest.raises(InvalidInput, match="not an earlier layer"):
         get_policy("pod", kept=0.9).compress(prefilled.states, 0, CompressContext(4, "x", _profile([[1, 0, 0]] * 4)))
+    with pytest.raises(InvalidInput, match="itself in another block"):
+        get_policy("pod", kept=0.9).compress(prefilled.states, 0, CompressContext(4, "x", _profile([[0] * 3, [0] * 3, [1] * 3, [3] * 3])))

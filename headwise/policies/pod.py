@@ -1,12 +1,16 @@
-"""PoD (ALGORITHMS.md 4), training-free score sharing, as the `pod` policy.
+"""PoD (ALGORITHMS.md 4), training-free score sharing, with a token-eviction stage, as the `pod` policy.
 
 Per KV head, the head profile's layer blocks decide the layout (`LayerCache.distant`): in a
-block's base layer the head keeps K and V of every token; in its other layers it keeps K of
-the proximal tokens only (first `sinks` + last `recent` of the segment) and V of every token.
-A distant token's logit in a non-base layer is the base layer's own, q_base . K_base (Fig. 2),
-joined with the layer's proximal logits in one softmax over the layer's own values, which
-equals the paper's gate form (both below, tested equal). The keys are really absent: the
-cache, the codec and the store hold R_k < R key rows for such heads.
+block's base layer the head keeps K and V of every kept token; in its other layers it keeps K
+of the proximal tokens only (first `sinks` + last `recent` of the segment) and V of every
+kept token. A distant token's logit in a non-base layer is the base layer's own,
+q_base . K_base (Fig. 2), joined with the layer's proximal logits in one softmax over the
+layer's own values, which equals the paper's gate form (both below, tested equal). The keys
+are really absent: the cache, the codec and the store hold R_k < R key rows for such heads.
+
+Below PoD's own range the eviction stage (the paper's PoD + SnapKV, our [P] form) drops
+tokens too, choosing them once per (block, KV head) so that every layer of a block keeps the
+same tokens: a non-base layer's distant row always finds its token in the base layer.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from torch import Tensor
 
 from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
-from headwise.policies.base import CompressContext, LayerState, Policy, check_ints, keep_all
+from headwise.policies.base import Capture, CompressContext, LayerState, Policy, check_ints, keep_all
+
+EVICTORS = ("snapkv", "kvzip", "none")
+BLOCK_SCORES = ("mean", "max")
 
 
 def pod_gate_attention(a_prox: Tensor, a_dist: Tensor, v_prox: Tensor, v_dist: Tensor) -> Tensor:
@@ -46,6 +53,30 @@ def proximal(S: int, sinks: int, recent: int) -> Tensor:
     return m
 
 
+def block_members(base_of: list[list[int]]) -> dict[tuple[int, int], list[int]]:
+    """(base layer, KV head) -> the layers of that block, base first, for every block of the profile."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for li, row in enumerate(base_of):
+        for h, b in enumerate(row):
+            out.setdefault((b, h), []).append(li)
+    return out
+
+
+def spread(total: int, weights: list[int], low: int, high: int) -> list[int]:
+    """Per-block token counts n_i in [low, high] with sum w_i n_i as close to `total` from below
+    as a uniform count plus one extra token for some blocks allows (heaviest blocks first, ties
+    by index: deterministic)."""
+    W = sum(weights)
+    n = max(low, min(high, total // W))
+    counts = [n] * len(weights)
+    rest = total - n * W
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        if rest >= weights[i] and counts[i] < high:
+            counts[i] += 1
+            rest -= weights[i]
+    return counts
+
+
 @dataclass(frozen=True)
 class PoDPolicy(Policy):
     """PoD (ALGORITHMS.md 4): non-base layers of a head's block keep keys of proximal tokens only.
@@ -57,25 +88,64 @@ class PoDPolicy(Policy):
     compressed after, as every policy here is; later segments, questions and decoded tokens
     are proximal in every layer (every layer keeps their keys).
 
-    Budget: `kept` counts K and V rows separately (ALGORITHMS.md 0.3) and sizes the recent
-    window (the paper's n_r) so the realised fraction is the request. Only keys of non-base
-    (layer, head) pairs can go, so the reachable range is [1 - nonbase / (2 L Hkv), 1] up to
-    the sinks: at most 0.5 saved, and on SmolLM2-135M's profile (27 of 90 pairs non-base)
-    kept >= 0.852. A lower `kept` is an InvalidInput naming the range, not a silent fallback
-    (no extra eviction of distant tokens is mixed in). With a budget >= the segment, or a
-    profile without multi-layer blocks at kept 1, the result equals `full`.
+    Budget: `kept` counts K and V rows separately (ALGORITHMS.md 0.3). Two stages:
+    * PoD alone, while it can reach `kept`: every token stays, and the recent window (the
+      paper's n_r) is sized so the realised fraction is the request. Only keys of non-base
+      (layer, head) pairs can go, so this covers [1 - nonbase / (2 L Hkv), 1] up to the
+      proximal rows (on SmolLM2-135M's profile, 27 of 90 pairs non-base: kept >= ~0.855).
+      With eviction on, the window never shrinks below `window`.
+    * [P] Eviction (`evict`, the paper's PoD + SnapKV, with the paper's exact recipe not
+      published): below that range, tokens are dropped. They are chosen once per (block,
+      KV head), so every layer of a block keeps the same tokens and a distant row's token
+      is always held by its base head: the block's score of a token is the `block_score`
+      (mean or max) over the block's layers of the scorer's per-layer score (`snapkv`:
+      window attention of the last `window` queries, mean over the GQA group, `kernel`
+      average pooling, as the `snapkv` policy; `kvzip`: the reconstruction score, costs
+      KVzip's extra pass). The first `sinks` and the last `window` tokens are always kept
+      and are the proximal ones; the other kept tokens are distant in non-base layers.
+      [P] Every (layer, head) keeps the same number n of tokens (SnapKV's uniform
+      allocation, one token more for some blocks to hit the budget), solved from
+      sum over blocks of [2 n + (m - 1)(n + sinks + window)] = kept 2 L Hkv S for blocks of
+      m layers, so PoD's saved keys buy more kept tokens. Heads in single-layer blocks are
+      plain SnapKV (or KVzip-scored) heads. Reachable: kept >= (sinks + window) / S; lower is
+      an InvalidInput, as for the scorers.
+    `evict="none"` is PoD alone: a `kept` below its range is an InvalidInput naming the
+    range (below 0.5 at construction). With a budget >= the segment, or kept 1, the result
+    equals `full`.
     """
 
     name = "pod"
     needs_profile = True
     sinks: int = 16
+    evict: str = "snapkv"
+    window: int = 32
+    kernel: int = 7
+    block_score: str = "mean"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ints(self, sinks=self.sinks)
-        if self.kept < 0.5:
-            raise InvalidInput(f"policy 'pod': kept={self.kept} is below 0.5; PoD drops only keys of non-base layers, "
-                               "so it keeps at least half of the K+V rows: allowed range [0.5, 1] (less on real profiles)")
+        check_ints(self, sinks=self.sinks, window=self.window, kernel=self.kernel)
+        if self.evict not in EVICTORS:
+            raise InvalidInput(f"policy 'pod': evict={self.evict!r}; allowed: {', '.join(EVICTORS)}")
+        if self.block_score not in BLOCK_SCORES:
+            raise InvalidInput(f"policy 'pod': block_score={self.block_score!r}; allowed: {', '.join(BLOCK_SCORES)}")
+        if self.evict == "none" and self.kept < 0.5:
+            raise InvalidInput(f"policy 'pod': kept={self.kept} is below 0.5; with evict='none' PoD drops only keys of "
+                               "non-base layers, so it keeps at least half of the K+V rows: allowed range [0.5, 1] "
+                               "(less on real profiles); use evict='snapkv' to go lower")
+
+    @property
+    def capture(self) -> Capture:
+        if self.evict == "snapkv":
+            return Capture(window=max(1, self.window))
+        if self.evict == "kvzip":
+            return Capture(reconstruction=True)
+        return Capture()
+
+    @property
+    def floor(self) -> int:
+        """Smallest recent window of the PoD-alone stage: `window` with eviction on, else 0."""
+        return 0 if self.evict == "none" else self.window
 
     def blocks(self, ctx: CompressContext, num_kv_heads: int) -> list[list[int]]:
         """base_of[l][h]: the first layer of the block of (l, h), from the head profile."""
@@ -86,42 +156,100 @@ class PoDPolicy(Policy):
         bad = [(li, h) for li, row in enumerate(base_of) for h, b in enumerate(row) if not 0 <= b <= li]
         if bad:
             raise InvalidInput(f"head profile: base layer of (layer, head) {bad[0]} is not an earlier layer; recompute it")
+        bad = [(li, h) for li, row in enumerate(base_of) for h, b in enumerate(row) if base_of[b][h] != b]
+        if bad:
+            raise InvalidInput(f"head profile: the base layer of (layer, head) {bad[0]} is itself in another block; "
+                               "recompute it")
         return base_of
 
     def realised(self, S: int, base_of: list[list[int]], recent: int) -> float:
-        """(K rows + V rows) / (2 L Hkv S) for a recent window of `recent` tokens."""
+        """(K rows + V rows) / (2 L Hkv S) for PoD alone with a recent window of `recent` tokens."""
         L, H = len(base_of), len(base_of[0])
         nonbase = sum(base_of[li][h] != li for li in range(L) for h in range(H))
         prox = int(proximal(S, self.sinks, recent).sum())
         return ((2 * L * H - nonbase) * S + nonbase * prox) / (2 * L * H * S)
 
     def recent_for(self, S: int, base_of: list[list[int]]) -> int:
-        """Recent window so that (K rows + V rows) / (2 L Hkv S) is closest to `kept`."""
+        """Recent window of PoD alone so that (K rows + V rows) / (2 L Hkv S) is closest to `kept`
+        (at least `floor`)."""
         L, H = len(base_of), len(base_of[0])
         nonbase = sum(base_of[li][h] != li for li in range(L) for h in range(H))
         if nonbase == 0:
             return S
         # K rows kept: (L H - nonbase) S + nonbase (sinks + recent); V rows: L H S
         target = self.kept * 2 * L * H * S - (2 * L * H - nonbase) * S
-        return int(max(0, min(S - self.sinks, round(target / nonbase) - self.sinks)))
+        return int(max(0, min(S - self.sinks, max(self.floor, round(target / nonbase) - self.sinks))))
+
+    def evicts(self, S: int, base_of: list[list[int]]) -> bool:
+        """Whether `kept` needs the eviction stage for an S-token segment (raises where nothing reaches it)."""
+        low = self.realised(S, base_of, self.floor)
+        if self.kept >= low - 1e-9:
+            return False
+        if self.evict == "none":
+            raise InvalidInput(
+                f"policy 'pod': kept={self.kept} is out of reach: PoD drops only keys of non-base layers, so with this "
+                f"head profile a {S}-token segment keeps a fraction in [{low:.3f}, 1]; raise kept, use evict='snapkv' "
+                "or use another policy")
+        return True
+
+    def token_counts(self, S: int, base_of: list[list[int]]) -> dict[tuple[int, int], int]:
+        """Eviction stage: (base layer, KV head) -> tokens every layer of that block keeps."""
+        L, H = len(base_of), len(base_of[0])
+        members = block_members(base_of)
+        P = int(proximal(S, self.sinks, self.window).sum())
+        nonbase = L * H - len(members)
+        # a block of m layers with n tokens holds 2 n (base) + (m - 1)(n + P) rows (non-base: V of n, K of P)
+        weights = [len(m) + 1 for m in members.values()]
+        total = round(self.kept * 2 * L * H * S) - P * nonbase
+        if total < P * sum(weights):
+            raise InvalidInput(
+                f"policy 'pod': kept={self.kept} keeps {max(0, total) / sum(weights):.0f} tokens per head of this "
+                f"{S}-token segment, fewer than sinks + window = {P}; raise kept (>= {P / S:.3f}) or lower the window/sinks")
+        return dict(zip(members, spread(total, weights, P, S), strict=True))
+
+    def layer_scores(self, state: LayerState, ctx: CompressContext) -> Tensor:
+        """[Hkv, S] fp32 per-layer token score of the eviction scorer."""
+        if self.evict == "kvzip":
+            if state.reconstruction is None:
+                raise InvalidInput("policy 'pod' with evict='kvzip' needs the reconstruction scores; prefill with the "
+                                   "policy's capture")
+            return state.reconstruction.float()
+        from headwise.policies.snapkv import SnapKVPolicy
+
+        return SnapKVPolicy(kept=self.kept, window=self.window, sinks=self.sinks, kernel=self.kernel).score(state, ctx).float()
+
+    def select(self, states: list[LayerState], base_of: list[list[int]], ctx: CompressContext) -> dict[tuple[int, int], Tensor]:
+        """Eviction stage: (base layer, KV head) -> sorted int64 indices of the tokens the block keeps."""
+        S = states[0].num_tokens
+        counts = self.token_counts(S, base_of)
+        scores = torch.stack([self.layer_scores(st, ctx) for st in states])  # [L, Hkv, S]
+        forced = proximal(S, self.sinks, self.window).to(scores.device)
+        out = {}
+        for (b, h), layers in block_members(base_of).items():
+            s = scores[layers, h]
+            s = s.mean(0) if self.block_score == "mean" else s.amax(0)
+            s = s.masked_fill(forced, float("inf"))
+            top = s.argsort(descending=True, stable=True)[: counts[(b, h)]]
+            out[(b, h)] = top.sort().values
+        return out
 
     def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
         ctx = ctx or CompressContext(num_layers=len(states))
         S, H = states[0].num_tokens, states[0].num_kv_heads
         base_of = self.blocks(ctx, H)
-        recent = self.recent_for(S, base_of)
-        low = self.realised(S, base_of, 0)
-        if self.kept < low - 1e-9:
-            raise InvalidInput(
-                f"policy 'pod': kept={self.kept} is out of reach: PoD drops only keys of non-base layers, so with this "
-                f"head profile a {S}-token segment keeps a fraction in [{low:.3f}, 1]; raise kept or use another policy")
-        prox = proximal(S, self.sinks, recent).to(states[0].keys.device)
-        layers = [self.layer_cache(st, base_of[i], i, prox) for i, st in enumerate(states)]
-        return CompactCache(layers, seq_len=start + S, start=start, meta={"policy": self.params()})
+        meta = {"policy": self.params()}
+        if not self.evicts(S, base_of):
+            prox = proximal(S, self.sinks, self.recent_for(S, base_of)).to(states[0].keys.device)
+            layers = [self.layer_cache(st, base_of[i], i, prox) for i, st in enumerate(states)]
+            return CompactCache(layers, seq_len=start + S, start=start, meta=meta)
+        keep = self.select(states, base_of, ctx)
+        prox = proximal(S, self.sinks, self.window).to(states[0].keys.device)
+        layers = [self.evicted_layer_cache(st, base_of[i], i, keep, prox) for i, st in enumerate(states)]
+        return CompactCache(layers, seq_len=start + S, start=start, meta=meta)
 
     @staticmethod
     def layer_cache(state: LayerState, bases: list[int], layer: int, prox: Tensor) -> LayerCache:
-        """Base heads keep everything; the others keep keys of `prox` rows ([S] bool) only."""
+        """PoD alone: base heads keep everything; the others keep keys of `prox` rows ([S] bool) only."""
         if bool(prox.all()) or all(b == layer for b in bases):
             return keep_all(state)
         H = state.num_kv_heads
@@ -130,3 +258,19 @@ class PoDPolicy(Policy):
         distant = [~prox if shared[h] else torch.zeros_like(prox) for h in range(H)]
         return LayerCache.from_heads(keys, list(state.values), [state.positions] * H, distant=distant,
                                      distant_from=[bases[h] if shared[h] else -1 for h in range(H)])
+
+    @staticmethod
+    def evicted_layer_cache(state: LayerState, bases: list[int], layer: int, keep: dict[tuple[int, int], Tensor],
+                            prox: Tensor) -> LayerCache:
+        """Eviction stage: head h keeps the tokens its block chose (V always; K too in the base layer
+        and for `prox` tokens, else the row is distant and scored from the base layer)."""
+        keys, values, positions, distant, dfrom = [], [], [], [], []
+        for h, b in enumerate(bases):
+            idx = keep[(b, h)]
+            far = ~prox[idx] if b != layer else torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+            keys.append(state.keys[h][idx[~far]])
+            values.append(state.values[h][idx])
+            positions.append(state.positions[idx])
+            distant.append(far)
+            dfrom.append(b if bool(far.any()) else -1)
+        return LayerCache.from_heads(keys, values, positions, distant=distant, distant_from=dfrom)
