@@ -303,18 +303,26 @@ def prefill_attention_scores(
     causal = torch.full((C, C), float("-inf"), dtype=torch.float32, device=q.device).triu_(1)
     out = q.new_empty(Hq, C, d)
     scores = torch.zeros(Hkv, scored, dtype=torch.float32, device=q.device)
+    weighted = _has_weights(layer)
+    # One softmax over [cached rows ; new rows], computed in two blocks in place: no concatenated
+    # keys, values or bias (at 2,000 cached rows those copies cost more than the products).
     for h in range(Hkv):
         k_h, v_h, lw_h = layer.head(h)
         n_h = v_h.shape[0]
-        K, V = torch.cat([k_h, new_keys[h]]), torch.cat([v_h, new_values[h]])  # [n_h + C, d] ([n_k + C, d] for PoD)
-        bias = torch.cat([lw_h.float()[None].expand(C, -1), causal], dim=1)  # [C, n_h + C]
         qh = q[h * G : (h + 1) * G].float()
         if layer.head_distant(h) is None:
-            logits = (qh @ K.float().T) * scaling
+            pc = (qh @ k_h.float().T).mul_(scaling)  # [G, C, n_h]
         else:
-            pod = _pod_logits(qh, layer, h, scaling, base)
-            logits = torch.cat([pod, (qh @ new_keys[h].float().T) * scaling], -1)
-        p = torch.softmax(logits + bias, dim=-1)  # [G, C, n_h + C]
-        out[h * G : (h + 1) * G] = (p @ V.float()).to(q.dtype)
-        scores[h] = p[:, query_from:, n_h - scored : n_h].amax(dim=(0, 1))
+            pc = _pod_logits(qh, layer, h, scaling, base)
+        if weighted:
+            pc += lw_h.float()
+        pn = (qh @ new_keys[h].float().T).mul_(scaling).add_(causal)  # [G, C, C]
+        m = torch.maximum(pc.amax(-1, keepdim=True), pn.amax(-1, keepdim=True))
+        pc.sub_(m).exp_()
+        pn.sub_(m).exp_()
+        z = pc.sum(-1, keepdim=True).add_(pn.sum(-1, keepdim=True))
+        pc.div_(z)
+        pn.div_(z)
+        out[h * G : (h + 1) * G] = (pc @ v_h.float()).add_(pn @ new_values[h].float()).to(q.dtype)
+        scores[h] = pc[:, query_from:, n_h - scored : n_h].amax(dim=(0, 1))
     return out, scores
