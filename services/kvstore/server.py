@@ -10,6 +10,7 @@ to status codes whose message says what to change.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import re
@@ -40,6 +41,10 @@ MAX_MESSAGE = 8 << 20  # gRPC cap, above MAX_FRAME so an oversize chunk gets our
 MAX_LOOKUP_KEYS = 1024
 GET_BATCH = 4  # chunks per backend read; the next batch is fetched while this one is sent
 SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
+# gRPC health names. "" and SERVICE are readiness: SERVING only while Redis answers. LIVENESS is
+# SERVING as long as the process's event loop runs (the health servicer answers from that loop,
+# and the Redis watcher's death turns it NOT_SERVING): a Redis outage must not restart the store.
+LIVENESS = "liveness"
 
 
 @dataclass
@@ -148,7 +153,8 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 if index >= header.num_chunks:
                     raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"chunk {msg.chunk.index} is past the {header.num_chunks} chunks the header announces")
-                await writer.chunk(index, self._check_chunk(header, index, msg.chunk))
+                data = self._check_chunk(header, index, msg.chunk)
+                await writer.chunk(index, data, functools.partial(self._verify, header, index, data))
                 index += 1
             elif part == "recall":
                 if index != header.num_chunks:
@@ -170,11 +176,16 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if chunk.index != index:
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
                          f"chunk {chunk.index} arrived where chunk {index} was expected: send chunks once each, in order")
+        return data
+
+    @staticmethod
+    def _verify(header, index: int, data: bytes | memoryview) -> None:
+        """The chunk's full check against the codec header (frame fields and checksum). The
+        backend runs it before storing the chunk, possibly in a worker thread."""
         try:
             check_chunk(header, index, data)
         except CodecError as e:
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"rejected chunk: {e}") from None
-        return data
 
     @staticmethod
     def _check_recall(header, r: pb.RecallEntry) -> tuple[int, int, int, bytes]:
@@ -327,10 +338,22 @@ def create_server(addr: str = "127.0.0.1:0", settings: KVStoreSettings | None = 
 
 
 async def start_server(server: grpc.aio.Server) -> None:
-    """Start it and keep the health status in step with the backend (NOT_SERVING while Redis is down)."""
+    """Start it and keep the health status in step with the backend: readiness ("" and the
+    KVStore service name) NOT_SERVING while Redis is down; LIVENESS SERVING while this loop runs."""
     await server.start()
+    await server.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await _check_health(server)
     server.health_task = asyncio.ensure_future(_watch_health(server))
+    server.health_task.add_done_callback(functools.partial(_watcher_ended, server))
+
+
+def _watcher_ended(server: grpc.aio.Server, task: asyncio.Task) -> None:
+    """The Redis watcher stopped: fine when the server is closing (cancelled); otherwise readiness
+    is frozen, so liveness turns NOT_SERVING and the orchestrator restarts the process."""
+    if task.cancelled():
+        return
+    log.error("kvstore health watcher died: %r; liveness now NOT_SERVING", task.exception())
+    asyncio.ensure_future(server.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING))
 
 
 async def _check_health(server: grpc.aio.Server) -> None:
@@ -346,7 +369,10 @@ async def _check_health(server: grpc.aio.Server) -> None:
 async def _watch_health(server: grpc.aio.Server, every_s: float = 2.0) -> None:
     while True:
         await asyncio.sleep(every_s)
-        await _check_health(server)
+        try:
+            await _check_health(server)
+        except Exception:  # noqa: BLE001: a surprise in one check must not stop the watcher
+            log.exception("kvstore health check failed")
 
 
 async def close_server(server: grpc.aio.Server, grace_s: float = 1.0) -> None:
