@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from headwise.cache.codec import (
     CODEC_VERSION,
+    check_chunk,
     MAX_CHUNK_BYTES,
     CodecError,
     Decoder,
@@ -19,6 +22,7 @@ from headwise.cache.codec import (
     encode_recall,
     encode_recall_rows,
     encode_streaming,
+    frame_crc,
     parse_header,
 )
 from headwise.cache.compact import NO_RECALL, CompactCache, LayerCache, RecallTable
@@ -201,6 +205,53 @@ def test_errors_say_what_is_wrong() -> None:
     with pytest.raises(CodecError, match="not a headwise segment header"):
         decode(enc.chunks[0], enc.chunks)
     assert issubclass(CodecError, HeadwiseError)
+
+
+def _with_version(blob: bytes, version: int, header: bool) -> bytes:
+    """`blob` relabelled as another codec version, its own checksum made valid again."""
+    import hashlib
+
+    b = bytearray(blob)
+    b[4:6] = version.to_bytes(2, "little")
+    if header:
+        b[-16:] = hashlib.blake2b(bytes(b[:-16]), digest_size=16).digest()
+    return bytes(b)
+
+
+def test_version_1_segments_are_rejected_clearly() -> None:
+    """Version 1 listed every chunk's CRC in the header; a stored v1 segment must be refused, not misread."""
+    assert CODEC_VERSION == 2
+    enc = _small()
+    with pytest.raises(CodecError, match="codec version 1 is not supported; this build reads version 2"):
+        parse_header(_with_version(enc.header, 1, header=True))
+    with pytest.raises(CodecError, match="chunk 0 has codec version 1; this build reads version 2"):
+        decode(enc.header, [_with_version(enc.chunks[0], 1, header=False), *enc.chunks[1:]])
+
+
+def test_chained_chunk_and_segment_checksums() -> None:
+    """Per chunk: a CRC seeded with the previous frame's, so each chunk checks on its own given that
+    CRC field (in any order, as the store does in worker threads). Per segment: the last CRC is a
+    CRC-32 of every frame in order (CRC fields left out), seeded from the header's digest."""
+    gen = torch.Generator().manual_seed(5)
+    enc = encode(CompactCache([make_layer(gen, [40, 30], 8, torch.float32, 2)], 50), chunk_size=256)
+    h, chunks = parse_header(enc.header), enc.chunks
+    assert len(chunks) > 4
+    prev = [None] + [frame_crc(c) for c in chunks[:-1]]
+    for i in reversed(range(len(chunks))):  # out of order: only the predecessor's CRC field is needed
+        assert bytes(check_chunk(h, i, chunks[i], prev[i])) == chunks[i][40:]
+    with pytest.raises(CodecError, match="chunk 3 checksum mismatch"):
+        check_chunk(h, 3, chunks[3], prev[2])  # the wrong predecessor
+    with pytest.raises(CodecError, match="without chunk 2's CRC"):
+        check_chunk(h, 3, chunks[3])
+    stream = b"".join(c[:36] + c[40:] for c in chunks)
+    assert frame_crc(chunks[-1]) == zlib.crc32(stream, h.seed)
+    # a frame whose CRC field was rewritten to match its damage still breaks the next chunk's check
+    bad = bytearray(chunks[1])
+    bad[50] ^= 1
+    bad[36:40] = zlib.crc32(bytes(bad[40:]), zlib.crc32(bytes(bad[:36]), frame_crc(chunks[0]))).to_bytes(4, "little")
+    check_chunk(h, 1, bytes(bad), prev[1])
+    with pytest.raises(CodecError, match="chunk 2 checksum mismatch"):
+        decode(enc.header, [chunks[0], bytes(bad), *chunks[2:]])
 
 
 def test_streaming_decoder_matches_decode() -> None:

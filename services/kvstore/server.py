@@ -22,7 +22,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from headwise.cache.codec import FRAME_OVERHEAD, MAX_CHUNK_BYTES, CodecError, check_chunk, decode_recall, parse_header
+from headwise.cache.codec import (
+    FRAME_OVERHEAD,
+    MAX_CHUNK_BYTES,
+    CodecError,
+    check_chunk,
+    decode_recall,
+    frame_crc,
+    parse_header,
+)
 from services.kvstore.backend import Backend, BackendUnavailable, MemoryBackend, QuotaExceededError
 from services.kvstore.metrics import StoreMetrics
 from services.kvstore.settings import KVStoreSettings
@@ -146,7 +154,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return header
 
     async def _receive(self, key, header, requests, writer) -> None:
-        index = 0
+        index, prev_crc = 0, None
         async for msg in requests:
             part = msg.WhichOneof("part")
             if part == "chunk":
@@ -154,8 +162,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                     raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"chunk {msg.chunk.index} is past the {header.num_chunks} chunks the header announces")
                 data = self._check_chunk(header, index, msg.chunk)
-                await writer.chunk(index, data, functools.partial(self._verify, header, index, data))
-                index += 1
+                # the full check (fields, chained CRC) may run in the backend's worker thread: it
+                # needs only this frame and the previous frame's CRC field, itself checked in turn
+                await writer.chunk(index, data, functools.partial(self._verify, header, index, data, prev_crc))
+                index, prev_crc = index + 1, frame_crc(data)
             elif part == "recall":
                 if index != header.num_chunks:
                     raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "recall entries must follow the last chunk")
@@ -179,11 +189,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return data
 
     @staticmethod
-    def _verify(header, index: int, data: bytes | memoryview) -> None:
+    def _verify(header, index: int, data: bytes | memoryview, prev_crc: int | None) -> None:
         """The chunk's full check against the codec header (frame fields and checksum). The
         backend runs it before storing the chunk, possibly in a worker thread."""
         try:
-            check_chunk(header, index, data)
+            check_chunk(header, index, data, prev_crc)
         except CodecError as e:
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"rejected chunk: {e}") from None
 
@@ -226,7 +236,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         except CodecError as e:
             raise self._corrupt(tenant, key, e) from None
         yield pb.GetResponse(header=pb.GetHeader(header=m.header, num_chunks=m.num_chunks, total_bytes=m.total_bytes))
-        sent = len(m.header)
+        sent, prev_crc = len(m.header), None
         pending = asyncio.ensure_future(self.backend.chunks(tenant, m, 0, min(GET_BATCH, m.num_chunks)))
         try:
             for start in range(0, m.num_chunks, GET_BATCH):
@@ -240,9 +250,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                         raise Reject(grpc.StatusCode.NOT_FOUND,
                                      f"segment {key!r} was replaced, deleted or evicted while being read (a miss)")
                     try:
-                        check_chunk(header, i, frame)
+                        check_chunk(header, i, frame, prev_crc)
                     except CodecError as e:
                         raise self._corrupt(tenant, key, e) from None
+                    prev_crc = frame_crc(frame)
                     sent += len(frame)
                     yield chunk_message(i, (frame,))  # serialised here: one copy instead of three
         finally:
