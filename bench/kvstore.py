@@ -3,14 +3,24 @@
     python -m bench.kvstore --json bench/results/kvstore.json
 
 A 2,000-token real document (CPython's pydoc topics) is prefilled by the default model; its
-cache (full, and streaming at kept 0.25) is put and fetched through the KV store on loopback
-(client encode -> gRPC stream -> server process -> pipelined Redis writes; and back, decode
-included; the server runs as `python -m services.kvstore` in its own process, as deployed),
-and the same bytes are SET/GET as one value with redis-py on the same Redis: the floor on
-this machine. MB/s are of wire bytes (codec header + chunk frames), 1 MB = 1e6 bytes; each
-figure is the median over the repeats. Each round runs service put, raw SET, service get,
-raw GET (and the bytes-only variants) in turn, so a load that comes and goes on a shared
-machine hits both sides; `ratio_*_paired` is the median of the per-round ratios. Target: ratio service/raw >= 0.7 for put and get.
+cache (full, and streaming at kept 0.25) is put and fetched through the KV store on loopback,
+the store running as `python -m services.kvstore` in its own process, as deployed. The same
+bytes are SET/GET as one value with redis-py on the same Redis: the floor on this machine.
+
+What each timed figure includes (wall clock, one call, in this client process):
+  put             KVStoreClient.put(key, cache): encoding (layout, every chunk's CRC, the copy of
+                  each frame out of the tensors), the gRPC stream, the store's checks and
+                  pipelined Redis writes, the commit, the reply.
+  get             KVStoreClient.get(key): the stream back, the store's and the client's checks,
+                  decoding into tensors (views of one buffer).
+  put/get bytes-only   put_encoded / get_encoded of the already encoded segment: the same
+                  minus encoding / decoding.
+  raw SET / GET   redis.Redis.set(key, blob) / get(key) of the encoded bytes as one value,
+                  blob prepared before the clock starts (raw pays no encoding).
+MB/s are of wire bytes (codec header + chunk frames), 1 MB = 1e6 bytes; each figure is the
+median over the repeats. Each round runs service put, raw SET, service get, raw GET (and the
+bytes-only variants) in turn, so a load that comes and goes on a shared machine hits both
+sides; `ratio_*_paired` is the median of the per-round ratios. Target: ratio service/raw >= 0.7.
 """
 
 from __future__ import annotations
@@ -146,7 +156,9 @@ async def run_async(caches: dict[str, CompactCache], repeats: int) -> dict:
 
 
 def table(results: dict) -> Table:
-    t = Table(title="KV store on loopback vs raw redis-py SET/GET (MB/s, median)")
+    t = Table(title="KV store on loopback vs raw redis-py SET/GET (MB/s, median)",
+              caption="put/get = KVStoreClient.put/get incl. encode/decode, stream, checks, Redis, commit; "
+                      "raw = redis-py SET/GET of the same encoded bytes as one value; bytes-only = put/get_encoded")
     for col in ("cache", "wire MB", "chunks", "put", "get", "raw SET", "raw GET", "put/raw", "get/raw",
                 "put/raw paired", "get/raw paired", "put bytes-only", "get bytes-only"):
         t.add_column(col, justify="right")

@@ -2,10 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 
-from pydantic import Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TenantLimits(BaseModel):
+    """One tenant's overrides of tenant_quota_bytes / tenant_ttl_s (None = the default)."""
+
+    model_config = {"extra": "forbid"}
+
+    quota_bytes: int | None = Field(None, ge=0)
+    ttl_s: float | None = Field(None, ge=0)
+
+
+def parse_tenant_limits(v):
+    """HEADWISE_TENANT_LIMITS is JSON ({"acme": {"quota_bytes": 1000000, "ttl_s": 600}}); also as a
+    string given to the constructor (a ConfigMap value rendered offline), not only from the env."""
+    if isinstance(v, (str, bytes)):
+        try:
+            v = json.loads(v or "{}")
+        except ValueError as e:
+            raise ValueError(f"tenant_limits must be a JSON object of tenant -> limits: {e}") from None
+    return v
 
 
 class Settings(BaseSettings):
@@ -39,6 +60,8 @@ class Settings(BaseSettings):
     store_timeout_s: float = 5.0
     tenant_ttl_s: int = 86400
     tenant_quota_bytes: int = 2 * 1024**3
+    tenant_limits: dict[str, TenantLimits] = Field(
+        default_factory=dict, description="per-tenant overrides, JSON: {tenant: {quota_bytes, ttl_s}} (kvstore enforces)")
 
     # request defaults and limits
     default_policy: str = "kvzip"
@@ -61,6 +84,9 @@ class Settings(BaseSettings):
     # GPUs per replica (the gpu k8s overlay sets 1); 0 leaves ray_actor_options CPU-only
     prefill_num_gpus: float = 0.0
     decode_num_gpus: float = 0.0
+
+
+    _tenant_limits = field_validator("tenant_limits", mode="before")(parse_tenant_limits)
 
 
 @lru_cache(maxsize=1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,12 +15,14 @@ from headwise.cache.codec import (
     CodecError,
     Decoder,
     EncodedSegment,
+    check_chunk,
     decode,
     decode_recall,
     encode,
     encode_recall,
     encode_recall_rows,
     encode_streaming,
+    frame_crc,
     parse_header,
 )
 from headwise.cache.compact import NO_RECALL, CompactCache, LayerCache, RecallTable
@@ -203,6 +207,53 @@ def test_errors_say_what_is_wrong() -> None:
     assert issubclass(CodecError, HeadwiseError)
 
 
+def _with_version(blob: bytes, version: int, header: bool) -> bytes:
+    """`blob` relabelled as another codec version, its own checksum made valid again."""
+    import hashlib
+
+    b = bytearray(blob)
+    b[4:6] = version.to_bytes(2, "little")
+    if header:
+        b[-16:] = hashlib.blake2b(bytes(b[:-16]), digest_size=16).digest()
+    return bytes(b)
+
+
+def test_version_1_segments_are_rejected_clearly() -> None:
+    """Version 1 listed every chunk's CRC in the header; a stored v1 segment must be refused, not misread."""
+    assert CODEC_VERSION == 2
+    enc = _small()
+    with pytest.raises(CodecError, match="codec version 1 is not supported; this build reads version 2"):
+        parse_header(_with_version(enc.header, 1, header=True))
+    with pytest.raises(CodecError, match="chunk 0 has codec version 1; this build reads version 2"):
+        decode(enc.header, [_with_version(enc.chunks[0], 1, header=False), *enc.chunks[1:]])
+
+
+def test_chained_chunk_and_segment_checksums() -> None:
+    """Per chunk: a CRC seeded with the previous frame's, so each chunk checks on its own given that
+    CRC field (in any order, as the store does in worker threads). Per segment: the last CRC is a
+    CRC-32 of every frame in order (CRC fields left out), seeded from the header's digest."""
+    gen = torch.Generator().manual_seed(5)
+    enc = encode(CompactCache([make_layer(gen, [40, 30], 8, torch.float32, 2)], 50), chunk_size=256)
+    h, chunks = parse_header(enc.header), enc.chunks
+    assert len(chunks) > 4
+    prev = [None] + [frame_crc(c) for c in chunks[:-1]]
+    for i in reversed(range(len(chunks))):  # out of order: only the predecessor's CRC field is needed
+        assert bytes(check_chunk(h, i, chunks[i], prev[i])) == chunks[i][40:]
+    with pytest.raises(CodecError, match="chunk 3 checksum mismatch"):
+        check_chunk(h, 3, chunks[3], prev[2])  # the wrong predecessor
+    with pytest.raises(CodecError, match="without chunk 2's CRC"):
+        check_chunk(h, 3, chunks[3])
+    stream = b"".join(c[:36] + c[40:] for c in chunks)
+    assert frame_crc(chunks[-1]) == zlib.crc32(stream, h.seed)
+    # a frame whose CRC field was rewritten to match its damage still breaks the next chunk's check
+    bad = bytearray(chunks[1])
+    bad[50] ^= 1
+    bad[36:40] = zlib.crc32(bytes(bad[40:]), zlib.crc32(bytes(bad[:36]), frame_crc(chunks[0]))).to_bytes(4, "little")
+    check_chunk(h, 1, bytes(bad), prev[1])
+    with pytest.raises(CodecError, match="chunk 2 checksum mismatch"):
+        decode(enc.header, [chunks[0], bytes(bad), *chunks[2:]])
+
+
 def test_streaming_decoder_matches_decode() -> None:
     gen = torch.Generator().manual_seed(3)
     cache = CompactCache([make_layer(gen, [9, 2], 8, torch.float32, 3) for _ in range(2)], 30, 5, {"k": 1})
@@ -296,4 +347,4 @@ def test_pod_damage_and_inconsistent_headers_are_rejected() -> None:
         parse_header(dataclasses.replace(h, layers=(h.layers[0], wrong)).to_bytes())
     late = dataclasses.replace(h.layers[1], distant_from=(1, -1, 1))  # a layer cannot be its own base
     with pytest.raises(CodecError, match="earlier layers"):
-        decode(dataclasses.replace(h, layers=(h.layers[0], late)).to_bytes(), enc.chunks)
+        parse_header(dataclasses.replace(h, layers=(h.layers[0], late)).to_bytes())

@@ -5,23 +5,30 @@ the KV store keeps unchanged and what decode reads back. Layout (all integers li
 
 header blob   = "HWKH" | version u16 | flags u16 | body_len u32 | body (JSON) | blake2b-128(all before)
 chunk frame   = "HWKC" | version u16 | 0 u16 | segment_id 16B | index u32 | count u32 | len u32
-                | crc32 u32 | payload[len]         (crc32 over the 36 bytes before it and the payload)
+                | crc32 u32 | payload[len]
 recall blob   = "HWKR" | version u16 | dtype u16 | m u32 | d u32 | positions i64[m] | keys[m, d]
                 | values[m, d] | crc32 u32         (crc32 over everything before it)
 
+Checksums (version 2). Per chunk: the frame's CRC-32 over its 36 header bytes and its payload,
+*seeded with the previous frame's CRC* (chunk 0: with the CRC-32 of the header's BLAKE2b digest).
+Per segment: that chain, so the last frame's CRC is a CRC-32 of the header digest and every
+frame in order; it is checked when the last chunk is. Each chunk is still checkable on its own
+(given the previous frame's CRC field), and no checksum has to be known before the first frame
+goes out: an encoder computes each CRC as its frame leaves (version 1 listed every chunk's CRC
+in the header, a full pass over the payload before anything could be sent).
+
 The body names the segment (random 16-byte id), the dtype, seq_len/start/meta, every layer's
-shape, the payload size and every chunk's (length, crc32): the header's checksum thus covers
-the whole segment, and each frame is checked against its own crc and the header's. The
+shape, the payload size and the chunk size (hence the number and length of the chunks). The
 payload is every layer's tensors in the order of `_layout()` (one function for both
 directions, so fields cannot be read back in another order), each aligned to 64 bytes.
 
 PoD layers (some rows without keys, `LayerCache.distant`) carry `keys` for their keyed rows
 only, a "distant" bool[rows] field after the layer's other fields, and, in the body's
 "distant" entry, {layer: [key rows, distant_from per head]}; the entry is absent when no
-layer has distant rows, so ordinary segments are byte-identical to before it existed.
+layer has distant rows.
 
-Decoding rejects truncated, reordered, duplicated, foreign or corrupted input with a
-CodecError that says what was wrong, before any tensor is built from it.
+Decoding rejects truncated, reordered, duplicated, foreign or corrupted input, and any other
+codec version, with a CodecError that says what was wrong, before any tensor is built from it.
 
 The tail of a cache is folded in first (`compacted()`): what comes back is the compacted cache.
 With `include_recall=False` the recall handles (offsets, positions, heads) travel but not the
@@ -46,7 +53,7 @@ from torch import Tensor
 from headwise.cache.compact import NO_RECALL, CompactCache, LayerCache, RecallTable
 from headwise.errors import HeadwiseError
 
-CODEC_VERSION = 1
+CODEC_VERSION = 2  # 2: chained per-chunk CRCs, none listed in the header (1: every CRC in the header)
 MAX_CHUNK_BYTES = 1 << 20  # payload of one chunk; gRPC's default message cap is 4 MiB
 ALIGN = 64
 
@@ -172,19 +179,22 @@ class SegmentHeader:
     layers: tuple[LayerShape, ...]
     total_bytes: int
     chunk_size: int
-    chunks: tuple[tuple[int, int], ...]  # (payload length, crc32) per chunk; crc as 8 hex digits, so the
-    # header's size depends on the cache's shape only
+    seed: int = dataclasses.field(default=0, compare=False)  # chunk 0's CRC seed, set by parse_header
 
     @property
     def num_chunks(self) -> int:
-        return len(self.chunks)
+        return max(1, -(-self.total_bytes // self.chunk_size))
+
+    def chunk_len(self, index: int) -> int:
+        """Payload bytes of chunk `index`: chunk_size, the last one the rest."""
+        return min(self.chunk_size, self.total_bytes - index * self.chunk_size)
 
     def to_bytes(self) -> bytes:
         body = {
             "segment_id": self.segment_id.hex(), "dtype": _DTYPE_NAMES[self.dtype], "head_dim": self.head_dim,
             "seq_len": self.seq_len, "start": self.start, "meta": self.meta,
             "layers": [[s.num_heads, s.rows, s.groups, s.recall_rows, s.has_recall, s.recall_data] for s in self.layers],
-            "total_bytes": self.total_bytes, "chunk_size": self.chunk_size, "chunks": [[n, f"{c:08x}"] for n, c in self.chunks],
+            "total_bytes": self.total_bytes, "chunk_size": self.chunk_size,
         }
         distant = {str(i): [s.key_rows, list(s.distant_from)] for i, s in enumerate(self.layers) if s.key_rows is not None}
         if distant:
@@ -203,19 +213,20 @@ def parse_header(blob: bytes) -> SegmentHeader:
     if magic != b"HWKH":
         raise CodecError(f"not a headwise segment header (magic {magic!r}, expected b'HWKH')")
     if version != CODEC_VERSION:
-        raise CodecError(f"codec version {version} is not supported; this build reads version {CODEC_VERSION}")
+        raise CodecError(f"codec version {version} is not supported; this build reads version {CODEC_VERSION} "
+                         f"(re-encode the cache with this build; stored segments of another version are misses)")
     end = _HEADER_PREFIX.size + body_len
     if len(blob) != end + _DIGEST:
         raise CodecError(f"header is {len(blob)} bytes, its prefix says {end + _DIGEST}: truncated or padded")
     if hashlib.blake2b(blob[:end], digest_size=_DIGEST).digest() != blob[end:]:
         raise CodecError("header checksum mismatch: the header is corrupted")
     try:
-        return _header_from_body(json.loads(blob[_HEADER_PREFIX.size : end]))
+        return _header_from_body(json.loads(blob[_HEADER_PREFIX.size : end]), blob[end:])
     except (KeyError, TypeError, ValueError) as e:  # a checksummed body from a buggy encoder
         raise CodecError(f"header body is malformed: {e}") from None
 
 
-def _header_from_body(b: dict) -> SegmentHeader:
+def _header_from_body(b: dict, digest: bytes) -> SegmentHeader:
     if b["dtype"] not in _DTYPES:
         raise CodecError(f"unknown dtype {b['dtype']!r}; allowed: {', '.join(_DTYPES)}")
     layers = tuple(LayerShape(int(h), int(r), int(g), int(m), bool(hr), bool(rd)) for h, r, g, m, hr, rd in b["layers"])
@@ -223,19 +234,30 @@ def _header_from_body(b: dict) -> SegmentHeader:
         i = int(i)
         if not 0 <= i < len(layers) or not 0 <= int(k) <= layers[i].rows or len(df) != layers[i].num_heads:
             raise CodecError(f"header names distant rows for layer {i} that do not fit its shape")
+        if any(not -1 <= int(x) < i for x in df):
+            raise CodecError(f"layer {i}: distant rows {list(df)} must come from earlier layers")
         layers = layers[:i] + (dataclasses.replace(layers[i], key_rows=int(k), distant_from=tuple(int(x) for x in df)),) + layers[i + 1 :]
     h = SegmentHeader(
         segment_id=bytes.fromhex(b["segment_id"]), dtype=_DTYPES[b["dtype"]], head_dim=int(b["head_dim"]),
         seq_len=int(b["seq_len"]), start=int(b["start"]), meta=b["meta"], layers=layers,
         total_bytes=int(b["total_bytes"]), chunk_size=int(b["chunk_size"]),
-        chunks=tuple((int(n), int(c, 16)) for n, c in b["chunks"]),
     )
     _, total = _layout(h.layers, h.head_dim, h.dtype)
-    if total != h.total_bytes or sum(n for n, _ in h.chunks) != total or len(h.segment_id) != 16:
+    if total != h.total_bytes or len(h.segment_id) != 16:
         raise CodecError(f"header is inconsistent: layout needs {total} bytes, header says {h.total_bytes}")
     if not 0 < h.chunk_size <= MAX_CHUNK_BYTES:
         raise CodecError(f"chunk size {h.chunk_size} is outside (0, {MAX_CHUNK_BYTES}]")
-    return h
+    return dataclasses.replace(h, seed=chain_seed(digest))
+
+
+def chain_seed(header_digest: bytes) -> int:
+    """The CRC chunk 0 is seeded with: the CRC-32 of the header's BLAKE2b digest (binds the chunks to it)."""
+    return zlib.crc32(header_digest)
+
+
+def frame_crc(frame: bytes | memoryview) -> int:
+    """The CRC field of a chunk frame (the next frame's seed), read without checking anything."""
+    return int.from_bytes(memoryview(frame)[_FRAME_CRC_AT : _FRAME.size], "little") if len(frame) >= _FRAME.size else 0
 
 
 # ---- encode -----------------------------------------------------------------------
@@ -249,19 +271,23 @@ class EncodedSegment:
         return len(self.header) + sum(len(c) for c in self.chunks)
 
 
-@dataclass(frozen=True)
 class StreamingSegment:
     """A segment whose frames are built on demand, straight from the tensors' memory.
 
-    The header (which holds every chunk's CRC) is complete up front, so a sender can send it
-    first and then copy each frame only when it is about to go out: encoding overlaps sending
-    and no second full-size buffer exists. The tensors must not change until the frames are sent.
+    The header is complete up front (it holds no checksum of the payload), so a sender sends it
+    at once; each frame's CRC (chained to the previous one) is computed when the frame is first
+    asked for, in order, and its bytes copied out of the tensors only then: encoding overlaps
+    sending and no second full-size buffer exists. The tensors must not change until the
+    frames are sent. `frame_parts` / `frame` may run in a worker thread (one at a time).
     """
 
-    header: bytes
-    frame_bytes: int  # sum of the frames' lengths
-    _prefixes: list[bytes]  # per frame: frame header with its CRC
-    _payloads: list[list[memoryview]]  # per frame: views of the tensors (and padding) it carries
+    def __init__(self, header: bytes, frame_bytes: int, prefixes: list[bytes], payloads: list[list[memoryview]], seed: int):
+        self.header = header
+        self.frame_bytes = frame_bytes  # sum of the frames' lengths
+        self._prefixes = prefixes  # per frame: the 36 header bytes before its CRC
+        self._payloads = payloads  # per frame: views of the tensors (and padding) it carries
+        self._crcs: list[int] = []
+        self._seed = seed
 
     @property
     def num_chunks(self) -> int:
@@ -271,13 +297,26 @@ class StreamingSegment:
     def nbytes(self) -> int:
         return len(self.header) + self.frame_bytes
 
+    def crc(self, index: int) -> int:
+        """Frame `index`'s CRC (computing those before it first: each is seeded with the previous)."""
+        while len(self._crcs) <= index:
+            i = len(self._crcs)
+            c = zlib.crc32(self._prefixes[i], self._crcs[-1] if i else self._seed)
+            for p in self._payloads[i]:
+                c = zlib.crc32(p, c)
+            self._crcs.append(c)
+        return self._crcs[index]
+
     def frame_parts(self, index: int) -> list[bytes | memoryview]:
         """Frame `index` as pieces whose concatenation is the frame (join them into one buffer)."""
-        return [self._prefixes[index], *self._payloads[index]]
+        return [self._prefixes[index] + self.crc(index).to_bytes(4, "little"), *self._payloads[index]]
+
+    def frame(self, index: int) -> bytes:
+        return b"".join(self.frame_parts(index))
 
     def frames(self) -> Iterator[bytes]:
         for i in range(self.num_chunks):
-            yield b"".join(self.frame_parts(i))
+            yield self.frame(i)
 
     def materialize(self) -> EncodedSegment:
         return EncodedSegment(self.header, list(self.frames()))
@@ -290,7 +329,7 @@ def encode(cache: CompactCache, *, include_recall: bool = True, chunk_size: int 
 
 def encode_streaming(cache: CompactCache, *, include_recall: bool = True,
                      chunk_size: int = MAX_CHUNK_BYTES) -> StreamingSegment:
-    """Like `encode`, but the frames are copied out of the tensors only when asked for."""
+    """Like `encode`, but each frame is checksummed and copied out of the tensors only when asked for."""
     if not 0 < chunk_size <= MAX_CHUNK_BYTES:
         raise CodecError(f"chunk_size={chunk_size} is outside (0, {MAX_CHUNK_BYTES}]")
     if not cache.layers:
@@ -305,14 +344,16 @@ def encode_streaming(cache: CompactCache, *, include_recall: bool = True,
     pieces = _pieces(fields, total, tensors)
     segment_id = os.urandom(16)
     payloads = _split(pieces, total, chunk_size)
-    prefixes, crcs = _frame_prefixes(payloads, segment_id)
     try:
         meta = json.loads(json.dumps(cache.meta))
     except (TypeError, ValueError) as e:
         raise CodecError(f"cache.meta must be JSON-serialisable: {e}") from None
     header = SegmentHeader(segment_id, dtype, head_dim, cache.seq_len, cache.start, meta, tuple(shapes),
-                           total, chunk_size, tuple(crcs))
-    return StreamingSegment(header.to_bytes(), total + FRAME_OVERHEAD * len(prefixes), prefixes, payloads)
+                           total, chunk_size).to_bytes()
+    n = len(payloads)
+    prefixes = [_FRAME.pack(b"HWKC", CODEC_VERSION, segment_id, i, n, sum(map(len, parts)), 0)[:_FRAME_CRC_AT]
+                for i, parts in enumerate(payloads)]
+    return StreamingSegment(header, total + FRAME_OVERHEAD * n, prefixes, payloads, chain_seed(header[-_DIGEST:]))
 
 
 def _pieces(fields: list[Field], total: int, tensors: list[dict[str, Tensor]]) -> list[memoryview]:
@@ -354,24 +395,13 @@ def _split(pieces: list[memoryview], total: int, chunk_size: int) -> list[list[m
     return out
 
 
-def _frame_prefixes(payloads: list[list[memoryview]], segment_id: bytes) -> tuple[list[bytes], list[tuple[int, int]]]:
-    """Each frame's header, CRC included (computed over the tensors' memory in place)."""
-    n = len(payloads)
-    prefixes, crcs = [], []
-    for i, parts in enumerate(payloads):
-        length = sum(len(p) for p in parts)
-        prefix = _FRAME.pack(b"HWKC", CODEC_VERSION, segment_id, i, n, length, 0)[:_FRAME_CRC_AT]
-        crc = zlib.crc32(prefix)
-        for p in parts:
-            crc = zlib.crc32(p, crc)
-        prefixes.append(prefix + crc.to_bytes(4, "little"))
-        crcs.append((length, crc))
-    return prefixes, crcs
-
-
 # ---- decode -----------------------------------------------------------------------
-def check_chunk(header: SegmentHeader, index: int, frame: bytes | memoryview) -> memoryview:
-    """Verify that `frame` is chunk `index` of this segment, intact; return its payload."""
+def check_chunk(header: SegmentHeader, index: int, frame: bytes | memoryview, prev_crc: int | None = None) -> memoryview:
+    """Verify that `frame` is chunk `index` of this segment, intact; return its payload.
+
+    `prev_crc` is the CRC field of chunk index-1 (None for chunk 0: the header's seed). Checking
+    every chunk with the CRC field of the one before it checks the whole chain, so chunks can be
+    checked in any order or in parallel once their predecessor's 40-byte frame header is known."""
     view = memoryview(frame)
     if len(view) < _FRAME.size:
         raise CodecError(f"chunk {index} is truncated: {len(view)} bytes, the frame header alone is {_FRAME.size}")
@@ -386,11 +416,15 @@ def check_chunk(header: SegmentHeader, index: int, frame: bytes | memoryview) ->
         raise CodecError(f"chunk {idx} arrived where chunk {index} was expected: chunks must come once each, in order")
     if count != header.num_chunks or index >= header.num_chunks:
         raise CodecError(f"chunk {index} says the segment has {count} chunks, the header says {header.num_chunks}")
-    want_len, want_crc = header.chunks[index]
+    want_len = header.chunk_len(index)
     if length != want_len or len(view) != _FRAME.size + length:
         raise CodecError(f"chunk {index} holds {len(view) - _FRAME.size} payload bytes, the header says {want_len}")
+    if index == 0:
+        prev_crc = header.seed
+    elif prev_crc is None:
+        raise CodecError(f"chunk {index} cannot be checked without chunk {index - 1}'s CRC")
     payload = view[_FRAME.size :]
-    if crc != want_crc or zlib.crc32(payload, zlib.crc32(view[:_FRAME_CRC_AT])) != crc:
+    if zlib.crc32(payload, zlib.crc32(view[:_FRAME_CRC_AT], prev_crc)) != crc:
         raise CodecError(f"chunk {index} checksum mismatch: the chunk is corrupted")
     return payload
 
@@ -404,14 +438,16 @@ class Decoder:
         self._payload = memoryview(torch.empty(self.header.total_bytes, dtype=torch.uint8).numpy())
         self._filled = 0
         self._next = 0
+        self._prev_crc: int | None = None
 
     def feed(self, frame: bytes | memoryview) -> None:
         if self._next >= self.header.num_chunks:
             raise CodecError(f"more chunks than the {self.header.num_chunks} the header announces (duplicate or foreign chunk)")
-        part = check_chunk(self.header, self._next, frame)
+        part = check_chunk(self.header, self._next, frame, self._prev_crc)
         self._payload[self._filled : self._filled + len(part)] = part
         self._filled += len(part)
         self._next += 1
+        self._prev_crc = frame_crc(frame)
 
     def finish(self, recall: Iterable["RecallEntry"] = (), device: torch.device | str = "cpu") -> CompactCache:
         if self._next != self.header.num_chunks:

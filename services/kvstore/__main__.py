@@ -8,6 +8,7 @@ import gc
 import logging
 import signal
 
+from services.kvstore.memtune import tune_malloc
 from services.kvstore.server import close_server, create_server, start_server
 from services.kvstore.settings import KVStoreSettings
 
@@ -47,6 +48,7 @@ async def serve(settings: KVStoreSettings, host: str = "0.0.0.0") -> None:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings, host = parse(argv)
+    tune_malloc()  # chunks are fresh 1 MiB buffers: keep their pages instead of faulting them in per chunk
     asyncio.run(serve(settings, host))
 
 

@@ -59,7 +59,11 @@ class Manifest:
 
 
 class PutWriter(Protocol):
-    async def chunk(self, index: int, data: bytes) -> None: ...
+    async def chunk(self, index: int, data: bytes, verify: Callable[[], None] | None = None) -> None:
+        """Stage chunk `index`. `verify` (the server's checksum check, which raises on a damaged
+        chunk) must have returned before the chunk is stored; a backend may run it in a worker
+        thread, so its error can surface from a later `chunk()` or from `commit()`."""
+        ...
     async def recall(self, layer: int, head: int, row: int, data: bytes) -> None: ...
     async def commit(self) -> tuple[int, int]:
         """Make the segment visible; return (stored bytes, tenant bytes after)."""
@@ -195,7 +199,9 @@ class _MemoryWriter:
     _chunks: list[bytes] = field(default_factory=list)
     _recall: dict[str, bytes] = field(default_factory=dict)
 
-    async def chunk(self, index, data):
+    async def chunk(self, index, data, verify=None):
+        if verify is not None:
+            verify()
         self._chunks.append(bytes(data))
 
     async def recall(self, layer, head, row, data):

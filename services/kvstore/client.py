@@ -150,6 +150,7 @@ class KVStoreClient:
             yield pb.PutRequest(header=pb.PutHeader(key=key, header=seg.header, num_chunks=num_chunks,
                                                     total_bytes=frame_bytes))
             for i in range(num_chunks):
+                # checksummed (chained CRC) and copied out of the tensors as gRPC takes it
                 yield chunk_message(i, parts(i))
             for r in recall:
                 yield pb.PutRequest(recall=pb.RecallEntry(layer=r.layer, head=r.head, row=r.row, data=r.data))

@@ -25,15 +25,18 @@ import asyncio
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import redis
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
+from redis.retry import Retry as SyncRetry
 
 from services.kvstore.backend import BackendUnavailable, Limits, Manifest, QuotaExceededError, recall_field
 
@@ -126,6 +129,15 @@ class RedisBackend:
             url, socket_timeout=deadline_s, socket_connect_timeout=deadline_s, decode_responses=False,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1), health_check_interval=0,
         )
+        # Bulk chunk writes go through a blocking client in worker threads: its sendall() writes
+        # each frame straight from the received message (no join into one buffer, as asyncio's
+        # writelines does on Python 3.11) with the GIL released, and the chunk's checksum check
+        # (zlib releases the GIL too) runs there, beside the event loop that receives the next chunks.
+        self.sync = redis.Redis.from_url(
+            url, socket_timeout=deadline_s, socket_connect_timeout=deadline_s, decode_responses=False,
+            retry=SyncRetry(ExponentialBackoff(cap=0.1, base=0.01), 1), health_check_interval=0,
+        )
+        self._threads = ThreadPoolExecutor(MAX_INFLIGHT, thread_name_prefix="kvstore-redis-write")
         self._usage = self.r.register_script(_USAGE)
         self._commit = self.r.register_script(_COMMIT)
         self._acquire = self.r.register_script(_ACQUIRE)
@@ -257,6 +269,8 @@ class RedisBackend:
 
     async def close(self):
         await self.r.aclose()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        self.sync.close()
 
 
 @dataclass
@@ -275,13 +289,13 @@ class _RedisWriter:
     _recall_bytes: int = 0
     _has_recall: bool = False
 
-    async def chunk(self, index, data):
-        self._pending.append((self.store._ckey(self.tenant, self.upload, index), None, data))
+    async def chunk(self, index, data, verify=None):
+        self._pending.append((self.store._ckey(self.tenant, self.upload, index), None, data, verify))
         self._chunk_bytes += len(data)
         await self._add(len(data))
 
     async def recall(self, layer, head, row, data):
-        self._pending.append((self.store._rkey(self.tenant, self.upload), recall_field(layer, head, row), data))
+        self._pending.append((self.store._rkey(self.tenant, self.upload), recall_field(layer, head, row), data, None))
         self._recall_bytes += len(data)
         self._has_recall = True
         await self._add(len(data))
@@ -296,21 +310,28 @@ class _RedisWriter:
         connections write while the handler receives the next chunks); bounded memory."""
         batch, self._pending, self._pending_bytes = self._pending, [], 0
         if batch:
-            self._inflight.append(asyncio.ensure_future(self._write(batch)))
+            loop = asyncio.get_running_loop()
+            self._inflight.append(loop.run_in_executor(self.store._threads, self._write, batch))
         while len(self._inflight) > keep:
-            await self._inflight[0]  # stays queued if this raises, so abort() still waits for it
+            async with self.store.guard("a chunk write"):
+                # shielded: a timeout leaves the thread's write queued, so abort() waits for it to land
+                await asyncio.shield(self._inflight[0])  # stays queued if this raises
             self._inflight.popleft()
 
-    async def _write(self, batch) -> None:
-        async with self.store.guard("a chunk write"):
-            pipe = self.store.r.pipeline(transaction=False)
-            for k, f, data in batch:
-                if f is None:
-                    pipe.set(k, data, px=STAGING_TTL_MS)
-                else:
-                    pipe.hset(k, f, data)
-                    pipe.pexpire(k, STAGING_TTL_MS)
-            await pipe.execute()
+    def _write(self, batch) -> None:
+        """In a worker thread: check each chunk (the server's verifier), then write the batch in
+        one pipeline; nothing of a batch is written if one of its chunks fails its check."""
+        for *_, verify in batch:
+            if verify is not None:
+                verify()
+        pipe = self.store.sync.pipeline(transaction=False)
+        for k, f, data, _ in batch:
+            if f is None:
+                pipe.set(k, data, px=STAGING_TTL_MS)
+            else:
+                pipe.hset(k, f, data)
+                pipe.pexpire(k, STAGING_TTL_MS)
+        pipe.execute()
 
     async def commit(self):
         stored = len(self.header) + self._chunk_bytes + self._recall_bytes

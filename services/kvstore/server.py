@@ -10,6 +10,7 @@ to status codes whose message says what to change.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import re
@@ -21,7 +22,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from headwise.cache.codec import FRAME_OVERHEAD, MAX_CHUNK_BYTES, CodecError, check_chunk, decode_recall, parse_header
+from headwise.cache.codec import (
+    FRAME_OVERHEAD,
+    MAX_CHUNK_BYTES,
+    CodecError,
+    check_chunk,
+    decode_recall,
+    frame_crc,
+    parse_header,
+)
 from services.kvstore.backend import Backend, BackendUnavailable, MemoryBackend, QuotaExceededError
 from services.kvstore.metrics import StoreMetrics
 from services.kvstore.settings import KVStoreSettings
@@ -42,6 +51,10 @@ MAX_RECORD_BYTES = 1 << 20
 MAX_TTL_S = 30 * 86400.0  # leases and records: at most 30 days
 GET_BATCH = 4  # chunks per backend read; the next batch is fetched while this one is sent
 SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
+# gRPC health names. "" and SERVICE are readiness: SERVING only while Redis answers. LIVENESS is
+# SERVING as long as the process's event loop runs (the health servicer answers from that loop,
+# and the Redis watcher's death turns it NOT_SERVING): a Redis outage must not restart the store.
+LIVENESS = "liveness"
 
 
 @dataclass
@@ -143,15 +156,18 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         return header
 
     async def _receive(self, key, header, requests, writer) -> None:
-        index = 0
+        index, prev_crc = 0, None
         async for msg in requests:
             part = msg.WhichOneof("part")
             if part == "chunk":
                 if index >= header.num_chunks:
                     raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"chunk {msg.chunk.index} is past the {header.num_chunks} chunks the header announces")
-                await writer.chunk(index, self._check_chunk(header, index, msg.chunk))
-                index += 1
+                data = self._check_chunk(header, index, msg.chunk)
+                # the full check (fields, chained CRC) may run in the backend's worker thread: it
+                # needs only this frame and the previous frame's CRC field, itself checked in turn
+                await writer.chunk(index, data, functools.partial(self._verify, header, index, data, prev_crc))
+                index, prev_crc = index + 1, frame_crc(data)
             elif part == "recall":
                 if index != header.num_chunks:
                     raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "recall entries must follow the last chunk")
@@ -172,11 +188,16 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         if chunk.index != index:
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
                          f"chunk {chunk.index} arrived where chunk {index} was expected: send chunks once each, in order")
+        return data
+
+    @staticmethod
+    def _verify(header, index: int, data: bytes | memoryview, prev_crc: int | None) -> None:
+        """The chunk's full check against the codec header (frame fields and checksum). The
+        backend runs it before storing the chunk, possibly in a worker thread."""
         try:
-            check_chunk(header, index, data)
+            check_chunk(header, index, data, prev_crc)
         except CodecError as e:
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"rejected chunk: {e}") from None
-        return data
 
     @staticmethod
     def _check_recall(header, r: pb.RecallEntry) -> tuple[int, int, int, bytes]:
@@ -217,7 +238,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         except CodecError as e:
             raise self._corrupt(tenant, key, e) from None
         yield pb.GetResponse(header=pb.GetHeader(header=m.header, num_chunks=m.num_chunks, total_bytes=m.total_bytes))
-        sent = len(m.header)
+        sent, prev_crc = len(m.header), None
         pending = asyncio.ensure_future(self.backend.chunks(tenant, m, 0, min(GET_BATCH, m.num_chunks)))
         try:
             for start in range(0, m.num_chunks, GET_BATCH):
@@ -231,9 +252,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                         raise Reject(grpc.StatusCode.NOT_FOUND,
                                      f"segment {key!r} was replaced, deleted or evicted while being read (a miss)")
                     try:
-                        check_chunk(header, i, frame)
+                        check_chunk(header, i, frame, prev_crc)
                     except CodecError as e:
                         raise self._corrupt(tenant, key, e) from None
+                    prev_crc = frame_crc(frame)
                     sent += len(frame)
                     yield chunk_message(i, (frame,))  # serialised here: one copy instead of three
         finally:
@@ -376,10 +398,22 @@ def create_server(addr: str = "127.0.0.1:0", settings: KVStoreSettings | None = 
 
 
 async def start_server(server: grpc.aio.Server) -> None:
-    """Start it and keep the health status in step with the backend (NOT_SERVING while Redis is down)."""
+    """Start it and keep the health status in step with the backend: readiness ("" and the
+    KVStore service name) NOT_SERVING while Redis is down; LIVENESS SERVING while this loop runs."""
     await server.start()
+    await server.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await _check_health(server)
     server.health_task = asyncio.ensure_future(_watch_health(server))
+    server.health_task.add_done_callback(functools.partial(_watcher_ended, server))
+
+
+def _watcher_ended(server: grpc.aio.Server, task: asyncio.Task) -> None:
+    """The Redis watcher stopped: fine when the server is closing (cancelled); otherwise readiness
+    is frozen, so liveness turns NOT_SERVING and the orchestrator restarts the process."""
+    if task.cancelled():
+        return
+    log.error("kvstore health watcher died: %r; liveness now NOT_SERVING", task.exception())
+    asyncio.ensure_future(server.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING))
 
 
 async def _check_health(server: grpc.aio.Server) -> None:
@@ -395,7 +429,10 @@ async def _check_health(server: grpc.aio.Server) -> None:
 async def _watch_health(server: grpc.aio.Server, every_s: float = 2.0) -> None:
     while True:
         await asyncio.sleep(every_s)
-        await _check_health(server)
+        try:
+            await _check_health(server)
+        except Exception:  # noqa: BLE001: a surprise in one check must not stop the watcher
+            log.exception("kvstore health check failed")
 
 
 async def close_server(server: grpc.aio.Server, grace_s: float = 1.0) -> None:

@@ -11,11 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.kvstore.backend import Limits
-
-
-class TenantLimits(BaseSettings):
-    quota_bytes: int | None = Field(None, ge=0)
-    ttl_s: float | None = Field(None, ge=0)
+from services.settings import TenantLimits, parse_tenant_limits
 
 
 class KVStoreSettings(BaseSettings):
@@ -31,6 +27,8 @@ class KVStoreSettings(BaseSettings):
     tenant_quota_bytes: int = Field(2 * 1024**3, ge=0, description="bytes a tenant may store (0 = unlimited)")
     tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict, description="per-tenant overrides")
     max_segment_bytes: int = Field(4 * 1024**3, gt=0, description="largest segment one Put may carry")
+
+    _tenant_limits = field_validator("tenant_limits", mode="before")(parse_tenant_limits)
 
     @field_validator("service_token")
     @classmethod

@@ -90,9 +90,37 @@ def test_redis_persistence_patch_renders_and_validates():
     assert checks.validate_core([sts]) == []
 
 
-def test_kvstore_has_grpc_health_probes():
-    kv = find(build(K8S_DIR / "overlays" / "cpu"), "Deployment", "kvstore")["spec"]["template"]["spec"]["containers"][0]
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kvstore_has_grpc_health_probes(overlay):
+    from services.kvstore.server import LIVENESS
+
+    kv = find(build(K8S_DIR / "overlays" / overlay), "Deployment", "kvstore")["spec"]["template"]["spec"]["containers"][0]
     assert kv["readinessProbe"]["grpc"]["port"] == kv["livenessProbe"]["grpc"]["port"] == 50051
+    # readiness follows Redis (the overall status); liveness and startup only need the process alive,
+    # so a Redis outage takes pods out of the Service without restarting them
+    assert kv["readinessProbe"]["grpc"].get("service", "") == ""
+    assert kv["livenessProbe"]["grpc"]["service"] == LIVENESS
+    assert kv["startupProbe"]["grpc"]["service"] == LIVENESS
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmap_tenant_limits_parse(overlay, monkeypatch):
+    """HEADWISE_TENANT_LIMITS is in the ConfigMap kvstore reads (envFrom) and parses into its settings."""
+    from services.kvstore.settings import KVStoreSettings
+
+    docs = build(K8S_DIR / "overlays" / overlay)
+    kv = find(docs, "Deployment", "kvstore")["spec"]["template"]["spec"]["containers"][0]
+    assert {"configMapRef": {"name": "headwise-config"}} in kv["envFrom"]
+    data = find(docs, "ConfigMap", "headwise-config")["data"]
+    assert "HEADWISE_TENANT_LIMITS" in data
+    for k, v in data.items():
+        monkeypatch.setenv(k, v)
+    s = KVStoreSettings(redis_url="memory://")
+    assert isinstance(s.tenant_limits, dict)
+    for tenant, lim in s.tenant_limits.items():
+        assert s.limits(tenant).quota_bytes == (lim.quota_bytes if lim.quota_bytes is not None else s.tenant_quota_bytes)
+    default = s.limits("a-tenant-not-listed")
+    assert (default.quota_bytes, default.ttl_s) == (int(data["HEADWISE_TENANT_QUOTA_BYTES"]), float(data["HEADWISE_TENANT_TTL_S"]))
 
 
 def test_dockerfile():

@@ -51,6 +51,41 @@ async def test_health_reports_not_serving_while_redis_is_down(own_redis) -> None
         await svc.close()
 
 
+async def test_liveness_stays_serving_while_readiness_follows_redis(own_redis) -> None:
+    """Killing Redis turns readiness ("" and the KVStore name) NOT_SERVING through the server's own
+    watcher, while liveness (what the k8s livenessProbe asks) stays SERVING; both recover."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.kvstore.server import LIVENESS, SERVICE
+
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    svc = await start_service(settings(own_redis.url, redis_deadline_s=0.5))
+    try:
+        async with grpc.aio.insecure_channel(svc.addr) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+
+            async def status(name: str) -> int:
+                return (await stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)).status
+
+            async def wait_for(name: str, want: int) -> None:
+                for _ in range(100):  # the watcher checks every 2 s; a Redis call gives up after 0.5 s
+                    if await status(name) == want:
+                        return
+                    await asyncio.sleep(0.1)
+                raise AssertionError(f"health {name!r} never became {want}")
+
+            assert [await status(n) for n in ("", SERVICE, LIVENESS)] == [serving] * 3
+            own_redis.kill()
+            await wait_for("", not_serving)
+            assert await status(SERVICE) == not_serving
+            assert await status(LIVENESS) == serving
+            own_redis.start()
+            await wait_for("", serving)
+            assert await status(LIVENESS) == serving
+    finally:
+        await svc.close()
+
+
 async def test_reader_racing_writers_sees_all_or_nothing(service, redis_url) -> None:
     """Writers replace one key with different multi-chunk caches while readers read it."""
     versions = [big_cache(rows=600, seed=s) for s in range(3)]

@@ -178,6 +178,22 @@ async def test_unknown_codec_version_and_corrupted_chunk(service) -> None:
     await assert_nothing_stored(service)
 
 
+async def test_corrupted_chunk_after_staged_batches_leaves_nothing(service, redis_url) -> None:
+    """Chunks are checked beside the Redis writes (worker threads): a damaged chunk in a later batch
+    still rejects the put with its precise message, and the batches staged before it are deleted."""
+    head, chunks = put_messages(big_cache(rows=6000), chunk_size=MAX_CHUNK_BYTES)
+    assert len(chunks) >= 10  # several 4 MiB batches
+    bad = len(chunks) - 2
+    damaged = pb.PutRequest()
+    damaged.CopyFrom(chunks[bad])
+    damaged.chunk.data = damaged.chunk.data[:500] + bytes([damaged.chunk.data[500] ^ 0x10]) + damaged.chunk.data[501:]
+    e = await raw_put(service, [head, *chunks[:bad], damaged, *chunks[bad + 1:]])
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and f"chunk {bad} checksum mismatch" in e.details()
+    await assert_nothing_stored(service)
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.keys("hw:acme:*") == []
+
+
 async def test_wrong_token_on_put(service) -> None:
     head, chunks = put_messages()
     e = await raw_put(service, [head, *chunks], metadata=((TOKEN_HEADER, "nope"), (TENANT_HEADER, "acme")))

@@ -1,0 +1,106 @@
+"""The floor under the KV store's Put: the same bytes through a bare grpc.aio stream, nothing else.
+
+    python -m bench.grpc_floor                  # 95.8 MB and 23.9 MB (the bench.kvstore caches)
+    python -m bench.grpc_floor --mb 24 --repeats 20
+
+A server process (grpc.aio, the store's message limits, malloc tuned as the store's) receives a
+client stream of 1 MiB messages and only counts them; no checks, no Redis. What is timed: one
+stream call from the first write to the reply, the messages built before the clock starts.
+It bounds what any gRPC-over-Python Put can reach on this machine, next to raw redis-py SET of
+the same bytes (measured here too, on a Redis started for the purpose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import grpc
+import redis
+
+from headwise.cache.codec import MAX_CHUNK_BYTES
+from services.kvstore.memtune import tune_malloc
+from services.kvstore.redis_proc import start_redis
+from services.kvstore.server import MAX_MESSAGE
+
+OPTS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+
+
+def _ident(b: bytes) -> bytes:
+    return b
+
+
+async def _serve() -> None:
+    async def put(requests, _context) -> bytes:
+        n = 0
+        async for m in requests:
+            n += len(m)
+        return n.to_bytes(8, "little")
+
+    server = grpc.aio.server(options=OPTS)
+    handler = grpc.stream_unary_rpc_method_handler(put, request_deserializer=_ident, response_serializer=_ident)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("floor.Floor", {"Put": handler}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
+
+
+async def _measure(sizes_mb: list[float], repeats: int) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--serve"], stdout=subprocess.PIPE, text=True)
+    rp = start_redis()
+    try:
+        port = int(proc.stdout.readline())
+        r = redis.Redis.from_url(rp.url)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTS) as ch:
+            put = ch.stream_unary("/floor.Floor/Put", request_serializer=_ident, response_deserializer=_ident)
+            for mb in sizes_mb:
+                total = int(mb * 1e6)
+                msgs = [os.urandom(min(MAX_CHUNK_BYTES, total - i)) for i in range(0, total, MAX_CHUNK_BYTES)]
+                blob = b"".join(msgs)
+                grpc_t, raw_t = [], []
+                for i in range(repeats + 1):
+                    t = time.perf_counter()
+                    call = put()
+                    for m in msgs:
+                        await call.write(m)
+                    await call.done_writing()
+                    assert int.from_bytes(await call, "little") == total
+                    dt = time.perf_counter() - t
+                    t = time.perf_counter()
+                    r.set(f"floor-{i}", blob)
+                    rt = time.perf_counter() - t
+                    r.delete(f"floor-{i}")
+                    if i:  # the first round warms the connection up
+                        grpc_t.append(dt)
+                        raw_t.append(rt)
+                g, s = total / statistics.median(grpc_t) / 1e6, total / statistics.median(raw_t) / 1e6
+                print(f"{mb:6.1f} MB in {len(msgs)} messages: bare gRPC stream {g:6.0f} MB/s, raw SET {s:6.0f} MB/s, "
+                      f"gRPC/raw {g / s:.2f} (median of {repeats})")
+        r.close()
+    finally:
+        proc.kill()
+        proc.wait()
+        rp.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mb", type=float, nargs="+", default=[95.8, 23.9])
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.serve:
+        tune_malloc()
+        asyncio.run(_serve())
+    else:
+        asyncio.run(_measure(a.mb, a.repeats))
+
+
+if __name__ == "__main__":
+    main()
