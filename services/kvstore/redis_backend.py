@@ -10,8 +10,9 @@ Layout, one namespace per tenant (`hw:{tenant}:`; tenant ids cannot contain ':')
   hw:{t}:sem:{name}       a counting semaphore (zset: holder -> lapse time in ms, Redis's clock)
   hw:{t}:rec:{key}        a small record (string with its own TTL)
 
-A put streams its chunks to per-upload keys with a staging TTL as they arrive (pipelined,
-up to two batches in flight while the next is received). Nothing refers to them until the
+A put streams its chunks to per-upload keys with a staging TTL as they arrive: 4 MiB
+batches, each checked (the server's verifier) and written in one pipeline by a worker thread
+through a blocking client, up to two in flight while the event loop receives the next. Nothing refers to them until the
 commit, one Lua script (atomic, one round trip): it re-checks the quota against live
 segments, gives chunks and recall blobs the tenant's TTL, drops expired index entries,
 deletes the key's previous upload, records the size and writes the manifest last. A quota failure or an aborted stream deletes the staged keys; if the
