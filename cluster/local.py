@@ -69,10 +69,12 @@ class Endpoints:
     http: str
     kvstore: str
     redis: str
+    metrics: str = ""  # Prometheus text of this Ray node: ray_headwise_* and ray_serve_* families
 
     def lines(self) -> list[str]:
         return [f"generate (gRPC)  {self.grpc}", f"http (health)    {self.http}",
-                f"kvstore (gRPC)   {self.kvstore}", f"redis            {self.redis}"]
+                f"kvstore (gRPC)   {self.kvstore}", f"redis            {self.redis}"] + (
+                [f"metrics          {self.metrics}"] if self.metrics else [])
 
 
 class LocalCluster:
@@ -93,6 +95,7 @@ class LocalCluster:
         self.tmp = Path(tempfile.mkdtemp(prefix="headwise-local-"))
         self.settings: Settings | None = None
         self._ray = False
+        self.metrics_url = ""
 
     # ---- lifecycle ----------------------------------------------------------------
     def __enter__(self) -> "LocalCluster":
@@ -172,6 +175,8 @@ class LocalCluster:
         ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=512 * 1024**2,
                  log_to_driver=bool(os.environ.get("HEADWISE_RAY_LOGS")), configure_logging=False)
         self._ray = True
+        port = getattr(getattr(ray._private.worker, "_global_node", None), "metrics_export_port", None)
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics" if port else ""
         config = serve_config(self.settings)
         config["applications"][0]["args"] = self.app_args()
         schema = ServeDeploySchema.model_validate(config)
@@ -213,7 +218,8 @@ class LocalCluster:
     @property
     def endpoints(self) -> Endpoints:
         s = self.settings
-        return Endpoints(f"127.0.0.1:{s.grpc_port}", f"http://127.0.0.1:{s.http_port}", s.kvstore_addr, self.redis.url)
+        return Endpoints(f"127.0.0.1:{s.grpc_port}", f"http://127.0.0.1:{s.http_port}", s.kvstore_addr, self.redis.url,
+                         self.metrics_url)
 
     def decode_stats(self) -> dict:
         from ray import serve

@@ -13,6 +13,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from services.decode.worker import DecodeWorker
+from services.metrics import ray_metrics
 from services.prefill.api import CacheHandle, PrefillRequest, ServiceError
 from services.prefill.deployment import load_runner, make_settings, make_stores
 from services.tenancy import TenantRegistry
@@ -38,7 +39,7 @@ class Decode:
         settings = make_settings(overrides)
         self._prefill = prefill
         self.worker = DecodeWorker(load_runner(settings), make_stores(settings), self._call_prefill,
-                                   TenantRegistry.from_settings(settings), settings)
+                                   TenantRegistry.from_settings(settings), settings, metrics=ray_metrics())
 
     async def _call_prefill(self, req: PrefillRequest) -> CacheHandle:
         try:

@@ -15,13 +15,15 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable
 
 from headwise.cache.compact import CompactCache
 from headwise.models.runner import DecodeStats
+from services.asyncutil import quiet, settle
 from services.decode.request import check_request
+from services.metrics import Metrics
 from services.prefill.api import BYPASSED, CacheHandle, PrefillRequest, ServiceError, exhausted
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.tenancy import TenantRegistry
@@ -70,8 +72,9 @@ class TextStream:
 
 class DecodeWorker:
     def __init__(self, runner, stores, prefill: Callable[[PrefillRequest], Awaitable[CacheHandle]],
-                 tenants: TenantRegistry, settings):
+                 tenants: TenantRegistry, settings, metrics: Metrics | None = None):
         self.runner, self.stores, self.prefill, self.tenants, self.settings = runner, stores, prefill, tenants, settings
+        self.metrics = metrics or Metrics()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-model")
         self.sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.recent: deque[RequestLog] = deque(maxlen=64)
@@ -83,22 +86,50 @@ class DecodeWorker:
     # ---- the request --------------------------------------------------------------
     async def generate(self, request, metadata) -> AsyncIterator[pb.GenerateResponse]:
         t0 = time.perf_counter()
-        tenant = self.tenants.authenticate(metadata)
-        params = check_request(request, self.settings)
-        with self.tenants.stream(tenant):  # this replica's count first (no store call), then the cluster's
-            async with self._cluster_slot(tenant):
-                rec = RequestLog(tenant.id, max_new_tokens=params.max_new_tokens)
-                self.recent.append(rec)
-                self.active += 1
-                try:
-                    async for msg in self._generate(request, tenant, params, rec, t0):
-                        yield msg
-                    rec.finished = True
-                except (asyncio.CancelledError, GeneratorExit):
-                    rec.cancelled = True
-                    raise
-                finally:
-                    self.active -= 1
+        tenant_id, code, rec = "unauthenticated", "OK", None
+        try:
+            tenant = self.tenants.authenticate(metadata)
+            tenant_id = tenant.id
+            params = check_request(request, self.settings)
+            with self._replica_slot(tenant):  # this replica's count first (no store call), then the cluster's
+                async with self._cluster_slot(tenant):
+                    rec = RequestLog(tenant.id, max_new_tokens=params.max_new_tokens)
+                    self.recent.append(rec)
+                    self.active += 1
+                    try:
+                        async for msg in self._generate(request, tenant, params, rec, t0):
+                            yield msg
+                        rec.finished = True
+                    except (asyncio.CancelledError, GeneratorExit):
+                        rec.cancelled = True  # before the slot is given back (an await)
+                        raise
+                    finally:
+                        self.active -= 1
+        except ServiceError as e:
+            code = e.code
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            raise
+        finally:
+            figures = rec.figures | {"decode_tokens": rec.tokens} if rec is not None and rec.finished else None
+            self.metrics.request(tenant_id, code, figures)
+
+    @contextmanager
+    def _replica_slot(self, tenant):
+        try:
+            slot = self.tenants.stream(tenant)
+            slot.__enter__()
+        except ServiceError:
+            self.metrics.stream_rejected(tenant.id, "replica")
+            raise
+        try:
+            yield
+        finally:
+            slot.__exit__(None, None, None)
 
     @asynccontextmanager
     async def _cluster_slot(self, tenant):
@@ -114,6 +145,7 @@ class DecodeWorker:
             yield
             return
         if not granted:
+            self.metrics.stream_rejected(tenant.id, "cluster")
             raise exhausted(f"tenant {tenant.id!r} already has {held} open streams across the cluster "
                             f"(limit {tenant.max_streams}); wait for one to finish")
         renew = asyncio.ensure_future(self._renew(store, holder, tenant, ttl))
@@ -121,7 +153,8 @@ class DecodeWorker:
             yield
         finally:
             renew.cancel()
-            asyncio.ensure_future(_quiet(store.release(STREAMS, holder)))
+            # given back before the request ends, so the tenant's next request finds the slot free
+            await settle(store.release(STREAMS, holder), self.settings.store_timeout_s)
 
     async def _renew(self, store, holder: str, tenant, ttl: float) -> None:
         while True:
@@ -267,15 +300,8 @@ class DecodeWorker:
                 nbytes += seg.nbytes
         finally:
             for key in handle.ephemeral:
-                asyncio.ensure_future(_quiet(store.delete(key)))
+                asyncio.ensure_future(quiet(store.delete(key)))
         return segs, nbytes
-
-
-async def _quiet(aw) -> None:
-    try:
-        await aw
-    except Exception as e:  # noqa: BLE001 - deleting a one-request key is best effort (TTL cleans up)
-        log.debug("delete failed: %s", e)
 
 
 class _RecallState:

@@ -6,6 +6,7 @@ import logging
 
 from ray import serve
 
+from services.metrics import ray_metrics
 from services.prefill.api import CacheHandle, PrefillRequest
 from services.prefill.store import StoreClients
 from services.prefill.worker import PrefillWorker
@@ -37,7 +38,7 @@ class Prefill:
     def __init__(self, overrides: dict | None = None):
         logging.basicConfig(level=logging.INFO)
         settings = make_settings(overrides)
-        self.worker = PrefillWorker(load_runner(settings), make_stores(settings), settings)
+        self.worker = PrefillWorker(load_runner(settings), make_stores(settings), settings, metrics=ray_metrics())
 
     async def prefill(self, req: PrefillRequest) -> CacheHandle:
         return await self.worker.prefill(req)

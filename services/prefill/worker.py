@@ -25,6 +25,8 @@ from headwise.errors import InvalidInput
 from headwise.policies import Policy, get_policy, policy_names
 from headwise.policies.full import FullPolicy
 from headwise.prompt import build_segments
+from services.asyncutil import settle
+from services.metrics import Metrics
 from services.prefill.api import (
     BYPASSED,
     PARTIAL,
@@ -104,8 +106,9 @@ class _Plan:
 class PrefillWorker:
     """One model, one thread for it; requests interleave on the event loop between model calls."""
 
-    def __init__(self, runner, stores, settings, cache_bytes: int = 512 * 1024**2):
+    def __init__(self, runner, stores, settings, cache_bytes: int = 512 * 1024**2, metrics: Metrics | None = None):
         self.runner = runner
+        self.metrics = metrics or Metrics()
         self.stores = stores
         self.settings = settings
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-model")
@@ -172,6 +175,7 @@ class PrefillWorker:
                 handle = await self._bypass(plan, [], None)
         handle.policy = describe(policy)
         handle.prefill_s = time.perf_counter() - t0
+        self.metrics.prefill(policy.name, handle.store_status, handle.prefill_s)
         return handle
 
     async def _with_store(self, req: PrefillRequest, plan: _Plan, policy: Policy) -> CacheHandle:
@@ -187,7 +191,7 @@ class PrefillWorker:
             if cluster is not None:
                 name, holder, renew = cluster
                 renew.cancel()
-                asyncio.ensure_future(_quiet(store.release(name, holder)))
+                await settle(store.release(name, holder), self.settings.store_timeout_s)
             if lease is not None:
                 self._release(key, lease)
 
@@ -238,6 +242,7 @@ class PrefillWorker:
         requests that arrive together cannot all miss and all compute. Returns this request's lease."""
         while (fut := self._inflight.get(key)) is not None:
             self.single_flight_waits += 1
+            self.metrics.single_flight_wait("replica")
             await asyncio.shield(fut)
         lease = asyncio.get_running_loop().create_future()
         self._inflight[key] = lease
@@ -253,6 +258,7 @@ class PrefillWorker:
             while not (await store.acquire(name, holder, 1, ttl))[0]:
                 if not waited:
                     self.cluster_waits, waited = self.cluster_waits + 1, True
+                    self.metrics.single_flight_wait("cluster")
                 await asyncio.sleep(FILL_POLL_S)
                 if await store.lookup([key]) == 1:
                     return None  # another replica stored it: the lookup that follows reuses it
@@ -302,8 +308,3 @@ class PrefillWorker:
         )
 
 
-async def _quiet(aw) -> None:
-    try:
-        await aw
-    except Exception as e:  # noqa: BLE001 - giving a lease back is best effort (it lapses anyway)
-        log.debug("lease release failed: %s", e)

@@ -170,6 +170,24 @@ async def test_recall_through_a_merging_policy(cluster, document):
     assert without.figures["store_status"] == "reused" and len(with_recall.token_ids) > 0
 
 
+async def test_metrics_are_exported_in_prometheus_format(cluster, document):
+    import urllib.request
+
+    async with client(cluster) as c:
+        await c.ask(QUESTION, document, **ASK)
+    assert cluster.endpoints.metrics.startswith("http://")
+    want = ("ray_headwise_requests_total", "ray_headwise_ttft_seconds_bucket", "ray_headwise_prefill_seconds_bucket")
+    for _ in range(60):  # Ray exports application metrics every few seconds
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(cluster.endpoints.metrics, timeout=5).read().decode())
+        ok = [line for line in text.splitlines() if line.startswith("ray_headwise_requests_total{")
+              and 'tenant="acme"' in line and 'code="OK"' in line]
+        if ok and all(w in text for w in want):
+            break
+        await asyncio.sleep(1)
+    assert ok and float(ok[0].rsplit(" ", 1)[1]) >= 1, ok
+    assert all(w in text for w in want)
+
+
 async def test_killing_kvstore_still_answers(cluster, document):  # last: the store restarts behind a breaker
     async with client(cluster) as c:
         call = c.stream(QUESTION, document + "\nA second copy.", **ASK)

@@ -125,3 +125,29 @@ async def test_two_prefill_replicas_compute_a_new_document_once(tiny_model):
     assert sorted(h.store_status for h in handles) == ["reused", "reused", "reused", "stored"]
     assert p1.cluster_waits + p2.cluster_waits >= 1
     assert await mem.backend.acquire("acme", f"fill-{handles[0].keys[0]}", "probe", 1, 1) == (True, 1)  # released
+
+
+async def test_metrics_see_outcomes_rejections_and_single_flight(tiny_model):
+    from headwise.models import ModelRunner
+    from services.metrics import RecordingMetrics
+
+    runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
+    settings = Settings(tenants="acme:ka:1", default_policy="streaming", max_prompt_tokens=900)
+    mem, metrics = MemoryFactory(), RecordingMetrics()
+    pw = PrefillWorker(runner, StoreClients("mem", "t", factory=mem), settings, metrics=metrics)
+    dw = DecodeWorker(runner, StoreClients("mem", "t", factory=mem), pw.prefill, TenantRegistry.from_settings(settings),
+                      settings, metrics=metrics)
+    _, fig = await ask(dw)
+    s = await open_stream(dw)
+    with pytest.raises(ServiceError):
+        await ask(dw)  # over acme's one stream
+    await s.aclose()
+    with pytest.raises(ServiceError):
+        await ask(dw, key="wrong")
+    requests = [c for c in metrics.calls if c[0] == "request"]
+    assert [(t, code) for _, t, code, _ in requests] == [
+        ("acme", "OK"), ("acme", "RESOURCE_EXHAUSTED"), ("acme", "CANCELLED"), ("unauthenticated", "UNAUTHENTICATED")]
+    done = requests[0][3]
+    assert done["decode_tokens"] == 6 and done["store_status"] == "stored" and done["held_kv_bytes"] == fig.held_kv_bytes
+    assert ("stream_rejected", "acme", "replica") in metrics.calls
+    assert [c[1:3] for c in metrics.calls if c[0] == "prefill"][:2] == [("streaming", "stored"), ("streaming", "reused")]
