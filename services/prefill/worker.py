@@ -41,6 +41,7 @@ from services.prefill.api import (
 
 log = logging.getLogger("headwise.prefill")
 FILL_POLL_S = 0.25  # how often a request waiting for another replica's computation looks again
+FILL_MAX_WAIT_LEASES = 5  # ... and how long it waits at most, in lease periods (5 min by default)
 
 _A, _B, _C = "\x00HW_A\x00", "\x00HW_B\x00", "\x00HW_C\x00"
 
@@ -253,7 +254,7 @@ class PrefillWorker:
         context: the holder computes; the others poll until the context is stored (or the slot is
         free: the holder failed, or died and its slot lapsed). Without the store, compute."""
         name, holder, ttl = f"fill-{key}", secrets.token_hex(12), self.settings.fill_lease_s
-        waited = False
+        waited, give_up = False, time.monotonic() + FILL_MAX_WAIT_LEASES * ttl
         try:
             while not (await store.acquire(name, holder, 1, ttl))[0]:
                 if not waited:
@@ -262,6 +263,10 @@ class PrefillWorker:
                 await asyncio.sleep(FILL_POLL_S)
                 if await store.lookup([key]) == 1:
                     return None  # another replica stored it: the lookup that follows reuses it
+                if time.monotonic() > give_up:  # the holder renews but never finishes: stop waiting for it
+                    log.warning("waited %.0f s for another replica computing context %s; computing it here",
+                                FILL_MAX_WAIT_LEASES * ttl, key)
+                    return None
         except self.stores.errors[0] as e:
             log.info("cluster-wide single flight skipped: %s", e)
             return None
