@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     max_prompt_tokens: int = 8000
     max_new_tokens: int = 256
     recall_threshold: float = 0.2
+    decode_max_batch: int = Field(32, description="streams a decode replica steps together (continuous batching); "
+                                  "1 = one stream at a time")
     recall: bool = True
     torch_threads: int = Field(0, description="torch threads per prefill/decode replica; 0 = the replica's num_cpus")
 

@@ -192,3 +192,29 @@ def test_decode_never_grows_the_stored_segment(tiny_runner):
     before = res.segment.nbytes
     list(tiny_runner.generate(res.cache, res.logits, SamplingParams(max_new_tokens=4, ignore_eos=True)))
     assert res.segment.nbytes == before and res.cache.nbytes > before
+
+
+def test_decode_batch_equals_separate_steps(tiny_runner):
+    """Sequences of different lengths and policies (ragged, uniform, merged rows) stepped together."""
+    setups = [(_ids(300, seed=21), None), (_ids(180, seed=22), get_policy("streaming", kept=0.25)),
+              (_ids(260, seed=23), get_policy("snapkv", kept=0.5)), (_ids(90, seed=24), get_policy("razor", kept=0.5))]
+    alone, together = [], []
+    for ids, policy in setups:
+        a = tiny_runner.prefill_segment(ids, policy=policy)
+        b = tiny_runner.prefill_segment(ids, policy=policy)
+        alone.append(a.cache)
+        together.append(b.cache)
+    for step in range(6):
+        toks = [int(3 + (7 * step + 11 * i) % 250) for i in range(len(setups))]
+        want = torch.stack([tiny_runner.decode_step(t, c) for t, c in zip(toks, alone, strict=True)])
+        got = tiny_runner.decode_batch(toks, together[: len(toks)])
+        assert torch.allclose(got, want, atol=1e-5), (step, (got - want).abs().max())
+    assert [c.seq_len for c in together] == [c.seq_len for c in alone]
+
+
+def test_decode_batch_rejects_shared_or_missing_caches(tiny_runner):
+    c = tiny_runner.prefill_segment(_ids(20)).cache
+    with pytest.raises(InvalidInput, match="same cache twice"):
+        tiny_runner.decode_batch([5, 6], [c, c])
+    with pytest.raises(InvalidInput, match="one cache per token"):
+        tiny_runner.decode_batch([5], [])

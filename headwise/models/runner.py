@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -250,15 +250,64 @@ class ModelRunner:
         cache.advance(1)
         return self._logits(h[:, -1])
 
+    @torch.inference_mode()
+    def decode_batch(
+        self, tokens: Sequence[int], caches: Sequence[CompactCache], recall_thresholds: Sequence[float | None] | None = None,
+        stats: Sequence[DecodeStats | None] | None = None,
+    ) -> Tensor:
+        """One decode step for B independent sequences at once; returns logits [B, V].
+
+        Equal to B `decode_step` calls (each cache grows by its token), but the projections and
+        MLPs run once over the B tokens, laid out as one sequence of B rows with their own
+        positions: those are row-wise, so rows do not mix; attention runs per sequence over its
+        own ragged cache. On a CPU the weights are read once per step instead of B times.
+        """
+        B = len(tokens)
+        if B != len(caches) or B == 0:
+            raise InvalidInput(f"decode_batch needs one cache per token, got {B} tokens and {len(caches)} caches")
+        if len({id(c) for c in caches}) != B:
+            raise InvalidInput("decode_batch got the same cache twice; each sequence needs its own")
+        thresholds = list(recall_thresholds) if recall_thresholds is not None else [None] * B
+        stats = list(stats) if stats is not None else [None] * B
+        for c in caches:
+            if c.seq_len + 1 > self.max_positions:
+                raise InvalidInput(f"sequence of {c.seq_len + 1} tokens exceeds the model's context of {self.max_positions} tokens")
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        pos = torch.tensor([c.seq_len for c in caches], dtype=torch.long, device=self.device)
+        h = self._inner.embed_tokens(ids)[None]  # [1, B, D]: B rows, each its own sequence
+        cos, sin = self._inner.rotary_emb(h, pos[None])
+        shared = [BaseQueries.for_cache(c) for c in caches]
+        for i, layer in enumerate(self._inner.layers):
+            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)  # [H, B, d]
+            outs = []
+            for b, cache in enumerate(caches):
+                lc: LayerCache = cache.layers[i]
+                lc.append(k[:, b : b + 1], v[:, b : b + 1], pos[b : b + 1])
+                qb = q[:, b : b + 1]
+                shared[b].hold(i, qb)
+                o, hits = ragged_decode_attention(qb, lc, layer.self_attn.scaling, thresholds[b], shared[b])
+                shared[b].release(i)
+                if hits and stats[b] is not None:
+                    stats[b].recalls.extend((i, s) for s in hits)
+                outs.append(o)
+            h = self._finish_layer(layer, h, torch.cat(outs, dim=1))
+        for c in caches:
+            c.advance(1)
+        return self.model.lm_head(self._inner.norm(h[0])).float()  # [B, V]
+
     def generate(
         self, cache: CompactCache, logits: Tensor, params: SamplingParams = SamplingParams(),
         recall_threshold: float | None = None, stats: DecodeStats | None = None,
+        step: Callable[[int, CompactCache, float | None, DecodeStats | None], Tensor] | None = None,
     ) -> Iterator[int]:
         """Yield tokens: the first from `logits` (the prefill's), then one decode step each.
 
         Stops at EOS (unless ignore_eos), after max_new_tokens, or once the text ends with
         a stop string (the token that completed it is still yielded). `cache` grows in place.
+        `step` replaces `decode_step` (same arguments), e.g. to batch this sequence's steps
+        with other sequences' (services/decode's batcher).
         """
+        step = step or self.decode_step
         gen = torch.Generator(device="cpu").manual_seed(params.seed)
         out: list[int] = []
         for n in range(params.max_new_tokens):
@@ -272,4 +321,4 @@ class ModelRunner:
                 if any(s in text for s in params.stop):
                     return
             if n + 1 < params.max_new_tokens:
-                logits = self.decode_step(tok, cache, recall_threshold, stats)
+                logits = step(tok, cache, recall_threshold, stats)

@@ -22,6 +22,7 @@ from typing import AsyncIterator, Awaitable, Callable
 from headwise.cache.compact import CompactCache
 from headwise.models.runner import DecodeStats
 from services.asyncutil import quiet, settle
+from services.decode.batcher import DecodeBatcher
 from services.decode.request import check_request
 from services.metrics import Metrics
 from services.prefill.api import BYPASSED, CacheHandle, PrefillRequest, ServiceError, exhausted
@@ -30,6 +31,7 @@ from services.tenancy import TenantRegistry
 
 log = logging.getLogger("headwise.decode")
 MAX_SESSIONS = 1024
+MAX_STREAMS = 64  # stream threads per replica (Decode's max_ongoing_requests)
 STREAMS = "streams"  # the kvstore semaphore holding each tenant's concurrent streams
 
 
@@ -75,13 +77,17 @@ class DecodeWorker:
                  tenants: TenantRegistry, settings, metrics: Metrics | None = None):
         self.runner, self.stores, self.prefill, self.tenants, self.settings = runner, stores, prefill, tenants, settings
         self.metrics = metrics or Metrics()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-model")
+        # Streams step together through one model thread (continuous batching); each stream's
+        # sampling runs in a thread of its own, blocked while its step is in a batch.
+        self.batcher = DecodeBatcher(runner, settings.decode_max_batch) if settings.decode_max_batch > 1 else None
+        self.pool = ThreadPoolExecutor(max_workers=MAX_STREAMS if self.batcher else 1, thread_name_prefix="decode-stream")
         self.sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.recent: deque[RequestLog] = deque(maxlen=64)
         self.active = 0
 
     def stats(self) -> dict:
-        return {"active": self.active, "recent": [vars(r) | {} for r in self.recent]}
+        return {"active": self.active, "recent": [vars(r) | {} for r in self.recent],
+                "batching": self.batcher.figures() if self.batcher else None}
 
     # ---- the request --------------------------------------------------------------
     async def generate(self, request, metadata) -> AsyncIterator[pb.GenerateResponse]:
@@ -188,22 +194,29 @@ class DecodeWorker:
         recall = _RecallState(handle, cache) if threshold is not None else None
         stats = DecodeStats()
         text = TextStream(self.runner.tokenizer)
-        gen = self.runner.generate(cache, handle.logits, params, threshold, stats)
+        gen = self.runner.generate(cache, handle.logits, params, threshold, stats,
+                                   step=self.batcher.step if self.batcher else None)
         ids: list[int] = []
         t_first = t_last = None
         loop = asyncio.get_running_loop()
-        while True:
-            tok = await loop.run_in_executor(self.pool, next, gen, None)
-            if tok is None:
-                break
-            t_last = time.perf_counter()
-            t_first = t_first or t_last
-            ids.append(tok)
-            rec.tokens = len(ids)
-            if recall is not None and len(stats.recalls) > recall.seen:
-                await recall.apply(stats, self.stores.for_tenant(tenant.id), cache)
-            delta = text.push(tok)
-            yield pb.GenerateResponse(delta=pb.TokenDelta(text=delta, token_ids=[tok]))
+        if self.batcher:
+            self.batcher.join()
+        try:
+            while True:
+                tok = await loop.run_in_executor(self.pool, next, gen, None)
+                if tok is None:
+                    break
+                t_last = time.perf_counter()
+                t_first = t_first or t_last
+                ids.append(tok)
+                rec.tokens = len(ids)
+                if recall is not None and len(stats.recalls) > recall.seen:
+                    await recall.apply(stats, self.stores.for_tenant(tenant.id), cache)
+                delta = text.push(tok)
+                yield pb.GenerateResponse(delta=pb.TokenDelta(text=delta, token_ids=[tok]))
+        finally:
+            if self.batcher:
+                self.batcher.leave()
         if request.session_id:
             await self._remember(tenant.id, request.session_id, preq.context, handle, ids)
         n = len(ids)
