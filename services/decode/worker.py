@@ -2,7 +2,7 @@
 
 Orchestrated decode-first (ray.serve.llm's prefill/decode pattern): this worker is the
 ingress, calls prefill for a cache handle, fetches the chain of segments from the store
-and generates. One model thread per replica; streams interleave token by token.
+and generates. The replica's streams step together through one model thread (DecodeBatcher).
 """
 
 from __future__ import annotations
