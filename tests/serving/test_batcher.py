@@ -29,7 +29,7 @@ def worker(runner, max_batch: int) -> DecodeWorker:
                         TenantRegistry.from_settings(settings), settings)
 
 
-async def answers(dw: DecodeWorker, policies=("streaming", "full", "razor", "streaming", "full")):
+async def answers(dw: DecodeWorker, policies=("streaming", "full", "snapkv", "streaming", "full")):
     return await asyncio.gather(*(ask(dw, key="kb", prompt=q, policy=p, max_new_tokens=12, kept=0.5)
                                   for q, p in zip(QUESTIONS, policies, strict=True)))
 
