@@ -92,9 +92,9 @@ def _distant_plan(layer: LayerCache, h: int, base: LayerCache, b: int) -> tuple[
     return plan
 
 
-def _pod_logits(qh: Tensor, layer: LayerCache, h: int, scaling: float, base: BaseQueries | None) -> Tensor:
+def _pod_logits(qh: Tensor, k_h: Tensor, layer: LayerCache, h: int, scaling: float, base: BaseQueries | None) -> Tensor:
     """Logits [G, S, n_h] of head h's query rows qh [G, S, d] over its ragged rows (no log-weights):
-    own keys for keyed rows, the base layer's query and keys for distant rows."""
+    its own keys k_h (`layer.head(h)[0]`) for keyed rows, the base layer's query and keys for distant rows."""
     b = layer.distant_from[h]
     if base is None or b not in base.queries:
         raise ValueError(f"head {h} scores its distant rows with layer {b}; pass that layer's queries (BaseQueries)")
@@ -102,7 +102,7 @@ def _pod_logits(qh: Tensor, layer: LayerCache, h: int, scaling: float, base: Bas
     G = qh.shape[0]
     qb = base.queries[b][h * G : (h + 1) * G]  # [G, S, d] the base layer's queries, same step
     out = qh.new_empty(G, qh.shape[1], keyed.numel() + distant.numel())
-    out[..., keyed] = (qh @ layer.head(h)[0].to(qh.dtype).T) * scaling
+    out[..., keyed] = (qh @ k_h.to(qh.dtype).T) * scaling
     out[..., distant] = (qb.to(qh.dtype) @ base.layers[b].keys[rows].to(qh.dtype).T) * scaling
     return out
 
@@ -158,8 +158,8 @@ def ragged_prefill_attention(
 def _pod_prefill_head(qh: Tensor, layer: LayerCache, h: int, new_k: Tensor, new_v: Tensor, causal: Tensor,
                      scaling: float, base: BaseQueries | None) -> Tensor:
     """One PoD head: qh [G, S, d] over its ragged rows, the tail and, causally, new_k/new_v [S, d]."""
-    _, v_h, lw_h = layer.head(h)
-    logits = [_pod_logits(qh, layer, h, scaling, base) + lw_h.to(qh.dtype)]  # [G, S, n_h]
+    k_h, v_h, lw_h = layer.head(h)
+    logits = [_pod_logits(qh, k_h, layer, h, scaling, base) + lw_h.to(qh.dtype)]  # [G, S, n_h]
     vs = [v_h]
     tail = layer.tail()
     if tail is not None:
@@ -195,7 +195,7 @@ def ragged_decode_attention(
         if layer.head_distant(h) is None:
             logits = (qh @ k_h.T) * scaling  # [G, n_h]
         else:
-            logits = _pod_logits(q[h * G : (h + 1) * G], layer, h, scaling, base)[:, 0]
+            logits = _pod_logits(q[h * G : (h + 1) * G], k_h, layer, h, scaling, base)[:, 0]
         if weighted:
             logits = logits + lw_h.to(q.dtype)
         if tail is not None:
@@ -313,7 +313,7 @@ def prefill_attention_scores(
         if layer.head_distant(h) is None:
             pc = (qh @ k_h.float().T).mul_(scaling)  # [G, C, n_h]
         else:
-            pc = _pod_logits(qh, layer, h, scaling, base)
+            pc = _pod_logits(qh, k_h, layer, h, scaling, base)
         if weighted:
             pc += lw_h.float()
         pn = (qh @ new_keys[h].float().T).mul_(scaling).add_(causal)  # [G, C, C]

@@ -194,8 +194,8 @@ class LayerCache:
 
         n_k == n_h unless the head has distant rows (see `head_distant`)."""
         a, b = int(self.head_offsets[h]), int(self.head_offsets[h + 1])
-        ko = self.key_offsets()
-        return self.keys[int(ko[h]) : int(ko[h + 1])], self.values[a:b], self.log_weights[a:b]
+        ka, kb = (a, b) if self.distant is None else (int(x) for x in self.key_offsets()[h : h + 2])
+        return self.keys[ka:kb], self.values[a:b], self.log_weights[a:b]
 
     def tail(self) -> tuple[Tensor, Tensor] | None:
         if self.tail_len == 0:
