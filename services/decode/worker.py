@@ -15,13 +15,13 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable
 
 from headwise.cache.compact import CompactCache
 from headwise.models.runner import DecodeStats
-from services.asyncutil import quiet, settle
+from services.asyncutil import quiet
 from services.decode.batcher import DecodeBatcher
 from services.decode.request import check_request
 from services.metrics import Metrics
@@ -126,16 +126,13 @@ class DecodeWorker:
 
     @contextmanager
     def _replica_slot(self, tenant):
-        try:
-            slot = self.tenants.stream(tenant)
-            slot.__enter__()
-        except ServiceError:
-            self.metrics.stream_rejected(tenant.id, "replica")
-            raise
-        try:
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(self.tenants.stream(tenant))
+            except ServiceError:
+                self.metrics.stream_rejected(tenant.id, "replica")
+                raise
             yield
-        finally:
-            slot.__exit__(None, None, None)
 
     @asynccontextmanager
     async def _cluster_slot(self, tenant):
@@ -154,23 +151,8 @@ class DecodeWorker:
             self.metrics.stream_rejected(tenant.id, "cluster")
             raise exhausted(f"tenant {tenant.id!r} already has {held} open streams across the cluster "
                             f"(limit {tenant.max_streams}); wait for one to finish")
-        renew = asyncio.ensure_future(self._renew(store, holder, tenant, ttl))
-        try:
-            yield
-        finally:
-            renew.cancel()
-            # given back before the request ends, so the tenant's next request finds the slot free
-            await settle(store.release(STREAMS, holder), self.settings.store_timeout_s)
-
-    async def _renew(self, store, holder: str, tenant, ttl: float) -> None:
-        while True:
-            await asyncio.sleep(ttl / 3)
-            try:
-                granted, _ = await store.acquire(STREAMS, holder, tenant.max_streams, ttl)
-                if not granted:  # lapsed (store restarted or too slow) and taken: this stream goes on regardless
-                    log.warning("stream slot of tenant %s lapsed and was taken; the stream continues", tenant.id)
-            except self.stores.errors[0] as e:
-                log.warning("stream slot renewal failed: %s", e)
+        async with store.holding(STREAMS, holder, tenant.max_streams, ttl, self.settings.store_timeout_s):
+            yield  # given back before the request ends, so the tenant's next request finds the slot free
 
     async def _prefill_request(self, request, tenant) -> PrefillRequest:
         session = await self._session(tenant.id, request.session_id) if request.session_id else None

@@ -7,10 +7,16 @@ requests go straight to the bypass path (DESIGN.md 6) instead of each waiting ou
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from contextlib import asynccontextmanager
 from typing import Any
 
 from headwise.cache.compact import CompactCache
+from services.asyncutil import settle
+
+log = logging.getLogger("headwise.store")
 
 
 def _client_module():
@@ -70,6 +76,26 @@ class TenantStore:
 
     async def get_record(self, key: str) -> bytes | None:
         return await self._call("get_record", key)
+
+    @asynccontextmanager
+    async def holding(self, name: str, holder: str, limit: int, ttl_s: float, release_timeout_s: float):
+        """Keep `holder`'s acquired slot of semaphore `name` renewed (every ttl/3) while the body
+        runs, and give it back before leaving, even when the body is cancelled."""
+        renew = asyncio.ensure_future(self._renew(name, holder, limit, ttl_s))
+        try:
+            yield
+        finally:
+            renew.cancel()
+            await settle(self.release(name, holder), release_timeout_s)
+
+    async def _renew(self, name: str, holder: str, limit: int, ttl_s: float) -> None:
+        while True:
+            await asyncio.sleep(ttl_s / 3)
+            try:
+                if not (await self.acquire(name, holder, limit, ttl_s))[0]:  # lapsed and taken meanwhile
+                    log.warning("slot of %s lapsed and was taken; the work holding it goes on", name)
+            except self.breaker.errors[0] as e:
+                log.warning("renewal of a slot of %s failed: %s", name, e)
 
 
 class StoreClients:

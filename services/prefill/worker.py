@@ -17,6 +17,7 @@ import secrets
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 from headwise.cache.compact import CompactCache
@@ -25,7 +26,6 @@ from headwise.errors import InvalidInput
 from headwise.policies import Policy, get_policy, policy_names
 from headwise.policies.full import FullPolicy
 from headwise.prompt import build_segments
-from services.asyncutil import settle
 from services.metrics import Metrics
 from services.prefill.api import (
     BYPASSED,
@@ -120,7 +120,7 @@ class PrefillWorker:
         # twice (here and in decode). The store stays the authority: a key is used only after
         # lookup says it is stored. Keys carry the tenant salt, so this never crosses tenants.
         self._recent: OrderedDict[str, CompactCache] = OrderedDict()
-        self._recent_budget = cache_bytes
+        self._recent_budget, self._recent_bytes = cache_bytes, 0
 
     async def _model(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -183,16 +183,13 @@ class PrefillWorker:
         store = self.stores.for_tenant(req.tenant)
         key, reusable = plan.keys[0], policy.reusable and not req.recompute
         lease = await self._lead(key) if reusable else None
-        cluster = None
         try:
-            if reusable:
-                cluster = await self._lead_cluster(store, key)
-            return await self._lookup_and_compute(req, plan, policy, store)
+            async with AsyncExitStack() as stack:
+                if reusable and (slot := await self._lead_cluster(store, key)) is not None:
+                    await stack.enter_async_context(store.holding(
+                        *slot, 1, self.settings.fill_lease_s, self.settings.store_timeout_s))
+                return await self._lookup_and_compute(req, plan, policy, store)
         finally:
-            if cluster is not None:
-                name, holder, renew = cluster
-                renew.cancel()
-                await settle(store.release(name, holder), self.settings.store_timeout_s)
             if lease is not None:
                 self._release(key, lease)
 
@@ -231,10 +228,11 @@ class PrefillWorker:
         return self._handle(plan, segs, logits, reused_tokens, wire, status)
 
     def _remember(self, key: str, seg: CompactCache) -> None:
+        old = self._recent.pop(key, None)
+        self._recent_bytes += seg.nbytes - (old.nbytes if old is not None else 0)
         self._recent[key] = seg
-        self._recent.move_to_end(key)
-        while self._recent and sum(s.nbytes for s in self._recent.values()) > self._recent_budget:
-            self._recent.popitem(last=False)
+        while self._recent and self._recent_bytes > self._recent_budget:
+            self._recent_bytes -= self._recent.popitem(last=False)[1].nbytes
 
     async def _lead(self, key: str) -> asyncio.Future:
         """Single flight per context: while another request of this replica looks up or computes the
@@ -249,10 +247,11 @@ class PrefillWorker:
         self._inflight[key] = lease
         return lease
 
-    async def _lead_cluster(self, store, key: str):
+    async def _lead_cluster(self, store, key: str) -> tuple[str, str] | None:
         """The same single flight across prefill replicas, through a kvstore semaphore of one slot per
         context: the holder computes; the others poll until the context is stored (or the slot is
-        free: the holder failed, or died and its slot lapsed). Without the store, compute."""
+        free: the holder failed, or died and its slot lapsed). Without the store, compute.
+        Returns (semaphore name, holder id) when this request took the slot, else None."""
         name, holder, ttl = f"fill-{key}", secrets.token_hex(12), self.settings.fill_lease_s
         waited, give_up = False, time.monotonic() + FILL_MAX_WAIT_LEASES * ttl
         try:
@@ -270,15 +269,7 @@ class PrefillWorker:
         except self.stores.errors[0] as e:
             log.info("cluster-wide single flight skipped: %s", e)
             return None
-        return name, holder, asyncio.ensure_future(self._renew_fill(store, name, holder, ttl))
-
-    async def _renew_fill(self, store, name: str, holder: str, ttl: float) -> None:
-        while True:
-            await asyncio.sleep(ttl / 3)
-            try:
-                await store.acquire(name, holder, 1, ttl)
-            except self.stores.errors[0] as e:
-                log.warning("single-flight lease renewal failed: %s", e)
+        return name, holder
 
     def _release(self, key: str, lease: asyncio.Future) -> None:
         if self._inflight.get(key) is lease:

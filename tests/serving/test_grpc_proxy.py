@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-import pytest
 
 from services.decode import grpc_proxy
 
@@ -118,9 +117,8 @@ async def test_the_patch_wraps_only_unary_request_streams_and_installs_once(monk
     assert isinstance(seen[0], grpc_proxy._CancelOnDisconnect) and seen[0].finished and seen[1] is handle
 
 
-@pytest.mark.parametrize("missing", ["send_request_to_replica"])
-def test_an_unknown_serve_shape_is_reported_not_fatal(monkeypatch, missing):
+def test_an_unknown_serve_shape_is_reported_not_fatal(monkeypatch):
     from ray.serve._private import proxy
 
-    monkeypatch.delattr(proxy.gRPCProxy, missing)
+    monkeypatch.delattr(proxy.gRPCProxy, "send_request_to_replica")
     assert grpc_proxy.install_cancel_propagation() is False
