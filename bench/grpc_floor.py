@@ -26,9 +26,7 @@ import redis
 from headwise.cache.codec import MAX_CHUNK_BYTES
 from services.kvstore.memtune import tune_malloc
 from services.kvstore.redis_proc import start_redis
-from services.kvstore.server import MAX_MESSAGE
-
-OPTS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+from services.kvstore.server import GRPC_OPTIONS as OPTS
 
 
 def _ident(b: bytes) -> bytes:

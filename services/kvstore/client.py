@@ -35,7 +35,7 @@ from headwise.cache.codec import (
     encode_streaming,
 )
 from headwise.cache.compact import CompactCache
-from services.kvstore.server import MAX_MESSAGE, SERVICE, TENANT_HEADER, TOKEN_HEADER
+from services.kvstore.server import GRPC_OPTIONS, SERVICE, TENANT_HEADER, TOKEN_HEADER
 from services.kvstore.wire import chunk_message, parse_get_response, serialize
 from services.protos.headwise.v1 import kvstore_pb2 as pb
 from services.protos.headwise.v1 import kvstore_pb2_grpc as pb_grpc
@@ -90,8 +90,7 @@ class KVStoreClient:
     @property
     def stub(self) -> pb_grpc.KVStoreStub:
         if self._stub is None:
-            opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
-            self._channel = grpc.aio.insecure_channel(self.addr, options=opts)
+            self._channel = grpc.aio.insecure_channel(self.addr, options=GRPC_OPTIONS)
             self._stub = pb_grpc.KVStoreStub(self._channel)
             self._bulk = (
                 self._channel.stream_unary(f"/{SERVICE}/Put", request_serializer=serialize,

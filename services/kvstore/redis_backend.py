@@ -26,6 +26,7 @@ import asyncio
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,22 +47,32 @@ FLUSH_BYTES = 4 << 20  # chunk bytes per pipelined write
 MAX_INFLIGHT = 2  # pipelined writes under way while the next batch is received
 COMMIT_RETRIES = 50
 
-# Bytes and number of a tenant's live segments, leaving out ARGV[2] (the key being replaced).
-# KEYS: idx, sz. ARGV: now_ms, key.
-_USAGE = """
-local live = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')
-local used, n = 0, 0
-for _, k in ipairs(live) do
-  if k ~= ARGV[2] then used = used + tonumber(redis.call('HGET', KEYS[2], k) or 0); n = n + 1 end
+# Lua shared by the scripts below. live_usage: bytes and number of the live segments in index
+# `idx` (sizes in hash `sz`) at `now` (ms), leaving out `except` (the key being replaced).
+_LIVE_USAGE = """
+local function live_usage(idx, sz, now, except)
+  local used, n = 0, 0
+  for _, k in ipairs(redis.call('ZRANGEBYSCORE', idx, '(' .. now, '+inf')) do
+    if k ~= except then used = used + tonumber(redis.call('HGET', sz, k) or 0); n = n + 1 end
+  end
+  return used, n
 end
+"""
+# now: Redis's own clock in ms, so kvstore replicas with skewed clocks agree.
+_REDIS_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Bytes and number of a tenant's live segments, leaving out ARGV[2]. KEYS: idx, sz. ARGV: now_ms, key.
+_USAGE = _LIVE_USAGE + """
+local used, n = live_usage(KEYS[1], KEYS[2], ARGV[1], ARGV[2])
 return {used, n}
 """
 
 # Take or renew a semaphore slot, atomic. KEYS: the zset. ARGV: holder, limit, ttl_ms.
 # Redis's own clock, so kvstore replicas with skewed clocks agree. Returns {granted, held}.
-_ACQUIRE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_ACQUIRE = _REDIS_NOW + """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 local held = redis.call('ZCARD', KEYS[1])
 local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])
@@ -73,9 +84,7 @@ return {1, held}
 """
 
 # Give a slot back; 1 if the holder had a live one. KEYS: the zset. ARGV: holder.
-_RELEASE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+_RELEASE = _REDIS_NOW + """
 local lapse = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[1], ARGV[1])
 if lapse and tonumber(lapse) > now then return 1 end
@@ -87,14 +96,11 @@ return 0
 # KEYS: idx, sz, manifest, then the staged keys to keep (chunks, recall hash).
 # ARGV: now_ms, ttl_ms (0 = none), quota (0 = none), key, stored, upload, header, n chunks,
 #       chunk bytes, namespace (to name the replaced upload's keys).
-_COMMIT = """
+_COMMIT = _LIVE_USAGE + """
 local idx, sz, mkey = KEYS[1], KEYS[2], KEYS[3]
 local now, ttl, quota, key = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local stored, upload, ns = tonumber(ARGV[5]), ARGV[6], ARGV[10]
-local used = 0
-for _, k in ipairs(redis.call('ZRANGEBYSCORE', idx, '(' .. now, '+inf')) do
-  if k ~= key then used = used + tonumber(redis.call('HGET', sz, k) or 0) end
-end
+local used = live_usage(idx, sz, now, key)
 if quota > 0 and used + stored > quota then return {0, used} end
 for i = 4, #KEYS do
   if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
@@ -283,7 +289,7 @@ class _RedisWriter:
     num_chunks: int
     limits: Limits
     upload: str
-    _pending: list[tuple[str, str | None, bytes | memoryview]] = field(default_factory=list)
+    _pending: list[tuple[str, str | None, bytes | memoryview, Callable[[], None] | None]] = field(default_factory=list)
     _pending_bytes: int = 0
     _inflight: deque[asyncio.Task] = field(default_factory=deque)
     _chunk_bytes: int = 0

@@ -46,6 +46,7 @@ TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SEGMENT_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 MAX_FRAME = MAX_CHUNK_BYTES + FRAME_OVERHEAD
 MAX_MESSAGE = 8 << 20  # gRPC cap, above MAX_FRAME so an oversize chunk gets our precise message
+GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
 MAX_LOOKUP_KEYS = 1024
 MAX_RECORD_BYTES = 1 << 20
 MAX_TTL_S = 30 * 86400.0  # leases and records: at most 30 days
@@ -163,7 +164,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                 if index >= header.num_chunks:
                     raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"chunk {msg.chunk.index} is past the {header.num_chunks} chunks the header announces")
-                data = self._check_chunk(header, index, msg.chunk)
+                data = self._check_chunk(index, msg.chunk)
                 # the full check (fields, chained CRC) may run in the backend's worker thread: it
                 # needs only this frame and the previous frame's CRC field, itself checked in turn
                 await writer.chunk(index, data, functools.partial(self._verify, header, index, data, prev_crc))
@@ -179,7 +180,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                          f"Put stream of {key!r} ended after {index} of {header.num_chunks} chunks; nothing was stored")
 
     @staticmethod
-    def _check_chunk(header, index: int, chunk: pb.Chunk | RawChunk) -> bytes | memoryview:
+    def _check_chunk(index: int, chunk: pb.Chunk | RawChunk) -> bytes | memoryview:
         data = chunk.data  # read once: a protobuf message copies its bytes field on every access
         if len(data) > MAX_FRAME:
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
@@ -379,8 +380,7 @@ def create_server(addr: str = "127.0.0.1:0", settings: KVStoreSettings | None = 
     settings = settings or KVStoreSettings()
     metrics = StoreMetrics()
     servicer = KVStoreServicer(settings, backend or make_backend(settings), metrics)
-    opts = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
-    server = grpc.aio.server(options=opts)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
     add_kvstore_handlers(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -431,7 +431,7 @@ async def _watch_health(server: grpc.aio.Server, every_s: float = 2.0) -> None:
         await asyncio.sleep(every_s)
         try:
             await _check_health(server)
-        except Exception:  # noqa: BLE001: a surprise in one check must not stop the watcher
+        except Exception:  # a surprise in one check must not stop the watcher
             log.exception("kvstore health check failed")
 
 
@@ -457,5 +457,5 @@ async def _drain(requests: AsyncIterator, max_bytes: int, timeout_s: float) -> N
 
     try:
         await asyncio.wait_for(consume(), timeout_s)
-    except (asyncio.TimeoutError, grpc.RpcError, StopAsyncIteration):
+    except (asyncio.TimeoutError, grpc.RpcError):
         pass
