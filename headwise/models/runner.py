@@ -228,27 +228,7 @@ class ModelRunner:
         self, token: int, cache: CompactCache, recall_threshold: float | None = None, stats: DecodeStats | None = None
     ) -> Tensor:
         """Append one token to every head of every layer and return the next logits [V]."""
-        pos = cache.seq_len
-        if pos + 1 > self.max_positions:
-            raise InvalidInput(f"sequence of {pos + 1} tokens exceeds the model's context of {self.max_positions} tokens")
-        ids = torch.tensor([token], dtype=torch.long, device=self.device)
-        p = torch.tensor([pos], dtype=torch.long, device=self.device)
-        h = self._inner.embed_tokens(ids)[None]
-        cos, sin = self._inner.rotary_emb(h, p[None])
-        shared = BaseQueries.for_cache(cache)  # PoD: base layers' step queries for later layers
-        for i, layer in enumerate(self._inner.layers):
-            x = layer.input_layernorm(h)
-            q, k, v = self._qkv(layer, x, cos, sin)
-            lc: LayerCache = cache.layers[i]
-            lc.append(k, v, p)
-            shared.hold(i, q)
-            o, hits = ragged_decode_attention(q, lc, layer.self_attn.scaling, recall_threshold, shared)
-            shared.release(i)
-            if hits and stats is not None:
-                stats.recalls.extend((i, s) for s in hits)
-            h = self._finish_layer(layer, h, o)
-        cache.advance(1)
-        return self._logits(h[:, -1])
+        return self.decode_batch([token], [cache], [recall_threshold], [stats])[0]
 
     @torch.inference_mode()
     def decode_batch(
@@ -290,7 +270,7 @@ class ModelRunner:
                 if hits and stats[b] is not None:
                     stats[b].recalls.extend((i, s) for s in hits)
                 outs.append(o)
-            h = self._finish_layer(layer, h, torch.cat(outs, dim=1))
+            h = self._finish_layer(layer, h, outs[0] if B == 1 else torch.cat(outs, dim=1))
         for c in caches:
             c.advance(1)
         return self.model.lm_head(self._inner.norm(h[0])).float()  # [B, V]
