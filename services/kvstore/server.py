@@ -91,36 +91,34 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
                          f"segment key {key[:140]!r} is not valid: 1 to 128 characters of [A-Za-z0-9_.:-]")
         return key
 
-    async def _run(self, method: str, context, body):
-        """Run a unary handler: map Reject / backend errors to a status, record latency and code."""
+    async def _run(self, method: str, context, body, before_status=None):
+        """Run a handler: map Reject / backend errors to a status, record latency and code.
+        `before_status` (a coroutine function) runs before a failure status is sent."""
         t0, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             return await body(self.tenant_of(context))
         except Reject as r:
-            code = r.code
-            await context.abort(r.code, r.message)
+            code, message = r.code, r.message
         except QuotaExceededError as e:
-            code = grpc.StatusCode.RESOURCE_EXHAUSTED
-            await context.abort(code, str(e))
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
         except BackendUnavailable as e:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"store unavailable, retry later: {e}")
+            code, message = grpc.StatusCode.UNAVAILABLE, f"store unavailable, retry later: {e}"
         finally:
             self.metrics.observe(method, code, time.perf_counter() - t0)
+        if before_status is not None:
+            await before_status()
+        await context.abort(code, message)
 
     # ---- Put ----------------------------------------------------------------------
     async def Put(self, request_iterator: AsyncIterator[pb.PutRequest], context) -> pb.PutResponse:
-        async def body(tenant: str) -> pb.PutResponse:
-            try:
-                return await self._put(tenant, request_iterator)
-            except (Reject, QuotaExceededError):
-                # Read what the client is still sending before the status goes out: ending the
-                # call mid-upload makes the client's racing write fail as a bare INTERNAL
-                # instead of this precise status. Bounded by the segment limit and 10 s.
-                await _drain(request_iterator, self.settings.max_segment_bytes, 10.0)
-                raise
+        async def drain() -> None:
+            # Read what the client is still sending before the status goes out, whatever the
+            # rejection (token, input, quota, Redis): ending the call mid-upload makes the
+            # client's racing write fail as a bare INTERNAL instead of this precise status.
+            # Bounded by the segment limit and 10 s.
+            await _drain(request_iterator, self.settings.max_segment_bytes, 10.0)
 
-        return await self._run("Put", context, body)
+        return await self._run("Put", context, lambda tenant: self._put(tenant, request_iterator), drain)
 
     async def _put(self, tenant: str, requests: AsyncIterator[pb.PutRequest]) -> pb.PutResponse:
         first = await anext(aiter(requests), None)
