@@ -18,7 +18,8 @@ What each timed figure includes (wall clock, one call, in this client process):
   raw SET / GET   redis.Redis.set(key, blob) / get(key) of the encoded bytes as one value,
                   blob prepared before the clock starts (raw pays no encoding).
 MB/s are of wire bytes (codec header + chunk frames), 1 MB = 1e6 bytes; each figure is the
-median over the repeats. Each round runs service put, raw SET, service get, raw GET (and the
+median over the timed rounds (7), after one untimed round that warms up the connections and
+the memory of Redis and the store. Each round runs service put, raw SET, service get, raw GET (and the
 bytes-only variants) in turn, so a load that comes and goes on a shared machine hits both
 sides; `ratio_*_paired` is the median of the per-round ratios. Target: ratio service/raw >= 0.7.
 """
@@ -74,7 +75,8 @@ async def _timed(fn, i: int) -> float:
     return time.perf_counter() - t
 
 
-async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: CompactCache, repeats: int) -> dict:
+async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: CompactCache, repeats: int,
+                      warmup: int = 1) -> dict:
     """Service and raw redis-py measured in turns within each round, so load that comes and
     goes on the machine hits both alike; figures are medians over the rounds."""
     seg = encode(cache, include_recall=False)
@@ -90,9 +92,11 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
         "get_bytes_only": lambda i: _expect(client.get_encoded(f"{name}-enc-{i}")),
     }
     times: dict[str, list[float]] = {op: [] for op in ops}
-    for i in range(repeats):
+    for i in range(-warmup, repeats):  # rounds below 0: connections, Redis's and the store's memory warm up
         for op, fn in ops.items():
-            times[op].append(await _timed(fn, i))
+            t = await _timed(fn, i)
+            if i >= 0:
+                times[op].append(t)
         await client.delete(f"{name}-{i}")
         await client.delete(f"{name}-enc-{i}")
         r.delete(f"raw-{name}-{i}")
@@ -137,7 +141,7 @@ async def wait_ready(client: KVStoreClient, proc: subprocess.Popen, timeout_s: f
             await asyncio.sleep(0.2)
 
 
-async def run_async(caches: dict[str, CompactCache], repeats: int) -> dict:
+async def run_async(caches: dict[str, CompactCache], repeats: int, warmup: int = 1) -> dict:
     redis_proc = start_redis()
     store, port = start_store(redis_proc.url)
     r = redis.Redis.from_url(redis_proc.url)
@@ -145,7 +149,7 @@ async def run_async(caches: dict[str, CompactCache], repeats: int) -> dict:
         client = KVStoreClient(f"127.0.0.1:{port}", TOKEN, "bench", timeout_s=60)
         await wait_ready(client, store)
         try:
-            return {name: await bench_cache(client, r, name, cache, repeats) for name, cache in caches.items()}
+            return {name: await bench_cache(client, r, name, cache, repeats, warmup) for name, cache in caches.items()}
         finally:
             await client.close()
     finally:
@@ -175,16 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default=None, help="model directory (default: the installed default model)")
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--kept", type=float, default=0.25)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds per cache (figures are their medians)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first, per cache")
     a = ap.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 200)  # the table stays whole in logs
     with console.status("prefilling the document"):
         caches = real_caches(a.model, a.tokens, a.kept)
-    results = asyncio.run(run_async(caches, a.repeats))
+    results = asyncio.run(run_async(caches, a.repeats, a.warmup))
     console.print(table(results))
     full = results["full"]
     doc = {k: full[k] for k in ("put_mb_s", "get_mb_s", "raw_set_mb_s", "raw_get_mb_s", "ratio_get", "ratio_put")}
-    doc.update({"caches": results, "tokens": a.tokens, "kept": a.kept, "repeats": a.repeats,
+    doc.update({"caches": results, "tokens": a.tokens, "kept": a.kept, "repeats": a.repeats, "warmup": a.warmup,
                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
                 "note": "top-level figures are the full cache (every cache has its own under caches); MB = 1e6 bytes of codec wire bytes; put/get include "
                         "encode/decode; *_bytes_only skip them"})
