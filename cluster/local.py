@@ -201,13 +201,12 @@ class LocalCluster:
     def stop(self) -> None:
         if self._ray:
             import ray
-            from ray import serve
 
-            try:
-                serve.shutdown()
-            finally:
-                ray.shutdown()
-                self._ray = False
+            # The whole local Ray instance goes, Serve's controller, proxies and replicas with it.
+            # serve.shutdown() first would only race that teardown: its graceful_shutdown task
+            # outlives the controller it was sent to and Ray prints a retry notice at exit.
+            ray.shutdown()
+            self._ray = False
         self.stop_kvstore()
         if self.redis is not None:
             self.redis.stop()
