@@ -201,12 +201,19 @@ class LocalCluster:
     def stop(self) -> None:
         if self._ray:
             import ray
+            from ray.serve import context as serve_context
 
             # The whole local Ray instance goes, Serve's controller, proxies and replicas with it.
-            # serve.shutdown() first would only race that teardown: its graceful_shutdown task
-            # outlives the controller it was sent to and Ray prints a retry notice at exit.
-            ray.shutdown()
-            self._ray = False
+            # Only this driver's side of Serve is closed first: its cached handles, whose metrics
+            # tasks would otherwise outlive Ray. serve.shutdown() would also ask the controller to
+            # shut down gracefully, a task that races the teardown (Ray prints a retry notice).
+            try:
+                if serve_context._global_client is not None:  # the cached client; no call to the controller
+                    serve_context._global_client.shutdown_cached_handles()
+                serve_context._set_global_client(None)
+            finally:
+                ray.shutdown()
+                self._ray = False
         self.stop_kvstore()
         if self.redis is not None:
             self.redis.stop()
