@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 app = typer.Typer(help="headwise: LLM inference with a KV cache compressed per attention head.", no_args_is_help=True)
 model_app = typer.Typer(help="Install and inspect models.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
-console = Console()
+# a terminal's own width; piped output (make demo > log, CI) 120 columns so tables stay on one line a row
+console = Console(width=None if sys.stdout.isatty() else 120)
 
 
 @model_app.command("install")
