@@ -41,6 +41,7 @@ from redis.exceptions import WatchError
 from redis.retry import Retry as SyncRetry
 
 from services.kvstore.backend import BackendUnavailable, Limits, Manifest, QuotaExceededError, recall_field
+from services.kvstore.resp import BulkReader
 
 STAGING_TTL_MS = 3_600_000  # staged chunks of a put that never commits vanish after an hour
 FLUSH_BYTES = 4 << 20  # chunk bytes per pipelined write
@@ -145,6 +146,10 @@ class RedisBackend:
             retry=SyncRetry(ExponentialBackoff(cap=0.1, base=0.01), 1), health_check_interval=0,
         )
         self._threads = ThreadPoolExecutor(MAX_INFLIGHT, thread_name_prefix="kvstore-redis-write")
+        # Chunk reads (Get) land each frame with one kernel copy (services/kvstore/resp.py), in
+        # threads of their own so a Get does not queue behind a put's writes; None for TLS URLs.
+        self._bulk = BulkReader.for_url(url, deadline_s)
+        self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="kvstore-redis-read")
         self._usage = self.r.register_script(_USAGE)
         self._commit = self.r.register_script(_COMMIT)
         self._acquire = self.r.register_script(_ACQUIRE)
@@ -199,8 +204,11 @@ class RedisBackend:
         return Manifest(key, h[b"u"].decode(), h[b"h"], int(h[b"n"]), int(h[b"b"]), int(h[b"s"]))
 
     async def chunks(self, tenant, m, start, stop):
+        keys = [self._ckey(tenant, m.upload, i) for i in range(start, stop)]
         async with self.guard(f"a read of chunks {start}..{stop - 1}"):
-            return await self.r.mget([self._ckey(tenant, m.upload, i) for i in range(start, stop)])
+            if self._bulk is None:
+                return await self.r.mget(keys)
+            return await asyncio.get_running_loop().run_in_executor(self._read_threads, self._bulk.get, keys)
 
     async def lookup(self, tenant, keys):
         if not keys:
@@ -277,6 +285,9 @@ class RedisBackend:
     async def close(self):
         await self.r.aclose()
         self._threads.shutdown(wait=False, cancel_futures=True)
+        self._read_threads.shutdown(wait=False, cancel_futures=True)
+        if self._bulk is not None:
+            self._bulk.close()
         self.sync.close()
 
 

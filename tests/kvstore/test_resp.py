@@ -1,0 +1,102 @@
+"""BulkReader against a real Redis: exact values, misses, AUTH and SELECT, error replies, a
+restarted server, and URLs it leaves to redis-py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import redis
+from redis.exceptions import ResponseError
+
+from headwise.cache.codec import encode
+from services.kvstore.resp import BulkReader
+from tests.kvstore.conftest import big_cache
+from tests.test_codec import assert_same
+
+
+def test_values_come_back_exact(redis_url) -> None:
+    r = redis.Redis.from_url(redis_url)
+    values = {"a": b"", "b": b"x\r\n$-1\r\n*2\r\n", "c": os.urandom(3 << 20)}  # empty, RESP-looking, > socket buffers
+    for k, v in values.items():
+        r.set(k, v)
+    reader = BulkReader.for_url(redis_url, 5.0)
+    try:
+        got = reader.get(["c", "missing", "a", "b"])
+        assert [None if g is None else bytes(g) for g in got] == [values["c"], None, values["a"], values["b"]]
+        assert bytes(reader.get(["b"])[0]) == values["b"]  # the pooled connection is reused cleanly
+    finally:
+        reader.close()
+        r.close()
+
+
+def test_error_reply_raises_and_the_next_call_works(redis_url) -> None:
+    r = redis.Redis.from_url(redis_url)
+    r.hset("h", "f", "v")
+    r.set("s", b"ok")
+    reader = BulkReader.for_url(redis_url, 5.0)
+    try:
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            reader.get(["s", "h", "s"])  # replies after the error are left unread: that connection goes
+        assert [bytes(v) for v in reader.get(["s", "s"])] == [b"ok", b"ok"]
+    finally:
+        reader.close()
+        r.close()
+
+
+def test_auth_and_db_from_the_url(own_redis) -> None:
+    with redis.Redis.from_url(own_redis.url) as admin:
+        admin.config_set("requirepass", "s3cr*t")
+    base = own_redis.url.rsplit("/", 1)[0].replace("redis://", "redis://:s3cr%2At@")  # '*' quoted in the URL
+    r = redis.Redis.from_url(f"{base}/3")
+    r.set("k", b"in db 3")
+    good = BulkReader.for_url(f"{base}/3", 5.0)
+    other_db = BulkReader.for_url(f"{base}/0", 5.0)
+    wrong = BulkReader.for_url(own_redis.url.replace("redis://", "redis://:nope@"), 5.0)
+    try:
+        assert bytes(good.get(["k"])[0]) == b"in db 3"
+        assert other_db.get(["k"]) == [None]
+        with pytest.raises(ResponseError):
+            wrong.get(["k"])
+    finally:
+        for reader in (good, other_db, wrong):
+            reader.close()
+        r.close()
+
+
+def test_a_restarted_redis_is_reconnected_and_a_dead_one_raises(own_redis) -> None:
+    reader = BulkReader.for_url(own_redis.url, 2.0)
+    try:
+        redis.Redis.from_url(own_redis.url).set("k", b"1")
+        assert bytes(reader.get(["k"])[0]) == b"1"  # leaves a pooled connection behind
+        own_redis.kill()
+        with pytest.raises(OSError):
+            reader.get(["k"])
+        own_redis.start()
+        redis.Redis.from_url(own_redis.url).set("k", b"2")
+        assert bytes(reader.get(["k"])[0]) == b"2"
+    finally:
+        reader.close()
+
+
+def test_urls() -> None:
+    assert BulkReader.for_url("rediss://127.0.0.1:6380/0", 1.0) is None  # TLS: redis-py's
+    assert BulkReader.for_url("unix:///tmp/redis.sock?db=2", 1.0).addr == "/tmp/redis.sock"
+    assert BulkReader.for_url("redis://h:7000/1", 1.0).addr == ("h", 7000)
+
+
+@pytest.mark.parametrize("bulk_reader", [True, False])
+async def test_store_get_reads_chunks_with_or_without_the_reader(service, bulk_reader) -> None:
+    """The store's Get through BulkReader (redis://) and through redis-py's MGET (what a TLS URL gets)."""
+    backend = service.server.kvstore.backend
+    assert backend._bulk is not None
+    if not bulk_reader:
+        backend._bulk.close()
+        backend._bulk = None
+    cache = big_cache(rows=1500)
+    client = service.client()
+    await client.put("doc", cache)
+    assert_same(cache, await client.get("doc"), recall_data=False)
+    header, frames = await client.get_encoded("doc")
+    enc = encode(cache, include_recall=False)
+    assert len(frames) == len(enc.chunks) > 2 and [len(f) for f in frames] == [len(c) for c in enc.chunks]
