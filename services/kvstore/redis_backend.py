@@ -18,6 +18,8 @@ segments, gives chunks and recall blobs the tenant's TTL, drops expired index en
 deletes the key's previous upload, records the size and writes the manifest last. A quota failure or an aborted stream deletes the staged keys; if the
 server dies first, the staging TTL removes them. Readers start from the manifest, so they
 see a whole segment or none; a segment replaced or deleted under a reader gives a miss.
+Chunk frames are read back through `BulkReader` (services/kvstore/resp.py: pipelined GETs,
+each value received into its own buffer) in two read threads; redis-py's MGET for TLS URLs.
 """
 
 from __future__ import annotations
