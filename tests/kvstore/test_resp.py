@@ -3,13 +3,18 @@ restarted server, and URLs it leaves to redis-py."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
+import time
 
 import pytest
 import redis
 from redis.exceptions import ResponseError
 
 from headwise.cache.codec import encode
+from services.kvstore.backend import BackendUnavailable, Manifest
+from services.kvstore.redis_backend import RedisBackend
 from services.kvstore.resp import BulkReader
 from tests.kvstore.conftest import big_cache
 from tests.test_codec import assert_same
@@ -100,3 +105,25 @@ async def test_store_get_reads_chunks_with_or_without_the_reader(service, bulk_r
     header, frames = await client.get_encoded("doc")
     enc = encode(cache, include_recall=False)
     assert len(frames) == len(enc.chunks) > 2 and [len(f) for f in frames] == [len(c) for c in enc.chunks]
+
+
+async def test_a_paused_redis_gives_unavailable_within_the_deadline(own_redis) -> None:
+    """Redis stopped (SIGSTOP, not dead: connections stay open) under a chunk read: the backend
+    raises BackendUnavailable at its deadline instead of hanging, and reads again once it resumes."""
+    backend = RedisBackend(own_redis.url, deadline_s=0.5)
+    key = backend._ckey("acme", "up", 0)
+    redis.Redis.from_url(own_redis.url).set(key, b"frame")
+    m = Manifest("doc", "up", b"", 1, 5, 5)
+    try:
+        assert [bytes(f) for f in await backend.chunks("acme", m, 0, 1)] == [b"frame"]
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        try:
+            t = time.monotonic()
+            with pytest.raises(BackendUnavailable, match="chunks 0..0"):
+                await asyncio.wait_for(backend.chunks("acme", m, 0, 1), 10)
+            assert time.monotonic() - t < 3
+        finally:
+            own_redis.proc.send_signal(signal.SIGCONT)
+        assert [bytes(f) for f in await backend.chunks("acme", m, 0, 1)] == [b"frame"]
+    finally:
+        await backend.close()
