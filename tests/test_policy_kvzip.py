@@ -28,6 +28,32 @@ def test_scores_are_max_attention_and_output_is_unchanged():
         assert torch.allclose(scores[h], p[:, 2:, n - 4 : n].amax(dim=(0, 1)), atol=1e-6)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_query_blocks_change_nothing(monkeypatch, weighted):
+    """Scores and output in query blocks of 16 rows (5 blocks, the causal mask cut per block) equal
+    the dense reference, with and without log-weights on the cached rows."""
+    import headwise.attention as attention
+
+    g = torch.Generator().manual_seed(1)
+    H, G, n, C, d = 2, 2, 30, 70, 8
+    layer = LayerCache.from_heads([torch.randn(n - 3 * h, d, generator=g) for h in range(H)],
+                                  [torch.randn(n - 3 * h, d, generator=g) for h in range(H)],
+                                  [torch.arange(n - 3 * h) for h in range(H)],
+                                  [torch.rand(n - 3 * h, generator=g) * weighted for h in range(H)])
+    q = torch.randn(H * G, C, d, generator=g)
+    nk, nv = torch.randn(H, C, d, generator=g), torch.randn(H, C, d, generator=g)
+    monkeypatch.setattr(attention, "SCORE_BLOCK_FLOATS", 1)
+    out, scores = prefill_attention_scores(q, layer, nk, nv, 0.5, scored=20, query_from=19)
+    torch.testing.assert_close(out, ragged_prefill_attention(q, layer, nk, nv, 0.5), atol=1e-5, rtol=0)
+    for h in range(H):
+        k_h, v_h, lw_h = layer.head(h)
+        logits = q[h * G : (h + 1) * G] @ torch.cat([k_h, nk[h]]).T * 0.5
+        logits[:, :, : len(k_h)] += lw_h
+        logits[:, :, len(k_h) :] += torch.full((C, C), float("-inf")).triu(1)
+        p = torch.softmax(logits, -1)
+        torch.testing.assert_close(scores[h], p[:, 19:, len(k_h) - 20 : len(k_h)].amax(dim=(0, 1)), atol=1e-6, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def scored(tiny_runner):
     ids = torch.randint(3, 250, (600,), generator=torch.Generator().manual_seed(3)).tolist()

@@ -368,3 +368,20 @@ def test_bad_parameters_raise_clear_errors(prefilled, ctx):
         get_policy("pod", kept=0.9).compress(prefilled.states, 0, CompressContext(4, "x", _profile([[1, 0, 0]] * 4)))
     with pytest.raises(InvalidInput, match="itself in another block"):
         get_policy("pod", kept=0.9).compress(prefilled.states, 0, CompressContext(4, "x", _profile([[0] * 3, [0] * 3, [1] * 3, [3] * 3])))
+
+
+def test_reconstruction_over_a_pod_cache_is_the_same_in_query_blocks(runner, ctx, seg_ids, monkeypatch):
+    """kvzip's scored pass over a PoD context (distant rows logit'd through the base layer's queries
+    of the same rows): query blocks of 16 rows give what one block gives."""
+    import headwise.attention as attention
+
+    cache = runner.prefill_segment(seg_ids, policy=get_policy("pod", kept=0.5), ctx=ctx).cache
+    assert any(layer.distant is not None for layer in cache.layers)
+    ids = seg_ids[:100]
+    whole = runner.prefill(ids, cache, Capture(reconstruction=True))
+    monkeypatch.setattr(attention, "SCORE_BLOCK_FLOATS", 1)  # 16 query rows a block
+    blocks = runner.prefill(ids, cache, Capture(reconstruction=True))
+    torch.testing.assert_close(blocks.logits, whole.logits, atol=1e-5, rtol=0)
+    for a, b in zip(blocks.states, whole.states, strict=True):
+        torch.testing.assert_close(a.reconstruction, b.reconstruction, atol=1e-6, rtol=0)
+        assert bool((b.reconstruction > 0).all())
