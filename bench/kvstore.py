@@ -22,6 +22,8 @@ median over the timed rounds (7), after one untimed round that warms up the conn
 the memory of Redis and the store. Each round runs service put, raw SET, service get, raw GET (and the
 bytes-only variants) in turn, so a load that comes and goes on a shared machine hits both
 sides; `ratio_*_paired` is the median of the per-round ratios. Target: ratio service/raw >= 0.7.
+`cpu_ms` (a second table): CPU time the client, store and Redis processes spent per call of each
+op (from /proc), which on a 2-core machine bounds how fast an op can be whatever its design.
 """
 
 from __future__ import annotations
@@ -75,10 +77,24 @@ async def _timed(fn, i: int) -> float:
     return time.perf_counter() - t
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU time (user + system, all threads) of process `pid` so far, in seconds; 0 off Linux."""
+    if pid == os.getpid():
+        return time.process_time()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: CompactCache, repeats: int,
-                      warmup: int = 1) -> dict:
+                      warmup: int = 1, pids: dict[str, int] | None = None) -> dict:
     """Service and raw redis-py measured in turns within each round, so load that comes and
-    goes on the machine hits both alike; figures are medians over the rounds."""
+    goes on the machine hits both alike; figures are medians over the rounds. `pids` (name ->
+    process id): CPU time each of those processes spent per call of each op, averaged over the
+    timed rounds (`cpu_ms`; /proc counts in clock ticks, 10 ms here, hence the average)."""
+    pids = pids or {}
     seg = encode(cache, include_recall=False)
     blob = seg.header + b"".join(seg.chunks)
     nbytes = seg.nbytes
@@ -92,11 +108,15 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
         "get_bytes_only": lambda i: _expect(client.get_encoded(f"{name}-enc-{i}")),
     }
     times: dict[str, list[float]] = {op: [] for op in ops}
+    cpu = {op: dict.fromkeys(pids, 0.0) for op in ops}
     for i in range(-warmup, repeats):  # rounds below 0: connections, Redis's and the store's memory warm up
         for op, fn in ops.items():
+            before = {k: _cpu_s(p) for k, p in pids.items()}
             t = await _timed(fn, i)
             if i >= 0:
                 times[op].append(t)
+                for k, p in pids.items():
+                    cpu[op][k] += _cpu_s(p) - before[k]
         await client.delete(f"{name}-{i}")
         await client.delete(f"{name}-enc-{i}")
         r.delete(f"raw-{name}-{i}")
@@ -108,6 +128,8 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     # the same ratios paired round by round: less sensitive to load that changes between rounds
     row["ratio_put_paired"] = statistics.median(s / p for s, p in zip(times["raw_set"], times["put"], strict=True))
     row["ratio_get_paired"] = statistics.median(g / s for g, s in zip(times["raw_get"], times["get"], strict=True))
+    if pids:
+        row["cpu_ms"] = {op: {k: v / repeats * 1e3 for k, v in per.items()} for op, per in cpu.items()}
     return row
 
 
@@ -149,7 +171,8 @@ async def run_async(caches: dict[str, CompactCache], repeats: int, warmup: int =
         client = KVStoreClient(f"127.0.0.1:{port}", TOKEN, "bench", timeout_s=60)
         await wait_ready(client, store)
         try:
-            return {name: await bench_cache(client, r, name, cache, repeats, warmup) for name, cache in caches.items()}
+            pids = {"client": os.getpid(), "store": store.pid, "redis": redis_proc.proc.pid}
+            return {name: await bench_cache(client, r, name, cache, repeats, warmup, pids) for name, cache in caches.items()}
         finally:
             await client.close()
     finally:
@@ -173,6 +196,21 @@ def table(results: dict) -> Table:
     return t
 
 
+def cpu_table(results: dict) -> Table:
+    t = Table(title="CPU time per call, ms (client, store, Redis processes; mean over the timed rounds)",
+              caption="what each op costs the machine as a whole: on 2 cores a put's total bounds its wall time from below")
+    t.add_column("cache")
+    t.add_column("op")
+    for col in ("client", "store", "redis", "total"):
+        t.add_column(col, justify="right")
+    for name, r in results.items():
+        for op in ("put", "raw_set", "get", "raw_get"):
+            c = r.get("cpu_ms", {}).get(op)
+            if c:
+                t.add_row(name, op, *(f"{c.get(k, 0):.1f}" for k in ("client", "store", "redis")), f"{sum(c.values()):.1f}")
+    return t
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -187,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         caches = real_caches(a.model, a.tokens, a.kept)
     results = asyncio.run(run_async(caches, a.repeats, a.warmup))
     console.print(table(results))
+    console.print(cpu_table(results))
     full = results["full"]
     doc = {k: full[k] for k in ("put_mb_s", "get_mb_s", "raw_set_mb_s", "raw_get_mb_s", "ratio_get", "ratio_put")}
     doc.update({"caches": results, "tokens": a.tokens, "kept": a.kept, "repeats": a.repeats, "warmup": a.warmup,

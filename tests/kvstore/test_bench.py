@@ -3,20 +3,23 @@ the JSON promises is there, the wire bytes are the codec's, and the bench leaves
 
 from __future__ import annotations
 
+import os
+
 import redis
 from rich.console import Console
 
-from bench.kvstore import bench_cache, table
+from bench.kvstore import bench_cache, cpu_table, table
 from headwise.cache.codec import encode
 from tests.kvstore.conftest import big_cache
 
 
-async def test_bench_cache_measures_and_cleans_up(service, redis_url) -> None:
+async def test_bench_cache_measures_and_cleans_up(service, redis_url, redis_proc) -> None:
     cache = big_cache(rows=1500)  # ~3 MiB: several chunks
     client = service.client("bench")
     r = redis.Redis.from_url(redis_url)
     try:
-        row = await bench_cache(client, r, "small", cache, repeats=2, warmup=1)
+        pids = {"client": os.getpid(), "redis": redis_proc.proc.pid}  # the store runs in this process here
+        row = await bench_cache(client, r, "small", cache, repeats=2, warmup=1, pids=pids)
         assert row["wire_bytes"] == encode(cache, include_recall=False).nbytes
         assert row["chunks"] >= 3
         for k in ("put_mb_s", "get_mb_s", "raw_set_mb_s", "raw_get_mb_s", "put_bytes_only_mb_s", "get_bytes_only_mb_s"):
@@ -24,10 +27,14 @@ async def test_bench_cache_measures_and_cleans_up(service, redis_url) -> None:
         assert row["ratio_put"] == row["put_mb_s"] / row["raw_set_mb_s"]
         assert row["ratio_get"] == row["get_mb_s"] / row["raw_get_mb_s"]
         assert row["ratio_put_paired"] > 0 and row["ratio_get_paired"] > 0
+        assert set(row["cpu_ms"]) >= {"put", "raw_set", "get", "raw_get"}
+        assert row["cpu_ms"]["put"]["client"] > 0 and set(row["cpu_ms"]["put"]) == {"client", "redis"}
         assert (await client.stats())["segments"] == 0  # warm-up and timed rounds deleted
         assert not list(r.scan_iter("raw-*"))
     finally:
         r.close()
     out = Console(width=250, record=True)
     out.print(table({"small": row}))
-    assert "small" in out.export_text()
+    out.print(cpu_table({"small": row}))
+    text = out.export_text()
+    assert text.count("small") == 5 and "raw_set" in text  # one row in the first table, four in the CPU one
