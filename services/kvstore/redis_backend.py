@@ -151,7 +151,7 @@ class RedisBackend:
         # Chunk reads (Get) land each frame with one kernel copy (services/kvstore/resp.py), in
         # threads of their own so a Get does not queue behind a put's writes; None for TLS URLs.
         self._bulk = BulkReader.for_url(url, deadline_s)
-        self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="kvstore-redis-read")
+        self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="kvstore-redis-read") if self._bulk else None
         self._usage = self.r.register_script(_USAGE)
         self._commit = self.r.register_script(_COMMIT)
         self._acquire = self.r.register_script(_ACQUIRE)
@@ -287,7 +287,8 @@ class RedisBackend:
     async def close(self):
         await self.r.aclose()
         self._threads.shutdown(wait=False, cancel_futures=True)
-        self._read_threads.shutdown(wait=False, cancel_futures=True)
+        if self._read_threads is not None:
+            self._read_threads.shutdown(wait=False, cancel_futures=True)
         if self._bulk is not None:
             self._bulk.close()
         self.sync.close()

@@ -24,9 +24,8 @@ async def test_bench_cache_measures_and_cleans_up(service, redis_url, redis_proc
         assert row["chunks"] >= 3
         for k in ("put_mb_s", "get_mb_s", "raw_set_mb_s", "raw_get_mb_s", "put_bytes_only_mb_s", "get_bytes_only_mb_s"):
             assert row[k] > 0, k
-        assert row["ratio_put"] == row["put_mb_s"] / row["raw_set_mb_s"]
-        assert row["ratio_get"] == row["get_mb_s"] / row["raw_get_mb_s"]
-        assert row["ratio_put_paired"] > 0 and row["ratio_get_paired"] > 0
+        for k in ("ratio_put", "ratio_get", "ratio_put_paired", "ratio_get_paired"):
+            assert 0 < row[k] < float("inf"), k
         assert set(row["cpu_ms"]) >= {"put", "raw_set", "get", "raw_get"}
         assert row["cpu_ms"]["put"]["client"] > 0 and set(row["cpu_ms"]["put"]) == {"client", "redis"}
         assert (await client.stats())["segments"] == 0  # warm-up and timed rounds deleted
