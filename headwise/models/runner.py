@@ -142,6 +142,7 @@ class ModelRunner:
                 layer=i, keys=k, values=v, positions=pos, scaling=scaling,
                 window_queries=q[:, S - W :].clone() if W else None,
                 column_sums=column_sums(q, k, scaling) if capture.column_sums else None,
+                hidden=x[0] if capture.hidden else None,
             ))
         if capture.reconstruction:
             for state, score in zip(states, self._reconstruction_scores(ids.tolist(), cache, states, start), strict=True):

@@ -25,10 +25,11 @@ class Capture:
     window: int = 0  # last W post-RoPE queries of the segment, per layer
     column_sums: bool = False  # causal attention received by each key from all segment queries
     reconstruction: bool = False  # max attention each key gets while the model re-reads the segment
+    hidden: bool = False  # each layer's normed input hidden states (what a learned scorer reads)
 
     def merge(self, other: "Capture") -> "Capture":
         return Capture(max(self.window, other.window), self.column_sums or other.column_sums,
-                       self.reconstruction or other.reconstruction)
+                       self.reconstruction or other.reconstruction, self.hidden or other.hidden)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class LayerState:
     column_sums:     [Hq, S] fp32 attention each key received from the segment, or None
     reconstruction:  [Hkv, S] fp32 max attention each key received while the model repeated
                      the segment (KVzip-style, query-agnostic), or None
+    hidden:          [S, D] the layer's normed input (input_layernorm of the residual), or None
     """
 
     layer: int
@@ -51,6 +53,7 @@ class LayerState:
     window_queries: Tensor | None = None
     column_sums: Tensor | None = None
     reconstruction: Tensor | None = None
+    hidden: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
