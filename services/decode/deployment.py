@@ -1,4 +1,8 @@
-"""The Decode Ray Serve deployment: the gRPC ingress `Generate`, served by Ray Serve's gRPC proxy.
+"""The Decode Ray Serve deployment: the ingress of both front doors, on the same worker.
+
+gRPC `Generate` is served by Ray Serve's gRPC proxy; the OpenAI-compatible HTTP API
+(`/v1/chat/completions`, `/v1/models`) by its HTTP proxy, through `__call__`
+(services/openai_api/ingress.py).
 
 Errors become gRPC statuses: the code is set on the Serve gRPC context before raising, so
 the proxy sends that code and message (never a traceback) to the client, also mid-stream.
@@ -12,13 +16,22 @@ import grpc
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from headwise.policies import policy_names
 from services.decode.worker import DecodeWorker
 from services.metrics import ray_metrics
+from services.openai_api.ingress import OpenAIIngress
 from services.prefill.api import CacheHandle, PrefillRequest, ServiceError
 from services.prefill.deployment import load_runner, make_settings, make_stores
 from services.tenancy import TenantRegistry
 
 log = logging.getLogger("headwise.decode")
+
+
+def served_model(settings) -> str:
+    """The model id of the OpenAI API: the model directory's name (e.g. SmolLM2-135M-Instruct)."""
+    from headwise.models import resolve_model_path
+
+    return resolve_model_path(settings.model_path or None).name
 
 
 def unwrap(e: BaseException) -> ServiceError | None:
@@ -40,6 +53,7 @@ class Decode:
         self._prefill = prefill
         self.worker = DecodeWorker(load_runner(settings), make_stores(settings), self._call_prefill,
                                    TenantRegistry.from_settings(settings), settings, metrics=ray_metrics())
+        self.openai = OpenAIIngress(self.worker, served_model(settings), tuple(policy_names()))
 
     async def _call_prefill(self, req: PrefillRequest) -> CacheHandle:
         try:
@@ -66,6 +80,9 @@ class Decode:
             grpc_context.set_code(grpc.StatusCode.INTERNAL)
             grpc_context.set_details(f"decode failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
             raise
+
+    async def __call__(self, request):  # the Serve HTTP port: the OpenAI-compatible API
+        return await self.openai(request)
 
     async def stats(self) -> dict:
         return self.worker.stats()

@@ -90,7 +90,11 @@ class DecodeWorker:
                 "batching": self.batcher.figures() if self.batcher else None}
 
     # ---- the request --------------------------------------------------------------
-    async def generate(self, request, metadata) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate(self, request, metadata, parent_session: str | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        """One Generate stream. `parent_session`, when given, is the session this turn continues
+        instead of `request.session_id` ("" = none): its record is read, `request.session_id`'s is
+        written. The OpenAI ingress keys each turn of a stateless conversation by its messages, so
+        two branches from one turn never overwrite each other's history."""
         t0 = time.perf_counter()
         tenant_id, code, rec = "unauthenticated", "OK", None
         try:
@@ -103,7 +107,7 @@ class DecodeWorker:
                     self.recent.append(rec)
                     self.active += 1
                     try:
-                        async for msg in self._generate(request, tenant, params, rec, t0):
+                        async for msg in self._generate(request, tenant, params, rec, t0, parent_session):
                             yield msg
                         rec.finished = True
                     except (asyncio.CancelledError, GeneratorExit):
@@ -154,8 +158,9 @@ class DecodeWorker:
         async with store.holding(STREAMS, holder, tenant.max_streams, ttl, self.settings.store_timeout_s):
             yield  # given back before the request ends, so the tenant's next request finds the slot free
 
-    async def _prefill_request(self, request, tenant) -> PrefillRequest:
-        session = await self._session(tenant.id, request.session_id) if request.session_id else None
+    async def _prefill_request(self, request, tenant, parent_session: str | None = None) -> PrefillRequest:
+        read = request.session_id if parent_session is None else parent_session
+        session = await self._session(tenant.id, read) if read else None
         context = request.context
         if session is not None:
             if context and context != session.context:
@@ -168,8 +173,8 @@ class DecodeWorker:
             history=tuple(tuple(s) for s in session.history) if session else (), session=bool(request.session_id),
         )
 
-    async def _generate(self, request, tenant, params, rec: RequestLog, t0: float):
-        preq = await self._prefill_request(request, tenant)
+    async def _generate(self, request, tenant, params, rec: RequestLog, t0: float, parent_session: str | None):
+        preq = await self._prefill_request(request, tenant, parent_session)
         handle = await self.prefill(preq)
         handle, cache, fetched = await self._load(preq, handle)
         threshold = self.settings.recall_threshold if (request.recall and self.settings.recall) else None
@@ -225,6 +230,13 @@ class DecodeWorker:
     @staticmethod
     def _session_key(session_id: str) -> str:
         return "session-" + hashlib.blake2b(session_id.encode(), digest_size=16).hexdigest()
+
+    async def last_answer(self, tenant: str, session_id: str) -> tuple[str, str] | None:
+        """(context, text of the last answer) of a kept session; None when there is none."""
+        session = await self._session(tenant, session_id)
+        if session is None or not session.history or self.runner.tokenizer is None:
+            return None
+        return session.context, self.runner.tokenizer.decode(session.history[-1], skip_special_tokens=True)
 
     async def _session(self, tenant: str, session_id: str) -> Session | None:
         session = self.sessions.get((tenant, session_id))

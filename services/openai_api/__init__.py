@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API (chat completions, models) over the decode worker."""
