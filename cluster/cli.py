@@ -105,17 +105,19 @@ def demo(
 @app.command("up")
 def up(
     grpc_port: Optional[int] = typer.Option(None, help="Generate API port (default $HEADWISE_GRPC_PORT or 9000)."),
+    http_port: Optional[int] = typer.Option(None, help="OpenAI-compatible API port (default $HEADWISE_HTTP_PORT or 8000)."),
     replicas: int = typer.Option(1, help="Most replicas per deployment (autoscaling ceiling on this machine)."),
 ) -> None:
-    """Start the local cluster (Redis, kvstore, Ray Serve prefill + decode + gRPC proxy); Ctrl-C stops it."""
+    """Start the local cluster (Redis, kvstore, Ray Serve prefill + decode, gRPC and OpenAI HTTP APIs); Ctrl-C stops it."""
     import time
 
     from cluster.local import DEV_TENANTS, LocalCluster
+    from services.openai_api.protocol import served_model
     from services.settings import get_settings
 
     settings = get_settings()
-    if grpc_port is not None:
-        settings = settings.model_copy(update={"grpc_port": grpc_port})
+    ports = {"grpc_port": grpc_port, "http_port": http_port}
+    settings = settings.model_copy(update={k: v for k, v in ports.items() if v is not None})
     cluster = LocalCluster(settings, ports="settings", max_replicas=replicas, log=lambda s: console.print(f"[dim]{s}[/]"))
     try:
         cluster.start()
@@ -123,6 +125,7 @@ def up(
             console.print(line)
         if not (settings.tenants_file or settings.tenants):
             console.print("dev tenants: " + ", ".join(f"{t} (key {k})" for t, k in DEV_TENANTS.items()))
+        console.print(f"OpenAI base URL: {cluster.endpoints.openai}  (model {served_model(cluster.settings)})")
         console.print(f"[green]ready[/]: headwise ask --addr {cluster.endpoints.grpc} --key acme-dev-key --context FILE \"question\"  (Ctrl-C stops)")
         while True:
             time.sleep(1)

@@ -66,19 +66,25 @@ def wait_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | N
 @dataclass
 class Endpoints:
     grpc: str  # the client API (Generate), Ray Serve's gRPC proxy
-    http: str
+    http: str  # Ray Serve's HTTP proxy: the OpenAI-compatible API under /v1
     kvstore: str
     redis: str
     metrics: str = ""  # Prometheus text of this Ray node: ray_headwise_* and ray_serve_* families
 
+    @property
+    def openai(self) -> str:
+        """The base URL of the OpenAI-compatible API (what `openai.OpenAI(base_url=...)` takes)."""
+        return f"{self.http}/v1"
+
     def lines(self) -> list[str]:
-        return [f"generate (gRPC)  {self.grpc}", f"http (health)    {self.http}",
+        return [f"generate (gRPC)  {self.grpc}", f"openai (HTTP)    {self.openai}",
                 f"kvstore (gRPC)   {self.kvstore}", f"redis            {self.redis}"] + (
                 [f"metrics          {self.metrics}"] if self.metrics else [])
 
 
 class LocalCluster:
-    """Redis + kvstore subprocess + Ray (local) + the Serve app with both deployments and the gRPC proxy."""
+    """Redis + kvstore subprocess + Ray (local) + the Serve app with both deployments, the gRPC proxy
+(Generate) and the HTTP proxy (the OpenAI-compatible API)."""
 
     def __init__(self, settings: Settings | None = None, *, tenants: dict[str, str] | None = None,
                  tenant_limits: dict[str, dict] | None = None, num_cpus: int | None = None,
@@ -197,6 +203,7 @@ class LocalCluster:
                 raise TimeoutError(f"the serve application is {state} after {timeout_s:.0f}s")
             time.sleep(0.5)
         wait_port("127.0.0.1", self.settings.grpc_port, 60)
+        wait_port("127.0.0.1", self.settings.http_port, 60)
 
     def stop(self) -> None:
         if self._ray:

@@ -20,18 +20,12 @@ from headwise.policies import policy_names
 from services.decode.worker import DecodeWorker
 from services.metrics import ray_metrics
 from services.openai_api.ingress import OpenAIIngress
+from services.openai_api.protocol import served_model
 from services.prefill.api import CacheHandle, PrefillRequest, ServiceError
 from services.prefill.deployment import load_runner, make_settings, make_stores
 from services.tenancy import TenantRegistry
 
 log = logging.getLogger("headwise.decode")
-
-
-def served_model(settings) -> str:
-    """The model id of the OpenAI API: the model directory's name (e.g. SmolLM2-135M-Instruct)."""
-    from headwise.models import resolve_model_path
-
-    return resolve_model_path(settings.model_path or None).name
 
 
 def unwrap(e: BaseException) -> ServiceError | None:

@@ -113,6 +113,13 @@ class Limits:
     policies: tuple[str, ...]  # allowed policy names
 
 
+def served_model(settings) -> str:
+    """The model id the API serves: the model directory's name (e.g. SmolLM2-135M-Instruct)."""
+    from headwise.models import resolve_model_path
+
+    return resolve_model_path(settings.model_path or None).name
+
+
 def parse_json(raw: bytes) -> dict:
     if len(raw) > MAX_BODY_BYTES:
         raise APIError(413, f"request body of {len(raw)} bytes is over the limit of {MAX_BODY_BYTES} bytes",
