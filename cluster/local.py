@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cluster.serve_config import APP_NAME, serve_config
+from cluster.serve_config import APP_NAME, OPENAI_ROUTE, serve_config
 from services.settings import Settings
 from services.tenancy import write_tenants_file
 
@@ -74,7 +74,7 @@ class Endpoints:
     @property
     def openai(self) -> str:
         """The base URL of the OpenAI-compatible API (what `openai.OpenAI(base_url=...)` takes)."""
-        return f"{self.http}/v1"
+        return f"{self.http}{OPENAI_ROUTE}"
 
     def lines(self) -> list[str]:
         return [f"generate (gRPC)  {self.grpc}", f"openai (HTTP)    {self.openai}",

@@ -18,6 +18,9 @@ DECODE_DEPLOYMENT = "Decode"
 # The servicer function Ray Serve's gRPC proxy calls in its own process: registers Generate and makes
 # client cancels reach the replica (see services/decode/grpc_proxy.py).
 GRPC_SERVICER_FUNCTIONS = ["services.decode.grpc_proxy.add_GenerateServicer_to_server"]
+# The HTTP proxy (http_options.port) sends every request under the app's route prefix "/" to the
+# ingress, Decode, whose __call__ serves the OpenAI-compatible API under /v1 (services/openai_api).
+OPENAI_ROUTE = "/v1"
 
 
 def serve_config(settings: Settings) -> dict[str, Any]:

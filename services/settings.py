@@ -39,7 +39,7 @@ class Settings(BaseSettings):
 
     # ports and addresses
     grpc_port: int = Field(9000, description="Ray Serve gRPC proxy port (the client API: Generate)")
-    http_port: int = Field(8000, description="Ray Serve HTTP port (health)")
+    http_port: int = Field(8000, description="Ray Serve HTTP port: the OpenAI-compatible API (/v1) and health")
     kvstore_addr: str = Field("127.0.0.1:50051", description="host:port of the kvstore gRPC server")
     kvstore_port: int = 50051
     kvstore_metrics_port: int = 0

@@ -106,11 +106,12 @@ def check_serve_config(docs: list[Doc]) -> list[str]:
         problems.append("RayService/headwise: serveConfigV2 differs from cluster/serve_config.py for the ConfigMap's settings; run `make k8s`")
     rc = rs["spec"]["rayClusterConfig"]
     ports = {p["port"]: p for p in rs["spec"].get("serveService", {}).get("spec", {}).get("ports", [])}
-    if settings.grpc_port not in ports or ports[settings.grpc_port].get("targetPort") != settings.grpc_port:
-        problems.append(f"RayService/headwise: serveService does not expose the gRPC proxy port {settings.grpc_port}")
-    for where, tpl in pod_templates([rs]):
-        if settings.grpc_port not in {p["containerPort"] for p in tpl["spec"]["containers"][0].get("ports", [])}:
-            problems.append(f"{where}: the Ray container does not declare the gRPC proxy port {settings.grpc_port}")
+    for what, port in (("gRPC proxy port", settings.grpc_port), ("HTTP proxy port (OpenAI API)", settings.http_port)):
+        if port not in ports or ports[port].get("targetPort") != port:
+            problems.append(f"RayService/headwise: serveService does not expose the {what} {port}")
+        for where, tpl in pod_templates([rs]):
+            if port not in {p["containerPort"] for p in tpl["spec"]["containers"][0].get("ports", [])}:
+                problems.append(f"{where}: the Ray container does not declare the {what} {port}")
     if not rc.get("enableInTreeAutoscaling"):
         problems.append("RayService/headwise: enableInTreeAutoscaling must be true (Ray adds worker pods for Serve replicas)")
     problems += _capacity(rc, settings)
@@ -314,9 +315,9 @@ def check_images(docs: list[Doc], allowed_names: set[str]) -> list[str]:
 
 
 def check_network_policies(docs: list[Doc]) -> list[str]:
-    """Default deny; Redis only from kvstore; kvstore from the Ray pods; only the gRPC port open to all."""
+    """Default deny; Redis only from kvstore; kvstore from the Ray pods; only the client API ports open to all."""
     cm = find(docs, "ConfigMap", CONFIGMAP_NAME)["data"]
-    grpc_port = int(cm["HEADWISE_GRPC_PORT"])
+    public = {int(cm["HEADWISE_GRPC_PORT"]), int(cm["HEADWISE_HTTP_PORT"])}
     pols = [d for d in docs if d["kind"] == "NetworkPolicy"]
     problems = []
     if not any(p["spec"]["podSelector"] == {} and "Ingress" in p["spec"].get("policyTypes", []) and not p["spec"].get("ingress") for p in pols):
@@ -334,8 +335,9 @@ def check_network_policies(docs: list[Doc]) -> list[str]:
             allowed.setdefault(target, []).extend((s, port) for s in sources for port in ports)
     for target, rules in allowed.items():
         for source, port in rules:
-            if source == "*" and port != grpc_port:
-                problems.append(f"NetworkPolicy: {target} pods open port {port} to everyone; only {grpc_port} may be")
+            if source == "*" and (port not in public or target != "ray"):
+                problems.append(f"NetworkPolicy: {target} pods open port {port} to everyone; only the Ray pods' "
+                                f"{sorted(public)} may be")
             if target == "redis" and source != "kvstore":
                 problems.append(f"NetworkPolicy: redis reachable from {source}; only kvstore may reach Redis")
     if ("ray", int(cm["HEADWISE_KVSTORE_PORT"])) not in allowed.get("kvstore", []):

@@ -35,6 +35,7 @@ CASES = [
     ("base/configmap.yaml", 'HEADWISE_DECODE_MAX_REPLICAS: "4"', 'HEADWISE_DECODE_MAX_REPLICAS: "6"', "check_serve_config", "serveConfigV2"),
     ("base/rayservice.yaml", "maxReplicas: 4", "maxReplicas: 2", "check_serve_config", "CPUs"),
     ("base/rayservice.yaml", "targetPort: 9000", "targetPort: 9001", "check_serve_config", "gRPC proxy port"),
+    ("base/rayservice.yaml", "targetPort: 8000", "targetPort: 8001", "check_serve_config", "HTTP proxy port"),
     ("base/rayservice.yaml", 'rayVersion: "2.60.0"', 'rayVersion: "2.9.0"', "check_ray_version", "rayVersion"),
     ("base/kvstore.yaml", "port: 50051\n            periodSeconds: 5", "port: 50052\n            periodSeconds: 5", "check_references", "readinessProbe"),
     ("base/kvstore.yaml", "name: headwise-service-token", "name: headwise-svc-token", "check_references", "headwise-svc-token"),
@@ -55,6 +56,7 @@ CASES = [
     ("base/networkpolicy.yaml", "              app.kubernetes.io/component: kvstore\n      ports:\n        - port: 6379",
      "              app.kubernetes.io/component: ray\n      ports:\n        - port: 6379", "check_network_policies", "redis reachable from ray"),
     ("base/networkpolicy.yaml", "    - ports:\n        - port: 9000", "    - ports:\n        - port: 8265", "check_network_policies", "open port 8265"),
+    ("base/networkpolicy.yaml", "        - port: 8000\n", "        - port: 8001\n", "check_network_policies", "open port 8001"),
     ("base/networkpolicy.yaml", "  podSelector: {}\n", "  podSelector:\n    matchLabels:\n      app.kubernetes.io/component: redis\n", "check_network_policies", "default-deny"),
 ]
 
