@@ -14,6 +14,8 @@ import logging
 
 import grpc
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from headwise.policies import policy_names
@@ -26,6 +28,8 @@ from services.prefill.deployment import load_runner, make_settings, make_stores
 from services.tenancy import TenantRegistry
 
 log = logging.getLogger("headwise.decode")
+# what Ray raises when no prefill replica can take a call (RayActorError: a replica died under it)
+NO_REPLICA = (BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)
 
 
 def unwrap(e: BaseException) -> ServiceError | None:
@@ -37,6 +41,21 @@ def unwrap(e: BaseException) -> ServiceError | None:
         e = getattr(e, "cause", None) or e.__cause__
         seen += 1
     return None
+
+
+def prefill_error(e: BaseException) -> ServiceError:
+    """The status of a failed prefill call: prefill's own ServiceError; UNAVAILABLE when no prefill
+    replica could take it (queue full, none running, replica died), so a client knows to retry
+    (HTTP 503); INTERNAL otherwise, in one line."""
+    err = unwrap(e)
+    if err is not None:
+        return err
+    cause = getattr(e, "cause", None) or e
+    if isinstance(e, NO_REPLICA) or isinstance(cause, NO_REPLICA):
+        return ServiceError("UNAVAILABLE", f"no prefill replica could take the request ({type(cause).__name__}); "
+                            "retry shortly")
+    log.exception("prefill failed")
+    return ServiceError("INTERNAL", f"prefill failed: {type(cause).__name__}: {str(cause).splitlines()[-1][:200] if str(cause) else ''}")
 
 
 @serve.deployment(name="Decode", max_ongoing_requests=64, health_check_period_s=10)
@@ -53,12 +72,7 @@ class Decode:
         try:
             return await self._prefill.prefill.remote(req)
         except Exception as e:  # noqa: BLE001 - every prefill failure becomes a status, never a hang
-            err = unwrap(e)
-            if err is not None:
-                raise err from None
-            log.exception("prefill failed")
-            cause = getattr(e, "cause", None) or e
-            raise ServiceError("INTERNAL", f"prefill failed: {type(cause).__name__}: {str(cause).splitlines()[-1][:200] if str(cause) else ''}") from None
+            raise prefill_error(e) from None
 
     async def Generate(self, request, grpc_context):  # noqa: N802 - the gRPC method name
         metadata = dict(grpc_context.invocation_metadata())

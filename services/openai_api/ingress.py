@@ -29,8 +29,8 @@ SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
 
 
 def error_response(e: p.APIError) -> JSONResponse:
-    headers = {"www-authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    headers = {401: {"www-authenticate": "Bearer"}, 429: {"retry-after": "1"}, 503: {"retry-after": "1"}}
+    return JSONResponse(e.body(), status_code=e.status, headers=headers.get(e.status))
 
 
 def internal(e: BaseException) -> p.APIError:
@@ -68,7 +68,13 @@ class OpenAIIngress:
         return await handler(request)
 
     def _authenticate(self, request: Request):
-        return self.worker.tenants.authenticate(request.headers.items())  # ServiceError UNAUTHENTICATED -> 401
+        try:
+            return self.worker.tenants.authenticate(request.headers.items())
+        except ServiceError as e:
+            if e.message.startswith("no API key"):  # the registry speaks of gRPC metadata
+                raise p.APIError(401, "no API key: send the header 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key") from None
+            raise
 
     async def models(self, request: Request) -> Response:
         self._authenticate(request)

@@ -184,6 +184,7 @@ async def test_key_missing_or_wrong_is_401(stack, headers):
         r = await h.post("/v1/chat/completions", json=body_of(), headers=headers)
         m = await h.get("/v1/models", headers=headers)
     assert r.status_code == m.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert ("Authorization: Bearer" in r.json()["error"]["message"]) == (not headers)
     with pytest.raises(openai.AuthenticationError):
         await chat(ingress, key="wrong")
 
@@ -230,3 +231,20 @@ async def test_closing_the_stream_stops_the_decode(stack):
     await events.aclose()  # what a client disconnect does to the response's iteration
     rec = dw.recent[-1]
     assert got[1].startswith(b"data: {") and dw.active == 0 and rec.cancelled and not rec.finished and rec.tokens < 30
+
+
+async def test_no_prefill_replica_is_503(stack):
+    from ray.serve.exceptions import BackPressureError
+
+    from services.decode.deployment import prefill_error
+
+    dw, _ = stack
+
+    async def no_replica(req):  # what Decode's handle call raises when Prefill's queue is full
+        raise prefill_error(BackPressureError(num_queued_requests=9, max_queued_requests=8))
+
+    full = DecodeWorker(dw.runner, dw.stores, no_replica, dw.tenants, dw.settings)
+    with pytest.raises(openai.InternalServerError) as e:
+        await chat(OpenAIIngress(full, MODEL, ("streaming",)))
+    assert e.value.status_code == 503 and e.value.body["code"] == "service_unavailable"
+    assert e.value.response.headers["retry-after"] == "1"
