@@ -294,7 +294,8 @@ def _role(messages: list, j: int) -> str:
     if m["role"] not in ("system", "developer", "user", "assistant"):
         raise bad(f"messages[{j}].role", f"messages[{j}].role={m['role']!r} is not supported; allowed: "
                   "system, developer, user, assistant")
-    unknown = sorted(set(m) - {"role", "content", "name"})
+    # a reply passed back as the client got it may carry empty tool_calls / refusal / audio fields
+    unknown = sorted(k for k in set(m) - {"role", "content", "name"} if m[k] not in (None, [], ""))
     if unknown:
         raise bad(f"messages[{j}].{unknown[0]}", f"messages[{j}].{unknown[0]} is not supported by headwise")
     return m["role"]

@@ -54,7 +54,7 @@ def test_system_then_alternating_turns():
     ([user("doc", "q"), assistant("a"), user("doc2", "q2")], "messages[2].content"),
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "messages[0].content[0]"),
     ([{"role": "user", "content": []}], "messages[0].content"),
-    ([{"role": "user", "content": "q", "tool_calls": []}], "messages[0].tool_calls"),
+    ([{"role": "user", "content": "q", "tool_calls": [{"id": "t"}]}], "messages[0].tool_calls"),
     ([user("  ")], "messages[0].content"),
     (["not an object"], "messages[0]"),
 ])
@@ -62,6 +62,11 @@ def test_bad_messages_name_the_place(messages, param):
     with pytest.raises(p.APIError) as e:
         p.parse_messages(messages)
     assert e.value.status == 400 and e.value.param == param, e.value.message
+
+
+def test_a_reply_passed_back_with_empty_fields_is_a_turn():
+    reply = {"role": "assistant", "content": "a1", "refusal": None, "tool_calls": [], "audio": None}
+    assert p.parse_messages([user("doc", "q1"), reply, user("q2")]).turns == (p.Turn("q1", "a1"),)
 
 
 def test_a_turn_writes_the_session_the_next_turn_reads():
