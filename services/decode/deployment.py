@@ -32,6 +32,12 @@ def unwrap(e: BaseException) -> ServiceError | None:
     return None
 
 
+# What a client reads when something unexpected failed: the error itself goes to the replica's log,
+# never to the client (internal exception names and messages are not an API).
+INTERNAL_PREFILL = "prefill failed unexpectedly; the error is in the decode replica's log"
+INTERNAL_DECODE = "decode failed unexpectedly; the error is in the decode replica's log"
+
+
 @serve.deployment(name="Decode", max_ongoing_requests=64, health_check_period_s=10)
 class Decode:
     def __init__(self, prefill: DeploymentHandle, overrides: dict | None = None):
@@ -49,8 +55,7 @@ class Decode:
             if err is not None:
                 raise err from None
             log.exception("prefill failed")
-            cause = getattr(e, "cause", None) or e
-            raise ServiceError("INTERNAL", f"prefill failed: {type(cause).__name__}: {str(cause).splitlines()[-1][:200] if str(cause) else ''}") from None
+            raise ServiceError("INTERNAL", INTERNAL_PREFILL) from None
 
     async def Generate(self, request, grpc_context):  # noqa: N802 - the gRPC method name
         metadata = dict(grpc_context.invocation_metadata())
@@ -61,10 +66,10 @@ class Decode:
             grpc_context.set_code(getattr(grpc.StatusCode, e.code))
             grpc_context.set_details(e.message)
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             log.exception("Generate failed")
             grpc_context.set_code(grpc.StatusCode.INTERNAL)
-            grpc_context.set_details(f"decode failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            grpc_context.set_details(INTERNAL_DECODE)
             raise
 
     async def stats(self) -> dict:
