@@ -47,7 +47,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import OutOfMemoryError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry as SyncRetry
 
@@ -66,7 +66,7 @@ STAGING_TTL_MS = 3_600_000  # staged chunks of a put that never commits vanish a
 FLUSH_BYTES = 4 << 20  # chunk bytes per pipelined write
 MAX_INFLIGHT = 2  # pipelined writes under way while the next batch is received
 COMMIT_RETRIES = 50
-OOM_REPLY = "OOM command not allowed"  # Redis's refusal of a write at maxmemory under noeviction
+OOM_REPLY = "used memory > 'maxmemory'"  # Redis's refusal of a write at maxmemory under noeviction
 
 # Lua shared by the scripts below. live_usage: bytes and number of the live segments in index
 # `idx` (sizes in hash `sz`) at `now` (ms), leaving out `except` (the key being replaced).
@@ -274,7 +274,7 @@ class RedisBackend:
             raise BackendUnavailable(f"redis at {self.where} failed {what} within {self.deadline_s} s: "
                                      f"{type(e).__name__}: {e}") from None
         except ResponseError as e:
-            if OOM_REPLY not in str(e):
+            if not isinstance(e, OutOfMemoryError) and OOM_REPLY not in str(e):  # a script's OOM is a ResponseError
                 raise
             raise StoreFull(f"redis at {self.where} is at its maxmemory and refused {what} (maxmemory-policy "
                             f"noeviction); nothing was stored: raise maxmemory or lower the tenants' quotas") from None
