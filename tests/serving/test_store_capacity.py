@@ -185,3 +185,11 @@ async def test_razor_at_kept_quarter_on_a_real_document_stores_its_recall_entrie
         assert st["tenant_bytes"] > sum(len(e.data) for e in entries)
     finally:
         await s.close()
+
+
+def test_the_cli_and_demo_print_a_line_for_an_answer_not_stored() -> None:
+    from cluster.demo import store_note
+
+    assert "not stored" in store_note({"store_status": "not_stored"})
+    assert "unreachable" in store_note({"store_status": "bypassed"})
+    assert all(store_note({"store_status": s}) is None for s in ("stored", "reused", "partial", "private"))
