@@ -170,7 +170,8 @@ async def test_razor_at_kept_quarter_on_a_real_document_stores_its_recall_entrie
     try:
         ids, fig = await s.ask(context=doc, prompt="What is this document about?", policy="razor", kept=0.25)
         assert fig.store_status == "stored" and len(ids) > 0 and fig.prompt_tokens > 2500
-        handle = await s.pw.prefill(PrefillRequest("acme", "acme", doc, "What is this document about?",
+        salt = s.dw.tenants.authenticate({"authorization": "Bearer ka"}).salt  # as decode asked
+        handle = await s.pw.prefill(PrefillRequest("acme", salt, doc, "What is this document about?",
                                                    policy="razor", kept=0.25))
         assert handle.store_status == "reused"
         key, store = handle.keys[0], s.stores.for_tenant("acme")
