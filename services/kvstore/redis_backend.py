@@ -228,6 +228,10 @@ return {1, used + stored, ev_n, ev_b}
 _CLEANUPS: set[asyncio.Task] = set()  # aborted puts still deleting their staged keys
 
 
+def _text(v: str | bytes) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -394,6 +398,21 @@ class RedisBackend:
     async def get_record(self, tenant, key):
         async with self.guard("a record read"):
             return await self.r.get(f"{self._ns(tenant)}:rec:{key}")
+
+    async def eviction_risk(self) -> str | None:
+        """Why Redis's own eviction could break per-tenant isolation, or None when it cannot (no
+        maxmemory, or noeviction). None too when CONFIG is not allowed (managed Redis)."""
+        try:
+            async with self.guard("CONFIG GET"):
+                conf = {**await self.r.config_get("maxmemory-policy"), **await self.r.config_get("maxmemory")}
+            conf = {_text(k): _text(v) for k, v in conf.items()}  # str or bytes, by redis-py version
+            policy, maxmemory = conf.get("maxmemory-policy", ""), int(conf.get("maxmemory", 0))
+        except (BackendUnavailable, ResponseError):
+            return None
+        if maxmemory and policy != "noeviction":
+            return (f"redis at {self.where} has maxmemory {maxmemory} with maxmemory-policy {policy}: Redis may evict "
+                    f"one tenant's keys for another's; set maxmemory-policy noeviction (docs/deploy.md)")
+        return None
 
     async def ping(self):
         async with self.guard("PING"):

@@ -434,10 +434,16 @@ async def start_server(server: grpc.aio.Server) -> None:
     """Start it and keep the health status in step with the backend: readiness ("" and the
     KVStore service name) NOT_SERVING while Redis is down; LIVENESS SERVING while this loop runs."""
     await server.start()
+    if (risk := await getattr(server.kvstore.backend, "eviction_risk", _no_risk)()) is not None:
+        log.warning("%s", risk)
     await server.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await _check_health(server)
     server.health_task = asyncio.ensure_future(_watch_health(server))
     server.health_task.add_done_callback(functools.partial(_watcher_ended, server))
+
+
+async def _no_risk() -> None:
+    return None
 
 
 def _watcher_ended(server: grpc.aio.Server, task: asyncio.Task) -> None:

@@ -292,3 +292,19 @@ def _equal(a, b) -> bool:
         return True
     except AssertionError:
         return False
+
+
+async def test_the_store_warns_when_redis_could_evict_across_tenants(own_redis, caplog) -> None:
+    with redis.Redis.from_url(own_redis.url) as r:
+        r.config_set("maxmemory", 1 << 30)
+        r.config_set("maxmemory-policy", "allkeys-lru")
+        with caplog.at_level("WARNING", logger="services.kvstore.server"):
+            svc = await start_service(settings(own_redis.url))
+            await svc.close()
+        assert "maxmemory-policy allkeys-lru" in caplog.text and "noeviction" in caplog.text
+        caplog.clear()
+        r.config_set("maxmemory-policy", "noeviction")
+        with caplog.at_level("WARNING", logger="services.kvstore.server"):
+            svc = await start_service(settings(own_redis.url))
+            await svc.close()
+        assert "maxmemory-policy" not in caplog.text
