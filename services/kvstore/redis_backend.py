@@ -196,6 +196,7 @@ local used = live_usage(idx, sz, now, key)
 local ev_n, ev_b = 0, 0
 local function evict(k)
   if k == key or used + stored <= quota then return end
+  if not redis.call('ZSCORE', idx, k) then redis.call('ZREM', lru, k); return end  -- gone already
   local size = tonumber(redis.call('HGET', sz, k) or 0)
   drop(ns, idx, sz, lru, k)
   used, ev_n, ev_b = used - size, ev_n + 1, ev_b + size
