@@ -47,6 +47,8 @@ class MemoryStoreClient:
 
     async def get(self, key):
         self._check()
+        if (code := self.flags.get("get_error")) is not None:
+            raise StoreError(code, "get failed in the test")
         if key in self.flags.get("corrupt", set()):
             self.flags["corrupt"].discard(key)
             return None

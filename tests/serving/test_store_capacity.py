@@ -194,3 +194,22 @@ def test_the_cli_and_demo_print_a_line_for_an_answer_not_stored() -> None:
     assert "not stored" in store_note({"store_status": "not_stored"})
     assert "unreachable" in store_note({"store_status": "bypassed"})
     assert all(store_note({"store_status": s}) is None for s in ("stored", "reused", "partial", "private"))
+
+
+async def test_an_unexpected_prefill_failure_reaches_the_client_without_its_exception_name() -> None:
+    """The issue's `INTERNAL: prefill failed: UnserializableException: services.kvstore.client.StoreError`:
+    what crosses Ray is logged by the decode replica; the client gets a fixed line."""
+    from services.decode.deployment import INTERNAL_PREFILL, Decode
+
+    class Failing:
+        class prefill:  # noqa: N801 - the handle's method name
+            @staticmethod
+            async def remote(req):
+                raise RuntimeError("services.kvstore.client.StoreError: INVALID_ARGUMENT: recall entry too big")
+
+    decode = object.__new__(Decode.func_or_class)
+    decode._prefill = Failing()
+    with pytest.raises(ServiceError) as e:
+        await decode._call_prefill(PrefillRequest("acme", "s", "doc", "q"))
+    assert e.value.code == "INTERNAL" and e.value.message == INTERNAL_PREFILL
+    assert not INTERNAL_NAME.search(e.value.message)

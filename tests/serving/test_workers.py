@@ -113,6 +113,14 @@ async def test_a_refused_put_is_answered_and_says_not_stored(stack, refusal):
     assert fig.store_status == "not_stored" and ids == ref and not mem.data
 
 
+async def test_a_store_error_on_fetch_is_answered_inline(stack):
+    dw, mem, _ = stack
+    ref, _ = await ask(dw)
+    mem.flags["get_error"] = "INTERNAL"  # neither unavailable nor a miss: decode takes the cache inline
+    ids, fig = await ask(dw)
+    assert ids == ref and fig.store_status == "not_stored"
+
+
 async def test_oversize_prompt_names_the_limit(stack):
     dw, _, _ = stack
     with pytest.raises(ServiceError) as e:
