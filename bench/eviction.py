@@ -11,8 +11,10 @@ head: 2,000 tokens at kept 0.25 is 500 rows, about 23 MB. Each round puts `--put
 per tenant, `--concurrency` at a time (one client each), alternating the two tenants so a load
 that comes and goes on a shared machine hits both; the `room` tenant's documents are deleted
 between rounds (untimed) so Redis's memory stays bounded. Figures: puts/s of a round (median,
-min-max over rounds) and the median of the per-round ratios full/room; the commit latency of a
-put that evicts vs one that does not is inside those figures. At the end, Redis's used_memory
+min-max over rounds) and the median of the per-round ratios full/room; the mean time Redis spent
+in a commit script (`INFO commandstats`, reset before each round, whose only scripts are its
+commits) with and without eviction: Redis runs one command at a time, so that is the longest any
+other tenant's call waits behind one. At the end, Redis's used_memory
 over the stored bytes it holds (`redis_overhead`), the factor docs/deploy.md sizes maxmemory with.
 """
 
@@ -90,18 +92,24 @@ async def run_async(rows: int, docs_in_quota: int, puts: int, concurrency: int, 
         await wait_ready(clients["room"][0], store)
         await put_round(clients["full"], docs, [f"fill-{i}" for i in range(docs_in_quota)])  # full before the clock
         rates: dict[str, list[float]] = {"room": [], "full": []}
+        scripts = {"room": [0, 0], "full": [0, 0]}  # commit scripts in Redis: calls, microseconds
+        rr = redis.Redis.from_url(redis_proc.url)
         for r in range(repeats + 1):  # round 0 warms up, untimed
             for tenant in (("room", "full") if r % 2 else ("full", "room")):
                 keys = [f"r{r}-{i}" for i in range(puts)]
+                rr.config_resetstat()  # a round's only scripts are its commits
                 s = await put_round(clients[tenant], docs, keys)
                 if r:
                     rates[tenant].append(puts / s)
+                    ev = rr.info("commandstats").get("cmdstat_evalsha", {})
+                    scripts[tenant][0] += int(ev.get("calls", 0))
+                    scripts[tenant][1] += int(ev.get("usec", 0))
             for k in [f"r{r}-{i}" for i in range(puts)]:
                 await clients["room"][0].delete(k)
         full_stats = await clients["full"][0].stats()
-        with redis.Redis.from_url(redis_proc.url) as rr:
-            mem = rr.info("memory")
-            used_memory = mem["used_memory"] - mem.get("used_memory_startup", 0)
+        mem = rr.info("memory")
+        used_memory = mem["used_memory"] - mem.get("used_memory_startup", 0)
+        rr.close()
         room_bytes = (await clients["room"][0].stats())["tenant_bytes"]
         held = full_stats["tenant_bytes"] + room_bytes
     finally:
@@ -120,20 +128,25 @@ async def run_async(rows: int, docs_in_quota: int, puts: int, concurrency: int, 
         "ratio_full_room_paired": statistics.median(ratios),
         "evictions": full_stats["evictions"], "evicted_bytes": full_stats["evicted_bytes"],
         "full_tenant_bytes": full_stats["tenant_bytes"], "full_segments": full_stats["segments"],
+        "commit_us_room": scripts["room"][1] / max(1, scripts["room"][0]),
+        "commit_us_full": scripts["full"][1] / max(1, scripts["full"][0]),
         "redis_used_memory": used_memory, "stored_bytes": held, "redis_overhead": used_memory / held if held else 0.0,
     }
 
 
 def table(results: list[dict]) -> Table:
     t = Table(title="puts/s into a tenant at its quota (each put evicts one document) vs one with room",
-              caption="median over rounds (min-max); ratio = median of per-round full/room")
-    for col in ("doc MB", "concurrency", "room puts/s", "full puts/s", "full/room", "evictions", "usage/quota"):
+              caption="median over rounds (min-max); ratio = median of per-round full/room; commit µs = mean time "
+                      "Redis spent in a commit script (Redis runs one command at a time: what others wait at most)")
+    for col in ("doc MB", "concurrency", "room puts/s", "full puts/s", "full/room", "commit µs room",
+                "commit µs full", "evictions", "usage/quota"):
         t.add_column(col, justify="right")
     for r in results:
         t.add_row(f"{r['document_bytes'] / 1e6:.1f}", str(r["concurrency"]),
                   f"{r['room_puts_s']:.2f} ({r['room_puts_s_range'][0]:.2f}-{r['room_puts_s_range'][1]:.2f})",
                   f"{r['full_puts_s']:.2f} ({r['full_puts_s_range'][0]:.2f}-{r['full_puts_s_range'][1]:.2f})",
-                  f"{r['ratio_full_room_paired']:.2f}", str(r["evictions"]),
+                  f"{r['ratio_full_room_paired']:.2f}", f"{r['commit_us_room']:.0f}", f"{r['commit_us_full']:.0f}",
+                  str(r["evictions"]),
                   f"{r['full_tenant_bytes'] / r['quota_bytes']:.2f}")
     return t
 

@@ -51,6 +51,7 @@ async def test_bench_eviction_fills_the_quota_and_every_timed_put_evicts() -> No
     assert row["full_tenant_bytes"] == 2 * row["document_bytes"] <= row["quota_bytes"]
     assert row["room_puts_s"] > 0 and row["full_puts_s"] > 0 and 0 < row["ratio_full_room_paired"] < float("inf")
     assert row["redis_overhead"] > 1.0  # Redis holds at least the bytes it stores
+    assert row["commit_us_full"] > 0 and row["commit_us_room"] > 0
     out = Console(width=250, record=True)
     out.print(eviction_table([row]))
     assert "evicts one document" in out.export_text()
