@@ -155,6 +155,7 @@ def ask(
     from rich.table import Table
 
     from cluster.client import HeadwiseClient
+    from cluster.demo import store_note
     from services.settings import get_settings
 
     addr = addr or f"127.0.0.1:{get_settings().grpc_port}"
@@ -172,6 +173,8 @@ def ask(
         console.print(f"[red]{e.code().name}[/]: {e.details()}")
         raise typer.Exit(1) from None
     console.print()
+    if (note := store_note(ans.figures)) is not None:
+        console.print(f"[yellow]{note}[/]")
     table = Table(show_header=False)
     for k, v in ans.figures.items():
         table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))

@@ -70,12 +70,25 @@ async def ask_plan(addr: str, keys: dict[str, str], doc: str, policy: str, kept:
                 max_new_tokens=10, stop=[".", "\n"], on_text=lambda s: console.print(s, end="", markup=False, highlight=False),
             )
             console.print()
+            if (note := store_note(ans.figures)) is not None:
+                console.print(f"  [yellow]{note}[/]")
             rows.append({"session": label, "tenant": tenant, "question": fact.question, "answer": ans.text.strip(),
                          "ok": fact.answer in ans.text, **ans.figures})
     finally:
         for c in clients.values():
             await c.close()
     return rows
+
+
+def store_note(figures: dict) -> str | None:
+    """A line for an answer whose cache was not kept in the store (None when it was)."""
+    status = figures.get("store_status")
+    if status == "not_stored":
+        return ("not stored: the KV store would not keep this answer's cache (larger than the tenant's quota, "
+                "or the store is full); a later question about this document computes it again")
+    if status == "bypassed":
+        return "not stored: the KV store was unreachable; answered from the cache prefill handed over directly"
+    return None
 
 
 def figures_table(rows: list[dict]) -> Table:

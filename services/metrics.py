@@ -5,9 +5,13 @@ tests, tools); `RayMetrics()` (what the deployments use) records Ray's applicati
 which every Ray node exports in Prometheus format on its metrics port with a `ray_` prefix,
 next to Ray Serve's own (`ray_serve_*`): `ray_headwise_requests_total` and so on. The local
 cluster prints that port's URL; on Kubernetes the Ray pods' Prometheus annotations cover it.
+The store's own figures per tenant (usage, quota, evictions in count and bytes, refused puts) are
+the kvstore's metrics (services/kvstore/metrics.py), also returned by its Stats call.
 
 Families (labels in brackets):
-  headwise_requests_total        Generate requests by outcome [tenant, code, store]
+  headwise_requests_total        Generate requests by outcome [tenant, code, store]; store is the
+                                 request's store_status: "not_stored" counts answers whose cache the
+                                 store refused (quota, full), "bypassed" the store being down
   headwise_ttft_seconds          time to the first token [store]
   headwise_tokens_total          tokens streamed [tenant]
   headwise_prompt_tokens_total   prompt tokens, and how many of them were reused [tenant, kind=prompt|reused]

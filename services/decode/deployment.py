@@ -43,19 +43,24 @@ def unwrap(e: BaseException) -> ServiceError | None:
     return None
 
 
+# What a client reads when something unexpected failed: the error itself goes to the replica's log,
+# never to the client (internal exception names and messages are not an API).
+INTERNAL_PREFILL = "prefill failed unexpectedly; the error is in the decode replica's log"
+INTERNAL_DECODE = "decode failed unexpectedly; the error is in the decode replica's log"
+
+
 def prefill_error(e: BaseException) -> ServiceError:
     """The status of a failed prefill call: prefill's own ServiceError; UNAVAILABLE when no prefill
     replica could take it (queue full, none running, replica died), so a client knows to retry
-    (HTTP 503); INTERNAL otherwise, in one line."""
+    (HTTP 503); INTERNAL otherwise, in one fixed line (the error goes to the log)."""
     err = unwrap(e)
     if err is not None:
         return err
     cause = getattr(e, "cause", None) or e
     if isinstance(e, NO_REPLICA) or isinstance(cause, NO_REPLICA):
-        return ServiceError("UNAVAILABLE", f"no prefill replica could take the request ({type(cause).__name__}); "
-                            "retry shortly")
+        return ServiceError("UNAVAILABLE", "no prefill replica could take the request; retry shortly")
     log.exception("prefill failed")
-    return ServiceError("INTERNAL", f"prefill failed: {type(cause).__name__}: {str(cause).splitlines()[-1][:200] if str(cause) else ''}")
+    return ServiceError("INTERNAL", INTERNAL_PREFILL)
 
 
 @serve.deployment(name="Decode", max_ongoing_requests=64, health_check_period_s=10)
@@ -83,10 +88,10 @@ class Decode:
             grpc_context.set_code(getattr(grpc.StatusCode, e.code))
             grpc_context.set_details(e.message)
             raise
-        except Exception as e:  # noqa: BLE001
+        except Exception:  # noqa: BLE001
             log.exception("Generate failed")
             grpc_context.set_code(grpc.StatusCode.INTERNAL)
-            grpc_context.set_details(f"decode failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+            grpc_context.set_details(INTERNAL_DECODE)
             raise
 
     async def __call__(self, request):  # the Serve HTTP port: the OpenAI-compatible API

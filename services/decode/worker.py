@@ -25,7 +25,8 @@ from services.asyncutil import quiet
 from services.decode.batcher import DecodeBatcher
 from services.decode.request import check_request
 from services.metrics import Metrics
-from services.prefill.api import BYPASSED, CacheHandle, PrefillRequest, ServiceError, exhausted
+from services.prefill.api import NOT_STORED, CacheHandle, PrefillRequest, ServiceError, exhausted
+from services.prefill.store import fallback_status
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.tenancy import TenantRegistry
 
@@ -279,7 +280,7 @@ class DecodeWorker:
         """The handle's cache, from the store; a miss is recomputed once, a dead store bypassed."""
         if handle.inline_segments is not None:
             return handle, CompactCache.concat(handle.inline_segments), 0
-        _, unavailable, _ = self.stores.errors
+        error, unavailable, _ = self.stores.errors
         try:
             for attempt in range(2):
                 segs, fetched = await self._fetch(preq.tenant, handle)
@@ -289,10 +290,13 @@ class DecodeWorker:
                 handle = await self.prefill(replace(preq, recompute=True))
                 if handle.inline_segments is not None:
                     return handle, CompactCache.concat(handle.inline_segments), 0
-        except unavailable as e:
-            log.warning("kvstore unavailable to decode, asking prefill for the cache inline: %s", e)
+        except error as e:  # unavailable, or any other failure: a request never fails for the store
+            log.warning("kvstore failed for decode, asking prefill for the cache inline: %s", e)
+            status = fallback_status(e, unavailable)
+        else:
+            status = NOT_STORED  # stored, but evicted twice before decode read it (a quota too small for the load)
         handle = await self.prefill(replace(preq, inline=True))
-        handle.store_status = BYPASSED
+        handle.store_status = status
         return handle, CompactCache.concat(handle.inline_segments), 0
 
     async def _fetch(self, tenant: str, handle: CacheHandle) -> tuple[list[CompactCache] | None, int]:

@@ -59,7 +59,19 @@ class StoreUnavailable(StoreError):
 
 
 class QuotaExceeded(StoreError):
-    """RESOURCE_EXHAUSTED: the put would take the tenant over its byte quota; nothing was stored."""
+    """RESOURCE_EXHAUSTED on Put: the segment alone is larger than the tenant's whole quota, or the
+    store is full (Redis at maxmemory); nothing was stored. (Within the quota a put always fits:
+    the store evicts the tenant's least recently used segments.)"""
+
+
+def recall_pieces(r: RecallEntry, piece: int = MAX_CHUNK_BYTES) -> list[pb.RecallEntry]:
+    """One recall entry as the messages that carry it: whole when it fits `piece` bytes, else in
+    consecutive pieces (part 0 .. parts - 1) that the server joins."""
+    parts = max(1, -(-len(r.data) // piece))
+    if parts == 1:
+        return [pb.RecallEntry(layer=r.layer, head=r.head, row=r.row, data=r.data)]
+    return [pb.RecallEntry(layer=r.layer, head=r.head, row=r.row, data=r.data[i * piece:(i + 1) * piece], part=i,
+                           parts=parts) for i in range(parts)]
 
 
 @dataclass
@@ -152,7 +164,8 @@ class KVStoreClient:
                 # checksummed (chained CRC) and copied out of the tensors as gRPC takes it
                 yield chunk_message(i, parts(i))
             for r in recall:
-                yield pb.PutRequest(recall=pb.RecallEntry(layer=r.layer, head=r.head, row=r.row, data=r.data))
+                for entry in recall_pieces(r, self.chunk_size):
+                    yield pb.PutRequest(recall=entry)
 
         async def attempt() -> int:
             # Written by hand, not from a request iterator: when the server ends the call early
@@ -234,20 +247,32 @@ class KVStoreClient:
 
         async def attempt():
             try:
-                r = await self.stub.Recall(pb.RecallRequest(key=key, layer=layer, head=head, row=row),
-                                           metadata=self.metadata, timeout=self.timeout_s)
+                blob = await self._recall_once(key, layer, head, row)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.NOT_FOUND:
                     return None
                 raise
             try:
-                return decode_recall(r.data)
+                return decode_recall(blob)
             except CodecError as e:
                 self.counters.corrupt_misses += 1
                 log.warning("kvstore Recall %s: damaged entry counted as a miss: %s", key, e)
                 return None
 
         return await self._call(f"Recall {key}", attempt)
+
+    async def _recall_once(self, key: str, layer: int, head: int, row: int) -> bytes:
+        parts, total = [], None
+        call = self.stub.Recall(pb.RecallRequest(key=key, layer=layer, head=head, row=row), metadata=self.metadata,
+                                timeout=self.timeout_s)
+        async for msg in call:
+            total = msg.total_bytes if total is None else total
+            parts.append(msg.data)
+        blob = b"".join(parts)
+        self.counters.bytes_received += len(blob)
+        if total is not None and len(blob) != total:
+            raise CodecError(f"Recall stream sent {len(blob)} of {total} bytes")
+        return blob
 
     async def delete(self, key: str) -> bool:
         async def attempt() -> bool:
@@ -262,7 +287,8 @@ class KVStoreClient:
         async def attempt() -> dict:
             r = await self.stub.Stats(pb.StatsRequest(), metadata=self.metadata, timeout=self.timeout_s)
             return {"tenant": r.tenant, "tenant_bytes": r.tenant_bytes, "quota_bytes": r.quota_bytes,
-                    "segments": r.segments, "ttl_s": r.ttl_s, "backend": r.backend}
+                    "segments": r.segments, "ttl_s": r.ttl_s, "backend": r.backend, "evictions": r.evictions,
+                    "evicted_bytes": r.evicted_bytes}
 
         out = await self._call("Stats", attempt)
         out["client"] = dict(vars(self.counters))

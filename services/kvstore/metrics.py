@@ -18,6 +18,15 @@ class StoreMetrics:
         self.hits = Counter("headwise_kvstore_hits", "Get calls that returned a whole segment", ["tenant"], registry=r)
         self.misses = Counter("headwise_kvstore_misses", "Get/Recall misses by reason (absent, checksum, vanished)",
                               ["tenant", "reason"], registry=r)
+        self.tenant_quota = Gauge("headwise_kvstore_tenant_quota_bytes", "Byte quota per tenant (0 = unlimited)",
+                                  ["tenant"], registry=r)
+        self.evictions = Counter("headwise_kvstore_evictions", "Segments evicted (tenant's LRU) to make room for a put",
+                                 ["tenant"], registry=r)
+        self.evicted_bytes = Counter("headwise_kvstore_evicted_bytes", "Stored bytes of the evicted segments",
+                                     ["tenant"], registry=r)
+        self.refusals = Counter("headwise_kvstore_put_refusals",
+                                "Puts not stored: too_large (over the whole quota), store_full (Redis at maxmemory)",
+                                ["tenant", "reason"], registry=r)
         self.http = None
         self.http_port: int | None = None
 
@@ -28,6 +37,14 @@ class StoreMetrics:
     def stored(self, tenant: str, nbytes: int, tenant_bytes: int) -> None:
         self.bytes_in.labels(tenant).inc(nbytes)
         self.tenant_bytes.labels(tenant).set(tenant_bytes)
+
+    def evicted(self, tenant: str, segments: int, nbytes: int) -> None:
+        if segments:
+            self.evictions.labels(tenant).inc(segments)
+            self.evicted_bytes.labels(tenant).inc(nbytes)
+
+    def refused(self, tenant: str, reason: str) -> None:
+        self.refusals.labels(tenant, reason).inc()
 
     def hit(self, tenant: str, nbytes: int) -> None:
         self.hits.labels(tenant).inc()

@@ -7,19 +7,28 @@ Layout, one namespace per tenant (`hw:{tenant}:`; tenant ids cannot contain ':')
   hw:{t}:m:{key}          manifest (hash: u=upload, h=codec header, n=chunks, b=chunk bytes, s=stored bytes)
   hw:{t}:idx              live segments (zset: key -> expiry in ms since the epoch, +inf = none)
   hw:{t}:sz               stored bytes per segment (hash: key -> bytes), for the quota
+  hw:{t}:lru              last use of each segment (zset: key -> the tenant's use count then)
+  hw:{t}:st               the tenant's counters (hash: uses, evictions, evicted_bytes)
   hw:{t}:sem:{name}       a counting semaphore (zset: holder -> lapse time in ms, Redis's clock)
   hw:{t}:rec:{key}        a small record (string with its own TTL)
 
 A put streams its chunks to per-upload keys with a staging TTL as they arrive: 4 MiB
 batches, each checked (the server's verifier) and written in one pipeline by a worker thread
-through a blocking client, up to two in flight while the event loop receives the next. Nothing refers to them until the
-commit, one Lua script (atomic, one round trip): it re-checks the quota against live
-segments, gives chunks and recall blobs the tenant's TTL, drops expired index entries,
-deletes the key's previous upload, records the size and writes the manifest last. A quota failure or an aborted stream deletes the staged keys; if the
-server dies first, the staging TTL removes them. Readers start from the manifest, so they
-see a whole segment or none; a segment replaced or deleted under a reader gives a miss.
-Chunk frames are read back through `BulkReader` (services/kvstore/resp.py: pipelined GETs,
-each value received into its own buffer) in two read threads; redis-py's MGET for TLS URLs.
+through a blocking client, up to two in flight while the event loop receives the next. Nothing
+refers to them until the commit, one Lua script (atomic, one round trip): it drops expired index
+entries, evicts the tenant's least recently used segments until the new one fits in the quota,
+gives chunks and recall blobs the tenant's TTL, deletes the key's previous upload, records the
+size and writes the manifest last. An aborted stream deletes the staged keys; if the server dies
+first, the staging TTL removes them. Reads that count as a use (manifest, Lookup, Recall) are
+scripts too, so the use is recorded in the same round trip. Readers start from the manifest and
+read chunks of its upload, so they see a whole segment or, when it is evicted, replaced or
+deleted under them, a miss. Chunk frames are read back through `BulkReader`
+(services/kvstore/resp.py: pipelined GETs, each value received into its own buffer) in two read
+threads; redis-py's MGET for TLS URLs.
+
+Redis's own eviction must stay off (`maxmemory-policy noeviction`, docs/deploy.md): it would pick
+victims across tenants and could take a chunk from under a manifest. At maxmemory Redis refuses
+writes; the store reports that as StoreFull (nothing stored) and reads go on.
 """
 
 from __future__ import annotations
@@ -38,17 +47,26 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.exceptions import WatchError
 from redis.retry import Retry as SyncRetry
 
-from services.kvstore.backend import BackendUnavailable, Limits, Manifest, QuotaExceededError, recall_field
+from services.kvstore.backend import (
+    BackendUnavailable,
+    Evicted,
+    Limits,
+    Manifest,
+    SegmentTooLarge,
+    StoreFull,
+    recall_field,
+)
 from services.kvstore.resp import BulkReader
 
 STAGING_TTL_MS = 3_600_000  # staged chunks of a put that never commits vanish after an hour
 FLUSH_BYTES = 4 << 20  # chunk bytes per pipelined write
 MAX_INFLIGHT = 2  # pipelined writes under way while the next batch is received
 COMMIT_RETRIES = 50
+OOM_REPLY = "used memory > 'maxmemory'"  # Redis's refusal of a write at maxmemory under noeviction
 
 # Lua shared by the scripts below. live_usage: bytes and number of the live segments in index
 # `idx` (sizes in hash `sz`) at `now` (ms), leaving out `except` (the key being replaced).
@@ -94,18 +112,106 @@ if lapse and tonumber(lapse) > now then return 1 end
 return 0
 """
 
-# The commit of a put, atomic (a script runs alone) and in one round trip. Returns {0, used}
-# when the quota would be exceeded (nothing changed), else {1, tenant bytes after the put}.
-# KEYS: idx, sz, manifest, then the staged keys to keep (chunks, recall hash).
+# A use of segment KEY (Get's manifest read, Recall, Lookup, a commit) for the tenant's LRU: its
+# score in `lru` becomes the tenant's next use count (`st` field "uses"). pcall: under noeviction
+# at maxmemory Redis refuses the write, and a read must still succeed (its order goes stale).
+_TOUCH = """
+local function touch(lru, st, key)
+  local n = redis.pcall('HINCRBY', st, 'uses', 1)
+  if type(n) == 'number' then redis.pcall('ZADD', lru, n, key) end
+end
+"""
+
+# A manifest, read as a use. KEYS: manifest, lru, st. ARGV: key. Returns HGETALL's flat list.
+_MANIFEST = _TOUCH + """
+local h = redis.call('HGETALL', KEYS[1])
+if #h > 0 then touch(KEYS[2], KEYS[3], ARGV[1]) end
+return h
+"""
+
+# The stored prefix of a chain, each key found a use. KEYS: lru, st, then the chain's manifests.
+# ARGV: the chain's segment keys.
+_LOOKUP = _TOUCH + """
+local n = 0
+for i = 3, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then break end
+  touch(KEYS[1], KEYS[2], ARGV[i - 2])
+  n = n + 1
+end
+return n
+"""
+
+# One recall blob of the segment's current upload, read as a use. KEYS: manifest, lru, st.
+# ARGV: key, field, namespace.
+_RECALL = _TOUCH + """
+local u = redis.call('HGET', KEYS[1], 'u')
+if not u then return false end
+local blob = redis.call('HGET', ARGV[3] .. ':r:' .. u, ARGV[2])
+if blob then touch(KEYS[2], KEYS[3], ARGV[1]) end
+return blob
+"""
+
+# drop(ns, idx, sz, lru, k): delete segment k (chunks, recall blobs, manifest, index entries).
+_DROP = """
+local function drop(ns, idx, sz, lru, k)
+  local mk = ns .. ':m:' .. k
+  local old = redis.call('HMGET', mk, 'u', 'n')
+  if old[1] then
+    local doomed = {ns .. ':r:' .. old[1]}
+    for i = 0, tonumber(old[2]) - 1 do
+      doomed[#doomed + 1] = ns .. ':c:' .. old[1] .. ':' .. i
+      if #doomed == 1000 then redis.call('DEL', unpack(doomed)); doomed = {} end
+    end
+    if #doomed > 0 then redis.call('DEL', unpack(doomed)) end
+  end
+  redis.call('DEL', mk)
+  redis.call('ZREM', idx, k)
+  redis.call('ZREM', lru, k)
+  redis.call('HDEL', sz, k)
+end
+"""
+
+# The commit of a put, atomic (a script runs alone) and in one round trip: drop expired index
+# entries; if the segment does not fit in the quota, evict the tenant's least recently used
+# segments (lru order; segments that predate LRU tracking first) until it does; then give the
+# staged keys the tenant's TTL, delete the key's previous upload, record the size and write the
+# manifest last. Returns {0} when the segment alone is over the quota (nothing changed), else
+# {1, tenant bytes after, segments evicted, bytes evicted}.
+# The first write is a denyoom command (HSET): under noeviction at maxmemory Redis refuses it
+# with OOM before anything has changed (a script's later writes are not re-checked).
+# KEYS: idx, sz, lru, st, manifest, then the staged keys to keep (chunks, recall hash).
 # ARGV: now_ms, ttl_ms (0 = none), quota (0 = none), key, stored, upload, header, n chunks,
-#       chunk bytes, namespace (to name the replaced upload's keys).
-_COMMIT = _LIVE_USAGE + """
-local idx, sz, mkey = KEYS[1], KEYS[2], KEYS[3]
+#       chunk bytes, namespace (to name the keys of the uploads it deletes).
+_COMMIT = _LIVE_USAGE + _TOUCH + _DROP + """
+local idx, sz, lru, st, mkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now, ttl, quota, key = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local stored, upload, ns = tonumber(ARGV[5]), ARGV[6], ARGV[10]
+if quota > 0 and stored > quota then return {0} end
+redis.call('HSET', sz, key, stored)
+for _, k in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', now)) do
+  redis.call('ZREM', idx, k); redis.call('ZREM', lru, k)
+  if k ~= key then redis.call('HDEL', sz, k) end
+end
 local used = live_usage(idx, sz, now, key)
-if quota > 0 and used + stored > quota then return {0, used} end
-for i = 4, #KEYS do
+local ev_n, ev_b = 0, 0
+local function evict(k)
+  if k == key or used + stored <= quota then return end
+  if not redis.call('ZSCORE', idx, k) then redis.call('ZREM', lru, k); return end  -- gone already
+  local size = tonumber(redis.call('HGET', sz, k) or 0)
+  drop(ns, idx, sz, lru, k)
+  used, ev_n, ev_b = used - size, ev_n + 1, ev_b + size
+end
+if quota > 0 and used + stored > quota then
+  for _, k in ipairs(redis.call('ZRANGEBYSCORE', idx, '(' .. now, '+inf')) do
+    if not redis.call('ZSCORE', lru, k) then evict(k) end
+  end
+  for _, k in ipairs(redis.call('ZRANGE', lru, 0, -1)) do evict(k) end
+  if ev_n > 0 then
+    redis.call('HINCRBY', st, 'evictions', ev_n)
+    redis.call('HINCRBY', st, 'evicted_bytes', ev_b)
+  end
+end
+for i = 6, #KEYS do
   if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) else redis.call('PERSIST', KEYS[i]) end
 end
 local old = redis.call('HMGET', mkey, 'u', 'n')
@@ -113,16 +219,18 @@ if old[1] and old[1] ~= upload then
   for i = 0, tonumber(old[2]) - 1 do redis.call('DEL', ns .. ':c:' .. old[1] .. ':' .. i) end
   redis.call('DEL', ns .. ':r:' .. old[1])
 end
-local expired = redis.call('ZRANGEBYSCORE', idx, '-inf', now)
-for _, k in ipairs(expired) do redis.call('ZREM', idx, k); redis.call('HDEL', sz, k) end
 redis.call('ZADD', idx, ttl > 0 and (now + ttl) or '+inf', key)
-redis.call('HSET', sz, key, stored)
 redis.call('DEL', mkey)
 redis.call('HSET', mkey, 'u', upload, 'h', ARGV[7], 'n', ARGV[8], 'b', ARGV[9], 's', stored)
 if ttl > 0 then redis.call('PEXPIRE', mkey, ttl) end
-return {1, used + stored}
+touch(lru, st, key)
+return {1, used + stored, ev_n, ev_b}
 """
 _CLEANUPS: set[asyncio.Task] = set()  # aborted puts still deleting their staged keys
+
+
+def _text(v: str | bytes) -> str:
+    return v.decode() if isinstance(v, bytes) else v
 
 
 def _now_ms() -> int:
@@ -154,6 +262,9 @@ class RedisBackend:
         self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="kvstore-redis-read") if self._bulk else None
         self._usage = self.r.register_script(_USAGE)
         self._commit = self.r.register_script(_COMMIT)
+        self._manifest = self.r.register_script(_MANIFEST)
+        self._lookup = self.r.register_script(_LOOKUP)
+        self._recall = self.r.register_script(_RECALL)
         self._acquire = self.r.register_script(_ACQUIRE)
         self._release = self.r.register_script(_RELEASE)
 
@@ -165,9 +276,17 @@ class RedisBackend:
             async with asyncio.timeout(self.deadline_s):
                 yield
         except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError) as e:
-            where = self.url.rsplit("@", 1)[-1]
-            raise BackendUnavailable(f"redis at {where} failed {what} within {self.deadline_s} s: "
+            raise BackendUnavailable(f"redis at {self.where} failed {what} within {self.deadline_s} s: "
                                      f"{type(e).__name__}: {e}") from None
+        except ResponseError as e:
+            if not isinstance(e, OutOfMemoryError) and OOM_REPLY not in str(e):  # a script's OOM is a ResponseError
+                raise
+            raise StoreFull(f"redis at {self.where} is at its maxmemory and refused {what} (maxmemory-policy "
+                            f"noeviction); nothing was stored: raise maxmemory or lower the tenants' quotas") from None
+
+    @property
+    def where(self) -> str:
+        return self.url.rsplit("@", 1)[-1]
 
     @staticmethod
     def _ns(tenant: str) -> str:
@@ -182,13 +301,15 @@ class RedisBackend:
     def _rkey(self, tenant: str, upload: str) -> str:
         return f"{self._ns(tenant)}:r:{upload}"
 
+    def _lru_keys(self, tenant: str) -> list[str]:
+        ns = self._ns(tenant)
+        return [f"{ns}:lru", f"{ns}:st"]
+
     # ---- put ----------------------------------------------------------------------
     async def begin_put(self, tenant, key, header, num_chunks, total_bytes, limits: Limits) -> "_RedisWriter":
         need = len(header) + total_bytes
-        if limits.quota_bytes:
-            used, _ = await self._used_except(tenant, key)
-            if used + need > limits.quota_bytes:
-                raise QuotaExceededError(tenant, used, need, limits.quota_bytes)
+        if limits.quota_bytes and need > limits.quota_bytes:  # the commit evicts for anything smaller
+            raise SegmentTooLarge(tenant, need, limits.quota_bytes)
         return _RedisWriter(self, tenant, key, header, num_chunks, limits, os.urandom(8).hex())
 
     async def _used_except(self, tenant: str, key: str | None) -> tuple[int, int]:
@@ -200,9 +321,10 @@ class RedisBackend:
     # ---- reads --------------------------------------------------------------------
     async def manifest(self, tenant, key):
         async with self.guard("a manifest read"):
-            h = await self.r.hgetall(self._mkey(tenant, key))
-        if not h:
+            flat = await self._manifest(keys=[self._mkey(tenant, key), *self._lru_keys(tenant)], args=[key])
+        if not flat:
             return None
+        h = dict(zip(flat[::2], flat[1::2], strict=True))
         return Manifest(key, h[b"u"].decode(), h[b"h"], int(h[b"n"]), int(h[b"b"]), int(h[b"s"]))
 
     async def chunks(self, tenant, m, start, stop):
@@ -216,24 +338,21 @@ class RedisBackend:
         if not keys:
             return 0
         async with self.guard("a lookup"):
-            pipe = self.r.pipeline(transaction=False)
-            for k in keys:
-                pipe.exists(self._mkey(tenant, k))
-            found = await pipe.execute()
-        n = 0
-        while n < len(found) and found[n]:
-            n += 1
-        return n
+            n = await self._lookup(keys=[*self._lru_keys(tenant), *(self._mkey(tenant, k) for k in keys)], args=list(keys))
+        return int(n)
 
     async def recall(self, tenant, key, layer, head, row):
         async with self.guard("a recall read"):
-            upload = await self.r.hget(self._mkey(tenant, key), "u")
-            if upload is None:
-                return None
-            return await self.r.hget(self._rkey(tenant, upload.decode()), recall_field(layer, head, row))
+            return await self._recall(keys=[self._mkey(tenant, key), *self._lru_keys(tenant)],
+                                      args=[key, recall_field(layer, head, row), self._ns(tenant)])
 
     async def usage(self, tenant):
         return await self._used_except(tenant, None)
+
+    async def evictions(self, tenant):
+        async with self.guard("a stats read"):
+            n, b = await self.r.hmget(f"{self._ns(tenant)}:st", "evictions", "evicted_bytes")
+        return Evicted(int(n or 0), int(b or 0))
 
     # ---- delete -------------------------------------------------------------------
     async def delete(self, tenant, key):
@@ -250,6 +369,7 @@ class RedisBackend:
                     self._drop_upload(pipe, tenant, old)
                     pipe.delete(mkey)
                     pipe.zrem(f"{ns}:idx", key)
+                    pipe.zrem(f"{ns}:lru", key)
                     pipe.hdel(f"{ns}:sz", key)
                     await pipe.execute()
                     return True
@@ -279,6 +399,21 @@ class RedisBackend:
     async def get_record(self, tenant, key):
         async with self.guard("a record read"):
             return await self.r.get(f"{self._ns(tenant)}:rec:{key}")
+
+    async def eviction_risk(self) -> str | None:
+        """Why Redis's own eviction could break per-tenant isolation, or None when it cannot (no
+        maxmemory, or noeviction). None too when CONFIG is not allowed (managed Redis)."""
+        try:
+            async with self.guard("CONFIG GET"):
+                conf = {**await self.r.config_get("maxmemory-policy"), **await self.r.config_get("maxmemory")}
+            conf = {_text(k): _text(v) for k, v in conf.items()}  # str or bytes, by redis-py version
+            policy, maxmemory = conf.get("maxmemory-policy", ""), int(conf.get("maxmemory", 0))
+        except (BackendUnavailable, ResponseError):
+            return None
+        if maxmemory and policy != "noeviction":
+            return (f"redis at {self.where} has maxmemory {maxmemory} with maxmemory-policy {policy}: Redis may evict "
+                    f"one tenant's keys for another's; set maxmemory-policy noeviction (docs/deploy.md)")
+        return None
 
     async def ping(self):
         async with self.guard("PING"):
@@ -359,7 +494,8 @@ class _RedisWriter:
         try:
             await self._flush(0)  # every batch has landed
             async with self.store.guard("the commit"):
-                return stored, await self._commit(stored)
+                used, evicted = await self._commit(stored)
+            return stored, used, evicted
         except BaseException:
             await self.abort()
             raise
@@ -372,10 +508,10 @@ class _RedisWriter:
             keep.append(st._rkey(t, self.upload))
         args = [_now_ms(), int(self.limits.ttl_s * 1000), self.limits.quota_bytes, self.key, stored, self.upload,
                 self.header, self.num_chunks, self._chunk_bytes, ns]
-        ok, used = await st._commit(keys=[f"{ns}:idx", f"{ns}:sz", st._mkey(t, self.key), *keep], args=args)
-        if not ok:
-            raise QuotaExceededError(t, int(used), stored, self.limits.quota_bytes)
-        return int(used)
+        out = await st._commit(keys=[f"{ns}:idx", f"{ns}:sz", *st._lru_keys(t), st._mkey(t, self.key), *keep], args=args)
+        if not out[0]:
+            raise SegmentTooLarge(t, stored, self.limits.quota_bytes)
+        return int(out[1]), Evicted(int(out[2]), int(out[3]))
 
     async def abort(self):
         """Delete whatever was staged (best effort: the staging TTL covers a dead Redis).

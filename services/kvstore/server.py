@@ -31,7 +31,7 @@ from headwise.cache.codec import (
     frame_crc,
     parse_header,
 )
-from services.kvstore.backend import Backend, BackendUnavailable, MemoryBackend, QuotaExceededError
+from services.kvstore.backend import Backend, BackendUnavailable, MemoryBackend, SegmentTooLarge, StoreFull
 from services.kvstore.metrics import StoreMetrics
 from services.kvstore.settings import KVStoreSettings
 from services.kvstore.wire import RawChunk, add_kvstore_handlers, chunk_message
@@ -51,6 +51,8 @@ MAX_LOOKUP_KEYS = 1024
 MAX_RECORD_BYTES = 1 << 20
 MAX_TTL_S = 30 * 86400.0  # leases and records: at most 30 days
 GET_BATCH = 4  # chunks per backend read; the next batch is fetched while this one is sent
+RECALL_PIECE = MAX_CHUNK_BYTES  # a recall blob goes back in pieces of this size (any blob fits gRPC's cap)
+INTERNAL_MESSAGE = "internal error in the KV store (logged there); nothing was changed by this call"
 SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
 # gRPC health names. "" and SERVICE are readiness: SERVING only while Redis answers. LIVENESS is
 # SERVING as long as the process's event loop runs (the health servicer answers from that loop,
@@ -97,17 +99,25 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         t0, code = time.perf_counter(), grpc.StatusCode.OK
         try:
             return await body(self.tenant_of(context))
-        except Reject as r:
-            code, message = r.code, r.message
-        except QuotaExceededError as e:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-        except BackendUnavailable as e:
-            code, message = grpc.StatusCode.UNAVAILABLE, f"store unavailable, retry later: {e}"
+        except Exception as e:  # noqa: BLE001 - every failure leaves as a status, never a traceback
+            code, message = self.status_of(method, e)
         finally:
             self.metrics.observe(method, code, time.perf_counter() - t0)
         if before_status is not None:
             await before_status()
         await context.abort(code, message)
+
+    @staticmethod
+    def status_of(method: str, e: Exception) -> tuple[grpc.StatusCode, str]:
+        """The status a failure leaves with; a surprise is logged here and named nowhere else."""
+        if isinstance(e, Reject):
+            return e.code, e.message
+        if isinstance(e, (SegmentTooLarge, StoreFull)):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        if isinstance(e, BackendUnavailable):
+            return grpc.StatusCode.UNAVAILABLE, f"store unavailable, retry later: {e}"
+        log.error("kvstore %s failed", method, exc_info=e)
+        return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
     # ---- Put ----------------------------------------------------------------------
     async def Put(self, request_iterator: AsyncIterator[pb.PutRequest], context) -> pb.PutResponse:
@@ -128,15 +138,21 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
         h = first.header
         key = self.check_key(h.key)
         header = self._parse(h)
-        writer = await self.backend.begin_put(tenant, key, h.header, h.num_chunks, h.total_bytes,
-                                              self.settings.limits(tenant))
+        limits = self.settings.limits(tenant)
+        self.metrics.tenant_quota.labels(tenant).set(limits.quota_bytes)
         try:
-            await self._receive(key, header, requests, writer)
-            stored, tenant_bytes = await writer.commit()
-        except BaseException:
-            await writer.abort()
+            writer = await self.backend.begin_put(tenant, key, h.header, h.num_chunks, h.total_bytes, limits)
+            try:
+                await self._receive(key, header, requests, writer)
+                stored, tenant_bytes, evicted = await writer.commit()
+            except BaseException:
+                await writer.abort()
+                raise
+        except (SegmentTooLarge, StoreFull) as e:
+            self.metrics.refused(tenant, "too_large" if isinstance(e, SegmentTooLarge) else "store_full")
             raise
         self.metrics.stored(tenant, stored, tenant_bytes)
+        self.metrics.evicted(tenant, evicted.segments, evicted.nbytes)
         return pb.PutResponse(stored_bytes=stored, tenant_bytes=tenant_bytes)
 
     def _parse(self, h: pb.PutHeader):
@@ -156,6 +172,7 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
     async def _receive(self, key, header, requests, writer) -> None:
         index, prev_crc = 0, None
+        recall = _RecallPieces(self.settings.max_segment_bytes - header.total_bytes - FRAME_OVERHEAD * header.num_chunks)
         async for msg in requests:
             part = msg.WhichOneof("part")
             if part == "chunk":
@@ -170,9 +187,11 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             elif part == "recall":
                 if index != header.num_chunks:
                     raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "recall entries must follow the last chunk")
-                await writer.recall(*self._check_recall(header, msg.recall))
+                if (whole := recall.add(self._check_recall_piece(header, msg.recall))) is not None:
+                    await writer.recall(*self._check_recall(whole))
             else:
                 raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {part} message after the header")
+        recall.finish()
         if index != header.num_chunks:
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
                          f"Put stream of {key!r} ended after {index} of {header.num_chunks} chunks; nothing was stored")
@@ -199,17 +218,24 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"rejected chunk: {e}") from None
 
     @staticmethod
-    def _check_recall(header, r: pb.RecallEntry) -> tuple[int, int, int, bytes]:
+    def _check_recall_piece(header, r: pb.RecallEntry) -> pb.RecallEntry:
         if r.layer >= len(header.layers) or r.head >= header.layers[r.layer].num_heads:
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
                          f"recall entry names layer {r.layer} head {r.head}, outside the segment's shape")
         if len(r.data) > MAX_FRAME:
-            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"recall entry of {len(r.data)} bytes is over {MAX_FRAME}")
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"recall piece of {len(r.data)} bytes is over {MAX_FRAME}: send larger entries in pieces "
+                         f"(RecallEntry.part / parts)")
+        return r
+
+    @staticmethod
+    def _check_recall(r: tuple[int, int, int, bytes]) -> tuple[int, int, int, bytes]:
         try:
-            decode_recall(r.data)
+            decode_recall(r[3])
         except CodecError as e:
-            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"rejected recall entry: {e}") from None
-        return r.layer, r.head, r.row, r.data
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"rejected recall entry of layer {r[0]} head {r[1]} row {r[2]}: {e}") from None
+        return r
 
     # ---- Get ----------------------------------------------------------------------
     async def Get(self, request: pb.GetRequest, context) -> AsyncIterator[pb.GetResponse | bytes]:
@@ -218,12 +244,9 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
             tenant = self.tenant_of(context)
             async for msg in self._get(tenant, self.check_key(request.key)):
                 yield msg
-        except Reject as r:
-            code = r.code
-            await context.abort(r.code, r.message)
-        except BackendUnavailable as e:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, f"store unavailable, retry later: {e}")
+        except Exception as e:  # noqa: BLE001 - every failure leaves as a status
+            code, message = self.status_of("Get", e)
+            await context.abort(code, message)
         finally:
             self.metrics.observe("Get", code, time.perf_counter() - t0)
 
@@ -277,21 +300,30 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 
         return await self._run("Lookup", context, body)
 
-    async def Recall(self, request: pb.RecallRequest, context) -> pb.RecallResponse:
-        async def body(tenant: str):
-            key = self.check_key(request.key)
-            blob = await self.backend.recall(tenant, key, request.layer, request.head, request.row)
-            where = f"layer {request.layer} head {request.head} row {request.row} of segment {key!r}"
-            if blob is None:
-                self.metrics.miss(tenant, "absent")
-                raise Reject(grpc.StatusCode.NOT_FOUND, f"no recall entry for {where}")
-            try:
-                decode_recall(blob)
-            except CodecError as e:
-                raise self._corrupt(tenant, key, e) from None
-            return pb.RecallResponse(data=blob)
+    async def Recall(self, request: pb.RecallRequest, context) -> AsyncIterator[pb.RecallResponse]:
+        t0, code = time.perf_counter(), grpc.StatusCode.OK
+        try:
+            blob = await self._recall(self.tenant_of(context), request)
+            for start in range(0, len(blob), RECALL_PIECE):  # one read, so every piece is of one upload
+                yield pb.RecallResponse(data=blob[start:start + RECALL_PIECE], total_bytes=len(blob) if not start else 0)
+        except Exception as e:  # noqa: BLE001 - every failure leaves as a status
+            code, message = self.status_of("Recall", e)
+            await context.abort(code, message)
+        finally:
+            self.metrics.observe("Recall", code, time.perf_counter() - t0)
 
-        return await self._run("Recall", context, body)
+    async def _recall(self, tenant: str, request: pb.RecallRequest) -> bytes:
+        key = self.check_key(request.key)
+        blob = await self.backend.recall(tenant, key, request.layer, request.head, request.row)
+        where = f"layer {request.layer} head {request.head} row {request.row} of segment {key!r}"
+        if blob is None:
+            self.metrics.miss(tenant, "absent")
+            raise Reject(grpc.StatusCode.NOT_FOUND, f"no recall entry for {where} (never stored, or evicted)")
+        try:
+            decode_recall(blob)
+        except CodecError as e:
+            raise self._corrupt(tenant, key, e) from None
+        return bytes(blob)
 
     async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
         async def body(tenant: str):
@@ -305,10 +337,13 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
     async def Stats(self, request: pb.StatsRequest, context) -> pb.StatsResponse:
         async def body(tenant: str):
             used, segments = await self.backend.usage(tenant)
+            evicted = await self.backend.evictions(tenant)
             lim = self.settings.limits(tenant)
             self.metrics.tenant_bytes.labels(tenant).set(used)
+            self.metrics.tenant_quota.labels(tenant).set(lim.quota_bytes)
             return pb.StatsResponse(tenant=tenant, tenant_bytes=used, quota_bytes=lim.quota_bytes, segments=segments,
-                                    ttl_s=int(lim.ttl_s), backend=self.backend.name)
+                                    ttl_s=int(lim.ttl_s), backend=self.backend.name, evictions=evicted.segments,
+                                    evicted_bytes=evicted.nbytes)
 
         return await self._run("Stats", context, body)
 
@@ -399,10 +434,16 @@ async def start_server(server: grpc.aio.Server) -> None:
     """Start it and keep the health status in step with the backend: readiness ("" and the
     KVStore service name) NOT_SERVING while Redis is down; LIVENESS SERVING while this loop runs."""
     await server.start()
+    if (risk := await getattr(server.kvstore.backend, "eviction_risk", _no_risk)()) is not None:
+        log.warning("%s", risk)
     await server.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     await _check_health(server)
     server.health_task = asyncio.ensure_future(_watch_health(server))
     server.health_task.add_done_callback(functools.partial(_watcher_ended, server))
+
+
+async def _no_risk() -> None:
+    return None
 
 
 def _watcher_ended(server: grpc.aio.Server, task: asyncio.Task) -> None:
@@ -439,6 +480,43 @@ async def close_server(server: grpc.aio.Server, grace_s: float = 1.0) -> None:
     await server.stop(grace_s)
     await server.kvstore.backend.close()
     server.kvstore.metrics.close()
+
+
+class _RecallPieces:
+    """Joins the pieces of one recall entry at a time (consecutive messages, part 0, 1, ...),
+    bounding the entries' bytes by what is left of the segment limit."""
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.entry: tuple[int, int, int] | None = None
+        self.parts: list[bytes] = []
+        self.expected = 0
+
+    def add(self, r: pb.RecallEntry) -> tuple[int, int, int, bytes] | None:
+        """The whole entry when `r` completes one (layer, head, row, blob), else None."""
+        self.budget -= len(r.data)
+        if self.budget < 0:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "segment with its recall entries is over the segment limit")
+        where, parts = (r.layer, r.head, r.row), max(r.parts, 1)
+        if r.part != (len(self.parts) if self.entry == where else 0) or (self.entry not in (None, where)):
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"recall piece {r.part} of layer {r.layer} head {r.head} row {r.row} is out of order: send "
+                         f"an entry's pieces consecutively, part 0 to parts - 1")
+        if self.entry is None:
+            self.entry, self.expected = where, parts
+        elif parts != self.expected:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT, f"recall pieces of layer {r.layer} head {r.head} row "
+                                                           f"{r.row} disagree on parts ({parts} vs {self.expected})")
+        self.parts.append(r.data)
+        if len(self.parts) < self.expected:
+            return None
+        blob, self.entry, self.parts = b"".join(self.parts), None, []
+        return (*where, blob)
+
+    def finish(self) -> None:
+        if self.entry is not None:
+            raise Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"Put stream ended inside a recall entry ({len(self.parts)} of {self.expected} pieces)")
 
 
 async def _drain(requests: AsyncIterator, max_bytes: int, timeout_s: float) -> None:

@@ -132,6 +132,9 @@ def add_kvstore_handlers(servicer, server: grpc.aio.Server) -> None:
                                                            response_serializer=serialize)
     handlers["Get"] = grpc.unary_stream_rpc_method_handler(servicer.Get, request_deserializer=pb.GetRequest.FromString,
                                                            response_serializer=serialize)
+    handlers["Recall"] = grpc.unary_stream_rpc_method_handler(servicer.Recall,
+                                                              request_deserializer=pb.RecallRequest.FromString,
+                                                              response_serializer=serialize)
     service = desc.full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
     server.add_registered_method_handlers(service, handlers)

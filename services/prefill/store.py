@@ -3,6 +3,11 @@
 When the store is unreachable, every call would spend the client's retries before failing;
 after one such failure the breaker answers `StoreUnavailable` at once for `cooldown_s`, so
 requests go straight to the bypass path (DESIGN.md 6) instead of each waiting out timeouts.
+
+The store keeps reusable work, not data of record, so no store failure fails a request: a put
+the store refuses (a segment larger than the tenant's whole quota, Redis full, input it rejects)
+raises `NotStored`, and the caller answers from the cache it computed, as on the bypass path;
+`fallback_status` names what the figures say ("not_stored" or "bypassed").
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 from headwise.cache.compact import CompactCache
 from services.asyncutil import settle
+from services.prefill.api import BYPASSED, NOT_STORED
 
 log = logging.getLogger("headwise.store")
 
@@ -29,6 +35,16 @@ def store_errors() -> tuple[type[Exception], type[Exception], type[Exception]]:
     """(StoreError, StoreUnavailable, QuotaExceeded) of the kvstore client."""
     m = _client_module()
     return m.StoreError, m.StoreUnavailable, m.QuotaExceeded
+
+
+class NotStored(Exception):
+    """The store refused to keep a segment; nothing of it was stored. The request goes on with
+    the cache prefill computed (the message says why, for the logs; never sent to a client)."""
+
+
+def fallback_status(e: Exception, unavailable: type[Exception]) -> str:
+    """What Figures.store_status says when a request went on without the store after `e`."""
+    return BYPASSED if isinstance(e, unavailable) else NOT_STORED
 
 
 class TenantStore:
@@ -54,7 +70,15 @@ class TenantStore:
         return await self._call("get", key)
 
     async def put(self, key: str, cache: CompactCache) -> int:
-        return int(await self._call("put", key, cache))
+        """Bytes sent; StoreUnavailable when the store is down, NotStored when it refused the segment."""
+        error, unavailable, _ = self.breaker.errors
+        try:
+            return int(await self._call("put", key, cache))
+        except unavailable:
+            raise
+        except error as e:
+            log.warning("kvstore did not store segment %s: %s", key, e)
+            raise NotStored(str(e)) from None
 
     async def delete(self, key: str) -> bool:
         return bool(await self._call("delete", key))

@@ -38,6 +38,7 @@ from services.prefill.api import (
     ServiceError,
     invalid,
 )
+from services.prefill.store import NotStored, fallback_status
 
 log = logging.getLogger("headwise.prefill")
 FILL_POLL_S = 0.25  # how often a request waiting for another replica's computation looks again
@@ -169,11 +170,9 @@ class PrefillWorker:
                 handle = await self._with_store(req, plan, policy)
             except ServiceError:
                 raise
-            except self.stores.errors[2] as e:  # QuotaExceeded
-                raise ServiceError("RESOURCE_EXHAUSTED", f"tenant {req.tenant!r} is over its stored-bytes quota: {e}") from None
-            except self.stores.errors[1] as e:  # StoreUnavailable (put/get after the lookup)
-                log.warning("kvstore unavailable, bypassing: %s", e)
-                handle = await self._bypass(plan, [], None)
+            except self.stores.errors[0] as e:  # any store failure: answer without the store
+                log.warning("kvstore failed, answering without it: %s", e)
+                handle = await self._bypass(plan, [], None, fallback_status(e, self.stores.errors[1]))
         handle.policy = describe(policy)
         handle.prefill_s = time.perf_counter() - t0
         self.metrics.prefill(policy.name, handle.store_status, handle.prefill_s)
@@ -220,9 +219,9 @@ class PrefillWorker:
                 wire += await store.put(plan.store_keys[i], res.segment)
                 if plan.store_keys[i] == plan.keys[i] and (i > 0 or policy.reusable):
                     self._remember(plan.keys[i], res.segment)
-            except self.stores.errors[1] as e:
-                log.warning("kvstore unavailable during put, bypassing: %s", e)
-                return await self._bypass(plan, segs, (cache, logits))
+            except (self.stores.errors[1], NotStored) as e:  # down, or refused the segment
+                log.warning("segment not stored, answering from the computed cache: %s", e)
+                return await self._bypass(plan, segs, (cache, logits), fallback_status(e, self.stores.errors[1]))
         reused_tokens = sum(len(s) for s in plan.segments[:reused])
         status = PRIVATE if not policy.reusable else (STORED if reused == 0 else REUSED if reused == len(plan.segments) - 1 else PARTIAL)
         return self._handle(plan, segs, logits, reused_tokens, wire, status)
@@ -276,8 +275,9 @@ class PrefillWorker:
             del self._inflight[key]
         lease.set_result(None)
 
-    async def _bypass(self, plan: _Plan, segs: list[CompactCache], state) -> CacheHandle:
-        """The store is unreachable: compute what is missing and hand the segments over through Ray."""
+    async def _bypass(self, plan: _Plan, segs: list[CompactCache], state, status: str = BYPASSED) -> CacheHandle:
+        """Without the store (unreachable, or it refused a segment): compute what is missing and
+        hand the segments over through Ray."""
         segs = list(segs)
         cache, logits = state if state else (None, None)
         if not segs:
@@ -286,7 +286,7 @@ class PrefillWorker:
             res = await self._model(self.runner.prefill_segment, plan.segments[i], cache, plan.policies[i])
             cache, logits = res.cache, res.logits
             segs.append(res.segment)
-        handle = self._handle(plan, segs, logits, 0, 0, BYPASSED)
+        handle = self._handle(plan, segs, logits, 0, 0, status)
         handle.inline_segments = segs
         handle.ephemeral = []
         return handle

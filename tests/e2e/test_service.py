@@ -81,9 +81,10 @@ async def test_bad_input_is_invalid_argument(cluster):
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "1500" in e.details()
 
 
-async def test_limits_are_resource_exhausted(cluster, document):
-    e = await status_of(cluster, key="small-key", context=document, policy="streaming")  # quota of 1000 bytes
-    assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+async def test_a_cache_over_the_quota_is_answered_not_stored_and_only_the_stream_limit_is_exhausted(cluster, document):
+    async with client(cluster, "small") as c:  # quota of 1000 bytes: the cache cannot be kept
+        ans = await c.ask(QUESTION, document, **ASK)
+    assert ans.figures["store_status"] == "not_stored" and "4817" in ans.text
     import redis.asyncio as redis
 
     r = redis.from_url(cluster.endpoints.redis)

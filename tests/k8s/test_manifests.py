@@ -74,10 +74,13 @@ def test_cpu_overlay_uses_no_gpu():
 def test_redis_is_a_cache_without_persistence():
     docs = build(K8S_DIR / "overlays" / "cpu")
     conf = find(docs, "ConfigMap", "redis-config")["data"]["redis.conf"].splitlines()
-    assert "maxmemory-policy allkeys-lru" in conf and 'save ""' in conf and "appendonly no" in conf
+    # Redis must never evict by itself: its LRU is across tenants (the kvstore evicts per tenant)
+    assert "maxmemory-policy noeviction" in conf and 'save ""' in conf and "appendonly no" in conf
     maxmem = next(line.split()[1] for line in conf if line.startswith("maxmemory "))
     limit = find(docs, "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
     assert int(maxmem.removesuffix("mb")) < int(limit.removesuffix("Gi")) * 1024, "maxmemory must stay below the memory limit"
+    quota = int(find(docs, "ConfigMap", "headwise-config")["data"]["HEADWISE_TENANT_QUOTA_BYTES"])
+    assert 4 * quota * 1.25 < int(maxmem.removesuffix("mb")) << 20, "four tenants' quotas (+25%) must fit in maxmemory"
 
 
 def test_redis_persistence_patch_renders_and_validates():
@@ -145,5 +148,5 @@ def test_docs_name_every_secret_and_autoscaler():
     doc = (checks.ROOT / "docs" / "deploy.md").read_text()
     for secret in yaml.safe_load((K8S_DIR / "required-secrets.yaml").read_text()):
         assert secret in doc
-    for phrase in ("ongoing requests", "pending", "CPU", "held_kv_bytes", "allkeys-lru"):
+    for phrase in ("ongoing requests", "pending", "CPU", "held_kv_bytes", "noeviction"):
         assert phrase in doc

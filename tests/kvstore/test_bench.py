@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import redis
 from rich.console import Console
 
@@ -37,3 +38,20 @@ async def test_bench_cache_measures_and_cleans_up(service, redis_url, redis_proc
     out.print(cpu_table({"small": row}))
     text = out.export_text()
     assert text.count("small") == 5 and "raw_set" in text  # one row in the first table, four in the CPU one
+
+
+@pytest.mark.slow
+async def test_bench_eviction_fills_the_quota_and_every_timed_put_evicts() -> None:
+    from bench.eviction import run_async
+    from bench.eviction import table as eviction_table
+
+    row = await run_async(rows=20, docs_in_quota=2, puts=4, concurrency=2, repeats=1)
+    assert row["evictions"] == 2 * 4  # the warm-up and the timed round: each put evicted one document
+    assert row["evicted_bytes"] == 8 * row["document_bytes"] and row["full_segments"] == 2
+    assert row["full_tenant_bytes"] == 2 * row["document_bytes"] <= row["quota_bytes"]
+    assert row["room_puts_s"] > 0 and row["full_puts_s"] > 0 and 0 < row["ratio_full_room_paired"] < float("inf")
+    assert row["redis_overhead"] > 1.0  # Redis holds at least the bytes it stores
+    assert row["commit_us_full"] > 0 and row["commit_us_room"] > 0
+    out = Console(width=250, record=True)
+    out.print(eviction_table([row]))
+    assert "evicts one document" in out.export_text()

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from headwise.cache.codec import encode
-from services.kvstore.backend import Limits, QuotaExceededError
+from services.kvstore.backend import Evicted, Limits, SegmentTooLarge
 from tests.kvstore.conftest import small_cache
 
 NO_LIMITS = Limits()
@@ -31,8 +31,8 @@ async def read_all(backend, tenant: str, key: str) -> tuple[bytes, list[bytes]] 
 
 
 async def test_round_trip_is_byte_exact(backend) -> None:
-    seg, (stored, tenant_bytes) = await put(backend, "acme", "k1")
-    assert stored == seg.nbytes + len(b"originals of row 1") == tenant_bytes
+    seg, (stored, tenant_bytes, evicted) = await put(backend, "acme", "k1")
+    assert stored == seg.nbytes + len(b"originals of row 1") == tenant_bytes and evicted == Evicted()
     header, chunks = await read_all(backend, "acme", "k1")
     assert header == seg.header and chunks == seg.chunks and len(chunks) > 3
     m = await backend.manifest("acme", "k1")
@@ -88,37 +88,98 @@ async def test_delete_removes_everything(backend) -> None:
 
 
 async def test_replacing_a_key_counts_it_once(backend) -> None:
-    seg1, (s1, _) = await put(backend, "acme", "k", seed=1)
-    seg2, (s2, used) = await put(backend, "acme", "k", seed=2)
+    seg1, (s1, _, _) = await put(backend, "acme", "k", seed=1)
+    seg2, (s2, used, _) = await put(backend, "acme", "k", seed=2)
     assert used == s2 and await backend.usage("acme") == (s2, 1)
     header, chunks = await read_all(backend, "acme", "k")
     assert header == seg2.header and chunks == seg2.chunks
 
 
-async def test_quota_rejects_before_and_at_commit_leaving_nothing(backend) -> None:
-    _, (stored, _) = await put(backend, "acme", "first")
-    limits = Limits(quota_bytes=stored + stored // 2)
-    with pytest.raises(QuotaExceededError, match="over its quota"):
-        await put(backend, "acme", "second", seed=1, limits=limits)
-    assert await backend.manifest("acme", "second") is None
-    assert await backend.usage("acme") == (stored, 1)
-    # declared size fits, but another put lands first: the commit re-checks
-    seg = encode(small_cache(3), chunk_size=256)
-    w = await backend.begin_put("acme", "third", seg.header, len(seg.chunks), sum(map(len, seg.chunks)),
-                                Limits(quota_bytes=2 * stored + 100))
-    for i, c in enumerate(seg.chunks):
-        await w.chunk(i, c)
-    await put(backend, "acme", "racer", seed=4)
-    with pytest.raises(QuotaExceededError):
-        await w.commit()
-    assert await backend.manifest("acme", "third") is None
-    assert (await backend.usage("acme"))[1] == 2
-    # another tenant's quota is its own
-    await put(backend, "globex", "second", seed=1, limits=limits)
+async def test_a_segment_larger_than_the_quota_is_refused_leaving_everything_as_it_was(backend) -> None:
+    seg0, (stored, _, _) = await put(backend, "acme", "first")
+    seg = encode(small_cache(1), chunk_size=256)
+    declared = len(seg.header) + sum(map(len, seg.chunks))
+    with pytest.raises(SegmentTooLarge, match="larger than tenant 'acme'"):  # refused before any chunk
+        await backend.begin_put("acme", "big", seg.header, len(seg.chunks), declared - len(seg.header),
+                                Limits(quota_bytes=declared - 1))
+    # the declared chunks fit, the recall entries take it over: refused at the commit, nothing evicted
+    with pytest.raises(SegmentTooLarge):
+        await put(backend, "acme", "big", seed=1, limits=Limits(quota_bytes=declared + 5))
+    assert await backend.manifest("acme", "big") is None
+    assert await backend.usage("acme") == (stored, 1) and await read_all(backend, "acme", "first") == (
+        seg0.header, seg0.chunks)
+    assert await backend.evictions("acme") == Evicted()
+
+
+async def test_a_full_quota_evicts_the_least_recently_used_segments(backend) -> None:
+    _, (size, _, _) = await put(backend, "acme", "a")
+    quota = Limits(quota_bytes=3 * size + size // 2)  # room for three
+    for k in ("b", "c"):
+        await put(backend, "acme", k, limits=quota)
+    assert await backend.manifest("acme", "a") is not None  # a Get: a is now the most recent
+    _, (_, used, evicted) = await put(backend, "acme", "d", limits=quota)
+    assert evicted == Evicted(1, size) and used == 3 * size
+    assert await backend.lookup("acme", ["b"]) == 0 and await backend.lookup("acme", ["a"]) == 1  # a looked up
+    assert await backend.recall("acme", "c", 0, 0, 1) is not None  # a Recall: order now d, a, c
+    _, (_, _, evicted) = await put(backend, "acme", "e", limits=quota)
+    assert evicted == Evicted(1, size) and await backend.lookup("acme", ["d"]) == 0
+    assert {k for k in "abcde" if await backend.lookup("acme", [k])} == {"a", "c", "e"}
+    assert await read_all(backend, "acme", "d") is None and await backend.recall("acme", "d", 0, 0, 1) is None
+    # one put may need several evictions; its own older version is replaced, not evicted
+    _, (_, used, evicted) = await put(backend, "acme", "e", seed=5, limits=Limits(quota_bytes=size + 10))
+    assert evicted == Evicted(2, 2 * size) and used == size and await backend.usage("acme") == (size, 1)
+    assert await backend.evictions("acme") == Evicted(4, 4 * size)
+
+
+async def test_concurrent_puts_never_take_usage_over_the_quota(backend) -> None:
+    _, (size, _, _) = await put(backend, "acme", "probe")
+    await backend.delete("acme", "probe")
+    quota = Limits(quota_bytes=3 * size)
+    segs = [encode(small_cache(i), chunk_size=256) for i in range(8)]
+    writers = [await backend.begin_put("acme", f"doc{i}", s.header, len(s.chunks), sum(map(len, s.chunks)), quota)
+               for i, s in enumerate(segs)]
+
+    async def upload(w, seg):
+        for i, c in enumerate(seg.chunks):
+            await w.chunk(i, c)
+            await asyncio.sleep(0)
+        await w.recall(0, 0, 1, b"originals of row 1")
+        return await w.commit()
+
+    results = await asyncio.gather(*(upload(w, s) for w, s in zip(writers, segs, strict=True)))
+    assert all(used <= quota.quota_bytes for _, used, _ in results)
+    assert sum(e.segments for _, _, e in results) == 5 and await backend.usage("acme") == (3 * size, 3)
+    for i, seg in enumerate(segs):  # whatever is left is whole
+        got = await read_all(backend, "acme", f"doc{i}")
+        assert got is None or got == (seg.header, seg.chunks)
+
+
+async def test_a_tenant_filling_its_quota_never_evicts_another_tenant(backend) -> None:
+    kept = {k: (await put(backend, "globex", k, seed=i))[0] for i, k in enumerate(("g1", "g2"))}
+    _, (size, _, _) = await put(backend, "acme", "a0")
+    for i in range(1, 8):
+        await put(backend, "acme", f"a{i}", seed=i, limits=Limits(quota_bytes=2 * size))
+    assert await backend.evictions("acme") == Evicted(6, 6 * size) and await backend.evictions("globex") == Evicted()
+    for k, seg in kept.items():
+        assert await read_all(backend, "globex", k) == (seg.header, seg.chunks)
+    assert await backend.usage("globex") == (2 * size, 2)
+
+
+async def test_a_reader_of_an_evicted_segment_gets_a_clean_miss(backend) -> None:
+    seg, (size, _, _) = await put(backend, "acme", "a")
+    m = await backend.manifest("acme", "a")
+    first = await backend.chunks("acme", m, 0, 2)
+    assert first == seg.chunks[:2]
+    await put(backend, "acme", "b", seed=1, limits=Limits(quota_bytes=size + 10))  # evicts a mid-read
+    assert await backend.chunks("acme", m, 2, m.num_chunks) == [None] * (m.num_chunks - 2)
+    # stored again (another upload): the old reader still misses, never reads the new upload's chunks
+    await put(backend, "acme", "a", seed=2, limits=Limits(quota_bytes=size + 10))
+    assert await backend.chunks("acme", m, 2, m.num_chunks) == [None] * (m.num_chunks - 2)
+    assert (await backend.manifest("acme", "a")).upload != m.upload
 
 
 async def test_ttl_expires_segments_and_frees_quota(backend) -> None:
-    _, (stored, _) = await put(backend, "acme", "k", limits=Limits(ttl_s=0.3))
+    _, (stored, _, _) = await put(backend, "acme", "k", limits=Limits(ttl_s=0.3))
     await put(backend, "acme", "forever")
     assert await backend.lookup("acme", ["k"]) == 1
     for _ in range(50):
@@ -129,8 +190,9 @@ async def test_ttl_expires_segments_and_frees_quota(backend) -> None:
     assert await backend.recall("acme", "k", 0, 0, 1) is None
     _, n = await backend.usage("acme")
     assert n == 1
-    # the expired segment no longer counts against the quota
-    await put(backend, "acme", "k2", limits=Limits(quota_bytes=2 * stored + 10))
+    # the expired segment no longer counts against the quota: nothing live is evicted for k2
+    _, (_, used, evicted) = await put(backend, "acme", "k2", limits=Limits(quota_bytes=2 * stored + 10))
+    assert evicted == Evicted() and used == 2 * stored and await backend.lookup("acme", ["forever"]) == 1
 
 
 async def test_semaphore_counts_slots_renews_releases_and_lapses(backend) -> None:

@@ -37,15 +37,18 @@ class MemoryStoreClient:
     async def put(self, key, cache):
         self._check()
         quota = self.flags.get("quota")
-        used = sum(c.nbytes for (t, _), c in self.data.items() if t == self.tenant)
-        if quota is not None and used + cache.nbytes > quota:
-            raise QuotaExceeded("RESOURCE_EXHAUSTED", f"{used + cache.nbytes} > {quota}")
+        if quota is not None and cache.nbytes > quota:  # the real store evicts for anything smaller
+            raise QuotaExceeded("RESOURCE_EXHAUSTED", f"segment of {cache.nbytes} bytes > quota {quota}")
+        if (code := self.flags.get("refuse")) is not None:  # any other refusal of the real store
+            raise StoreError(code, "refused by the test")
         self.data[(self.tenant, key)] = cache.clone()
         self.flags["puts"] = self.flags.get("puts", 0) + 1
         return cache.nbytes
 
     async def get(self, key):
         self._check()
+        if (code := self.flags.get("get_error")) is not None:
+            raise StoreError(code, "get failed in the test")
         if key in self.flags.get("corrupt", set()):
             self.flags["corrupt"].discard(key)
             return None

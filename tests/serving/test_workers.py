@@ -103,12 +103,22 @@ async def test_corrupt_segment_is_recomputed(stack):
     assert ids == ref and fig.store_status in ("stored", "reused")
 
 
-async def test_quota_is_resource_exhausted(stack):
+@pytest.mark.parametrize("refusal", [{"quota": 10}, {"refuse": "INVALID_ARGUMENT"}, {"refuse": "INTERNAL"}])
+async def test_a_refused_put_is_answered_and_says_not_stored(stack, refusal):
     dw, mem, _ = stack
-    mem.flags["quota"] = 10
-    with pytest.raises(ServiceError) as e:
-        await ask(dw)
-    assert e.value.code == "RESOURCE_EXHAUSTED"
+    ref, _ = await ask(dw, context=DOC + "another document")  # the same question, stored normally
+    mem.data.clear()
+    mem.flags.update(refusal)
+    ids, fig = await ask(dw, context=DOC + "another document")
+    assert fig.store_status == "not_stored" and ids == ref and not mem.data
+
+
+async def test_a_store_error_on_fetch_is_answered_inline(stack):
+    dw, mem, _ = stack
+    ref, _ = await ask(dw)
+    mem.flags["get_error"] = "INTERNAL"  # neither unavailable nor a miss: decode takes the cache inline
+    ids, fig = await ask(dw)
+    assert ids == ref and fig.store_status == "not_stored"
 
 
 async def test_oversize_prompt_names_the_limit(stack):

@@ -37,16 +37,20 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RecallEntry(_message.Message):
-    __slots__ = ("layer", "head", "row", "data")
+    __slots__ = ("layer", "head", "row", "data", "part", "parts")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     ROW_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    PART_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     layer: int
     head: int
     row: int
     data: bytes
-    def __init__(self, layer: _Optional[int] = ..., head: _Optional[int] = ..., row: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    part: int
+    parts: int
+    def __init__(self, layer: _Optional[int] = ..., head: _Optional[int] = ..., row: _Optional[int] = ..., data: _Optional[bytes] = ..., part: _Optional[int] = ..., parts: _Optional[int] = ...) -> None: ...
 
 class PutResponse(_message.Message):
     __slots__ = ("stored_bytes", "tenant_bytes")
@@ -105,10 +109,12 @@ class RecallRequest(_message.Message):
     def __init__(self, key: _Optional[str] = ..., layer: _Optional[int] = ..., head: _Optional[int] = ..., row: _Optional[int] = ...) -> None: ...
 
 class RecallResponse(_message.Message):
-    __slots__ = ("data",)
+    __slots__ = ("data", "total_bytes")
     DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     data: bytes
-    def __init__(self, data: _Optional[bytes] = ...) -> None: ...
+    total_bytes: int
+    def __init__(self, data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
     __slots__ = ("key",)
@@ -127,20 +133,24 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("tenant", "tenant_bytes", "quota_bytes", "segments", "ttl_s", "backend")
+    __slots__ = ("tenant", "tenant_bytes", "quota_bytes", "segments", "ttl_s", "backend", "evictions", "evicted_bytes")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     TENANT_BYTES_FIELD_NUMBER: _ClassVar[int]
     QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
     SEGMENTS_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     tenant_bytes: int
     quota_bytes: int
     segments: int
     ttl_s: int
     backend: str
-    def __init__(self, tenant: _Optional[str] = ..., tenant_bytes: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., segments: _Optional[int] = ..., ttl_s: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    evictions: int
+    evicted_bytes: int
+    def __init__(self, tenant: _Optional[str] = ..., tenant_bytes: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., segments: _Optional[int] = ..., ttl_s: _Optional[int] = ..., backend: _Optional[str] = ..., evictions: _Optional[int] = ..., evicted_bytes: _Optional[int] = ...) -> None: ...
 
 class AcquireRequest(_message.Message):
     __slots__ = ("name", "holder", "limit", "ttl_s")

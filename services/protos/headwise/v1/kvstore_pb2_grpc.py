@@ -49,7 +49,7 @@ class KVStoreStub:
                 request_serializer=headwise_dot_v1_dot_kvstore__pb2.LookupRequest.SerializeToString,
                 response_deserializer=headwise_dot_v1_dot_kvstore__pb2.LookupResponse.FromString,
                 _registered_method=True)
-        self.Recall = channel.unary_unary(
+        self.Recall = channel.unary_stream(
                 '/headwise.v1.KVStore/Recall',
                 request_serializer=headwise_dot_v1_dot_kvstore__pb2.RecallRequest.SerializeToString,
                 response_deserializer=headwise_dot_v1_dot_kvstore__pb2.RecallResponse.FromString,
@@ -115,7 +115,9 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Recall(self, request, context):
-        """Unary: the originals behind one merged row (one entry is at most 1 MiB).
+        """Server stream: the originals behind one merged row, in pieces of at most 1 MiB (an entry
+        can be larger than gRPC's message cap: a compensation row may stand for thousands of rows).
+        The pieces come from one read of the blob, so they are all of one upload.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -129,7 +131,7 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stats(self, request, context):
-        """Unary: the tenant's usage and the server's counters.
+        """Unary: the tenant's usage, quota and evictions.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -185,7 +187,7 @@ def add_KVStoreServicer_to_server(servicer, server):
                     request_deserializer=headwise_dot_v1_dot_kvstore__pb2.LookupRequest.FromString,
                     response_serializer=headwise_dot_v1_dot_kvstore__pb2.LookupResponse.SerializeToString,
             ),
-            'Recall': grpc.unary_unary_rpc_method_handler(
+            'Recall': grpc.unary_stream_rpc_method_handler(
                     servicer.Recall,
                     request_deserializer=headwise_dot_v1_dot_kvstore__pb2.RecallRequest.FromString,
                     response_serializer=headwise_dot_v1_dot_kvstore__pb2.RecallResponse.SerializeToString,
@@ -323,7 +325,7 @@ class KVStore:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/headwise.v1.KVStore/Recall',
