@@ -54,10 +54,13 @@ try:  # ISA-L's CRC-32: the same polynomial and values as zlib's, ~10x faster (c
 except ImportError:  # pragma: no cover - a platform without isal wheels
     from zlib import crc32
 
+from headwise.cache import quant
 from headwise.cache.compact import NO_RECALL, CompactCache, LayerCache, RecallTable
 from headwise.errors import HeadwiseError
 
-CODEC_VERSION = 2  # 2: chained per-chunk CRCs, none listed in the header (1: every CRC in the header)
+# 3: a row format per segment (float rows or int8 rows with scales), int32 positions and recall ids
+# 2: chained per-chunk CRCs, none listed in the header (1: every CRC in the header)
+CODEC_VERSION = 3
 MAX_CHUNK_BYTES = 1 << 20  # payload of one chunk; gRPC's default message cap is 4 MiB
 ALIGN = 64
 
@@ -69,6 +72,7 @@ _RECALL = struct.Struct("<4sHHII")  # magic, version, dtype code, m, d
 FRAME_OVERHEAD = _FRAME.size
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ROW_FORMATS = ("float32", "bfloat16", "float16", "int8")
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
@@ -111,8 +115,10 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype) -> tuple[list[Field], int]:
-    """Every tensor of the payload in order, with its byte offset; and the payload size."""
+def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype, rows: str) -> tuple[list[Field], int]:
+    """Every tensor of the payload in order, with its byte offset; and the payload size.
+
+    `dtype` is the cache's (recall originals travel in it); `rows` the format of K and V rows."""
     fields: list[Field] = []
     offset = 0
 
@@ -122,13 +128,17 @@ def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype) -> 
         fields.append(f)
         offset = -(-(offset + f.nbytes) // ALIGN) * ALIGN
 
+    row_dtype = torch.int8 if rows == "int8" else quant.FLOAT_ROWS[rows]
     for i, s in enumerate(shapes):
-        add(i, "keys", dtype, (s.rows if s.key_rows is None else s.key_rows, head_dim))
-        add(i, "values", dtype, (s.rows, head_dim))
+        add(i, "keys", row_dtype, (s.rows if s.key_rows is None else s.key_rows, head_dim))
+        add(i, "values", row_dtype, (s.rows, head_dim))
+        if rows == "int8":
+            add(i, "key_scales", quant.KEY_SCALE_DTYPE, (s.num_heads, head_dim))
+            add(i, "value_scales", quant.VALUE_SCALE_DTYPE, (s.rows,))
         add(i, "head_offsets", torch.int64, (s.num_heads + 1,))
-        add(i, "positions", torch.int64, (s.rows,))
+        add(i, "positions", torch.int32, (s.rows,))
         add(i, "log_weights", torch.float32, (s.rows,))
-        add(i, "recall_ids", torch.int64, (s.rows,))
+        add(i, "recall_ids", torch.int32, (s.rows,))
         if s.has_recall:
             add(i, "recall.offsets", torch.int64, (s.groups + 1,))
             add(i, "recall.positions", torch.int64, (s.recall_rows,))
@@ -141,11 +151,17 @@ def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype) -> 
     return fields, offset
 
 
-def _layer_tensors(layer: LayerCache, include_recall: bool) -> dict[str, Tensor]:
-    t = {
-        "keys": layer.keys, "values": layer.values, "head_offsets": layer.head_offsets,
-        "positions": layer.positions, "log_weights": layer.log_weights, "recall_ids": layer.recall_ids,
-    }
+def _layer_tensors(layer: LayerCache, include_recall: bool, rows: str) -> dict[str, Tensor]:
+    t = {"head_offsets": layer.head_offsets, "positions": _int32(layer.positions, "positions"),
+         "log_weights": layer.log_weights, "recall_ids": _int32(layer.recall_ids, "recall ids")}
+    if rows == "int8":
+        try:
+            t["keys"], t["key_scales"] = quant.quantise_keys(layer.keys, layer.key_offsets())
+            t["values"], t["value_scales"] = quant.quantise_values(layer.values)
+        except ValueError as e:
+            raise CodecError(str(e)) from None
+    else:
+        t["keys"], t["values"] = (x.to(quant.FLOAT_ROWS[rows]) for x in (layer.keys, layer.values))
     r = layer.recall
     if r is not None:
         t.update({"recall.offsets": r.offsets, "recall.positions": r.positions, "recall.heads": r.heads})
@@ -154,6 +170,13 @@ def _layer_tensors(layer: LayerCache, include_recall: bool) -> dict[str, Tensor]
     if layer.distant is not None:
         t["distant"] = layer.distant
     return t
+
+
+def _int32(t: Tensor, what: str) -> Tensor:
+    """An int64 field as the int32 it travels as; CodecError when a value does not fit (never wraps)."""
+    if t.numel() and (int(t.min()) < -(2**31) or int(t.max()) >= 2**31):
+        raise CodecError(f"{what} outside the int32 range cannot be encoded")
+    return t.to(torch.int32)
 
 
 def _layer_shape(layer: LayerCache, include_recall: bool) -> LayerShape:
@@ -175,7 +198,7 @@ class SegmentHeader:
     """The parsed header blob: everything needed to check and decode the chunks."""
 
     segment_id: bytes
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the cache: what decode gives back
     head_dim: int
     seq_len: int
     start: int
@@ -183,6 +206,7 @@ class SegmentHeader:
     layers: tuple[LayerShape, ...]
     total_bytes: int
     chunk_size: int
+    rows: str = "float32"  # format of the K and V rows on the wire: float32, bfloat16, float16 or int8
     seed: int = dataclasses.field(default=0, compare=False)  # chunk 0's CRC seed, set by parse_header
 
     @property
@@ -198,7 +222,7 @@ class SegmentHeader:
             "segment_id": self.segment_id.hex(), "dtype": _DTYPE_NAMES[self.dtype], "head_dim": self.head_dim,
             "seq_len": self.seq_len, "start": self.start, "meta": self.meta,
             "layers": [[s.num_heads, s.rows, s.groups, s.recall_rows, s.has_recall, s.recall_data] for s in self.layers],
-            "total_bytes": self.total_bytes, "chunk_size": self.chunk_size,
+            "total_bytes": self.total_bytes, "chunk_size": self.chunk_size, "rows": self.rows,
         }
         distant = {str(i): [s.key_rows, list(s.distant_from)] for i, s in enumerate(self.layers) if s.key_rows is not None}
         if distant:
@@ -233,6 +257,8 @@ def parse_header(blob: bytes) -> SegmentHeader:
 def _header_from_body(b: dict, digest: bytes) -> SegmentHeader:
     if b["dtype"] not in _DTYPES:
         raise CodecError(f"unknown dtype {b['dtype']!r}; allowed: {', '.join(_DTYPES)}")
+    if b["rows"] not in ROW_FORMATS:
+        raise CodecError(f"unknown row format {b['rows']!r}; allowed: {', '.join(ROW_FORMATS)}")
     layers = tuple(LayerShape(int(h), int(r), int(g), int(m), bool(hr), bool(rd)) for h, r, g, m, hr, rd in b["layers"])
     for i, (k, df) in b.get("distant", {}).items():
         i = int(i)
@@ -244,9 +270,9 @@ def _header_from_body(b: dict, digest: bytes) -> SegmentHeader:
     h = SegmentHeader(
         segment_id=bytes.fromhex(b["segment_id"]), dtype=_DTYPES[b["dtype"]], head_dim=int(b["head_dim"]),
         seq_len=int(b["seq_len"]), start=int(b["start"]), meta=b["meta"], layers=layers,
-        total_bytes=int(b["total_bytes"]), chunk_size=int(b["chunk_size"]),
+        total_bytes=int(b["total_bytes"]), chunk_size=int(b["chunk_size"]), rows=b["rows"],
     )
-    _, total = _layout(h.layers, h.head_dim, h.dtype)
+    _, total = _layout(h.layers, h.head_dim, h.dtype, h.rows)
     if total != h.total_bytes or len(h.segment_id) != 16:
         raise CodecError(f"header is inconsistent: layout needs {total} bytes, header says {h.total_bytes}")
     if not 0 < h.chunk_size <= MAX_CHUNK_BYTES:
@@ -326,25 +352,28 @@ class StreamingSegment:
         return EncodedSegment(self.header, list(self.frames()))
 
 
-def encode(cache: CompactCache, *, include_recall: bool = True, chunk_size: int = MAX_CHUNK_BYTES) -> EncodedSegment:
-    """Serialise a cache (its tail folded in) into a header blob and chunk frames."""
-    return encode_streaming(cache, include_recall=include_recall, chunk_size=chunk_size).materialize()
+def encode(cache: CompactCache, *, include_recall: bool = True, chunk_size: int = MAX_CHUNK_BYTES,
+           precision: str | None = None) -> EncodedSegment:
+    """Serialise a cache (its tail folded in) into a header blob and chunk frames.
+
+    `precision` ("fp32", "bf16", "fp16", "int8"): the format of the K and V rows on the wire;
+    None: the cache's own dtype (lossless). Decoding gives back the cache's own dtype either way."""
+    return encode_streaming(cache, include_recall=include_recall, chunk_size=chunk_size, precision=precision).materialize()
 
 
-def encode_streaming(cache: CompactCache, *, include_recall: bool = True,
-                     chunk_size: int = MAX_CHUNK_BYTES) -> StreamingSegment:
-    """Like `encode`, but each frame is checksummed and copied out of the tensors only when asked for."""
+def encode_streaming(cache: CompactCache, *, include_recall: bool = True, chunk_size: int = MAX_CHUNK_BYTES,
+                     precision: str | None = None) -> StreamingSegment:
+    """Like `encode`, but each frame is checksummed and copied out of the tensors only when asked for
+    (int8 rows are quantised up front: the frames are views of the quantised tensors)."""
     if not 0 < chunk_size <= MAX_CHUNK_BYTES:
         raise CodecError(f"chunk_size={chunk_size} is outside (0, {MAX_CHUNK_BYTES}]")
     if not cache.layers:
         raise CodecError("a cache with no layers cannot be encoded")
     cache = cache.compacted()
-    dtype, head_dim = cache.layers[0].keys.dtype, cache.layers[0].head_dim
-    if dtype not in _DTYPE_NAMES:
-        raise CodecError(f"dtype {dtype} is not supported; allowed: {', '.join(_DTYPES)}")
+    dtype, head_dim, rows = _formats(cache, precision)
     shapes = [_layer_shape(layer, include_recall) for layer in cache.layers]
-    fields, total = _layout(shapes, head_dim, dtype)
-    tensors = [_layer_tensors(layer, include_recall) for layer in cache.layers]
+    fields, total = _layout(shapes, head_dim, dtype, rows)
+    tensors = [_layer_tensors(layer, include_recall, rows) for layer in cache.layers]
     pieces = _pieces(fields, total, tensors)
     segment_id = os.urandom(16)
     payloads = _split(pieces, total, chunk_size)
@@ -353,11 +382,45 @@ def encode_streaming(cache: CompactCache, *, include_recall: bool = True,
     except (TypeError, ValueError) as e:
         raise CodecError(f"cache.meta must be JSON-serialisable: {e}") from None
     header = SegmentHeader(segment_id, dtype, head_dim, cache.seq_len, cache.start, meta, tuple(shapes),
-                           total, chunk_size).to_bytes()
+                           total, chunk_size, rows).to_bytes()
     n = len(payloads)
     prefixes = [_FRAME.pack(b"HWKC", CODEC_VERSION, segment_id, i, n, sum(map(len, parts)), 0)[:_FRAME_CRC_AT]
                 for i, parts in enumerate(payloads)]
     return StreamingSegment(header, total + FRAME_OVERHEAD * n, prefixes, payloads, chain_seed(header[-_DIGEST:]))
+
+
+def _formats(cache: CompactCache, precision: str | None) -> tuple[torch.dtype, int, str]:
+    """(the cache's dtype, head_dim, the row format `precision` names); CodecError when unsupported."""
+    dtype, head_dim = cache.layers[0].keys.dtype, cache.layers[0].head_dim
+    if dtype not in _DTYPE_NAMES:
+        raise CodecError(f"dtype {dtype} is not supported; allowed: {', '.join(_DTYPES)}")
+    try:
+        return dtype, head_dim, quant.row_format(precision, dtype)
+    except ValueError as e:
+        raise CodecError(str(e)) from None
+
+
+def encoded_nbytes(cache: CompactCache, precision: str | None = None, *, include_recall: bool = False,
+                   chunk_size: int = MAX_CHUNK_BYTES) -> int:
+    """Bytes of `encode(cache, ...)` (header blob + chunk frames), computed from the shapes alone."""
+    cache = cache.compacted()
+    dtype, head_dim, rows = _formats(cache, precision)
+    shapes = tuple(_layer_shape(layer, include_recall) for layer in cache.layers)
+    _, total = _layout(shapes, head_dim, dtype, rows)
+    meta = json.loads(json.dumps(cache.meta))
+    header = SegmentHeader(bytes(16), dtype, head_dim, cache.seq_len, cache.start, meta, shapes, total, chunk_size, rows)
+    return len(header.to_bytes()) + total + FRAME_OVERHEAD * header.num_chunks
+
+
+def stored_nbytes(cache: CompactCache, precision: str | None = None, *, chunk_size: int = MAX_CHUNK_BYTES) -> int:
+    """Bytes a store put of `cache` sends and keeps: the segment without recall data, plus one
+    recall blob per merged row with originals (`encode_recall`)."""
+    recall = 0
+    for layer in cache.layers:
+        r = layer.recall
+        if r is not None and r.num_groups and r.keys.shape[0] == r.positions.numel():
+            recall += r.num_groups * (_RECALL.size + 4) + r.positions.numel() * (8 + 2 * r.keys.shape[1] * r.keys.element_size())
+    return encoded_nbytes(cache, precision, chunk_size=chunk_size) + recall
 
 
 def _pieces(fields: list[Field], total: int, tensors: list[dict[str, Tensor]]) -> list[memoryview]:
@@ -469,16 +532,40 @@ def decode(header: bytes, chunks: Iterable[bytes], recall: Iterable["RecallEntry
 
 
 def _build(h: SegmentHeader, payload: memoryview, recall: list["RecallEntry"], device) -> CompactCache:
-    fields, _ = _layout(h.layers, h.head_dim, h.dtype)
+    fields, _ = _layout(h.layers, h.head_dim, h.dtype, h.rows)
     per_layer: list[dict[str, Tensor]] = [{} for _ in h.layers]
     for f in fields:
         n = f.nbytes // _itemsize(f.dtype)
         t = torch.frombuffer(payload, dtype=f.dtype, count=n, offset=f.offset) if n else torch.empty(0, dtype=f.dtype)
         per_layer[f.layer][f.name] = t.reshape(f.shape).to(device)
+    for t in per_layer:
+        _restore_rows(t, h)
     layers = [_layer_from(i, s, t, h.head_dim) for i, (s, t) in enumerate(zip(h.layers, per_layer, strict=True))]
     if recall:
         _attach_recall(layers, recall, h)
     return CompactCache(layers, h.seq_len, h.start, dict(h.meta))
+
+
+def _restore_rows(t: dict[str, Tensor], h: SegmentHeader) -> None:
+    """Fields as the cache holds them: K and V rows in the cache's dtype (int8 dequantised here,
+    once, when the cache is loaded: bench.kvquant measured that faster than per decode step on
+    CPU), int64 positions and recall ids. fp32 rows of an fp32 cache stay views of the payload."""
+    t["positions"], t["recall_ids"] = t["positions"].to(torch.int64), t["recall_ids"].to(torch.int64)
+    if h.rows == "int8":
+        offs = t["head_offsets"]
+        if int(offs[0]) != 0 or int(offs[-1]) != t["values"].shape[0] or bool((offs[1:] < offs[:-1]).any()):
+            return  # left as is: _layer_from rejects the layer and says why
+        key_offs = offs
+        if "distant" in t:
+            before = torch.zeros(t["distant"].numel() + 1, dtype=torch.long, device=offs.device)
+            before[1:] = torch.cumsum(t["distant"].long(), 0)
+            key_offs = offs - before[offs]
+        if int(key_offs[-1]) != t["keys"].shape[0]:
+            return
+        t["keys"] = quant.dequantise_keys(t.pop("keys"), t.pop("key_scales"), key_offs, h.dtype)
+        t["values"] = quant.dequantise_values(t.pop("values"), t.pop("value_scales"), h.dtype)
+    elif t["keys"].dtype != h.dtype:
+        t["keys"], t["values"] = t["keys"].to(h.dtype), t["values"].to(h.dtype)
 
 
 def _layer_from(i: int, s: LayerShape, t: dict[str, Tensor], head_dim: int) -> LayerCache:

@@ -1,0 +1,120 @@
+"""Row precision of a stored cache: fp32 / bf16 / fp16 rows, or int8 rows with scales.
+
+int8 (absmax, symmetric, round to nearest, q in [-127, 127]):
+  keys    one fp32 scale per (KV head, channel) over that head's key rows, because key
+          outliers sit in fixed channels (KIVI, arXiv 2402.02750): scales [Hkv, d]
+  values  one fp16 scale per row (token): scales [R]
+  scale = absmax / 127 (0 for an all-zero head channel or row, whose q are 0).
+Error bound per element: |x - dequantise(quantise(x))| <= 0.5 * s * (1 + 2^-9), s the element's
+scale as stored (a value scale is rounded up to fp16, never down; the 2^-9 covers fp32 arithmetic),
+plus the rounding of the result to the engine's dtype (bf16: 2^-8 relative). The granularity was
+chosen by measurement on the default model's cache (bench.kvquant, docs/kvstore.md).
+
+Only K and V rows are ever quantised; positions, log-weights, PoD distant masks and recall
+handles stay exact. `as_stored` gives a cache with the rows decode will get back from the
+store, so prefill can run later segments over exactly those rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from headwise.cache.compact import CompactCache, LayerCache
+
+PRECISIONS = ("fp32", "bf16", "int8")  # what a request may ask for (Generate.kv_precision)
+ROW_FORMATS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
+FLOAT_ROWS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QMAX = 127
+KEY_SCALE_DTYPE = torch.float32
+VALUE_SCALE_DTYPE = torch.float16
+
+
+def row_format(precision: str | None, dtype: torch.dtype) -> str:
+    """The codec's row format name for a precision (None: the cache's own dtype, lossless)."""
+    if precision is None:
+        return {v: k for k, v in FLOAT_ROWS.items()}[dtype]
+    if precision not in ROW_FORMATS:
+        raise ValueError(f"kv precision {precision!r} is not one of {', '.join(ROW_FORMATS)}")
+    return ROW_FORMATS[precision]
+
+
+def head_index(offsets: Tensor, rows: int) -> Tensor:
+    """[rows] int64: the head each row belongs to, from offsets [H + 1]."""
+    lens = (offsets[1:] - offsets[:-1]).to(torch.long)
+    return torch.repeat_interleave(torch.arange(lens.numel(), device=offsets.device), lens, output_size=rows)
+
+
+def quantise_keys(keys: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """keys [Rk, d] (any float dtype), offsets [H + 1] of its heads -> (q [Rk, d] int8, scales [H, d] fp32)."""
+    H, d = offsets.numel() - 1, keys.shape[1]
+    x = keys.float()
+    absmax = torch.zeros(H, d, dtype=torch.float32, device=keys.device)
+    if x.shape[0]:
+        idx = head_index(offsets, x.shape[0])[:, None].expand(-1, d)
+        absmax.scatter_reduce_(0, idx, x.abs(), "amax")
+    if not bool(torch.isfinite(absmax).all()):
+        raise ValueError("key rows hold non-finite entries; they cannot be stored as int8")
+    scales = (absmax / QMAX).to(KEY_SCALE_DTYPE)
+    if not x.shape[0]:
+        return torch.zeros(0, d, dtype=torch.int8, device=keys.device), scales
+    per_row = scales[head_index(offsets, x.shape[0])]  # [Rk, d]
+    return _round(x, per_row), scales
+
+
+def quantise_values(values: Tensor) -> tuple[Tensor, Tensor]:
+    """values [R, d] -> (q [R, d] int8, scales [R] fp16)."""
+    x = values.float()
+    exact = x.abs().amax(dim=1) / QMAX if x.shape[0] else x.new_zeros(0)
+    if exact.numel() and not float(exact.max()) <= torch.finfo(VALUE_SCALE_DTYPE).max:
+        raise ValueError("value rows hold non-finite or out-of-range entries; they cannot be stored as int8")
+    scales = exact.to(VALUE_SCALE_DTYPE)
+    # rounded up where fp16 rounded it down, so x / scale never passes QMAX and the bound holds
+    scales = torch.where(scales.float() < exact, torch.nextafter(scales, torch.full_like(scales, float("inf"))), scales)
+    return _round(x, scales.float()[:, None]), scales
+
+
+def _round(x: Tensor, scale: Tensor) -> Tensor:
+    """round(x / scale) clamped to [-QMAX, QMAX]; 0 where the scale is 0 (an all-zero group)."""
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x / safe).clamp_(-QMAX, QMAX).to(torch.int8)
+
+
+def dequantise_keys(q: Tensor, scales: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
+    """q [Rk, d] int8, scales [H, d], offsets [H + 1] -> keys [Rk, d] of `dtype`."""
+    if not q.shape[0]:
+        return torch.zeros(q.shape, dtype=dtype, device=q.device)
+    return (q.float() * scales.float()[head_index(offsets, q.shape[0])]).to(dtype)
+
+
+def dequantise_values(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """q [R, d] int8, scales [R] -> values [R, d] of `dtype`."""
+    return (q.float() * scales.float()[:, None]).to(dtype)
+
+
+def error_bound(scale: Tensor) -> Tensor:
+    """The largest |x - x_hat| an element with stored scale `scale` can have (before the engine dtype's rounding)."""
+    return 0.5 * scale.float() * (1 + 2.0**-9)
+
+
+def _layer_as_stored(layer: LayerCache, fmt: str) -> LayerCache:
+    dtype = layer.keys.dtype
+    if fmt == "int8":
+        kq, ks = quantise_keys(layer.keys, layer.key_offsets())
+        vq, vs = quantise_values(layer.values)
+        keys, values = dequantise_keys(kq, ks, layer.key_offsets(), dtype), dequantise_values(vq, vs, dtype)
+    else:
+        keys, values = (t.to(FLOAT_ROWS[fmt]).to(dtype) for t in (layer.keys, layer.values))
+    return dataclasses.replace(layer, keys=keys, values=values)
+
+
+def as_stored(cache: CompactCache, precision: str | None) -> CompactCache:
+    """The (compacted) cache with its rows as the store gives them back at `precision`: what
+    decode will hold. Same shapes, dtype, positions, log-weights and recall handles."""
+    cache = cache.compacted()
+    fmt = row_format(precision, cache.layers[0].keys.dtype) if cache.layers else "float32"
+    if cache.layers and fmt == row_format(None, cache.layers[0].keys.dtype):
+        return CompactCache([dataclasses.replace(lc) for lc in cache.layers], cache.seq_len, cache.start, dict(cache.meta))
+    return CompactCache([_layer_as_stored(lc, fmt) for lc in cache.layers], cache.seq_len, cache.start, dict(cache.meta))

@@ -1,0 +1,196 @@
+"""Codec row precisions: int8 rows (per-channel key scales, per-token value scales) and float
+casts round-trip within the stated bound; every other field, and every ragged layout, exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from headwise.cache import quant
+from headwise.cache.codec import (
+    CodecError,
+    decode,
+    encode,
+    encode_recall,
+    encode_streaming,
+    encoded_nbytes,
+    parse_header,
+    stored_nbytes,
+)
+from headwise.cache.compact import CompactCache, LayerCache
+from tests.test_codec import DTYPES, SETTINGS, caches, make_layer, make_pod_cache
+
+PRECISIONS = ["int8", "bf16", "fp16", "fp32"]
+EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+def assert_exact_but_rows(a: CompactCache, b: CompactCache, recall_data: bool = True) -> None:
+    """Every field but the K and V rows identical (dtype too); the rows of the same shape and dtype."""
+    assert (a.seq_len, a.start, a.meta, a.num_layers) == (b.seq_len, b.start, b.meta, b.num_layers)
+    for x, y in zip(a.layers, b.layers, strict=True):
+        for name in ("head_offsets", "positions", "log_weights", "recall_ids"):
+            tx, ty = getattr(x, name), getattr(y, name)
+            assert tx.dtype == ty.dtype and torch.equal(tx, ty), name
+        for name in ("keys", "values"):
+            tx, ty = getattr(x, name), getattr(y, name)
+            assert tx.dtype == ty.dtype and tx.shape == ty.shape, name
+        assert (x.distant is None) == (y.distant is None) and x.distant_from == y.distant_from
+        if x.distant is not None:
+            assert torch.equal(x.distant, y.distant)
+        assert (x.recall is None) == (y.recall is None)
+        if x.recall is not None:
+            names = ("offsets", "positions", "heads") + (("keys", "values") if recall_data else ())
+            for name in names:  # recall originals stay exact (the cache's own dtype)
+                tx, ty = getattr(x.recall, name), getattr(y.recall, name)
+                assert tx.dtype == ty.dtype and torch.equal(tx, ty), f"recall.{name}"
+
+
+def assert_rows_within_bound(orig: LayerCache, back: LayerCache, precision: str) -> None:
+    dt = orig.keys.dtype
+    if precision != "int8":
+        fmt = quant.FLOAT_ROWS[quant.ROW_FORMATS[precision]]
+        assert torch.equal(back.keys, orig.keys.to(fmt).to(dt)) and torch.equal(back.values, orig.values.to(fmt).to(dt))
+        return
+    _, ks = quant.quantise_keys(orig.keys, orig.key_offsets())
+    _, vs = quant.quantise_values(orig.values)
+    kb = quant.error_bound(ks)[quant.head_index(orig.key_offsets(), orig.keys.shape[0])]  # [Rk, d]
+    vb = quant.error_bound(vs)[:, None].expand_as(orig.values)  # [R, d]
+    for x, y, bound in ((orig.keys, back.keys, kb), (orig.values, back.values, vb)):
+        err = (x.float() - y.float()).abs()
+        assert bool((err <= bound + EPS[dt] * x.float().abs() + 1e-30).all()), float((err - bound).max())
+
+
+@SETTINGS
+@given(cache=caches(), chunk=st.integers(1, 300), precision=st.sampled_from(PRECISIONS))
+def test_round_trip_within_the_bound(cache: CompactCache, chunk: int, precision: str) -> None:
+    enc = encode(cache, chunk_size=chunk, precision=precision)
+    back = decode(enc.header, enc.chunks)
+    assert_exact_but_rows(cache, back)
+    for x, y in zip(cache.layers, back.layers, strict=True):
+        assert_rows_within_bound(x, y, precision)
+    assert enc.nbytes == encoded_nbytes(cache, precision, include_recall=True, chunk_size=chunk)
+    # what prefill computes later segments over is exactly what decode gets back
+    stored = quant.as_stored(cache, precision)
+    for x, y in zip(stored.layers, back.layers, strict=True):
+        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+
+
+@SETTINGS
+@given(cache=caches(), precision=st.sampled_from(PRECISIONS))
+def test_recall_split_off_and_stored_bytes(cache: CompactCache, precision: str) -> None:
+    enc = encode(cache, include_recall=False, precision=precision)
+    entries = encode_recall(cache)
+    back = decode(enc.header, enc.chunks, recall=entries)
+    assert_exact_but_rows(cache, back)
+    assert encoded_nbytes(cache, precision) == enc.nbytes
+    assert stored_nbytes(cache, precision) == enc.nbytes + sum(len(e.data) for e in entries)
+    lazy = encode_streaming(cache, include_recall=False, precision=precision)
+    assert lazy.header != enc.header and list(lazy.frames())[0][40:] == enc.chunks[0][40:]  # same payload, new id
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_pod_rows_empty_heads_and_the_tail(dtype: torch.dtype, precision: str) -> None:
+    cache = make_pod_cache(torch.Generator().manual_seed(3), dtype)
+    gen = torch.Generator().manual_seed(9)
+    cache.layers.append(make_layer(gen, [0, 5, 0], 4, dtype, 0))  # empty heads
+    cache.layers[1].append(torch.ones(3, 2, 4, dtype=dtype), torch.ones(3, 2, 4, dtype=dtype), torch.tensor([20, 21]))
+    for chunk in (7, 64, 1 << 20):
+        enc = encode(cache, chunk_size=chunk, precision=precision)
+        back, want = decode(enc.header, enc.chunks), cache.compacted()
+        assert_exact_but_rows(want, back)
+        for x, y in zip(want.layers, back.layers, strict=True):
+            assert_rows_within_bound(x, y, precision)
+        assert back.layers[1].keys.shape[0] < back.layers[1].values.shape[0]
+        assert parse_header(enc.header).rows == quant.ROW_FORMATS[precision]
+
+
+def test_int8_rows_and_scales_take_a_quarter_of_fp32() -> None:
+    """Per layer: K and V rows 1 byte per element, plus [H, d] fp32 key scales and [R] fp16 value
+    scales; the default model's shape (3 heads, d 64) at 500 rows a head."""
+    H, n, d = 3, 500, 64
+    layer = LayerCache.from_dense(torch.randn(H, n, d), torch.randn(H, n, d), torch.arange(n))
+    cache = CompactCache([layer] * 4, n)
+    fields = {}
+    for p in ("fp32", "int8"):
+        from headwise.cache.codec import _layer_shape, _layout
+
+        fs, _ = _layout([_layer_shape(layer, False)], d, torch.float32, quant.ROW_FORMATS[p])
+        fields[p] = {f.name: f.nbytes for f in fs}
+    rows32 = fields["fp32"]["keys"] + fields["fp32"]["values"]
+    rows8 = sum(fields["int8"][k] for k in ("keys", "values", "key_scales", "value_scales"))
+    assert rows8 == 2 * H * n * d + 4 * H * d + 2 * H * n
+    assert 3.9 < rows32 / rows8 < 4
+    assert encoded_nbytes(cache, "int8") < encoded_nbytes(cache, "fp32") / 3.5
+
+
+def test_quantised_keys_are_per_head_channel_and_values_per_row() -> None:
+    keys = torch.tensor([[1.0, -200.0], [0.5, 100.0], [3.0, 0.0]])  # head 0: rows 0-1, head 1: row 2
+    values = torch.tensor([[1.0, -2.0], [0.0, 0.0], [254.0, 127.0]])
+    offs = torch.tensor([0, 2, 3])
+    kq, ks = quant.quantise_keys(keys, offs)
+    assert torch.allclose(ks, torch.tensor([[1 / 127, 200 / 127], [3 / 127, 0.0]]))
+    assert kq.tolist() == [[127, -127], [64, 64], [127, 0]]
+    vq, vs = quant.quantise_values(values)
+    assert vs.dtype == torch.float16 and float(vs[1]) == 0 and vq[1].tolist() == [0, 0]
+    assert vq[2].tolist() == [127, 64] and float(vs[2]) >= 2.0
+    assert bool((vs.float() >= values.abs().amax(1) / 127).all())  # rounded up, never down
+
+
+def test_bad_precision_and_non_finite_rows_are_rejected() -> None:
+    gen = torch.Generator().manual_seed(1)
+    cache = CompactCache([make_layer(gen, [3, 2], 4, torch.float32, 0)], 5)
+    with pytest.raises(CodecError, match="not one of fp32, bf16, fp16, int8"):
+        encode(cache, precision="int4")
+    cache.layers[0].values[1, 2] = float("inf")
+    with pytest.raises(CodecError, match="cannot be stored as int8"):
+        encode(cache, precision="int8")
+    encode(cache, precision="fp32")  # a float format carries it as it is
+    cache.layers[0].positions[0] = 2**40
+    with pytest.raises(CodecError, match="int32 range"):
+        encode(cache)
+
+
+def _int8_small():
+    gen = torch.Generator().manual_seed(2)
+    return encode(make_pod_cache(gen, torch.float32), chunk_size=48, precision="int8")
+
+
+_SMALL8 = _int8_small()
+
+
+@SETTINGS
+@given(data=st.data())
+def test_damaged_int8_segments_are_rejected(data) -> None:
+    enc = _SMALL8
+    parts = [enc.header, *enc.chunks]
+    kind = data.draw(st.sampled_from(["flip", "swap", "dup", "drop", "cut"]))
+    i = data.draw(st.integers(1 if kind != "flip" else 0, len(parts) - 1))
+    if kind == "flip":
+        j = data.draw(st.integers(0, len(parts[i]) - 1))
+        b = bytearray(parts[i])
+        b[j] ^= data.draw(st.integers(1, 255))
+        parts[i] = bytes(b)
+    elif kind == "swap":
+        j = data.draw(st.integers(1, len(parts) - 1).filter(lambda j: parts[j] != parts[i]))
+        parts[i], parts[j] = parts[j], parts[i]
+    elif kind == "dup":
+        parts.insert(i, parts[i])
+    elif kind == "drop":
+        del parts[i]
+    else:
+        parts[i] = parts[i][: data.draw(st.integers(0, len(parts[i]) - 1))]
+    with pytest.raises(CodecError):
+        decode(parts[0], parts[1:])
+
+
+def test_a_header_with_an_unknown_row_format_is_rejected() -> None:
+    import dataclasses
+
+    h = parse_header(_SMALL8.header)
+    with pytest.raises(CodecError, match="unknown row format 'int4'"):
+        parse_header(dataclasses.replace(h, rows="int4").to_bytes())
+    with pytest.raises(CodecError, match="inconsistent"):  # int8 layout announced as fp32 rows
+        parse_header(dataclasses.replace(h, rows="float32").to_bytes())
