@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,6 +67,8 @@ class Settings(BaseSettings):
     # request defaults and limits
     default_policy: str = "kvzip"
     default_kept: float = 0.25
+    default_kv_precision: Literal["fp32", "bf16", "int8"] = Field(
+        "fp32", description="precision of stored K/V rows when a request names none (Generate.kv_precision)")
     max_prompt_tokens: int = 8000
     max_new_tokens: int = 256
     recall_threshold: float = 0.2

@@ -194,3 +194,14 @@ def test_a_header_with_an_unknown_row_format_is_rejected() -> None:
         parse_header(dataclasses.replace(h, rows="int4").to_bytes())
     with pytest.raises(CodecError, match="inconsistent"):  # int8 layout announced as fp32 rows
         parse_header(dataclasses.replace(h, rows="float32").to_bytes())
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp32"])
+def test_stored_bytes_of_a_cache_read_back_count_its_recall_blobs(precision: str) -> None:
+    gen = torch.Generator().manual_seed(6)
+    cache = CompactCache([make_layer(gen, [6, 3], 8, torch.bfloat16, 3) for _ in range(2)], 9)
+    enc = encode(cache, include_recall=False, precision=precision)
+    back = decode(enc.header, enc.chunks)  # handles only
+    assert back.layers[0].recall.keys.shape[0] == 0
+    assert stored_nbytes(back, precision) == stored_nbytes(cache, precision)
+    assert encoded_nbytes(back, precision) == enc.nbytes

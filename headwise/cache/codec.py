@@ -414,11 +414,12 @@ def encoded_nbytes(cache: CompactCache, precision: str | None = None, *, include
 
 def stored_nbytes(cache: CompactCache, precision: str | None = None, *, chunk_size: int = MAX_CHUNK_BYTES) -> int:
     """Bytes a store put of `cache` sends and keeps: the segment without recall data, plus one
-    recall blob per merged row with originals (`encode_recall`)."""
+    recall blob per merged row (`encode_recall`). A cache read back from the store holds the
+    handles but not the originals; they are counted from the handles, as stored beside it."""
     recall = 0
     for layer in cache.layers:
         r = layer.recall
-        if r is not None and r.num_groups and r.keys.shape[0] == r.positions.numel():
+        if r is not None and r.num_groups:
             recall += r.num_groups * (_RECALL.size + 4) + r.positions.numel() * (8 + 2 * r.keys.shape[1] * r.keys.element_size())
     return encoded_nbytes(cache, precision, chunk_size=chunk_size) + recall
 

@@ -1,8 +1,9 @@
 """Segment keys: a stable, chained identity of a segment's cache (DESIGN.md 4).
 
 key = blake2b(parent key, token ids, model id, policy and its parameters, codec version,
-tenant salt). Keys chain, so a conversation turn names everything before it; the salt
-differs per tenant, so reuse never crosses tenants. Never Python's hash().
+row precision of the stored cache, tenant salt). Keys chain, so a conversation turn names everything before it; the salt
+differs per tenant, so reuse never crosses tenants; the precision ("fp32", "bf16", "int8")
+is part of the key, so caches stored at different precisions never mix. Never Python's hash().
 """
 
 from __future__ import annotations
@@ -26,12 +27,14 @@ def segment_key(
     policy_params: dict[str, Any],
     codec_version: int,
     tenant_salt: str,
+    kv_precision: str = "fp32",
 ) -> SegmentKey:
     h = hashlib.blake2b(digest_size=16, person=b"headwise-seg-v1")
     h.update((parent or ROOT).encode())
     h.update(len(token_ids).to_bytes(8, "little"))
     h.update(b"".join(int(t).to_bytes(4, "little") for t in token_ids))
-    h.update(_canonical({"model": model_id, "policy": policy_params, "codec": codec_version, "salt": tenant_salt}))
+    h.update(_canonical({"model": model_id, "policy": policy_params, "codec": codec_version, "salt": tenant_salt,
+                         "precision": kv_precision}))
     return SegmentKey(h.hexdigest())
 
 
@@ -41,11 +44,12 @@ def chain_keys(
     policies: Sequence[dict[str, Any]],
     codec_version: int,
     tenant_salt: str,
+    kv_precision: str = "fp32",
 ) -> list[SegmentKey]:
     """Keys of a chain of segments, each naming its parent."""
     keys: list[SegmentKey] = []
     parent: SegmentKey | None = None
     for ids, params in zip(segments, policies, strict=True):
-        parent = segment_key(parent, ids, model_id, params, codec_version, tenant_salt)
+        parent = segment_key(parent, ids, model_id, params, codec_version, tenant_salt, kv_precision)
         keys.append(parent)
     return keys

@@ -41,6 +41,12 @@ def row_format(precision: str | None, dtype: torch.dtype) -> str:
     return ROW_FORMATS[precision]
 
 
+def lossless(precision: str | None, dtype: torch.dtype) -> bool:
+    """Whether rows of `dtype` stored at `precision` come back bit for bit."""
+    fmt = row_format(precision, dtype)
+    return fmt == "float32" or fmt == row_format(None, dtype)
+
+
 def head_index(offsets: Tensor, rows: int) -> Tensor:
     """[rows] int64: the head each row belongs to, from offsets [H + 1]."""
     lens = (offsets[1:] - offsets[:-1]).to(torch.long)

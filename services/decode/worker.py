@@ -19,6 +19,7 @@ from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable
 
+from headwise.cache.codec import encoded_nbytes
 from headwise.cache.compact import CompactCache
 from headwise.models.runner import DecodeStats
 from services.asyncutil import quiet
@@ -172,6 +173,7 @@ class DecodeWorker:
             tenant=tenant.id, salt=tenant.salt, context=context, prompt=request.prompt,
             answer_prefix=request.answer_prefix, policy=request.policy, kept=request.kept,
             history=tuple(tuple(s) for s in session.history) if session else (), session=bool(request.session_id),
+            kv_precision=request.kv_precision,
         )
 
     async def _generate(self, request, tenant, params, rec: RequestLog, t0: float, parent_session: str | None):
@@ -216,6 +218,7 @@ class DecodeWorker:
             decode_tok_s=(n - 1) / (t_last - t_first) if n > 1 and t_last > t_first else 0.0,
             store_status=handle.store_status, policy=handle.policy,
             finish_reason=self._finish_reason(ids, text.text, params),
+            stored_kv_bytes=handle.stored_kv_bytes, kv_precision=handle.kv_precision,
         )
         rec.figures = {f.name: v for f, v in figures.ListFields()}
         yield pb.GenerateResponse(figures=figures)
@@ -308,7 +311,7 @@ class DecodeWorker:
                 if seg is None:
                     return None, nbytes
                 segs.append(seg)
-                nbytes += seg.nbytes
+                nbytes += encoded_nbytes(seg, handle.kv_precision)  # the bytes Get carried
         finally:
             for key in handle.ephemeral:
                 asyncio.ensure_future(quiet(store.delete(key)))

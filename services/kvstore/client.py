@@ -144,11 +144,12 @@ class KVStoreClient:
         return self.timeout_s + nbytes / WIRE_RATE_FLOOR
 
     # ---- put ----------------------------------------------------------------------
-    async def put(self, key: str, cache: CompactCache) -> int:
-        """Store `cache` under `key` (recall originals as separate entries); return bytes sent."""
+    async def put(self, key: str, cache: CompactCache, precision: str | None = None) -> int:
+        """Store `cache` under `key` (recall originals as separate entries), its K/V rows at
+        `precision` (codec: "fp32", "bf16", "fp16", "int8"; None = the cache's own dtype); return bytes sent."""
         # Frames are copied out of the tensors as they are sent, not all before the first one goes.
-        return await self.put_encoded(key, encode_streaming(cache, include_recall=False, chunk_size=self.chunk_size),
-                                      encode_recall(cache))
+        seg = encode_streaming(cache, include_recall=False, chunk_size=self.chunk_size, precision=precision)
+        return await self.put_encoded(key, seg, encode_recall(cache))
 
     async def put_encoded(self, key: str, seg: EncodedSegment | StreamingSegment, recall: list[RecallEntry] = ()) -> int:
         nbytes = seg.nbytes + sum(len(r.data) for r in recall)

@@ -51,6 +51,7 @@ class PrefillRequest:
     session: bool = False  # keep the question segment in the store (a later turn builds on it)
     recompute: bool = False  # the stored chain failed to load: drop it and compute again
     inline: bool = False  # hand the segments back through Ray (the store failed for decode)
+    kv_precision: str = ""  # precision of the stored rows: fp32, bf16, int8; "" = the server's default
 
 
 @dataclass
@@ -72,3 +73,5 @@ class CacheHandle:
     prefill_s: float = 0.0
     inline_segments: list | None = None  # CompactCache per segment, only when bypassed
     recall_keys: dict[int, str] = field(default_factory=dict)  # segment index -> key, for merged rows
+    kv_precision: str = "fp32"  # the precision the segments are stored at
+    stored_kv_bytes: int = 0  # the chain's bytes as stored (codec + recall blobs at kv_precision)

@@ -69,11 +69,12 @@ class TenantStore:
     async def get(self, key: str) -> CompactCache | None:
         return await self._call("get", key)
 
-    async def put(self, key: str, cache: CompactCache) -> int:
-        """Bytes sent; StoreUnavailable when the store is down, NotStored when it refused the segment."""
+    async def put(self, key: str, cache: CompactCache, precision: str | None = None) -> int:
+        """Bytes sent, rows at `precision` (None: the cache's own dtype); StoreUnavailable when the
+        store is down, NotStored when it refused the segment."""
         error, unavailable, _ = self.breaker.errors
         try:
-            return int(await self._call("put", key, cache))
+            return int(await self._call("put", key, cache, precision))
         except unavailable:
             raise
         except error as e:

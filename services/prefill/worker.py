@@ -18,8 +18,10 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from headwise.cache import quant
+from headwise.cache.codec import encoded_nbytes, stored_nbytes
 from headwise.cache.compact import CompactCache
 from headwise.cache.keys import chain_keys, segment_key
 from headwise.errors import InvalidInput
@@ -77,6 +79,14 @@ def resolve_policy(name: str, kept: float, default_name: str, default_kept: floa
         raise invalid(f"policy {name!r} rejected kept={kept}: {e}") from None
 
 
+def resolve_precision(name: str, default: str) -> str:
+    """The request's kv_precision, or the server default when empty; INVALID_ARGUMENT when unknown."""
+    name = name or default
+    if name not in quant.PRECISIONS:
+        raise invalid(f"kv_precision {name!r} is not supported; allowed: {', '.join(quant.PRECISIONS)} (empty = {default})")
+    return name
+
+
 def describe(policy: Policy) -> str:
     params = {k: v for k, v in policy.params().items() if k != "policy"}
     return f"{policy.name}(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
@@ -103,6 +113,15 @@ class _Plan:
     keys: list[str]  # chain keys (what a later request looks up)
     store_keys: list[str]  # where each segment is put (the question's may be one-request)
     ephemeral: list[str]
+    precision: str = "fp32"  # of the stored rows (part of every key)
+
+
+@dataclass
+class _Computed:
+    logits: object  # [V] after the segment
+    segment: CompactCache  # the segment as computed: what is put (quantised once, on the way out)
+    stored: CompactCache  # its rows as the store gives them back: what decode and later segments use
+    cache: CompactCache  # the whole cache so far, over stored rows
 
 
 class PrefillWorker:
@@ -127,7 +146,7 @@ class PrefillWorker:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # ---- planning -----------------------------------------------------------------
-    def plan(self, req: PrefillRequest, policy: Policy) -> _Plan:
+    def plan(self, req: PrefillRequest, policy: Policy, precision: str = "fp32") -> _Plan:
         tok = self.runner.tokenizer
         if req.history:
             ctx = build_segments(tok, req.context, "", "").context
@@ -142,15 +161,15 @@ class PrefillWorker:
         policies = [policy] + [full] * (len(segments) - 1)
         salt = req.salt if policy.reusable else f"{req.salt}:{secrets.token_hex(8)}"
         cv = codec_version()
-        keys = list(chain_keys(segments, self.runner.name, [p.params() for p in policies], cv, salt))
+        keys = list(chain_keys(segments, self.runner.name, [p.params() for p in policies], cv, salt, precision))
         store_keys, ephemeral = list(keys), []
         if not policy.reusable:
             ephemeral.append(keys[0])
         if not req.session:  # nobody will build on this question: one-request key, deleted by decode
             store_keys[-1] = segment_key(keys[-2] if len(keys) > 1 else None, segments[-1], self.runner.name,
-                                         full.params(), cv, f"{salt}:{secrets.token_hex(8)}")
+                                         full.params(), cv, f"{salt}:{secrets.token_hex(8)}", precision)
             ephemeral.append(store_keys[-1])
-        return _Plan(segments, policies, keys, store_keys, ephemeral)
+        return _Plan(segments, policies, keys, store_keys, ephemeral, precision)
 
     def check_length(self, n: int) -> None:
         limit = min(self.settings.max_prompt_tokens, self.runner.max_positions - 1)
@@ -162,7 +181,7 @@ class PrefillWorker:
     async def prefill(self, req: PrefillRequest) -> CacheHandle:
         t0 = time.perf_counter()
         policy = resolve_policy(req.policy, req.kept, self.settings.default_policy, self.settings.default_kept)
-        plan = self.plan(req, policy)
+        plan = self.plan(req, policy, resolve_precision(req.kv_precision, self.settings.default_kv_precision))
         if req.inline:
             handle = await self._bypass(plan, [], None)
         else:
@@ -205,26 +224,37 @@ class PrefillWorker:
                 seg = await store.get(key)
                 if seg is None:  # evicted or corrupt since the lookup: compute from here
                     break
-                wire += seg.nbytes
+                wire += encoded_nbytes(seg, plan.precision)
                 self._remember(key, seg)
             segs.append(seg)
         reused = len(segs)
         cache = CompactCache.concat(segs) if segs else None
         logits = None
         for i in range(reused, len(plan.segments)):
-            res = await self._model(self.runner.prefill_segment, plan.segments[i], cache, plan.policies[i])
+            res = await self._model(self._prefill_segment, plan.segments[i], cache, plan.policies[i], plan.precision)
             cache, logits = res.cache, res.logits
-            segs.append(res.segment)
+            segs.append(res.stored)
             try:
-                wire += await store.put(plan.store_keys[i], res.segment)
+                wire += await store.put(plan.store_keys[i], res.segment, plan.precision)
                 if plan.store_keys[i] == plan.keys[i] and (i > 0 or policy.reusable):
-                    self._remember(plan.keys[i], res.segment)
+                    self._remember(plan.keys[i], res.stored)
             except (self.stores.errors[1], NotStored) as e:  # down, or refused the segment
                 log.warning("segment not stored, answering from the computed cache: %s", e)
                 return await self._bypass(plan, segs, (cache, logits), fallback_status(e, self.stores.errors[1]))
         reused_tokens = sum(len(s) for s in plan.segments[:reused])
         status = PRIVATE if not policy.reusable else (STORED if reused == 0 else REUSED if reused == len(plan.segments) - 1 else PARTIAL)
         return self._handle(plan, segs, logits, reused_tokens, wire, status)
+
+    def _prefill_segment(self, ids: list[int], cache: CompactCache | None, policy: Policy, precision: str) -> _Computed:
+        """Prefill and compress a segment; later segments run over its rows as stored (at a lossy
+        precision, dequantised), so a cold request and a reused one see the same rows."""
+        res = self.runner.prefill_segment(ids, cache, policy)
+        if quant.lossless(precision, res.segment.layers[0].keys.dtype):
+            return _Computed(res.logits, res.segment, res.segment, res.cache)
+        stored = quant.as_stored(res.segment, precision)
+        whole = cache.extended(stored) if cache is not None else CompactCache(
+            [replace(lc) for lc in stored.layers], stored.seq_len, stored.start, dict(stored.meta))
+        return _Computed(res.logits, res.segment, stored, whole)
 
     def _remember(self, key: str, seg: CompactCache) -> None:
         old = self._recent.pop(key, None)
@@ -283,9 +313,9 @@ class PrefillWorker:
         if not segs:
             cache = None
         for i in range(len(segs), len(plan.segments)):
-            res = await self._model(self.runner.prefill_segment, plan.segments[i], cache, plan.policies[i])
+            res = await self._model(self._prefill_segment, plan.segments[i], cache, plan.policies[i], plan.precision)
             cache, logits = res.cache, res.logits
-            segs.append(res.segment)
+            segs.append(res.stored)
         handle = self._handle(plan, segs, logits, 0, 0, status)
         handle.inline_segments = segs
         handle.ephemeral = []
@@ -300,7 +330,8 @@ class PrefillWorker:
             keys=plan.store_keys, ephemeral=plan.ephemeral, segment_tokens=plan.segments, logits=logits.float().cpu(),
             prompt_tokens=sum(len(s) for s in plan.segments), reused_tokens=reused_tokens, full_kv_bytes=full,
             held_kv_bytes=held, realised_kept=rows / full_rows if full_rows else 1.0, wire_bytes=wire,
-            store_status=status, policy="",
+            store_status=status, policy="", kv_precision=plan.precision,
+            stored_kv_bytes=sum(stored_nbytes(s, plan.precision) for s in segs),
         )
 
 

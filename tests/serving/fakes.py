@@ -6,6 +6,8 @@ kvstore's own MemoryBackend, the reference the Redis backend is contract-tested 
 
 from __future__ import annotations
 
+from headwise.cache.codec import stored_nbytes
+from headwise.cache.quant import as_stored
 from services.kvstore.backend import MemoryBackend
 
 
@@ -34,16 +36,16 @@ class MemoryStoreClient:
         if self.flags.get("down"):
             raise StoreUnavailable("UNAVAILABLE", "store is down")
 
-    async def put(self, key, cache):
+    async def put(self, key, cache, precision=None):
         self._check()
         quota = self.flags.get("quota")
         if quota is not None and cache.nbytes > quota:  # the real store evicts for anything smaller
             raise QuotaExceeded("RESOURCE_EXHAUSTED", f"segment of {cache.nbytes} bytes > quota {quota}")
         if (code := self.flags.get("refuse")) is not None:  # any other refusal of the real store
             raise StoreError(code, "refused by the test")
-        self.data[(self.tenant, key)] = cache.clone()
+        self.data[(self.tenant, key)] = as_stored(cache, precision).clone()  # the rows the codec gives back
         self.flags["puts"] = self.flags.get("puts", 0) + 1
-        return cache.nbytes
+        return stored_nbytes(cache, precision)
 
     async def get(self, key):
         self._check()

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("context", "prompt", "policy", "kept", "answer_prefix", "max_new_tokens", "temperature", "top_p", "seed", "stop", "recall", "session_id")
+    __slots__ = ("context", "prompt", "policy", "kept", "answer_prefix", "max_new_tokens", "temperature", "top_p", "seed", "stop", "recall", "session_id", "kv_precision")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,7 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     RECALL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KV_PRECISION_FIELD_NUMBER: _ClassVar[int]
     context: str
     prompt: str
     policy: str
@@ -32,7 +33,8 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     recall: bool
     session_id: str
-    def __init__(self, context: _Optional[str] = ..., prompt: _Optional[str] = ..., policy: _Optional[str] = ..., kept: _Optional[float] = ..., answer_prefix: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., recall: _Optional[bool] = ..., session_id: _Optional[str] = ...) -> None: ...
+    kv_precision: str
+    def __init__(self, context: _Optional[str] = ..., prompt: _Optional[str] = ..., policy: _Optional[str] = ..., kept: _Optional[float] = ..., answer_prefix: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., recall: _Optional[bool] = ..., session_id: _Optional[str] = ..., kv_precision: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "figures")
@@ -51,7 +53,7 @@ class TokenDelta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Figures(_message.Message):
-    __slots__ = ("prompt_tokens", "reused_tokens", "full_kv_bytes", "held_kv_bytes", "wire_bytes", "realised_kept", "recalls", "ttft_s", "decode_tok_s", "store_status", "policy", "finish_reason")
+    __slots__ = ("prompt_tokens", "reused_tokens", "full_kv_bytes", "held_kv_bytes", "wire_bytes", "realised_kept", "recalls", "ttft_s", "decode_tok_s", "store_status", "policy", "finish_reason", "stored_kv_bytes", "kv_precision")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REUSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FULL_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +66,8 @@ class Figures(_message.Message):
     STORE_STATUS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STORED_KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_PRECISION_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     reused_tokens: int
     full_kv_bytes: int
@@ -76,4 +80,6 @@ class Figures(_message.Message):
     store_status: str
     policy: str
     finish_reason: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., full_kv_bytes: _Optional[int] = ..., held_kv_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., realised_kept: _Optional[float] = ..., recalls: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., store_status: _Optional[str] = ..., policy: _Optional[str] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    stored_kv_bytes: int
+    kv_precision: str
+    def __init__(self, prompt_tokens: _Optional[int] = ..., reused_tokens: _Optional[int] = ..., full_kv_bytes: _Optional[int] = ..., held_kv_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., realised_kept: _Optional[float] = ..., recalls: _Optional[int] = ..., ttft_s: _Optional[float] = ..., decode_tok_s: _Optional[float] = ..., store_status: _Optional[str] = ..., policy: _Optional[str] = ..., finish_reason: _Optional[str] = ..., stored_kv_bytes: _Optional[int] = ..., kv_precision: _Optional[str] = ...) -> None: ...
