@@ -205,3 +205,21 @@ def test_stored_bytes_of_a_cache_read_back_count_its_recall_blobs(precision: str
     assert back.layers[0].recall.keys.shape[0] == 0
     assert stored_nbytes(back, precision) == stored_nbytes(cache, precision)
     assert encoded_nbytes(back, precision) == enc.nbytes
+
+
+@pytest.mark.parametrize("precision", [None, "int8"])
+def test_plain_layers_and_wide_positions(precision) -> None:
+    """A layer of ordinary rows only (log-weights 0, no recall ids) carries neither field; positions
+    travel as int16 up to 32767 and as int32 beyond; all come back exactly."""
+    gen = torch.Generator().manual_seed(8)
+    plain = LayerCache.from_dense(torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen),
+                                  torch.arange(40_000, 40_005))
+    mixed = make_layer(gen, [4, 3], 8, torch.float32, 2)
+    cache = CompactCache([plain, mixed], 40_005, 39_000)
+    enc = encode(cache, precision=precision)
+    h = parse_header(enc.header)
+    assert [(s.plain, s.pos16) for s in h.layers] == [(True, False), (False, True)]
+    back = decode(enc.header, enc.chunks)
+    assert_exact_but_rows(cache, back)
+    assert back.layers[0].recall_ids.dtype == torch.int64 and int(back.layers[0].recall_ids.max()) == -1
+    assert enc.nbytes == encoded_nbytes(cache, precision, include_recall=True)

@@ -17,10 +17,17 @@ frame in order; it is checked when the last chunk is. Each chunk is still checka
 goes out: an encoder computes each CRC as its frame leaves (version 1 listed every chunk's CRC
 in the header, a full pass over the payload before anything could be sent).
 
-The body names the segment (random 16-byte id), the dtype, seq_len/start/meta, every layer's
-shape, the payload size and the chunk size (hence the number and length of the chunks). The
-payload is every layer's tensors in the order of `_layout()` (one function for both
-directions, so fields cannot be read back in another order), each aligned to 64 bytes.
+The body names the segment (random 16-byte id), the cache's dtype, the row format ("rows":
+float32, bfloat16, float16 or int8), seq_len/start/meta, every layer's shape, the payload size
+and the chunk size (hence the number and length of the chunks). The payload is every layer's
+tensors in the order of `_layout()` (one function for both directions, so fields cannot be read
+back in another order), each aligned to 64 bytes:
+  keys [R_k, d], values [R, d]     in the row format
+  key_scales [Hkv, d] fp32, value_scales [R] fp16     int8 rows only (headwise.cache.quant)
+  head_offsets [Hkv + 1] int64, positions [R] int16 or int32 (int16 when all fit), then
+  log_weights [R] fp32 and recall_ids [R] int32, both left out for a "plain" layer (all 0 / -1)
+Decoding gives the cache back in its own dtype: int8 rows dequantised (once, at load), float
+rows cast; every other field exact. Recall originals always travel in the cache's dtype.
 
 PoD layers (some rows without keys, `LayerCache.distant`) carry `keys` for their keyed rows
 only, a "distant" bool[rows] field after the layer's other fields, and, in the body's
@@ -28,7 +35,7 @@ only, a "distant" bool[rows] field after the layer's other fields, and, in the b
 layer has distant rows.
 
 Decoding rejects truncated, reordered, duplicated, foreign or corrupted input, and any other
-codec version, with a CodecError that says what was wrong, before any tensor is built from it.
+codec version (1 and 2 included: keys name the version, so such segments are misses anyway), with a CodecError that says what was wrong, before any tensor is built from it.
 
 The tail of a cache is folded in first (`compacted()`): what comes back is the compacted cache.
 With `include_recall=False` the recall handles (offsets, positions, heads) travel but not the
@@ -91,6 +98,8 @@ class LayerShape:
     recall_rows: int  # sum m_i: original rows behind the merged rows
     has_recall: bool  # the layer carries a RecallTable (possibly with 0 groups)
     recall_data: bool  # its original keys/values travel in the payload
+    plain: bool = False  # every log-weight 0 and recall id NO_RECALL: neither field travels
+    pos16: bool = False  # every position in [-1, 32767]: positions travel as int16 (else int32)
     key_rows: int | None = None  # PoD: rows that hold a key (the others are distant); None: all
     distant_from: tuple[int, ...] | None = None  # PoD: base layer per head (-1: none)
 
@@ -136,9 +145,10 @@ def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype, row
             add(i, "key_scales", quant.KEY_SCALE_DTYPE, (s.num_heads, head_dim))
             add(i, "value_scales", quant.VALUE_SCALE_DTYPE, (s.rows,))
         add(i, "head_offsets", torch.int64, (s.num_heads + 1,))
-        add(i, "positions", torch.int32, (s.rows,))
-        add(i, "log_weights", torch.float32, (s.rows,))
-        add(i, "recall_ids", torch.int32, (s.rows,))
+        add(i, "positions", torch.int16 if s.pos16 else torch.int32, (s.rows,))
+        if not s.plain:
+            add(i, "log_weights", torch.float32, (s.rows,))
+            add(i, "recall_ids", torch.int32, (s.rows,))
         if s.has_recall:
             add(i, "recall.offsets", torch.int64, (s.groups + 1,))
             add(i, "recall.positions", torch.int64, (s.recall_rows,))
@@ -151,9 +161,11 @@ def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype, row
     return fields, offset
 
 
-def _layer_tensors(layer: LayerCache, include_recall: bool, rows: str) -> dict[str, Tensor]:
-    t = {"head_offsets": layer.head_offsets, "positions": _int32(layer.positions, "positions"),
-         "log_weights": layer.log_weights, "recall_ids": _int32(layer.recall_ids, "recall ids")}
+def _layer_tensors(layer: LayerCache, include_recall: bool, rows: str, shape: LayerShape) -> dict[str, Tensor]:
+    pos = layer.positions.to(torch.int16) if shape.pos16 else _int32(layer.positions, "positions")
+    t = {"head_offsets": layer.head_offsets, "positions": pos}
+    if not shape.plain:
+        t["log_weights"], t["recall_ids"] = layer.log_weights, _int32(layer.recall_ids, "recall ids")
     if rows == "int8":
         try:
             t["keys"], t["key_scales"] = quant.quantise_keys(layer.keys, layer.key_offsets())
@@ -182,11 +194,14 @@ def _int32(t: Tensor, what: str) -> Tensor:
 def _layer_shape(layer: LayerCache, include_recall: bool) -> LayerShape:
     r = layer.recall
     has_data = r is not None and r.keys.shape[0] == r.positions.numel() and r.positions.numel() > 0
+    pos = layer.positions
     return LayerShape(
         num_heads=layer.num_heads, rows=int(layer.values.shape[0]),
         groups=r.num_groups if r is not None else 0,
         recall_rows=int(r.positions.numel()) if r is not None else 0,
         has_recall=r is not None, recall_data=bool(include_recall and has_data),
+        plain=not bool(layer.log_weights.any()) and bool((layer.recall_ids == NO_RECALL).all()),
+        pos16=not pos.numel() or (int(pos.min()) >= -1 and int(pos.max()) < 2**15),
         key_rows=int(layer.keys.shape[0]) if layer.distant is not None else None,
         distant_from=layer.distant_from if layer.distant is not None else None,
     )
@@ -221,7 +236,8 @@ class SegmentHeader:
         body = {
             "segment_id": self.segment_id.hex(), "dtype": _DTYPE_NAMES[self.dtype], "head_dim": self.head_dim,
             "seq_len": self.seq_len, "start": self.start, "meta": self.meta,
-            "layers": [[s.num_heads, s.rows, s.groups, s.recall_rows, s.has_recall, s.recall_data] for s in self.layers],
+            "layers": [[s.num_heads, s.rows, s.groups, s.recall_rows, s.has_recall, s.recall_data, s.plain, s.pos16]
+                       for s in self.layers],
             "total_bytes": self.total_bytes, "chunk_size": self.chunk_size, "rows": self.rows,
         }
         distant = {str(i): [s.key_rows, list(s.distant_from)] for i, s in enumerate(self.layers) if s.key_rows is not None}
@@ -259,7 +275,8 @@ def _header_from_body(b: dict, digest: bytes) -> SegmentHeader:
         raise CodecError(f"unknown dtype {b['dtype']!r}; allowed: {', '.join(_DTYPES)}")
     if b["rows"] not in ROW_FORMATS:
         raise CodecError(f"unknown row format {b['rows']!r}; allowed: {', '.join(ROW_FORMATS)}")
-    layers = tuple(LayerShape(int(h), int(r), int(g), int(m), bool(hr), bool(rd)) for h, r, g, m, hr, rd in b["layers"])
+    layers = tuple(LayerShape(int(h), int(r), int(g), int(m), bool(hr), bool(rd), bool(pl), bool(p16))
+                   for h, r, g, m, hr, rd, pl, p16 in b["layers"])
     for i, (k, df) in b.get("distant", {}).items():
         i = int(i)
         if not 0 <= i < len(layers) or not 0 <= int(k) <= layers[i].rows or len(df) != layers[i].num_heads:
@@ -373,7 +390,7 @@ def encode_streaming(cache: CompactCache, *, include_recall: bool = True, chunk_
     dtype, head_dim, rows = _formats(cache, precision)
     shapes = [_layer_shape(layer, include_recall) for layer in cache.layers]
     fields, total = _layout(shapes, head_dim, dtype, rows)
-    tensors = [_layer_tensors(layer, include_recall, rows) for layer in cache.layers]
+    tensors = [_layer_tensors(layer, include_recall, rows, s) for layer, s in zip(cache.layers, shapes, strict=True)]
     pieces = _pieces(fields, total, tensors)
     segment_id = os.urandom(16)
     payloads = _split(pieces, total, chunk_size)
@@ -539,19 +556,25 @@ def _build(h: SegmentHeader, payload: memoryview, recall: list["RecallEntry"], d
         n = f.nbytes // _itemsize(f.dtype)
         t = torch.frombuffer(payload, dtype=f.dtype, count=n, offset=f.offset) if n else torch.empty(0, dtype=f.dtype)
         per_layer[f.layer][f.name] = t.reshape(f.shape).to(device)
-    for t in per_layer:
-        _restore_rows(t, h)
+    for t, s in zip(per_layer, h.layers, strict=True):
+        _restore_rows(t, h, s)
     layers = [_layer_from(i, s, t, h.head_dim) for i, (s, t) in enumerate(zip(h.layers, per_layer, strict=True))]
     if recall:
         _attach_recall(layers, recall, h)
     return CompactCache(layers, h.seq_len, h.start, dict(h.meta))
 
 
-def _restore_rows(t: dict[str, Tensor], h: SegmentHeader) -> None:
+def _restore_rows(t: dict[str, Tensor], h: SegmentHeader, s: LayerShape) -> None:
     """Fields as the cache holds them: K and V rows in the cache's dtype (int8 dequantised here,
     once, when the cache is loaded: bench.kvquant measured that faster than per decode step on
-    CPU), int64 positions and recall ids. fp32 rows of an fp32 cache stay views of the payload."""
-    t["positions"], t["recall_ids"] = t["positions"].to(torch.int64), t["recall_ids"].to(torch.int64)
+    CPU), int64 positions and recall ids (those of a plain layer: NO_RECALL, log-weights 0).
+    fp32 rows of an fp32 cache stay views of the payload."""
+    t["positions"] = t["positions"].to(torch.int64)
+    if s.plain:
+        dev = t["positions"].device
+        t["log_weights"] = torch.zeros(s.rows, dtype=torch.float32, device=dev)
+        t["recall_ids"] = torch.full((s.rows,), NO_RECALL, dtype=torch.int64, device=dev)
+    t["recall_ids"] = t["recall_ids"].to(torch.int64)
     if h.rows == "int8":
         offs = t["head_offsets"]
         if int(offs[0]) != 0 or int(offs[-1]) != t["values"].shape[0] or bool((offs[1:] < offs[:-1]).any()):

@@ -1,0 +1,202 @@
+"""int8 rows on the default model's cache: which scale granularity, and where to dequantise.
+
+    python -m bench.kvquant --json bench/results/kvquant.json
+
+1. Granularity. The kvzip cache (kept 0.25) of every case of bench.quality's default suite has
+   its K and V rows quantised to int8 four ways (keys per (head, channel) or per row; values per
+   row or per (head, channel)), dequantised, and each question asked on top: KL divergence of
+   the first answer token's distribution from the fp32 cache's, whether the greedy answer (10
+   tokens) is the fp32 cache's, and the relative error of the rows; plus the bytes of rows and
+   scales against fp32 rows. The codec's format is the first line (keys per channel, values
+   per row), the others are this bench's own code.
+2. Where to dequantise. On a 2,000-token document's kvzip cache at kept 0.25: one decode step
+   over rows dequantised once when the cache is loaded (what decode does) against one step that
+   first dequantises every layer's int8 rows (the work an on-the-fly design does each step on a
+   CPU without fused int8 attention; this bench's own loop, same runner and attention). The two
+   alternate step by step; medians and ranges over the steps. Also the codec decode of the
+   stored segment at fp32 and at int8 (the one-off cost at load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from headwise.cache import quant
+from headwise.cache.codec import decode, encode
+from headwise.cache.compact import CompactCache, LayerCache
+
+SCHEMES = {  # name -> (keys per, values per)
+    "K channel / V token (codec)": ("channel", "token"),
+    "K token / V token": ("token", "token"),
+    "K channel / V channel": ("channel", "channel"),
+    "K token / V channel": ("token", "channel"),
+}
+
+
+def _per_token(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x [R, d] through int8 with one fp16 scale per row; (dequantised, scale bytes)."""
+    q, s = quant.quantise_values(x)
+    return quant.dequantise_values(q, s, x.dtype), s.numel() * s.element_size()
+
+
+def _per_channel(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x [R, d] through int8 with one fp32 scale per (head, channel); (dequantised, scale bytes)."""
+    q, s = quant.quantise_keys(x, offsets)
+    return quant.dequantise_keys(q, s, offsets, x.dtype), s.numel() * s.element_size()
+
+
+def quantised(cache: CompactCache, keys_per: str, values_per: str) -> tuple[CompactCache, dict]:
+    """The cache with its rows through int8 at the given granularity, and error/byte figures."""
+    layers, err, nbytes = [], {"keys": [], "values": []}, {"rows": 0, "scales": 0, "fp32_rows": 0}
+    for lc in cache.layers:
+        k, ks = _per_channel(lc.keys, lc.key_offsets()) if keys_per == "channel" else _per_token(lc.keys)
+        v, vs = _per_channel(lc.values, lc.head_offsets) if values_per == "channel" else _per_token(lc.values)
+        for name, a, b in (("keys", lc.keys, k), ("values", lc.values, v)):
+            err[name].append(float((a - b).norm() / a.norm().clamp_min(1e-30)))
+        nbytes["rows"] += lc.keys.numel() + lc.values.numel()
+        nbytes["scales"] += ks + vs
+        nbytes["fp32_rows"] += 4 * (lc.keys.numel() + lc.values.numel())
+        layers.append(LayerCache(k, v, lc.head_offsets, lc.positions, lc.log_weights, lc.recall_ids, lc.recall,
+                                 distant=lc.distant, distant_from=lc.distant_from))
+    figures = {"rel_err_keys": statistics.mean(err["keys"]), "rel_err_values": statistics.mean(err["values"]),
+               "ratio_fp32": nbytes["fp32_rows"] / (nbytes["rows"] + nbytes["scales"]), **nbytes}
+    return CompactCache(layers, cache.seq_len, cache.start, dict(cache.meta)), figures
+
+
+def granularity(runner, kept: float, console: Console) -> dict:
+    from bench.quality import answer, build_cases
+    from headwise.policies import get_policy
+    from headwise.prompt import build_segments
+
+    policy = get_policy("kvzip", kept=kept)
+    out = {name: {"kl": [], "same_answer": 0, "questions": 0, "figures": []} for name in SCHEMES}
+    for case in build_cases(runner.tokenizer, "default"):
+        segs = [build_segments(runner.tokenizer, case.context, q.text, " " + q.prefix) for q in case.questions]
+        base = runner.prefill_segment(segs[0].context, policy=policy).segment
+        for s in segs:
+            ref = runner.prefill_segment(s.question, base)
+            ref_logp, ref_text = torch.log_softmax(ref.logits.float(), -1), answer(runner, base, s.question)
+            for name, (kp, vp) in SCHEMES.items():
+                cache, fig = quantised(base, kp, vp)
+                logp = torch.log_softmax(runner.prefill_segment(s.question, cache).logits.float(), -1)
+                row = out[name]
+                row["kl"].append(float((ref_logp.exp() * (ref_logp - logp)).sum()))
+                row["same_answer"] += answer(runner, cache, s.question) == ref_text
+                row["questions"] += 1
+                row["figures"].append(fig)
+        console.print(f"[dim]{case.name} done[/dim]")
+    res = {}
+    for name, row in out.items():
+        figs = row.pop("figures")
+        res[name] = {"kl_mean": statistics.mean(row["kl"]), "kl_max": max(row["kl"]),
+                     "same_answer": row["same_answer"] / row["questions"], "questions": row["questions"],
+                     **{k: statistics.mean(f[k] for f in figs) for k in ("rel_err_keys", "rel_err_values", "ratio_fp32")}}
+    return res
+
+
+def where_to_dequantise(runner, tokens: int, kept: float, steps: int) -> dict:
+    from headwise.documents import document_tokens
+    from headwise.policies import get_policy
+
+    tok = runner.tokenizer
+    ids = tok(document_tokens(tok, tokens + 50), add_special_tokens=False).input_ids[:tokens]
+    res = runner.prefill_segment(ids, policy=get_policy("kvzip", kept=kept))
+    seg = res.segment
+    enc = {p: encode(seg, include_recall=False, precision=p) for p in ("fp32", "int8")}
+    load = {p: [] for p in enc}
+    for _ in range(5):
+        for p, e in enc.items():
+            t = time.perf_counter()
+            decode(e.header, e.chunks)
+            load[p].append(time.perf_counter() - t)
+    held = decode(enc["int8"].header, enc["int8"].chunks)  # dequantised once, at load
+    stored = [(quant.quantise_keys(lc.keys, lc.key_offsets()), quant.quantise_values(lc.values)) for lc in seg.layers]
+    on_the_fly = held.clone()
+    token = int(res.logits.argmax())
+    times = {"at_load": [], "per_step": []}
+    with torch.inference_mode():
+        for i in range(steps + 2):
+            t = time.perf_counter()
+            runner.decode_step(token, held)
+            a = time.perf_counter() - t
+            t = time.perf_counter()
+            for lc, ((kq, ks), (vq, vs)) in zip(on_the_fly.layers, stored, strict=True):  # every step, every layer
+                lc.keys = quant.dequantise_keys(kq, ks, lc.key_offsets(), torch.float32)
+                lc.values = quant.dequantise_values(vq, vs, torch.float32)
+            runner.decode_step(token, on_the_fly)
+            b = time.perf_counter() - t
+            if i >= 2:  # two warm-up steps
+                times["at_load"].append(a)
+                times["per_step"].append(b)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "tokens": len(ids), "kept": kept, "steps": steps, "realised": seg.kept_fraction(),
+        "step_ms": {k: {"median": med[k] * 1e3, "min": min(v) * 1e3, "max": max(v) * 1e3} for k, v in times.items()},
+        "ratio_per_step_at_load": med["per_step"] / med["at_load"],
+        "paired_ratio": statistics.median(b / a for a, b in zip(times["at_load"], times["per_step"], strict=True)),
+        "load_ms": {p: statistics.median(v) * 1e3 for p, v in load.items()},
+        "wire_bytes": {p: e.nbytes for p, e in enc.items()},
+        "held_bytes": {"at_load": held.nbytes, "int8_rows": sum(kq.numel() + vq.numel() for (kq, _), (vq, _) in stored)},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, default=Path("bench/results/kvquant.json"))
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--kept", type=float, default=0.25)
+    ap.add_argument("--tokens", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-granularity", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from headwise.models import ModelRunner, resolve_model_path
+
+    console = Console(width=None if console_tty() else 160)
+    runner = ModelRunner.from_pretrained(resolve_model_path(a.model))
+    out = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": a.threads}
+    out["where"] = where_to_dequantise(runner, a.tokens, a.kept, a.steps)
+    w = out["where"]
+    t = Table(title=f"decode step over a {w['tokens']}-token kvzip cache at kept {a.kept} (ms, {a.steps} steps)")
+    for col in ("rows", "median", "min", "max"):
+        t.add_column(col, justify="right")
+    for k, v in w["step_ms"].items():
+        t.add_row({"at_load": "dequantised at load", "per_step": "int8, dequantised each step"}[k],
+                  f"{v['median']:.1f}", f"{v['min']:.1f}", f"{v['max']:.1f}")
+    console.print(t)
+    console.print(f"per-step / at-load: {w['ratio_per_step_at_load']:.2f} (paired {w['paired_ratio']:.2f}); "
+                  f"codec decode fp32 {w['load_ms']['fp32']:.1f} ms, int8 {w['load_ms']['int8']:.1f} ms; "
+                  f"wire fp32 {w['wire_bytes']['fp32'] / 1e6:.2f} MB, int8 {w['wire_bytes']['int8'] / 1e6:.2f} MB")
+    if not a.skip_granularity:
+        out["granularity"] = granularity(runner, a.kept, console)
+        g = Table(title=f"int8 granularity on kvzip caches at kept {a.kept} (bench.quality default suite)")
+        for col in ("scheme", "KL mean", "KL max", "same answer", "rel err K", "rel err V", "fp32 / int8 bytes"):
+            g.add_column(col, justify="right")
+        for name, r in out["granularity"].items():
+            g.add_row(name, f"{r['kl_mean']:.2e}", f"{r['kl_max']:.2e}", f"{r['same_answer']:.2f}",
+                      f"{r['rel_err_keys']:.4f}", f"{r['rel_err_values']:.4f}", f"{r['ratio_fp32']:.3f}")
+        console.print(g)
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    a.json.write_text(json.dumps(out, indent=1))
+    console.print(f"wrote {a.json}")
+    return out
+
+
+def console_tty() -> bool:
+    import sys
+
+    return sys.stdout.isatty()
+
+
+if __name__ == "__main__":
+    main()
