@@ -7,7 +7,8 @@ A server process (grpc.aio, the store's message limits, malloc tuned as the stor
 client stream of 1 MiB messages and only counts them; no checks, no Redis. What is timed: one
 stream call from the first write to the reply, the messages built before the clock starts.
 It bounds what any gRPC-over-Python Put can reach on this machine, next to raw redis-py SET of
-the same bytes (measured here too, on a Redis started for the purpose).
+the same bytes (measured here too, on a Redis started for the purpose). bench.kvstore measures
+the same floor, with `start_floor` and `floor_put`, in the same rounds as the store's Put.
 """
 
 from __future__ import annotations
@@ -49,14 +50,32 @@ async def _serve() -> None:
     await server.wait_for_termination()
 
 
-async def _measure(sizes_mb: list[float], repeats: int) -> None:
+def start_floor() -> tuple[subprocess.Popen, int]:
+    """The counting server in its own process (as the store runs): (process, port)."""
     proc = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--serve"], stdout=subprocess.PIPE, text=True)
+    return proc, int(proc.stdout.readline())
+
+
+def floor_stub(channel: grpc.aio.Channel):
+    return channel.stream_unary("/floor.Floor/Put", request_serializer=_ident, response_deserializer=_ident)
+
+
+async def floor_put(put, msgs: list[bytes]) -> None:
+    """One bare client stream of `msgs`, written by hand as the store client writes its Put."""
+    call = put()
+    for m in msgs:
+        await call.write(m)
+    await call.done_writing()
+    assert int.from_bytes(await call, "little") == sum(map(len, msgs))
+
+
+async def _measure(sizes_mb: list[float], repeats: int) -> None:
+    proc, port = start_floor()
     rp = start_redis()
     try:
-        port = int(proc.stdout.readline())
         r = redis.Redis.from_url(rp.url)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=OPTS) as ch:
-            put = ch.stream_unary("/floor.Floor/Put", request_serializer=_ident, response_deserializer=_ident)
+            put = floor_stub(ch)
             for mb in sizes_mb:
                 total = int(mb * 1e6)
                 msgs = [os.urandom(min(MAX_CHUNK_BYTES, total - i)) for i in range(0, total, MAX_CHUNK_BYTES)]
@@ -64,11 +83,7 @@ async def _measure(sizes_mb: list[float], repeats: int) -> None:
                 grpc_t, raw_t = [], []
                 for i in range(repeats + 1):
                     t = time.perf_counter()
-                    call = put()
-                    for m in msgs:
-                        await call.write(m)
-                    await call.done_writing()
-                    assert int.from_bytes(await call, "little") == total
+                    await floor_put(put, msgs)
                     dt = time.perf_counter() - t
                     t = time.perf_counter()
                     r.set(f"floor-{i}", blob)

@@ -3,9 +3,11 @@
     python -m bench.kvstore --json bench/results/kvstore.json
 
 A 2,000-token real document (CPython's pydoc topics) is prefilled by the default model; its
-cache (full, and streaming at kept 0.25) is put and fetched through the KV store on loopback,
-the store running as `python -m services.kvstore` in its own process, as deployed. The same
-bytes are SET/GET as one value with redis-py on the same Redis: the floor on this machine.
+cache (full, and streaming at kept 0.25), each with fp32 and with int8 rows (`--precisions`), is
+put and fetched through the KV store on loopback, the store running as `python -m
+services.kvstore` in its own process, as deployed. The same bytes are SET/GET as one value with
+redis-py on the same Redis, and sent as one bare gRPC client stream to a server that only counts
+them (bench.grpc_floor, its own process): the two floors under a put on this machine.
 
 What each timed figure includes (wall clock, one call, in this client process):
   put             KVStoreClient.put(key, cache): encoding (layout, every chunk's CRC, the copy of
@@ -17,11 +19,15 @@ What each timed figure includes (wall clock, one call, in this client process):
                   minus encoding / decoding.
   raw SET / GET   redis.Redis.set(key, blob) / get(key) of the encoded bytes as one value,
                   blob prepared before the clock starts (raw pays no encoding).
+  floor           the header and chunk frames as messages of one bare grpc.aio client stream
+                  (no checks, no Redis): what any gRPC Put from Python can reach here.
 MB/s are of wire bytes (codec header + chunk frames), 1 MB = 1e6 bytes; each figure is the
 median over the timed rounds (7), after one untimed round that warms up the connections and
 the memory of Redis and the store. Each round runs service put, raw SET, service get, raw GET (and the
 bytes-only variants) in turn, so a load that comes and goes on a shared machine hits both
-sides; `ratio_*_paired` is the median of the per-round ratios. Target: ratio service/raw >= 0.7.
+sides; `ratio_*_paired` is the median of the per-round ratios. Targets: put/floor >= 0.8
+(JSON `ratio_put_floor`: the lowest over the caches); int8 stored bytes 1/4 of fp32's
+(`stored_bytes` of the kept cache). put/get include quantising / dequantising int8 rows.
 `cpu_ms` (a second table): CPU time the client, store and Redis processes spent per call of each
 op (from /proc), which on a 2-core machine bounds how fast an op can be whatever its design.
 """
@@ -40,17 +46,20 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import redis
 from rich.console import Console
 from rich.table import Table
 
-from headwise.cache.codec import encode
+from bench.grpc_floor import floor_put, floor_stub, start_floor
+from headwise.cache.codec import encode, stored_nbytes
 from headwise.cache.compact import CompactCache
 from headwise.documents import document_tokens
 from headwise.models import ModelRunner, resolve_model_path
 from headwise.policies import get_policy
 from services.kvstore.client import KVStoreClient, StoreError
 from services.kvstore.redis_proc import free_port, start_redis
+from services.kvstore.server import GRPC_OPTIONS
 
 TOKEN = "bench-token"
 
@@ -89,24 +98,27 @@ def _cpu_s(pid: int) -> float:
 
 
 async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: CompactCache, repeats: int,
-                      warmup: int = 1, pids: dict[str, int] | None = None) -> dict:
-    """Service and raw redis-py measured in turns within each round, so load that comes and
-    goes on the machine hits both alike; figures are medians over the rounds. `pids` (name ->
-    process id): CPU time each of those processes spent per call of each op, averaged over the
-    timed rounds (`cpu_ms`; /proc counts in clock ticks, 10 ms here, hence the average)."""
+                      warmup: int = 1, pids: dict[str, int] | None = None, precision: str = "fp32", floor=None) -> dict:
+    """Service, raw redis-py and (with `floor`, a bench.grpc_floor stub) the bare gRPC stream
+    measured in turns within each round, so load that comes and goes on the machine hits all
+    alike; figures are medians over the rounds. `pids` (name -> process id): CPU time each of
+    those processes spent per call of each op, averaged over the timed rounds (`cpu_ms`; /proc
+    counts in clock ticks, 10 ms here, hence the average). Rows go at `precision`."""
     pids = pids or {}
-    seg = encode(cache, include_recall=False)
+    seg = encode(cache, include_recall=False, precision=precision)
     blob = seg.header + b"".join(seg.chunks)
     nbytes = seg.nbytes
     assert len(blob) == nbytes
     ops = {
-        "put": lambda i: client.put(f"{name}-{i}", cache),
+        "put": lambda i: client.put(f"{name}-{i}", cache, precision),
         "raw_set": lambda i: r.set(f"raw-{name}-{i}", blob),
         "get": lambda i: _expect(client.get(f"{name}-{i}")),
         "raw_get": lambda i: _check(r.get(f"raw-{name}-{i}"), nbytes),
         "put_bytes_only": lambda i: client.put_encoded(f"{name}-enc-{i}", seg),
         "get_bytes_only": lambda i: _expect(client.get_encoded(f"{name}-enc-{i}")),
     }
+    if floor is not None:
+        ops["floor"] = lambda i: floor_put(floor, [seg.header, *seg.chunks])
     times: dict[str, list[float]] = {op: [] for op in ops}
     cpu = {op: dict.fromkeys(pids, 0.0) for op in ops}
     for i in range(-warmup, repeats):  # rounds below 0: connections, Redis's and the store's memory warm up
@@ -120,7 +132,8 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
         await client.delete(f"{name}-{i}")
         await client.delete(f"{name}-enc-{i}")
         r.delete(f"raw-{name}-{i}")
-    row = {"wire_bytes": nbytes, "chunks": len(seg.chunks), "held_kv_bytes": cache.nbytes}
+    row = {"precision": precision, "wire_bytes": nbytes, "stored_bytes": stored_nbytes(cache, precision),
+           "chunks": len(seg.chunks), "held_kv_bytes": cache.nbytes}
     row.update({f"{op}_mb_s": _median_rate(nbytes, t) for op, t in times.items()})
     row["raw_set_mb_s"], row["raw_get_mb_s"] = row.pop("raw_set_mb_s"), row.pop("raw_get_mb_s")
     row["ratio_put"] = row["put_mb_s"] / row["raw_set_mb_s"]
@@ -128,6 +141,11 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     # the same ratios paired round by round: less sensitive to load that changes between rounds
     row["ratio_put_paired"] = statistics.median(s / p for s, p in zip(times["raw_set"], times["put"], strict=True))
     row["ratio_get_paired"] = statistics.median(g / s for g, s in zip(times["raw_get"], times["get"], strict=True))
+    row["put_ms"], row["get_ms"] = (statistics.median(times[op]) * 1e3 for op in ("put", "get"))
+    if floor is not None:
+        row["floor_mb_s"] = row.pop("floor_mb_s")
+        row["ratio_put_floor"] = row["put_mb_s"] / row["floor_mb_s"]
+        row["ratio_put_floor_paired"] = statistics.median(f / p for f, p in zip(times["floor"], times["put"], strict=True))
     if pids:
         row["cpu_ms"] = {op: {k: v / repeats * 1e3 for k, v in per.items()} for op, per in cpu.items()}
     return row
@@ -163,35 +181,47 @@ async def wait_ready(client: KVStoreClient, proc: subprocess.Popen, timeout_s: f
             await asyncio.sleep(0.2)
 
 
-async def run_async(caches: dict[str, CompactCache], repeats: int, warmup: int = 1) -> dict:
+async def run_async(caches: dict[str, CompactCache], repeats: int, warmup: int = 1,
+                    precisions: tuple[str, ...] = ("fp32",)) -> dict:
+    """Every cache at every precision (results named `cache/precision`)."""
     redis_proc = start_redis()
     store, port = start_store(redis_proc.url)
+    floor_proc, floor_port = start_floor()
     r = redis.Redis.from_url(redis_proc.url)
     try:
         client = KVStoreClient(f"127.0.0.1:{port}", TOKEN, "bench", timeout_s=60)
         await wait_ready(client, store)
         try:
-            pids = {"client": os.getpid(), "store": store.pid, "redis": redis_proc.proc.pid}
-            return {name: await bench_cache(client, r, name, cache, repeats, warmup, pids) for name, cache in caches.items()}
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{floor_port}", options=GRPC_OPTIONS) as ch:
+                pids = {"client": os.getpid(), "store": store.pid, "redis": redis_proc.proc.pid}
+                return {f"{name}/{p}": await bench_cache(client, r, f"{name}-{p}", cache, repeats, warmup, pids, p, floor_stub(ch))
+                        for name, cache in caches.items() for p in precisions}
         finally:
             await client.close()
     finally:
         r.close()
         store.terminate()
         store.wait(10)
+        floor_proc.kill()
+        floor_proc.wait(10)
         redis_proc.stop()
 
 
 def table(results: dict) -> Table:
-    t = Table(title="KV store on loopback vs raw redis-py SET/GET (MB/s, median)",
+    t = Table(title="KV store on loopback vs raw redis-py SET/GET and the bare gRPC stream (MB/s, median)",
               caption="put/get = KVStoreClient.put/get incl. encode/decode, stream, checks, Redis, commit; "
-                      "raw = redis-py SET/GET of the same encoded bytes as one value; bytes-only = put/get_encoded")
-    for col in ("cache", "wire MB", "chunks", "put", "get", "raw SET", "raw GET", "put/raw", "get/raw",
-                "put/raw paired", "get/raw paired", "put bytes-only", "get bytes-only"):
+                      "raw = redis-py SET/GET of the same encoded bytes as one value; floor = bare gRPC stream of them; "
+                      "bytes-only = put/get_encoded")
+    for col in ("cache", "wire MB", "chunks", "put", "get", "put ms", "get ms", "raw SET", "raw GET", "floor",
+                "put/raw", "get/raw", "put/floor", "put/floor paired", "put/raw paired", "get/raw paired",
+                "put bytes-only", "get bytes-only"):
         t.add_column(col, justify="right")
     for name, r in results.items():
+        fl = (f"{r['floor_mb_s']:.0f}", f"{r['ratio_put_floor']:.2f}", f"{r['ratio_put_floor_paired']:.2f}") \
+            if "floor_mb_s" in r else ("-",) * 3
         t.add_row(name, f"{r['wire_bytes'] / 1e6:.1f}", str(r["chunks"]), f"{r['put_mb_s']:.0f}", f"{r['get_mb_s']:.0f}",
-                  f"{r['raw_set_mb_s']:.0f}", f"{r['raw_get_mb_s']:.0f}", f"{r['ratio_put']:.2f}", f"{r['ratio_get']:.2f}",
+                  f"{r['put_ms']:.0f}", f"{r['get_ms']:.0f}", f"{r['raw_set_mb_s']:.0f}", f"{r['raw_get_mb_s']:.0f}", fl[0],
+                  f"{r['ratio_put']:.2f}", f"{r['ratio_get']:.2f}", fl[1], fl[2],
                   f"{r['ratio_put_paired']:.2f}", f"{r['ratio_get_paired']:.2f}", f"{r['put_bytes_only_mb_s']:.0f}", f"{r['get_bytes_only_mb_s']:.0f}")
     return t
 
@@ -204,7 +234,7 @@ def cpu_table(results: dict) -> Table:
     for col in ("client", "store", "redis", "total"):
         t.add_column(col, justify="right")
     for name, r in results.items():
-        for op in ("put", "raw_set", "get", "raw_get"):
+        for op in ("put", "raw_set", "floor", "get", "raw_get"):
             c = r.get("cpu_ms", {}).get(op)
             if c:
                 t.add_row(name, op, *(f"{c.get(k, 0):.1f}" for k in ("client", "store", "redis")), f"{sum(c.values()):.1f}")
@@ -219,19 +249,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kept", type=float, default=0.25)
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds per cache (figures are their medians)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first, per cache")
+    ap.add_argument("--precisions", default="fp32,int8", help="row precisions to store each cache at")
     a = ap.parse_args(argv)
     console = Console(width=None if sys.stdout.isatty() else 200)  # the table stays whole in logs
     with console.status("prefilling the document"):
         caches = real_caches(a.model, a.tokens, a.kept)
-    results = asyncio.run(run_async(caches, a.repeats, a.warmup))
+    precisions = tuple(p for p in a.precisions.split(",") if p)
+    results = asyncio.run(run_async(caches, a.repeats, a.warmup, precisions))
     console.print(table(results))
     console.print(cpu_table(results))
-    full = results["full"]
+    full = results[f"full/{precisions[0]}"]
+    kept = f"streaming_{a.kept:g}"
     doc = {k: full[k] for k in ("put_mb_s", "get_mb_s", "raw_set_mb_s", "raw_get_mb_s", "ratio_get", "ratio_put")}
+    doc["stored_bytes"] = {p: results[f"{kept}/{p}"]["stored_bytes"] for p in precisions}
+    doc["stored_bytes_full"] = {p: results[f"full/{p}"]["stored_bytes"] for p in precisions}
+    doc["ms_per_document"] = {name: {"put": r["put_ms"], "get": r["get_ms"]} for name, r in results.items()}
+    doc["ratio_put_floor"] = min(r["ratio_put_floor"] for r in results.values())
+    doc["ratio_put_floor_paired"] = min(r["ratio_put_floor_paired"] for r in results.values())
+    if {"fp32", "int8"} <= set(precisions):
+        doc["ratio_stored_fp32_int8"] = doc["stored_bytes"]["fp32"] / doc["stored_bytes"]["int8"]
+        console.print(f"stored bytes of the kept-{a.kept:g} cache: fp32 {doc['stored_bytes']['fp32']:,}, int8 "
+                      f"{doc['stored_bytes']['int8']:,} ({doc['ratio_stored_fp32_int8']:.2f}x); put/floor lowest "
+                      f"{doc['ratio_put_floor']:.2f} (paired {doc['ratio_put_floor_paired']:.2f})")
     doc.update({"caches": results, "tokens": a.tokens, "kept": a.kept, "repeats": a.repeats, "warmup": a.warmup,
                 "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                "note": "top-level figures are the full cache (every cache has its own under caches); MB = 1e6 bytes of codec wire bytes; put/get include "
-                        "encode/decode; *_bytes_only skip them"})
+                "note": "top-level MB/s figures are the full cache at the first precision (every cache has its own under caches); "
+                        "MB = 1e6 bytes of codec wire bytes; put/get include encode/decode; *_bytes_only skip them; "
+                        "stored_bytes: the kept cache; ratio_put_floor: lowest over the caches"})
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(doc, indent=2))
