@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 import redis
 from rich.console import Console
 
@@ -13,6 +14,7 @@ from services.kvstore.server import GRPC_OPTIONS
 from tests.kvstore.conftest import big_cache
 
 
+@pytest.mark.slow  # the floor server is a process of its own (imports torch through the codec)
 async def test_int8_rows_and_the_floor(service, redis_url) -> None:
     cache = big_cache(rows=600)
     client = service.client("bench")
