@@ -57,17 +57,17 @@ def quantise_keys(keys: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
     """keys [Rk, d] (any float dtype), offsets [H + 1] of its heads -> (q [Rk, d] int8, scales [H, d] fp32)."""
     H, d = offsets.numel() - 1, keys.shape[1]
     x = keys.float()
-    absmax = torch.zeros(H, d, dtype=torch.float32, device=keys.device)
-    if x.shape[0]:
-        idx = head_index(offsets, x.shape[0])[:, None].expand(-1, d)
-        absmax.scatter_reduce_(0, idx, x.abs(), "amax")
-    if not bool(torch.isfinite(absmax).all()):
+    bounds = offsets.tolist()
+    scales = torch.zeros(H, d, dtype=KEY_SCALE_DTYPE, device=keys.device)
+    q = torch.empty(x.shape, dtype=torch.int8, device=keys.device)
+    for h in range(H):  # a few heads: a loop of slices beats a gathered [Rk, d] scale tensor
+        a, b = bounds[h], bounds[h + 1]
+        if b > a:
+            scales[h] = x[a:b].abs().amax(dim=0) / QMAX
+            q[a:b] = _round(x[a:b], scales[h])
+    if not bool(torch.isfinite(scales).all()):
         raise ValueError("key rows hold non-finite entries; they cannot be stored as int8")
-    scales = (absmax / QMAX).to(KEY_SCALE_DTYPE)
-    if not x.shape[0]:
-        return torch.zeros(0, d, dtype=torch.int8, device=keys.device), scales
-    per_row = scales[head_index(offsets, x.shape[0])]  # [Rk, d]
-    return _round(x, per_row), scales
+    return q, scales
 
 
 def quantise_values(values: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,20 +84,23 @@ def quantise_values(values: Tensor) -> tuple[Tensor, Tensor]:
 
 def _round(x: Tensor, scale: Tensor) -> Tensor:
     """round(x / scale) clamped to [-QMAX, QMAX]; 0 where the scale is 0 (an all-zero group)."""
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.round(x / safe).clamp_(-QMAX, QMAX).to(torch.int8)
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return torch.mul(x, inv).round_().clamp_(-QMAX, QMAX).to(torch.int8)
 
 
 def dequantise_keys(q: Tensor, scales: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
     """q [Rk, d] int8, scales [H, d], offsets [H + 1] -> keys [Rk, d] of `dtype`."""
-    if not q.shape[0]:
-        return torch.zeros(q.shape, dtype=dtype, device=q.device)
-    return (q.float() * scales.float()[head_index(offsets, q.shape[0])]).to(dtype)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    bounds, s = offsets.tolist(), scales.float()
+    for h in range(offsets.numel() - 1):
+        torch.mul(q[bounds[h] : bounds[h + 1]], s[h], out=out[bounds[h] : bounds[h + 1]])
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def dequantise_values(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     """q [R, d] int8, scales [R] -> values [R, d] of `dtype`."""
-    return (q.float() * scales.float()[:, None]).to(dtype)
+    out = torch.mul(q, scales.float()[:, None])
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def error_bound(scale: Tensor) -> Tensor:
