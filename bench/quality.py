@@ -130,7 +130,16 @@ def make_policy(spec: str, kept: float):
     return get_policy(name, kept=kept, **params)
 
 
-def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[float], console: Console) -> dict:
+def precision_variants(configs: list, precisions: list[str]) -> dict:
+    """(policy, kept) -> [(result name, row precision)]: fp32 keeps the policy's name, another
+    precision is reported as `policy+int8`; the full cache stays fp32 (the reference)."""
+    return {(p, k): [((p, k) if x == "fp32" else (f"{p}+{x}", k), x) for x in (["fp32"] if p == "full" else precisions)]
+            for p, k in configs}
+
+
+def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[float], console: Console,
+                 precisions: list[str] = ("fp32",)) -> dict:
+    from headwise.cache.quant import as_stored
     from headwise.errors import InvalidInput
     from headwise.policies.base import Capture
     from headwise.prompt import build_segments
@@ -142,7 +151,8 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
         capture = capture.merge(pol.capture)
     needs_profile = any(getattr(p, "needs_profile", False) for p in built.values())
     ctx = runner.context(next(p for p in built.values() if getattr(p, "needs_profile", False)) if needs_profile else None)
-    rows = {c: {"correct": 0, "total": 0, "realised": [], "compress_s": []} for c in configs}
+    variants = precision_variants(configs, list(precisions))
+    rows = {name: {"correct": 0, "total": 0, "realised": [], "compress_s": []} for vs in variants.values() for name, _ in vs}
     details, prefill_s = [], {}
     for ci, case in enumerate(cases):
         segs = [build_segments(runner.tokenizer, case.context, q.text, " " + q.prefix) for q in case.questions]
@@ -159,16 +169,21 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
             try:
                 seg = pol.compress(out.states, out.start, ctx)
             except InvalidInput as e:  # e.g. pod below its reachable range: reported, not fatal
-                rows[cfg]["error"] = str(e)
+                for name, _ in variants[cfg]:
+                    rows[name]["error"] = str(e)
                 continue
-            rows[cfg]["compress_s"].append(time.perf_counter() - t)
-            rows[cfg]["realised"].append(seg.kept_fraction())
-            for q, s in zip(case.questions, segs, strict=True):
-                text = answer(runner, seg, s.question)
-                ok = is_correct(text, q.answer)
-                rows[cfg]["correct"] += ok; rows[cfg]["total"] += 1
-                details.append({"case": case.name, "tokens": len(ctx_ids), "policy": cfg[0], "kept": cfg[1],
-                                "question": q.text, "answer": q.answer, "output": text, "correct": ok})
+            spent = time.perf_counter() - t
+            for name, precision in variants[cfg]:
+                stored = seg if precision == "fp32" else as_stored(seg, precision)  # the rows decode gets back
+                rows[name]["compress_s"].append(spent)
+                rows[name]["realised"].append(seg.kept_fraction())
+                for q, s in zip(case.questions, segs, strict=True):
+                    text = answer(runner, stored, s.question)
+                    ok = is_correct(text, q.answer)
+                    rows[name]["correct"] += ok; rows[name]["total"] += 1
+                    details.append({"case": case.name, "tokens": len(ctx_ids), "policy": name[0], "kept": cfg[1],
+                                    "precision": precision, "question": q.text, "answer": q.answer, "output": text,
+                                    "correct": ok})
         done = ", ".join(f"{p}@{k}:{r['correct']}/{r['total']}" for (p, k), r in rows.items() if p in ("full", "razor"))
         console.print(f"[dim]{case.name} ({len(ctx_ids)} tokens) done: {done}[/dim]")
         del out
@@ -182,7 +197,7 @@ def _summarise(rows: dict, built: dict, prefill_s: dict, details: list) -> dict:
             res["policies"].setdefault(p, {})[str(k)] = {"accuracy": None, "realised": None, "error": r["error"]}
             continue
         acc = r["correct"] / r["total"] if r["total"] else 0.0
-        cap = "column_sums" if built[(p, k)].capture.column_sums else "window"
+        cap = "column_sums" if built[(p.split("+")[0], k)].capture.column_sums else "window"
         entry = {"accuracy": acc, "realised": sum(r["realised"]) / len(r["realised"]),
                  "prefill_s": prefill_s.get(cap, prefill_s.get("window", 0.0)) + sum(r["compress_s"]) / len(r["compress_s"]),
                  "correct": r["correct"], "total": r["total"]}
@@ -270,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calibrate", action="store_true", help="only the full-cache accuracy curve against context length")
     ap.add_argument("--lengths", default="500,1000,1500,2000,3000,4000")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (1 is much faster on a shared, busy CPU)")
+    ap.add_argument("--precisions", default="fp32", help="row precisions of the compressed cache, e.g. fp32,int8 "
+                    "(each but fp32 reported as policy+precision: the rows as the store gives them back)")
     args = ap.parse_args(argv)
     console = Console()
     if args.threads:
@@ -291,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     cases = build_cases(runner.tokenizer, args.suite, args.length, args.keyed_length)
     console.print(f"{len(cases)} cases, {sum(len(c.questions) for c in cases)} questions; policies {policies}; kept {kept}")
     t0 = time.perf_counter()
-    res = run_headwise(runner, cases, policies, kept, console)
+    res = run_headwise(runner, cases, policies, kept, console, [p for p in args.precisions.split(",") if p])
     res["seconds"] = time.perf_counter() - t0
     res["cases"] = [asdict(c) | {"context": c.context[:80] + "..."} for c in cases]
     print_table(console, res, f"headwise (full cache accuracy {res['full']:.2f})", kept)
