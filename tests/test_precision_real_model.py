@@ -1,0 +1,80 @@
+"""int8 rows on real caches: the tiny random model in every engine dtype (fast), the default
+model's kvzip and PoD caches (slow). Round trip within the bound; decode over the decoded
+int8 cache equals decode over the same rows dequantised by hand, within 1e-5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.cache import quant
+from headwise.cache.codec import decode, encode
+from headwise.cache.compact import CompactCache, LayerCache
+from tests.test_codec_precision import assert_exact_but_rows, assert_rows_within_bound
+
+
+def _by_hand(cache: CompactCache) -> CompactCache:
+    """The int8 rows dequantised to fp32 here, from the quantised tensors (not through the codec)."""
+    layers = []
+    for lc in cache.layers:
+        kq, ks = quant.quantise_keys(lc.keys, lc.key_offsets())
+        vq, vs = quant.quantise_values(lc.values)
+        heads = quant.head_index(lc.key_offsets(), kq.shape[0])
+        k = kq.to(torch.float32) * ks[heads]
+        v = vq.to(torch.float32) * vs.to(torch.float32)[:, None]
+        layers.append(LayerCache(k, v, lc.head_offsets, lc.positions, lc.log_weights, lc.recall_ids, lc.recall,
+                                 distant=lc.distant, distant_from=lc.distant_from))
+    return CompactCache(layers, cache.seq_len, cache.start, dict(cache.meta))
+
+
+def _check(runner, ids: list[int], policy, steps: int = 4) -> None:
+    seg = runner.prefill_segment(ids[:-1], policy=policy).segment
+    enc = encode(seg, include_recall=False, precision="int8")
+    back = decode(enc.header, enc.chunks)
+    assert_exact_but_rows(seg, back, recall_data=False)
+    for x, y in zip(seg.compacted().layers, back.layers, strict=True):
+        assert_rows_within_bound(x, y, "int8")
+    if seg.layers[0].keys.dtype != torch.float32:
+        return
+    hand = _by_hand(seg)
+    tok = ids[-1]
+    for _ in range(steps):  # decode steps over both (each cache grows by the same tokens)
+        a, b = runner.decode_step(tok, back), runner.decode_step(tok, hand)
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
+        tok = int(a.argmax())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tiny_model_caches_in_every_dtype(tiny_model, dtype) -> None:
+    import copy
+
+    from headwise.models import ModelRunner
+    from headwise.policies import get_policy
+
+    runner = ModelRunner(copy.deepcopy(tiny_model).to(dtype), None, name="tiny-llama")  # the dtype of the weights
+    ids = [int(t) for t in torch.randint(3, 250, (151,), generator=torch.Generator().manual_seed(0))]
+    for policy in (get_policy("full"), get_policy("snapkv", kept=0.5), get_policy("ems", kept=0.5)):
+        _check(runner, ids, policy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy_name", ["kvzip", "pod", "ems"])
+def test_default_model_caches(real_runner, policy_name) -> None:
+    from headwise.documents import document_tokens
+    from headwise.policies import get_policy
+
+    tok = real_runner.tokenizer
+    ids = tok(document_tokens(tok, 700), add_special_tokens=False).input_ids[:600]
+    policy = get_policy(policy_name, kept=0.25)
+    ctx = real_runner.context(policy) if getattr(policy, "needs_profile", False) else None
+    seg = real_runner.prefill_segment(ids[:-1], policy=policy, ctx=ctx).segment
+    enc = encode(seg, include_recall=False, precision="int8")
+    back = decode(enc.header, enc.chunks)
+    assert_exact_but_rows(seg, back, recall_data=False)
+    for x, y in zip(seg.compacted().layers, back.layers, strict=True):
+        assert_rows_within_bound(x, y, "int8")
+    hand, tok_id = _by_hand(seg), ids[-1]
+    for _ in range(4):
+        a, b = real_runner.decode_step(tok_id, back), real_runner.decode_step(tok_id, hand)
+        assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
+        tok_id = int(a.argmax())
