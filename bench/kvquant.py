@@ -16,6 +16,10 @@
    alternate step by step; medians and ranges over the steps, of wall time and of this thread's
    CPU time (torch on one thread runs in it: the figure a loaded shared machine disturbs least).
    Also the codec decode of the stored segment at fp32 and at int8 (the one-off cost at load).
+3. Reused TTFT (`--ttft`): the serving path without Ray (PrefillWorker and DecodeWorker in this
+   process, the real KV store in its own process over a real Redis, the default model, kvzip at
+   kept 0.25 on a 2,000-token document): each precision's document is asked once cold, then
+   asked again in alternating turns, fp32 and int8; Figures.ttft_s of the reused turns, medians.
 """
 
 from __future__ import annotations
@@ -152,24 +156,64 @@ def where_to_dequantise(runner, tokens: int, kept: float, steps: int) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", type=Path, default=Path("bench/results/kvquant.json"))
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--kept", type=float, default=0.25)
-    ap.add_argument("--tokens", type=int, default=2000)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--skip-granularity", action="store_true")
-    a = ap.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    from headwise.models import ModelRunner, resolve_model_path
+async def _ask(dw, doc: str, precision: str) -> dict:
+    from services.protos.headwise.v1 import generate_pb2 as pb
 
-    console = Console(width=None if console_tty() else 160)
-    runner = ModelRunner.from_pretrained(resolve_model_path(a.model))
-    out = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": a.threads}
-    out["where"] = where_to_dequantise(runner, a.tokens, a.kept, a.steps)
-    w = out["where"]
+    req = pb.GenerateRequest(context=doc, prompt="What is this document about?", max_new_tokens=4, kv_precision=precision,
+                             policy="kvzip", kept=0.25)
+    figures = None
+    async for m in dw.generate(req, {"authorization": "Bearer bench-key"}):
+        if m.HasField("figures"):
+            figures = m.figures
+    return {f.name: v for f, v in figures.ListFields()}
+
+
+async def _reused_ttft(runner, tokens: int, rounds: int) -> dict:
+    from bench.kvstore import TOKEN, start_store, wait_ready
+    from headwise.documents import document_tokens
+    from services.decode.worker import DecodeWorker
+    from services.kvstore.client import KVStoreClient
+    from services.kvstore.redis_proc import start_redis
+    from services.prefill.store import StoreClients
+    from services.prefill.worker import PrefillWorker
+    from services.settings import Settings
+    from services.tenancy import TenantRegistry
+
+    doc = document_tokens(runner.tokenizer, tokens)
+    redis_proc = start_redis()
+    store, port = start_store(redis_proc.url)
+    try:
+        probe = KVStoreClient(f"127.0.0.1:{port}", TOKEN, "acme", timeout_s=60)
+        await wait_ready(probe, store)
+        await probe.close()
+        settings = Settings(tenants="acme:bench-key", service_token=TOKEN, kvstore_addr=f"127.0.0.1:{port}",
+                            decode_max_batch=1, store_timeout_s=60)
+        stores = StoreClients(settings.kvstore_addr, TOKEN, timeout_s=60)
+        pw = PrefillWorker(runner, stores, settings)
+        dw = DecodeWorker(runner, stores, pw.prefill, TenantRegistry.from_settings(settings), settings)
+        cold = {p: await _ask(dw, doc, p) for p in ("fp32", "int8")}
+        turns = {p: [] for p in cold}
+        for _ in range(rounds):
+            for p in cold:
+                turns[p].append(await _ask(dw, doc, p))
+        await stores.close()
+    finally:
+        store.terminate()
+        store.wait(10)
+        redis_proc.stop()
+    ttft = {p: [t["ttft_s"] for t in ts] for p, ts in turns.items()}
+    return {
+        "rounds": rounds, "status": {p: [t["store_status"] for t in ts] for p, ts in turns.items()},
+        "ttft_reused_s": {p: {"median": statistics.median(v), "min": min(v), "max": max(v)} for p, v in ttft.items()},
+        "ratio_int8_fp32": statistics.median(ttft["int8"]) / statistics.median(ttft["fp32"]),
+        "paired_ratio_int8_fp32": statistics.median(b / a for a, b in zip(ttft["fp32"], ttft["int8"], strict=True)),
+        "ttft_cold_s": {p: c["ttft_s"] for p, c in cold.items()},
+        "figures": {p: {k: turns[p][-1].get(k) for k in ("held_kv_bytes", "stored_kv_bytes", "wire_bytes", "realised_kept")}
+                    for p in turns},
+    }
+
+
+def _print_where(console: Console, w: dict, a) -> None:
     t = Table(title=f"decode step over a {w['tokens']}-token kvzip cache at kept {a.kept} (ms, {a.steps} steps)")
     for col in ("rows", "clock", "median", "min", "max", "per-step / at-load (paired)"):
         t.add_column(col, justify="right")
@@ -179,9 +223,40 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{v['median']:.1f}", f"{v['min']:.1f}", f"{v['max']:.1f}",
                       f"{w[f'ratio_per_step_at_load_{clock}']:.3f} ({w[f'paired_ratio_{clock}']:.3f})" if k == "per_step" else "")
     console.print(t)
-    console.print(
-                  f"codec decode (CPU) fp32 {w['load_ms']['fp32']:.1f} ms, int8 {w['load_ms']['int8']:.1f} ms; "
+    console.print(f"codec decode (CPU) fp32 {w['load_ms']['fp32']:.1f} ms, int8 {w['load_ms']['int8']:.1f} ms; "
                   f"wire fp32 {w['wire_bytes']['fp32'] / 1e6:.2f} MB, int8 {w['wire_bytes']['int8'] / 1e6:.2f} MB")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", type=Path, default=Path("bench/results/kvquant.json"))
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--kept", type=float, default=0.25)
+    ap.add_argument("--tokens", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--skip-granularity", action="store_true")
+    ap.add_argument("--skip-where", action="store_true")
+    ap.add_argument("--ttft", type=int, default=0, metavar="ROUNDS", help="also reused TTFT through the workers, ROUNDS turns each")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from headwise.models import ModelRunner, resolve_model_path
+
+    console = Console(width=None if console_tty() else 160)
+    runner = ModelRunner.from_pretrained(resolve_model_path(a.model))
+    out = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": a.threads}
+    if a.ttft:
+        import asyncio
+
+        out["ttft"] = t = asyncio.run(_reused_ttft(runner, a.tokens, a.ttft))
+        console.print(f"reused TTFT (s, median of {a.ttft}): fp32 {t['ttft_reused_s']['fp32']['median']:.3f} "
+                      f"[{t['ttft_reused_s']['fp32']['min']:.3f}-{t['ttft_reused_s']['fp32']['max']:.3f}], int8 "
+                      f"{t['ttft_reused_s']['int8']['median']:.3f} [{t['ttft_reused_s']['int8']['min']:.3f}-"
+                      f"{t['ttft_reused_s']['int8']['max']:.3f}]; int8/fp32 {t['ratio_int8_fp32']:.2f} "
+                      f"(paired {t['paired_ratio_int8_fp32']:.2f}); figures {t['figures']}")
+    if not a.skip_where:
+        out["where"] = where_to_dequantise(runner, a.tokens, a.kept, a.steps)
+        _print_where(console, out["where"], a)
     if not a.skip_granularity:
         out["granularity"] = granularity(runner, a.kept, console)
         g = Table(title=f"int8 granularity on kvzip caches at kept {a.kept} (bench.quality default suite)")
