@@ -7,8 +7,8 @@
    row or per (head, channel)), dequantised, and each question asked on top: KL divergence of
    the first answer token's distribution from the fp32 cache's, whether the greedy answer (10
    tokens) is the fp32 cache's, and the relative error of the rows; plus the bytes of rows and
-   scales against fp32 rows. The codec's format is the first line (keys per channel, values
-   per row), the others are this bench's own code.
+   scales against fp32 rows. The codec's format is the third line (both per channel); per-row
+   scales are this bench's own code (fp16, one per row).
 2. Where to dequantise. On a 2,000-token document's kvzip cache at kept 0.25: one decode step
    over rows dequantised once when the cache is loaded (what decode does) against one step that
    first dequantises every layer's int8 rows (the work an on-the-fly design does each step on a
@@ -40,23 +40,27 @@ from headwise.cache.codec import decode, encode
 from headwise.cache.compact import CompactCache, LayerCache
 
 SCHEMES = {  # name -> (keys per, values per)
-    "K channel / V token (codec)": ("channel", "token"),
+    "K channel / V token (KIVI)": ("channel", "token"),
     "K token / V token": ("token", "token"),
-    "K channel / V channel": ("channel", "channel"),
+    "K channel / V channel (codec)": ("channel", "channel"),
     "K token / V channel": ("token", "channel"),
 }
 
 
 def _per_token(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """x [R, d] through int8 with one fp16 scale per row; (dequantised, scale bytes)."""
-    q, s = quant.quantise_values(x)
-    return quant.dequantise_values(q, s, x.dtype), s.numel() * s.element_size()
+    """x [R, d] through int8 with one fp16 scale per row (rounded up, so |x / s| <= 127);
+    (dequantised, scale bytes). This bench's own alternative; the codec is per channel."""
+    exact = x.float().abs().amax(dim=1) / quant.QMAX
+    s = exact.half()
+    s = torch.where(s.float() < exact, torch.nextafter(s, torch.full_like(s, float("inf"))), s).float()[:, None]
+    q = torch.round(x.float() / torch.where(s > 0, s, torch.ones_like(s))).clamp(-quant.QMAX, quant.QMAX)
+    return (q * s).to(x.dtype), 2 * x.shape[0]
 
 
 def _per_channel(x: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """x [R, d] through int8 with one fp32 scale per (head, channel); (dequantised, scale bytes)."""
-    q, s = quant.quantise_keys(x, offsets)
-    return quant.dequantise_keys(q, s, offsets, x.dtype), s.numel() * s.element_size()
+    """x [R, d] through int8 with one fp32 scale per (head, channel), as the codec; (dequantised, scale bytes)."""
+    q, s = quant.quantise(x, offsets)
+    return quant.dequantise(q, s, offsets, x.dtype), s.numel() * s.element_size()
 
 
 def quantised(cache: CompactCache, keys_per: str, values_per: str) -> tuple[CompactCache, dict]:
@@ -124,15 +128,15 @@ def where_to_dequantise(runner, tokens: int, kept: float, steps: int) -> dict:
             decode(e.header, e.chunks)
             load[p].append(time.thread_time() - t)
     held = decode(enc["int8"].header, enc["int8"].chunks)  # dequantised once, at load
-    stored = [(quant.quantise_keys(lc.keys, lc.key_offsets()), quant.quantise_values(lc.values)) for lc in seg.layers]
+    stored = [(quant.quantise(lc.keys, lc.key_offsets()), quant.quantise(lc.values, lc.head_offsets)) for lc in seg.layers]
     on_the_fly = held.clone()
     token = int(res.logits.argmax())
     times = {clock: {"at_load": [], "per_step": []} for clock in ("wall", "cpu")}
 
     def per_step() -> None:
         for lc, ((kq, ks), (vq, vs)) in zip(on_the_fly.layers, stored, strict=True):  # every step, every layer
-            lc.keys = quant.dequantise_keys(kq, ks, lc.key_offsets(), torch.float32)
-            lc.values = quant.dequantise_values(vq, vs, torch.float32)
+            lc.keys = quant.dequantise(kq, ks, lc.key_offsets(), torch.float32)
+            lc.values = quant.dequantise(vq, vs, lc.head_offsets, torch.float32)
         runner.decode_step(token, on_the_fly)
 
     with torch.inference_mode():

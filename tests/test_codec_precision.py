@@ -53,10 +53,10 @@ def assert_rows_within_bound(orig: LayerCache, back: LayerCache, precision: str)
         fmt = quant.FLOAT_ROWS[quant.ROW_FORMATS[precision]]
         assert torch.equal(back.keys, orig.keys.to(fmt).to(dt)) and torch.equal(back.values, orig.values.to(fmt).to(dt))
         return
-    _, ks = quant.quantise_keys(orig.keys, orig.key_offsets())
-    _, vs = quant.quantise_values(orig.values)
+    _, ks = quant.quantise(orig.keys, orig.key_offsets())
+    _, vs = quant.quantise(orig.values, orig.head_offsets)
     kb = quant.error_bound(ks)[quant.head_index(orig.key_offsets(), orig.keys.shape[0])]  # [Rk, d]
-    vb = quant.error_bound(vs)[:, None].expand_as(orig.values)  # [R, d]
+    vb = quant.error_bound(vs)[quant.head_index(orig.head_offsets, orig.values.shape[0])]  # [R, d]
     for x, y, bound in ((orig.keys, back.keys, kb), (orig.values, back.values, vb)):
         err = (x.float() - y.float()).abs()
         assert bool((err <= bound + EPS[dt] * x.float().abs() + 1e-30).all()), float((err - bound).max())
@@ -108,8 +108,8 @@ def test_pod_rows_empty_heads_and_the_tail(dtype: torch.dtype, precision: str) -
 
 
 def test_int8_rows_and_scales_take_a_quarter_of_fp32() -> None:
-    """Per layer: K and V rows 1 byte per element, plus [H, d] fp32 key scales and [R] fp16 value
-    scales; the default model's shape (3 heads, d 64) at 500 rows a head."""
+    """Per layer: K and V rows 1 byte per element, plus [H, d] fp32 scales for each; the default
+    model's shape (3 heads, d 64) at 500 rows a head: within 2% of 4x."""
     H, n, d = 3, 500, 64
     layer = LayerCache.from_dense(torch.randn(H, n, d), torch.randn(H, n, d), torch.arange(n))
     cache = CompactCache([layer] * 4, n)
@@ -121,22 +121,20 @@ def test_int8_rows_and_scales_take_a_quarter_of_fp32() -> None:
         fields[p] = {f.name: f.nbytes for f in fs}
     rows32 = fields["fp32"]["keys"] + fields["fp32"]["values"]
     rows8 = sum(fields["int8"][k] for k in ("keys", "values", "key_scales", "value_scales"))
-    assert rows8 == 2 * H * n * d + 4 * H * d + 2 * H * n
-    assert 3.9 < rows32 / rows8 < 4
-    assert encoded_nbytes(cache, "int8") < encoded_nbytes(cache, "fp32") / 3.5
+    assert rows8 == 2 * H * n * d + 2 * 4 * H * d
+    assert 3.92 < rows32 / rows8 < 4
+    assert 3.92 < encoded_nbytes(cache, "fp32") / encoded_nbytes(cache, "int8") < 4  # a plain layer: positions only
 
 
-def test_quantised_keys_are_per_head_channel_and_values_per_row() -> None:
-    keys = torch.tensor([[1.0, -200.0], [0.5, 100.0], [3.0, 0.0]])  # head 0: rows 0-1, head 1: row 2
-    values = torch.tensor([[1.0, -2.0], [0.0, 0.0], [254.0, 127.0]])
+def test_quantised_rows_are_per_head_and_channel() -> None:
+    rows = torch.tensor([[1.0, -200.0], [0.5, 100.0], [3.0, 0.0]])  # head 0: rows 0-1, head 1: row 2
     offs = torch.tensor([0, 2, 3])
-    kq, ks = quant.quantise_keys(keys, offs)
-    assert torch.allclose(ks, torch.tensor([[1 / 127, 200 / 127], [3 / 127, 0.0]]))
-    assert kq.tolist() == [[127, -127], [64, 64], [127, 0]]
-    vq, vs = quant.quantise_values(values)
-    assert vs.dtype == torch.float16 and float(vs[1]) == 0 and vq[1].tolist() == [0, 0]
-    assert vq[2].tolist() == [127, 64] and float(vs[2]) >= 2.0
-    assert bool((vs.float() >= values.abs().amax(1) / 127).all())  # rounded up, never down
+    q, s = quant.quantise(rows, offs)
+    assert torch.allclose(s, torch.tensor([[1 / 127, 200 / 127], [3 / 127, 0.0]]))
+    assert q.tolist() == [[127, -127], [64, 64], [127, 0]]
+    assert torch.allclose(quant.dequantise(q, s, offs, torch.float32), rows, atol=0.8)
+    q, s = quant.quantise(torch.zeros(0, 2), torch.tensor([0, 0, 0]))  # empty heads
+    assert q.shape == (0, 2) and not bool(s.any())
 
 
 def test_bad_precision_and_non_finite_rows_are_rejected() -> None:
@@ -144,7 +142,7 @@ def test_bad_precision_and_non_finite_rows_are_rejected() -> None:
     cache = CompactCache([make_layer(gen, [3, 2], 4, torch.float32, 0)], 5)
     with pytest.raises(CodecError, match="not one of fp32, bf16, fp16, int8"):
         encode(cache, precision="int4")
-    cache.layers[0].values[1, 2] = float("inf")
+    cache.layers[0].values[1, 2] = float("nan")
     with pytest.raises(CodecError, match="cannot be stored as int8"):
         encode(cache, precision="int8")
     encode(cache, precision="fp32")  # a float format carries it as it is

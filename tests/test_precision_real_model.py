@@ -17,11 +17,10 @@ def _by_hand(cache: CompactCache) -> CompactCache:
     """The int8 rows dequantised to fp32 here, from the quantised tensors (not through the codec)."""
     layers = []
     for lc in cache.layers:
-        kq, ks = quant.quantise_keys(lc.keys, lc.key_offsets())
-        vq, vs = quant.quantise_values(lc.values)
-        heads = quant.head_index(lc.key_offsets(), kq.shape[0])
-        k = kq.to(torch.float32) * ks[heads]
-        v = vq.to(torch.float32) * vs.to(torch.float32)[:, None]
+        kq, ks = quant.quantise(lc.keys, lc.key_offsets())
+        vq, vs = quant.quantise(lc.values, lc.head_offsets)
+        k = kq.to(torch.float32) * ks[quant.head_index(lc.key_offsets(), kq.shape[0])]
+        v = vq.to(torch.float32) * vs[quant.head_index(lc.head_offsets, vq.shape[0])]
         layers.append(LayerCache(k, v, lc.head_offsets, lc.positions, lc.log_weights, lc.recall_ids, lc.recall,
                                  distant=lc.distant, distant_from=lc.distant_from))
     return CompactCache(layers, cache.seq_len, cache.start, dict(cache.meta))

@@ -23,7 +23,7 @@ and the chunk size (hence the number and length of the chunks). The payload is e
 tensors in the order of `_layout()` (one function for both directions, so fields cannot be read
 back in another order), each aligned to 64 bytes:
   keys [R_k, d], values [R, d]     in the row format
-  key_scales [Hkv, d] fp32, value_scales [R] fp16     int8 rows only (headwise.cache.quant)
+  key_scales [Hkv, d], value_scales [Hkv, d] fp32     int8 rows only (headwise.cache.quant)
   head_offsets [Hkv + 1] int64, positions [R] int16 or int32 (int16 when all fit), then
   log_weights [R] fp32 and recall_ids [R] int32, both left out for a "plain" layer (all 0 / -1)
 Decoding gives the cache back in its own dtype: int8 rows dequantised (once, at load), float
@@ -142,8 +142,8 @@ def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype, row
         add(i, "keys", row_dtype, (s.rows if s.key_rows is None else s.key_rows, head_dim))
         add(i, "values", row_dtype, (s.rows, head_dim))
         if rows == "int8":
-            add(i, "key_scales", quant.KEY_SCALE_DTYPE, (s.num_heads, head_dim))
-            add(i, "value_scales", quant.VALUE_SCALE_DTYPE, (s.rows,))
+            add(i, "key_scales", quant.SCALE_DTYPE, (s.num_heads, head_dim))
+            add(i, "value_scales", quant.SCALE_DTYPE, (s.num_heads, head_dim))
         add(i, "head_offsets", torch.int64, (s.num_heads + 1,))
         add(i, "positions", torch.int16 if s.pos16 else torch.int32, (s.rows,))
         if not s.plain:
@@ -168,8 +168,8 @@ def _layer_tensors(layer: LayerCache, include_recall: bool, rows: str, shape: La
         t["log_weights"], t["recall_ids"] = layer.log_weights, _int32(layer.recall_ids, "recall ids")
     if rows == "int8":
         try:
-            t["keys"], t["key_scales"] = quant.quantise_keys(layer.keys, layer.key_offsets())
-            t["values"], t["value_scales"] = quant.quantise_values(layer.values)
+            t["keys"], t["key_scales"] = quant.quantise(layer.keys, layer.key_offsets())
+            t["values"], t["value_scales"] = quant.quantise(layer.values, layer.head_offsets)
         except ValueError as e:
             raise CodecError(str(e)) from None
     else:
@@ -586,8 +586,8 @@ def _restore_rows(t: dict[str, Tensor], h: SegmentHeader, s: LayerShape) -> None
             key_offs = offs - before[offs]
         if int(key_offs[-1]) != t["keys"].shape[0]:
             return
-        t["keys"] = quant.dequantise_keys(t.pop("keys"), t.pop("key_scales"), key_offs, h.dtype)
-        t["values"] = quant.dequantise_values(t.pop("values"), t.pop("value_scales"), h.dtype)
+        t["keys"] = quant.dequantise(t.pop("keys"), t.pop("key_scales"), key_offs, h.dtype)
+        t["values"] = quant.dequantise(t.pop("values"), t.pop("value_scales"), offs, h.dtype)
     elif t["keys"].dtype != h.dtype:
         t["keys"], t["values"] = t["keys"].to(h.dtype), t["values"].to(h.dtype)
 

@@ -1,14 +1,16 @@
 """Row precision of a stored cache: fp32 / bf16 / fp16 rows, or int8 rows with scales.
 
-int8 (absmax, symmetric, round to nearest, q in [-127, 127]):
-  keys    one fp32 scale per (KV head, channel) over that head's key rows, because key
-          outliers sit in fixed channels (KIVI, arXiv 2402.02750): scales [Hkv, d]
-  values  one fp16 scale per row (token): scales [R]
-  scale = absmax / 127 (0 for an all-zero head channel or row, whose q are 0).
-Error bound per element: |x - dequantise(quantise(x))| <= 0.5 * s * (1 + 2^-9), s the element's
-scale as stored (a value scale is rounded up to fp16, never down; the 2^-9 covers fp32 arithmetic),
-plus the rounding of the result to the engine's dtype (bf16: 2^-8 relative). The granularity was
-chosen by measurement on the default model's cache (bench.kvquant, docs/kvstore.md).
+int8 (absmax, symmetric, round to nearest, q in [-127, 127]): keys and values alike, one fp32
+scale per (KV head, channel) over that head's rows: scales [Hkv, d] per layer for K and for V,
+scale = absmax / 127 (0 for an all-zero head channel, whose q are 0). Per channel for keys is
+KIVI's choice (arXiv 2402.02750: key outliers sit in fixed channels); for values KIVI takes
+one scale per token. bench.kvquant measured all four combinations on the default model's kvzip
+caches: every one kept every answer of bench.quality's default suite and the next-token KL
+stayed within 2e-4..4e-4 nats; per-channel values had the lower value error (0.73% vs 0.76%)
+and are the only choice that costs no bytes per row, which brings int8 within 2% of 4x fp32.
+Error bound per element: |x - dequantise(quantise(x))| <= 0.5 * s * (1 + 2^-9), s the
+element's (head, channel) scale (the 2^-9 covers fp32 arithmetic), plus the rounding of the
+result to the engine's dtype (bf16: 2^-8 relative).
 
 Only K and V rows are ever quantised; positions, log-weights, PoD distant masks and recall
 handles stay exact. `as_stored` gives a cache with the rows decode will get back from the
@@ -28,8 +30,7 @@ PRECISIONS = ("fp32", "bf16", "int8")  # what a request may ask for (Generate.kv
 ROW_FORMATS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
 FLOAT_ROWS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QMAX = 127
-KEY_SCALE_DTYPE = torch.float32
-VALUE_SCALE_DTYPE = torch.float16
+SCALE_DTYPE = torch.float32
 
 
 def row_format(precision: str | None, dtype: torch.dtype) -> str:
@@ -53,53 +54,35 @@ def head_index(offsets: Tensor, rows: int) -> Tensor:
     return torch.repeat_interleave(torch.arange(lens.numel(), device=offsets.device), lens, output_size=rows)
 
 
-def quantise_keys(keys: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """keys [Rk, d] (any float dtype), offsets [H + 1] of its heads -> (q [Rk, d] int8, scales [H, d] fp32)."""
-    H, d = offsets.numel() - 1, keys.shape[1]
-    x = keys.float()
+def quantise(x: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows x [R, d] (any float dtype) of the heads at offsets [H + 1] -> (q [R, d] int8, scales [H, d] fp32)."""
+    H, d = offsets.numel() - 1, x.shape[1]
     bounds = offsets.tolist()
-    scales = torch.zeros(H, d, dtype=KEY_SCALE_DTYPE, device=keys.device)
-    q = torch.empty(x.shape, dtype=torch.int8, device=keys.device)
-    for h in range(H):  # a few heads: a loop of slices beats a gathered [Rk, d] scale tensor
+    scales = torch.zeros(H, d, dtype=SCALE_DTYPE, device=x.device)
+    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    for h in range(H):  # a few heads: a loop of slices beats a gathered [R, d] scale tensor
         a, b = bounds[h], bounds[h + 1]
         if b > a:
-            scales[h] = x[a:b].abs().amax(dim=0) / QMAX
-            q[a:b] = _round(x[a:b], scales[h])
+            rows = x[a:b].float()
+            scales[h] = rows.abs().amax(dim=0) / QMAX
+            q[a:b] = _round(rows, scales[h])
     if not bool(torch.isfinite(scales).all()):
-        raise ValueError("key rows hold non-finite entries; they cannot be stored as int8")
+        raise ValueError("rows hold non-finite entries; they cannot be stored as int8")
     return q, scales
 
 
-def quantise_values(values: Tensor) -> tuple[Tensor, Tensor]:
-    """values [R, d] -> (q [R, d] int8, scales [R] fp16)."""
-    x = values.float()
-    exact = x.abs().amax(dim=1) / QMAX if x.shape[0] else x.new_zeros(0)
-    if exact.numel() and not float(exact.max()) <= torch.finfo(VALUE_SCALE_DTYPE).max:
-        raise ValueError("value rows hold non-finite or out-of-range entries; they cannot be stored as int8")
-    scales = exact.to(VALUE_SCALE_DTYPE)
-    # rounded up where fp16 rounded it down, so x / scale never passes QMAX and the bound holds
-    scales = torch.where(scales.float() < exact, torch.nextafter(scales, torch.full_like(scales, float("inf"))), scales)
-    return _round(x, scales.float()[:, None]), scales
-
-
 def _round(x: Tensor, scale: Tensor) -> Tensor:
-    """round(x / scale) clamped to [-QMAX, QMAX]; 0 where the scale is 0 (an all-zero group)."""
+    """round(x / scale) clamped to [-QMAX, QMAX]; 0 where the scale is 0 (an all-zero channel)."""
     inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     return torch.mul(x, inv).round_().clamp_(-QMAX, QMAX).to(torch.int8)
 
 
-def dequantise_keys(q: Tensor, scales: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
-    """q [Rk, d] int8, scales [H, d], offsets [H + 1] -> keys [Rk, d] of `dtype`."""
+def dequantise(q: Tensor, scales: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
+    """q [R, d] int8, scales [H, d], offsets [H + 1] -> rows [R, d] of `dtype`."""
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     bounds, s = offsets.tolist(), scales.float()
     for h in range(offsets.numel() - 1):
         torch.mul(q[bounds[h] : bounds[h + 1]], s[h], out=out[bounds[h] : bounds[h + 1]])
-    return out if dtype == torch.float32 else out.to(dtype)
-
-
-def dequantise_values(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    """q [R, d] int8, scales [R] -> values [R, d] of `dtype`."""
-    out = torch.mul(q, scales.float()[:, None])
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -111,9 +94,8 @@ def error_bound(scale: Tensor) -> Tensor:
 def _layer_as_stored(layer: LayerCache, fmt: str) -> LayerCache:
     dtype = layer.keys.dtype
     if fmt == "int8":
-        kq, ks = quantise_keys(layer.keys, layer.key_offsets())
-        vq, vs = quantise_values(layer.values)
-        keys, values = dequantise_keys(kq, ks, layer.key_offsets(), dtype), dequantise_values(vq, vs, dtype)
+        ko, vo = layer.key_offsets(), layer.head_offsets
+        keys, values = dequantise(*quantise(layer.keys, ko), ko, dtype), dequantise(*quantise(layer.values, vo), vo, dtype)
     else:
         keys, values = (t.to(FLOAT_ROWS[fmt]).to(dtype) for t in (layer.keys, layer.values))
     return dataclasses.replace(layer, keys=keys, values=values)
