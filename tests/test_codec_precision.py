@@ -221,3 +221,13 @@ def test_plain_layers_and_wide_positions(precision) -> None:
     assert_exact_but_rows(cache, back)
     assert back.layers[0].recall_ids.dtype == torch.int64 and int(back.layers[0].recall_ids.max()) == -1
     assert enc.nbytes == encoded_nbytes(cache, precision, include_recall=True)
+
+
+def test_the_precision_is_part_of_every_segment_key() -> None:
+    from headwise.cache.keys import chain_keys, segment_key
+
+    keys = {p: segment_key(None, [1, 2, 3], "m", {"policy": "kvzip", "kept": 0.25}, 3, "salt", p) for p in quant.PRECISIONS}
+    assert len(set(keys.values())) == len(quant.PRECISIONS)
+    assert keys["fp32"] == segment_key(None, [1, 2, 3], "m", {"policy": "kvzip", "kept": 0.25}, 3, "salt")
+    chains = {p: chain_keys([[1, 2, 3], [4]], "m", [{"policy": "full"}] * 2, 3, "salt", p) for p in ("fp32", "int8")}
+    assert not set(chains["fp32"]) & set(chains["int8"])

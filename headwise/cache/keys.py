@@ -1,9 +1,9 @@
 """Segment keys: a stable, chained identity of a segment's cache (DESIGN.md 4).
 
 key = blake2b(parent key, token ids, model id, policy and its parameters, codec version,
-row precision of the stored cache, tenant salt). Keys chain, so a conversation turn names everything before it; the salt
-differs per tenant, so reuse never crosses tenants; the precision ("fp32", "bf16", "int8")
-is part of the key, so caches stored at different precisions never mix. Never Python's hash().
+tenant salt, row precision of the stored cache). Keys chain, so a conversation turn names
+everything before it; the salt differs per tenant, so reuse never crosses tenants; caches
+stored at different precisions ("fp32", "bf16", "int8") never mix. Never Python's hash().
 """
 
 from __future__ import annotations
