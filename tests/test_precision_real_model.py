@@ -63,7 +63,7 @@ def test_default_model_caches(real_runner, policy_name) -> None:
     from headwise.policies import get_policy
 
     tok = real_runner.tokenizer
-    ids = tok(document_tokens(tok, 700), add_special_tokens=False).input_ids[:600]
+    ids = tok(document_tokens(tok, 500), add_special_tokens=False).input_ids[:400]
     policy = get_policy(policy_name, kept=0.25)
     ctx = real_runner.context(policy) if getattr(policy, "needs_profile", False) else None
     seg = real_runner.prefill_segment(ids[:-1], policy=policy, ctx=ctx).segment
