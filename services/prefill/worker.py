@@ -121,7 +121,18 @@ class _Computed:
     logits: object  # [V] after the segment
     segment: CompactCache  # the segment as computed: what is put (quantised once, on the way out)
     stored: CompactCache  # its rows as the store gives them back: what decode and later segments use
-    cache: CompactCache  # the whole cache so far, over stored rows
+    prev: CompactCache | None  # the cache the segment was computed on
+    whole: CompactCache | None = None  # prev + stored, built when a later segment needs it
+
+    @property
+    def cache(self) -> CompactCache:
+        """The whole cache so far, over stored rows (a copy of every row: built only when needed,
+        so a request's last segment, whose cache decode fetches from the store, never pays it)."""
+        if self.whole is None:
+            s = self.stored
+            self.whole = self.prev.extended(s) if self.prev is not None else CompactCache(
+                [replace(lc) for lc in s.layers], s.seq_len, s.start, dict(s.meta))
+        return self.whole
 
 
 class PrefillWorker:
@@ -232,7 +243,7 @@ class PrefillWorker:
         logits = None
         for i in range(reused, len(plan.segments)):
             res = await self._model(self._prefill_segment, plan.segments[i], cache, plan.policies[i], plan.precision)
-            cache, logits = res.cache, res.logits
+            cache, logits = res, res.logits  # its whole cache is built by the next segment, if any
             segs.append(res.stored)
             try:
                 wire += await store.put(plan.store_keys[i], res.segment, plan.precision)
@@ -245,16 +256,15 @@ class PrefillWorker:
         status = PRIVATE if not policy.reusable else (STORED if reused == 0 else REUSED if reused == len(plan.segments) - 1 else PARTIAL)
         return self._handle(plan, segs, logits, reused_tokens, wire, status)
 
-    def _prefill_segment(self, ids: list[int], cache: CompactCache | None, policy: Policy, precision: str) -> _Computed:
-        """Prefill and compress a segment; later segments run over its rows as stored (at a lossy
-        precision, dequantised), so a cold request and a reused one see the same rows."""
+    def _prefill_segment(self, ids: list[int], prev: CompactCache | _Computed | None, policy: Policy,
+                         precision: str) -> _Computed:
+        """Prefill and compress a segment on top of `prev`; later segments run over its rows as
+        stored (at a lossy precision, dequantised), so a cold request and a reused one see the same rows."""
+        cache = prev.cache if isinstance(prev, _Computed) else prev
         res = self.runner.prefill_segment(ids, cache, policy)
         if quant.lossless(precision, res.segment.layers[0].keys.dtype):
-            return _Computed(res.logits, res.segment, res.segment, res.cache)
-        stored = quant.as_stored(res.segment, precision)
-        whole = cache.extended(stored) if cache is not None else CompactCache(
-            [replace(lc) for lc in stored.layers], stored.seq_len, stored.start, dict(stored.meta))
-        return _Computed(res.logits, res.segment, stored, whole)
+            return _Computed(res.logits, res.segment, res.segment, cache, res.cache)
+        return _Computed(res.logits, res.segment, quant.as_stored(res.segment, precision), cache)
 
     def _remember(self, key: str, seg: CompactCache) -> None:
         old = self._recent.pop(key, None)
@@ -314,7 +324,7 @@ class PrefillWorker:
             cache = None
         for i in range(len(segs), len(plan.segments)):
             res = await self._model(self._prefill_segment, plan.segments[i], cache, plan.policies[i], plan.precision)
-            cache, logits = res.cache, res.logits
+            cache, logits = res, res.logits  # its whole cache is built by the next segment, if any
             segs.append(res.stored)
         handle = self._handle(plan, segs, logits, 0, 0, status)
         handle.inline_segments = segs
