@@ -555,9 +555,10 @@ def _build(h: SegmentHeader, payload: memoryview, recall: list["RecallEntry"], d
     for f in fields:
         n = f.nbytes // _itemsize(f.dtype)
         t = torch.frombuffer(payload, dtype=f.dtype, count=n, offset=f.offset) if n else torch.empty(0, dtype=f.dtype)
-        per_layer[f.layer][f.name] = t.reshape(f.shape).to(device)
-    for t, s in zip(per_layer, h.layers, strict=True):
+        per_layer[f.layer][f.name] = t.reshape(f.shape)
+    for t, s in zip(per_layer, h.layers, strict=True):  # on the CPU, then to the device
         _restore_rows(t, h, s)
+        t.update({k: v.to(device) for k, v in t.items()})
     layers = [_layer_from(i, s, t, h.head_dim) for i, (s, t) in enumerate(zip(h.layers, per_layer, strict=True))]
     if recall:
         _attach_recall(layers, recall, h)

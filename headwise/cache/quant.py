@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,35 +56,38 @@ def head_index(offsets: Tensor, rows: int) -> Tensor:
 
 
 def quantise(x: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
-    """Rows x [R, d] (any float dtype) of the heads at offsets [H + 1] -> (q [R, d] int8, scales [H, d] fp32)."""
+    """Rows x [R, d] (any float dtype) of the heads at offsets [H + 1] -> (q [R, d] int8, scales [H, d] fp32).
+
+    Computed with numpy on the CPU: single-threaded by design. torch's intra-op threads on these
+    many small ops made an int8 put 25x slower on a loaded 2-core machine (bench.kvstore), and the
+    codec runs beside the model's own threads."""
     H, d = offsets.numel() - 1, x.shape[1]
+    rows_all = x.detach().to("cpu", torch.float32).numpy()
     bounds = offsets.tolist()
-    scales = torch.zeros(H, d, dtype=SCALE_DTYPE, device=x.device)
-    q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    for h in range(H):  # a few heads: a loop of slices beats a gathered [R, d] scale tensor
+    scales = np.zeros((H, d), dtype=np.float32)
+    q = np.empty(rows_all.shape, dtype=np.int8)
+    for h in range(H):
         a, b = bounds[h], bounds[h + 1]
         if b > a:
-            rows = x[a:b].float()
-            scales[h] = rows.abs().amax(dim=0) / QMAX
-            q[a:b] = _round(rows, scales[h])
-    if not bool(torch.isfinite(scales).all()):
-        raise ValueError("rows hold non-finite entries; they cannot be stored as int8")
-    return q, scales
-
-
-def _round(x: Tensor, scale: Tensor) -> Tensor:
-    """round(x / scale) clamped to [-QMAX, QMAX]; 0 where the scale is 0 (an all-zero channel)."""
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    return torch.mul(x, inv).round_().clamp_(-QMAX, QMAX).to(torch.int8)
+            rows = rows_all[a:b]
+            scales[h] = np.abs(rows).max(axis=0) / np.float32(QMAX)
+            if not bool(np.isfinite(scales[h]).all()):
+                raise ValueError("rows hold non-finite entries; they cannot be stored as int8")
+            inv = np.divide(np.float32(1), scales[h], out=np.zeros(d, dtype=np.float32), where=scales[h] > 0)
+            q[a:b] = np.clip(np.rint(rows * inv), -QMAX, QMAX)  # round half to even, then int8
+    return torch.from_numpy(q).to(x.device), torch.from_numpy(scales).to(x.device)
 
 
 def dequantise(q: Tensor, scales: Tensor, offsets: Tensor, dtype: torch.dtype) -> Tensor:
-    """q [R, d] int8, scales [H, d], offsets [H + 1] -> rows [R, d] of `dtype`."""
-    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    bounds, s = offsets.tolist(), scales.float()
+    """q [R, d] int8, scales [H, d], offsets [H + 1] -> rows [R, d] of `dtype` (numpy, as `quantise`)."""
+    qn, sn = q.to("cpu").numpy(), scales.to("cpu", torch.float32).numpy()
+    out = np.empty(qn.shape, dtype=np.float32)
+    bounds = offsets.tolist()
     for h in range(offsets.numel() - 1):
-        torch.mul(q[bounds[h] : bounds[h + 1]], s[h], out=out[bounds[h] : bounds[h + 1]])
-    return out if dtype == torch.float32 else out.to(dtype)
+        a, b = bounds[h], bounds[h + 1]
+        np.multiply(qn[a:b], sn[h], out=out[a:b])
+    t = torch.from_numpy(out).to(q.device)
+    return t if dtype == torch.float32 else t.to(dtype)
 
 
 def error_bound(scale: Tensor) -> Tensor:
