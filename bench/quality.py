@@ -2,6 +2,7 @@
 
     python -m bench.quality --json bench/results/quality.json [--policies snapkv,razor] [--kept 0.5,0.25,0.1]
     python -m bench.quality --calibrate            # full-cache accuracy against context length
+    python -m bench.quality --cost --json bench/results/prefill_cost.json   # prefill time with each scorer
 
 Cases are built deterministically from CPython's pydoc topics (real text, offline) with
 inserted facts whose exact answers are checked:
@@ -26,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-DEFAULT_POLICIES = ("streaming", "snapkv", "adakv", "razor", "taskkv", "ems", "ahakv", "kvzip")
+DEFAULT_POLICIES = ("streaming", "snapkv", "adakv", "razor", "taskkv", "ems", "ahakv", "kvzip", "kvzap")
 DEFAULT_KEPT = (0.5, 0.25, 0.1)
 CITIES = ("Lisbon", "Oslo", "Quito", "Hanoi", "Dakar", "Perth", "Tbilisi", "Lima")
 WORDS = ("marigold", "tangerine", "basalt", "juniper", "cobalt", "lantern", "saffron", "harbor")
@@ -149,8 +150,8 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
     capture = Capture()
     for pol in built.values():
         capture = capture.merge(pol.capture)
-    needs_profile = any(getattr(p, "needs_profile", False) for p in built.values())
-    ctx = runner.context(next(p for p in built.values() if getattr(p, "needs_profile", False)) if needs_profile else None)
+    needs_profile = [p for p in built.values() if getattr(p, "needs_profile", False)]
+    ctx = runner.context(needs_profile[0] if needs_profile else None)  # model id (kvzap's scorer) + profile
     variants = precision_variants(configs, list(precisions))
     rows = {name: {"correct": 0, "total": 0, "realised": [], "compress_s": []} for vs in variants.values() for name, _ in vs}
     details, prefill_s = [], {}
@@ -226,6 +227,47 @@ def calibrate(runner, lengths: list[int], depths=(0.1, 0.3, 0.5, 0.7, 0.9), seed
     return curve
 
 
+def prefill_cost(runner, tokens: int = 2000, rounds: int = 5, kept: float = 0.25,
+                 policies: tuple[str, ...] = ("full", "kvzap", "kvzip")) -> dict:
+    """Wall time of prefill + compression of one context segment per policy, interleaved round by round.
+
+    Each policy's own capture only (what the service runs). Ratios to `full` per round (paired),
+    then median and range over rounds.
+    """
+    import statistics
+
+    from headwise.documents import document_tokens
+    from headwise.prompt import build_segments
+
+    ids = build_segments(runner.tokenizer, document_tokens(runner.tokenizer, tokens), "").context
+    built = {p: make_policy(p, kept) for p in policies}
+    ctx = runner.context()
+    runner.prefill_segment(ids[:256], policy=built["full"], ctx=ctx)  # warm-up
+    times: dict[str, list[float]] = {p: [] for p in policies}
+    for _ in range(rounds):
+        for p, pol in built.items():
+            t = time.perf_counter()
+            runner.prefill_segment(ids, policy=pol, ctx=ctx)
+            times[p].append(time.perf_counter() - t)
+    out = {"tokens": len(ids), "kept": kept, "rounds": rounds, "by_policy": {}}
+    for p, ts in times.items():
+        ratios = [a / b for a, b in zip(ts, times["full"], strict=True)]
+        out["by_policy"][p] = {"median_s": statistics.median(ts), "min_s": min(ts), "max_s": max(ts), "seconds": ts,
+                               "ratio_to_full_median": statistics.median(ratios),
+                               "ratio_to_full_range": [min(ratios), max(ratios)]}
+    return out
+
+
+def print_cost(console: Console, cost: dict) -> None:
+    t = Table(title=f"prefill + compression of {cost['tokens']} tokens at kept {cost['kept']} ({cost['rounds']} interleaved rounds)")
+    for col in ("policy", "median s", "range s", "x full (median, range)"):
+        t.add_column(col, justify="right")
+    for p, e in cost["by_policy"].items():
+        lo, hi = e["ratio_to_full_range"]
+        t.add_row(p, f"{e['median_s']:.2f}", f"{e['min_s']:.2f}-{e['max_s']:.2f}", f"{e['ratio_to_full_median']:.3f} ({lo:.3f}-{hi:.3f})")
+    console.print(t)
+
+
 # ---- output -----------------------------------------------------------------------------
 def print_table(console: Console, res: dict, title: str, kept: list[float]) -> None:
     t = Table(title=title)
@@ -284,6 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--kvpress-json", type=Path, default=None, help="merge the anchor's results (bench.kvpress_anchor)")
     ap.add_argument("--calibrate", action="store_true", help="only the full-cache accuracy curve against context length")
     ap.add_argument("--lengths", default="500,1000,1500,2000,3000,4000")
+    ap.add_argument("--cost", action="store_true", help="only the prefill time of full / kvzap / kvzip, interleaved")
+    ap.add_argument("--cost-tokens", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (1 is much faster on a shared, busy CPU)")
     ap.add_argument("--precisions", default="fp32", help="row precisions of the compressed cache, e.g. fp32,int8 "
                     "(each but fp32 reported as policy+precision: the rows as the store gives them back)")
@@ -303,6 +348,11 @@ def main(argv: list[str] | None = None) -> dict:
             console.print(f"{row['tokens']:6d} tokens: full-cache accuracy {row['accuracy']:.2f} ({row['cases']} depths)")
         args.json.write_text(json.dumps({"calibration": curve}, indent=1))
         return {"calibration": curve}
+    if args.cost:
+        cost = prefill_cost(runner, args.cost_tokens, args.rounds)
+        print_cost(console, cost)
+        args.json.write_text(json.dumps({"prefill_cost": cost}, indent=1))
+        return {"prefill_cost": cost}
     kept = [float(x) for x in args.kept.split(",")]
     policies = [p for p in args.policies.split(",") if p]
     cases = build_cases(runner.tokenizer, args.suite, args.length, args.keyed_length)

@@ -83,6 +83,49 @@ def profile(
                   f"{len(heads)} retrieval heads {heads}; PoD bases per layer {prof.base_of}")
 
 
+scorer_app = typer.Typer(help="The kvzap scorer: KVzip's scores predicted from hidden states.", no_args_is_help=True)
+app.add_typer(scorer_app, name="scorer")
+
+
+@scorer_app.command("train")
+def scorer_train(
+    model: Optional[Path] = typer.Option(None, help="Model directory (default: the installed default model)."),
+    docs: int = typer.Option(64, help="Training documents (standard-library docstrings, 700-1,600 tokens each)."),
+    heldout: int = typer.Option(16, help="Further documents held out to report the fit."),
+    out: Optional[Path] = typer.Option(None, help="File to write (default: the profile directory, keyed by the weights' hash)."),
+    force: bool = typer.Option(False, help="Train again even if a scorer for this model exists."),
+    threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+) -> None:
+    """Train once and store the kvzap scorer of a model on KVzip's own scores (minutes on CPU)."""
+    from headwise.errors import InvalidInput
+    from headwise.models import ModelRunner, resolve_model_path
+    from headwise.profiles import weights_key
+    from headwise.profiles.scorer import load_scorer, scorer_path, train_scorer
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    runner = ModelRunner.from_pretrained(resolve_model_path(model))
+    key = weights_key(runner)
+    path = out or scorer_path(key)
+    if not force and out is None:
+        try:
+            sc = load_scorer(key)
+            console.print(f"a kvzap scorer for model {key[:16]} exists (fit {sc.training.get('fit')}); --force trains again")
+            return
+        except InvalidInput:
+            pass
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as prog:
+        task = prog.add_task("kvzap scorer", total=1.0)
+        sc = train_scorer(runner, heldout=heldout, train_docs=docs,
+                          progress=lambda s, f: prog.update(task, description=s, completed=f))
+    sc.save(path)
+    t = sc.training
+    console.print(f"[green]{path}[/green]: {sc.num_layers} layers x {sc.num_kv_heads} KV heads, trained on {t['train_docs']} "
+                  f"documents ({t['train_tokens']} tokens) in {t['seconds']:.0f} s; held-out fit {t['fit']}")
+
+
 @app.command("demo")
 def demo(
     tokens: int = typer.Option(1200, help="Document length in tokens."),

@@ -1,0 +1,279 @@
+"""A scorer distilled from KVzip (KVzap, arXiv 2601.07891; Fast KVzip, arXiv 2601.17668).
+
+For each layer a linear map from that layer's normed input hidden state of a token (what
+the prefill computes anyway, `Capture(hidden=True)`) to log of KVzip's reconstruction score
+of the token's row in every KV head: `log s[h, t] ~ [x_t, 1] @ W_l[:, h]`. Log scores keep
+the per-layer fits on one scale, so the predictions can be ranked over all layers and heads
+at once, as `kvzip` ranks its scores.
+
+Trained once per model by ridge regression on KVzip's own scores (`ModelRunner`'s
+reconstruction pass) over standard-library docstrings (`texts.py`), accumulated as
+per-layer normal equations, so memory does not grow with the text. Stored like the head
+profiles: a safetensors file keyed by the weights' hash in the profile directory, or
+shipped in the package (`profiles/data/`) for the default model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from headwise.errors import InvalidInput
+
+SCORER_VERSION = 1
+LOG_FLOOR = 1e-6  # scores below this are one class for the fit: log(1e-6) ~ -13.8
+SKIP_SINKS, SKIP_WINDOW = 4, 8  # rows kvzap always keeps; they would dominate the regression
+TRAIN_DOCS, HELDOUT_DOCS = 64, 16
+RIDGE = 1e-3  # ridge strength relative to the mean diagonal of X^T X
+PACKAGED = Path(__file__).parent / "data"
+
+Progress = Callable[[str, float], None]
+
+
+@dataclass
+class KVScorer:
+    """Per-layer linear maps. weight: [L, D + 1, Hkv] fp32 (last input row is the bias)."""
+
+    model_id: str
+    weight: Tensor
+    training: dict = field(default_factory=dict)
+    version: int = SCORER_VERSION
+
+    @property
+    def num_layers(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.weight.shape[1] - 1
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.weight.shape[2]
+
+    def check_model(self, model_id: str) -> "KVScorer":
+        if self.model_id != model_id:
+            raise InvalidInput(
+                f"kvzap scorer was trained for model {self.model_id[:16]}, not for model {model_id[:16]}; "
+                f"train one for this model with `headwise scorer train --model PATH`"
+            )
+        return self
+
+    def check_shape(self, num_layers: int, num_kv_heads: int, hidden_size: int) -> "KVScorer":
+        if (self.num_layers, self.num_kv_heads, self.hidden_size) != (num_layers, num_kv_heads, hidden_size):
+            raise InvalidInput(
+                f"kvzap scorer of model {self.model_id[:16]} has {self.num_layers} layers x {self.num_kv_heads} KV heads "
+                f"x hidden {self.hidden_size}, the model has {num_layers} x {num_kv_heads} x {hidden_size}; "
+                f"train one for this model with `headwise scorer train --model PATH`"
+            )
+        return self
+
+    def predict(self, layer: int, hidden: Tensor) -> Tensor:
+        """hidden: [S, D] normed layer input -> [Hkv, S] predicted log KVzip score."""
+        w = self.weight[layer].to(hidden.device, hidden.dtype)  # [D + 1, Hkv]
+        return torch.addmm(w[-1], hidden, w[:-1]).T.float()
+
+    # ---- storage ------------------------------------------------------------------------
+    def save(self, path: Path) -> Path:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        meta = {"model_id": self.model_id, "version": str(self.version), "training": json.dumps(self.training)}
+        save_file({"weight": self.weight.contiguous()}, str(tmp), metadata=meta)
+        tmp.replace(path)  # atomic: a reader never sees half a scorer
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "KVScorer":
+        from safetensors import safe_open
+
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise InvalidInput(f"no kvzap scorer at {str(p)!r}; train one with `headwise scorer train --model PATH`")
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                meta = f.metadata() or {}
+                weight = f.get_tensor("weight")
+        except Exception as e:  # truncated or foreign file: say which file, not the parser's class name
+            raise InvalidInput(f"kvzap scorer at {str(p)!r} is unreadable ({e}); train it again") from None
+        if meta.get("version") != str(SCORER_VERSION):
+            raise InvalidInput(f"kvzap scorer at {str(p)!r} has version {meta.get('version')!r}, not {SCORER_VERSION}; train it again")
+        return cls(meta.get("model_id", ""), weight.float(), json.loads(meta.get("training", "{}")))
+
+
+def scorer_path(key: str) -> Path:
+    from headwise.profiles import profile_dir
+
+    return profile_dir() / f"kvzap-{key}-v{SCORER_VERSION}.safetensors"
+
+
+def packaged_path(key: str) -> Path:
+    return PACKAGED / f"kvzap-{key}-v{SCORER_VERSION}.safetensors"
+
+
+_LOADED: dict[str, KVScorer] = {}
+
+
+def load_scorer(model_id: str) -> KVScorer:
+    """The scorer of a model by its weights' id: memoised, else the profile directory, else the package."""
+    if not model_id:
+        raise InvalidInput("kvzap needs the model's identity to find its scorer; compress through ModelRunner "
+                           "(prefill_segment / context()) or pass CompressContext(model_id=...)")
+    if model_id in _LOADED:
+        return _LOADED[model_id]
+    for path in (scorer_path(model_id), packaged_path(model_id)):
+        if path.is_file():
+            _LOADED[model_id] = KVScorer.load(path).check_model(model_id)
+            return _LOADED[model_id]
+    raise InvalidInput(
+        f"no kvzap scorer for model {model_id[:16]} (looked in {scorer_path(model_id).parent} and the package); "
+        f"train one with `headwise scorer train --model PATH` (minutes on CPU), or use policy 'kvzip'"
+    )
+
+
+def scorer_for(runner, train: bool = False, progress: Progress | None = None, **kw) -> KVScorer:
+    """The runner's scorer: loaded (see load_scorer), else trained and saved when `train`."""
+    from headwise.profiles import weights_key
+
+    key = weights_key(runner)
+    try:
+        sc = load_scorer(key)
+    except InvalidInput:
+        if not train:
+            raise
+        sc = train_scorer(runner, progress=progress, **kw)
+        sc.save(scorer_path(key))
+        _LOADED[key] = sc
+    return sc.check_shape(runner.num_layers, runner.num_kv_heads, runner.config.hidden_size)
+
+
+def forget_loaded() -> None:
+    """Drop memoised scorers (tests, or after retraining in the same process)."""
+    _LOADED.clear()
+
+
+# ---- training ---------------------------------------------------------------------------
+def training_ids(runner, count: int) -> list[list[int]]:
+    """`count` context segments (chat template head + one document each), as the service prefills them."""
+    from headwise.profiles.texts import training_documents
+    from headwise.prompt import build_segments
+
+    if runner.tokenizer is None:
+        raise InvalidInput("this model has no tokenizer; pass the training documents as token ids")
+    texts = training_documents(runner.tokenizer, count)
+    if len(texts) < count:
+        raise InvalidInput(f"only {len(texts)} training documents available, {count} asked for")
+    return [build_segments(runner.tokenizer, t, "").context for t in texts]
+
+
+def _scored(runner, ids: list[int]):
+    from headwise.policies.base import Capture
+
+    return runner.prefill(ids, capture=Capture(hidden=True, reconstruction=True)).states
+
+
+def _pairs(state) -> tuple[Tensor, Tensor]:
+    """Rows the policy ranks (not the forced sinks/window): x [n, D + 1], log score [n, Hkv], fp64."""
+    S = state.num_tokens
+    x = state.hidden[SKIP_SINKS : S - SKIP_WINDOW].double()
+    x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
+    y = state.reconstruction[:, SKIP_SINKS : S - SKIP_WINDOW].double().clamp_min(LOG_FLOOR).log().T
+    return x, y
+
+
+def _solve(xtx: Tensor, xty: Tensor) -> Tensor:
+    """Ridge per layer from the normal equations; the bias (last input) is not shrunk. -> [L, D + 1, H] fp32."""
+    D = xtx.shape[-1] - 1
+    out = []
+    for a, b in zip(xtx, xty, strict=True):
+        reg = torch.zeros(D + 1, dtype=a.dtype)
+        reg[:D] = RIDGE * a.diagonal()[:D].mean()
+        out.append(torch.linalg.solve(a + torch.diag(reg), b))
+    return torch.stack(out).float()
+
+
+def train_scorer(
+    runner, docs: list[list[int]] | None = None, heldout: int = HELDOUT_DOCS, train_docs: int = TRAIN_DOCS,
+    progress: Progress | None = None,
+) -> KVScorer:
+    """Fit on KVzip's scores of `docs` (default: standard-library docstrings) minus the last `heldout`,
+    report the fit on those. Minutes on CPU for the default model: the cost is KVzip's scoring pass."""
+    from headwise.profiles import weights_key
+
+    progress = progress or (lambda s, f: None)
+    docs = docs if docs is not None else training_ids(runner, train_docs + heldout)
+    if len(docs) <= heldout:
+        raise InvalidInput(f"{len(docs)} documents leave none to train on after {heldout} held out")
+    fit_docs, held = docs[: len(docs) - heldout], docs[len(docs) - heldout :]
+    L, H, D = runner.num_layers, runner.num_kv_heads, runner.config.hidden_size
+    xtx = torch.zeros(L, D + 1, D + 1, dtype=torch.float64)
+    xty = torch.zeros(L, D + 1, H, dtype=torch.float64)
+    t0, total = time.perf_counter(), len(docs)
+    for j, ids in enumerate(fit_docs):
+        for i, st in enumerate(_scored(runner, ids)):
+            x, y = _pairs(st)
+            xtx[i] += (x.T @ x).cpu()
+            xty[i] += (x.T @ y).cpu()
+        progress(f"KVzip scores, training document {j + 1}/{len(fit_docs)}", (j + 1) / total)
+    scorer = KVScorer(weights_key(runner), _solve(xtx, xty))
+    fit = evaluate(runner, scorer, held, lambda s, f: progress(s, (len(fit_docs) + f * len(held)) / total))
+    scorer.training = {
+        "source": f"Python {'.'.join(map(str, __import__('sys').version_info[:3]))} standard-library docstrings "
+                  "(headwise.profiles.texts)" if runner.tokenizer is not None else "given token ids",
+        "train_docs": len(fit_docs), "train_tokens": sum(map(len, fit_docs)),
+        "heldout_docs": len(held), "heldout_tokens": sum(map(len, held)),
+        "ridge": RIDGE, "log_floor": LOG_FLOOR, "skip": [SKIP_SINKS, SKIP_WINDOW],
+        "seconds": round(time.perf_counter() - t0, 1), "fit": fit,
+    }
+    progress("done", 1.0)
+    return scorer
+
+
+# ---- fit --------------------------------------------------------------------------------
+def spearman(a: Tensor, b: Tensor) -> float:
+    """Rank correlation of two 1-D tensors (ties broken by order; KVzip's scores are floats)."""
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()).clamp_min(1e-30))
+
+
+def topk_overlap(pred: Tensor, true: Tensor, frac: float) -> float:
+    """Share of KVzip's top `frac` rows that the prediction's top `frac` also keeps."""
+    k = max(1, round(frac * true.numel()))
+    a = torch.zeros(true.numel(), dtype=torch.bool)
+    a[pred.flatten().topk(k).indices] = True
+    return float(a[true.flatten().topk(k).indices].float().mean())
+
+
+def evaluate(runner, scorer: KVScorer, docs: list[list[int]], progress: Progress | None = None) -> dict:
+    """Fit on held-out documents, each metric averaged over documents: Spearman over all (layer, head,
+    token) rows at once (what the global budget ranks), within each layer and within each head, and
+    the overlap of the kept sets at kept 0.25 and 0.1 (forced sinks/window rows left out)."""
+    progress = progress or (lambda s, f: None)
+    rows = []
+    for j, ids in enumerate(docs):
+        states = _scored(runner, ids)
+        S = states[0].num_tokens
+        sl = slice(SKIP_SINKS, S - SKIP_WINDOW)
+        pred = torch.stack([scorer.predict(i, st.hidden)[:, sl] for i, st in enumerate(states)]).cpu()  # [L, H, n]
+        true = torch.stack([st.reconstruction[:, sl] for st in states]).cpu()  # [L, H, n]
+        rows.append({
+            "global": spearman(pred.flatten(), true.flatten()),
+            "layer": sum(spearman(p.flatten(), t.flatten()) for p, t in zip(pred, true, strict=True)) / len(pred),
+            "head": sum(spearman(p, t) for p, t in zip(pred.flatten(0, 1), true.flatten(0, 1), strict=True)) / (pred.shape[0] * pred.shape[1]),
+            "overlap_0.25": topk_overlap(pred, true, 0.25), "overlap_0.1": topk_overlap(pred, true, 0.1),
+        })
+        progress(f"fit on held-out document {j + 1}/{len(docs)}", (j + 1) / len(docs))
+    if not rows:
+        return {}
+    return {f"spearman_{k}" if not k.startswith("overlap") else k: round(sum(r[k] for r in rows) / len(rows), 4)
+            for k in rows[0]}

@@ -1,0 +1,198 @@
+"""kvzap: a scorer distilled from KVzip's scores, its storage, and the policy over it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.errors import InvalidInput
+from headwise.policies import get_policy
+from headwise.policies.base import Capture, CompressContext
+from headwise.profiles.scorer import (
+    KVScorer,
+    _solve,
+    forget_loaded,
+    load_scorer,
+    packaged_path,
+    scorer_for,
+    scorer_path,
+    spearman,
+    train_scorer,
+)
+
+S = 600  # >= 512: the realised fraction must be within 1% of the request
+
+
+@pytest.fixture(scope="module")
+def profile_dir(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    d = tmp_path_factory.mktemp("profiles")
+    mp.setenv("HEADWISE_PROFILE_DIR", str(d))
+    forget_loaded()
+    yield d
+    forget_loaded()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def runner(profile_dir):
+    """A tiny GQA model whose runner name is its weights' hash, as for an installed model."""
+    from headwise.models import ModelRunner
+    from headwise.profiles import weights_key
+    from tests.fixtures.models import tiny_llama
+
+    model = tiny_llama(layers=3, heads=6, kv_heads=3, hidden=96, seed=1)
+    return ModelRunner(model, None, name=weights_key(ModelRunner(model, None, name="")))
+
+
+@pytest.fixture(scope="module")
+def trained(runner):
+    """A scorer trained on the tiny model's KVzip scores of random documents (seconds), stored on disk."""
+    g = torch.Generator().manual_seed(5)
+    docs = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (120, 150, 100)]
+    return scorer_for(runner, train=True, docs=docs, heldout=1)
+
+
+@pytest.fixture(scope="module")
+def prefilled(runner):
+    ids = torch.randint(3, 250, (S,), generator=torch.Generator().manual_seed(7)).tolist()
+    return runner.prefill(ids, capture=Capture(hidden=True, reconstruction=True))
+
+
+@pytest.fixture
+def ctx(runner, trained):
+    return runner.context(get_policy("kvzap"))
+
+
+def test_trained_scorer_is_stored_by_the_weights_hash_and_round_trips(runner, trained, tmp_path):
+    path = scorer_path(runner.name)
+    assert path.is_file() and trained.model_id == runner.name
+    assert trained.weight.shape == (3, 96 + 1, 3) and torch.isfinite(trained.weight).all()
+    assert trained.training["train_docs"] == 2 and set(trained.training["fit"]) >= {"spearman_global", "overlap_0.1"}
+    back = KVScorer.load(trained.save(tmp_path / "copy.safetensors"))
+    assert back.model_id == trained.model_id and back.training == trained.training
+    assert torch.equal(back.weight, trained.weight)
+    x = torch.randn(10, 96)
+    assert torch.equal(back.predict(1, x), trained.predict(1, x))
+
+
+def test_loaded_automatically_from_disk(runner, trained):
+    forget_loaded()
+    assert torch.equal(load_scorer(runner.name).weight, trained.weight)
+
+
+def test_wrong_model_is_rejected(runner, trained, profile_dir):
+    other = "f" * 64
+    scorer_path(other).write_bytes(scorer_path(runner.name).read_bytes())  # a file copied under another model's key
+    with pytest.raises(InvalidInput, match=r"trained for model .* not for model ffffffffffffffff.*headwise scorer train"):
+        load_scorer(other)
+    with pytest.raises(InvalidInput, match=r"3 layers x 3 KV heads x hidden 96, the model has 30 x 3 x 576"):
+        trained.check_shape(30, 3, 576)
+
+
+def test_missing_or_broken_scorer_says_what_to_run(tmp_path):
+    with pytest.raises(InvalidInput, match=r"no kvzap scorer for model 0000000000000000 .*headwise scorer train"):
+        load_scorer("0" * 64)
+    with pytest.raises(InvalidInput, match="needs the model's identity"):
+        load_scorer("")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(InvalidInput, match="unreadable"):
+        KVScorer.load(bad)
+
+
+def test_kept_one_equals_full(runner, ctx, prefilled):
+    full = get_policy("full").compress(prefilled.states, 0, ctx)
+    seg = get_policy("kvzap", kept=1.0).compress(prefilled.states, 0, ctx)
+    for a, b in zip(full.layers, seg.layers, strict=True):
+        for f in ("keys", "values", "head_offsets", "positions", "log_weights"):
+            assert torch.equal(getattr(a, f), getattr(b, f))
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.25, 0.1])
+def test_kept_fraction_global_ragged_and_forced_rows(ctx, prefilled, kept):
+    seg = get_policy("kvzap", kept=kept).compress(prefilled.states, 0, ctx)
+    assert seg.kept_fraction() == pytest.approx(kept, rel=0.01)
+    lens = torch.stack([layer.head_lengths() for layer in seg.layers])  # [L, H]
+    assert len(set(lens.flatten().tolist())) > 1  # heads hold different numbers of rows
+    for layer in seg.layers:
+        for h in range(layer.num_heads):
+            pos = layer.positions[int(layer.head_offsets[h]) : int(layer.head_offsets[h + 1])].tolist()
+            assert pos[:4] == [0, 1, 2, 3] and pos[-8:] == list(range(S - 8, S)) and pos == sorted(pos)
+
+
+def test_kept_rows_are_the_top_predicted(trained, ctx, prefilled):
+    seg = get_policy("kvzap", kept=0.3, sinks=0, window=0).compress(prefilled.states, 0, ctx)
+    pred = torch.stack([trained.predict(s.layer, s.hidden) for s in prefilled.states])  # [L, H, S]
+    threshold = pred.flatten().topk(seg.num_rows).values.min()
+    for i, layer in enumerate(seg.layers):
+        for h in range(layer.num_heads):
+            pos = layer.positions[int(layer.head_offsets[h]) : int(layer.head_offsets[h + 1])]
+            assert bool((pred[i, h, pos] >= threshold).all())
+            assert int((pred[i, h] > threshold).sum()) <= len(pos)
+
+
+def test_kvzip_scores_are_left_alone(ctx, prefilled):
+    """The bench compresses one prefill with kvzip and kvzap: kvzap must not overwrite kvzip's scores."""
+    before = [s.reconstruction.clone() for s in prefilled.states]
+    get_policy("kvzap", kept=0.2).compress(prefilled.states, 0, ctx)
+    assert all(torch.equal(a, s.reconstruction) for a, s in zip(before, prefilled.states, strict=True))
+
+
+def test_through_the_runner_with_only_its_own_capture(runner, trained):
+    ids = torch.randint(3, 250, (S,), generator=torch.Generator().manual_seed(9)).tolist()
+    pol = get_policy("kvzap", kept=0.25)
+    assert pol.capture == Capture(hidden=True) and pol.reusable
+    res = runner.prefill_segment(ids, policy=pol)
+    assert res.segment.kept_fraction() == pytest.approx(0.25, rel=0.01) and torch.isfinite(res.logits).all()
+    assert res.segment.meta["policy"]["scorer_version"] >= 1
+
+
+def test_missing_inputs_are_clear_errors(runner, trained, prefilled):
+    with pytest.raises(InvalidInput, match="needs the model's identity"):
+        get_policy("kvzap", kept=0.2).compress(prefilled.states, 0)
+    with pytest.raises(InvalidInput, match="no kvzap scorer for model"):
+        get_policy("kvzap", kept=0.2).compress(prefilled.states, 0, CompressContext(3, model_id="a" * 64))
+    bare = runner.prefill(list(range(3, 100)))
+    with pytest.raises(InvalidInput, match=r"Capture\(hidden=True\)"):
+        get_policy("kvzap", kept=0.2).compress(bare.states, 0, runner.context())
+
+
+def test_ridge_recovers_a_planted_linear_map():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(2000, 8, generator=g, dtype=torch.float64), torch.ones(2000, 1, dtype=torch.float64)], 1)
+    w = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    y = x @ w + 0.01 * torch.randn(2000, 3, generator=g, dtype=torch.float64)
+    got = _solve((x.T @ x)[None], (x.T @ y)[None])[0]
+    torch.testing.assert_close(got, w.float(), atol=0.01, rtol=0)
+
+
+def test_spearman():
+    a = torch.randn(500, generator=torch.Generator().manual_seed(0))
+    assert spearman(a, a.exp()) == pytest.approx(1.0)
+    assert spearman(a, -a) == pytest.approx(-1.0)
+
+
+def test_train_needs_documents_to_fit(runner):
+    with pytest.raises(InvalidInput, match="leave none to train on"):
+        train_scorer(runner, docs=[[3, 4, 5] * 20], heldout=1)
+
+
+@pytest.mark.slow
+def test_shipped_scorer_of_the_default_model(real_runner):
+    """The default model's scorer ships in the package and predicts KVzip's ranking on a bench-like document."""
+    from headwise.documents import document_tokens
+    from headwise.prompt import build_segments
+
+    forget_loaded()
+    assert packaged_path(real_runner.name).is_file()
+    scorer = load_scorer(real_runner.name).check_shape(real_runner.num_layers, real_runner.num_kv_heads, 576)
+    tok = real_runner.tokenizer
+    ids = build_segments(tok, document_tokens(tok, 700), "").context
+    out = real_runner.prefill(ids, capture=Capture(hidden=True, reconstruction=True))
+    n = out.states[0].num_tokens
+    pred = torch.stack([scorer.predict(s.layer, s.hidden)[:, 4 : n - 8] for s in out.states])
+    true = torch.stack([s.reconstruction[:, 4 : n - 8] for s in out.states])
+    assert spearman(pred.flatten(), true.flatten()) > 0.5
+    seg = get_policy("kvzap", kept=0.1).compress(out.states, 0, real_runner.context())
+    assert seg.kept_fraction() == pytest.approx(0.1, rel=0.01)
