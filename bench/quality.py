@@ -290,7 +290,10 @@ def print_table(console: Console, res: dict, title: str, kept: list[float]) -> N
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the `bench` extra is not installed: the table and JSON are the result
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
