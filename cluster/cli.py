@@ -90,8 +90,8 @@ app.add_typer(scorer_app, name="scorer")
 @scorer_app.command("train")
 def scorer_train(
     model: Optional[Path] = typer.Option(None, help="Model directory (default: the installed default model)."),
-    docs: int = typer.Option(64, help="Training documents (standard-library docstrings, 700-1,600 tokens each)."),
-    heldout: int = typer.Option(16, help="Further documents held out to report the fit."),
+    docs: int = typer.Option(32, help="Training documents (standard-library docstrings, 700-1,600 tokens each)."),
+    heldout: int = typer.Option(8, help="Further documents held out to report the fit."),
     out: Optional[Path] = typer.Option(None, help="File to write (default: the profile directory, keyed by the weights' hash)."),
     force: bool = typer.Option(False, help="Train again even if a scorer for this model exists."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
