@@ -223,6 +223,14 @@ class ModelRunner:
             whole = CompactCache([dataclasses.replace(lc) for lc in segment.layers], segment.seq_len, segment.start, dict(segment.meta))
         return SegmentResult(out.logits, segment, whole)
 
+    def prefill_query_aware(self, document_ids: Sequence[int], question_ids: Sequence[int], policy: Policy,
+                            ctx: CompressContext | None = None):
+        """One-shot query-aware prefill (headwise/models/query_aware.py): the question's queries are
+        the policy's window; only the document is compressed. The result must not be stored."""
+        from headwise.models.query_aware import prefill_query_aware
+
+        return prefill_query_aware(self, document_ids, question_ids, policy, ctx)
+
     # ---- decode -------------------------------------------------------------------
     @torch.inference_mode()
     def decode_step(

@@ -37,8 +37,10 @@ class AhaKVPolicy(ScorerPolicy):
         return g.float()
 
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
-        S, W = state.num_tokens, min(self.window or 1, state.num_tokens)
-        gain = self.gains(S, W, self.budget(S)).to(state.keys.device)
+        S = state.num_tokens
+        W = min(self.window or 1, state.window_queries.shape[1] if state.window_queries is not None else S)
+        after = 0 if state.window_keys is None else state.window_keys.shape[1]  # query-aware: window after the segment
+        gain = self.gains(S + after, W, self.budget(S)).to(state.keys.device)
         s = group_reduce(window_scores(state, W, gain), state.num_kv_heads)  # [Hkv, N]
         nu = state.values.float().pow(2).sum(-1)  # [Hkv, N]
         gam = pool1d(nu, self.kernel, "avg")

@@ -43,6 +43,9 @@ class LayerState:
     reconstruction:  [Hkv, S] fp32 max attention each key received while the model repeated
                      the segment (KVzip-style, query-agnostic), or None
     hidden:          [S, D] the layer's normed input (input_layernorm of the residual), or None
+    window_keys:     [Hkv, W, d] keys of the window's own rows when they come AFTER the segment
+                     (query-aware regime: the window is the question, which is not compressed);
+                     None when the window is the segment's own last W rows (the default)
     """
 
     layer: int
@@ -54,6 +57,7 @@ class LayerState:
     column_sums: Tensor | None = None
     reconstruction: Tensor | None = None
     hidden: Tensor | None = None
+    window_keys: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -36,12 +37,20 @@ def pool1d(x: Tensor, kernel: int, kind: str = "avg") -> Tensor:
 
 
 def window_scores(state: LayerState, window: int, gain: Tensor | None = None) -> Tensor:
-    """Mean attention each key gets from the last `window` queries, per query head: [Hq, N] fp32."""
+    """Mean attention each key gets from the last `window` queries, per query head: [Hq, N] fp32.
+
+    In the query-aware regime (`state.window_keys` set) the window rows follow the segment:
+    the softmax runs over segment + window keys, causal within the window, as in one prefill
+    of both, and only the segment's N columns are returned.
+    """
     qw = state.window_queries
     if qw is None:
         raise InvalidInput("this policy needs the window queries; prefill with the policy's capture")
     qw = qw[:, -window:] if window else qw[:, -1:]
-    return window_probs(qw, state.keys, state.scaling, gain).mean(1)
+    if state.window_keys is None:
+        return window_probs(qw, state.keys, state.scaling, gain).mean(1)
+    keys = torch.cat([state.keys, state.window_keys], 1)  # [Hkv, N + Q, d]: the window queries are the last of them
+    return window_probs(qw, keys, state.scaling, gain)[..., : state.num_tokens].mean(1)
 
 
 @dataclass(frozen=True)

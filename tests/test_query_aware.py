@@ -1,0 +1,135 @@
+"""The query-aware regime (headwise/models/query_aware.py): the question's queries are the window,
+only the document is compressed, the question's rows are exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.errors import InvalidInput
+from headwise.models.query_aware import document_state, prefill_query_aware, query_aware_names, supports_query_aware
+from headwise.policies import get_policy
+from headwise.policies.base import Capture, CompressContext
+from headwise.policies.snapkv import window_scores
+
+# every window-based policy, and the settings docs/policies.md names for the regime
+SPECS = [("snapkv", {}), ("adakv", {}), ("adakv", {"scorer": "ahakv"}), ("ahakv", {}), ("taskkv", {}), ("ems", {}),
+         ("pod", {}), ("razor", {"fill": "snapkv"})]
+D, Q = 600, 24  # document >= 512 rows: the realised fraction must be within 1% of the request
+
+
+@pytest.fixture(scope="module")
+def runner():
+    from headwise.models import ModelRunner
+    from tests.fixtures.models import tiny_llama
+
+    return ModelRunner(tiny_llama(layers=3, heads=6, kv_heads=3, hidden=96, seed=1), None, name="tiny-gqa")
+
+
+@pytest.fixture(scope="module")
+def ctx(runner):
+    from headwise.profiles import compute_profile
+
+    return CompressContext(num_layers=runner.num_layers, model_id=runner.name, profile=compute_profile(runner, segment=64))
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+DOC, QUESTION = _ids(D, 7), _ids(Q, 8)
+
+
+def _same(a, b) -> bool:
+    return all(
+        torch.equal(getattr(x, f), getattr(y, f))
+        for x, y in zip(a.layers, b.layers, strict=True)
+        for f in ("keys", "values", "head_offsets", "positions", "log_weights", "recall_ids")
+    )
+
+
+@pytest.fixture(scope="module")
+def full_prefill(runner):
+    return runner.prefill_segment(DOC + QUESTION)
+
+
+def test_supported_policies_are_the_window_based_ones():
+    assert set(query_aware_names()) == {"snapkv", "adakv", "ahakv", "taskkv", "ems", "pod"}
+    assert supports_query_aware(get_policy("razor", kept=0.5, fill="snapkv"))
+    for name in ("kvzip", "razor", "streaming", "full"):
+        assert not supports_query_aware(get_policy(name) if name == "full" else get_policy(name, kept=0.5))
+    assert not supports_query_aware(get_policy("pod", kept=0.25, evict="kvzip"))
+
+
+@pytest.mark.parametrize("name,settings", SPECS)
+def test_kept_one_equals_full(name, settings, runner, ctx, full_prefill):
+    res = prefill_query_aware(runner, DOC, QUESTION, get_policy(name, kept=1.0, **settings), ctx)
+    assert _same(res.cache, full_prefill.cache)
+    assert torch.allclose(res.logits, full_prefill.logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.25, 0.1])
+@pytest.mark.parametrize("name,settings", SPECS)
+def test_document_hits_kept_question_exact(name, settings, kept, runner, ctx, full_prefill):
+    if name == "pod" and kept == 0.1:
+        kept = 0.12  # sinks 16 + window 32 of a 600-row document: 0.08 is pod's floor here
+    res = prefill_query_aware(runner, DOC, QUESTION, get_policy(name, kept=kept, **settings), ctx)
+    assert abs(res.document.kept_fraction() - kept) <= 0.01
+    assert res.document.start == 0 and res.document.seq_len == D
+    assert res.question.start == D and res.cache.seq_len == D + Q
+    # the question's rows are the full prefill's own rows, every one of them
+    for qa, full in zip(res.question.layers, full_prefill.cache.layers, strict=True):
+        for h in range(full.num_heads):
+            a, b = int(qa.head_offsets[h]), int(qa.head_offsets[h + 1])
+            fa = int(full.head_offsets[h + 1]) - Q
+            assert torch.equal(qa.positions[a:b], torch.arange(D, D + Q))
+            assert torch.equal(qa.keys[a:b], full.keys[fa : fa + Q]) and torch.equal(qa.values[a:b], full.values[fa : fa + Q])
+    for layer in res.document.layers:
+        rows = int(layer.head_offsets[-1])
+        assert layer.values.shape[0] == layer.positions.numel() == rows  # ragged for real
+        assert layer.keys.shape[0] == layer.num_key_rows  # pod: non-base layers hold fewer keys
+    assert torch.allclose(res.logits, full_prefill.logits, atol=1e-5)  # the first token: full attention, as the papers
+
+
+@pytest.mark.parametrize("name,settings", SPECS)
+def test_deterministic(name, settings, runner, ctx):
+    p = get_policy(name, kept=0.25, **settings)
+    a, b = prefill_query_aware(runner, DOC, QUESTION, p, ctx), prefill_query_aware(runner, DOC, QUESTION, p, ctx)
+    assert _same(a.cache, b.cache) and torch.equal(a.logits, b.logits)
+
+
+def test_window_is_the_question(runner):
+    """The document's scores are the attention of the question's queries in one prefill of both."""
+    out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q))
+    for st in out.states:
+        qa = window_scores(document_state(st, D), Q)  # [Hq, D]
+        joint = window_scores(st, Q)[:, :D]  # the question as the last Q rows of one segment
+        assert torch.allclose(qa, joint, atol=1e-6)
+
+
+def test_the_question_changes_what_is_kept(runner, ctx):
+    p = get_policy("snapkv", kept=0.25)
+    a = prefill_query_aware(runner, DOC, QUESTION, p, ctx)
+    b = prefill_query_aware(runner, DOC, _ids(Q, 9), p, ctx)
+    assert not torch.equal(a.document.layers[-1].positions, b.document.layers[-1].positions)
+
+
+def test_column_sums_are_means_over_every_query(runner):
+    out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q, column_sums=True))
+    st = document_state(out.states[0], D)
+    seen_by = torch.arange(D, 0, -1, dtype=torch.float32)  # what EMS divides by
+    mean = out.states[0].column_sums[:, :D] / torch.arange(D + Q, Q, -1, dtype=torch.float32)
+    assert torch.allclose(st.column_sums / seen_by, mean, rtol=1e-5)
+
+
+def test_decode_over_the_result(runner, ctx):
+    res = prefill_query_aware(runner, DOC, QUESTION, get_policy("ems", kept=0.25), ctx)
+    toks = list(runner.generate(res.cache, res.logits))
+    assert len(toks) >= 1 and res.cache.seq_len == D + Q + len(toks) - 1
+
+
+def test_bad_requests_raise_clear_errors(runner, ctx):
+    with pytest.raises(InvalidInput, match="no query-aware form.*snapkv"):
+        prefill_query_aware(runner, DOC, QUESTION, get_policy("kvzip", kept=0.25), ctx)
+    with pytest.raises(InvalidInput, match="non-empty question"):
+        prefill_query_aware(runner, DOC, [], get_policy("snapkv", kept=0.25), ctx)
