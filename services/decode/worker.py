@@ -174,6 +174,7 @@ class DecodeWorker:
             answer_prefix=request.answer_prefix, policy=request.policy, kept=request.kept,
             history=tuple(tuple(s) for s in session.history) if session else (), session=bool(request.session_id),
             kv_precision=request.kv_precision,
+            query_aware=request.query_aware,
         )
 
     async def _generate(self, request, tenant, params, rec: RequestLog, t0: float, parent_session: str | None):
@@ -181,7 +182,7 @@ class DecodeWorker:
         handle = await self.prefill(preq)
         handle, cache, fetched = await self._load(preq, handle)
         threshold = self.settings.recall_threshold if (request.recall and self.settings.recall) else None
-        recall = _RecallState(handle, cache) if threshold is not None else None
+        recall = _RecallState(handle, cache) if threshold is not None and handle.keys else None  # private: nothing stored to recall
         stats = DecodeStats()
         text = TextStream(self.runner.tokenizer)
         gen = self.runner.generate(cache, handle.logits, params, threshold, stats,

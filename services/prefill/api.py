@@ -52,6 +52,7 @@ class PrefillRequest:
     recompute: bool = False  # the stored chain failed to load: drop it and compute again
     inline: bool = False  # hand the segments back through Ray (the store failed for decode)
     kv_precision: str = ""  # precision of the stored rows: fp32, bf16, int8; "" = the server's default
+    query_aware: bool = False  # one-shot: the question is the policy's window; private, the store is never used
 
 
 @dataclass

@@ -25,6 +25,7 @@ from headwise.cache.codec import encoded_nbytes, stored_nbytes
 from headwise.cache.compact import CompactCache
 from headwise.cache.keys import chain_keys, segment_key
 from headwise.errors import InvalidInput
+from headwise.models.query_aware import check_query_aware
 from headwise.policies import Policy, get_policy, policy_names
 from headwise.policies.full import FullPolicy
 from headwise.prompt import build_segments
@@ -46,6 +47,7 @@ log = logging.getLogger("headwise.prefill")
 FILL_POLL_S = 0.25  # how often a request waiting for another replica's computation looks again
 FILL_MAX_WAIT_LEASES = 5  # ... and how long it waits at most, in lease periods (5 min by default)
 
+QUERY_AWARE_DEFAULT = "snapkv"  # an empty policy in a query-aware request (the server default may have no window)
 _A, _B, _C = "\x00HW_A\x00", "\x00HW_B\x00", "\x00HW_C\x00"
 
 
@@ -182,6 +184,25 @@ class PrefillWorker:
             ephemeral.append(store_keys[-1])
         return _Plan(segments, policies, keys, store_keys, ephemeral, precision)
 
+    async def _query_aware(self, req: PrefillRequest, policy: Policy) -> CacheHandle:
+        """Document + question prefilled together, the document compressed with the question as the
+        policy's window (headwise/models/query_aware.py). The cache depends on the question, so the
+        store is never asked: no lookup, no put, no keys; the segments go to decode through Ray."""
+        if req.history or req.session:
+            raise invalid("query_aware is for one-shot requests (its cache depends on the question and is never "
+                          "kept); leave session_id empty or set query_aware false")
+        try:
+            check_query_aware(policy)
+        except InvalidInput as e:
+            raise invalid(str(e)) from None
+        seg = build_segments(self.runner.tokenizer, req.context, req.prompt, req.answer_prefix)
+        self.check_length(len(seg.context) + len(seg.question))
+        res = await self._model(self.runner.prefill_query_aware, seg.context, seg.question, policy)
+        plan = _Plan([seg.context, seg.question], [policy, FullPolicy()], [], [], [])
+        handle = self._handle(plan, [res.document, res.question], res.logits, 0, 0, PRIVATE)
+        handle.inline_segments = [res.document, res.question]
+        return handle
+
     def check_length(self, n: int) -> None:
         limit = min(self.settings.max_prompt_tokens, self.runner.max_positions - 1)
         if n > limit:
@@ -191,9 +212,13 @@ class PrefillWorker:
     # ---- the request --------------------------------------------------------------
     async def prefill(self, req: PrefillRequest) -> CacheHandle:
         t0 = time.perf_counter()
-        policy = resolve_policy(req.policy, req.kept, self.settings.default_policy, self.settings.default_kept)
-        plan = self.plan(req, policy, resolve_precision(req.kv_precision, self.settings.default_kv_precision))
-        if req.inline:
+        default = QUERY_AWARE_DEFAULT if req.query_aware else self.settings.default_policy
+        policy = resolve_policy(req.policy, req.kept, default, self.settings.default_kept)
+        precision = resolve_precision(req.kv_precision, self.settings.default_kv_precision)
+        plan = None if req.query_aware else self.plan(req, policy, precision)
+        if plan is None:  # query-aware: private, the store is never asked
+            handle = await self._query_aware(req, policy)
+        elif req.inline:
             handle = await self._bypass(plan, [], None)
         else:
             try:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aheadwise/v1/generate.proto\x12\x0bheadwise.v1\"\xf9\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0c\n\x04kept\x18\x04 \x01(\x02\x12\x15\n\ranswer_prefix\x18\x05 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12\r\n\x05top_p\x18\x08 \x01(\x02\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x0e\n\x06recall\x18\x0b \x01(\x08\x12\x12\n\nsession_id\x18\x0c \x01(\t\x12\x14\n\x0ckv_precision\x18\r \x01(\t\"m\n\x10GenerateResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.headwise.v1.TokenDeltaH\x00\x12\'\n\x07\x66igures\x18\x02 \x01(\x0b\x32\x14.headwise.v1.FiguresH\x00\x42\x06\n\x04kind\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xb3\x02\n\x07\x46igures\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rreused_tokens\x18\x02 \x01(\r\x12\x15\n\rfull_kv_bytes\x18\x03 \x01(\x04\x12\x15\n\rheld_kv_bytes\x18\x04 \x01(\x04\x12\x12\n\nwire_bytes\x18\x05 \x01(\x04\x12\x15\n\rrealised_kept\x18\x06 \x01(\x02\x12\x0f\n\x07recalls\x18\x07 \x01(\r\x12\x0e\n\x06ttft_s\x18\x08 \x01(\x02\x12\x14\n\x0c\x64\x65\x63ode_tok_s\x18\t \x01(\x02\x12\x14\n\x0cstore_status\x18\n \x01(\t\x12\x0e\n\x06policy\x18\x0b \x01(\t\x12\x15\n\rfinish_reason\x18\x0c \x01(\t\x12\x17\n\x0fstored_kv_bytes\x18\r \x01(\x04\x12\x14\n\x0ckv_precision\x18\x0e \x01(\t2U\n\x08Generate\x12I\n\x08Generate\x12\x1c.headwise.v1.GenerateRequest\x1a\x1d.headwise.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aheadwise/v1/generate.proto\x12\x0bheadwise.v1\"\x8e\x02\n\x0fGenerateRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x0c\n\x04kept\x18\x04 \x01(\x02\x12\x15\n\ranswer_prefix\x18\x05 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x06 \x01(\r\x12\x13\n\x0btemperature\x18\x07 \x01(\x02\x12\r\n\x05top_p\x18\x08 \x01(\x02\x12\x0c\n\x04seed\x18\t \x01(\x04\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x0e\n\x06recall\x18\x0b \x01(\x08\x12\x12\n\nsession_id\x18\x0c \x01(\t\x12\x14\n\x0ckv_precision\x18\r \x01(\t\x12\x13\n\x0bquery_aware\x18\x0e \x01(\x08\"m\n\x10GenerateResponse\x12(\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x17.headwise.v1.TokenDeltaH\x00\x12\'\n\x07\x66igures\x18\x02 \x01(\x0b\x32\x14.headwise.v1.FiguresH\x00\x42\x06\n\x04kind\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"\xb3\x02\n\x07\x46igures\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rreused_tokens\x18\x02 \x01(\r\x12\x15\n\rfull_kv_bytes\x18\x03 \x01(\x04\x12\x15\n\rheld_kv_bytes\x18\x04 \x01(\x04\x12\x12\n\nwire_bytes\x18\x05 \x01(\x04\x12\x15\n\rrealised_kept\x18\x06 \x01(\x02\x12\x0f\n\x07recalls\x18\x07 \x01(\r\x12\x0e\n\x06ttft_s\x18\x08 \x01(\x02\x12\x14\n\x0c\x64\x65\x63ode_tok_s\x18\t \x01(\x02\x12\x14\n\x0cstore_status\x18\n \x01(\t\x12\x0e\n\x06policy\x18\x0b \x01(\t\x12\x15\n\rfinish_reason\x18\x0c \x01(\t\x12\x17\n\x0fstored_kv_bytes\x18\r \x01(\x04\x12\x14\n\x0ckv_precision\x18\x0e \x01(\t2U\n\x08Generate\x12I\n\x08Generate\x12\x1c.headwise.v1.GenerateRequest\x1a\x1d.headwise.v1.GenerateResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,13 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.protos.headwise.v1
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=44
-  _globals['_GENERATEREQUEST']._serialized_end=293
-  _globals['_GENERATERESPONSE']._serialized_start=295
-  _globals['_GENERATERESPONSE']._serialized_end=404
-  _globals['_TOKENDELTA']._serialized_start=406
-  _globals['_TOKENDELTA']._serialized_end=451
-  _globals['_FIGURES']._serialized_start=454
-  _globals['_FIGURES']._serialized_end=761
-  _globals['_GENERATE']._serialized_start=763
-  _globals['_GENERATE']._serialized_end=848
+  _globals['_GENERATEREQUEST']._serialized_end=314
+  _globals['_GENERATERESPONSE']._serialized_start=316
+  _globals['_GENERATERESPONSE']._serialized_end=425
+  _globals['_TOKENDELTA']._serialized_start=427
+  _globals['_TOKENDELTA']._serialized_end=472
+  _globals['_FIGURES']._serialized_start=475
+  _globals['_FIGURES']._serialized_end=782
+  _globals['_GENERATE']._serialized_start=784
+  _globals['_GENERATE']._serialized_end=869
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("context", "prompt", "policy", "kept", "answer_prefix", "max_new_tokens", "temperature", "top_p", "seed", "stop", "recall", "session_id", "kv_precision")
+    __slots__ = ("context", "prompt", "policy", "kept", "answer_prefix", "max_new_tokens", "temperature", "top_p", "seed", "stop", "recall", "session_id", "kv_precision", "query_aware")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class GenerateRequest(_message.Message):
     RECALL_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     KV_PRECISION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_AWARE_FIELD_NUMBER: _ClassVar[int]
     context: str
     prompt: str
     policy: str
@@ -34,7 +35,8 @@ class GenerateRequest(_message.Message):
     recall: bool
     session_id: str
     kv_precision: str
-    def __init__(self, context: _Optional[str] = ..., prompt: _Optional[str] = ..., policy: _Optional[str] = ..., kept: _Optional[float] = ..., answer_prefix: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., recall: _Optional[bool] = ..., session_id: _Optional[str] = ..., kv_precision: _Optional[str] = ...) -> None: ...
+    query_aware: bool
+    def __init__(self, context: _Optional[str] = ..., prompt: _Optional[str] = ..., policy: _Optional[str] = ..., kept: _Optional[float] = ..., answer_prefix: _Optional[str] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., recall: _Optional[bool] = ..., session_id: _Optional[str] = ..., kv_precision: _Optional[str] = ..., query_aware: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "figures")
