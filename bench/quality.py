@@ -11,7 +11,10 @@ inserted facts whose exact answers are checked:
   * multi:  several different facts in ONE document; the context is compressed once and
             every question is asked on top of that same compressed cache (the reuse path).
 The context segment is compressed before any question is seen (query-agnostic), exactly
-as the service does. Each case's context is prefilled once; every policy and kept fraction
+as the service does by default. `--regime query-aware` instead prefills document + question
+and compresses the document with the question's queries as the window (the papers' and
+kvpress's regime; the service's `query_aware` request field): every policy that supports it,
+one prefill per question shared by all of them, same table and JSON layout. Each case's context is prefilled once; every policy and kept fraction
 compresses the same prefill state, so the comparison is paired.
 """
 
@@ -191,6 +194,60 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
     return _summarise(rows, built, prefill_s, details)
 
 
+QUERY_AWARE_POLICIES = ("snapkv", "adakv", "ahakv", "taskkv", "ems", "pod")
+
+
+def run_query_aware(runner, cases: list[Case], policies: list[str], kept: list[float], console: Console) -> dict:
+    """Query-aware regime: per question, one prefill of document + question (the question's queries
+    captured as the window); each policy compresses the document rows of that same prefill and the
+    answer is decoded from the compressed document + the exact question rows."""
+    from headwise.errors import InvalidInput
+    from headwise.models import SamplingParams
+    from headwise.models.query_aware import compress_prefilled, supports_query_aware
+    from headwise.policies.base import Capture
+    from headwise.prompt import build_segments
+
+    configs = [("full", 1.0)] + [(p, k) for p in policies for k in kept]
+    built = {(p, k): make_policy(p, k) for p, k in configs}
+    skipped = sorted({p for (p, k), pol in built.items() if p != "full" and not supports_query_aware(pol)})
+    if skipped:
+        console.print(f"[yellow]no query-aware form (no observation window), skipped: {', '.join(skipped)}[/yellow]")
+    built = {c: pol for c, pol in built.items() if c[0] == "full" or c[0] not in skipped}
+    column_sums = any(pol.capture.column_sums for pol in built.values())
+    ctx = runner.context(next((p for p in built.values() if getattr(p, "needs_profile", False)), None))
+    rows = {c: {"correct": 0, "total": 0, "realised": [], "compress_s": []} for c in built}
+    details, prefill_s = [], {}
+    params = SamplingParams(max_new_tokens=10, stop=(".", "\n"))
+    for case in cases:
+        for q in case.questions:
+            s = build_segments(runner.tokenizer, case.context, q.text, " " + q.prefix)
+            t = time.perf_counter()
+            out = runner.prefill(s.context + s.question, capture=Capture(window=len(s.question), column_sums=column_sums))
+            prefill_s.setdefault("window", time.perf_counter() - t)
+            prefill_s.setdefault("column_sums", prefill_s["window"])
+            for cfg, pol in built.items():
+                t = time.perf_counter()
+                try:
+                    res = compress_prefilled(out, len(s.context), pol, ctx)
+                except InvalidInput as e:  # e.g. pod below its reachable range: reported, not fatal
+                    rows[cfg]["error"] = str(e)
+                    continue
+                rows[cfg]["compress_s"].append(time.perf_counter() - t)
+                rows[cfg]["realised"].append(res.document.kept_fraction())
+                toks = list(runner.generate(res.cache, res.logits, params))
+                text = runner.tokenizer.decode(toks, skip_special_tokens=True).strip()
+                ok = is_correct(text, q.answer)
+                rows[cfg]["correct"] += ok; rows[cfg]["total"] += 1
+                details.append({"case": case.name, "tokens": len(s.context), "policy": cfg[0], "kept": cfg[1],
+                                "question": q.text, "answer": q.answer, "output": text, "correct": ok})
+            del out
+        done = ", ".join(f"{p}@{k}:{r['correct']}/{r['total']}" for (p, k), r in rows.items() if p in ("full", "snapkv"))
+        console.print(f"[dim]{case.name} done: {done}[/dim]")
+    res = _summarise(rows, built, prefill_s, details)
+    res["regime"], res["skipped"] = "query-aware", skipped
+    return res
+
+
 def _summarise(rows: dict, built: dict, prefill_s: dict, details: list) -> dict:
     res = {"full": None, "policies": {}, "prefill_s": prefill_s, "details": details}
     for (p, k), r in rows.items():
@@ -329,7 +386,11 @@ def plot(res: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, default=Path("bench/results/quality.json"))
-    ap.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
+    ap.add_argument("--policies", default=None, help=f"default: {','.join(DEFAULT_POLICIES)}; "
+                    f"with --regime query-aware: {','.join(QUERY_AWARE_POLICIES)}")
+    ap.add_argument("--regime", choices=("reuse", "query-aware"), default="reuse",
+                    help="reuse: the document compressed before the question (the service's default); "
+                         "query-aware: the question's queries are the window (one-shot, private caches)")
     ap.add_argument("--kept", default=",".join(map(str, DEFAULT_KEPT)))
     ap.add_argument("--suite", choices=("default", "full"), default="default", help="full: more depths and cases (about 2x)")
     ap.add_argument("--length", type=int, default=1500, help="context tokens of single/multi cases")
@@ -367,14 +428,18 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.write_text(json.dumps({"prefill_cost": cost}, indent=1))
         return {"prefill_cost": cost}
     kept = [float(x) for x in args.kept.split(",")]
-    policies = [p for p in args.policies.split(",") if p]
+    qa = args.regime == "query-aware"
+    policies = [p for p in (args.policies or ",".join(QUERY_AWARE_POLICIES if qa else DEFAULT_POLICIES)).split(",") if p]
     cases = build_cases(runner.tokenizer, args.suite, args.length, args.keyed_length)
     console.print(f"{len(cases)} cases, {sum(len(c.questions) for c in cases)} questions; policies {policies}; kept {kept}")
     t0 = time.perf_counter()
-    res = run_headwise(runner, cases, policies, kept, console, [p for p in args.precisions.split(",") if p])
+    precisions = [p for p in args.precisions.split(",") if p]
+    # query-aware caches are never stored, so they keep the computed rows: --precisions does not apply
+    res = run_query_aware(runner, cases, policies, kept, console) if qa else run_headwise(runner, cases, policies, kept, console, precisions)
     res["seconds"] = time.perf_counter() - t0
+    res.setdefault("regime", args.regime)
     res["cases"] = [asdict(c) | {"context": c.context[:80] + "..."} for c in cases]
-    print_table(console, res, f"headwise (full cache accuracy {res['full']:.2f})", kept)
+    print_table(console, res, f"headwise, {args.regime} regime (full cache accuracy {res['full']:.2f})", kept)
     for name, by_k in res["policies"].items():
         for k, e in by_k.items():
             if e.get("error"):

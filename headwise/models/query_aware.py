@@ -105,10 +105,20 @@ def prefill_query_aware(
         raise InvalidInput("a query-aware prefill needs a non-empty document and a non-empty question")
     cap = policy.capture
     out = runner.prefill(list(document_ids) + list(question_ids), None, Capture(window=Q, column_sums=cap.column_sums))
-    doc_states = [document_state(s, D) for s in out.states]
-    document = policy.compress(doc_states, 0, ctx or runner.context(policy))
+    return compress_prefilled(out, D, policy, ctx or runner.context(policy))
+
+
+def compress_prefilled(out, D: int, policy: Policy, ctx: CompressContext) -> QueryAwareResult:
+    """Compress the document rows 0..D of a document + question PrefillOutput `out` (captured with
+    window = Q, the question's length, and the policy's column sums). Several policies may compress
+    one prefill (bench.quality does, so the comparison is paired); `out` is not modified."""
+    S = out.states[0].num_tokens
+    if out.start != 0 or not 0 < D < S or out.states[0].window_queries is None or out.states[0].window_queries.shape[1] != S - D:
+        raise InvalidInput(f"a query-aware compression needs a prefill from position 0 whose window is the question "
+                           f"(rows {D}..{S}); capture window={S - D}")
+    document = policy.compress([document_state(s, D) for s in out.states], 0, ctx)
     question = CompactCache(
         [LayerCache.from_dense(s.keys[:, D:], s.values[:, D:], s.positions[D:]) for s in out.states],
-        seq_len=D + Q, start=D, meta={"policy": FullPolicy().params()},
+        seq_len=S, start=D, meta={"policy": FullPolicy().params()},
     )
     return QueryAwareResult(out.logits, document, question, document.extended(question))
