@@ -11,6 +11,7 @@ from headwise.policies.base import Capture, CompressContext, LayerState, Policy,
 from headwise.policies.snapkv import check_budget, check_ints, group_reduce, window_scores
 
 FILLS = ("recent", "snapkv")
+COMPENSATIONS = ("weighted", "plain", "none")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ class RazorPolicy(Policy):
     echo: float = 0.01
     fill: str = "recent"  # rows of non-retrieval heads: "recent" (paper) or "snapkv" (window-scored + last `window`)
     window: int = 32
-    compensation: str = "weighted"  # "weighted": log_weight log(N_d) (Eq. 5); "plain": 0 (golden-stick deploy code)
+    compensation: str = "weighted"  # "weighted": log_weight log(N_d) (Eq. 5); "plain": 0 (golden-stick deploy code); "none": no row
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -51,8 +52,8 @@ class RazorPolicy(Policy):
             if not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise InvalidInput(f"policy 'razor': {attr}={v!r} must be a fraction of heads in [0, 1]")
         check_ints(self, window=self.window)
-        if self.compensation not in ("weighted", "plain"):
-            raise InvalidInput(f"policy 'razor': compensation={self.compensation!r}; allowed: weighted, plain")
+        if self.compensation not in COMPENSATIONS:
+            raise InvalidInput(f"policy 'razor': compensation={self.compensation!r}; allowed: {', '.join(COMPENSATIONS)}")
         if self.fill not in FILLS:
             raise InvalidInput(f"policy 'razor': fill={self.fill!r}; allowed: {', '.join(FILLS)}")
 
@@ -103,12 +104,17 @@ class RazorPolicy(Policy):
             n_h = rows[(state.layer, h)]
             k, v, pos = state.keys[h], state.values[h], state.positions
             sinks = min(self.sinks, n_h)
-            recent = n_h - sinks - 1
+            comp = int(self.compensation != "none")  # "none": the row goes to the recent window instead
+            recent = n_h - sinks - comp
             if n_h >= S or recent < 1:
                 ks.append(k); vs.append(v); ps.append(pos)
                 lws.append(torch.zeros(S, device=dev)); rids.append(torch.full((S,), NO_RECALL, device=dev))
                 continue
             keep = self.kept_rows(S, sinks, recent, None if scores is None else scores[h]).to(dev)
+            if not comp:
+                ks.append(k[keep]); vs.append(v[keep]); ps.append(pos[keep])
+                lws.append(torch.zeros(n_h, device=dev)); rids.append(torch.full((n_h,), NO_RECALL, device=dev))
+                continue
             mask = torch.ones(S, dtype=torch.bool, device=dev)
             mask[keep] = False
             drop = mask.nonzero().flatten()  # folded into one compensation row

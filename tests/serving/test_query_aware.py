@@ -7,8 +7,8 @@ import pytest
 
 from services.prefill.api import ServiceError
 from services.protos.headwise.v1 import generate_pb2 as pb
-from tests.kvstore.conftest import start_service
 from tests.kvstore.conftest import settings as store_settings
+from tests.kvstore.conftest import start_service
 from tests.serving.test_store_capacity import INTERNAL_NAME, Stack
 from tests.serving.test_workers import ByteTokenizer
 
