@@ -115,12 +115,12 @@ def test_compensation_settings_full_kept_deterministic(compensation):
               for i in range(L)]
     full = get_policy("full").compress(states, 0, ctx)
     one = get_policy("razor", kept=1.0, compensation=compensation).compress(states, 0, ctx)
-    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.positions, b.positions) for a, b in zip(one.layers, full.layers))
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.positions, b.positions) for a, b in zip(one.layers, full.layers, strict=True))
     for kept in (0.5, 0.25, 0.1):
         p = get_policy("razor", kept=kept, compensation=compensation)
         a, b = p.compress(states, 0, ctx), p.compress(states, 0, ctx)
         assert abs(a.kept_fraction() - kept) <= 0.01
-        assert all(torch.equal(x.keys, y.keys) and torch.equal(x.positions, y.positions) for x, y in zip(a.layers, b.layers))
+        assert all(torch.equal(x.keys, y.keys) and torch.equal(x.positions, y.positions) for x, y in zip(a.layers, b.layers, strict=True))
         synthetic = sum(int((layer.positions == -1).sum()) for layer in a.layers)
         assert (synthetic == 0) == (compensation == "none")
     layer = get_policy("razor", kept=0.25, compensation="none").compress(states, 0, ctx).layers[0]
