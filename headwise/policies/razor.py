@@ -10,7 +10,7 @@ from headwise.errors import InvalidInput
 from headwise.policies.base import Capture, CompressContext, LayerState, Policy, keep_all
 from headwise.policies.snapkv import check_budget, check_ints, group_reduce, window_scores
 
-FILLS = ("recent", "snapkv")
+FILLS = ("recent", "snapkv", "kvzip")
 COMPENSATIONS = ("weighted", "plain", "none")
 
 
@@ -40,7 +40,7 @@ class RazorPolicy(Policy):
     sinks: int = 4
     induction: float = 0.14
     echo: float = 0.01
-    fill: str = "recent"  # rows of non-retrieval heads: "recent" (paper) or "snapkv" (window-scored + last `window`)
+    fill: str = "recent"  # rows of non-retrieval heads: "recent" (paper), "snapkv" or "kvzip" (scored + last `window`)
     window: int = 32
     compensation: str = "weighted"  # "weighted": log_weight log(N_d) (Eq. 5); "plain": 0 (golden-stick deploy code); "none": no row
 
@@ -59,7 +59,7 @@ class RazorPolicy(Policy):
 
     @property
     def capture(self) -> Capture:
-        return Capture(window=self.window if self.fill == "snapkv" else 0)
+        return Capture(window=self.window if self.fill == "snapkv" else 0, reconstruction=self.fill == "kvzip")
 
     needs_profile = True
 
@@ -91,12 +91,24 @@ class RazorPolicy(Policy):
         top = mid.topk(n - self.window).indices.cpu() + sinks
         return torch.cat([torch.arange(sinks), top.sort().values, torch.arange(S - self.window, S)])
 
+    def fill_scores(self, state: LayerState, Hkv: int):
+        """[Hkv, S] scores of the rows a non-retrieval head may keep besides sinks and the last `window`,
+        or None for the paper's most recent rows."""
+        if self.fill == "snapkv":
+            return group_reduce(window_scores(state, self.window), Hkv)
+        if self.fill == "kvzip":
+            if state.reconstruction is None:
+                raise InvalidInput("policy 'razor' with fill='kvzip' needs the reconstruction scores; prefill with "
+                                   "the policy's capture")
+            return state.reconstruction
+        return None
+
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S, Hkv = state.num_tokens, state.num_kv_heads
         if self.budget(S) >= S:
             return keep_all(state)
         rows = self.head_rows(S, ctx, Hkv)
-        scores = group_reduce(window_scores(state, self.window), Hkv) if self.fill == "snapkv" else None
+        scores = self.fill_scores(state, Hkv)
         ks, vs, ps, lws, rids = [], [], [], [], []
         rec_pos, rec_heads, rec_lens = [], [], []
         dev = state.keys.device
