@@ -102,27 +102,48 @@ def test_snapkv_fill_keeps_scored_rows_and_folds_the_rest():
     assert float(layer.log_weights[comp]) == pytest.approx(math.log(S - 59), rel=1e-6)
 
 
-@pytest.mark.parametrize("compensation", ["plain", "none"])
-def test_compensation_settings_full_kept_deterministic(compensation):
-    """Every razor compensation setting named in docs: full at kept 1, the kept fraction within 1%,
-    deterministic; "none" holds only original rows (sinks + recent), no synthetic row or handle."""
+SETTINGS = [{"compensation": "plain"}, {"compensation": "none"}, {"fill": "kvzip"}, {"fill": "kvzip", "compensation": "none"}]
+
+
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_settings_full_kept_deterministic(settings):
+    """Every razor setting named in docs: full at kept 1, the kept fraction within 1%, deterministic;
+    compensation "none" holds only original rows, no synthetic row or recall handle."""
     L, H, S = 3, 2, 600
     ind = [[0.0, 0.0] for _ in range(L)]
     ind[1][0] = 1.0
     ctx = CompressContext(L, profile=_profile(L, H, ind))
     g = torch.Generator().manual_seed(4)
-    states = [LayerState(i, torch.randn(H, S, 8, generator=g), torch.randn(H, S, 8, generator=g), torch.arange(S), 0.35)
-              for i in range(L)]
+    states = [LayerState(i, torch.randn(H, S, 8, generator=g), torch.randn(H, S, 8, generator=g), torch.arange(S), 0.35,
+                         reconstruction=torch.rand(H, S, generator=g)) for i in range(L)]
     full = get_policy("full").compress(states, 0, ctx)
-    one = get_policy("razor", kept=1.0, compensation=compensation).compress(states, 0, ctx)
-    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.positions, b.positions) for a, b in zip(one.layers, full.layers, strict=True))
+    one = get_policy("razor", kept=1.0, **settings).compress(states, 0, ctx)
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.positions, b.positions)
+               for a, b in zip(one.layers, full.layers, strict=True))
     for kept in (0.5, 0.25, 0.1):
-        p = get_policy("razor", kept=kept, compensation=compensation)
+        p = get_policy("razor", kept=kept, **settings)
         a, b = p.compress(states, 0, ctx), p.compress(states, 0, ctx)
         assert abs(a.kept_fraction() - kept) <= 0.01
-        assert all(torch.equal(x.keys, y.keys) and torch.equal(x.positions, y.positions) for x, y in zip(a.layers, b.layers, strict=True))
+        assert all(torch.equal(x.keys, y.keys) and torch.equal(x.positions, y.positions)
+                   for x, y in zip(a.layers, b.layers, strict=True))
         synthetic = sum(int((layer.positions == -1).sum()) for layer in a.layers)
-        assert (synthetic == 0) == (compensation == "none")
-    layer = get_policy("razor", kept=0.25, compensation="none").compress(states, 0, ctx).layers[0]
-    n = int(layer.head_lengths()[0])
-    assert layer.positions[:n].tolist() == list(range(4)) + list(range(S - n + 4, S)) and layer.recall is None
+        assert (synthetic == 0) == (settings.get("compensation") == "none")
+
+
+def test_compensation_none_keeps_sinks_and_recent_only():
+    L, H, S = 1, 1, 600
+    st = LayerState(0, torch.randn(H, S, 8), torch.randn(H, S, 8), torch.arange(S), 0.35)
+    layer = get_policy("razor", kept=0.25, compensation="none", induction=0.0, echo=0.0).compress_layer(
+        st, CompressContext(L, profile=_profile(L, H)))
+    assert layer.positions.tolist() == list(range(4)) + list(range(S - 146, S)) and layer.recall is None
+
+
+def test_kvzip_fill_keeps_the_best_reconstructed_row():
+    S = 600
+    rec = torch.zeros(1, S)
+    rec[0, 200] = 1.0
+    st = LayerState(0, torch.randn(1, S, 8), torch.randn(1, S, 8), torch.arange(S), 0.35, reconstruction=rec)
+    layer = get_policy("razor", kept=0.1, fill="kvzip", induction=0.0, echo=0.0).compress_layer(
+        st, CompressContext(1, profile=_profile(1, 1)))
+    assert 200 in layer.positions.tolist() and layer.head_lengths().tolist() == [60]
+    assert get_policy("razor", kept=0.1, fill="kvzip").capture.reconstruction
