@@ -33,7 +33,11 @@ class RazorPolicy(Policy):
     (non-retrieval heads keep window-scored rows + the last `window` instead of the most
     recent ones) is worse too (0.50 vs 0.88 at kept 0.5), and so is the public deploy code's
     unweighted compensation row (`compensation="plain"`: 0.75 / 0.12 / 0.00 against 0.88 / 0.38 /
-    0.12 at kept 0.5 / 0.25 / 0.1), so the defaults are the paper's.
+    0.12 at kept 0.5 / 0.25 / 0.1), and so is no compensation row (`compensation="none"`), so the
+    defaults are the paper's. What is lost is the other heads' content at short contexts (their
+    recent window is ~11% of the document at kept 0.25): `fill="kvzip"` (their top rows by
+    KVzip's reconstruction score + the last `window`) answers 1.00 / 0.88 at kept 0.5 / 0.25
+    (docs/policies.md, "RazorAttention examined").
     """
 
     name = "razor"
