@@ -80,6 +80,15 @@ def assert_same(a: CompactCache, b: CompactCache, recall_data: bool = True) -> N
                 assert tx.dtype == ty.dtype and torch.equal(tx, ty), f"recall.{name}"
 
 
+def same(a: CompactCache, b: CompactCache) -> bool:
+    """assert_same as a predicate (for readers that may see one of two versions)."""
+    try:
+        assert_same(a, b)
+        return True
+    except AssertionError:
+        return False
+
+
 # ---- round trips ------------------------------------------------------------------
 @SETTINGS
 @given(cache=caches(), chunk=st.integers(1, 300))

@@ -11,7 +11,7 @@ import redis
 from headwise.cache.codec import encode
 from services.kvstore.client import StoreUnavailable
 from tests.kvstore.conftest import big_cache, settings, small_cache, start_service
-from tests.test_codec import assert_same
+from tests.test_codec import assert_same, same
 
 
 async def test_redis_down_gives_unavailable_then_recovers(own_redis) -> None:
@@ -102,7 +102,7 @@ async def test_reader_racing_writers_sees_all_or_nothing(service, redis_url) -> 
             if got is None:
                 seen["miss"] += 1
                 continue
-            assert any(_equal(got, v) for v in versions), "a reader saw a mix of two puts"
+            assert any(same(got, v) for v in versions), "a reader saw a mix of two puts"
             seen["whole"] += 1
             await asyncio.sleep(0)
 
@@ -110,14 +110,6 @@ async def test_reader_racing_writers_sees_all_or_nothing(service, redis_url) -> 
     assert seen["whole"] > 0
     with redis.Redis.from_url(redis_url) as r:  # replaced uploads were cleaned up
         assert len(r.keys("hw:acme:c:*")) == len(encode(versions[0]).chunks)
-
-
-def _equal(a, b) -> bool:
-    try:
-        assert_same(a, b)
-        return True
-    except AssertionError:
-        return False
 
 
 async def test_put_cut_off_mid_stream_leaves_nothing(service, redis_url) -> None:
