@@ -85,11 +85,15 @@ def start_redis(host: netns.Host) -> object:
 
 
 def start_kvstore(host: netns.Host, redis_url: str) -> object:
-    p = host.popen([sys.executable, "-m", "services.kvstore", "--host", host.addr, "--port", str(KV_PORT),
-                    "--redis-url", redis_url, "--metrics-port", str(KV_METRICS_PORT)],
-                   f"kvstore-{host.name}.log", env=host_env(HEADWISE_TENANT_TTL_S="0"))
+    p = launch_kvstore(host, redis_url)
     wait_listening(host.addr, KV_PORT, 60, p)
     return p
+
+
+def launch_kvstore(host: netns.Host, redis_url: str) -> object:
+    return host.popen([sys.executable, "-m", "services.kvstore", "--host", host.addr, "--port", str(KV_PORT),
+                       "--redis-url", redis_url, "--metrics-port", str(KV_METRICS_PORT)],
+                      f"kvstore-{host.name}.log", env=host_env(HEADWISE_TENANT_TTL_S="0"))
 
 
 @pytest.fixture(scope="session")
@@ -102,8 +106,9 @@ def store(net) -> str:
 @pytest.fixture(scope="session")
 def kvstores(net, store) -> str:
     """A kvstore on kv1 and one on kv2, both over the store host's Redis: the comma list of both."""
-    for name in ("kv1", "kv2"):
-        start_kvstore(net[name], store)
+    procs = [(net[n], launch_kvstore(net[n], store)) for n in ("kv1", "kv2")]  # both start at once
+    for host, p in procs:
+        wait_listening(host.addr, KV_PORT, 60, p)
     return ",".join(f"{net[n].addr}:{KV_PORT}" for n in ("kv1", "kv2"))
 
 
@@ -143,8 +148,8 @@ def app_settings(tiny_model_dir: str, kvstore_addr: str):
     from services.settings import Settings
 
     return Settings(model_path=tiny_model_dir, kvstore_addr=kvstore_addr, service_token=TOKEN,
-                    tenants=f"{TENANT}:{TENANT_KEY}", default_policy="streaming", default_kept=0.5,
-                    max_prompt_tokens=1500, store_timeout_s=2.0, recall=False, torch_threads=1)
+                    tenants=f"{TENANT}:{TENANT_KEY}:16", default_policy="streaming", default_kept=0.5,
+                    max_prompt_tokens=1500, max_new_tokens=1500, store_timeout_s=2.0, recall=False, torch_threads=1)
 
 
 def serve_config_for(settings, layout: dict[str, dict]) -> dict:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from cluster.client import HeadwiseClient
+from services.protos.headwise.v1 import generate_pb2 as pb
 from tests.multihost.conftest import TENANT, TENANT_KEY, app_settings, serve_config_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
@@ -62,3 +64,81 @@ def test_document_stored_by_one_host_is_reused_by_the_others_decode(split) -> No
     assert cold.figures["store_status"] == "stored" and cold.figures["reused_tokens"] == 0
     assert warm.figures["store_status"] == "reused" and warm.figures["reused_tokens"] > 200
     assert warm.figures["wire_bytes"] > 0  # Decode on w2 fetched what Prefill on w1 put
+
+
+# Both deployments on both worker hosts, one replica of each per host
+SPREAD = {name: {"replicas": 2, "resources": {"hw_worker": 0.01}, "per_node": 1} for name in ("Prefill", "Decode")}
+LONG = dict(max_new_tokens=600, temperature=0.0)
+
+
+async def stream_until_end(c: HeadwiseClient, doc: str, q: str, started: asyncio.Event, deadline_s: float) -> dict:
+    """Read a stream to its end: the tokens it sent and its final status (OK or the error code)."""
+    tokens: list[int] = []
+    t0 = asyncio.get_running_loop().time()
+    try:
+        call = c.stub.Generate(pb.GenerateRequest(context=doc, prompt=q, **LONG), metadata=c.metadata,
+                               timeout=deadline_s)
+        async for msg in call:
+            if msg.HasField("delta"):
+                tokens += list(msg.delta.token_ids)
+                if len(tokens) >= 20:
+                    started.set()
+        code = grpc.StatusCode.OK
+        details = ""
+    except grpc.aio.AioRpcError as e:
+        code, details = e.code(), e.details() or ""
+    return {"tokens": tokens, "code": code, "details": details, "end": asyncio.get_running_loop().time(),
+            "s": asyncio.get_running_loop().time() - t0}
+
+
+async def first_success_after(addr: str, doc: str, t_fault: float, limit_s: float) -> tuple[float, int, object]:
+    """Ask until an answer comes back: (seconds since the fault, failed attempts, the answer)."""
+    failures = 0
+    loop = asyncio.get_running_loop()
+    async with HeadwiseClient(addr, TENANT_KEY) as c:
+        while loop.time() - t_fault < limit_s:
+            try:
+                ans = await asyncio.wait_for(c.ask(QUESTIONS[2], doc, **GREEDY), 20)
+                return loop.time() - t_fault, failures, ans
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError):
+                failures += 1
+                await asyncio.sleep(0.5)
+    raise AssertionError(f"no request succeeded within {limit_s} s of the fault ({failures} failed)")
+
+
+def test_worker_host_dies_mid_stream(ray_cluster, kvstores, tiny_model_dir, net) -> None:
+    ray_cluster.deploy(serve_config_for(app_settings(tiny_model_dir, kvstores), SPREAD))
+    assert ray_cluster.replicas() == {d: sorted([net["w1"].addr, net["w2"].addr]) for d in ("Prefill", "Decode")}
+    doc, q = document(9), "Tell the whole story."
+
+    async def scenario():
+        async with HeadwiseClient(ray_cluster.grpc_addr, TENANT_KEY) as c:
+            full = await asyncio.wait_for(c.ask(q, doc, **LONG), 180)  # stores doc; the expected tokens
+            assert full.figures["store_status"] == "stored" and len(full.token_ids) > 60
+            started = [asyncio.Event() for _ in range(4)]
+            streams = [asyncio.create_task(stream_until_end(c, doc, q, ev, 120)) for ev in started]
+            await asyncio.wait_for(asyncio.gather(*(ev.wait() for ev in started)), 120)
+            t_fault = asyncio.get_running_loop().time()
+            killed = net["w1"].die()  # every Ray process of the worker host: raylet, replicas, its proxy
+            recovery = asyncio.create_task(first_success_after(ray_cluster.grpc_addr, document(0), t_fault, 60))
+            results = await asyncio.wait_for(asyncio.gather(*streams), 150)
+            for r in results:
+                r["after_fault_s"] = r["end"] - t_fault
+            recovery = await recovery
+            after = await asyncio.wait_for(c.ask(QUESTIONS[1], doc, **GREEDY), 60)
+        return full, killed, results, recovery, after
+
+    full, killed, results, (recovered_s, failed, _), after = asyncio.run(scenario())
+    summary = [(r["code"].name, len(r["tokens"]), round(r["after_fault_s"], 1), r["details"][:120]) for r in results]
+    print(f"worker host killed ({killed} processes): streams {summary}; first new request ok after "
+          f"{recovered_s:.1f} s ({failed} failed before)")
+    assert killed > 0
+    for r in results:  # never a wrong token: each stream is a prefix of the answer, or all of it
+        assert r["tokens"] == full.token_ids[: len(r["tokens"])]
+        assert r["code"] in (grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE), (r["code"], r["details"])
+        assert "Error" not in r["details"]  # one line for a client, no Ray exception text
+        assert r["code"] != grpc.StatusCode.OK or r["tokens"] == full.token_ids
+    assert any(r["code"] != grpc.StatusCode.OK for r in results), "no stream was on the killed host"
+    assert recovered_s < 30.0
+    assert after.figures["store_status"] == "reused"  # stored before the fault, reused after it
+    assert ray_cluster.replicas()["Decode"] == [net["w2"].addr]
