@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 import tempfile
@@ -74,6 +75,8 @@ def net():
         yield network
     finally:
         network.teardown()
+        for d in Path("/tmp").glob("hwmh-ray-*"):  # the Ray nodes' session dirs (sockets, logs)
+            shutil.rmtree(d, ignore_errors=True)
         print(f"\nmulti-host logs: {logdir}", file=sys.stderr)
 
 
@@ -130,8 +133,6 @@ def ray_env(**extra: str) -> dict[str, str]:
 def tiny_model_dir(tmp_path_factory) -> str:
     """A tiny random Llama with the default model's tokenizer: answers need not be trained here,
     only equal across clusters, and it loads in a second on each replica."""
-    import shutil
-
     from headwise.models import install_default_model
     from tests.fixtures.models import tiny_llama
 

@@ -126,6 +126,19 @@ class Host:
                 pass
         return n
 
+    def cpu_seconds(self, cmdline_part: str) -> float:
+        """CPU time (user + system) of this host's processes whose command line contains the text."""
+        total = 0.0
+        for pid in namespace_pids(self.ns):
+            try:
+                if cmdline_part not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                    continue
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def cut(self) -> None:
         """The host drops off the network: no FIN, no RST, packets to it vanish."""
         _ip("-n", self.ns, "link", "set", "eth0", "down")
