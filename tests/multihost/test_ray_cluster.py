@@ -35,7 +35,7 @@ async def ask_all(addr: str, pairs: list[tuple[str, str]]) -> list:
 PAIRS = [(document(0), QUESTIONS[0]), (document(0), QUESTIONS[1]), (document(1), QUESTIONS[2])]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: made before the multi-host Ray cluster, not beside it
 def reference(tiny_model_dir):
     """The single-host local cluster's answers to PAIRS (the same settings and model)."""
     from cluster.local import LocalCluster
@@ -46,7 +46,7 @@ def reference(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def split(ray_cluster, kvstores, tiny_model_dir, reference):
+def split(reference, ray_cluster, kvstores, tiny_model_dir):
     ray_cluster.deploy(serve_config_for(app_settings(tiny_model_dir, kvstores), SPLIT))
     return ray_cluster
 
