@@ -9,6 +9,7 @@ Topology (10.213.0.0/24 on the bridge hwmh-br; the root namespace is the client 
     head   10.213.0.10  Ray head: GCS :6379, Serve controller, gRPC proxy :9000, HTTP proxy :8000
     w1     10.213.0.11  Ray worker, resource hw_w1: Prefill and Decode replicas
     w2     10.213.0.12  Ray worker, resource hw_w2: Prefill and Decode replicas
+    (and, for test_redis_cluster_store, a Redis Cluster on store :7000-7002 and a kvstore on kv1 :50052 over it)
 
 Everything is torn down at session end, after a failed test too (the session fixture's
 finalizer), and whatever a killed earlier run left is removed first, by the hwmh- prefix.
