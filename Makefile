@@ -5,13 +5,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# As root (CI) the multi-host harness (tests/multihost, network namespaces) must run: its skip is a failure
+MULTIHOST_REQUIRED ?= $(shell [ "$$(id -u)" = 0 ] && echo 1)
 
-.PHONY: help venv model demo test test-fast bench bench-quality proto lint clean k8s k8s-constraints
+.PHONY: help venv model demo test test-fast test-multihost bench bench-quality proto lint clean k8s k8s-constraints
 
 help:
 	@echo "make demo       run the main job: local cluster answering questions about a real document"
 	@echo "make test       run the whole test suite (fast tests, then slow ones: real model, Redis, Ray)"
 	@echo "make test-fast  only the fast tests (tiny random models)"
+	@echo "make test-multihost  the multi-host harness alone: hosts as network namespaces (root)"
 	@echo "make bench      engine benchmark -> bench/results/engine.json"
 	@echo "make bench-quality  accuracy vs kept fraction, headwise policies and the kvpress anchor (separate .venv-bench)"
 	@echo "make proto      regenerate the gRPC stubs from proto/"
@@ -34,7 +37,10 @@ demo: venv
 	$(BIN)/headwise demo
 
 test: venv
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	HEADWISE_MULTIHOST_REQUIRED=$(MULTIHOST_REQUIRED) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-multihost: venv
+	HEADWISE_MULTIHOST_REQUIRED=1 $(BIN)/python -m pytest -q tests/multihost $(PYTEST_ARGS)
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

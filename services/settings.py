@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     # ports and addresses
     grpc_port: int = Field(9000, description="Ray Serve gRPC proxy port (the client API: Generate)")
     http_port: int = Field(8000, description="Ray Serve HTTP port: the OpenAI-compatible API (/v1) and health")
-    kvstore_addr: str = Field("127.0.0.1:50051", description="host:port of the kvstore gRPC server")
+    kvstore_addr: str = Field("127.0.0.1:50051", description="host:port of the kvstore gRPC server, or several "
+                              "(h1:p,h2:p) or a name resolving to several: calls balance round-robin over them")
     kvstore_port: int = 50051
     kvstore_metrics_port: int = 0
     redis_url: str = "redis://127.0.0.1:6379/0"

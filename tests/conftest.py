@@ -4,4 +4,5 @@ and lists it in pytest_plugins below (one line each)."""
 pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.redis",
+    "tests.fixtures.redis_cluster",
 ]

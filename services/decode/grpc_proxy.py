@@ -14,11 +14,17 @@ relayed the replica's stream to its end (client cancel, deadline, disconnect). g
 that callback once, whatever the proxy was awaiting (`context.cancelled()` is still False at
 that point, so "finished" is tracked here), the replica's generator gets `CancelledError`, and
 the decode worker stops at the next token. An RPC that ran to its end cancels nothing.
+
+The same wrapper gives a stream whose replica died under it (its host went down, the process was
+killed) UNAVAILABLE with a one-line message: Serve's proxy would send INTERNAL with the Ray
+exception's text. The tokens sent before are a prefix of the answer; the client retries.
 """
 
 from __future__ import annotations
 
 import logging
+
+import grpc
 
 from services.protos.headwise.v1 import generate_pb2_grpc
 
@@ -34,7 +40,7 @@ class _CancelOnDisconnect:
         self.finished = False  # set once the proxy has relayed the whole stream
 
     def remote(self, *args, **kwargs):
-        response = self._handle.remote(*args, **kwargs)
+        response = _unavailable_on_replica_death(self._handle.remote(*args, **kwargs))
         context = self._context
 
         def on_done(_ctx) -> None:
@@ -49,6 +55,33 @@ class _CancelOnDisconnect:
 
     def __getattr__(self, name):
         return getattr(self._handle, name)
+
+
+REPLICA_GONE = "the decode replica serving this stream went away (its host or process died); retry the request"
+
+
+def _unavailable_on_replica_death(response):
+    """`response` (a DeploymentResponseGenerator) whose next message raises Serve's gRPCStatusError
+    (UNAVAILABLE) where Ray would raise RayActorError: the proxy sends that code, not INTERNAL.
+    Set on the instance: the proxy calls `response.__anext__()` explicitly."""
+    try:
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import gRPCStatusError
+    except ImportError:
+        return response
+    anext_ = getattr(response, "__anext__", None)
+    if anext_ is None:
+        return response
+
+    async def __anext__():
+        try:
+            return await anext_()
+        except RayActorError as e:
+            log.warning("a Generate stream's replica died: %s", str(e).splitlines()[0][:200])
+            raise gRPCStatusError(e, grpc.StatusCode.UNAVAILABLE, REPLICA_GONE) from None
+
+    response.__anext__ = __anext__
+    return response
 
 
 def install_cancel_propagation() -> bool:

@@ -5,18 +5,25 @@ client from that loop only). Calls that fail with UNAVAILABLE or DEADLINE_EXCEED
 retried with exponential backoff, then raise StoreUnavailable; a miss, including a segment
 that failed its checksum anywhere on the way, is None, never bad data.
 
-    client = KVStoreClient("127.0.0.1:50051", service_token, tenant="acme")
+    client = KVStoreClient("10.0.0.21:50051,10.0.0.22:50051", service_token, tenant="acme")
     sent = await client.put(key, cache)           # bytes on the wire
     cache = await client.get(key)                 # CompactCache or None
     n = await client.lookup(chain)                # leading keys stored
     k, v, pos = await client.recall(key, layer, head, row)
+
+`addr` names one kvstore or several: "host:port", a comma list of them, or a name that resolves
+to several addresses (a headless Kubernetes Service). The channel balances calls round-robin
+over every address that is connected (gRPC's client-side load balancing) and leaves out one
+whose connection failed, so a dead replica costs the calls in flight on it one retry each.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
+import socket
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -44,6 +51,49 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 WIRE_RATE_FLOOR = 20e6  # bytes/s: a streaming call's deadline grows by its size at this rate
+
+
+# Calls rotate over every connected address (a name is re-resolved by gRPC's DNS resolver when
+# a connection drops). The keepalive pings an address that went silent while a call waits on it:
+# a host that vanished without closing its connections is dropped within KEEPALIVE_MS + its
+# timeout rather than at each call's deadline.
+KEEPALIVE_MS = 5_000
+CHANNEL_OPTIONS = [*GRPC_OPTIONS, ("grpc.lb_policy_name", "round_robin"),
+                   ("grpc.keepalive_time_ms", KEEPALIVE_MS), ("grpc.keepalive_timeout_ms", 3_000)]
+
+
+def channel_target(addr: str) -> str:
+    """The gRPC target for `addr`: "host:port", "h1:p1,h2:p2,...", or a target already in gRPC's
+    syntax (dns:, ipv4:, ipv6:, unix:). A list of IP literals becomes one ipv4:/ipv6: target, whose
+    addresses the round-robin policy balances over; names in a list are resolved once, here."""
+    addr = addr.strip()
+    if not addr:
+        raise ValueError("kvstore address is empty")
+    if addr.startswith(("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")) or "," not in addr:
+        return addr
+    v4, v6 = [], []
+    for part in filter(None, (p.strip() for p in addr.split(","))):
+        host, sep, port = part.rpartition(":")
+        if not sep or not port.isdigit() or not host:
+            raise ValueError(f"kvstore address {part!r} in {addr!r} is not host:port")
+        host = host.strip("[]")
+        for ip in _resolve(host, int(port)):
+            (v6 if ":" in ip else v4).append(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+    if v4 and v6:
+        raise ValueError(f"kvstore addresses {addr!r} mix IPv4 and IPv6; gRPC balances over one family")
+    return ("ipv6:" + ",".join(v6)) if v6 else ("ipv4:" + ",".join(v4))
+
+
+def _resolve(host: str, port: int) -> list[str]:
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"kvstore host {host!r} does not resolve: {e}") from None
+    return list(dict.fromkeys(i[4][0] for i in infos))
 
 
 class StoreError(Exception):
@@ -102,7 +152,7 @@ class KVStoreClient:
     @property
     def stub(self) -> pb_grpc.KVStoreStub:
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.addr, options=GRPC_OPTIONS)
+            self._channel = grpc.aio.insecure_channel(channel_target(self.addr), options=CHANNEL_OPTIONS)
             self._stub = pb_grpc.KVStoreStub(self._channel)
             self._bulk = (
                 self._channel.stream_unary(f"/{SERVICE}/Put", request_serializer=serialize,

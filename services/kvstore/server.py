@@ -398,6 +398,10 @@ class KVStoreServicer(pb_grpc.KVStoreServicer):
 def make_backend(settings: KVStoreSettings) -> Backend:
     if settings.redis_url in ("", "memory://"):
         return MemoryBackend()
+    if settings.redis_url.startswith("rediscluster://"):
+        from services.kvstore.redis_cluster_backend import RedisClusterBackend
+
+        return RedisClusterBackend(settings.redis_url, settings.redis_deadline_s)
     from services.kvstore.redis_backend import RedisBackend
 
     return RedisBackend(settings.redis_url, settings.redis_deadline_s)

@@ -39,8 +39,8 @@ class KVStoreSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _url(self) -> "KVStoreSettings":
-        if self.redis_url not in ("", "memory://") and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis_url {self.redis_url!r} must start with redis://, rediss:// or unix:// (or be memory://)")
+        if self.redis_url not in ("", "memory://") and not self.redis_url.startswith(("redis://", "rediss://", "unix://", "rediscluster://")):
+            raise ValueError(f"redis_url {self.redis_url!r} must start with redis://, rediss://, unix:// or rediscluster:// (or be memory://)")
         return self
 
     def limits(self, tenant: str) -> Limits:
