@@ -1,10 +1,19 @@
-"""Engine benchmark: prefill and decode speed, KV bytes, full vs streaming, on the default model.
+"""Engine benchmark: prefill seconds and decode tokens/s of every cache kind, in process, interleaved.
 
     python -m bench.engine --json bench/results/engine.json
 
-A 2,000-token real document (CPython's pydoc topics), prefill tokens/s, decode tokens/s
-over the full cache and over a streaming cache at kept 0.25, and the KV bytes each holds.
-transformers' own generate on the same prompt is timed too, as the reference.
+A real document (CPython's pydoc topics, 2,000 tokens by default) is prefilled under `full`,
+`streaming` and every ragged policy (`kvzip`, `razor`, `adakv`, `ems`, `pod`) at kept 0.25,
+and under transformers' own forward and DynamicCache (the floor). For each: the prefill's
+seconds, a 40-token question prefilled on top of the cache, decode tokens/s of one stream,
+and aggregate tokens/s of 16 streams decoding together (`ModelRunner.decode_batch`, each
+stream its own copy of the cache: continuous batching). Every repeat runs every cache
+kind once, in turn, so machine noise hits them alike; medians and ranges are reported.
+
+The JSON carries the raw figures plus `ratio_decode` = {policy: {"1": x, "16": y}} (decode
+tokens/s over the full cache's), `ratio_prefill` = {policy: x} (prefill seconds over the
+full cache's) and `bound_decode`: the decode ratio that memory traffic allows (weights +
+K/V rows read per step, full over policy), so each ratio can be read as a fraction of it.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -20,49 +30,156 @@ from rich.console import Console
 from rich.table import Table
 
 from headwise.documents import document_tokens
-from headwise.models import ModelRunner, SamplingParams, resolve_model_path
+from headwise.models import ModelRunner, resolve_model_path
 from headwise.policies import get_policy
 
+POLICIES = ["full", "streaming", "kvzip", "razor", "adakv", "ems", "pod"]
+HF = "transformers"
+QUESTION = " Question: which statement is used to leave a loop early, and what does it do with the else clause?"
 
-def _decode(runner: ModelRunner, cache, logits, n: int) -> float:
+
+def _weights_bytes(runner: ModelRunner) -> int:
+    """Bytes of the weights a decode step reads (embeddings read one row, so they are left out
+    unless tied to the LM head, which reads them all)."""
+    return sum(p.numel() * p.element_size() for p in runner.model.parameters())
+
+
+def _steps(runner: ModelRunner, caches, logits, n: int) -> float:
+    """Seconds for n greedy decode steps of len(caches) streams at once (caches grow in place)."""
+    tokens = logits.reshape(len(caches), -1).argmax(-1).tolist()
     t = time.perf_counter()
-    toks = list(runner.generate(cache, logits, SamplingParams(max_new_tokens=n + 1, ignore_eos=True)))
-    return (len(toks) - 1) / (time.perf_counter() - t)  # n decode steps; the first token comes from prefill
+    for _ in range(n):
+        out = runner.decode_batch(tokens, caches)
+        tokens = out.argmax(-1).tolist()
+    return time.perf_counter() - t
 
 
-def run(model: str | None, tokens: int, new_tokens: int, kept: float, repeats: int) -> dict:
+@torch.inference_mode()
+def _hf(runner: ModelRunner, ids: list[int], question: list[int], n1: int, n16: int, streams: int) -> dict:
+    from transformers import DynamicCache
+
+    model = runner.model
+    x = torch.tensor([ids])
+    t = time.perf_counter()
+    out = model(x, cache=DynamicCache(), use_cache=True)
+    prefill = time.perf_counter() - t
+    past = out.past_key_values
+    q = model(torch.tensor([question]), cache=_copy(past, 1), use_cache=True)  # warm
+    t = time.perf_counter()
+    q = model(torch.tensor([question]), cache=_copy(past, 1), use_cache=True)
+    question_s = time.perf_counter() - t
+    del q
+    res = {"prefill_s": prefill, "question_s": question_s}
+    for B, n in ((1, n1), (streams, n16)):
+        cache = _copy(past, B)
+        nxt = out.logits[:, -1:].argmax(-1).expand(B, 1).contiguous()
+        pos = len(ids)
+        t = time.perf_counter()
+        for _ in range(n):
+            o = model(nxt, cache=cache, use_cache=True, cache_position=torch.tensor([pos]))
+            nxt, pos = o.logits[:, -1:].argmax(-1), pos + 1
+        res[f"decode_tok_s_{B}"] = B * n / (time.perf_counter() - t)
+        del cache
+    return res
+
+
+def _copy(past, B: int):
+    """A DynamicCache holding B copies of `past`'s one sequence."""
+    from transformers import DynamicCache
+
+    c = DynamicCache()
+    for i, layer in enumerate(past.layers):
+        c.update(layer.keys.expand(B, -1, -1, -1).clone(), layer.values.expand(B, -1, -1, -1).clone(), i)
+    return c
+
+
+def _one(runner: ModelRunner, name: str, ids: list[int], question: list[int], kept: float, n1: int, n16: int,
+         streams: int) -> dict:
+    policy = get_policy(name, kept=kept)
+    ctx = runner.context(policy)
+    t = time.perf_counter()
+    res = runner.prefill_segment(ids, policy=policy, ctx=ctx)
+    prefill = time.perf_counter() - t
+    base = res.cache
+    runner.prefill(question, base)  # warm
+    t = time.perf_counter()
+    runner.prefill(question, base)
+    question_s = time.perf_counter() - t
+    out = {"prefill_s": prefill, "question_s": question_s, "kv_bytes": res.segment.nbytes,
+           "realised": res.segment.kept_fraction()}
+    for B, n in ((1, n1), (streams, n16)):
+        caches = [base.clone() for _ in range(B)]
+        logits = res.logits.expand(B, -1)
+        _steps(runner, caches, logits, 1)  # warm: first tail allocation, attention views
+        out[f"decode_tok_s_{B}"] = B * n / _steps(runner, caches, logits, n)
+        del caches
+    return out
+
+
+def run(model: str | None, tokens: int, kept: float, repeats: int, n1: int, n16: int, streams: int,
+        policies: list[str]) -> dict:
     runner = ModelRunner.from_pretrained(resolve_model_path(model))
     tok = runner.tokenizer
     ids = tok(document_tokens(tok, tokens + 50), add_special_tokens=False).input_ids[:tokens]
-    best = {"prefill_tok_s": 0.0, "decode_tok_s_full": 0.0, "decode_tok_s_streaming": 0.0, "hf_decode_tok_s": 0.0}
-    for _ in range(repeats):
-        t = time.perf_counter()
-        full = runner.prefill_segment(ids)
-        best["prefill_tok_s"] = max(best["prefill_tok_s"], len(ids) / (time.perf_counter() - t))
-        best["decode_tok_s_full"] = max(best["decode_tok_s_full"], _decode(runner, full.cache, full.logits, new_tokens))
-        st = runner.prefill_segment(ids, policy=get_policy("streaming", kept=kept))
-        best["decode_tok_s_streaming"] = max(best["decode_tok_s_streaming"], _decode(runner, st.cache, st.logits, new_tokens))
-        with torch.inference_mode():
-            x = torch.tensor([ids])
-            out = runner.model(x, use_cache=True)
-            past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            t = time.perf_counter()
-            for _ in range(new_tokens):
-                out = runner.model(nxt, past_key_values=past, use_cache=True)
-                past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-            best["hf_decode_tok_s"] = max(best["hf_decode_tok_s"], new_tokens / (time.perf_counter() - t))
+    question = tok(QUESTION, add_special_tokens=False).input_ids[:40]
+    for name in policies:  # head profiles are computed once and cached on disk, outside the timing
+        runner.context(get_policy(name, kept=kept))
+    raw: dict[str, list[dict]] = {k: [] for k in [*policies, HF]}
+    for r in range(repeats):
+        for name in [*policies, HF]:
+            if name == HF:
+                raw[name].append(_hf(runner, ids, question, n1, n16, streams))
+            else:
+                raw[name].append(_one(runner, name, ids, question, kept, n1, n16, streams))
+            Console(stderr=True).print(f"repeat {r + 1}/{repeats} {name}: {json.dumps(raw[name][-1])}")
+    return _summarise(runner, raw, ids, question, kept, n1, n16, streams)
+
+
+def _stat(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)}
+
+
+def _summarise(runner, raw, ids, question, kept, n1, n16, streams) -> dict:
+    figs = {k: {f: _stat([r[f] for r in runs]) for f in runs[0] if f not in ("kv_bytes", "realised")} for k, runs in raw.items()}
+    for k, runs in raw.items():
+        if "kv_bytes" in runs[0]:
+            figs[k]["kv_bytes"] = runs[0]["kv_bytes"]
+            figs[k]["realised"] = runs[0]["realised"]
+    full = figs["full"]
+    W = _weights_bytes(runner)
+    ratio_decode, ratio_prefill, ratio_question, bound = {}, {}, {}, {}
+    for k, f in figs.items():
+        ratio_decode[k] = {str(B): f[f"decode_tok_s_{B}"]["median"] / full[f"decode_tok_s_{B}"]["median"] for B in (1, streams)}
+        ratio_prefill[k] = f["prefill_s"]["median"] / full["prefill_s"]["median"]
+        ratio_question[k] = f["question_s"]["median"] / full["question_s"]["median"]
+        kv = f.get("kv_bytes", full["kv_bytes"])
+        bound[k] = {str(B): (W + B * full["kv_bytes"]) / (W + B * kv) for B in (1, streams)}
     return {
-        **best,
-        "kv_bytes_full": full.segment.nbytes,
-        "kv_bytes_streaming": st.segment.nbytes,
-        "realised_streaming": st.segment.kept_fraction(),
-        "prompt_tokens": len(ids),
-        "new_tokens": new_tokens,
-        "kept": kept,
-        "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
+        "figures": figs, "ratio_decode": ratio_decode, "ratio_prefill": ratio_prefill,
+        "ratio_question": ratio_question, "bound_decode": bound, "weights_bytes": W,
+        "prompt_tokens": len(ids), "question_tokens": len(question), "kept": kept, "streams": streams,
+        "decode_steps": {"1": n1, str(streams): n16}, "repeats": len(raw["full"]),
+        "threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__,
         "model": runner.config._name_or_path or "default",
     }
+
+
+def table(res: dict) -> Table:
+    S = res["streams"]
+    t = Table(title=f"headwise engine bench: {res['prompt_tokens']} tokens, kept {res['kept']}, {res['threads']} thread(s), "
+                    f"median of {res['repeats']} (range)")
+    for c in ["cache", "KV MB", "prefill s", "x full", "question s", "x full", "decode tok/s 1", "x full (bound)",
+              f"tok/s {S} streams", "x full (bound)"]:
+        t.add_column(c, justify="right")
+    for k, f in res["figures"].items():
+        m = lambda name: f[name]["median"]  # noqa: E731
+        rng = lambda name, p=2: f"{m(name):.{p}f} ({f[name]['min']:.{p}f}-{f[name]['max']:.{p}f})"  # noqa: E731
+        kv = f"{f['kv_bytes'] / 1e6:.1f}" if "kv_bytes" in f else "-"
+        rd, b = res["ratio_decode"][k], res["bound_decode"][k]
+        t.add_row(k, kv, rng("prefill_s"), f"{res['ratio_prefill'][k]:.2f}", rng("question_s", 3),
+                  f"{res['ratio_question'][k]:.2f}", rng("decode_tok_s_1"), f"{rd['1']:.2f} ({b['1']:.2f})",
+                  rng(f"decode_tok_s_{S}"), f"{rd[str(S)]:.2f} ({b[str(S)]:.2f})")
+    return t
 
 
 def main() -> None:
@@ -70,20 +187,18 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--model", default=None, help="HF model directory (default: the installed default model)")
     ap.add_argument("--tokens", type=int, default=2000, help="document length in tokens")
-    ap.add_argument("--new-tokens", type=int, default=64, help="decode steps timed")
-    ap.add_argument("--kept", type=float, default=0.25, help="kept fraction for the streaming policy")
-    ap.add_argument("--repeats", type=int, default=2, help="runs; the best of them is reported")
+    ap.add_argument("--kept", type=float, default=0.25, help="kept fraction of every compressing policy")
+    ap.add_argument("--steps", type=int, default=24, help="decode steps timed, one stream")
+    ap.add_argument("--batch-steps", type=int, default=6, help="decode steps timed, all streams together")
+    ap.add_argument("--streams", type=int, default=16, help="streams decoding together")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved runs; medians and ranges reported")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the figures of one worker thread)")
+    ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies (full is always run)")
     a = ap.parse_args()
-    res = run(a.model, a.tokens, a.new_tokens, a.kept, a.repeats)
-    t = Table(title=f"headwise engine bench: {res['prompt_tokens']} prompt tokens, {res['new_tokens']} decode steps, {res['threads']} threads")
-    t.add_column("figure"); t.add_column("value", justify="right")
-    t.add_row("prefill tokens/s (full)", f"{res['prefill_tok_s']:.1f}")
-    t.add_row("decode tokens/s, full cache", f"{res['decode_tok_s_full']:.2f}")
-    t.add_row(f"decode tokens/s, streaming kept {res['kept']}", f"{res['decode_tok_s_streaming']:.2f}")
-    t.add_row("decode tokens/s, transformers (reference)", f"{res['hf_decode_tok_s']:.2f}")
-    t.add_row("KV bytes, full", f"{res['kv_bytes_full']:,}")
-    t.add_row(f"KV bytes, streaming (realised {res['realised_streaming']:.3f})", f"{res['kv_bytes_streaming']:,}")
-    Console().print(t)
+    torch.set_num_threads(a.threads)
+    names = ["full", *[p for p in a.policies.split(",") if p and p != "full"]]
+    res = run(a.model, a.tokens, a.kept, a.repeats, a.steps, a.batch_steps, a.streams, names)
+    Console(width=200).print(table(res))
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=2))

@@ -1,14 +1,26 @@
-"""Ragged attention over a CompactCache layer.
+"""Ragged attention over CompactCache layers, one call per layer for every head and sequence.
 
-Each KV head attends over its own rows: the ragged kept rows (with their log-weights:
-a merged row standing for m tokens adds log m to its logit, RazorAttention Eq. 5), the
-dense decode tail, and, during prefill, the new segment's rows under a causal mask.
-Query head h uses KV head h // G (the repeat_kv convention).
+Each KV head attends over its own rows: the ragged kept rows (with their log-weights: a
+merged row standing for m tokens adds log m to its logit, RazorAttention Eq. 5), the dense
+decode tail, and, during prefill, the new segment's rows under a causal mask. Query head h
+uses KV head h // G (the repeat_kv convention).
+
+The rows are read through a `LayerView`, built once per cache change (not per step, not per
+head): every (sequence, KV head) of a layer is one slot row of a padded [B*Hkv, L, d] block
+(slots [0, cap) the decode tail, then the head's ragged rows, then padding), with an additive
+bias [B*Hkv, 1, L] that carries the log-weights and -inf on padding. Attention is then a
+batched matmul over (sequence, head) with the head's G queries as rows, a softmax and a
+second batched matmul: exact per head, no Python loop over heads or sequences, no host sync.
+On CUDA the same view maps to a varlen kernel ((sequence, head) as one sequence, the slot
+lengths as cu_seqlens). Measured alternatives (docs/engine.md): flat rows with a segment
+softmax (index_add_) were 4x slower on this CPU; a block-diagonal bias over the flat rows
+computes every logit Hkv times.
 
 PoD heads (`LayerCache.distant`) score their distant rows with the same head of their base
-layer: q_base . K_base[same token] (training-free score sharing, ALGORITHMS.md 4.2 [P]),
-in one softmax with their own keyed rows, over their own values. The base layer's
-queries of the current step come in a `BaseQueries`, which the runner fills layer by layer.
+layer: q_base . K_base[same token] (training-free score sharing, ALGORITHMS.md 4.2 [P]), in one
+softmax with their own keyed rows, over their own values. The view holds those base keys
+([B*Hkv, M, d]) and the slots their logits go to; the base layer's queries of the step come
+in a `BaseQueries`, which the runner fills layer by layer.
 """
 
 from __future__ import annotations
@@ -20,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from headwise.attention_reference import _distant_plan
 from headwise.cache.compact import LayerCache
 
 
@@ -63,188 +76,157 @@ class BaseQueries:
                 self.queries.pop(b, None)
 
 
-def _distant_plan(layer: LayerCache, h: int, base: LayerCache, b: int) -> tuple[Tensor, Tensor, Tensor | slice]:
-    """Head h of a PoD layer: its keyed rows [n_k], its distant rows [n_d] (indices within the
-    head), and where their tokens' keys are in base.keys (a slice when contiguous, else [n_d])."""
-    cache = layer.__dict__.setdefault("_distant_plans", {})
-    ident = (layer.distant, layer.head_offsets, base.positions, base.keys)
-    hit = cache.get(h)
-    if hit is not None and all(x is y for x, y in zip(hit[0], ident, strict=True)):
+@dataclass
+class LayerView:
+    """One layer of B caches laid out for attention (see the module docstring). BH = B * Hkv.
+
+    keys, values: [BH, L, d]; slot s of row bh: the tail for s < cap, ragged row s - cap of
+                  (sequence bh // Hkv, head bh % Hkv) for s < cap + lengths[bh], else padding.
+    bias:         [BH, 1, L] additive: log-weight of a held row, -inf on padding and unwritten tail.
+    merged:       [BH, L] bool slots of merged rows (recall candidates), or None when there are none.
+    PoD: dist_keys [BH, M, d] the base layers' keys of the distant rows (zeros as padding),
+    dist_slots [BH, 1, M] their slots here (padding: slot L - 1, always -inf), dist_base [BH]
+    the base layer of each row's head (-1: none) and bases the distinct ones.
+    """
+
+    keys: Tensor
+    values: Tensor
+    bias: Tensor
+    cap: int
+    lengths: Tensor  # [BH] int64 on the device: ragged rows of each (sequence, head)
+    merged: Tensor | None = None
+    dist_keys: Tensor | None = None
+    dist_slots: Tensor | None = None
+    dist_base: Tensor | None = None
+    bases: tuple[int, ...] = ()
+    num_heads: int = 0
+
+    @property
+    def num_slots(self) -> int:
+        return self.keys.shape[1]
+
+
+def build_view(layers: Sequence[LayerCache], cap: int, base_layers: Sequence[Sequence[LayerCache]] | None = None,
+               dtype: torch.dtype | None = None) -> LayerView:
+    """The view of one layer of B caches (`layers[b]`), with `cap` tail slots (the first tail_len
+    of them filled from each layer's tail). `base_layers[b]` are cache b's layers, needed when
+    a layer has distant (PoD) rows. Runs once per cache change: a Python loop over sequences
+    and copies here are paid once, not per step."""
+    lc0 = layers[0]
+    B, H, d = len(layers), lc0.num_heads, lc0.head_dim
+    dev, dt = lc0.values.device, dtype or lc0.values.dtype
+    lens = [lc.head_offsets[1:] - lc.head_offsets[:-1] for lc in layers]  # [H] each, on the device
+    pod = any(lc.distant is not None for lc in layers)
+    longest = max(int(n.max()) for n in lens) if H else 0
+    if B == 1 and cap == 0 and not pod and lc0.tail_len == 0 and bool((lens[0] == longest).all()):
+        # every head holds the same rows (full, streaming, ...): the flat rows are the view, no copy
+        v = lc0.values.view(H, longest, d)
+        return LayerView(lc0.keys.view(H, longest, d).to(dt), v.to(dt), lc0.log_weights.view(H, 1, longest).to(dt),
+                         0, lens[0], _merged(lc0, H, longest, 0), num_heads=H)
+    L = cap + longest + (1 if pod else 0)  # PoD: one spare slot that padding pairs point at
+    K = torch.zeros(B * H, L, d, dtype=dt, device=dev)
+    V = torch.zeros_like(K)
+    bias = torch.full((B * H, 1, L), float("-inf"), dtype=dt, device=dev)
+    merged = torch.zeros(B * H, L, dtype=torch.bool, device=dev)
+    for b, lc in enumerate(layers):
+        rows = slice(b * H, (b + 1) * H)
+        slots = _slots(lc, L, cap)  # [R] flat slot of every ragged row in [H * L]
+        keyed = slots if lc.distant is None else slots[~lc.distant]
+        K[rows].view(H * L, d).index_copy_(0, keyed, lc.keys.to(dt))
+        V[rows].view(H * L, d).index_copy_(0, slots, lc.values.to(dt))
+        bias[rows].view(H * L).index_copy_(0, slots, lc.log_weights.to(dt))
+        if lc.recall is not None and lc.recall.num_groups > 0:  # watched for recall only when originals exist
+            merged[rows].view(H * L).index_fill_(0, slots[lc.recall_ids >= 0], True)
+        T = lc.tail_len
+        if T:
+            if T > cap:
+                raise ValueError(f"a view of {cap} tail slots cannot hold a tail of {T} rows")
+            K[rows, :T] = lc.tail_keys[:, :T].to(dt)
+            V[rows, :T] = lc.tail_values[:, :T].to(dt)
+            bias[rows, :, :T] = 0
+    lengths = torch.cat(lens)
+    view = LayerView(K, V, bias, cap, lengths, merged if bool(merged.any()) else None, num_heads=H)
+    if pod:
+        _attach_distant(view, layers, base_layers, L, cap)
+    return view
+
+
+def _slots(lc: LayerCache, L: int, cap: int) -> Tensor:
+    """[R] slot (in the flattened [Hkv * L]) of every ragged row of lc: head * L + cap + row-in-head."""
+    off = lc.head_offsets
+    R = lc.values.shape[0]
+    head = torch.repeat_interleave(torch.arange(lc.num_heads, device=off.device), off[1:] - off[:-1], output_size=R)
+    r = torch.arange(R, device=off.device)
+    return head * L + cap + (r - off[head])
+
+
+def _merged(lc: LayerCache, H: int, n: int, cap: int) -> Tensor | None:
+    m = lc.recall_ids >= 0
+    return m.view(H, n) if lc.recall is not None and lc.recall.num_groups > 0 and bool(m.any()) else None
+
+
+def _attach_distant(view: LayerView, layers: Sequence[LayerCache], base_layers, L: int, cap: int) -> None:
+    """PoD: the base layers' keys of every distant row and the slots their logits go to."""
+    H, d = view.num_heads, view.keys.shape[-1]
+    B = len(layers)
+    plans: list[tuple[int, Tensor, Tensor, int]] = []  # (bh, slots here, base keys, base layer)
+    for b, lc in enumerate(layers):
+        for h in range(H):
+            if lc.head_distant(h) is None:
+                continue
+            if base_layers is None:
+                raise ValueError(f"head {h} scores its distant rows with layer {lc.distant_from[h]}; pass that layer's queries (BaseQueries)")
+            bl = lc.distant_from[h]
+            _, distant, rows = _distant_plan(lc, h, base_layers[b][bl], bl)
+            plans.append((b * H + h, cap + distant, base_layers[b][bl].keys[rows], bl))
+    M = max((p[1].numel() for p in plans), default=0)
+    dk = view.keys.new_zeros(B * H, M, d)
+    ds = torch.full((B * H, 1, M), L - 1, dtype=torch.long, device=view.keys.device)
+    base = torch.full((B * H,), -1, dtype=torch.long)
+    for bh, slots, keys, bl in plans:
+        dk[bh, : slots.numel()] = keys.to(dk.dtype)
+        ds[bh, 0, : slots.numel()] = slots
+        base[bh] = bl
+    view.dist_keys, view.dist_slots = dk, ds
+    view.bases = tuple(sorted({p[3] for p in plans}))
+    view.dist_base = base.to(view.keys.device)
+
+
+def _base_rows(view: LayerView, held: dict[int, Tensor], rows: Tensor | None = None) -> Tensor:
+    """The base layers' queries [BH, X, d] for the view's rows: each (sequence, head) row from its
+    own head's base layer (a loop over distinct base layers, not heads). `held[b]` is [BH, X, d]."""
+    missing = [b for b in view.bases if b not in held]
+    if missing:
+        raise ValueError(f"distant rows are scored with layer {missing[0]}; pass that layer's queries (BaseQueries)")
+    out = held[view.bases[0]]
+    for b in view.bases[1:]:
+        out = torch.where((view.dist_base == b)[:, None, None], held[b], out)
+    return out
+
+
+def _add_distant(logits: Tensor, view: LayerView, qb: Tensor, scaling: float) -> Tensor:
+    """Distant rows' logits: q_base . K_base added at their slots (their own key slot is zero)."""
+    ld = torch.bmm(qb, view.dist_keys.transpose(1, 2)).mul_(scaling)  # [BH, X, M]
+    return logits.scatter_add_(2, view.dist_slots.expand(-1, logits.shape[1], -1), ld)
+
+
+# ---- views cached on a layer -----------------------------------------------------------
+def _ident(lc: LayerCache, bases: Sequence[LayerCache] | None) -> tuple:
+    t = (lc.keys, lc.values, lc.head_offsets, lc.log_weights, lc.recall_ids, lc.distant, lc.tail_keys, lc.tail_len)
+    if lc.distant is not None and bases is not None:
+        t += tuple(x for b in lc.distant_from if b >= 0 for x in (bases[b].keys, bases[b].positions, bases[b].head_offsets))
+    return t
+
+
+def layer_view(lc: LayerCache, bases: Sequence[LayerCache] | None = None, dtype: torch.dtype | None = None) -> LayerView:
+    """The one-sequence view of lc (tail slots exactly its tail), cached on lc until it changes."""
+    ident = _ident(lc, bases) + (dtype,)
+    hit = lc.__dict__.get("_view")
+    if hit is not None and len(hit[0]) == len(ident) and all(x is y for x, y in zip(hit[0], ident, strict=True)):
         return hit[1]
-    dist = layer.head_distant(h)
-    if base.head_distant(h) is not None and bool(base.head_distant(h).any()):
-        raise ValueError(f"layer {b} is the base of head {h} but has distant rows itself")
-    a, e = int(layer.head_offsets[h]), int(layer.head_offsets[h + 1])
-    pos = layer.positions[a:e][dist]  # [n_d] tokens whose logits come from the base
-    ba, be = int(base.head_offsets[h]), int(base.head_offsets[h + 1])
-    order = base.positions[ba:be].argsort(stable=True)
-    held = base.positions[ba:be][order]
-    j = torch.searchsorted(held, pos).clamp_max(max(0, held.numel() - 1))
-    if held.numel() == 0 or not bool((held[j] == pos).all()):
-        missing = pos[held[j] != pos][:1].tolist() if held.numel() else pos[:1].tolist()
-        raise ValueError(f"head {h}: base layer {b} holds no row for distant token at position {missing}")
-    rows = order[j] + int(base.key_offsets()[h])
-    n = rows.numel()
-    if n and int(rows[-1]) - int(rows[0]) == n - 1 and bool((rows.diff() == 1).all()):
-        rows = slice(int(rows[0]), int(rows[0]) + n)  # the usual PoD segment: a view, no gather
-    plan = ((~dist).nonzero().flatten(), dist.nonzero().flatten(), rows)
-    cache[h] = (ident, plan)
-    return plan
-
-
-def _pod_logits(qh: Tensor, k_h: Tensor, layer: LayerCache, h: int, scaling: float, base: BaseQueries | None,
-                q_rows: slice = slice(None)) -> Tensor:
-    """Logits [G, S, n_h] of head h's query rows qh [G, S, d] over its ragged rows (no log-weights):
-    its own keys k_h (`layer.head(h)[0]`) for keyed rows, the base layer's query and keys for distant rows.
-    `q_rows`: which of the step's query rows qh holds (the base layer's queries are taken alike)."""
-    b = layer.distant_from[h]
-    if base is None or b not in base.queries:
-        raise ValueError(f"head {h} scores its distant rows with layer {b}; pass that layer's queries (BaseQueries)")
-    keyed, distant, rows = _distant_plan(layer, h, base.layers[b], b)
-    G = qh.shape[0]
-    qb = base.queries[b][h * G : (h + 1) * G, q_rows]  # [G, S, d] the base layer's queries, same step and rows
-    out = qh.new_empty(G, qh.shape[1], keyed.numel() + distant.numel())
-    out[..., keyed] = (qh @ k_h.to(qh.dtype).T) * scaling
-    out[..., distant] = (qb.to(qh.dtype) @ base.layers[b].keys[rows].to(qh.dtype).T) * scaling
-    return out
-
-
-def _has_weights(layer: LayerCache) -> bool:
-    flag = getattr(layer, "_has_weights", None)
-    if flag is None or flag[0] is not layer.log_weights:
-        flag = (layer.log_weights, bool((layer.log_weights != 0).any()))
-        layer._has_weights = flag  # cached: the check is a device sync
-    return flag[1]
-
-
-def ragged_prefill_attention(
-    q: Tensor, layer: LayerCache | None, new_keys: Tensor, new_values: Tensor, scaling: float,
-    base: BaseQueries | None = None,
-) -> Tensor:
-    """Attention of a new segment over the cached rows and, causally, over itself.
-
-    q: [Hq, S, d]; new_keys/new_values: [Hkv, S, d]; returns [Hq, S, d]. `base` is needed
-    when the layer has PoD (distant) rows.
-    """
-    Hq, S, d = q.shape
-    Hkv = new_keys.shape[0]
-    G = Hq // Hkv
-    if layer is None or layer.num_rows == 0:
-        # The plain causal path: bit-compatible with transformers' sdpa attention.
-        k = new_keys.repeat_interleave(G, 0)
-        v = new_values.repeat_interleave(G, 0)
-        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scaling)[0]
-    causal = torch.full((S, S), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # [S, S]
-    tail = layer.tail()
-    out = q.new_empty(Hq, S, d)
-    for h in range(Hkv):
-        if layer.head_distant(h) is not None:
-            out[h * G : (h + 1) * G] = _pod_prefill_head(q[h * G : (h + 1) * G], layer, h, new_keys[h], new_values[h],
-                                                         causal, scaling, base)
-            continue
-        k_h, v_h, lw_h = layer.head(h)
-        ks, vs, bias = [k_h], [v_h], [lw_h.to(q.dtype)[None].expand(S, -1)]
-        if tail is not None:
-            ks.append(tail[0][h]); vs.append(tail[1][h])
-            bias.append(q.new_zeros(S, tail[0].shape[1]))
-        ks.append(new_keys[h]); vs.append(new_values[h]); bias.append(causal)
-        K, V, B = torch.cat(ks), torch.cat(vs), torch.cat(bias, dim=1)  # [n, d], [n, d], [S, n]
-        qh = q[h * G : (h + 1) * G]  # [G, S, d]
-        out[h * G : (h + 1) * G] = F.scaled_dot_product_attention(
-            qh[None], K[None, None].expand(1, G, -1, -1), V[None, None].expand(1, G, -1, -1),
-            attn_mask=B[None, None], scale=scaling,
-        )[0]
-    return out
-
-
-def _pod_prefill_head(qh: Tensor, layer: LayerCache, h: int, new_k: Tensor, new_v: Tensor, causal: Tensor,
-                     scaling: float, base: BaseQueries | None) -> Tensor:
-    """One PoD head: qh [G, S, d] over its ragged rows, the tail and, causally, new_k/new_v [S, d]."""
-    k_h, v_h, lw_h = layer.head(h)
-    logits = [_pod_logits(qh, k_h, layer, h, scaling, base) + lw_h.to(qh.dtype)]  # [G, S, n_h]
-    vs = [v_h]
-    tail = layer.tail()
-    if tail is not None:
-        logits.append((qh @ tail[0][h].T) * scaling); vs.append(tail[1][h])
-    logits.append((qh @ new_k.T) * scaling + causal); vs.append(new_v)
-    return torch.softmax(torch.cat(logits, -1), -1) @ torch.cat(vs)
-
-
-def ragged_decode_attention(
-    q: Tensor, layer: LayerCache, scaling: float, recall_threshold: float | None = None,
-    base: BaseQueries | None = None,
-) -> tuple[Tensor, list[MergedShare]]:
-    """One decode step: q [Hq, 1, d] over every row of the layer (new token already appended).
-
-    Returns the output [Hq, 1, d] and the merged rows whose attention share in their head
-    exceeded `recall_threshold` (empty when the threshold is None or no row is merged).
-    Logits of the ragged part and the tail are computed separately and joined, so no
-    per-step copy of the cache is made. `base` is needed when the layer has PoD (distant) rows.
-    """
-    Hq, _, d = q.shape
-    Hkv = layer.num_heads
-    G = Hq // Hkv
-    tail = layer.tail()
-    weighted = _has_weights(layer)
-    watch = recall_threshold is not None and layer.recall is not None and layer.recall.num_groups > 0
-    if not watch and _uniform(layer):
-        return _uniform_decode(q, layer, scaling, weighted, tail), []
-    out = q.new_empty(Hq, 1, d)
-    hits: list[MergedShare] = []
-    for h in range(Hkv):
-        k_h, v_h, lw_h = layer.head(h)
-        qh = q[h * G : (h + 1) * G, 0]  # [G, d]
-        if layer.head_distant(h) is None:
-            logits = (qh @ k_h.T) * scaling  # [G, n_h]
-        else:
-            logits = _pod_logits(q[h * G : (h + 1) * G], k_h, layer, h, scaling, base)[:, 0]
-        if weighted:
-            logits = logits + lw_h.to(q.dtype)
-        if tail is not None:
-            logits = torch.cat([logits, (qh @ tail[0][h].T) * scaling], dim=1)  # [G, n_h + T]
-        p = torch.softmax(logits, dim=-1)
-        n_h = v_h.shape[0]
-        o = p[:, :n_h] @ v_h
-        if tail is not None:
-            o = o + p[:, n_h:] @ tail[1][h]
-        out[h * G : (h + 1) * G, 0] = o
-        if watch:
-            a = int(layer.head_offsets[h])
-            merged = (layer.recall_ids[a : a + n_h] >= 0).nonzero().flatten()
-            if merged.numel():
-                share = p[:, merged].amax(0)
-                for i in (share > recall_threshold).nonzero().flatten().tolist():
-                    hits.append(MergedShare(h, int(merged[i]), float(share[i])))
-    return out, hits
-
-
-def _uniform(layer: LayerCache) -> bool:
-    """Every head holds the same number of rows, all keyed: the flat rows are then a [Hkv, n, d] view."""
-    flag = getattr(layer, "_uniform", None)
-    if flag is None or flag[0] is not layer.head_offsets:
-        lens = layer.head_lengths()
-        flag = (layer.head_offsets, bool((lens == lens[0]).all()) and layer.distant is None)
-        layer._uniform = flag
-    return flag[1]
-
-
-def _uniform_decode(q: Tensor, layer: LayerCache, scaling: float, weighted: bool, tail) -> Tensor:
-    """Batched over heads when the ragged rows happen to be rectangular (full, streaming, ...)."""
-    Hq, _, d = q.shape
-    Hkv = layer.num_heads
-    n = layer.keys.shape[0] // Hkv
-    qg = q.view(Hkv, Hq // Hkv, d)  # [Hkv, G, d]
-    k, v = layer.keys.view(Hkv, n, d), layer.values.view(Hkv, n, d)
-    logits = torch.bmm(qg, k.transpose(1, 2)) * scaling  # [Hkv, G, n]
-    if weighted:
-        logits = logits + layer.log_weights.view(Hkv, 1, n).to(q.dtype)
-    if tail is not None:
-        logits = torch.cat([logits, torch.bmm(qg, tail[0].transpose(1, 2)) * scaling], dim=2)
-    p = torch.softmax(logits, dim=-1)
-    o = torch.bmm(p[..., :n], v)
-    if tail is not None:
-        o = o + torch.bmm(p[..., n:], tail[1])
-    return o.reshape(Hq, 1, d)
+    view = build_view([lc], lc.tail_len, [bases] if bases is not None else None, dtype)
+    lc._view = (ident, view)
+    return view
 
 
 def column_sums(q: Tensor, k: Tensor, scaling: float, chunk: int = 512) -> Tensor:
@@ -286,61 +268,217 @@ def window_probs(window_queries: Tensor, keys: Tensor, scaling: float, gain: Ten
     return torch.softmax(logits, -1)
 
 
-SCORE_BLOCK_FLOATS = 1 << 19  # logits per query block of prefill_attention_scores (2 MiB of fp32)
+# ---- prefill -----------------------------------------------------------------------------
+SCORE_BLOCK_FLOATS = 1 << 21  # logits per query block of view_prefill (8 MiB of fp32, all heads)
+
+
+def view_prefill(
+    q: Tensor, view: LayerView, new_keys: Tensor, new_values: Tensor, scaling: float, scored: int = 0, query_from: int = 0,
+    base_q: dict[int, Tensor] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """A new segment over a one-sequence view and, causally, over itself.
+
+    q: [Hq, C, d]; new_keys/new_values: [Hkv, C, d]; base_q: base layer -> its queries [Hq, C, d]
+    (PoD views). Returns the output [Hq, C, d] and, when `scored`, scores [Hkv, scored] fp32: for
+    each of the last `scored` ragged rows of a head, the largest softmax probability any query row
+    >= query_from of the head's group gave it (KVzip's reconstruction score).
+
+    Query rows go in blocks whose logits stay cache-sized (SCORE_BLOCK_FLOATS); each block's
+    logits over the view and over the new rows are exponentiated, normalised, multiplied and
+    reduced in place, and a block sees only the new keys its causal mask lets through.
+    """
+    Hq, C, d = q.shape
+    H = new_keys.shape[0]
+    G = Hq // H
+    L = view.num_slots
+    causal = torch.full((C, C), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    out = q.new_empty(Hq, C, d)
+    scores = torch.zeros(H, L, dtype=q.dtype, device=q.device) if scored else None
+    step = max(16, SCORE_BLOCK_FLOATS // (Hq * (L + C)))
+    held = {b: x.reshape(H, G, C, d) for b, x in (base_q or {}).items()} if view.dist_keys is not None else None
+    for a in range(0, C, step):
+        b = min(C, a + step)
+        r = b - a
+        qb = q[:, a:b].reshape(H, G * r, d)  # [H, G*r, d]
+        pc = torch.baddbmm(view.bias, qb, view.keys.transpose(1, 2), alpha=scaling)  # [H, G*r, L]
+        if held is not None:
+            _add_distant(pc, view, _base_rows(view, {k: v[:, :, a:b].reshape(H, G * r, d) for k, v in held.items()}), scaling)
+        pn = torch.bmm(qb, new_keys[:, :b].transpose(1, 2)).mul_(scaling)  # [H, G*r, b]
+        pn.view(H, G, r, b).add_(causal[a:b, :b])
+        m = torch.maximum(pc.amax(-1, keepdim=True), pn.amax(-1, keepdim=True))
+        pc.sub_(m).exp_()
+        pn.sub_(m).exp_()
+        z = pc.sum(-1, keepdim=True).add_(pn.sum(-1, keepdim=True))
+        pc.div_(z)
+        pn.div_(z)
+        o = torch.bmm(pc, view.values).add_(torch.bmm(pn, new_values[:, :b]))  # [H, G*r, d]
+        out[:, a:b] = o.view(Hq, r, d)
+        if scores is not None and b > query_from:
+            # one dim at a time: over (1, 2) at once torch takes a slow generic path (~40x here)
+            got = pc.view(H, G, r, L)[:, :, max(a, query_from) - a :].amax(dim=2).amax(dim=1)  # [H, L]
+            torch.maximum(scores, got, out=scores)
+    if scores is None:
+        return out, None
+    # the last `scored` ragged rows of each head: slots cap + n_h - scored ... cap + n_h
+    idx = view.cap + view.lengths[:, None] - scored + torch.arange(scored, device=q.device)  # [H, scored]
+    return out, scores.gather(1, idx).float()
+
+
+def ragged_prefill_attention(
+    q: Tensor, layer: LayerCache | None, new_keys: Tensor, new_values: Tensor, scaling: float,
+    base: BaseQueries | None = None,
+) -> Tensor:
+    """Attention of a new segment over the cached rows and, causally, over itself.
+
+    q: [Hq, S, d]; new_keys/new_values: [Hkv, S, d]; returns [Hq, S, d]. `base` is needed
+    when the layer has PoD (distant) rows.
+    """
+    if layer is None or layer.num_rows == 0:
+        # The plain causal path: bit-compatible with transformers' sdpa attention.
+        G = q.shape[0] // new_keys.shape[0]
+        k = new_keys.repeat_interleave(G, 0)
+        v = new_values.repeat_interleave(G, 0)
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scaling)[0]
+    view = layer_view(layer, base.layers if base is not None else None, q.dtype)
+    return view_prefill(q, view, new_keys, new_values, scaling, base_q=base.queries if base is not None else None)[0]
 
 
 def prefill_attention_scores(
     q: Tensor, layer: LayerCache, new_keys: Tensor, new_values: Tensor, scaling: float, scored: int, query_from: int = 0,
     base: BaseQueries | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """ragged_prefill_attention, plus what each of the last `scored` rows of every head received.
-
-    q: [Hq, C, d]; new_keys/new_values: [Hkv, C, d]; the layer must have no decode tail.
-    Returns the output [Hq, C, d] and scores [Hkv, scored] fp32: for each of the last `scored`
-    ragged rows of a head, the largest softmax probability any query row >= query_from of the
-    head's group gave it (KVzip's reconstruction score).
-    """
-    Hq, C, d = q.shape
-    Hkv = new_keys.shape[0]
-    G = Hq // Hkv
+    """ragged_prefill_attention, plus what each of the last `scored` rows of every head received
+    (see `view_prefill`); the layer must have no decode tail. Scores are [Hkv, scored] fp32."""
     if layer.tail_len:
         raise ValueError("prefill_attention_scores needs a compacted layer (no decode tail)")
-    causal = torch.full((C, C), float("-inf"), dtype=torch.float32, device=q.device).triu_(1)
-    out = q.new_empty(Hq, C, d)
-    scores = torch.zeros(Hkv, scored, dtype=torch.float32, device=q.device)
-    weighted = _has_weights(layer)
-    # One softmax over [cached rows ; new rows], computed in two blocks in place: no concatenated
-    # keys, values or bias (at 2,000 cached rows those copies cost more than the products). Query
-    # rows go in blocks whose logits stay cache-sized (SCORE_BLOCK_FLOATS): each block's logits are
-    # written, exponentiated, normalised, multiplied and reduced while still in cache (~25% less
-    # time per layer at 2,000 rows than one [G, C, n] pass per head), and a block sees only the new keys
-    # its causal mask lets through.
-    for h in range(Hkv):
-        k_h, v_h, lw_h = layer.head(h)
-        n_h = v_h.shape[0]
-        k_f, v_f = k_h.float(), v_h.float()
-        lw_f = lw_h.float() if weighted else None
-        distant = layer.head_distant(h) is not None
-        step = max(16, SCORE_BLOCK_FLOATS // (G * (n_h + C)))
-        for a in range(0, C, step):
-            b = min(C, a + step)
-            qh = q[h * G : (h + 1) * G, a:b].float()  # [G, rows, d]
-            if distant:
-                pc = _pod_logits(qh, k_h, layer, h, scaling, base, slice(a, b))
-            else:
-                pc = (qh @ k_f.T).mul_(scaling)  # [G, rows, n_h]
-            if lw_f is not None:
-                pc += lw_f
-            pn = (qh @ new_keys[h, :b].float().T).mul_(scaling).add_(causal[a:b, :b])  # [G, rows, b]
-            m = torch.maximum(pc.amax(-1, keepdim=True), pn.amax(-1, keepdim=True))
-            pc.sub_(m).exp_()
-            pn.sub_(m).exp_()
-            z = pc.sum(-1, keepdim=True).add_(pn.sum(-1, keepdim=True))
-            pc.div_(z)
-            pn.div_(z)
-            out[h * G : (h + 1) * G, a:b] = (pc @ v_f).add_(pn @ new_values[h, :b].float()).to(q.dtype)
-            if b > query_from:
-                # one dim at a time: over (0, 1) at once torch takes a slow generic path (~40x here)
-                got = pc[:, max(a, query_from) - a :, n_h - scored : n_h].amax(dim=1).amax(dim=0)
-                torch.maximum(scores[h], got, out=scores[h])
-    return out, scores
+    view = layer_view(layer, base.layers if base is not None else None, q.dtype)
+    return view_prefill(q, view, new_keys, new_values, scaling, scored, query_from,
+                        base.queries if base is not None else None)
+
+
+# ---- decode ------------------------------------------------------------------------------
+def view_decode(q: Tensor, view: LayerView, scaling: float, base_q: Tensor | None = None,
+                thresholds: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """One decode step of B sequences: q [BH, G, d] (sequence-major, then KV head, then group),
+    base_q the base layers' queries in the same layout (PoD views). Returns the output
+    [BH, G, d] and, when `thresholds` [BH, 1] is given and the view has merged rows, the
+    (row bh, slot, share) of every merged slot whose share passed its row's threshold
+    (one device sync per layer, only then)."""
+    logits = torch.baddbmm(view.bias, q, view.keys.transpose(1, 2), alpha=scaling)  # [BH, G, L]
+    if view.dist_keys is not None:
+        _add_distant(logits, view, base_q, scaling)
+    p = torch.softmax(logits, dim=-1)
+    out = torch.bmm(p, view.values)
+    if thresholds is None or view.merged is None:
+        return out, None
+    share = p.amax(1)  # [BH, L]: max over the head's query heads
+    hit = ((share > thresholds) & view.merged).nonzero()  # [k, 2] (bh, slot)
+    return out, (hit, share[hit[:, 0], hit[:, 1]])
+
+
+def shares(hits: tuple[Tensor, Tensor] | None, view: LayerView) -> list[tuple[int, MergedShare]]:
+    """(sequence, MergedShare) of every hit of view_decode (host side)."""
+    if hits is None or not hits[0].numel():
+        return []
+    H = view.num_heads
+    return [(bh // H, MergedShare(bh % H, s - view.cap, x)) for (bh, s), x in zip(hits[0].tolist(), hits[1].tolist(), strict=True)]
+
+
+def ragged_decode_attention(
+    q: Tensor, layer: LayerCache, scaling: float, recall_threshold: float | None = None,
+    base: BaseQueries | None = None,
+) -> tuple[Tensor, list[MergedShare]]:
+    """One decode step of one sequence: q [Hq, 1, d] over every row of the layer (new token
+    already appended). Returns the output [Hq, 1, d] and the merged rows whose attention share
+    in their head exceeded `recall_threshold`. `base` is needed when the layer has PoD rows.
+    (The runner keeps its views across steps: `DecodeViews`; this builds one per call.)"""
+    Hq, _, d = q.shape
+    H = layer.num_heads
+    view = layer_view(layer, base.layers if base is not None else None, q.dtype)
+    bq = None
+    if view.dist_keys is not None:
+        bq = _base_rows(view, {b: x.reshape(H, Hq // H, d) for b, x in (base.queries if base else {}).items()})
+    thr = None if recall_threshold is None else torch.full((H, 1), recall_threshold, dtype=q.dtype, device=q.device)
+    out, hits = view_decode(q.reshape(H, Hq // H, d), view, scaling, bq, thr)
+    return out.reshape(Hq, 1, d), [s for _, s in shares(hits, view)]
+
+
+class DecodeViews:
+    """The views of B caches being decoded together, kept across steps.
+
+    Built when the set of caches changes, a layer changes (recall), or a tail outgrows its
+    slots (capacity doubles); each step then writes the new token into slot tail_len of every
+    (sequence, head) with one indexed write per layer. The caches' tails become views of the
+    arena (`LayerCache.tail_keys` etc.), so `compacted()`, recall and storage see the same rows.
+    The ragged rows are copied into the padded block: decode holds them twice while a view lives.
+    """
+
+    def __init__(self, caches: Sequence, cap: int):
+        self.caches = list(caches)
+        self.cap = cap
+        B = len(caches)
+        lc0 = caches[0].layers[0]
+        self.H = lc0.num_heads
+        dev = lc0.values.device
+        self.positions = torch.zeros(B, cap, dtype=torch.long, device=dev)
+        self.views: list[LayerView] = []
+        self.layers: list[list[LayerCache]] = []
+        self.last_use: dict[int, int] = {}  # PoD: base layer -> the last layer that needs its queries
+        for c in caches:
+            for b, last in c.shared_bases().items():
+                self.last_use[b] = max(self.last_use.get(b, -1), last)
+        for i in range(caches[0].num_layers):
+            self._build(i)
+        self.tails = [c.layers[0].tail_len for c in caches]
+
+    def _build(self, i: int) -> None:
+        lcs = [c.layers[i] for c in self.caches]
+        for b, lc in enumerate(lcs):
+            if lc.tail_len:
+                self.positions[b, : lc.tail_len] = lc.tail_positions[: lc.tail_len]
+        view = build_view(lcs, self.cap, [c.layers for c in self.caches])
+        H = self.H
+        for b, lc in enumerate(lcs):  # the tails now live in the view
+            lc.tail_keys, lc.tail_values = view.keys[b * H : (b + 1) * H, : self.cap], view.values[b * H : (b + 1) * H, : self.cap]
+            lc.tail_positions = self.positions[b]
+        if i < len(self.views):
+            self.views[i], self.layers[i] = view, lcs
+        else:
+            self.views.append(view)
+            self.layers.append(lcs)
+
+    def fits(self, caches: Sequence) -> bool:
+        """The same caches, in the same order, untouched since the last step, with a free slot."""
+        if len(caches) != len(self.caches) or any(a is not b for a, b in zip(caches, self.caches, strict=True)):
+            return False
+        return all(c.layers[0].tail_len == t and t < self.cap for c, t in zip(caches, self.tails, strict=True))
+
+    def refresh(self) -> None:
+        """Rebuild the views of layers replaced since the last step (recall swaps a layer object)."""
+        for i, lcs in enumerate(self.layers):
+            if any(c.layers[i] is not lc or lc.tail_keys is None or lc.tail_keys._base is not self.views[i].keys
+                   for c, lc in zip(self.caches, lcs, strict=True)):
+                self._build(i)
+
+    def step_index(self) -> tuple[Tensor, Tensor]:
+        """(row bh, slot) of this step's token for every (sequence, head): [BH] each."""
+        dev = self.positions.device
+        t = torch.tensor(self.tails, dtype=torch.long, device=dev)
+        return torch.arange(len(self.caches) * self.H, device=dev), t.repeat_interleave(self.H)
+
+    def write(self, i: int, idx: tuple[Tensor, Tensor], k: Tensor, v: Tensor) -> LayerView:
+        """Put this step's keys/values [BH, d] of layer i into their slots; returns the view."""
+        view = self.views[i]
+        view.keys.index_put_(idx, k)
+        view.values.index_put_(idx, v)
+        view.bias[idx[0], 0, idx[1]] = 0
+        return view
+
+    def advance(self, pos: Tensor) -> None:
+        """After the step: positions [B] recorded, every layer's tail one longer."""
+        B = len(self.caches)
+        self.positions[torch.arange(B, device=pos.device), torch.tensor(self.tails, device=pos.device)] = pos
+        for b, c in enumerate(self.caches):
+            for lc in c.layers:
+                lc.tail_len += 1
+            self.tails[b] += 1

@@ -18,11 +18,14 @@ from torch import Tensor
 
 from headwise.attention import (
     BaseQueries,
+    DecodeViews,
     MergedShare,
+    _base_rows,
     column_sums,
     prefill_attention_scores,
-    ragged_decode_attention,
     ragged_prefill_attention,
+    shares,
+    view_decode,
 )
 from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
@@ -73,6 +76,7 @@ class ModelRunner:
         if tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = frozenset(e for e in eos if e is not None)
+        self._views: DecodeViews | None = None  # decode views of the last decode_batch's caches
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -117,6 +121,27 @@ class ModelRunner:
     def _logits(self, h_last: Tensor) -> Tensor:
         return self.model.lm_head(self._inner.norm(h_last)).float().reshape(-1)
 
+    Attend = Callable[[int, float, Tensor, Tensor, Tensor, Tensor], Tensor]
+
+    def _embed(self, ids: Tensor, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ids, pos [S] -> hidden [1, S, D] and RoPE cos/sin for those positions."""
+        h = self._inner.embed_tokens(ids)[None]
+        cos, sin = self._inner.rotary_emb(h, pos[None])
+        return h, cos, sin
+
+    def _layers(self, h: Tensor, cos: Tensor, sin: Tensor, attend: Attend, finish_last: bool = True) -> Tensor:
+        """The one layer loop: norm, QKV + RoPE, `attend(i, scaling, x, q, k, v) -> [Hq, S, d]`, then
+        o_proj and MLP. x is the normed input [1, S, D]; q [Hq, S, d], k, v [Hkv, S, d]. Every
+        forward (prefill, KVzip's scoring pass, decode) differs only in `attend`."""
+        n = len(self._inner.layers)
+        for i, layer in enumerate(self._inner.layers):
+            x = layer.input_layernorm(h)
+            q, k, v = self._qkv(layer, x, cos, sin)
+            o = attend(i, layer.self_attn.scaling, x, q, k, v)
+            if finish_last or i + 1 < n:
+                h = self._finish_layer(layer, h, o)
+        return h
+
     # ---- prefill ------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, token_ids: Sequence[int], cache: CompactCache | None = None, capture: Capture = Capture()) -> PrefillOutput:
@@ -125,25 +150,24 @@ class ModelRunner:
         ids = self.check_tokens(token_ids, start)
         S = ids.numel()
         pos = torch.arange(start, start + S, device=self.device)
-        h = self._inner.embed_tokens(ids)[None]  # [1, S, D]
-        cos, sin = self._inner.rotary_emb(h, pos[None])
+        h, cos, sin = self._embed(ids, pos)
         states: list[LayerState] = []
         shared = BaseQueries.for_cache(cache)  # PoD: base layers' queries for later layers
-        for i, layer in enumerate(self._inner.layers):
-            x = layer.input_layernorm(h)
-            q, k, v = self._qkv(layer, x, cos, sin)
-            scaling = layer.self_attn.scaling
+        W = min(capture.window, S)
+
+        def attend(i: int, scaling: float, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             shared.hold(i, q)
             o = ragged_prefill_attention(q, cache.layers[i] if cache is not None else None, k, v, scaling, shared)
             shared.release(i)
-            h = self._finish_layer(layer, h, o)
-            W = min(capture.window, S)
             states.append(LayerState(
                 layer=i, keys=k, values=v, positions=pos, scaling=scaling,
                 window_queries=q[:, S - W :].clone() if W else None,
                 column_sums=column_sums(q, k, scaling) if capture.column_sums else None,
                 hidden=x[0] if capture.hidden else None,
             ))
+            return o
+
+        h = self._layers(h, cos, sin, attend)
         if capture.reconstruction:
             for state, score in zip(states, self._reconstruction_scores(ids.tolist(), cache, states, start), strict=True):
                 state.reconstruction = score
@@ -184,18 +208,17 @@ class ModelRunner:
         scores = [torch.zeros(self.num_kv_heads, S, dtype=torch.float32, device=self.device) for _ in states]
         for a in range(0, S, chunk):
             ids = torch.tensor(prefix + token_ids[a : a + chunk], dtype=torch.long, device=self.device)
-            pos = torch.arange(start + S, start + S + ids.numel(), device=self.device)
-            h = self._inner.embed_tokens(ids)[None]
-            cos, sin = self._inner.rotary_emb(h, pos[None])
+            h, cos, sin = self._embed(ids, torch.arange(start + S, start + S + ids.numel(), device=self.device))
             shared = BaseQueries.for_cache(full)
-            for i, layer in enumerate(self._inner.layers):
-                q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)
+
+            def attend(i: int, scaling: float, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                 shared.hold(i, q)
-                o, sc = prefill_attention_scores(q, full.layers[i], k, v, layer.self_attn.scaling, S, len(prefix), base=shared)
+                o, sc = prefill_attention_scores(q, full.layers[i], k, v, scaling, S, len(prefix), base=shared)
                 shared.release(i)
                 torch.maximum(scores[i], sc, out=scores[i])
-                if i + 1 < len(self._inner.layers):
-                    h = self._finish_layer(layer, h, o)
+                return o
+
+            self._layers(h, cos, sin, attend, finish_last=False)  # the last layer's output is never read
         return scores
 
     def context(self, policy: Policy | None = None) -> CompressContext:
@@ -248,8 +271,9 @@ class ModelRunner:
 
         Equal to B `decode_step` calls (each cache grows by its token), but the projections and
         MLPs run once over the B tokens, laid out as one sequence of B rows with their own
-        positions: those are row-wise, so rows do not mix; attention runs per sequence over its
-        own ragged cache. On a CPU the weights are read once per step instead of B times.
+        positions: those are row-wise, so rows do not mix. Attention is one call per layer for
+        all B sequences and heads, over the `DecodeViews` of the caches (kept across steps while
+        the same caches come back). On a CPU the weights are read once per step instead of B times.
         """
         B = len(tokens)
         if B != len(caches) or B == 0:
@@ -263,26 +287,47 @@ class ModelRunner:
                 raise InvalidInput(f"sequence of {c.seq_len + 1} tokens exceeds the model's context of {self.max_positions} tokens")
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         pos = torch.tensor([c.seq_len for c in caches], dtype=torch.long, device=self.device)
-        h = self._inner.embed_tokens(ids)[None]  # [1, B, D]: B rows, each its own sequence
-        cos, sin = self._inner.rotary_emb(h, pos[None])
-        shared = [BaseQueries.for_cache(c) for c in caches]
-        for i, layer in enumerate(self._inner.layers):
-            q, k, v = self._qkv(layer, layer.input_layernorm(h), cos, sin)  # [H, B, d]
-            outs = []
-            for b, cache in enumerate(caches):
-                lc: LayerCache = cache.layers[i]
-                lc.append(k[:, b : b + 1], v[:, b : b + 1], pos[b : b + 1])
-                qb = q[:, b : b + 1]
-                shared[b].hold(i, qb)
-                o, hits = ragged_decode_attention(qb, lc, layer.self_attn.scaling, thresholds[b], shared[b])
-                shared[b].release(i)
-                if hits and stats[b] is not None:
-                    stats[b].recalls.extend((i, s) for s in hits)
-                outs.append(o)
-            h = self._finish_layer(layer, h, outs[0] if B == 1 else torch.cat(outs, dim=1))
+        h, cos, sin = self._embed(ids, pos)  # [1, B, D]: B rows, each its own sequence
+        views = self._decode_views(caches)
+        idx = views.step_index()
+        H, G, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        thr = None
+        if any(t is not None for t in thresholds):
+            t = torch.tensor([float("inf") if x is None else x for x in thresholds], dtype=self.dtype, device=self.device)
+            thr = t.repeat_interleave(H)[:, None]  # [BH, 1]
+        held: dict[int, Tensor] = {}  # PoD: base layer -> its queries [BH, G, d] of this step
+
+        def attend(i: int, scaling: float, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            # q [Hq, B, d] -> [B*Hkv, G, d]: sequence-major, then KV head, then the head's group
+            qb = q.transpose(0, 1).reshape(B * H, G, d)
+            view = views.write(i, idx, k.transpose(0, 1).reshape(B * H, d), v.transpose(0, 1).reshape(B * H, d))
+            if i in views.last_use:
+                held[i] = qb
+            o, hits = view_decode(qb, view, scaling, _base_rows(view, held) if view.dist_keys is not None else None, thr)
+            for b in [b for b, last in views.last_use.items() if last == i]:
+                held.pop(b, None)
+            for b, share in shares(hits, view):
+                if stats[b] is not None:
+                    stats[b].recalls.append((i, share))
+            return o.view(B, H * G, d).transpose(0, 1)  # [Hq, B, d]
+
+        h = self._layers(h, cos, sin, attend)
+        views.advance(pos)
         for c in caches:
             c.advance(1)
         return self.model.lm_head(self._inner.norm(h[0])).float()  # [B, V]
+
+    def _decode_views(self, caches: Sequence[CompactCache]) -> DecodeViews:
+        """The decode views of these caches: kept from the last step when the same caches come
+        back (layers replaced by recall rebuilt alone), else built anew with room for the tails."""
+        views = self._views
+        if views is not None and views.fits(caches):
+            views.refresh()
+            return views
+        self._views = None  # the old views' memory goes before the new ones are built
+        cap = max(64, 2 * (max(c.layers[0].tail_len for c in caches) + 1))
+        self._views = DecodeViews(caches, cap)
+        return self._views
 
     def generate(
         self, cache: CompactCache, logits: Tensor, params: SamplingParams = SamplingParams(),

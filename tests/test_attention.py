@@ -1,0 +1,203 @@
+"""The vectorised attention (one call per layer) equals the per-head reference, for every policy.
+
+The oracle is `headwise.attention_reference` (one Python iteration per KV head, the code the
+engine ran before the views). Compared in fp32 within 1e-5: a segment prefilled on a cache
+(with and without a decode tail), KVzip's scoring pass, one decode step per layer with the
+recall watch, and whole-model decode of B = 1 and B = 5 ragged sequences of different lengths
+and policies (merged rows, PoD rows), across the views' capacity growth and a recall swap.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise import attention, attention_reference as ref
+from headwise.attention import BaseQueries
+from headwise.cache.compact import CompactCache, LayerCache
+from headwise.models.runner import DecodeStats
+from headwise.policies import get_policy
+from headwise.policies.base import CompressContext
+
+POLICIES = ["full", "streaming", "snapkv", "adakv", "razor", "taskkv", "ems", "ahakv", "kvzip", "pod"]
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def runner():
+    """3 layers, 6 query heads over 3 KV heads (GQA like the default model), seconds on CPU."""
+    from headwise.models import ModelRunner
+    from tests.fixtures.models import tiny_llama
+
+    return ModelRunner(tiny_llama(layers=3, heads=6, kv_heads=3, hidden=96, seed=1), None, name="tiny-gqa")
+
+
+@pytest.fixture(scope="module")
+def ctx(runner):
+    from headwise.profiles import compute_profile
+
+    return CompressContext(num_layers=runner.num_layers, model_id=runner.name, profile=compute_profile(runner, segment=64))
+
+
+def _ids(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _cache(runner, ctx, name: str, n: int, seed: int) -> CompactCache:
+    policy = get_policy(name, kept=0.3)
+    return runner.prefill_segment(_ids(n, seed), policy=policy, ctx=ctx).cache
+
+
+def _rand(*shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _queries(runner, cache, S: int, seed: int) -> BaseQueries:
+    qs = {i: _rand(runner.num_heads, S, runner.head_dim, seed=seed + i) for i in range(runner.num_layers)}
+    return BaseQueries(cache.layers, qs, cache.shared_bases())
+
+
+def _ragged(cache) -> bool:
+    return any(len(set(lc.head_lengths().tolist())) > 1 or lc.distant is not None for lc in cache.layers)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("tail", [0, 3])
+def test_prefill_on_cache_equals_reference(runner, ctx, name, tail):
+    cache = _cache(runner, ctx, name, 300, seed=1)
+    if name in ("kvzip", "razor", "adakv", "pod"):
+        assert _ragged(cache), f"{name} should give heads their own row counts"
+    for t in range(tail):
+        runner.decode_step(5 + t, cache)
+    S, d, H = 7, runner.head_dim, runner.num_kv_heads
+    base = _queries(runner, cache, S, seed=10)
+    for i, lc in enumerate(cache.layers):
+        q = base.queries[i]
+        nk, nv = _rand(H, S, d, seed=20 + i), _rand(H, S, d, seed=30 + i)
+        got = attention.ragged_prefill_attention(q, lc, nk, nv, 0.3, base)
+        want = ref.ragged_prefill_attention(q, lc, nk, nv, 0.3, base)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_scoring_pass_equals_reference(runner, ctx, name, monkeypatch):
+    """KVzip's pass over [a compressed cache ; a new dense segment], with log-weights and PoD rows."""
+    cache = _cache(runner, ctx, name, 200, seed=2)
+    S, d, H = 40, runner.head_dim, runner.num_kv_heads
+    seg_k, seg_v = _rand(H, S, d, seed=3), _rand(H, S, d, seed=4)
+    seg = CompactCache([LayerCache.from_dense(seg_k, seg_v, torch.arange(200, 240)) for _ in cache.layers], 240, 200)
+    full = cache.extended(seg)
+    C = 24
+    base = _queries(runner, full, C, seed=40)
+    for block in (None, 1):  # one block, and 16 query rows a block
+        if block:
+            monkeypatch.setattr(attention, "SCORE_BLOCK_FLOATS", block)
+            monkeypatch.setattr(ref, "SCORE_BLOCK_FLOATS", block)
+        for i, lc in enumerate(full.layers):
+            q = base.queries[i]
+            nk, nv = _rand(H, C, d, seed=50 + i), _rand(H, C, d, seed=60 + i)
+            o, s = attention.prefill_attention_scores(q, lc, nk, nv, 0.3, S, 5, base)
+            wo, ws = ref.prefill_attention_scores(q, lc, nk, nv, 0.3, S, 5, base)
+            torch.testing.assert_close(o, wo, atol=ATOL, rtol=0)
+            torch.testing.assert_close(s, ws, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", POLICIES)
+def test_decode_layer_equals_reference_with_recall_watch(runner, ctx, name):
+    cache = _cache(runner, ctx, name, 260, seed=5)
+    for t in range(4):
+        runner.decode_step(7 + t, cache)
+    base = _queries(runner, cache, 1, seed=70)
+    for i, lc in enumerate(cache.layers):
+        q = base.queries[i]
+        for thr in (None, 0.0, 0.02):
+            got, gh = attention.ragged_decode_attention(q, lc, 0.3, thr, base)
+            want, wh = ref.ragged_decode_attention(q, lc, 0.3, thr, base)
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+            assert [(h.head, h.row) for h in gh] == [(h.head, h.row) for h in wh]
+            assert [h.share for h in gh] == pytest.approx([h.share for h in wh], abs=ATOL)
+        if name in ("razor", "ems"):
+            assert attention.ragged_decode_attention(q, lc, 0.3, 0.0, base)[1], "merged rows are watched"
+
+
+@torch.inference_mode()
+def _reference_step(runner, token: int, cache: CompactCache, thr, stats: DecodeStats) -> torch.Tensor:
+    """One decode step of one sequence through the runner's layer loop with the per-head attention."""
+    pos = torch.tensor([cache.seq_len])
+    h, cos, sin = runner._embed(torch.tensor([token]), pos)
+    shared = BaseQueries.for_cache(cache)
+
+    def attend(i, scaling, x, q, k, v):
+        lc = cache.layers[i]
+        lc.append(k, v, pos)
+        shared.hold(i, q)
+        o, hits = ref.ragged_decode_attention(q, lc, scaling, thr, shared)
+        shared.release(i)
+        stats.recalls.extend((i, s) for s in hits)
+        return o
+
+    h = runner._layers(h, cos, sin, attend)
+    cache.advance(1)
+    return runner.model.lm_head(runner._inner.norm(h[0])).float()[0]
+
+
+def _swap_merged_row(cache: CompactCache) -> bool:
+    """Recall's change mid-decode: replace one merged row by its originals (a new layer object)."""
+    for i, lc in enumerate(cache.layers):
+        if lc.recall is None or lc.recall.num_groups == 0:
+            continue
+        for h in range(lc.num_heads):
+            a, b = int(lc.head_offsets[h]), int(lc.head_offsets[h + 1])
+            rows = (lc.recall_ids[a:b] >= 0).nonzero().flatten().tolist()
+            if rows:
+                pos, k, v = lc.recall.group(int(lc.recall_ids[a + rows[0]]))
+                if k.shape[0]:
+                    cache.layers[i] = lc.with_row_replaced(h, rows[0], k, v, pos)
+                    return True
+    return False
+
+
+SETUPS = [("razor", 170), ("kvzip", 300), ("pod", 240), ("ems", 210), ("full", 90)]
+
+
+@pytest.mark.parametrize("B, steps", [(1, 8), (5, 8), pytest.param(5, 66, marks=pytest.mark.slow)])
+def test_decode_batch_equals_reference(runner, ctx, B, steps):
+    """B ragged sequences (different lengths and policies) step together, with the recall watch on
+    and a recall swap halfway; 66 steps go past the views' first capacity (64 tail slots)."""
+    setups = SETUPS[:B]
+    mine = [_cache(runner, ctx, n, L, seed=80 + j) for j, (n, L) in enumerate(setups)]
+    theirs = [c.clone() for c in mine]
+    thr = [0.02] * B
+    s_mine, s_theirs = [DecodeStats() for _ in range(B)], [DecodeStats() for _ in range(B)]
+    swapped = False
+    for step in range(steps):
+        toks = [int(3 + (7 * step + 11 * j) % 250) for j in range(B)]
+        got = runner.decode_batch(toks, mine, thr, s_mine)
+        want = torch.stack([_reference_step(runner, t, c, x, s) for t, c, x, s in zip(toks, theirs, thr, s_theirs, strict=True)])
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"step {step}")
+        if step == steps // 2:
+            swapped = _swap_merged_row(mine[0]) and _swap_merged_row(theirs[0])
+    for a, b in zip(s_mine, s_theirs, strict=True):
+        assert [(i, s.head, s.row) for i, s in a.recalls] == [(i, s.head, s.row) for i, s in b.recalls]
+    assert any(s.recalls for s in s_mine), "the watch saw merged rows"
+    assert swapped
+    for a, b in zip(mine, theirs, strict=True):
+        assert a.seq_len == b.seq_len
+        for la, lb in zip(a.compacted().layers, b.compacted().layers, strict=True):
+            assert torch.equal(la.positions, lb.positions) and torch.equal(la.head_offsets, lb.head_offsets)
+            torch.testing.assert_close(la.keys, lb.keys, atol=ATOL, rtol=0)
+
+
+def test_views_follow_outside_appends_and_new_batches(runner, ctx):
+    """A cache stepped alone between batched steps, and a batch that changes: the views rebuild."""
+    a, b = _cache(runner, ctx, "kvzip", 120, seed=90), _cache(runner, ctx, "adakv", 150, seed=91)
+    ra, rb = a.clone(), b.clone()
+    st = DecodeStats()
+    for step in range(6):
+        if step % 3 == 2:
+            got = runner.decode_batch([9], [a])
+            want = _reference_step(runner, 9, ra, None, st)[None]
+        else:
+            got = runner.decode_batch([9, 10], [a, b])
+            want = torch.stack([_reference_step(runner, 9, ra, None, st), _reference_step(runner, 10, rb, None, st)])
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
