@@ -149,10 +149,11 @@ class EMSPolicy(Policy):
 
 
 def _recall(state: LayerState, groups: list[tuple[int, Tensor]]) -> RecallTable:
-    lens = torch.tensor([g[1].numel() for g in groups])
-    offsets = torch.zeros(len(groups) + 1, dtype=torch.long)
+    dev = state.keys.device
+    lens = torch.tensor([g[1].numel() for g in groups], device=dev)
+    offsets = torch.zeros(len(groups) + 1, dtype=torch.long, device=dev)
     offsets[1:] = torch.cumsum(lens, 0)
-    idx = torch.cat([g[1] for g in groups])
-    heads = torch.tensor([g[0] for g in groups], dtype=torch.long)
+    idx = torch.cat([g[1] for g in groups]).to(dev)
+    heads = torch.tensor([g[0] for g in groups], dtype=torch.long, device=dev)
     per_row = torch.repeat_interleave(heads, lens)
     return RecallTable(offsets, state.positions[idx], heads, state.keys[per_row, idx], state.values[per_row, idx])

@@ -48,7 +48,7 @@ class KVzipPolicy(Policy):
         scores[..., :sinks] = float("inf")
         if window:
             scores[..., S - window :] = float("inf")
-        keep = torch.zeros(L * H * S, dtype=torch.bool)
+        keep = torch.zeros(L * H * S, dtype=torch.bool, device=scores.device)  # the topk indices live there
         keep[scores.flatten().topk(budget).indices] = True
         keep = keep.view(L, H, S)
         layers = [gather_rows(s, [keep[i, h].nonzero().flatten() for h in range(H)]) for i, s in enumerate(states)]

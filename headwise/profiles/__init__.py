@@ -173,17 +173,18 @@ def echo_induction(q: Tensor, k: Tensor, scaling: float, segment: int, repeats: 
     G = Hq // k.shape[0]
     kr = k.repeat_interleave(G, 0).float()
     T = segment * repeats
-    acc = {0: torch.zeros(Hq), 1: torch.zeros(Hq)}
+    dev = q.device
+    acc = {0: torch.zeros(Hq, device=dev), 1: torch.zeros(Hq, device=dev)}
     count = 0
-    cols = torch.arange(n)
+    cols = torch.arange(n, device=dev)
     for a in range(1 + segment, n, chunk):  # rows of the first copy have no earlier copy
         b = min(n, a + chunk)
         logits = (q[:, a:b].float() @ kr.transpose(1, 2)) * scaling  # [Hq, b-a, n]
-        logits.masked_fill_(cols[None, None, :] > torch.arange(a, b)[None, :, None], float("-inf"))
+        logits.masked_fill_(cols[None, None, :] > torch.arange(a, b, device=dev)[None, :, None], float("-inf"))
         A = torch.softmax(logits, -1)
-        rows = torch.arange(a, b) - 1  # index in the probe without the prefix
+        rows = torch.arange(a, b, device=dev) - 1  # index in the probe without the prefix
         for off in (0, 1):
-            s = torch.zeros(Hq, b - a)
+            s = torch.zeros(Hq, b - a, device=dev)
             for m in range(1, repeats):
                 ok = rows >= m * segment
                 c = rows - m * segment + off + 1  # back to indices with the prefix
