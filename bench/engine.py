@@ -12,7 +12,8 @@ kind once, in turn, so machine noise hits them alike; medians and ranges are rep
 
 The JSON carries the raw figures plus `ratio_decode` = {policy: {"1": x, "16": y}} (decode
 tokens/s over the full cache's), `ratio_prefill` = {policy: x} (prefill seconds over the
-full cache's) and `bound_decode`: the decode ratio that memory traffic allows (weights +
+full cache's), `ratio_question` (the same for the question; each ratio is the median over
+repeats of the ratio within one repeat) and `bound_decode`: the decode ratio that memory traffic allows (weights +
 K/V rows read per step, full over policy), so each ratio can be read as a fraction of it.
 """
 
@@ -148,10 +149,18 @@ def _summarise(runner, raw, ids, question, kept, n1, n16, streams) -> dict:
     full = figs["full"]
     W = _weights_bytes(runner)
     ratio_decode, ratio_prefill, ratio_question, bound = {}, {}, {}, {}
+    ref = raw["full"]
+
+    def ratio(k: str, f: str) -> float:
+        """Median over repeats of this repeat's figure over the full cache's in the same repeat:
+        the two ran back to back, so load that drifts over the run cancels."""
+        xs = [r[f] / b[f] for r, b in zip(raw[k], ref, strict=True)]
+        return statistics.median(xs)
+
     for k, f in figs.items():
-        ratio_decode[k] = {str(B): f[f"decode_tok_s_{B}"]["median"] / full[f"decode_tok_s_{B}"]["median"] for B in (1, streams)}
-        ratio_prefill[k] = f["prefill_s"]["median"] / full["prefill_s"]["median"]
-        ratio_question[k] = f["question_s"]["median"] / full["question_s"]["median"]
+        ratio_decode[k] = {str(B): ratio(k, f"decode_tok_s_{B}") for B in (1, streams)}
+        ratio_prefill[k] = ratio(k, "prefill_s")
+        ratio_question[k] = ratio(k, "question_s")
         kv = f.get("kv_bytes", full["kv_bytes"])
         bound[k] = {str(B): (W + B * full["kv_bytes"]) / (W + B * kv) for B in (1, streams)}
     return {
@@ -172,8 +181,7 @@ def table(res: dict) -> Table:
               f"tok/s {S} streams", "x full (bound)"]:
         t.add_column(c, justify="right")
     for k, f in res["figures"].items():
-        m = lambda name: f[name]["median"]  # noqa: E731
-        rng = lambda name, p=2: f"{m(name):.{p}f} ({f[name]['min']:.{p}f}-{f[name]['max']:.{p}f})"  # noqa: E731
+        rng = lambda name, p=2, f=f: f"{f[name]['median']:.{p}f} ({f[name]['min']:.{p}f}-{f[name]['max']:.{p}f})"  # noqa: E731
         kv = f"{f['kv_bytes'] / 1e6:.1f}" if "kv_bytes" in f else "-"
         rd, b = res["ratio_decode"][k], res["bound_decode"][k]
         t.add_row(k, kv, rng("prefill_s"), f"{res['ratio_prefill'][k]:.2f}", rng("question_s", 3),

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headwise import attention, attention_reference as ref
+from headwise import attention
+from headwise import attention_reference as ref
 from headwise.attention import BaseQueries
 from headwise.cache.compact import CompactCache, LayerCache
 from headwise.models.runner import DecodeStats

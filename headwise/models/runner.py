@@ -211,7 +211,8 @@ class ModelRunner:
             h, cos, sin = self._embed(ids, torch.arange(start + S, start + S + ids.numel(), device=self.device))
             shared = BaseQueries.for_cache(full)
 
-            def attend(i: int, scaling: float, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            def attend(i: int, scaling: float, x: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                       shared: BaseQueries = shared) -> Tensor:
                 shared.hold(i, q)
                 o, sc = prefill_attention_scores(q, full.layers[i], k, v, scaling, S, len(prefix), base=shared)
                 shared.release(i)
