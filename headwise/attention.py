@@ -422,7 +422,7 @@ class DecodeViews:
         dev = lc0.values.device
         self.positions = torch.zeros(B, cap, dtype=torch.long, device=dev)
         self.views: list[LayerView] = []
-        self.layers: list[list[LayerCache]] = []
+        self.layers: list[list[tuple[LayerCache, Tensor]]] = []  # per layer: (layer, its tail keys) as installed
         self.last_use: dict[int, int] = {}  # PoD: base layer -> the last layer that needs its queries
         for c in caches:
             for b, last in c.shared_bases().items():
@@ -441,11 +441,12 @@ class DecodeViews:
         for b, lc in enumerate(lcs):  # the tails now live in the view
             lc.tail_keys, lc.tail_values = view.keys[b * H : (b + 1) * H, : self.cap], view.values[b * H : (b + 1) * H, : self.cap]
             lc.tail_positions = self.positions[b]
+        installed = [(lc, lc.tail_keys) for lc in lcs]
         if i < len(self.views):
-            self.views[i], self.layers[i] = view, lcs
+            self.views[i], self.layers[i] = view, installed
         else:
             self.views.append(view)
-            self.layers.append(lcs)
+            self.layers.append(installed)
 
     def fits(self, caches: Sequence) -> bool:
         """The same caches, in the same order, untouched since the last step, with a free slot."""
@@ -455,9 +456,8 @@ class DecodeViews:
 
     def refresh(self) -> None:
         """Rebuild the views of layers replaced since the last step (recall swaps a layer object)."""
-        for i, lcs in enumerate(self.layers):
-            if any(c.layers[i] is not lc or lc.tail_keys is None or lc.tail_keys._base is not self.views[i].keys
-                   for c, lc in zip(self.caches, lcs, strict=True)):
+        for i, installed in enumerate(self.layers):
+            if any(c.layers[i] is not lc or lc.tail_keys is not tk for c, (lc, tk) in zip(self.caches, installed, strict=True)):
                 self._build(i)
 
     def step_index(self) -> tuple[Tensor, Tensor]:
