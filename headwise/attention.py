@@ -25,6 +25,7 @@ in a `BaseQueries`, which the runner fills layer by layer.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -100,6 +101,7 @@ class LayerView:
     dist_base: Tensor | None = None
     bases: tuple[int, ...] = ()
     num_heads: int = 0
+    biased: bool = True  # False when the bias is all zeros (no padding, no log-weight): it is skipped
 
     @property
     def num_slots(self) -> int:
@@ -122,7 +124,7 @@ def build_view(layers: Sequence[LayerCache], cap: int, base_layers: Sequence[Seq
         # every head holds the same rows (full, streaming, ...): the flat rows are the view, no copy
         v = lc0.values.view(H, longest, d)
         return LayerView(lc0.keys.view(H, longest, d).to(dt), v.to(dt), lc0.log_weights.view(H, 1, longest).to(dt),
-                         0, lens[0], _merged(lc0, H, longest, 0), num_heads=H)
+                         0, lens[0], _merged(lc0, H, longest, 0), num_heads=H, biased=bool((lc0.log_weights != 0).any()))
     L = cap + longest + (1 if pod else 0)  # PoD: one spare slot that padding pairs point at
     K = torch.zeros(B * H, L, d, dtype=dt, device=dev)
     V = torch.zeros_like(K)
@@ -269,7 +271,7 @@ def window_probs(window_queries: Tensor, keys: Tensor, scaling: float, gain: Ten
 
 
 # ---- prefill -----------------------------------------------------------------------------
-SCORE_BLOCK_FLOATS = 1 << 21  # logits per query block of view_prefill (8 MiB of fp32, all heads)
+SCORE_BLOCK_FLOATS = 1 << 19  # logits per query block of view_prefill (2 MiB of fp32, all heads: stays in L2)
 
 
 def view_prefill(
@@ -300,7 +302,10 @@ def view_prefill(
         b = min(C, a + step)
         r = b - a
         qb = q[:, a:b].reshape(H, G * r, d)  # [H, G*r, d]
-        pc = torch.baddbmm(view.bias, qb, view.keys.transpose(1, 2), alpha=scaling)  # [H, G*r, L]
+        if view.biased:
+            pc = torch.baddbmm(view.bias, qb, view.keys.transpose(1, 2), alpha=scaling)  # [H, G*r, L]
+        else:  # every slot a plain held row (full, streaming, ...): no bias to add
+            pc = torch.bmm(qb, view.keys.transpose(1, 2)).mul_(scaling)
         if held is not None:
             _add_distant(pc, view, _base_rows(view, {k: v[:, :, a:b].reshape(H, G * r, d) for k, v in held.items()}), scaling)
         pn = torch.bmm(qb, new_keys[:, :b].transpose(1, 2)).mul_(scaling)  # [H, G*r, b]
@@ -315,7 +320,7 @@ def view_prefill(
         out[:, a:b] = o.view(Hq, r, d)
         if scores is not None and b > query_from:
             # one dim at a time: over (1, 2) at once torch takes a slow generic path (~40x here)
-            got = pc.view(H, G, r, L)[:, :, max(a, query_from) - a :].amax(dim=2).amax(dim=1)  # [H, L]
+            got = pc.view(Hq, r, L)[:, max(a, query_from) - a :].amax(dim=1).view(H, G, L).amax(dim=1)  # [H, L]
             torch.maximum(scores, got, out=scores)
     if scores is None:
         return out, None
@@ -411,16 +416,17 @@ class DecodeViews:
     (sequence, head) with one indexed write per layer. The caches' tails become views of the
     arena (`LayerCache.tail_keys` etc.), so `compacted()`, recall and storage see the same rows.
     The ragged rows are copied into the padded block: decode holds them twice while a view lives.
+    The caches are held weakly: once one is gone the views are dropped and rebuilt on demand.
     """
 
     def __init__(self, caches: Sequence, cap: int):
-        self.caches = list(caches)
+        self.refs = [weakref.ref(c) for c in caches]
         self.cap = cap
-        B = len(caches)
+        for c in caches:
+            weakref.finalize(c, self._drop)
         lc0 = caches[0].layers[0]
         self.H = lc0.num_heads
-        dev = lc0.values.device
-        self.positions = torch.zeros(B, cap, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(len(caches), cap, dtype=torch.long, device=lc0.values.device)
         self.views: list[LayerView] = []
         self.layers: list[list[tuple[LayerCache, Tensor]]] = []  # per layer: (layer, its tail keys) as installed
         self.last_use: dict[int, int] = {}  # PoD: base layer -> the last layer that needs its queries
@@ -428,15 +434,18 @@ class DecodeViews:
             for b, last in c.shared_bases().items():
                 self.last_use[b] = max(self.last_use.get(b, -1), last)
         for i in range(caches[0].num_layers):
-            self._build(i)
+            self._build(i, caches)
         self.tails = [c.layers[0].tail_len for c in caches]
 
-    def _build(self, i: int) -> None:
-        lcs = [c.layers[i] for c in self.caches]
+    def _drop(self) -> None:
+        self.refs, self.views, self.layers = [], [], []
+
+    def _build(self, i: int, caches: Sequence) -> None:
+        lcs = [c.layers[i] for c in caches]
         for b, lc in enumerate(lcs):
             if lc.tail_len:
                 self.positions[b, : lc.tail_len] = lc.tail_positions[: lc.tail_len]
-        view = build_view(lcs, self.cap, [c.layers for c in self.caches])
+        view = build_view(lcs, self.cap, [c.layers for c in caches])
         H = self.H
         for b, lc in enumerate(lcs):  # the tails now live in the view
             lc.tail_keys, lc.tail_values = view.keys[b * H : (b + 1) * H, : self.cap], view.values[b * H : (b + 1) * H, : self.cap]
@@ -450,21 +459,21 @@ class DecodeViews:
 
     def fits(self, caches: Sequence) -> bool:
         """The same caches, in the same order, untouched since the last step, with a free slot."""
-        if len(caches) != len(self.caches) or any(a is not b for a, b in zip(caches, self.caches, strict=True)):
+        if len(caches) != len(self.refs) or any(r() is not c for r, c in zip(self.refs, caches, strict=True)):
             return False
         return all(c.layers[0].tail_len == t and t < self.cap for c, t in zip(caches, self.tails, strict=True))
 
-    def refresh(self) -> None:
+    def refresh(self, caches: Sequence) -> None:
         """Rebuild the views of layers replaced since the last step (recall swaps a layer object)."""
         for i, installed in enumerate(self.layers):
-            if any(c.layers[i] is not lc or lc.tail_keys is not tk for c, (lc, tk) in zip(self.caches, installed, strict=True)):
-                self._build(i)
+            if any(c.layers[i] is not lc or lc.tail_keys is not tk for c, (lc, tk) in zip(caches, installed, strict=True)):
+                self._build(i, caches)
 
     def step_index(self) -> tuple[Tensor, Tensor]:
         """(row bh, slot) of this step's token for every (sequence, head): [BH] each."""
         dev = self.positions.device
         t = torch.tensor(self.tails, dtype=torch.long, device=dev)
-        return torch.arange(len(self.caches) * self.H, device=dev), t.repeat_interleave(self.H)
+        return torch.arange(len(self.tails) * self.H, device=dev), t.repeat_interleave(self.H)
 
     def write(self, i: int, idx: tuple[Tensor, Tensor], k: Tensor, v: Tensor) -> LayerView:
         """Put this step's keys/values [BH, d] of layer i into their slots; returns the view."""
@@ -474,11 +483,11 @@ class DecodeViews:
         view.bias[idx[0], 0, idx[1]] = 0
         return view
 
-    def advance(self, pos: Tensor) -> None:
+    def advance(self, caches: Sequence, pos: Tensor) -> None:
         """After the step: positions [B] recorded, every layer's tail one longer."""
-        B = len(self.caches)
+        B = len(caches)
         self.positions[torch.arange(B, device=pos.device), torch.tensor(self.tails, device=pos.device)] = pos
-        for b, c in enumerate(self.caches):
+        for b, c in enumerate(caches):
             for lc in c.layers:
                 lc.tail_len += 1
             self.tails[b] += 1

@@ -313,7 +313,7 @@ class ModelRunner:
             return o.view(B, H * G, d).transpose(0, 1)  # [Hq, B, d]
 
         h = self._layers(h, cos, sin, attend)
-        views.advance(pos)
+        views.advance(caches, pos)
         for c in caches:
             c.advance(1)
         return self.model.lm_head(self._inner.norm(h[0])).float()  # [B, V]
@@ -323,7 +323,7 @@ class ModelRunner:
         back (layers replaced by recall rebuilt alone), else built anew with room for the tails."""
         views = self._views
         if views is not None and views.fits(caches):
-            views.refresh()
+            views.refresh(caches)
             return views
         self._views = None  # the old views' memory goes before the new ones are built
         cap = max(64, 2 * (max(c.layers[0].tail_len for c in caches) + 1))
