@@ -20,6 +20,8 @@ Families (labels in brackets):
   headwise_stream_rejections_total  requests over a tenant's stream limit [tenant, scope=replica|cluster]
   headwise_prefill_seconds       prefill of a request (lookup, compute, store) [policy, store]
   headwise_single_flight_waits_total  requests that waited for another one computing their document [scope]
+  headwise_deferred_compression_seconds  from the handoff of a first answer (exact cache) to its compressed
+                                 cache stored, or to giving up [policy, outcome=stored|refused|failed]
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class Metrics:
     def single_flight_wait(self, scope: str) -> None:
         """A prefill waited for another one computing the same document (scope: replica or cluster)."""
 
+    def deferred_compression(self, policy: str, outcome: str, seconds: float) -> None:
+        """A compressed cache computed after its request was handed off: `stored`, `refused` (quota) or
+        `failed` (model or store error: a later request computes it again), `seconds` after the handoff."""
+
 
 class RecordingMetrics(Metrics):
     """Keeps every call, for tests."""
@@ -64,6 +70,9 @@ class RecordingMetrics(Metrics):
 
     def single_flight_wait(self, scope):
         self.calls.append(("single_flight_wait", scope))
+
+    def deferred_compression(self, policy, outcome, seconds):
+        self.calls.append(("deferred_compression", policy, outcome, seconds))
 
 
 class RayMetrics(Metrics):
@@ -87,6 +96,9 @@ class RayMetrics(Metrics):
                                   boundaries=TTFT_BOUNDARIES, tag_keys=("policy", "store"))
         self.waits = Counter("headwise_single_flight_waits_total",
                              "prefills that waited for another one computing the same document", tag_keys=("scope",))
+        self.deferred = Histogram("headwise_deferred_compression_seconds",
+                                  "from a first answer's handoff (exact cache) to its compressed cache stored, seconds",
+                                  boundaries=TTFT_BOUNDARIES, tag_keys=("policy", "outcome"))
 
     def request(self, tenant, code, figures):
         store = str((figures or {}).get("store_status", "none"))
@@ -114,6 +126,9 @@ class RayMetrics(Metrics):
 
     def single_flight_wait(self, scope):
         self.waits.inc(1, tags={"scope": scope})
+
+    def deferred_compression(self, policy, outcome, seconds):
+        self.deferred.observe(seconds, tags={"policy": policy, "outcome": outcome})
 
 
 def ray_metrics() -> Metrics:

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
                                   "renewal (renewed every third of it), so a dead replica frees its slots")
     fill_lease_s: float = Field(60.0, description="a prefill replica computing a context holds a cluster-wide lease "
                                 "on it (renewed every third of this), so other replicas wait instead of computing it too")
+    deferred_compression: bool = Field(True, description="a document not yet stored is answered from its exact "
+                                       "cache as soon as the plain prefill is done, and a policy that needs a "
+                                       "reconstruction pass (kvzip) computes and stores the compressed cache after "
+                                       "that handoff; false = compress before the first answer")
     session_ttl_s: float = Field(3600.0, description="a conversation (session_id) is kept this long after its last turn")
 
     # store behaviour

@@ -14,6 +14,7 @@ from torch import Tensor
 # Figures.store_status values (proto/headwise/v1/generate.proto).
 STORED, REUSED, PARTIAL, BYPASSED, PRIVATE = "stored", "reused", "partial", "bypassed", "private"
 NOT_STORED = "not_stored"  # the store refused the cache (larger than the quota, store full): answered without it
+COMPRESSING = "compressing"  # answered from the exact cache; the compressed one is being computed and stored
 
 
 class ServiceError(Exception):

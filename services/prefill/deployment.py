@@ -42,3 +42,7 @@ class Prefill:
 
     async def prefill(self, req: PrefillRequest) -> CacheHandle:
         return await self.worker.prefill(req)
+
+    async def stats(self) -> dict:
+        """This replica's compressions done after their handoff, and its single-flight waits."""
+        return self.worker.stats()

@@ -12,10 +12,12 @@ request and a reused one decode from identical caches and give identical answers
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
@@ -29,9 +31,11 @@ from headwise.models.query_aware import check_query_aware
 from headwise.policies import Policy, get_policy, policy_names
 from headwise.policies.full import FullPolicy
 from headwise.prompt import build_segments
+from services.asyncutil import quiet
 from services.metrics import Metrics
 from services.prefill.api import (
     BYPASSED,
+    COMPRESSING,
     PARTIAL,
     PRIVATE,
     REUSED,
@@ -48,6 +52,9 @@ FILL_POLL_S = 0.25  # how often a request waiting for another replica's computat
 FILL_MAX_WAIT_LEASES = 5  # ... and how long it waits at most, in lease periods (5 min by default)
 
 QUERY_AWARE_DEFAULT = "snapkv"  # an empty policy in a query-aware request (the server default may have no window)
+HANDOFF_WAIT_S = 5.0  # a deferred compression waits this long at most for decode to fetch the exact rows
+HANDOFF_POLL_S = 0.05
+
 _A, _B, _C = "\x00HW_A\x00", "\x00HW_B\x00", "\x00HW_C\x00"
 
 
@@ -154,6 +161,8 @@ class PrefillWorker:
         # lookup says it is stored. Keys carry the tenant salt, so this never crosses tenants.
         self._recent: OrderedDict[str, CompactCache] = OrderedDict()
         self._recent_budget, self._recent_bytes = cache_bytes, 0
+        self._background: set[asyncio.Task] = set()  # compressions still running after their handoff
+        self.deferred: deque[dict] = deque(maxlen=64)  # the last ones done: outcome, seconds after handoff
 
     async def _model(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -236,23 +245,27 @@ class PrefillWorker:
     async def _with_store(self, req: PrefillRequest, plan: _Plan, policy: Policy) -> CacheHandle:
         store = self.stores.for_tenant(req.tenant)
         key, reusable = plan.keys[0], policy.reusable and not req.recompute
-        lease = await self._lead(key) if reusable else None
-        try:
-            async with AsyncExitStack() as stack:
-                if reusable and (slot := await self._lead_cluster(store, key)) is not None:
+        if req.recompute:  # what failed to load may be what this replica remembers: ask the store again
+            self._forget(plan.keys)
+        async with AsyncExitStack() as stack:
+            if reusable:
+                stack.callback(self._release, key, await self._lead(key))
+                if (slot := await self._lead_cluster(store, key)) is not None:
                     await stack.enter_async_context(store.holding(
                         *slot, 1, self.settings.fill_lease_s, self.settings.store_timeout_s))
-                return await self._lookup_and_compute(req, plan, policy, store)
-        finally:
-            if lease is not None:
-                self._release(key, lease)
+            handle, later = await self._lookup_and_compute(req, plan, policy, store)
+            if later is not None and reusable:  # the compressed cache follows; the single flight goes with it
+                self._spawn(later(stack.pop_all()))
+            return handle
 
-    async def _lookup_and_compute(self, req: PrefillRequest, plan: _Plan, policy: Policy, store) -> CacheHandle:
+    async def _lookup_and_compute(self, req: PrefillRequest, plan: _Plan, policy: Policy, store):
+        """The request's handle, and when its document goes out exact first, the coroutine function
+        that computes and stores the compressed cache afterwards (else None)."""
         try:
             n = 0 if req.recompute or not policy.reusable else await store.lookup(plan.keys[:-1])
         except self.stores.errors[1] as e:
             log.warning("kvstore unavailable, bypassing: %s", e)
-            return await self._bypass(plan, [], None)
+            return await self._bypass(plan, [], None), None
         segs, wire = [], 0
         for key in plan.keys[:n]:
             seg = None if req.recompute else self._recent.get(key)
@@ -263,6 +276,8 @@ class PrefillWorker:
                 wire += encoded_nbytes(seg, plan.precision)
                 self._remember(key, seg)
             segs.append(seg)
+        if not segs and self.defers(policy):
+            return await self._answer_exact(req, plan, policy, store)
         reused = len(segs)
         cache = CompactCache.concat(segs) if segs else None
         logits = None
@@ -276,10 +291,130 @@ class PrefillWorker:
                     self._remember(plan.keys[i], res.stored)
             except (self.stores.errors[1], NotStored) as e:  # down, or refused the segment
                 log.warning("segment not stored, answering from the computed cache: %s", e)
-                return await self._bypass(plan, segs, (cache, logits), fallback_status(e, self.stores.errors[1]))
+                return await self._bypass(plan, segs, (cache, logits), fallback_status(e, self.stores.errors[1])), None
         reused_tokens = sum(len(s) for s in plan.segments[:reused])
         status = PRIVATE if not policy.reusable else (STORED if reused == 0 else REUSED if reused == len(plan.segments) - 1 else PARTIAL)
-        return self._handle(plan, segs, logits, reused_tokens, wire, status)
+        return self._handle(plan, segs, logits, reused_tokens, wire, status), None
+
+    # ---- the first answer exact, the compressed cache after it (deferred compression) ----------
+    def defers(self, policy: Policy) -> bool:
+        """Whether a document nobody stored yet is answered from its exact cache first: only where the
+        compression costs a pass of its own (a reconstruction pass, KVzip's); a policy whose scores
+        come with the prefill keeps the one-pass path, its first answer already over the kept rows."""
+        return bool(self.settings.deferred_compression and policy.reusable and policy.capture.reconstruction)
+
+    async def _answer_exact(self, req: PrefillRequest, plan: _Plan, policy: Policy, store):
+        """The plain prefill of the document, then the rest of the prompt over its exact rows: the answer
+        `full` gives. The exact segments go to the store under one-request keys (decode deletes them once
+        fetched; a sweep after a lease period catches a decode that died first), so they count against
+        the tenant's quota only while needed. The prefill's states stay here for the compression."""
+        full = FullPolicy()
+        out, done = await self._model(self._plain_prefill, plan.segments[0], policy, plan.precision)
+        computed = [done]
+        for ids in plan.segments[1:]:  # over the rows as stored (plan.precision), like a cold `full` request
+            computed.append(await self._model(self._prefill_segment, ids, computed[-1], full, plan.precision))
+        segs, logits = [c.stored for c in computed], computed[-1].logits
+        salt = f"{req.salt}:{secrets.token_hex(8)}"
+        keys = list(chain_keys(plan.segments, self.runner.name, [full.params()] * len(segs), codec_version(), salt,
+                               plan.precision))
+        exact = dataclasses.replace(plan, store_keys=keys, ephemeral=list(keys))
+        later = functools.partial(self._compress_later, store, plan, policy, out, keys)
+        wire = 0
+        try:
+            for key, c in zip(keys, computed, strict=True):
+                wire += await store.put(key, c.segment, plan.precision)
+        except (self.stores.errors[1], NotStored) as e:  # unreachable, or refused (larger than the quota)
+            log.warning("exact cache handed to decode directly: %s", e)
+            for key in keys:
+                asyncio.ensure_future(quiet(store.delete(key)))
+            refused = isinstance(e, NotStored)  # the compressed cache is about 4x smaller: it may fit
+            handle = self._handle(exact, segs, logits, 0, 0, COMPRESSING if refused else BYPASSED)
+            handle.inline_segments, handle.ephemeral = segs, []
+            return handle, later if refused else None
+        return self._handle(exact, segs, logits, 0, wire, COMPRESSING), later
+
+    async def _compress_later(self, store, plan: _Plan, policy: Policy, out, exact_keys: list[str],
+                              single_flight: AsyncExitStack) -> None:
+        """Compute and store the policy's cache of a document whose first answer went out exact. The
+        request's single flight (this replica's lease, the cluster's slot) is held until the compressed
+        segment is stored or given up: a request for the same document waits, then reuses it; the
+        store's put is atomic, so nobody reads part of it. When this fails, or the replica dies (its
+        slot lapses), the next request computes it again."""
+        t0, outcome = time.perf_counter(), "failed"
+        loop = asyncio.get_running_loop()
+        async with single_flight:
+            try:
+                await self._fetched(store, exact_keys[0])
+                seg, stored = await self._model(self._score_and_compress, plan.segments[0], out, policy, plan.precision)
+                del out  # the exact rows: no longer needed here
+                await store.put(plan.keys[0], seg, plan.precision)
+                outcome = "stored"
+                self._remember(plan.keys[0], stored)
+            except NotStored as e:
+                outcome = "refused"
+                log.warning("compressed cache of context %s refused by the store; a later request computes it: %s",
+                            plan.keys[0], e)
+            except Exception as e:  # noqa: BLE001 - the answer went out; a later request computes it again
+                log.warning("compressed cache of context %s not stored; a later request computes it: %s: %s",
+                            plan.keys[0], type(e).__name__, e)
+            finally:
+                seconds = time.perf_counter() - t0
+                self.metrics.deferred_compression(policy.name, outcome, seconds)
+                self.deferred.append({"policy": policy.name, "key": plan.keys[0], "outcome": outcome,
+                                      "handoff_to_stored_s": seconds, "done_at": time.time()})
+                loop.call_later(max(0.0, self.settings.fill_lease_s - seconds),
+                                lambda: [asyncio.ensure_future(quiet(store.delete(k))) for k in exact_keys])
+
+    async def _fetched(self, store, exact_key: str) -> None:
+        """Wait (at most HANDOFF_WAIT_S) until decode has fetched the exact rows (it deletes them then),
+        so the compression does not take CPU from the first answer's fetch and first token."""
+        give_up = time.monotonic() + HANDOFF_WAIT_S
+        try:
+            while time.monotonic() < give_up and await store.lookup([exact_key]) == 1:
+                await asyncio.sleep(HANDOFF_POLL_S)
+        except self.stores.errors[0] as e:
+            log.info("could not see whether decode fetched the exact cache: %s", e)
+
+    def _plain_prefill(self, ids: list[int], policy: Policy, precision: str):
+        """(model thread) The document's prefill without the reconstruction pass: its output (what the
+        policy's compression needs later) and its exact segment, with its rows as stored."""
+        out = self.runner.prefill(ids, None, dataclasses.replace(policy.capture, reconstruction=False))
+        seg = FullPolicy().compress(out.states, out.start)
+        if quant.lossless(precision, seg.layers[0].keys.dtype):
+            return out, _Computed(out.logits, seg, seg, None)
+        return out, _Computed(out.logits, seg, quant.as_stored(seg, precision), None)
+
+    def _score_and_compress(self, ids: list[int], out, policy: Policy, precision: str):
+        """(model thread) What `runner.prefill_segment(ids, None, policy)` gives, from the plain prefill's
+        states: the runner's reconstruction pass over them, then the policy's compression; and its rows
+        as stored at `precision`."""
+        score = getattr(self.runner, "_reconstruction_scores", None)
+        if score is None:  # a runner without a separate pass: the policy's whole prefill again
+            seg = self.runner.prefill_segment(ids, None, policy).segment
+        else:
+            for state, s in zip(out.states, score(list(ids), None, out.states, out.start), strict=True):
+                state.reconstruction = s
+            seg = policy.compress(out.states, out.start, self.runner.context(policy))
+        return seg, seg if quant.lossless(precision, seg.layers[0].keys.dtype) else quant.as_stored(seg, precision)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain(self) -> None:
+        """Wait for the compressions still running after their requests' handoff (tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def stats(self) -> dict:
+        return {"deferred": list(self.deferred), "background": len(self._background),
+                "single_flight_waits": self.single_flight_waits, "cluster_waits": self.cluster_waits}
+
+    def _forget(self, keys: list[str]) -> None:
+        for key in keys:
+            old = self._recent.pop(key, None)
+            self._recent_bytes -= old.nbytes if old is not None else 0
 
     def _prefill_segment(self, ids: list[int], prev: CompactCache | _Computed | None, policy: Policy,
                          precision: str) -> _Computed:
@@ -342,13 +477,17 @@ class PrefillWorker:
 
     async def _bypass(self, plan: _Plan, segs: list[CompactCache], state, status: str = BYPASSED) -> CacheHandle:
         """Without the store (unreachable, or it refused a segment): compute what is missing and
-        hand the segments over through Ray."""
+        hand the segments over through Ray. A compression with a pass of its own is skipped (exact
+        rows instead): nothing would store it."""
         segs = list(segs)
         cache, logits = state if state else (None, None)
+        policies = list(plan.policies)
         if not segs:
             cache = None
+            if self.defers(policies[0]):
+                policies[0] = FullPolicy()
         for i in range(len(segs), len(plan.segments)):
-            res = await self._model(self._prefill_segment, plan.segments[i], cache, plan.policies[i], plan.precision)
+            res = await self._model(self._prefill_segment, plan.segments[i], cache, policies[i], plan.precision)
             cache, logits = res, res.logits  # its whole cache is built by the next segment, if any
             segs.append(res.stored)
         handle = self._handle(plan, segs, logits, 0, 0, status)

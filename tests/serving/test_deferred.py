@@ -1,0 +1,292 @@
+"""Deferred compression: a document nobody stored yet is answered from its exact cache, and the
+policy's compressed cache (kvzip: a reconstruction pass of its own) is computed after the handoff.
+
+Tiny model, real kvstore server over a real Redis (the store's own guarantees are under test:
+atomic puts, the one-slot semaphore per context, quotas), one or two prefill replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from headwise.models import ModelRunner, SamplingParams
+from headwise.policies import get_policy
+from headwise.prompt import build_segments
+from services.decode.worker import DecodeWorker
+from services.kvstore.client import KVStoreClient
+from services.kvstore.server import close_server, create_server, start_server
+from services.kvstore.settings import KVStoreSettings
+from services.metrics import RecordingMetrics
+from services.prefill import worker as worker_module
+from services.prefill.api import PrefillRequest
+from services.prefill.store import StoreClients
+from services.prefill.worker import PrefillWorker
+from services.protos.headwise.v1 import generate_pb2 as pb
+from services.settings import Settings
+from services.tenancy import TenantRegistry
+from tests.serving.test_workers import DOC, ByteTokenizer
+
+TOKEN = "deferred-test-token"
+KVZIP = {"policy": "kvzip", "kept": 0.25}
+
+
+class Store:
+    """A kvstore server on loopback over the test's Redis, and clients of it."""
+
+    def __init__(self, redis_url: str, quota: int = 0):
+        self.settings = KVStoreSettings(service_token=TOKEN, redis_url=redis_url, metrics_enabled=False,
+                                        redis_deadline_s=2.0, tenant_ttl_s=0, tenant_quota_bytes=quota)
+        self.clients: list[KVStoreClient] = []
+
+    async def start(self) -> "Store":
+        self.server, port = create_server("127.0.0.1:0", self.settings)
+        await start_server(self.server)
+        self.addr = f"127.0.0.1:{port}"
+        return self
+
+    def client(self, tenant: str = "acme") -> KVStoreClient:
+        c = KVStoreClient(self.addr, TOKEN, tenant, timeout_s=5.0, retries=1)
+        self.clients.append(c)
+        return c
+
+    def stores(self) -> StoreClients:  # what a replica opens: its own clients and breaker
+        return StoreClients(self.addr, TOKEN, timeout_s=5.0)
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()
+        await close_server(self.server)
+
+
+@pytest.fixture(autouse=True)
+def short_handoff_wait(monkeypatch):
+    """Requests sent to prefill alone have no decode fetching their exact rows: do not wait long for it."""
+    monkeypatch.setattr(worker_module, "HANDOFF_WAIT_S", 0.5)
+
+
+@pytest.fixture
+async def store(redis_url):
+    s = await Store(redis_url).start()
+    yield s
+    await s.close()
+
+
+class Gate:
+    """Counts the runner's reconstruction passes; `hold()` makes the next one wait until `open()`."""
+
+    def __init__(self, runner: ModelRunner):
+        self.passes, self.started = 0, threading.Event()
+        self._go = threading.Event()
+        self._go.set()
+        real = runner._reconstruction_scores
+
+        def counted(*args):
+            self.passes += 1
+            self.started.set()
+            self._go.wait(30)
+            return real(*args)
+
+        runner._reconstruction_scores = counted
+
+    def hold(self) -> None:
+        self._go.clear()
+
+    def open(self) -> None:
+        self._go.set()
+
+
+def settings(**kw) -> Settings:
+    return Settings(**({"tenants": "acme:ka:4", "default_policy": "kvzip", "max_prompt_tokens": 900} | kw))
+
+
+def prefill_replica(tiny_model, store: Store, **kw) -> tuple[PrefillWorker, Gate, RecordingMetrics]:
+    runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
+    metrics = RecordingMetrics()
+    pw = PrefillWorker(runner, store.stores(), settings(**kw), metrics=metrics)
+    return pw, Gate(runner), metrics
+
+
+def decode_replica(pw: PrefillWorker, store: Store, **kw) -> DecodeWorker:
+    s = settings(**kw)
+    return DecodeWorker(pw.runner, store.stores(), pw.prefill, TenantRegistry.from_settings(s), s)
+
+
+async def ask(dw, prompt: str = "what jumps?", **fields):
+    req = pb.GenerateRequest(**({"context": DOC, "prompt": prompt, "max_new_tokens": 8} | KVZIP | fields))
+    ids, figures = [], None
+    async for m in dw.generate(req, {"authorization": "Bearer ka"}):
+        if m.HasField("delta"):
+            ids += list(m.delta.token_ids)
+        else:
+            figures = m.figures
+    return ids, figures
+
+
+def preq(prompt: str = "what jumps?", **kw) -> PrefillRequest:
+    return PrefillRequest(**({"tenant": "acme", "salt": "s", "context": DOC, "prompt": prompt} | KVZIP | kw))
+
+
+def direct(runner: ModelRunner, policy: str, prompt: str = "what jumps?", n: int = 8):
+    """The policy computed in process, no service: (context segment, greedy answer)."""
+    seg = build_segments(runner.tokenizer, DOC, prompt)
+    ctx = runner.prefill_segment(seg.context, None, get_policy(policy, kept=0.25))
+    q = runner.prefill_segment(seg.question, ctx.segment)
+    return ctx.segment, list(runner.generate(q.cache, q.logits, SamplingParams(max_new_tokens=n)))
+
+
+def same_rows(a, b) -> bool:
+    return all(torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+               and torch.equal(x.head_offsets, y.head_offsets) for x, y in zip(a.layers, b.layers, strict=True))
+
+
+async def test_cold_answer_is_exact_then_the_compressed_cache_is_reused(tiny_model, store):
+    pw, gate, metrics = prefill_replica(tiny_model, store)
+    dw = decode_replica(pw, store)
+    full_ids, full = await ask(dw, policy="full")
+    cold_ids, cold = await ask(dw)
+    assert cold.store_status == "compressing" and cold.realised_kept == 1.0 and cold.reused_tokens == 0
+    assert cold.held_kv_bytes == cold.full_kv_bytes == full.full_kv_bytes
+    assert cold_ids == full_ids  # the first answer is the uncompressed one
+    await pw.drain()
+    assert gate.passes == 1
+    [(_, policy, outcome, seconds)] = [c for c in metrics.calls if c[0] == "deferred_compression"]
+    assert (policy, outcome) == ("kvzip", "stored") and seconds > 0
+    pw._recent.clear()  # the next request fetches what the store holds, not this replica's copy
+    warm_ids, warm = await ask(dw)
+    assert warm.store_status == "reused" and warm.reused_tokens > 0
+    want_seg, want_ids = direct(pw.runner, "kvzip")
+    question_bytes = warm.full_kv_bytes * (warm.prompt_tokens - warm.reused_tokens) // warm.prompt_tokens
+    assert warm.held_kv_bytes == want_seg.nbytes + question_bytes and warm.realised_kept < 0.35
+    assert warm_ids == want_ids
+    key = pw.stats()["deferred"][0]["key"]
+    assert same_rows(await store.client().get(key), want_seg)
+    stats = await store.client().stats()
+    assert stats["segments"] == 2  # full's context and kvzip's compressed one: the exact rows are gone
+
+
+async def test_free_compressions_keep_the_one_pass_path_and_the_setting_turns_it_off(tiny_model, store):
+    pw, gate, _ = prefill_replica(tiny_model, store)
+    assert pw.defers(get_policy("kvzip", kept=0.25))
+    assert not any(pw.defers(get_policy(p, kept=0.25)) for p in ("streaming", "snapkv", "razor", "full"))
+    _, fig = await ask(decode_replica(pw, store), policy="streaming", kept=0.5)
+    assert fig.store_status == "stored" and fig.realised_kept < 1
+    off, gate_off, _ = prefill_replica(tiny_model, store, deferred_compression=False)
+    ids, fig = await ask(decode_replica(off, store), prompt="and the dog?")
+    assert fig.store_status == "stored" and fig.realised_kept < 0.35 and gate_off.passes == 1
+    assert not off._background and gate.passes == 0
+
+
+async def test_two_cold_requests_on_two_replicas_compress_once_and_see_nothing_partial(tiny_model, store):
+    (p1, g1, _), (p2, g2, _) = prefill_replica(tiny_model, store), prefill_replica(tiny_model, store)
+    g1.hold(), g2.hold()
+    jobs = [asyncio.ensure_future(p.prefill(preq(f"question {i}?"))) for i, p in enumerate((p1, p2))]
+    done, pending = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
+    first, waiting = done.pop().result(), pending.pop()
+    assert first.store_status == "compressing" and first.realised_kept == 1.0
+    holder = p1 if p1._background else p2
+    await asyncio.to_thread((g1 if holder is p1 else g2).started.wait, 10)
+    ctx_key = holder.plan(preq(), get_policy("kvzip", kept=0.25)).keys[0]
+    reader = store.client()
+    for _ in range(3):  # while the compression runs: the context is not stored, not even in part
+        assert await reader.lookup([ctx_key]) == 0 and await reader.get(ctx_key) is None
+        assert not waiting.done()  # the other request waits for it: it neither computes nor fails
+        await asyncio.sleep(0.1)
+    g1.open(), g2.open()
+    second = await asyncio.gather(*jobs)
+    await asyncio.gather(p1.drain(), p2.drain())
+    assert g1.passes + g2.passes == 1  # compressed once, across both replicas
+    assert sorted(h.store_status for h in second) == ["compressing", "reused"]
+    assert await reader.lookup([ctx_key]) == 1
+    assert p1.cluster_waits + p2.cluster_waits == 1
+
+
+async def test_a_replica_that_dies_while_compressing_leaves_it_to_the_next_request(tiny_model, store):
+    p1, g1, _ = prefill_replica(tiny_model, store, fill_lease_s=0.6)
+    p2, g2, _ = prefill_replica(tiny_model, store, fill_lease_s=0.6)
+    d1, d2 = decode_replica(p1, store), decode_replica(p2, store)
+    full_ids = direct(p1.runner, "full")[1]
+    g1.hold()
+    ids, cold = await ask(d1)
+    assert cold.store_status == "compressing" and ids == full_ids
+    await asyncio.to_thread(g1.started.wait, 10)
+    # p1 dies: it reaches the store no more (its slot is neither renewed nor given back) and its task ends
+    p1.stores.cooldown_s = 60.0
+    p1.stores.trip()
+    for task in list(p1._background):
+        task.cancel()
+    await p1.drain()
+    g1.open()
+    ids, again = await ask(d2)  # waits for p1's slot to lapse, then computes it again
+    assert again.store_status == "compressing" and ids == full_ids and p2.cluster_waits == 1
+    await p2.drain()
+    assert g2.passes == 1 and p2.stats()["deferred"][-1]["outcome"] == "stored"
+    ids, fig = await ask(d2)
+    assert fig.store_status == "reused" and ids == direct(p2.runner, "kvzip")[1]
+
+
+@pytest.mark.parametrize("fits", ["neither", "compressed"])
+async def test_a_quota_refusal_still_answers_and_a_later_request_computes_again(tiny_model, redis_url, fits):
+    probe = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
+    seg, _ = direct(probe, "kvzip")
+    quota = 1000 if fits == "neither" else 2 * seg.nbytes  # the exact rows are about 4x the compressed ones
+    store = await Store(redis_url, quota=quota).start()
+    try:
+        pw, gate, metrics = prefill_replica(tiny_model, store)
+        dw = decode_replica(pw, store)
+        full_ids = direct(probe, "full")[1]
+        ids, cold = await ask(dw)
+        assert cold.store_status == "compressing" and cold.realised_kept == 1.0 and ids == full_ids
+        await pw.drain()
+        outcome = pw.stats()["deferred"][-1]["outcome"]
+        ids, fig = await ask(dw)
+        await pw.drain()
+        if fits == "neither":
+            assert outcome == "refused" and fig.store_status == "compressing" and ids == full_ids
+            assert gate.passes == 2 and [c[2] for c in metrics.calls if c[0] == "deferred_compression"] == ["refused"] * 2
+        else:
+            assert outcome == "stored" and fig.store_status == "reused" and ids == direct(probe, "kvzip")[1]
+            assert gate.passes == 1
+    finally:
+        await store.close()
+
+
+async def test_a_session_started_exact_continues_over_the_compressed_context(tiny_model, store):
+    pw, gate, _ = prefill_replica(tiny_model, store)
+    dw = decode_replica(pw, store)
+    _, first = await ask(dw, session_id="s1")
+    _, second = await ask(dw, session_id="s1", context="", prompt="and then?")  # waits for the compression
+    assert first.store_status == "compressing" and gate.passes == 1
+    assert second.store_status == "partial" and 0 < second.reused_tokens < first.prompt_tokens
+    assert second.realised_kept < 0.5  # the earlier turn is recomputed over the compressed context
+
+
+async def test_exact_rows_nobody_fetched_are_swept_after_a_lease_period(tiny_model, store):
+    pw, _, _ = prefill_replica(tiny_model, store, fill_lease_s=0.5)
+    handle = await pw.prefill(preq())  # no decode fetches (and deletes) the exact segments: it died
+    reader = store.client()
+    assert handle.store_status == "compressing" and handle.ephemeral == handle.keys
+    assert await reader.lookup(handle.keys) == len(handle.keys)  # held while a decode may still fetch them
+    await pw.drain()
+    for _ in range(50):
+        if await reader.lookup(handle.keys[:1]) == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert await reader.lookup(handle.keys[:1]) == 0 and (await reader.stats())["segments"] == 1  # the compressed one
+
+
+async def test_the_compression_waits_until_decode_has_fetched_the_exact_rows(tiny_model, store, monkeypatch):
+    monkeypatch.setattr(worker_module, "HANDOFF_WAIT_S", 30.0)
+    pw, gate, _ = prefill_replica(tiny_model, store)
+    handle = await pw.prefill(preq())
+    await asyncio.sleep(0.3)
+    assert not gate.started.is_set()  # the first answer's fetch is not competing with the pass
+    reader = store.client()
+    for key in handle.ephemeral:  # what decode does once it has fetched them
+        await reader.delete(key)
+    assert await asyncio.to_thread(gate.started.wait, 10)
+    await pw.drain()
+    assert pw.stats()["deferred"][-1]["outcome"] == "stored"
