@@ -290,3 +290,18 @@ async def test_the_compression_waits_until_decode_has_fetched_the_exact_rows(tin
     assert await asyncio.to_thread(gate.started.wait, 10)
     await pw.drain()
     assert pw.stats()["deferred"][-1]["outcome"] == "stored"
+
+
+async def test_int8_rows_first_exact_then_compressed(tiny_model, store):
+    pw, gate, _ = prefill_replica(tiny_model, store)
+    dw = decode_replica(pw, store)
+    full_ids, full = await ask(dw, policy="full", kv_precision="int8")
+    cold_ids, cold = await ask(dw, kv_precision="int8")
+    assert cold.store_status == "compressing" and cold.kv_precision == "int8" and cold_ids == full_ids
+    assert cold.stored_kv_bytes == full.stored_kv_bytes  # the exact rows, stored as int8 like full's
+    await pw.drain()
+    pw._recent.clear()
+    warm_ids, warm = await ask(dw, kv_precision="int8")
+    again_ids, again = await ask(dw, kv_precision="int8")
+    assert warm.store_status == again.store_status == "reused" and warm_ids == again_ids and gate.passes == 1
+    assert warm.stored_kv_bytes < cold.stored_kv_bytes / 2
