@@ -26,55 +26,15 @@ in a `BaseQueries`, which the runner fills layer by layer.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headwise.attention_reference import _distant_plan
+from headwise.attention_common import BaseQueries, MergedShare, _distant_plan  # noqa: F401 - re-exported
 from headwise.cache.compact import LayerCache
-
-
-@dataclass
-class MergedShare:
-    """A merged row that took more than the threshold of a head's attention in one step."""
-
-    head: int  # KV head
-    row: int  # row index within the head's ragged rows
-    share: float  # max over the head's query heads of its softmax probability
-
-
-@dataclass
-class BaseQueries:
-    """What PoD layers of one forward step take from their base layers.
-
-    layers:  the cache's layers; a distant row's key is its token's row in the base layer
-    queries: base layer index -> that layer's post-RoPE queries of this step, [Hq, S, d]
-    """
-
-    layers: Sequence[LayerCache]
-    queries: dict[int, Tensor] = field(default_factory=dict)
-    last_use: dict[int, int] = field(default_factory=dict)  # base layer -> last layer that needs it
-
-    @classmethod
-    def for_cache(cls, cache) -> "BaseQueries":
-        """For a forward step over `cache` (a CompactCache or None); holds nothing without PoD rows."""
-        if cache is None:
-            return cls([])
-        return cls(cache.layers, {}, cache.shared_bases())
-
-    def hold(self, layer: int, q: Tensor) -> None:
-        """Keep layer's queries [Hq, S, d] if a later layer needs them."""
-        if layer in self.last_use:
-            self.queries[layer] = q
-
-    def release(self, layer: int) -> None:
-        """Forget the queries that no layer after `layer` needs."""
-        for b, last in self.last_use.items():
-            if last == layer:
-                self.queries.pop(b, None)
 
 
 @dataclass
