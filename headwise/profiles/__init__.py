@@ -244,7 +244,8 @@ def compute_profile(
 
     progress = progress or (lambda s, f: None)
     tok = runner.tokenizer
-    prefix = tok.bos_token_id if tok is not None and tok.bos_token_id is not None else 1
+    bos = getattr(tok, "bos_token_id", None)  # a tokenizer may have no BOS (the tests' byte tokenizer)
+    prefix = bos if bos is not None else 1
     segment = min(segment, (runner.max_positions - 1) // repeats)
     ids = probe_ids(runner.vocab_size, segment, repeats, seed, prefix)
     progress("probe prefill", 0.0)
