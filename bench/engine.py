@@ -30,6 +30,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench import write_json
 from headwise.documents import document_tokens
 from headwise.models import ModelRunner, resolve_model_path
 from headwise.policies import get_policy
@@ -208,8 +209,7 @@ def main() -> None:
     res = run(a.model, a.tokens, a.kept, a.repeats, a.steps, a.batch_steps, a.streams, names)
     Console(width=200).print(table(res))
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=2))
+        write_json(a.json, res)
 
 
 if __name__ == "__main__":

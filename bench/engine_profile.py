@@ -13,7 +13,6 @@ dispatch: the fraction of a step spent outside the arithmetic.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from torch.profiler import ProfilerActivity, profile
 
+from bench import write_json
 from headwise.documents import document_tokens
 from headwise.models import ModelRunner, resolve_model_path
 from headwise.policies import get_policy
@@ -114,8 +114,7 @@ def main() -> None:
         t2.add_row(k, f"{v['ms_per_step']:.2f}", str(v["calls_per_step"]))
     Console(width=160).print(t2)
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=2))
+        write_json(a.json, res)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench import machine, write_json
 from bench.kvstore import TOKEN, wait_ready
 from headwise.cache.compact import CompactCache, LayerCache
 from services.kvstore.client import KVStoreClient
@@ -164,12 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     results = [asyncio.run(run_async(a.rows, a.docs_in_quota, a.puts, c, a.repeats)) for c in a.concurrency]
     console.print(table(results))
     console.print(f"Redis used_memory / stored bytes: {results[-1]['redis_overhead']:.3f}")
-    doc = {"runs": results, "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    doc = {"runs": results, "machine": machine(),
            "note": "puts/s through the store on loopback; full = tenant at its quota, every timed put evicts one "
                    "document in its commit; room = no quota"}
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(doc, indent=2))
+        write_json(a.json, doc)
         console.print(f"wrote {a.json}")
 
 

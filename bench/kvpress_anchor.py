@@ -20,13 +20,13 @@ fraction they report saves no bytes.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 
+from bench import write_json
 from bench.quality import DEFAULT_KEPT, build_cases, is_correct, print_table
 
 DEFAULT_PRESSES = ("streaming_llm", "snapkv", "knorm", "expected_attention", "tova", "observed_attention",
@@ -146,8 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
             console.print(f"[dim]{name or 'full'} kept {k}: {sum(oks)}/{len(oks)}[/dim]")
     res["seconds"] = time.perf_counter() - t0
     print_table(console, res, f"kvpress anchor (full cache accuracy {res['full']:.2f})", kept)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=1))
+    write_json(args.json, res, indent=1)
     console.print(f"wrote {args.json} in {res['seconds']:.0f} s")
     return res
 

@@ -25,8 +25,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench import machine, write_json
 from headwise.cache import quant
 from headwise.cache.codec import decode, encode
 from headwise.cache.compact import CompactCache, LayerCache
@@ -248,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     console = Console(width=None if console_tty() else 160)
     runner = ModelRunner.from_pretrained(resolve_model_path(a.model))
-    out = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "threads": a.threads}
+    out = {"machine": machine(), "threads": a.threads}
     if a.ttft:
         import asyncio
 
@@ -270,8 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
             g.add_row(name, f"{r['kl_mean']:.2e}", f"{r['kl_max']:.2e}", f"{r['same_answer']:.2f}",
                       f"{r['rel_err_keys']:.4f}", f"{r['rel_err_values']:.4f}", f"{r['ratio_fp32']:.3f}")
         console.print(g)
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(out, indent=1))
+    write_json(a.json, out, indent=1)
     console.print(f"wrote {a.json}")
     return out
 

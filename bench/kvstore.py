@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -51,6 +49,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from bench import machine, write_json
 from bench.grpc_floor import floor_put, floor_stub, start_floor
 from headwise.cache.codec import encode, stored_nbytes
 from headwise.cache.compact import CompactCache
@@ -276,13 +275,12 @@ def main(argv: list[str] | None = None) -> None:
                       f"{doc['ratio_put_floor']:.2f} (paired {doc['ratio_put_floor_paired']:.2f}; bytes-only "
                       f"{doc['ratio_put_bytes_only_floor']:.2f})")
     doc.update({"caches": results, "tokens": a.tokens, "kept": a.kept, "repeats": a.repeats, "warmup": a.warmup,
-                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                "machine": machine(),
                 "note": "top-level MB/s figures are the full cache at the first precision (every cache has its own under caches); "
                         "MB = 1e6 bytes of codec wire bytes; put/get include encode/decode; *_bytes_only skip them; "
                         "stored_bytes: the kept cache; ratio_put_floor: lowest over the caches"})
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(doc, indent=2))
+        write_json(a.json, doc)
         console.print(f"wrote {a.json}")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from bench import quality
+from bench import quality, write_json
 
 PROBE_MODULES = ("argparse", "collections", "json", "logging", "email.message", "unittest", "typing", "re",
                  "datetime", "decimal", "functools", "itertools", "pathlib", "subprocess", "threading", "sqlite3",
@@ -208,8 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["quality"] = q
         quality.print_table(console, q, f"razor ablations, reuse regime (full {q['full']:.2f})", kept)
     res["seconds"] = time.perf_counter() - t0
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(res, indent=1))
+    write_json(args.json, res, indent=1)
     console.print(f"wrote {args.json} in {res['seconds']:.0f} s")
     return res
 

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from pathlib import Path
 
+from bench import write_json
 from cluster.client import Answer, HeadwiseClient
 from cluster.engine_demo import FACT, PREFIX, QUESTION, insert_fact
 
@@ -231,8 +231,7 @@ def main(argv: list[str] | None = None) -> None:
           f"service/in-process tok/s {res['service_tok_s'] / max(1e-9, res['inprocess_tok_s']):.2f} (target >= 0.85); "
           f"concurrent {res['concurrent_ok']}/{res['concurrent_total']}")
     if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(res, indent=2))
+        write_json(a.json, res)
 
 
 if __name__ == "__main__":

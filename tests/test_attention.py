@@ -18,7 +18,6 @@ from headwise.attention import BaseQueries
 from headwise.cache.compact import CompactCache, LayerCache
 from headwise.models.runner import DecodeStats
 from headwise.policies import get_policy
-from headwise.policies.base import CompressContext
 
 POLICIES = ["full", "streaming", "snapkv", "adakv", "razor", "taskkv", "ems", "ahakv", "kvzip", "pod"]
 ATOL = 1e-5
@@ -26,22 +25,22 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def runner():
-    """3 layers, 6 query heads over 3 KV heads (GQA like the default model), seconds on CPU."""
-    from headwise.models import ModelRunner
-    from tests.fixtures.models import tiny_llama
+    from tests.fixtures.models import tiny_gqa_runner
 
-    return ModelRunner(tiny_llama(layers=3, heads=6, kv_heads=3, hidden=96, seed=1), None, name="tiny-gqa")
+    return tiny_gqa_runner()
 
 
 @pytest.fixture(scope="module")
 def ctx(runner):
-    from headwise.profiles import compute_profile
+    from tests.fixtures.models import tiny_gqa_context
 
-    return CompressContext(num_layers=runner.num_layers, model_id=runner.name, profile=compute_profile(runner, segment=64))
+    return tiny_gqa_context(runner)
 
 
 def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    from tests.fixtures.models import random_ids
+
+    return random_ids(n, seed)
 
 
 def _cache(runner, ctx, name: str, n: int, seed: int) -> CompactCache:

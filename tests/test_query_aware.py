@@ -9,7 +9,7 @@ import torch
 from headwise.errors import InvalidInput
 from headwise.models.query_aware import document_state, prefill_query_aware, query_aware_names, supports_query_aware
 from headwise.policies import get_policy
-from headwise.policies.base import Capture, CompressContext
+from headwise.policies.base import Capture
 from headwise.policies.snapkv import window_scores
 
 # every window-based policy, and the settings docs/policies.md names for the regime
@@ -20,21 +20,22 @@ D, Q = 600, 24  # document >= 512 rows: the realised fraction must be within 1% 
 
 @pytest.fixture(scope="module")
 def runner():
-    from headwise.models import ModelRunner
-    from tests.fixtures.models import tiny_llama
+    from tests.fixtures.models import tiny_gqa_runner
 
-    return ModelRunner(tiny_llama(layers=3, heads=6, kv_heads=3, hidden=96, seed=1), None, name="tiny-gqa")
+    return tiny_gqa_runner()
 
 
 @pytest.fixture(scope="module")
 def ctx(runner):
-    from headwise.profiles import compute_profile
+    from tests.fixtures.models import tiny_gqa_context
 
-    return CompressContext(num_layers=runner.num_layers, model_id=runner.name, profile=compute_profile(runner, segment=64))
+    return tiny_gqa_context(runner)
 
 
 def _ids(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+    from tests.fixtures.models import random_ids
+
+    return random_ids(n, seed)
 
 
 DOC, QUESTION = _ids(D, 7), _ids(Q, 8)
