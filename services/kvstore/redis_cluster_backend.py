@@ -112,13 +112,3 @@ class RedisClusterBackend(RedisBackend):
 
     async def eviction_risk(self) -> str | None:
         return None  # each master's maxmemory policy is the deployment's to set (docs/deploy.md)
-
-    async def ping(self):
-        async with self.guard("PING"):
-            await self.r.ping()
-
-    async def close(self):
-        await self.r.aclose()
-        self._threads.shutdown(wait=False, cancel_futures=True)
-        self.sync.close()
-
