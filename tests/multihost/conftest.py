@@ -203,7 +203,7 @@ class RayCluster:
                  "--disable-usage-stats", f"--temp-dir=/tmp/hwmh-ray-{name}", "--object-store-memory=100000000"],
                 f"ray-{name}.log", env=ray_env())
 
-    def wait_nodes(self, n: int, timeout_s: float = 120) -> None:
+    def wait_nodes(self, n: int, timeout_s: float = 240) -> None:  # worker nodes joined after >120 s once, in a clean clone
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             r = self.head.run([sys.executable, "-c", f"import ray; ray.init(address='{self.head.addr}:{RAY_PORT}', log_to_driver=False); "
