@@ -26,8 +26,8 @@ import redis
 
 from headwise.cache.codec import MAX_CHUNK_BYTES
 from services.kvstore.memtune import tune_malloc
+from services.kvstore.protocol import GRPC_OPTIONS as OPTS
 from services.kvstore.redis_proc import start_redis
-from services.kvstore.server import GRPC_OPTIONS as OPTS
 
 
 def _ident(b: bytes) -> bytes:

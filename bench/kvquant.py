@@ -177,9 +177,9 @@ async def _reused_ttft(runner, tokens: int, rounds: int) -> dict:
     from services.decode.worker import DecodeWorker
     from services.kvstore.client import KVStoreClient
     from services.kvstore.redis_proc import start_redis
-    from services.prefill.store import StoreClients
     from services.prefill.worker import PrefillWorker
     from services.settings import Settings
+    from services.store import StoreClients
     from services.tenancy import TenantRegistry
 
     doc = document_tokens(runner.tokenizer, tokens)

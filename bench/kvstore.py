@@ -57,8 +57,8 @@ from headwise.documents import document_tokens
 from headwise.models import ModelRunner, resolve_model_path
 from headwise.policies import get_policy
 from services.kvstore.client import KVStoreClient, StoreError
+from services.kvstore.protocol import GRPC_OPTIONS
 from services.kvstore.redis_proc import free_port, start_redis
-from services.kvstore.server import GRPC_OPTIONS
 
 TOKEN = "bench-token"
 

@@ -138,7 +138,7 @@ def run(tokens: int, policy: str, kept: float, decode_tokens: int, cold_repeats:
     from headwise.documents import document_tokens
     from headwise.models import resolve_model_path
     from headwise.policies import policy_names
-    from services.prefill.worker import default_policy_name
+    from services.policy import default_policy_name
     from services.settings import Settings
 
     settings = Settings(tenant_max_streams=8)

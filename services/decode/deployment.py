@@ -20,11 +20,12 @@ from ray.serve.handle import DeploymentHandle
 
 from headwise.policies import policy_names
 from services.decode.worker import DecodeWorker
+from services.errors import ServiceError
+from services.handoff import CacheHandle, PrefillRequest
 from services.metrics import ray_metrics
 from services.openai_api.ingress import OpenAIIngress
 from services.openai_api.protocol import served_model
-from services.prefill.api import CacheHandle, PrefillRequest, ServiceError
-from services.prefill.deployment import load_runner, make_settings, make_stores
+from services.replica import load_runner, make_settings, make_stores
 from services.tenancy import TenantRegistry
 
 log = logging.getLogger("headwise.decode")

@@ -6,8 +6,8 @@ import math
 
 from headwise.errors import InvalidInput
 from headwise.models.sampling import SamplingParams
-from services.prefill.api import invalid
-from services.prefill.worker import resolve_policy
+from services.errors import invalid
+from services.policy import resolve_policy
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256

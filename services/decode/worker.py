@@ -25,10 +25,11 @@ from headwise.models.runner import DecodeStats
 from services.asyncutil import quiet
 from services.decode.batcher import DecodeBatcher
 from services.decode.request import check_request
+from services.errors import ServiceError, exhausted
+from services.handoff import NOT_STORED, CacheHandle, PrefillRequest
 from services.metrics import Metrics
-from services.prefill.api import NOT_STORED, CacheHandle, PrefillRequest, ServiceError, exhausted
-from services.prefill.store import fallback_status
 from services.protos.headwise.v1 import generate_pb2 as pb
+from services.store import fallback_status
 from services.tenancy import TenantRegistry
 
 log = logging.getLogger("headwise.decode")

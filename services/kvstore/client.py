@@ -42,7 +42,7 @@ from headwise.cache.codec import (
     encode_streaming,
 )
 from headwise.cache.compact import CompactCache
-from services.kvstore.server import GRPC_OPTIONS, SERVICE, TENANT_HEADER, TOKEN_HEADER
+from services.kvstore.protocol import GRPC_OPTIONS, SERVICE, TENANT_HEADER, TOKEN_HEADER
 from services.kvstore.wire import chunk_message, parse_get_response, serialize
 from services.protos.headwise.v1 import kvstore_pb2 as pb
 from services.protos.headwise.v1 import kvstore_pb2_grpc as pb_grpc

@@ -33,6 +33,7 @@ from headwise.cache.codec import (
 )
 from services.kvstore.backend import Backend, BackendUnavailable, MemoryBackend, SegmentTooLarge, StoreFull
 from services.kvstore.metrics import StoreMetrics
+from services.kvstore.protocol import GRPC_OPTIONS, LIVENESS, MAX_FRAME, SERVICE, TENANT_HEADER, TOKEN_HEADER
 from services.kvstore.settings import KVStoreSettings
 from services.kvstore.wire import RawChunk, add_kvstore_handlers, chunk_message
 from services.protos.headwise.v1 import kvstore_pb2 as pb
@@ -40,24 +41,14 @@ from services.protos.headwise.v1 import kvstore_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-TOKEN_HEADER = "x-headwise-service-token"
-TENANT_HEADER = "x-headwise-tenant"
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SEGMENT_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-MAX_FRAME = MAX_CHUNK_BYTES + FRAME_OVERHEAD
-MAX_MESSAGE = 8 << 20  # gRPC cap, above MAX_FRAME so an oversize chunk gets our precise message
-GRPC_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
 MAX_LOOKUP_KEYS = 1024
 MAX_RECORD_BYTES = 1 << 20
 MAX_TTL_S = 30 * 86400.0  # leases and records: at most 30 days
 GET_BATCH = 4  # chunks per backend read; the next batch is fetched while this one is sent
 RECALL_PIECE = MAX_CHUNK_BYTES  # a recall blob goes back in pieces of this size (any blob fits gRPC's cap)
 INTERNAL_MESSAGE = "internal error in the KV store (logged there); nothing was changed by this call"
-SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"].full_name
-# gRPC health names. "" and SERVICE are readiness: SERVING only while Redis answers. LIVENESS is
-# SERVING as long as the process's event loop runs (the health servicer answers from that loop,
-# and the Redis watcher's death turns it NOT_SERVING): a Redis outage must not restart the store.
-LIVENESS = "liveness"
 
 
 @dataclass

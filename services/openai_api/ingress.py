@@ -20,8 +20,8 @@ from typing import AsyncIterator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from services.errors import ServiceError
 from services.openai_api import protocol as p
-from services.prefill.api import ServiceError
 from services.protos.headwise.v1 import generate_pb2 as pb
 
 log = logging.getLogger("headwise.openai")

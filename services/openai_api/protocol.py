@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 from services.decode.request import MAX_STOP_BYTES, MAX_STOP_STRINGS, MAX_TEXT_BYTES
-from services.prefill.api import ServiceError
+from services.errors import ServiceError
 from services.protos.headwise.v1 import generate_pb2 as pb
 
 MAX_BODY_BYTES = 4 * MAX_TEXT_BYTES  # a document at the text limit, JSON-escaped, with its turns

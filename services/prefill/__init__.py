@@ -1,5 +1,6 @@
 """Prefill: tokenize, reuse what the store holds, run the model over the rest, compress, store.
 
-`api` is what decode sends and receives (picklable dataclasses, no tensors but the first
-token's logits); `worker` is the Ray-free logic; `deployment` wraps it as a Ray Serve deployment.
+`worker` is the Ray-free logic; `deployment` wraps it as a Ray Serve deployment. What it is sent
+and answers (services/handoff.py), the store it uses (services/store.py) and the policy resolution
+(services/policy.py) are shared with decode, so they live in services/.
 """

@@ -28,24 +28,15 @@ from headwise.cache.compact import CompactCache
 from headwise.cache.keys import chain_keys, segment_key
 from headwise.errors import InvalidInput
 from headwise.models.query_aware import check_query_aware
-from headwise.policies import Policy, get_policy, policy_names
+from headwise.policies import Policy
 from headwise.policies.full import FullPolicy
-from headwise.prompt import build_segments
+from headwise.prompt import build_segments, followup_ids
 from services.asyncutil import quiet
+from services.errors import ServiceError, invalid
+from services.handoff import BYPASSED, COMPRESSING, PARTIAL, PRIVATE, REUSED, STORED, CacheHandle, PrefillRequest
 from services.metrics import Metrics
-from services.prefill.api import (
-    BYPASSED,
-    COMPRESSING,
-    PARTIAL,
-    PRIVATE,
-    REUSED,
-    STORED,
-    CacheHandle,
-    PrefillRequest,
-    ServiceError,
-    invalid,
-)
-from services.prefill.store import NotStored, fallback_status
+from services.policy import resolve_policy
+from services.store import NotStored, fallback_status
 
 log = logging.getLogger("headwise.prefill")
 FILL_POLL_S = 0.25  # how often a request waiting for another replica's computation looks again
@@ -55,8 +46,6 @@ QUERY_AWARE_DEFAULT = "snapkv"  # an empty policy in a query-aware request (the 
 HANDOFF_WAIT_S = 5.0  # a deferred compression waits this long at most for decode to fetch the exact rows
 HANDOFF_POLL_S = 0.05
 
-_A, _B, _C = "\x00HW_A\x00", "\x00HW_B\x00", "\x00HW_C\x00"
-
 
 def codec_version() -> int:
     try:
@@ -65,27 +54,6 @@ def codec_version() -> int:
         return int(CODEC_VERSION)
     except ImportError:  # the codec lands with the kvstore; keys only need a stable number
         return 1
-
-
-def default_policy_name(configured: str) -> str:
-    """The configured default when it exists, else the best available query-agnostic one."""
-    names = policy_names()
-    for name in (configured, "kvzip", "razor", "streaming", "full"):
-        if name in names:
-            return name
-    return names[0]
-
-
-def resolve_policy(name: str, kept: float, default_name: str, default_kept: float) -> Policy:
-    """A Policy for a request: empty name / zero kept take the server defaults."""
-    name = name or default_policy_name(default_name)
-    kept = float(kept) if kept else default_kept
-    try:
-        return get_policy(name, kept=kept)
-    except InvalidInput as e:
-        raise invalid(str(e)) from None
-    except TypeError as e:  # a policy without a `kept` setting
-        raise invalid(f"policy {name!r} rejected kept={kept}: {e}") from None
 
 
 def resolve_precision(name: str, default: str) -> str:
@@ -99,20 +67,6 @@ def resolve_precision(name: str, default: str) -> str:
 def describe(policy: Policy) -> str:
     params = {k: v for k, v in policy.params().items() if k != "policy"}
     return f"{policy.name}(" + ", ".join(f"{k}={v}" for k, v in params.items()) + ")"
-
-
-def followup_ids(tokenizer, last_answer: list[int], eos_ids: frozenset[int], question: str, prefix: str) -> list[int]:
-    """Tokens of a later turn: the previous answer, the template between turns, the question."""
-    msgs = [{"role": "user", "content": _A}, {"role": "assistant", "content": _B}, {"role": "user", "content": _C}]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        between, tail = text.split(_B)[1].split(_C)
-    else:
-        between, tail = "\n\n", "\n\nAnswer: "
-    answer = list(last_answer)
-    if answer and answer[-1] in eos_ids:  # the template between turns writes the end of turn itself
-        answer = answer[:-1]
-    return answer + list(tokenizer(between + question + tail + prefix, add_special_tokens=False).input_ids)
 
 
 @dataclass

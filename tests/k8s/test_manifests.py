@@ -95,7 +95,7 @@ def test_redis_persistence_patch_renders_and_validates():
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kvstore_has_grpc_health_probes(overlay):
-    from services.kvstore.server import LIVENESS
+    from services.kvstore.protocol import LIVENESS
 
     kv = find(build(K8S_DIR / "overlays" / overlay), "Deployment", "kvstore")["spec"]["template"]["spec"]["containers"][0]
     assert kv["readinessProbe"]["grpc"]["port"] == kv["livenessProbe"]["grpc"]["port"] == 50051

@@ -10,7 +10,7 @@ from rich.console import Console
 from bench.grpc_floor import floor_stub, start_floor
 from bench.kvstore import bench_cache, table
 from headwise.cache.codec import encode, stored_nbytes
-from services.kvstore.server import GRPC_OPTIONS
+from services.kvstore.protocol import GRPC_OPTIONS
 from tests.kvstore.conftest import big_cache
 
 

@@ -56,7 +56,7 @@ async def test_liveness_stays_serving_while_readiness_follows_redis(own_redis) -
     watcher, while liveness (what the k8s livenessProbe asks) stays SERVING; both recover."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from services.kvstore.server import LIVENESS, SERVICE
+    from services.kvstore.protocol import LIVENESS, SERVICE
 
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     svc = await start_service(settings(own_redis.url, redis_deadline_s=0.5))

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from headwise.cache.codec import CODEC_VERSION, MAX_CHUNK_BYTES, encode, encode_recall
 from services.kvstore.client import QuotaExceeded, StoreError
-from services.kvstore.server import TENANT_HEADER, TOKEN_HEADER
+from services.kvstore.protocol import TENANT_HEADER, TOKEN_HEADER
 from services.protos.headwise.v1 import kvstore_pb2 as pb
 from services.protos.headwise.v1 import kvstore_pb2_grpc as pb_grpc
 from tests.kvstore.conftest import TOKEN, big_cache, settings, small_cache, start_service

@@ -10,9 +10,9 @@ import torch
 from headwise.errors import InvalidInput
 from services.decode.batcher import DecodeBatcher
 from services.decode.worker import DecodeWorker
-from services.prefill.store import StoreClients
 from services.prefill.worker import PrefillWorker
 from services.settings import Settings
+from services.store import StoreClients
 from services.tenancy import TenantRegistry
 from tests.serving.fakes import MemoryFactory
 from tests.serving.test_workers import ByteTokenizer, ask

@@ -17,16 +17,16 @@ from headwise.models import ModelRunner, SamplingParams
 from headwise.policies import get_policy
 from headwise.prompt import build_segments
 from services.decode.worker import DecodeWorker
+from services.handoff import PrefillRequest
 from services.kvstore.client import KVStoreClient
 from services.kvstore.server import close_server, create_server, start_server
 from services.kvstore.settings import KVStoreSettings
 from services.metrics import RecordingMetrics
 from services.prefill import worker as worker_module
-from services.prefill.api import PrefillRequest
-from services.prefill.store import StoreClients
 from services.prefill.worker import PrefillWorker
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.settings import Settings
+from services.store import StoreClients
 from services.tenancy import TenantRegistry
 from tests.serving.test_workers import DOC, ByteTokenizer
 

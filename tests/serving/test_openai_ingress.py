@@ -12,10 +12,10 @@ import pytest
 
 from services.decode.worker import DecodeWorker
 from services.openai_api.ingress import OpenAIIngress, asgi_app
-from services.prefill.store import StoreClients
 from services.prefill.worker import PrefillWorker
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.settings import Settings
+from services.store import StoreClients
 from services.tenancy import TenantRegistry
 from tests.serving.fakes import MemoryFactory
 from tests.serving.test_workers import DOC, ByteTokenizer

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from services.errors import ServiceError
 from services.openai_api import protocol as p
-from services.prefill.api import ServiceError
 from services.protos.headwise.v1 import generate_pb2 as pb
 
 LIMITS = p.Limits("m", 256, ("full", "kvzip", "streaming"))

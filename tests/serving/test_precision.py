@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from headwise.cache.codec import encoded_nbytes, stored_nbytes
-from services.prefill.api import ServiceError
+from services.errors import ServiceError
 from tests.serving.test_workers import ask, stack  # noqa: F401 - the fixture
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.prefill.api import ServiceError
+from services.errors import ServiceError
 from services.protos.headwise.v1 import generate_pb2 as pb
 from tests.kvstore.conftest import settings as store_settings
 from tests.kvstore.conftest import start_service

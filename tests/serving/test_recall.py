@@ -8,7 +8,7 @@ from headwise.attention import MergedShare
 from headwise.cache.compact import CompactCache, LayerCache, RecallTable
 from headwise.models.runner import DecodeStats
 from services.decode.worker import _RecallState
-from services.prefill.api import CacheHandle
+from services.handoff import CacheHandle
 
 
 def merged_layer(d: int = 4) -> LayerCache:

@@ -13,11 +13,11 @@ import asyncio
 import pytest
 
 from services.decode.worker import DecodeWorker
-from services.prefill.api import ServiceError
-from services.prefill.store import StoreClients
+from services.errors import ServiceError
 from services.prefill.worker import PrefillWorker
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.settings import Settings
+from services.store import StoreClients
 from services.tenancy import TenantRegistry
 from tests.serving.fakes import MemoryFactory
 from tests.serving.test_workers import DOC, ByteTokenizer, ask
@@ -101,7 +101,7 @@ async def test_store_down_falls_back_to_each_replicas_own_limit_and_sessions(rep
 
 async def test_two_prefill_replicas_compute_a_new_document_once(tiny_model):
     from headwise.models import ModelRunner
-    from services.prefill.api import PrefillRequest
+    from services.handoff import PrefillRequest
 
     compressed = []
 

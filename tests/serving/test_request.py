@@ -6,8 +6,8 @@ import pytest
 
 from headwise.policies import policy_names
 from services.decode.request import check_request
-from services.prefill.api import ServiceError
-from services.prefill.worker import default_policy_name, resolve_policy
+from services.errors import ServiceError
+from services.policy import default_policy_name, resolve_policy
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.settings import Settings
 

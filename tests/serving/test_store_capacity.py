@@ -17,11 +17,12 @@ import pytest
 import torch
 
 from services.decode.worker import DecodeWorker
-from services.prefill.api import PrefillRequest, ServiceError
-from services.prefill.store import StoreClients
+from services.errors import ServiceError
+from services.handoff import PrefillRequest
 from services.prefill.worker import PrefillWorker
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.settings import Settings, TenantLimits
+from services.store import StoreClients
 from services.tenancy import TenantRegistry
 from tests.kvstore.conftest import TOKEN, settings, start_service
 from tests.serving.test_workers import DOC, ByteTokenizer

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from services.prefill.api import ServiceError
+from services.errors import ServiceError
 from services.settings import Settings
 from services.tenancy import TenantRegistry, hash_key, load_tenants_file, parse_tenants_env, write_tenants_file
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 
 from services.decode.worker import DecodeWorker
-from services.prefill.api import ServiceError
-from services.prefill.store import StoreClients
+from services.errors import ServiceError
 from services.prefill.worker import PrefillWorker
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.settings import Settings
+from services.store import StoreClients
 from services.tenancy import TenantRegistry
 from tests.serving.fakes import MemoryFactory
 
@@ -159,7 +159,7 @@ async def test_concurrent_cold_requests_compute_the_context_once(tiny_model):
     import asyncio
 
     from headwise.models import ModelRunner
-    from services.prefill.api import PrefillRequest
+    from services.handoff import PrefillRequest
 
     runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
     compressed = []
@@ -188,7 +188,7 @@ async def test_a_failed_leader_lets_the_next_request_compute(tiny_model):
     import asyncio
 
     from headwise.models import ModelRunner
-    from services.prefill.api import PrefillRequest
+    from services.handoff import PrefillRequest
 
     runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
     real, calls = runner.prefill_segment, []

@@ -20,7 +20,7 @@ from typing import Any
 
 from headwise.cache.compact import CompactCache
 from services.asyncutil import settle
-from services.prefill.api import BYPASSED, NOT_STORED
+from services.handoff import BYPASSED, NOT_STORED
 
 log = logging.getLogger("headwise.store")
 

@@ -1,5 +1,7 @@
 """What decode asks prefill, and what prefill answers: the cache handle (DESIGN.md 2, steps 3-4).
 
+The contract between the two deployments, so it lives beside both rather than in either.
+
 These cross Ray between deployments, so they are plain picklable dataclasses. The handle
 names segments by key; the tensors stay in the KV store. The only tensors in a handle are
 the first token's logits and, when the store is unreachable, the inline segments (bypass).
@@ -15,26 +17,6 @@ from torch import Tensor
 STORED, REUSED, PARTIAL, BYPASSED, PRIVATE = "stored", "reused", "partial", "bypassed", "private"
 NOT_STORED = "not_stored"  # the store refused the cache (larger than the quota, store full): answered without it
 COMPRESSING = "compressing"  # answered from the exact cache; the compressed one is being computed and stored
-
-
-class ServiceError(Exception):
-    """An error that crosses to the client as a gRPC status: `code` is a grpc.StatusCode name."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __reduce__(self):  # keep code and message through pickling (Ray)
-        return (type(self), (self.code, self.message))
-
-
-def invalid(message: str) -> ServiceError:
-    return ServiceError("INVALID_ARGUMENT", message)
-
-
-def exhausted(message: str) -> ServiceError:
-    return ServiceError("RESOURCE_EXHAUSTED", message)
 
 
 @dataclass(frozen=True)
