@@ -7,20 +7,43 @@ import pytest
 import torch
 
 from headwise.errors import InvalidInput
-from headwise.policies import get_policy
+from headwise.policies import get_policy, policy_names
 from headwise.policies.base import CompressContext, keep_all
 
-POLICIES = ["snapkv", "adakv", "razor", "taskkv", "ems", "ahakv", "kvzip"]
+# every registered policy (a new policy file is tested without editing this list), plus the
+# setting combinations docs/policies.md names
+SETTINGS = ["razor:fill=kvzip", "razor:fill=snapkv", "razor:compensation=none", "pod:evict=kvzip",
+            "pod:block_score=max", "adakv:scorer=ahakv", "ems:log_weight=mass"]
+POLICIES = [n for n in policy_names() if n != "full"] + SETTINGS
 S = 600  # >= 512: the realised fraction must be within 1% of the request
 
 
+def build(spec: str, **kw):
+    """`name` or `name:setting=value` at the given settings."""
+    name, *settings = spec.split(":")
+    return get_policy(name, **kw, **dict(item.split("=", 1) for item in settings))
+
+
 @pytest.fixture(scope="module")
-def gqa_runner():
-    """3 layers, 6 query heads over 3 KV heads: GQA like the default model, seconds on CPU."""
+def gqa_runner(tmp_path_factory):
+    """3 layers, 6 query heads over 3 KV heads: GQA like the default model, seconds on CPU.
+    Named by its weights' hash, with a kvzap scorer trained on it in a private profile directory."""
     from headwise.models import ModelRunner
+    from headwise.profiles import weights_key
+    from headwise.profiles.scorer import forget_loaded, scorer_for
     from tests.fixtures.models import tiny_llama
 
-    return ModelRunner(tiny_llama(layers=3, heads=6, kv_heads=3, hidden=96, seed=1), None, name="tiny-gqa")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HEADWISE_PROFILE_DIR", str(tmp_path_factory.mktemp("profiles")))
+    forget_loaded()
+    model = tiny_llama(layers=3, heads=6, kv_heads=3, hidden=96, seed=1)
+    runner = ModelRunner(model, None, name=weights_key(ModelRunner(model, None, name="")))
+    g = torch.Generator().manual_seed(5)
+    scorer_for(runner, train=True, docs=[torch.randint(3, 250, (n,), generator=g).tolist() for n in (120, 150, 100)],
+               heldout=1)
+    yield runner
+    forget_loaded()
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +64,7 @@ def prefilled(gqa_runner):
     from headwise.policies.base import Capture
 
     ids = torch.randint(3, 250, (S,), generator=torch.Generator().manual_seed(7)).tolist()
-    return gqa_runner.prefill(ids, capture=Capture(window=64, column_sums=True, reconstruction=True))
+    return gqa_runner.prefill(ids, capture=Capture(window=64, column_sums=True, reconstruction=True, hidden=True))
 
 
 def _same(a, b) -> bool:
@@ -55,39 +78,64 @@ def _same(a, b) -> bool:
 @pytest.mark.parametrize("name", POLICIES)
 def test_full_budget_equals_full(name, prefilled, ctx):
     full = get_policy("full").compress(prefilled.states, prefilled.start, ctx)
-    out = get_policy(name, kept=1.0).compress(prefilled.states, prefilled.start, ctx)
+    out = build(name, kept=1.0).compress(prefilled.states, prefilled.start, ctx)
     assert _same(out, full)
 
 
 @pytest.mark.parametrize("kept", [0.5, 0.25, 0.1])
 @pytest.mark.parametrize("name", POLICIES)
 def test_realised_fraction_and_raggedness(name, kept, prefilled, ctx):
-    out = get_policy(name, kept=kept).compress(prefilled.states, prefilled.start, ctx)
+    out = build(name, kept=kept).compress(prefilled.states, prefilled.start, ctx)
     assert abs(out.kept_fraction() - kept) <= 0.01
     for layer in out.layers:
         rows = int(layer.head_offsets[-1])
-        # rows are really gone: storage holds exactly the kept rows, nothing masked
-        assert layer.keys.shape[0] == layer.values.shape[0] == layer.positions.numel() == rows
+        # rows are really gone: storage holds exactly the kept rows, nothing masked (PoD's distant
+        # rows hold a value and no key)
+        keyless = 0 if layer.distant is None else int(layer.distant.sum())
+        assert layer.keys.shape[0] + keyless == layer.values.shape[0] == layer.positions.numel() == rows
         assert layer.log_weights.numel() == layer.recall_ids.numel() == rows
         assert int(layer.head_lengths().sum()) == rows < layer.num_heads * S
     assert out.nbytes < out.full_nbytes()
 
 
 @pytest.mark.parametrize("name", POLICIES)
+def test_merged_rows_consistent(name, prefilled, ctx):
+    """Every original token is kept, merged into exactly one row (with a recall handle to its
+    original key and value), or evicted; a synthetic row always has a handle."""
+    out = build(name, kept=0.25).compress(prefilled.states, prefilled.start, ctx)
+    for layer, st in zip(out.layers, prefilled.states, strict=True):
+        for h in range(layer.num_heads):
+            a, b = int(layer.head_offsets[h]), int(layer.head_offsets[h + 1])
+            seen = []
+            for r in range(a, b):
+                rid, pos = int(layer.recall_ids[r]), int(layer.positions[r])
+                if rid < 0:
+                    assert pos >= 0
+                    seen.append(pos)
+                    continue
+                assert pos == -1 and int(layer.recall.heads[rid]) == h
+                where, keys, values = layer.recall.group(rid)
+                idx = where - prefilled.start
+                assert torch.equal(keys, st.keys[h, idx]) and torch.equal(values, st.values[h, idx])
+                seen += where.tolist()
+            assert len(seen) == len(set(seen)) and set(seen) <= set(range(prefilled.start, prefilled.start + S))
+
+
+@pytest.mark.parametrize("name", POLICIES)
 def test_deterministic(name, prefilled, ctx):
-    p = get_policy(name, kept=0.25)
+    p = build(name, kept=0.25)
     assert _same(p.compress(prefilled.states, 0, ctx), p.compress(prefilled.states, 0, ctx))
 
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_query_agnostic_by_default(name):
-    assert get_policy(name, kept=0.5).reusable is True
+    assert build(name, kept=0.5).reusable is True
 
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_generation_over_compressed_cache(name, gqa_runner, ctx):
     ids = torch.randint(3, 250, (520,), generator=torch.Generator().manual_seed(3)).tolist()
-    seg = gqa_runner.prefill_segment(ids, policy=get_policy(name, kept=0.25), ctx=ctx)
+    seg = gqa_runner.prefill_segment(ids, policy=build(name, kept=0.25), ctx=ctx)
     q = gqa_runner.prefill_segment([5, 6, 7], seg.cache)
     assert torch.isfinite(q.logits).all()
     toks = list(gqa_runner.generate(q.cache, q.logits))

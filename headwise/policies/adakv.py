@@ -7,8 +7,17 @@ from torch import Tensor
 
 from headwise.cache.compact import LayerCache
 from headwise.errors import InvalidInput
-from headwise.policies.base import CompressContext, LayerState, Policy, ScorerPolicy, gather_rows, keep_all
-from headwise.policies.snapkv import check_budget, check_ints
+from headwise.policies.base import (
+    CompressContext,
+    LayerState,
+    Policy,
+    ScorerPolicy,
+    check_budget,
+    check_ints,
+    gather_rows,
+    keep_all,
+    keep_top,
+)
 
 
 def head_budgets(scores: Tensor, free: int, alpha: float) -> tuple[Tensor, Tensor]:
@@ -35,15 +44,16 @@ def head_budgets(scores: Tensor, free: int, alpha: float) -> tuple[Tensor, Tenso
 class AdaKVPolicy(Policy):
     """AdaKV (ALGORITHMS.md 6.5): head-wise budgets inside a layer, wrapping a scorer.
 
-    The wrapped scorer (`scorer`, default snapkv with its own defaults) scores every row;
-    the layer's free budget Hkv x (B - sinks - window) goes to the globally best rows, and
+    The wrapped scorer (`scorer`: a ScorerPolicy instance, or a registered scorer's name,
+    built with this policy's kept/window/sinks; default snapkv) scores every row; the
+    layer's free budget Hkv x (B - sinks - window) goes to the globally best rows, and
     head h gets b_h = count_h (1 - alpha) + alpha (B - sinks - window) ([F] alpha = 0.2),
     rounded by largest remainder so the layer total is exact. No score normalisation
     (kvpress default). Every head keeps sinks + window + b_h rows: ragged for real.
     """
 
     name = "adakv"
-    scorer: str = "snapkv"
+    scorer: ScorerPolicy | str = "snapkv"
     alpha: float = 0.2
     window: int = 32
     sinks: int = 4
@@ -53,21 +63,29 @@ class AdaKVPolicy(Policy):
         check_ints(self, window=self.window, sinks=self.sinks)
         if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
             raise InvalidInput(f"policy 'adakv': alpha={self.alpha!r} must be in [0, 1]")
-        _ = self.inner  # validates the scorer name
+        if not isinstance(self.scorer, ScorerPolicy):
+            object.__setattr__(self, "scorer", self._build(self.scorer))  # frozen: set once, here
 
-    @property
-    def inner(self) -> ScorerPolicy:
+    def _build(self, name) -> ScorerPolicy:
         from headwise.policies import _discover
 
-        cls = _discover().get(self.scorer)
-        if cls is None or not issubclass(cls, ScorerPolicy) or cls is AdaKVPolicy:
+        cls = _discover().get(name) if isinstance(name, str) else None
+        if cls is None or not issubclass(cls, ScorerPolicy):
             allowed = sorted(n for n, c in _discover().items() if issubclass(c, ScorerPolicy))
-            raise InvalidInput(f"policy 'adakv': scorer {self.scorer!r} is not a scorer; allowed: {', '.join(allowed)}")
+            raise InvalidInput(f"policy 'adakv': scorer {name!r} is not a scorer; allowed: {', '.join(allowed)}")
         return cls(kept=self.kept, window=self.window, sinks=self.sinks)
+
+    def params(self) -> dict:
+        """The scorer by name when it is the one its name builds (the segment key as for a name),
+        else by all its settings."""
+        out = super().params()
+        s = self.scorer
+        out["scorer"] = s.name if s == self._build(s.name) else s.params()
+        return out
 
     @property
     def capture(self):
-        return self.inner.capture
+        return self.scorer.capture
 
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S = state.num_tokens
@@ -75,13 +93,6 @@ class AdaKVPolicy(Policy):
         if b >= S:
             return keep_all(state)
         check_budget(self, b, self.sinks + self.window)
-        scores = self.inner.score(state, ctx).float()  # [Hkv, S]
-        cand = scores[:, self.sinks : S - self.window]  # [Hkv, M] rows not protected
-        _, budgets = head_budgets(cand, b - self.sinks - self.window, self.alpha)
-        keep = []
-        for h in range(state.num_kv_heads):
-            top = cand[h].topk(int(budgets[h])).indices + self.sinks
-            idx = torch.cat([torch.arange(self.sinks, device=top.device), top, torch.arange(S - self.window, S, device=top.device)])
-            keep.append(idx.sort().values)
-        return gather_rows(state, keep)
-
+        scores = self.scorer.score(state, ctx).float()  # [Hkv, S]
+        _, budgets = head_budgets(scores[:, self.sinks : S - self.window], b - self.sinks - self.window, self.alpha)
+        return gather_rows(state, keep_top(scores, budgets.tolist(), self.sinks, self.window))

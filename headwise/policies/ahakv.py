@@ -5,8 +5,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from headwise.policies.base import CompressContext, LayerState, ScorerPolicy
-from headwise.policies.snapkv import check_ints, group_reduce, pool1d, window_scores
+from headwise.policies.base import CompressContext, LayerState, ScorerPolicy, check_ints
+from headwise.policies.scoring import group_reduce, pool1d, window_scores
 
 
 @dataclass(frozen=True)

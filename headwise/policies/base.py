@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
+import torch
 from torch import Tensor
 
 from headwise.cache.compact import CompactCache, LayerCache
@@ -83,6 +84,7 @@ class Policy:
 
     name: ClassVar[str] = ""
     reusable: ClassVar[bool] = True  # query-agnostic: the result may be stored and reused
+    needs_profile: ClassVar[bool] = False  # compress reads ctx.profile (a HeadProfile: razor, pod)
     kept: float = 1.0
 
     def __post_init__(self) -> None:
@@ -134,6 +136,62 @@ def keep_all(state: LayerState) -> LayerCache:
     return LayerCache.from_dense(state.keys, state.values, state.positions)
 
 
+class HeadRows(NamedTuple):
+    """One head's rows as a policy builds them (merged rows included), before LayerCache.from_heads."""
+
+    keys: Tensor  # [n, d]
+    values: Tensor  # [n, d]
+    positions: Tensor  # [n] int64, -1 for a merged (synthetic) row
+    log_weights: Tensor  # [n] fp32
+    recall_ids: Tensor  # [n] int64, head-local index into `groups` or NO_RECALL
+    groups: list  # (head, sorted original row indices) behind each merged row, in recall-id order
+
+
+def rows_cache(rows: list[HeadRows], recall=None) -> LayerCache:
+    """A LayerCache from each head's HeadRows (recall ids must already be layer-wide)."""
+    return LayerCache.from_heads([r.keys for r in rows], [r.values for r in rows], [r.positions for r in rows],
+                                 [r.log_weights for r in rows], [r.recall_ids for r in rows], recall=recall)
+
+
+def keep_top(scores: Tensor, counts: int | list[int], sinks: int, window: int) -> list[Tensor]:
+    """The policy template: per head, the first `sinks` and last `window` rows plus the
+    top-scored counts[h] rows between them, sorted (int64 indices; gather_rows takes them).
+
+    scores: [H, S] (higher is kept); counts: one count for every head or one per head,
+    clamped to the rows between sinks and window.
+    """
+    H, S = scores.shape
+    mid = scores[:, sinks : S - window]  # [H, M] rows that compete
+    dev = scores.device
+    forced = [torch.arange(sinks, device=dev), torch.arange(S - window, S, device=dev)]
+    if isinstance(counts, int):
+        top = mid.topk(min(counts, mid.shape[1]), dim=-1).indices + sinks  # [H, k]
+        return list(torch.cat([forced[0].expand(H, -1), top, forced[1].expand(H, -1)], 1).sort(dim=-1).values)
+    out = []
+    for h, k in enumerate(counts):
+        top = mid[h].topk(min(int(k), mid.shape[1])).indices + sinks
+        out.append(torch.cat([forced[0], top, forced[1]]).sort().values)
+    return out
+
+
+def keep_top_global(scores: Tensor, budget: int, sinks: int, window: int) -> Tensor:
+    """The template over a whole model: [L, H, S] scores -> [L, H, S] bool, the `budget` rows
+    kept, every (layer, head)'s first `sinks` and last `window` rows forced, the rest the top
+    of all layers and heads at once (so heads hold different numbers of rows)."""
+    s = scores.float().clone()
+    s[..., :sinks] = float("inf")
+    if window:
+        s[..., s.shape[-1] - window :] = float("inf")
+    keep = torch.zeros(s.numel(), dtype=torch.bool, device=s.device)  # the topk indices live there
+    keep[s.flatten().topk(budget).indices] = True
+    return keep.view(s.shape)
+
+
+def gather_mask(state: LayerState, keep: Tensor) -> LayerCache:
+    """Keep the rows where keep[h] ([Hkv, S] bool) is set."""
+    return gather_rows(state, [keep[h].nonzero().flatten() for h in range(keep.shape[0])])
+
+
 def gather_rows(state: LayerState, indices: list[Tensor]) -> LayerCache:
     """Keep rows indices[h] (sorted, int64) of each head h."""
     ks = [state.keys[h, idx] for h, idx in enumerate(indices)]
@@ -169,9 +227,5 @@ class ScorerPolicy(Policy):
         if b >= S:
             return keep_all(state)
         check_budget(self, b, self.sinks + self.window)
-        scores = self.score(state, ctx).float().clone()  # [Hkv, S]
-        scores[:, : self.sinks] = float("inf")
-        if self.window:
-            scores[:, S - self.window :] = float("inf")
-        idx = scores.topk(b, dim=-1).indices.sort(dim=-1).values  # [Hkv, b]
-        return gather_rows(state, list(idx))
+        scores = self.score(state, ctx).float()  # [Hkv, S]
+        return gather_rows(state, keep_top(scores, b - self.sinks - self.window, self.sinks, self.window))

@@ -8,8 +8,19 @@ from torch import Tensor
 
 from headwise.cache.compact import NO_RECALL, LayerCache, RecallTable
 from headwise.errors import InvalidInput
-from headwise.policies.base import Capture, CompressContext, LayerState, Policy, keep_all
-from headwise.policies.snapkv import check_budget, check_ints, group_reduce, window_scores
+from headwise.policies.base import (
+    Capture,
+    CompressContext,
+    HeadRows,
+    LayerState,
+    Policy,
+    check_budget,
+    check_ints,
+    keep_all,
+    keep_top,
+    rows_cache,
+)
+from headwise.policies.scoring import group_reduce, window_scores
 
 LOG_WEIGHTS = ("none", "count", "mass")
 
@@ -77,10 +88,11 @@ class EMSPolicy(Policy):
 
     def plan(self, keys: Tensor, values: Tensor, score: Tensor, n_c: int) -> HeadMerge:
         """Classes of one head over its prefix rows. keys/values [P, d]; score [P]."""
-        s = score.clone()
-        s[: self.sinks] = float("inf")
-        order = s.argsort(descending=True, stable=True)
-        centers, rest = order[:n_c], order[n_c:]
+        centers = keep_top(score[None], n_c - self.sinks, self.sinks, 0)[0]  # sinks + the top: [n_c] sorted
+        left = torch.ones_like(score, dtype=torch.bool)
+        left[centers] = False
+        rest = left.nonzero().flatten()
+        rest = rest[score[rest].argsort(descending=True, stable=True)]  # candidates, best first
         sparsity = float(score[centers].sum() / score.sum().clamp_min(1e-30))
         cand = rest[: int(self.candidates * (n_c + self.window))]
         nk, nv = F.normalize(keys.float(), dim=-1), F.normalize(values.float(), dim=-1)
@@ -98,16 +110,10 @@ class EMSPolicy(Policy):
         check_budget(self, b, self.sinks + W)
         score = self.score(state)
         rows = [self.merge_head(state, h, score[h], b - W) for h in range(state.num_kv_heads)]
-        groups = [g for r in rows for g in r[5]]
-        recall = _recall(state, groups) if groups else None
-        shift = 0
-        for r in rows:  # recall ids are per layer: offset each head's local ids
-            r[4][r[4] >= 0] += shift
-            shift += len(r[5])
-        return LayerCache.from_heads(*[[r[i] for r in rows] for i in range(5)], recall=recall)
+        return merged_layer(state, rows)
 
-    def merge_head(self, state: LayerState, h: int, score: Tensor, n_c: int):
-        """Rows of head h: merged centres, then the window. Returns per-row tensors and recall groups."""
+    def merge_head(self, state: LayerState, h: int, score: Tensor, n_c: int) -> HeadRows:
+        """Rows of head h: merged centres, then the window, with the recall groups behind merged rows."""
         S, W = state.num_tokens, self.window
         P = S - W
         k, v = state.keys[h, :P], state.values[h, :P]
@@ -140,12 +146,22 @@ class EMSPolicy(Policy):
         for j in merged.nonzero().flatten().tolist():
             rid[j] = len(groups)
             groups.append((h, torch.cat([c[j : j + 1], plan.members[tgt == j]]).sort().values))
-        win = torch.arange(P, S, device=k.device)
-        return (
+        return HeadRows(
             torch.cat([keys, state.keys[h, P:]]), torch.cat([values, state.values[h, P:]]),
             torch.cat([pos, state.positions[P:]]), torch.cat([lw, torch.zeros(W, device=k.device)]),
             torch.cat([rid, torch.full((W,), NO_RECALL, dtype=torch.long, device=k.device)]), groups,
-        ) if win.numel() else (keys, values, pos, lw, rid, groups)
+        )
+
+
+def merged_layer(state: LayerState, rows: list[HeadRows]) -> LayerCache:
+    """One layer from each head's rows; head-local recall ids become layer-wide (offset by the
+    groups of the heads before)."""
+    groups = [g for r in rows for g in r.groups]
+    shift = 0
+    for r in rows:
+        r.recall_ids[r.recall_ids >= 0] += shift
+        shift += len(r.groups)
+    return rows_cache(rows, _recall(state, groups) if groups else None)
 
 
 def _recall(state: LayerState, groups: list[tuple[int, Tensor]]) -> RecallTable:

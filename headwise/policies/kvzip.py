@@ -3,7 +3,16 @@ from dataclasses import dataclass
 import torch
 
 from headwise.cache.compact import CompactCache
-from headwise.policies.base import Capture, CompressContext, LayerState, Policy, check_ints, gather_rows, keep_all
+from headwise.policies.base import (
+    Capture,
+    CompressContext,
+    LayerState,
+    Policy,
+    check_ints,
+    gather_mask,
+    keep_all,
+    keep_top_global,
+)
 
 
 @dataclass(frozen=True)
@@ -41,15 +50,8 @@ class KVzipPolicy(Policy):
         meta = {"policy": self.params()}
         if budget >= L * H * S:
             return CompactCache([keep_all(s) for s in states], start + S, start, meta)
-        scores = torch.stack([s.reconstruction for s in states]).float().clone()  # [L, H, S]
+        scores = torch.stack([s.reconstruction for s in states])  # [L, H, S]
         forced = min(self.sinks + self.window, budget // (L * H))
         sinks = min(self.sinks, forced)
-        window = forced - sinks
-        scores[..., :sinks] = float("inf")
-        if window:
-            scores[..., S - window :] = float("inf")
-        keep = torch.zeros(L * H * S, dtype=torch.bool, device=scores.device)  # the topk indices live there
-        keep[scores.flatten().topk(budget).indices] = True
-        keep = keep.view(L, H, S)
-        layers = [gather_rows(s, [keep[i, h].nonzero().flatten() for h in range(H)]) for i, s in enumerate(states)]
-        return CompactCache(layers, start + S, start, meta)
+        keep = keep_top_global(scores, budget, sinks, forced - sinks)  # [L, H, S] bool
+        return CompactCache([gather_mask(s, keep[i]) for i, s in enumerate(states)], start + S, start, meta)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
-from headwise.policies.base import Capture, CompressContext, LayerState, Policy, check_ints, keep_all
+from headwise.policies.base import Capture, CompressContext, LayerState, Policy, check_ints, keep_all, keep_top
 
 EVICTORS = ("snapkv", "kvzip", "none")
 BLOCK_SCORES = ("mean", "max")
@@ -223,14 +223,12 @@ class PoDPolicy(Policy):
         S = states[0].num_tokens
         counts = self.token_counts(S, base_of)
         scores = torch.stack([self.layer_scores(st, ctx) for st in states])  # [L, Hkv, S]
-        forced = proximal(S, self.sinks, self.window).to(scores.device)
+        forced = int(proximal(S, self.sinks, self.window).sum())
         out = {}
         for (b, h), layers in block_members(base_of).items():
             s = scores[layers, h]
             s = s.mean(0) if self.block_score == "mean" else s.amax(0)
-            s = s.masked_fill(forced, float("inf"))
-            top = s.argsort(descending=True, stable=True)[: counts[(b, h)]]
-            out[(b, h)] = top.sort().values
+            out[(b, h)] = keep_top(s[None], counts[(b, h)] - forced, self.sinks, self.window)[0]
         return out
 
     def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:

@@ -7,8 +7,17 @@ import torch
 
 from headwise.cache.compact import NO_RECALL, LayerCache, RecallTable
 from headwise.errors import InvalidInput
-from headwise.policies.base import Capture, CompressContext, LayerState, Policy, keep_all
-from headwise.policies.snapkv import check_budget, check_ints, group_reduce, window_scores
+from headwise.policies.base import (
+    Capture,
+    CompressContext,
+    LayerState,
+    Policy,
+    check_budget,
+    check_ints,
+    keep_all,
+    keep_top,
+)
+from headwise.policies.scoring import group_reduce, window_scores
 
 FILLS = ("recent", "snapkv", "kvzip")
 COMPENSATIONS = ("weighted", "plain", "none")
@@ -91,9 +100,7 @@ class RazorPolicy(Policy):
         """Sorted row indices a non-retrieval head keeps besides its compensation row: sinks first."""
         if score is None or n <= self.window:
             return torch.cat([torch.arange(sinks), torch.arange(S - n, S)])
-        mid = score[sinks : S - self.window].float()
-        top = mid.topk(n - self.window).indices.cpu() + sinks
-        return torch.cat([torch.arange(sinks), top.sort().values, torch.arange(S - self.window, S)])
+        return keep_top(score[None].float(), n - self.window, sinks, self.window)[0]
 
     def fill_scores(self, state: LayerState, Hkv: int):
         """[Hkv, S] scores of the rows a non-retrieval head may keep besides sinks and the last `window`,

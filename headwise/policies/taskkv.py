@@ -7,8 +7,18 @@ from torch import Tensor
 
 from headwise.cache.compact import LayerCache
 from headwise.errors import InvalidInput
-from headwise.policies.base import Capture, CompressContext, LayerState, Policy, gather_rows, keep_all
-from headwise.policies.snapkv import check_budget, check_ints, group_reduce, pool1d, window_scores
+from headwise.policies.base import (
+    Capture,
+    CompressContext,
+    LayerState,
+    Policy,
+    check_budget,
+    check_ints,
+    gather_rows,
+    keep_all,
+    keep_top,
+)
+from headwise.policies.scoring import group_reduce, pool1d, window_scores
 
 
 @dataclass(frozen=True)
@@ -75,16 +85,8 @@ class TaskKVPolicy(Policy):
         het = set(self.heterogeneous(C, state.values, f))
         score = pool1d(C, self.kernel, "avg")
         base, extra = divmod(layer_budget - S * len(het), n - len(het))
-        keep, j = [], 0
-        dev = state.keys.device
-        for g in range(n):
-            if g in het:
-                keep.append(torch.arange(S, device=dev))
-                continue
-            k = min(S, base + (j < extra)) - protected
-            j += 1
-            mid = score[g, self.sinks : S - self.recent]
-            sel = mid.topk(min(k, mid.numel())).indices + self.sinks
-            idx = torch.cat([torch.arange(self.sinks, device=dev), sel, torch.arange(S - self.recent, S, device=dev)])
-            keep.append(idx.sort().values)
-        return gather_rows(state, keep)
+        others = [g for g in range(n) if g not in het]
+        counts = [min(S, base + (j < extra)) - protected for j in range(len(others))]
+        rows = dict(zip(others, keep_top(score[others], counts, self.sinks, self.recent), strict=True))
+        rows.update({g: torch.arange(S, device=state.keys.device) for g in het})
+        return gather_rows(state, [rows[g] for g in range(n)])

@@ -1,0 +1,51 @@
+"""Scores the window-based policies share: window attention, GQA reduction, pooling.
+
+Each policy file stays one small class over these (SnapKV, AdaKV, AhaKV, Task-KV, EMS,
+RazorAttention's snapkv fill, PoD's eviction).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from headwise.attention import window_probs
+from headwise.errors import InvalidInput
+from headwise.policies.base import LayerState
+
+POOLINGS = ("avg", "max", "none")
+
+
+def group_reduce(x: Tensor, num_kv_heads: int, how: str = "mean") -> Tensor:
+    """[Hq, ...] -> [Hkv, ...] over each GQA group (query head h uses KV head h // G)."""
+    g = x.view(num_kv_heads, x.shape[0] // num_kv_heads, *x.shape[1:])
+    return getattr(g, how)(1) if how != "max" else g.amax(1)
+
+
+def pool1d(x: Tensor, kernel: int, kind: str = "avg") -> Tensor:
+    """Same-length 1-D pooling over the last (token) axis of [H, N]."""
+    if kind == "none" or kernel <= 1:
+        return x
+    k = kernel if kernel % 2 else kernel + 1  # odd kernel keeps the length with padding k//2
+    fn = F.avg_pool1d if kind == "avg" else F.max_pool1d
+    if kind == "avg":
+        return fn(x[:, None], k, stride=1, padding=k // 2, count_include_pad=False)[:, 0]
+    return fn(x[:, None], k, stride=1, padding=k // 2)[:, 0]
+
+
+def window_scores(state: LayerState, window: int, gain: Tensor | None = None) -> Tensor:
+    """Mean attention each key gets from the last `window` queries, per query head: [Hq, N] fp32.
+
+    In the query-aware regime (`state.window_keys` set) the window rows follow the segment:
+    the softmax runs over segment + window keys, causal within the window, as in one prefill
+    of both, and only the segment's N columns are returned.
+    """
+    qw = state.window_queries
+    if qw is None:
+        raise InvalidInput("this policy needs the window queries; prefill with the policy's capture")
+    qw = qw[:, -window:] if window else qw[:, -1:]
+    if state.window_keys is None:
+        return window_probs(qw, state.keys, state.scaling, gain).mean(1)
+    keys = torch.cat([state.keys, state.window_keys], 1)  # [Hkv, N + Q, d]: the window queries are the last of them
+    return window_probs(qw, keys, state.scaling, gain)[..., : state.num_tokens].mean(1)
