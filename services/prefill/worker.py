@@ -34,6 +34,7 @@ from headwise.prompt import build_segments, followup_ids
 from services.asyncutil import quiet
 from services.errors import ServiceError, invalid
 from services.handoff import BYPASSED, COMPRESSING, PARTIAL, PRIVATE, REUSED, STORED, CacheHandle, PrefillRequest
+from services.kvstore.errors import StoreError, StoreUnavailable
 from services.metrics import Metrics
 from services.policy import resolve_policy
 from services.store import NotStored, fallback_status
@@ -188,9 +189,9 @@ class PrefillWorker:
                 handle = await self._with_store(req, plan, policy)
             except ServiceError:
                 raise
-            except self.stores.errors[0] as e:  # any store failure: answer without the store
+            except StoreError as e:  # any store failure: answer without the store
                 log.warning("kvstore failed, answering without it: %s", e)
-                handle = await self._bypass(plan, [], None, fallback_status(e, self.stores.errors[1]))
+                handle = await self._bypass(plan, [], None, fallback_status(e))
         handle.policy = describe(policy)
         handle.prefill_s = time.perf_counter() - t0
         self.metrics.prefill(policy.name, handle.store_status, handle.prefill_s)
@@ -217,7 +218,7 @@ class PrefillWorker:
         that computes and stores the compressed cache afterwards (else None)."""
         try:
             n = 0 if req.recompute or not policy.reusable else await store.lookup(plan.keys[:-1])
-        except self.stores.errors[1] as e:
+        except StoreUnavailable as e:
             log.warning("kvstore unavailable, bypassing: %s", e)
             return await self._bypass(plan, [], None), None
         segs, wire = [], 0
@@ -243,9 +244,9 @@ class PrefillWorker:
                 wire += await store.put(plan.store_keys[i], res.segment, plan.precision)
                 if plan.store_keys[i] == plan.keys[i] and (i > 0 or policy.reusable):
                     self._remember(plan.keys[i], res.stored)
-            except (self.stores.errors[1], NotStored) as e:  # down, or refused the segment
+            except (StoreUnavailable, NotStored) as e:  # down, or refused the segment
                 log.warning("segment not stored, answering from the computed cache: %s", e)
-                return await self._bypass(plan, segs, (cache, logits), fallback_status(e, self.stores.errors[1])), None
+                return await self._bypass(plan, segs, (cache, logits), fallback_status(e)), None
         reused_tokens = sum(len(s) for s in plan.segments[:reused])
         status = PRIVATE if not policy.reusable else (STORED if reused == 0 else REUSED if reused == len(plan.segments) - 1 else PARTIAL)
         return self._handle(plan, segs, logits, reused_tokens, wire, status), None
@@ -277,7 +278,7 @@ class PrefillWorker:
         try:
             for key, c in zip(keys, computed, strict=True):
                 wire += await store.put(key, c.segment, plan.precision)
-        except (self.stores.errors[1], NotStored) as e:  # unreachable, or refused (larger than the quota)
+        except (StoreUnavailable, NotStored) as e:  # unreachable, or refused (larger than the quota)
             log.warning("exact cache handed to decode directly: %s", e)
             for key in keys:
                 asyncio.ensure_future(quiet(store.delete(key)))
@@ -326,7 +327,7 @@ class PrefillWorker:
         try:
             while time.monotonic() < give_up and await store.lookup([exact_key]) == 1:
                 await asyncio.sleep(HANDOFF_POLL_S)
-        except self.stores.errors[0] as e:
+        except StoreError as e:
             log.info("could not see whether decode fetched the exact cache: %s", e)
 
     def _plain_prefill(self, ids: list[int], policy: Policy, precision: str):
@@ -419,7 +420,7 @@ class PrefillWorker:
                     log.warning("waited %.0f s for another replica computing context %s; computing it here",
                                 FILL_MAX_WAIT_LEASES * ttl, key)
                     return None
-        except self.stores.errors[0] as e:
+        except StoreError as e:
             log.info("cluster-wide single flight skipped: %s", e)
             return None
         return name, holder
