@@ -30,6 +30,7 @@ from headwise.errors import InvalidInput
 from headwise.models.query_aware import check_query_aware
 from headwise.policies import Policy
 from headwise.policies.full import FullPolicy
+from headwise.profiles import profile_for
 from headwise.prompt import build_segments, followup_ids
 from services.asyncutil import quiet
 from services.errors import ServiceError, invalid
@@ -123,6 +124,23 @@ class PrefillWorker:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # ---- planning -----------------------------------------------------------------
+    @property
+    def model_dtype(self) -> str:
+        """The runtime dtype of the weights: an fp32 and a bf16 replica compute different rows."""
+        return str(self.runner.dtype).removeprefix("torch.")
+
+    def key_params(self, policy: Policy) -> dict:
+        """What of `policy` names its cache in the segment key: its parameters, and for a policy that
+        reads the head profile (razor, pod) that profile's fingerprint. The profile is loaded (or
+        computed) in the model thread before planning (`prefill`)."""
+        params = policy.params()
+        if getattr(policy, "needs_profile", False):
+            profile = profile_for(self.runner, compute=False)
+            if profile is None:
+                raise RuntimeError(f"the head profile of {self.runner.name} is not loaded; `prefill` loads it before planning")
+            params = {**params, "head_profile": profile.fingerprint()}
+        return params
+
     def plan(self, req: PrefillRequest, policy: Policy, precision: str = "fp32") -> _Plan:
         tok = self.runner.tokenizer
         if req.history:
@@ -137,14 +155,15 @@ class PrefillWorker:
         full = FullPolicy()
         policies = [policy] + [full] * (len(segments) - 1)
         salt = req.salt if policy.reusable else f"{req.salt}:{secrets.token_hex(8)}"
-        cv = codec_version()
-        keys = list(chain_keys(segments, self.runner.name, [p.params() for p in policies], cv, salt, precision))
+        cv, dtype = codec_version(), self.model_dtype
+        keys = list(chain_keys(segments, self.runner.name, [self.key_params(p) for p in policies], cv, salt, precision,
+                               dtype))
         store_keys, ephemeral = list(keys), []
         if not policy.reusable:
             ephemeral.append(keys[0])
         if not req.session:  # nobody will build on this question: one-request key, deleted by decode
             store_keys[-1] = segment_key(keys[-2] if len(keys) > 1 else None, segments[-1], self.runner.name,
-                                         full.params(), cv, f"{salt}:{secrets.token_hex(8)}", precision)
+                                         full.params(), cv, f"{salt}:{secrets.token_hex(8)}", precision, dtype)
             ephemeral.append(store_keys[-1])
         return _Plan(segments, policies, keys, store_keys, ephemeral, precision)
 
@@ -179,6 +198,8 @@ class PrefillWorker:
         default = QUERY_AWARE_DEFAULT if req.query_aware else self.settings.default_policy
         policy = resolve_policy(req.policy, req.kept, default, self.settings.default_kept)
         precision = resolve_precision(req.kv_precision, self.settings.default_kv_precision)
+        if getattr(policy, "needs_profile", False) and profile_for(self.runner, compute=False) is None:
+            await self._model(profile_for, self.runner)  # computed once per model, in the model thread
         plan = None if req.query_aware else self.plan(req, policy, precision)
         if plan is None:  # query-aware: private, the store is never asked
             handle = await self._query_aware(req, policy)
@@ -271,7 +292,7 @@ class PrefillWorker:
         segs, logits = [c.stored for c in computed], computed[-1].logits
         salt = f"{req.salt}:{secrets.token_hex(8)}"
         keys = list(chain_keys(plan.segments, self.runner.name, [full.params()] * len(segs), codec_version(), salt,
-                               plan.precision))
+                               plan.precision, self.model_dtype))
         exact = dataclasses.replace(plan, store_keys=keys, ephemeral=list(keys))
         later = functools.partial(self._compress_later, store, plan, policy, out, keys)
         wire = 0
