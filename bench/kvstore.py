@@ -56,7 +56,8 @@ from headwise.cache.compact import CompactCache
 from headwise.documents import document_tokens
 from headwise.models import ModelRunner, resolve_model_path
 from headwise.policies import get_policy
-from services.kvstore.client import KVStoreClient, StoreError
+from services.kvstore.client import KVStoreClient
+from services.kvstore.errors import StoreError
 from services.kvstore.protocol import GRPC_OPTIONS
 from services.kvstore.redis_proc import free_port, start_redis
 

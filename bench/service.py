@@ -138,11 +138,10 @@ def run(tokens: int, policy: str, kept: float, decode_tokens: int, cold_repeats:
     from headwise.documents import document_tokens
     from headwise.models import resolve_model_path
     from headwise.policies import policy_names
-    from services.policy import default_policy_name
     from services.settings import Settings
 
     settings = Settings(tenant_max_streams=8)
-    default = default_policy_name(settings.default_policy)
+    default = settings.default_policy  # registered: Settings checks it
     policy = policy or default
     policy = policy if policy in policy_names() else "streaming"
     cold_policies = [p for p in ("full", "kvzip", "kvzap") if p in policy_names()]

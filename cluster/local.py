@@ -10,7 +10,6 @@ local endpoints passed as the application's args.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -91,7 +90,10 @@ class LocalCluster:
                  max_replicas: int = 1, ports: str = "free", log=print):
         self.base = settings or Settings()
         self.tenants = dict(tenants or DEV_TENANTS)
-        self.tenant_limits = tenant_limits or {}
+        self.tenant_limits = tenant_limits or {}  # written into the tenants file this cluster writes
+        if self.tenant_limits and (self.base.tenants_file or self.base.tenants):
+            raise ValueError("tenant_limits go into the tenants file LocalCluster writes; with tenants_file or "
+                             "tenants configured, give each tenant's limits there")
         self.num_cpus = num_cpus
         self.max_replicas = max_replicas
         self.ports = ports  # "free": pick free ports; "settings": the configured ones
@@ -141,10 +143,9 @@ class LocalCluster:
 
     def start_kvstore(self, timeout_s: float = 30.0) -> None:
         s = self.settings
-        env = dict(os.environ, HEADWISE_SERVICE_TOKEN=s.service_token, HEADWISE_REDIS_URL=s.redis_url)
-        quotas = {t: {"quota_bytes": lim["quota_bytes"]} for t, lim in self.tenant_limits.items() if "quota_bytes" in lim}
-        if quotas:  # the store enforces each tenant's stored-bytes limit on put
-            env["HEADWISE_TENANT_LIMITS"] = json.dumps(quotas)
+        # the tenants decode authenticates are the store's too: it enforces each one's quota_bytes
+        env = dict(os.environ, HEADWISE_SERVICE_TOKEN=s.service_token, HEADWISE_REDIS_URL=s.redis_url,
+                   HEADWISE_TENANTS_FILE=s.tenants_file, HEADWISE_TENANTS=s.tenants)
         self.kvstore = subprocess.Popen(
             [sys.executable, "-m", "services.kvstore", "--port", str(s.kvstore_port), "--redis-url", s.redis_url],
             env=env, stdout=open(self.tmp / "kvstore.log", "ab"), stderr=subprocess.STDOUT,

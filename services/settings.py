@@ -1,4 +1,9 @@
-"""One settings object per process (pydantic-settings, env prefix HEADWISE_)."""
+"""One settings object per process (pydantic-settings, env prefix HEADWISE_).
+
+Validated where read: a bad value stops the process at start with a message naming the setting and
+what it allows (a dtype torch does not have, a default policy that is not registered, a replica range
+whose minimum is above its maximum), instead of failing, or quietly doing something else, later.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import json
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,7 +41,7 @@ class Settings(BaseSettings):
     # model
     model_path: str = Field("", description="HF model directory; empty = the installed default model")
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str = Field("float32", description="torch dtype of the weights: float32, bfloat16, float16")
 
     # ports and addresses
     grpc_port: int = Field(9000, description="Ray Serve gRPC proxy port (the client API: Generate)")
@@ -70,14 +75,14 @@ class Settings(BaseSettings):
         default_factory=dict, description="per-tenant overrides, JSON: {tenant: {quota_bytes, ttl_s}} (kvstore enforces)")
 
     # request defaults and limits
-    default_policy: str = "kvzip"
-    default_kept: float = 0.25
+    default_policy: str = Field("kvzip", description="policy of a request that names none (a registered one)")
+    default_kept: float = Field(0.25, gt=0, le=1, description="kept fraction of a request that gives 0")
     default_kv_precision: Literal["fp32", "bf16", "int8"] = Field(
         "fp32", description="precision of stored K/V rows when a request names none (Generate.kv_precision)")
     max_prompt_tokens: int = 8000
     max_new_tokens: int = 256
     recall_threshold: float = 0.2
-    decode_max_batch: int = Field(32, description="streams a decode replica steps together (continuous batching); "
+    decode_max_batch: int = Field(32, ge=1, description="streams a decode replica steps together (continuous batching); "
                                   "1 = one stream at a time")
     recall: bool = True
     torch_threads: int = Field(0, description="torch threads per prefill/decode replica; 0 = the replica's num_cpus")
@@ -95,8 +100,34 @@ class Settings(BaseSettings):
     prefill_num_gpus: float = 0.0
     decode_num_gpus: float = 0.0
 
-
     _tenant_limits = field_validator("tenant_limits", mode="before")(parse_tenant_limits)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        import torch
+
+        if not isinstance(getattr(torch, v, None), torch.dtype):
+            raise ValueError(f"dtype {v!r} is not a torch dtype; use float32, bfloat16 or float16")
+        return v
+
+    @field_validator("default_policy")
+    @classmethod
+    def _default_policy(cls, v: str) -> str:
+        from headwise.policies import policy_names
+
+        if v not in policy_names():
+            raise ValueError(f"default_policy {v!r} is not a registered policy; registered: {', '.join(policy_names())}")
+        return v
+
+    @model_validator(mode="after")
+    def _replicas(self) -> "Settings":
+        for side in ("prefill", "decode"):
+            lo, hi = getattr(self, f"{side}_min_replicas"), getattr(self, f"{side}_max_replicas")
+            if not 0 <= lo <= hi or hi < 1:
+                raise ValueError(f"{side}_min_replicas={lo} and {side}_max_replicas={hi}: need 0 <= min <= max "
+                                 f"and max >= 1")
+        return self
 
 
 @lru_cache(maxsize=1)

@@ -16,25 +16,14 @@ import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any
 
 from headwise.cache.compact import CompactCache
 from services.asyncutil import settle
 from services.handoff import BYPASSED, NOT_STORED
+from services.kvstore.client import KVStoreClient
+from services.kvstore.errors import StoreError, StoreUnavailable
 
 log = logging.getLogger("headwise.store")
-
-
-def _client_module():
-    from services.kvstore import client  # imported late: the store package is optional for unit tests
-
-    return client
-
-
-def store_errors() -> tuple[type[Exception], type[Exception], type[Exception]]:
-    """(StoreError, StoreUnavailable, QuotaExceeded) of the kvstore client."""
-    m = _client_module()
-    return m.StoreError, m.StoreUnavailable, m.QuotaExceeded
 
 
 class NotStored(Exception):
@@ -42,24 +31,23 @@ class NotStored(Exception):
     the cache prefill computed (the message says why, for the logs; never sent to a client)."""
 
 
-def fallback_status(e: Exception, unavailable: type[Exception]) -> str:
+def fallback_status(e: Exception) -> str:
     """What Figures.store_status says when a request went on without the store after `e`."""
-    return BYPASSED if isinstance(e, unavailable) else NOT_STORED
+    return BYPASSED if isinstance(e, StoreUnavailable) else NOT_STORED
 
 
 class TenantStore:
     """The store seen from one tenant's namespace, counting the bytes that cross the wire."""
 
-    def __init__(self, client: Any, breaker: "StoreClients"):
+    def __init__(self, client: KVStoreClient, breaker: "StoreClients"):
         self.client = client
         self.breaker = breaker
 
     async def _call(self, name: str, *args):
         self.breaker.check()
-        _, unavailable, _ = self.breaker.errors
         try:
             return await getattr(self.client, name)(*args)
-        except unavailable:
+        except StoreUnavailable:
             self.breaker.trip()
             raise
 
@@ -72,12 +60,11 @@ class TenantStore:
     async def put(self, key: str, cache: CompactCache, precision: str | None = None) -> int:
         """Bytes sent, rows at `precision` (None: the cache's own dtype); StoreUnavailable when the
         store is down, NotStored when it refused the segment."""
-        error, unavailable, _ = self.breaker.errors
         try:
             return int(await self._call("put", key, cache, precision))
-        except unavailable:
+        except StoreUnavailable:
             raise
-        except error as e:
+        except StoreError as e:
             log.warning("kvstore did not store segment %s: %s", key, e)
             raise NotStored(str(e)) from None
 
@@ -119,34 +106,27 @@ class TenantStore:
             try:
                 if not (await self.acquire(name, holder, limit, ttl_s))[0]:  # lapsed and taken meanwhile
                     log.warning("slot of %s lapsed and was taken; the work holding it goes on", name)
-            except self.breaker.errors[0] as e:
+            except StoreError as e:
                 log.warning("renewal of a slot of %s failed: %s", name, e)
 
 
 class StoreClients:
     """Lazily opened KVStoreClient per tenant, sharing one breaker."""
 
-    def __init__(self, addr: str, service_token: str, timeout_s: float = 5.0, cooldown_s: float = 5.0, factory=None):
+    def __init__(self, addr: str, service_token: str, timeout_s: float = 5.0, cooldown_s: float = 5.0):
         self.addr, self.token, self.timeout_s, self.cooldown_s = addr, service_token, timeout_s, cooldown_s
-        self._factory = factory
         self._clients: dict[str, TenantStore] = {}
         self._down_until = 0.0
-        self.errors = store_errors() if factory is None else factory.errors
 
     def for_tenant(self, tenant: str) -> TenantStore:
         if tenant not in self._clients:
-            if self._factory is not None:
-                client = self._factory(tenant)
-            else:
-                client = _client_module().KVStoreClient(self.addr, self.token, tenant, timeout_s=self.timeout_s, retries=2)
+            client = KVStoreClient(self.addr, self.token, tenant, timeout_s=self.timeout_s, retries=2)
             self._clients[tenant] = TenantStore(client, self)
         return self._clients[tenant]
 
     def check(self) -> None:
         if time.monotonic() < self._down_until:
-            import grpc
-
-            raise self.errors[1](grpc.StatusCode.UNAVAILABLE, f"kvstore at {self.addr} was unreachable moments ago; bypassing it")
+            raise StoreUnavailable("UNAVAILABLE", f"kvstore at {self.addr} was unreachable moments ago; bypassing it")
 
     def trip(self) -> None:
         self._down_until = time.monotonic() + self.cooldown_s

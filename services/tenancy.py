@@ -3,6 +3,8 @@
 Tenants come from a YAML/JSON file (`HEADWISE_TENANTS_FILE`) or from `HEADWISE_TENANTS`
 ("id:key[:max_streams[:quota_bytes]],..."). Keys are hashed (sha256) as soon as they are
 read; a file may hold `key_sha256` instead of `key` so the plain key never sits on disk.
+Decode enforces `max_streams`; the kvstore reads the same entries and enforces `quota_bytes`
+(services/kvstore/settings.py: `tenant_quotas`), so a tenant's limits are written in one place.
 
 A request presents its key as `authorization: Bearer <key>` (or `x-headwise-tenant-key`);
 `x-headwise-tenant`, when present, must name the key's tenant. The tenant salt is derived
@@ -36,8 +38,7 @@ class Tenant:
     id: str
     key_sha256: str
     salt: str
-    max_streams: int = 8  # concurrent Generate streams
-    quota_bytes: int = 2 * 1024**3  # bytes of cache the tenant may keep in the store
+    max_streams: int = 8  # concurrent Generate streams (the store enforces quota_bytes: tenant_quotas)
 
 
 class TenantRegistry:
@@ -53,12 +54,8 @@ class TenantRegistry:
     @classmethod
     def from_settings(cls, settings) -> "TenantRegistry":
         secret = settings.service_token
-        defaults = {"max_streams": settings.tenant_max_streams, "quota_bytes": settings.tenant_quota_bytes}
-        entries: list[dict] = []
-        if settings.tenants_file:
-            entries += load_tenants_file(settings.tenants_file)
-        if getattr(settings, "tenants", ""):
-            entries += parse_tenants_env(settings.tenants)
+        defaults = {"max_streams": settings.tenant_max_streams}
+        entries = tenant_entries(settings.tenants_file, settings.tenants)
         if not entries:
             raise ValueError("no tenants configured: set HEADWISE_TENANTS_FILE or HEADWISE_TENANTS=id:key,...")
         return cls(make_tenant(e, secret, defaults) for e in entries)
@@ -120,10 +117,33 @@ def make_tenant(entry: Mapping, secret: str, defaults: Mapping) -> Tenant:
     if not re.fullmatch(r"[0-9a-f]{64}", digest):
         raise ValueError(f"tenant {tid!r}: key_sha256 must be 64 hex characters")
     max_streams = int(entry.get("max_streams", defaults["max_streams"]))
-    quota = int(entry.get("quota_bytes", defaults["quota_bytes"]))
-    if max_streams < 1 or quota < 0:
-        raise ValueError(f"tenant {tid!r}: max_streams must be >= 1 and quota_bytes >= 0")
-    return Tenant(tid, digest, str(entry.get("salt") or tenant_salt(tid, secret)), max_streams, quota)
+    if max_streams < 1:
+        raise ValueError(f"tenant {tid!r}: max_streams must be >= 1")
+    tenant_quotas([entry])  # checked here too, so decode refuses the file the store would refuse
+    return Tenant(tid, digest, str(entry.get("salt") or tenant_salt(tid, secret)), max_streams)
+
+
+def tenant_entries(tenants_file: str, tenants: str) -> list[dict]:
+    """The tenants of the tenants file, then those of HEADWISE_TENANTS, as dicts."""
+    entries: list[dict] = []
+    if tenants_file:
+        entries += load_tenants_file(tenants_file)
+    if tenants:
+        entries += parse_tenants_env(tenants)
+    return entries
+
+
+def tenant_quotas(entries: Iterable[Mapping]) -> dict[str, int]:
+    """Tenant id -> the quota_bytes its entry gives (tenants without one take the store's default)."""
+    out = {}
+    for e in entries:
+        if e.get("quota_bytes") is None:
+            continue
+        quota = int(e["quota_bytes"])
+        if quota < 0:
+            raise ValueError(f"tenant {e.get('id')!r}: quota_bytes must be >= 0 (0 = unlimited), got {quota}")
+        out[str(e.get("id", ""))] = quota
+    return out
 
 
 def load_tenants_file(path: str | Path) -> list[dict]:

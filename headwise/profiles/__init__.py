@@ -75,6 +75,12 @@ class HeadProfile:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
+    def fingerprint(self) -> str:
+        """Names this profile's content (its format version, then a digest): part of the segment key of
+        a cache compressed under it, so a recomputed or replaced profile never reuses the old caches."""
+        body = json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
+        return f"v{self.version}-{hashlib.blake2b(body, digest_size=8).hexdigest()}"
+
     @classmethod
     def from_json(cls, text: str) -> "HeadProfile":
         d = json.loads(text)

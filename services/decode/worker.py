@@ -27,6 +27,7 @@ from services.decode.batcher import DecodeBatcher
 from services.decode.request import check_request
 from services.errors import ServiceError, exhausted
 from services.handoff import NOT_STORED, CacheHandle, PrefillRequest
+from services.kvstore.errors import StoreError
 from services.metrics import Metrics
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.store import fallback_status
@@ -150,7 +151,7 @@ class DecodeWorker:
         holder, ttl = secrets.token_hex(12), self.settings.stream_lease_s
         try:
             granted, held = await store.acquire(STREAMS, holder, tenant.max_streams, ttl)
-        except self.stores.errors[0] as e:  # any StoreError: unreachable, or an older kvstore
+        except StoreError as e:  # any StoreError: unreachable, or an older kvstore
             log.warning("cluster-wide stream limit not checked (%s); this replica's limit applies", e)
             yield
             return
@@ -250,7 +251,7 @@ class DecodeWorker:
             return session
         try:
             data = await self.stores.for_tenant(tenant).get_record(self._session_key(session_id))
-        except self.stores.errors[0] as e:
+        except StoreError as e:
             log.warning("session %r not on this replica and the store cannot be asked: %s", session_id, e)
             return None
         if data is None:
@@ -271,7 +272,7 @@ class DecodeWorker:
         try:
             await self.stores.for_tenant(tenant).put_record(self._session_key(session_id), data,
                                                             self.settings.session_ttl_s)
-        except self.stores.errors[0] as e:
+        except StoreError as e:
             log.warning("session %r kept on this replica only: %s", session_id, e)
 
     def _cache_session(self, tenant: str, session_id: str, session: Session) -> None:
@@ -285,7 +286,6 @@ class DecodeWorker:
         """The handle's cache, from the store; a miss is recomputed once, a dead store bypassed."""
         if handle.inline_segments is not None:
             return handle, CompactCache.concat(handle.inline_segments), 0
-        error, unavailable, _ = self.stores.errors
         try:
             for attempt in range(2):
                 segs, fetched = await self._fetch(preq.tenant, handle)
@@ -295,9 +295,9 @@ class DecodeWorker:
                 handle = await self.prefill(replace(preq, recompute=True))
                 if handle.inline_segments is not None:
                     return handle, CompactCache.concat(handle.inline_segments), 0
-        except error as e:  # unavailable, or any other failure: a request never fails for the store
+        except StoreError as e:  # unavailable, or any other failure: a request never fails for the store
             log.warning("kvstore failed for decode, asking prefill for the cache inline: %s", e)
-            status = fallback_status(e, unavailable)
+            status = fallback_status(e)
         else:
             status = NOT_STORED  # stored, but evicted twice before decode read it (a quota too small for the load)
         handle = await self.prefill(replace(preq, inline=True))

@@ -3,7 +3,8 @@
     from services.kvstore import KVStoreClient, create_server, start_redis
 """
 
-from services.kvstore.client import KVStoreClient, QuotaExceeded, StoreError, StoreUnavailable
+from services.kvstore.client import KVStoreClient
+from services.kvstore.errors import QuotaExceeded, StoreError, StoreUnavailable
 from services.kvstore.redis_proc import RedisProcess, redis_server_binary, start_redis
 from services.kvstore.server import close_server, create_server, start_server
 from services.kvstore.settings import KVStoreSettings

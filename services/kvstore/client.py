@@ -42,6 +42,7 @@ from headwise.cache.codec import (
     encode_streaming,
 )
 from headwise.cache.compact import CompactCache
+from services.kvstore.errors import QuotaExceeded, StoreError, StoreUnavailable
 from services.kvstore.protocol import GRPC_OPTIONS, SERVICE, TENANT_HEADER, TOKEN_HEADER
 from services.kvstore.wire import chunk_message, parse_get_response, serialize
 from services.protos.headwise.v1 import kvstore_pb2 as pb
@@ -94,24 +95,6 @@ def _resolve(host: str, port: int) -> list[str]:
     except socket.gaierror as e:
         raise ValueError(f"kvstore host {host!r} does not resolve: {e}") from None
     return list(dict.fromkeys(i[4][0] for i in infos))
-
-
-class StoreError(Exception):
-    """A store call that failed; `.code` is the grpc.StatusCode, the message says why."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        self.code = code
-        super().__init__(f"{code.name}: {message}")
-
-
-class StoreUnavailable(StoreError):
-    """UNAVAILABLE or DEADLINE_EXCEEDED after every retry: the store is down or too slow."""
-
-
-class QuotaExceeded(StoreError):
-    """RESOURCE_EXHAUSTED on Put: the segment alone is larger than the tenant's whole quota, or the
-    store is full (Redis at maxmemory); nothing was stored. (Within the quota a put always fits:
-    the store evicts the tenant's least recently used segments.)"""
 
 
 def recall_pieces(r: RecallEntry, piece: int = MAX_CHUNK_BYTES) -> list[pb.RecallEntry]:

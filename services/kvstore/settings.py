@@ -1,8 +1,13 @@
 """Settings of the KV store process (pydantic-settings, env prefix HEADWISE_).
 
 Field names match services/settings.py (kvstore_port, redis_url, service_token, tenant_ttl_s,
-tenant_quota_bytes, ...), so the cluster's one Settings object can build this one:
+tenant_quota_bytes, tenants_file, ...), so the cluster's one Settings object can build this one:
 `KVStoreSettings(**settings.model_dump(include=KVStoreSettings.model_fields.keys()))`.
+
+A tenant's quota is written once, in its tenants entry (HEADWISE_TENANTS_FILE or HEADWISE_TENANTS,
+the same ones decode authenticates with): read here into `tenant_limits`, which the store enforces.
+`tenant_limits` (JSON) may also give a tenant's ttl_s, or a quota for a tenant whose entry has none;
+two different quotas for one tenant are an error, not a choice.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.kvstore.backend import Limits
 from services.settings import TenantLimits, parse_tenant_limits
+from services.tenancy import tenant_entries, tenant_quotas
 
 
 class KVStoreSettings(BaseSettings):
@@ -27,6 +33,8 @@ class KVStoreSettings(BaseSettings):
     tenant_quota_bytes: int = Field(2 * 1024**3, ge=0, description="bytes a tenant may store (0 = unlimited)")
     tenant_limits: dict[str, TenantLimits] = Field(default_factory=dict, description="per-tenant overrides")
     max_segment_bytes: int = Field(4 * 1024**3, gt=0, description="largest segment one Put may carry")
+    tenants_file: str = Field("", description="the tenants file (YAML/JSON): each entry's quota_bytes is enforced")
+    tenants: str = Field("", description="tenants inline, id:key[:max_streams[:quota_bytes]],...")
 
     _tenant_limits = field_validator("tenant_limits", mode="before")(parse_tenant_limits)
 
@@ -41,6 +49,16 @@ class KVStoreSettings(BaseSettings):
     def _url(self) -> "KVStoreSettings":
         if self.redis_url not in ("", "memory://") and not self.redis_url.startswith(("redis://", "rediss://", "unix://", "rediscluster://")):
             raise ValueError(f"redis_url {self.redis_url!r} must start with redis://, rediss://, unix:// or rediscluster:// (or be memory://)")
+        return self
+
+    @model_validator(mode="after")
+    def _tenant_quotas(self) -> "KVStoreSettings":
+        for tenant, quota in tenant_quotas(tenant_entries(self.tenants_file, self.tenants)).items():
+            given = self.tenant_limits.get(tenant, TenantLimits())
+            if given.quota_bytes is not None and given.quota_bytes != quota:
+                raise ValueError(f"tenant {tenant!r} has quota_bytes={quota} in its tenants entry and "
+                                 f"{given.quota_bytes} in tenant_limits; give it in one place")
+            self.tenant_limits[tenant] = given.model_copy(update={"quota_bytes": quota})
         return self
 
     def limits(self, tenant: str) -> Limits:

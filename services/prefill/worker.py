@@ -30,10 +30,12 @@ from headwise.errors import InvalidInput
 from headwise.models.query_aware import check_query_aware
 from headwise.policies import Policy
 from headwise.policies.full import FullPolicy
+from headwise.profiles import profile_for
 from headwise.prompt import build_segments, followup_ids
 from services.asyncutil import quiet
 from services.errors import ServiceError, invalid
 from services.handoff import BYPASSED, COMPRESSING, PARTIAL, PRIVATE, REUSED, STORED, CacheHandle, PrefillRequest
+from services.kvstore.errors import StoreError, StoreUnavailable
 from services.metrics import Metrics
 from services.policy import resolve_policy
 from services.store import NotStored, fallback_status
@@ -122,6 +124,23 @@ class PrefillWorker:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     # ---- planning -----------------------------------------------------------------
+    @property
+    def model_dtype(self) -> str:
+        """The runtime dtype of the weights: an fp32 and a bf16 replica compute different rows."""
+        return str(self.runner.dtype).removeprefix("torch.")
+
+    def key_params(self, policy: Policy) -> dict:
+        """What of `policy` names its cache in the segment key: its parameters, and for a policy that
+        reads the head profile (razor, pod) that profile's fingerprint. The profile is loaded (or
+        computed) in the model thread before planning (`prefill`)."""
+        params = policy.params()
+        if getattr(policy, "needs_profile", False):
+            profile = profile_for(self.runner, compute=False)
+            if profile is None:
+                raise RuntimeError(f"the head profile of {self.runner.name} is not loaded; `prefill` loads it before planning")
+            params = {**params, "head_profile": profile.fingerprint()}
+        return params
+
     def plan(self, req: PrefillRequest, policy: Policy, precision: str = "fp32") -> _Plan:
         tok = self.runner.tokenizer
         if req.history:
@@ -136,14 +155,15 @@ class PrefillWorker:
         full = FullPolicy()
         policies = [policy] + [full] * (len(segments) - 1)
         salt = req.salt if policy.reusable else f"{req.salt}:{secrets.token_hex(8)}"
-        cv = codec_version()
-        keys = list(chain_keys(segments, self.runner.name, [p.params() for p in policies], cv, salt, precision))
+        cv, dtype = codec_version(), self.model_dtype
+        keys = list(chain_keys(segments, self.runner.name, [self.key_params(p) for p in policies], cv, salt, precision,
+                               dtype))
         store_keys, ephemeral = list(keys), []
         if not policy.reusable:
             ephemeral.append(keys[0])
         if not req.session:  # nobody will build on this question: one-request key, deleted by decode
             store_keys[-1] = segment_key(keys[-2] if len(keys) > 1 else None, segments[-1], self.runner.name,
-                                         full.params(), cv, f"{salt}:{secrets.token_hex(8)}", precision)
+                                         full.params(), cv, f"{salt}:{secrets.token_hex(8)}", precision, dtype)
             ephemeral.append(store_keys[-1])
         return _Plan(segments, policies, keys, store_keys, ephemeral, precision)
 
@@ -178,6 +198,8 @@ class PrefillWorker:
         default = QUERY_AWARE_DEFAULT if req.query_aware else self.settings.default_policy
         policy = resolve_policy(req.policy, req.kept, default, self.settings.default_kept)
         precision = resolve_precision(req.kv_precision, self.settings.default_kv_precision)
+        if getattr(policy, "needs_profile", False) and profile_for(self.runner, compute=False) is None:
+            await self._model(profile_for, self.runner)  # computed once per model, in the model thread
         plan = None if req.query_aware else self.plan(req, policy, precision)
         if plan is None:  # query-aware: private, the store is never asked
             handle = await self._query_aware(req, policy)
@@ -188,9 +210,9 @@ class PrefillWorker:
                 handle = await self._with_store(req, plan, policy)
             except ServiceError:
                 raise
-            except self.stores.errors[0] as e:  # any store failure: answer without the store
+            except StoreError as e:  # any store failure: answer without the store
                 log.warning("kvstore failed, answering without it: %s", e)
-                handle = await self._bypass(plan, [], None, fallback_status(e, self.stores.errors[1]))
+                handle = await self._bypass(plan, [], None, fallback_status(e))
         handle.policy = describe(policy)
         handle.prefill_s = time.perf_counter() - t0
         self.metrics.prefill(policy.name, handle.store_status, handle.prefill_s)
@@ -217,7 +239,7 @@ class PrefillWorker:
         that computes and stores the compressed cache afterwards (else None)."""
         try:
             n = 0 if req.recompute or not policy.reusable else await store.lookup(plan.keys[:-1])
-        except self.stores.errors[1] as e:
+        except StoreUnavailable as e:
             log.warning("kvstore unavailable, bypassing: %s", e)
             return await self._bypass(plan, [], None), None
         segs, wire = [], 0
@@ -243,9 +265,9 @@ class PrefillWorker:
                 wire += await store.put(plan.store_keys[i], res.segment, plan.precision)
                 if plan.store_keys[i] == plan.keys[i] and (i > 0 or policy.reusable):
                     self._remember(plan.keys[i], res.stored)
-            except (self.stores.errors[1], NotStored) as e:  # down, or refused the segment
+            except (StoreUnavailable, NotStored) as e:  # down, or refused the segment
                 log.warning("segment not stored, answering from the computed cache: %s", e)
-                return await self._bypass(plan, segs, (cache, logits), fallback_status(e, self.stores.errors[1])), None
+                return await self._bypass(plan, segs, (cache, logits), fallback_status(e)), None
         reused_tokens = sum(len(s) for s in plan.segments[:reused])
         status = PRIVATE if not policy.reusable else (STORED if reused == 0 else REUSED if reused == len(plan.segments) - 1 else PARTIAL)
         return self._handle(plan, segs, logits, reused_tokens, wire, status), None
@@ -270,14 +292,14 @@ class PrefillWorker:
         segs, logits = [c.stored for c in computed], computed[-1].logits
         salt = f"{req.salt}:{secrets.token_hex(8)}"
         keys = list(chain_keys(plan.segments, self.runner.name, [full.params()] * len(segs), codec_version(), salt,
-                               plan.precision))
+                               plan.precision, self.model_dtype))
         exact = dataclasses.replace(plan, store_keys=keys, ephemeral=list(keys))
         later = functools.partial(self._compress_later, store, plan, policy, out, keys)
         wire = 0
         try:
             for key, c in zip(keys, computed, strict=True):
                 wire += await store.put(key, c.segment, plan.precision)
-        except (self.stores.errors[1], NotStored) as e:  # unreachable, or refused (larger than the quota)
+        except (StoreUnavailable, NotStored) as e:  # unreachable, or refused (larger than the quota)
             log.warning("exact cache handed to decode directly: %s", e)
             for key in keys:
                 asyncio.ensure_future(quiet(store.delete(key)))
@@ -326,7 +348,7 @@ class PrefillWorker:
         try:
             while time.monotonic() < give_up and await store.lookup([exact_key]) == 1:
                 await asyncio.sleep(HANDOFF_POLL_S)
-        except self.stores.errors[0] as e:
+        except StoreError as e:
             log.info("could not see whether decode fetched the exact cache: %s", e)
 
     def _plain_prefill(self, ids: list[int], policy: Policy, precision: str):
@@ -419,7 +441,7 @@ class PrefillWorker:
                     log.warning("waited %.0f s for another replica computing context %s; computing it here",
                                 FILL_MAX_WAIT_LEASES * ttl, key)
                     return None
-        except self.stores.errors[0] as e:
+        except StoreError as e:
             log.info("cluster-wide single flight skipped: %s", e)
             return None
         return name, holder

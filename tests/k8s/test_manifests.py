@@ -107,18 +107,24 @@ def test_kvstore_has_grpc_health_probes(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_configmap_tenant_limits_parse(overlay, monkeypatch):
-    """HEADWISE_TENANT_LIMITS is in the ConfigMap kvstore reads (envFrom) and parses into its settings."""
+def test_configmap_tenant_limits_parse(overlay, monkeypatch, tmp_path):
+    """HEADWISE_TENANT_LIMITS is in the ConfigMap kvstore reads (envFrom) and parses into its settings;
+    the kvstore reads the tenants file it mounts, and enforces each entry's quota_bytes."""
     from services.kvstore.settings import KVStoreSettings
+    from services.tenancy import write_tenants_file
 
     docs = build(K8S_DIR / "overlays" / overlay)
     kv = find(docs, "Deployment", "kvstore")["spec"]["template"]["spec"]["containers"][0]
     assert {"configMapRef": {"name": "headwise-config"}} in kv["envFrom"]
     data = find(docs, "ConfigMap", "headwise-config")["data"]
     assert "HEADWISE_TENANT_LIMITS" in data
+    assert data["HEADWISE_TENANTS_FILE"] in {m["mountPath"] + "/tenants.yaml" for m in kv["volumeMounts"]}
     for k, v in data.items():
         monkeypatch.setenv(k, v)
+    tenants = write_tenants_file(tmp_path / "tenants.json", {"acme": "k"}, acme={"quota_bytes": 12345})
+    monkeypatch.setenv("HEADWISE_TENANTS_FILE", str(tenants))  # the Secret's file, as mounted
     s = KVStoreSettings(redis_url="memory://")
+    assert s.limits("acme").quota_bytes == 12345
     assert isinstance(s.tenant_limits, dict)
     for tenant, lim in s.tenant_limits.items():
         assert s.limits(tenant).quota_bytes == (lim.quota_bytes if lim.quota_bytes is not None else s.tenant_quota_bytes)

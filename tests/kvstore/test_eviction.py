@@ -18,7 +18,7 @@ import torch
 
 from headwise.cache.codec import encode
 from headwise.cache.compact import NO_RECALL, CompactCache, LayerCache, RecallTable
-from services.kvstore.client import QuotaExceeded
+from services.kvstore.errors import QuotaExceeded
 from services.kvstore.protocol import TENANT_HEADER, TOKEN_HEADER
 from services.protos.headwise.v1 import kvstore_pb2 as pb
 from services.protos.headwise.v1 import kvstore_pb2_grpc as pb_grpc

@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from headwise.cache.codec import encode
-from services.kvstore.client import StoreUnavailable
+from services.kvstore.errors import StoreUnavailable
 from tests.kvstore.conftest import big_cache, settings, small_cache, start_service
 from tests.test_codec import assert_same, same
 

@@ -11,7 +11,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from headwise.cache.codec import CODEC_VERSION, MAX_CHUNK_BYTES, encode, encode_recall
-from services.kvstore.client import QuotaExceeded, StoreError
+from services.kvstore.errors import QuotaExceeded, StoreError
 from services.kvstore.protocol import TENANT_HEADER, TOKEN_HEADER
 from services.protos.headwise.v1 import kvstore_pb2 as pb
 from services.protos.headwise.v1 import kvstore_pb2_grpc as pb_grpc

@@ -12,21 +12,17 @@ from services.decode.batcher import DecodeBatcher
 from services.decode.worker import DecodeWorker
 from services.prefill.worker import PrefillWorker
 from services.settings import Settings
-from services.store import StoreClients
 from services.tenancy import TenantRegistry
-from tests.serving.fakes import MemoryFactory
 from tests.serving.test_workers import ByteTokenizer, ask
 
 QUESTIONS = ["what jumps?", "over what?", "which fox?", "how quick?", "lazy who?"]
 
 
-def worker(runner, max_batch: int) -> DecodeWorker:
+def worker(runner, max_batch: int, store) -> DecodeWorker:
     settings = Settings(tenants="globex:kb", default_policy="streaming", max_prompt_tokens=900,
                         decode_max_batch=max_batch)
-    mem = MemoryFactory()
-    pw = PrefillWorker(runner, StoreClients("mem", "t", factory=mem), settings)
-    return DecodeWorker(runner, StoreClients("mem", "t", factory=mem), pw.prefill,
-                        TenantRegistry.from_settings(settings), settings)
+    pw = PrefillWorker(runner, store.clients(), settings)
+    return DecodeWorker(runner, store.clients(), pw.prefill, TenantRegistry.from_settings(settings), settings)
 
 
 async def answers(dw: DecodeWorker, policies=("streaming", "full", "snapkv", "streaming", "full")):
@@ -34,12 +30,13 @@ async def answers(dw: DecodeWorker, policies=("streaming", "full", "snapkv", "st
                                   for q, p in zip(QUESTIONS, policies, strict=True)))
 
 
-async def test_batched_streams_equal_one_at_a_time(tiny_model):
+async def test_batched_streams_equal_one_at_a_time(tiny_model, store):
     from headwise.models import ModelRunner
 
     runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
-    alone = await answers(worker(runner, 1))
-    dw = worker(runner, 32)
+    alone = await answers(worker(runner, 1, store))
+    (await store.settled()).clear()  # the batched run computes every document again, as the first one did
+    dw = worker(runner, 32, store)
     together = await answers(dw)
     assert [ids for ids, _ in together] == [ids for ids, _ in alone]
     assert all(len(ids) == 12 for ids, _ in together)

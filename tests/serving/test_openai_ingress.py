@@ -1,5 +1,5 @@
 """The OpenAI HTTP API in one process: the official `openai` client -> ASGI -> ingress -> decode worker
--> prefill worker (tiny model, in-memory store). tests/e2e/test_openai.py does it again through
+-> prefill worker (tiny model, the kvstore server over its MemoryBackend). tests/e2e/test_openai.py does it again through
 Ray Serve's HTTP port with the real model."""
 
 from __future__ import annotations
@@ -15,9 +15,7 @@ from services.openai_api.ingress import OpenAIIngress, asgi_app
 from services.prefill.worker import PrefillWorker
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.settings import Settings
-from services.store import StoreClients
 from services.tenancy import TenantRegistry
-from tests.serving.fakes import MemoryFactory
 from tests.serving.test_workers import DOC, ByteTokenizer
 
 MODEL = "tiny-llama"
@@ -34,14 +32,14 @@ class ChatTokenizer(ByteTokenizer):
 
 
 @pytest.fixture
-def stack(tiny_model):
+async def stack(tiny_model, store):
     from headwise.models import ModelRunner
     from headwise.policies import policy_names
 
     runner = ModelRunner(tiny_model, ChatTokenizer(), name="tiny-llama")
     settings = Settings(tenants="acme:ka:2,globex:kb", default_policy="streaming", max_prompt_tokens=900,
                         max_new_tokens=32)
-    stores = StoreClients("mem", "t", factory=MemoryFactory())
+    stores = store.clients()
     pw = PrefillWorker(runner, stores, settings)
     dw = DecodeWorker(runner, stores, pw.prefill, TenantRegistry.from_settings(settings), settings)
     return dw, OpenAIIngress(dw, MODEL, tuple(policy_names()))

@@ -1,8 +1,7 @@
 """Several decode replicas, one store: the tenant's stream limit and conversations are cluster-wide.
 
-Two DecodeWorkers (two replicas) and one PrefillWorker share one in-memory store whose
-semaphores and records are the kvstore's MemoryBackend (the Redis backend passes the same
-contract: tests/kvstore/test_contract.py). Through the real service and Redis:
+Two DecodeWorkers (two replicas) and one PrefillWorker share one kvstore, the real server over
+its MemoryBackend (the Redis backend passes the same contract: tests/kvstore/test_contract.py). Through the real service and Redis:
 tests/kvstore/test_service.py; the single-replica path end to end: tests/e2e.
 """
 
@@ -17,27 +16,23 @@ from services.errors import ServiceError
 from services.prefill.worker import PrefillWorker
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.settings import Settings
-from services.store import StoreClients
 from services.tenancy import TenantRegistry
-from tests.serving.fakes import MemoryFactory
 from tests.serving.test_workers import DOC, ByteTokenizer, ask
 
 
 @pytest.fixture
-def replicas(tiny_model):
+async def replicas(tiny_model, store):
     from headwise.models import ModelRunner
 
     runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
     settings = Settings(tenants="acme:ka:2,globex:kb", default_policy="streaming", max_prompt_tokens=900,
                         stream_lease_s=0.3)
-    mem = MemoryFactory()
-    pw = PrefillWorker(runner, StoreClients("mem", "t", factory=mem), settings)
+    pw = PrefillWorker(runner, store.clients(), settings)
 
     def replica() -> DecodeWorker:  # own breaker, sessions and stream counts: only the store is shared
-        return DecodeWorker(runner, StoreClients("mem", "t", factory=mem), pw.prefill,
-                            TenantRegistry.from_settings(settings), settings)
+        return DecodeWorker(runner, store.clients(), pw.prefill, TenantRegistry.from_settings(settings), settings)
 
-    return replica(), replica(), mem
+    return replica(), replica(), store
 
 
 async def open_stream(dw, key="ka"):
@@ -88,7 +83,7 @@ async def test_a_conversation_continues_on_another_replica(replicas):
 
 async def test_store_down_falls_back_to_each_replicas_own_limit_and_sessions(replicas):
     a, b, mem = replicas
-    mem.flags["down"] = True
+    mem.backend.down = True
     s1, s2 = await open_stream(a), await open_stream(b)  # no cluster view: each replica counts its own
     with pytest.raises(ServiceError) as e:
         await open_stream(a), await open_stream(a)
@@ -99,13 +94,13 @@ async def test_store_down_falls_back_to_each_replicas_own_limit_and_sessions(rep
     assert first.store_status == "bypassed" and ("acme", "s2") in a.sessions
 
 
-async def test_two_prefill_replicas_compute_a_new_document_once(tiny_model):
+async def test_two_prefill_replicas_compute_a_new_document_once(tiny_model, store):
     from headwise.models import ModelRunner
     from services.handoff import PrefillRequest
 
     compressed = []
 
-    def replica(mem) -> PrefillWorker:
+    def replica() -> PrefillWorker:
         runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
         real = runner.prefill_segment
 
@@ -114,29 +109,28 @@ async def test_two_prefill_replicas_compute_a_new_document_once(tiny_model):
             return real(ids, cache, policy)
 
         runner.prefill_segment = counting
-        return PrefillWorker(runner, StoreClients("mem", "t", factory=mem), Settings(max_prompt_tokens=900))
+        return PrefillWorker(runner, store.clients(), Settings(max_prompt_tokens=900))
 
-    mem = MemoryFactory()
-    p1, p2 = replica(mem), replica(mem)
+    p1, p2 = replica(), replica()
     req = PrefillRequest(tenant="acme", salt="s", context=DOC, prompt="q?", answer_prefix="", policy="streaming",
                          kept=0.5)
     handles = await asyncio.gather(p1.prefill(req), p2.prefill(req), p1.prefill(req), p2.prefill(req))
     assert compressed.count("streaming") == 1
     assert sorted(h.store_status for h in handles) == ["reused", "reused", "reused", "stored"]
     assert p1.cluster_waits + p2.cluster_waits >= 1
-    assert await mem.backend.acquire("acme", f"fill-{handles[0].keys[0]}", "probe", 1, 1) == (True, 1)  # released
+    assert await store.backend.acquire("acme", f"fill-{handles[0].keys[0]}", "probe", 1, 1) == (True, 1)  # released
 
 
-async def test_metrics_see_outcomes_rejections_and_single_flight(tiny_model):
+async def test_metrics_see_outcomes_rejections_and_single_flight(tiny_model, store):
     from headwise.models import ModelRunner
     from services.metrics import RecordingMetrics
 
     runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
     settings = Settings(tenants="acme:ka:1", default_policy="streaming", max_prompt_tokens=900)
-    mem, metrics = MemoryFactory(), RecordingMetrics()
-    pw = PrefillWorker(runner, StoreClients("mem", "t", factory=mem), settings, metrics=metrics)
-    dw = DecodeWorker(runner, StoreClients("mem", "t", factory=mem), pw.prefill, TenantRegistry.from_settings(settings),
-                      settings, metrics=metrics)
+    metrics = RecordingMetrics()
+    pw = PrefillWorker(runner, store.clients(), settings, metrics=metrics)
+    dw = DecodeWorker(runner, store.clients(), pw.prefill, TenantRegistry.from_settings(settings), settings,
+                      metrics=metrics)
     _, fig = await ask(dw)
     s = await open_stream(dw)
     with pytest.raises(ServiceError):

@@ -7,7 +7,7 @@ import pytest
 from headwise.policies import policy_names
 from services.decode.request import check_request
 from services.errors import ServiceError
-from services.policy import default_policy_name, resolve_policy
+from services.policy import resolve_policy
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.settings import Settings
 
@@ -49,6 +49,6 @@ def test_bad_fields(fields, needle):
     assert needle in bad(**fields)
 
 
-def test_default_policy_exists():
-    assert default_policy_name("no-such-policy") in policy_names()
-    assert resolve_policy("", 0.0, "no-such-policy", 0.5).kept in (0.5, 1.0)
+def test_the_server_defaults_apply_to_empty_fields():
+    p = resolve_policy("", 0.0, "streaming", 0.5)
+    assert (p.name, p.kept) == ("streaming", 0.5)

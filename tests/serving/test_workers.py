@@ -1,4 +1,4 @@
-"""Prefill and decode workers end to end in one process: tiny model, in-memory store.
+"""Prefill and decode workers end to end in one process: tiny model, the kvstore over its MemoryBackend.
 
 The same flow as the Ray Serve app (decode calls prefill, fetches the chain, streams), so
 reuse, tenant isolation, faults and sessions are checked in seconds; tests/e2e does it again
@@ -14,9 +14,7 @@ from services.errors import ServiceError
 from services.prefill.worker import PrefillWorker
 from services.protos.headwise.v1 import generate_pb2 as pb
 from services.settings import Settings
-from services.store import StoreClients
 from services.tenancy import TenantRegistry
-from tests.serving.fakes import MemoryFactory
 
 DOC = "The quick brown fox jumps over the lazy dog. " * 6
 
@@ -38,13 +36,12 @@ class ByteTokenizer:
 
 
 @pytest.fixture
-def stack(tiny_model):
+async def stack(tiny_model, store):
     from headwise.models import ModelRunner
 
     runner = ModelRunner(tiny_model, ByteTokenizer(), name="tiny-llama")
     settings = Settings(tenants="acme:ka:2,globex:kb", default_policy="streaming", max_prompt_tokens=900)
-    mem = MemoryFactory()
-    stores = StoreClients("mem", "t", factory=mem)
+    stores = store.clients()
     pw = PrefillWorker(runner, stores, settings)
     calls = []
 
@@ -53,7 +50,7 @@ def stack(tiny_model):
         return await pw.prefill(req)
 
     dw = DecodeWorker(runner, stores, prefill, TenantRegistry.from_settings(settings), settings)
-    return dw, mem, calls
+    return dw, store, calls
 
 
 async def ask(dw, key="ka", **fields):
@@ -69,54 +66,59 @@ async def ask(dw, key="ka", **fields):
 
 
 async def test_reuse_gives_the_same_answer(stack):
-    dw, mem, _ = stack
+    dw, store, _ = stack
     cold_ids, cold = await ask(dw)
     warm_ids, warm = await ask(dw)
     assert cold.store_status == "stored" and cold.reused_tokens == 0
     assert warm.store_status == "reused" and warm.reused_tokens > 0
     assert warm_ids == cold_ids and len(cold_ids) == 6
     assert cold.held_kv_bytes < cold.full_kv_bytes and 0 < cold.realised_kept < 1
-    assert len(mem.data) == 1  # the context only: one-request question keys were deleted
+    assert len(await store.settled()) == 1  # the context only: one-request question keys were deleted
 
 
 async def test_no_reuse_across_tenants(stack):
-    dw, mem, _ = stack
+    dw, store, _ = stack
     await ask(dw, key="ka")
     ids_b, fig_b = await ask(dw, key="kb")
     assert fig_b.store_status == "stored" and fig_b.reused_tokens == 0
-    assert {t for t, _ in mem.data} == {"acme", "globex"}
+    assert {t for t, _ in await store.settled()} == {"acme", "globex"}
 
 
 async def test_store_down_bypasses(stack):
-    dw, mem, _ = stack
+    dw, store, _ = stack
     ref, _ = await ask(dw)
-    mem.flags["down"] = True
+    store.backend.down = True
     ids, fig = await ask(dw)
     assert fig.store_status == "bypassed" and ids == ref
 
 
 async def test_corrupt_segment_is_recomputed(stack):
-    dw, mem, calls = stack
+    dw, store, calls = stack
     ref, _ = await ask(dw)
-    mem.flags["corrupt"] = {k for _, k in mem.data}  # the next get of the stored context misses
+    for _, key in list(store.data):  # the next get of the stored context fails its checksum: a miss
+        store.corrupt(key)
     ids, fig = await ask(dw)
     assert ids == ref and fig.store_status in ("stored", "reused")
+    assert store.server.kvstore.metrics.value("headwise_kvstore_misses_total", tenant="acme", reason="checksum") >= 1
 
 
-@pytest.mark.parametrize("refusal", [{"quota": 10}, {"refuse": "INVALID_ARGUMENT"}, {"refuse": "INTERNAL"}])
+@pytest.mark.parametrize("refusal", ["quota", "INVALID_ARGUMENT", "INTERNAL"])
 async def test_a_refused_put_is_answered_and_says_not_stored(stack, refusal):
-    dw, mem, _ = stack
+    dw, store, _ = stack
     ref, _ = await ask(dw, context=DOC + "another document")  # the same question, stored normally
-    mem.data.clear()
-    mem.flags.update(refusal)
+    store.data.clear()
+    if refusal == "quota":
+        store.quota(10)  # every segment is larger than the whole quota
+    else:
+        store.backend.refuse = refusal
     ids, fig = await ask(dw, context=DOC + "another document")
-    assert fig.store_status == "not_stored" and ids == ref and not mem.data
+    assert fig.store_status == "not_stored" and ids == ref and not await store.settled()
 
 
 async def test_a_store_error_on_fetch_is_answered_inline(stack):
-    dw, mem, _ = stack
+    dw, store, _ = stack
     ref, _ = await ask(dw)
-    mem.flags["get_error"] = "INTERNAL"  # neither unavailable nor a miss: decode takes the cache inline
+    store.backend.get_error = True  # INTERNAL, neither unavailable nor a miss: decode takes the cache inline
     ids, fig = await ask(dw)
     assert ids == ref and fig.store_status == "not_stored"
 
@@ -154,7 +156,7 @@ async def test_stream_slot_released_after_cancel(stack):
     assert dw.recent[-1].cancelled and dw.recent[-1].tokens < 50
 
 
-async def test_concurrent_cold_requests_compute_the_context_once(tiny_model):
+async def test_concurrent_cold_requests_compute_the_context_once(tiny_model, store):
     """Single flight: four requests for one document arrive together; one computes, three reuse."""
     import asyncio
 
@@ -170,8 +172,7 @@ async def test_concurrent_cold_requests_compute_the_context_once(tiny_model):
         return real(ids, cache, policy)
 
     runner.prefill_segment = counting
-    mem = MemoryFactory()
-    pw = PrefillWorker(runner, StoreClients("mem", "t", factory=mem), Settings(max_prompt_tokens=900))
+    pw = PrefillWorker(runner, store.clients(), Settings(max_prompt_tokens=900))
     reqs = [PrefillRequest(tenant="acme", salt="s", context=DOC, prompt=f"question {i}?", answer_prefix="",
                            policy="streaming", kept=0.5) for i in range(4)]
     handles = await asyncio.gather(*(pw.prefill(r) for r in reqs))
@@ -184,7 +185,7 @@ async def test_concurrent_cold_requests_compute_the_context_once(tiny_model):
     assert other.store_status == "stored" and compressed.count("streaming") == 2
 
 
-async def test_a_failed_leader_lets_the_next_request_compute(tiny_model):
+async def test_a_failed_leader_lets_the_next_request_compute(tiny_model, store):
     import asyncio
 
     from headwise.models import ModelRunner
@@ -200,7 +201,7 @@ async def test_a_failed_leader_lets_the_next_request_compute(tiny_model):
         return real(ids, cache, policy)
 
     runner.prefill_segment = first_fails
-    pw = PrefillWorker(runner, StoreClients("mem", "t", factory=MemoryFactory()), Settings(max_prompt_tokens=900))
+    pw = PrefillWorker(runner, store.clients(), Settings(max_prompt_tokens=900))
     req = PrefillRequest(tenant="acme", salt="s", context=DOC, prompt="q?", answer_prefix="", policy="streaming",
                          kept=0.5)
     a, b = await asyncio.gather(pw.prefill(req), pw.prefill(req), return_exceptions=True)
