@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from headwise.policies.base import CompressContext, LayerState, ScorerPolicy, check_ints
-from headwise.policies.scoring import group_reduce, pool1d, window_scores
+from headwise.policies.scoring import group_reduce, observation, value_prior, window_scores
 
 
 @dataclass(frozen=True)
@@ -37,11 +37,11 @@ class AhaKVPolicy(ScorerPolicy):
         return g.float()
 
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
+        if self.signal != "window":  # [P] reconstruction queries all see the whole document: no step gain
+            return value_prior(state.values, self.kernel) * observation(state, self.signal, self.window, ctx.model_id)
         S = state.num_tokens
         W = min(self.window or 1, state.window_queries.shape[1] if state.window_queries is not None else S)
         after = 0 if state.window_keys is None else state.window_keys.shape[1]  # query-aware: window after the segment
         gain = self.gains(S + after, W, self.budget(S)).to(state.keys.device)
         s = group_reduce(window_scores(state, W, gain), state.num_kv_heads)  # [Hkv, N]
-        nu = state.values.float().pow(2).sum(-1)  # [Hkv, N]
-        gam = pool1d(nu, self.kernel, "avg")
-        return gam / gam.amax(-1, keepdim=True) * s
+        return value_prior(state.values, self.kernel) * s
