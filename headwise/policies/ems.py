@@ -21,7 +21,7 @@ from headwise.policies.base import (
     optional,
     rows_cache,
 )
-from headwise.policies.scoring import check_signal, group_reduce, observation, signal_capture
+from headwise.policies.scoring import check_signal, group_reduce, observation, pool1d, signal_capture
 
 LOG_WEIGHTS = ("none", "count", "mass")
 
@@ -60,10 +60,11 @@ class EMSPolicy(Policy):
     candidates: float = 2.0
     log_weight: str = "none"
     signal: str = optional("window")  # the local score's observation signal: window, kvzip or kvzap
+    kernel: int = optional(0)  # [P] SnapKV's average pooling of the score (0: none, the reconstruction)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ints(self, window=self.window, sinks=self.sinks)
+        check_ints(self, window=self.window, sinks=self.sinks, kernel=self.kernel)
         for attr, lo, hi in (("lam", 0.0, 1.0), ("tau", -1.0, 1.0), ("candidates", 0.0, 64.0)):
             v = getattr(self, attr)
             if not isinstance(v, (int, float)) or not lo <= v <= hi:
@@ -87,7 +88,7 @@ class EMSPolicy(Policy):
         p = max(1, S - W)
         g = g / g[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
         loc = loc / loc[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
-        return self.lam * g + (1 - self.lam) * loc
+        return pool1d(self.lam * g + (1 - self.lam) * loc, self.kernel, "avg")
 
     def plan(self, keys: Tensor, values: Tensor, score: Tensor, n_c: int) -> HeadMerge:
         """Classes of one head over its prefix rows. keys/values [P, d]; score [P]."""

@@ -41,6 +41,14 @@ class KVzipPolicy(Policy):
     Deviations from the paper: scores are computed with the segment's own chat template
     (a user turn "Repeat the text above exactly."), chunks of 512 tokens, and the forced
     sinks/window rows [P].
+
+    The other papers' ideas on this signal (settings; defaults keep plain KVzip):
+    `heads` "retrieval" (RazorAttention's profile heads) or "heterogeneous" (Task-KV's
+    semantic separator on the reconstruction attention) keep every row, as many of them as
+    fit in `whole` of the budget, the rest ranked globally; `prior` "value" multiplies the
+    score by AhaKV's pooled value-norm prior; `merge` "ems" folds evicted rows into the kept
+    rows they resemble (EMS's evict-then-merge; merged rows with `log_weight` and recall
+    handles, the row count per head unchanged). docs/policies.md lists the deviations.
     """
 
     name = "kvzip"
