@@ -76,32 +76,53 @@ def insert_facts(doc: str, facts: list[tuple[float, str]]) -> str:
     return "\n".join(lines)
 
 
-def _doc(tokenizer, tokens: int, rng: random.Random) -> str:
+def _doc(tokenizer, tokens: int, rng: random.Random, text: str = "pydoc") -> str:
     from headwise.documents import document_tokens, pydoc_topics
 
+    if text == "stdlib":
+        return _stdlib_doc(tokenizer, tokens, rng)
     names = sorted(pydoc_topics())
     start = rng.randrange(len(names))
     return document_tokens(tokenizer, tokens, tuple(names[start:] + names[:start]))
 
 
-def build_cases(tokenizer, suite: str = "default", length: int = 1500, keyed_length: int = 900, seed: int = 0) -> list[Case]:
-    """The benchmark's cases; same tokenizer + arguments -> same cases, byte for byte."""
+def _stdlib_doc(tokenizer, tokens: int, rng: random.Random) -> str:
+    """A document of standard-library docstrings (modules after those kvzap's scorer trains on),
+    for tuning on text the benchmark does not own (`--text stdlib`)."""
+    from headwise.profiles.texts import MODULES, module_text
+
+    names = MODULES[MODULES.index("doctest") + 1 :]
+    start = rng.randrange(len(names))
+    parts, ids = [], []
+    for name in names[start:] + names[:start]:
+        parts.append(module_text(name))
+        ids = tokenizer("\n\n".join(parts), add_special_tokens=False).input_ids
+        if len(ids) > tokens:
+            break
+    cut = tokenizer.decode(ids[:tokens])
+    return cut[: cut.rfind("\n")] if "\n" in cut else cut
+
+
+def build_cases(tokenizer, suite: str = "default", length: int = 1500, keyed_length: int = 900, seed: int = 0,
+                text: str = "pydoc") -> list[Case]:
+    """The benchmark's cases; same tokenizer + arguments -> same cases, byte for byte. `text`
+    "stdlib" builds the same kinds of case on standard-library docstrings instead (tuning text)."""
     rng = random.Random(seed)
     big = suite == "full"
     depths = (0.1, 0.3, 0.5, 0.7, 0.9) if big else (0.25, 0.5, 0.75)
     cases = []
     for depth in depths:
         fact, q = code_fact(rng.choice(CITIES), str(rng.randrange(1000, 10000)))
-        cases.append(Case(f"single@{depth}", "single", insert_facts(_doc(tokenizer, length, rng), [(depth, fact)]), (q,)))
+        cases.append(Case(f"single@{depth}", "single", insert_facts(_doc(tokenizer, length, rng, text), [(depth, fact)]), (q,)))
     for i in range(4 if big else 2):
         cities = rng.sample(CITIES, 4)
         facts = [code_fact(c, str(rng.randrange(1000, 10000))) for c in cities]
-        doc = insert_facts(_doc(tokenizer, keyed_length, rng), [(0.15 + 0.2 * j, f) for j, (f, _) in enumerate(facts)])
+        doc = insert_facts(_doc(tokenizer, keyed_length, rng, text), [(0.15 + 0.2 * j, f) for j, (f, _) in enumerate(facts)])
         cases.append(Case(f"keyed#{i}", "keyed", doc, (facts[rng.randrange(4)][1],)))
     for i in range(2 if big else 1):
         c = rng.sample(CITIES, 3)
         facts = [code_fact(c[0], str(rng.randrange(1000, 10000))), word_fact(c[1], rng.choice(WORDS)), day_fact(c[2], rng.choice(DAYS))]
-        doc = insert_facts(_doc(tokenizer, length, rng), [(0.2 + 0.3 * j, f) for j, (f, _) in enumerate(facts)])
+        doc = insert_facts(_doc(tokenizer, length, rng, text), [(0.2 + 0.3 * j, f) for j, (f, _) in enumerate(facts)])
         cases.append(Case(f"multi#{i}", "multi", doc, tuple(q for _, q in facts)))
     return cases
 
@@ -393,6 +414,8 @@ def main(argv: list[str] | None = None) -> dict:
                          "query-aware: the question's queries are the window (one-shot, private caches)")
     ap.add_argument("--kept", default=",".join(map(str, DEFAULT_KEPT)))
     ap.add_argument("--suite", choices=("default", "full"), default="default", help="full: more depths and cases (about 2x)")
+    ap.add_argument("--text", choices=("pydoc", "stdlib"), default="pydoc",
+                    help="stdlib: the same cases on standard-library docstrings, text for tuning that the reported suites do not use")
     ap.add_argument("--length", type=int, default=1500, help="context tokens of single/multi cases")
     ap.add_argument("--keyed-length", type=int, default=900, help="context tokens of keyed cases")
     ap.add_argument("--model", default=None)
@@ -430,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
     kept = [float(x) for x in args.kept.split(",")]
     qa = args.regime == "query-aware"
     policies = [p for p in (args.policies or ",".join(QUERY_AWARE_POLICIES if qa else DEFAULT_POLICIES)).split(",") if p]
-    cases = build_cases(runner.tokenizer, args.suite, args.length, args.keyed_length)
+    cases = build_cases(runner.tokenizer, args.suite, args.length, args.keyed_length, text=args.text)
     console.print(f"{len(cases)} cases, {sum(len(c.questions) for c in cases)} questions; policies {policies}; kept {kept}")
     t0 = time.perf_counter()
     precisions = [p for p in args.precisions.split(",") if p]
@@ -438,6 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = run_query_aware(runner, cases, policies, kept, console) if qa else run_headwise(runner, cases, policies, kept, console, precisions)
     res["seconds"] = time.perf_counter() - t0
     res.setdefault("regime", args.regime)
+    res["text"] = args.text
     res["cases"] = [asdict(c) | {"context": c.context[:80] + "..."} for c in cases]
     print_table(console, res, f"headwise, {args.regime} regime (full cache accuracy {res['full']:.2f})", kept)
     for name, by_k in res["policies"].items():

@@ -13,7 +13,12 @@ from headwise.policies.base import CompressContext, keep_all
 # every registered policy (a new policy file is tested without editing this list), plus the
 # setting combinations docs/policies.md names
 SETTINGS = ["razor:fill=kvzip", "razor:fill=snapkv", "razor:compensation=none", "pod:evict=kvzip",
-            "pod:block_score=max", "adakv:scorer=ahakv", "ems:log_weight=mass"]
+            "pod:block_score=max", "adakv:scorer=ahakv", "ems:log_weight=mass",
+            # the papers' ideas on KVzip's signal (docs/policies.md)
+            "kvzip:heads=retrieval", "kvzip:heads=heterogeneous", "kvzip:prior=value", "kvzip:merge=ems",
+            "kvzip:merge=ems:log_weight=mass", "kvzip:heads=retrieval:prior=value:merge=ems", "kvzap:merge=ems:prior=value",
+            "kvzap:heads=retrieval", "ems:signal=kvzip", "taskkv:signal=kvzip", "ahakv:signal=kvzip", "snapkv:signal=kvzap",
+            "adakv:signal=kvzip", "ahakv:pooling=avg", "ems:kernel=7"]
 POLICIES = [n for n in policy_names() if n != "full"] + SETTINGS
 S = 600  # >= 512: the realised fraction must be within 1% of the request
 
@@ -21,7 +26,8 @@ S = 600  # >= 512: the realised fraction must be within 1% of the request
 def build(spec: str, **kw):
     """`name` or `name:setting=value` at the given settings."""
     name, *settings = spec.split(":")
-    return get_policy(name, **kw, **dict(item.split("=", 1) for item in settings))
+    params = dict(item.split("=", 1) for item in settings)
+    return get_policy(name, **kw, **{k: int(v) if v.isdigit() else v for k, v in params.items()})
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from headwise.policies.base import (
     gather_rows,
     keep_all,
     keep_top,
+    optional,
 )
 
 
@@ -57,6 +58,7 @@ class AdaKVPolicy(Policy):
     alpha: float = 0.2
     window: int = 32
     sinks: int = 4
+    signal: str = optional("window")  # the scorer's observation signal, when the scorer is given by name
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -73,7 +75,7 @@ class AdaKVPolicy(Policy):
         if cls is None or not issubclass(cls, ScorerPolicy):
             allowed = sorted(n for n, c in _discover().items() if issubclass(c, ScorerPolicy))
             raise InvalidInput(f"policy 'adakv': scorer {name!r} is not a scorer; allowed: {', '.join(allowed)}")
-        return cls(kept=self.kept, window=self.window, sinks=self.sinks)
+        return cls(kept=self.kept, window=self.window, sinks=self.sinks, signal=self.signal)
 
     def params(self) -> dict:
         """The scorer by name when it is the one its name builds (the segment key as for a name),

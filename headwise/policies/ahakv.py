@@ -5,8 +5,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from headwise.policies.base import CompressContext, LayerState, ScorerPolicy, check_ints
-from headwise.policies.scoring import group_reduce, pool1d, window_scores
+from headwise.errors import InvalidInput
+from headwise.policies.base import CompressContext, LayerState, ScorerPolicy, check_ints, optional
+from headwise.policies.scoring import POOLINGS, group_reduce, observation, pool1d, value_prior, window_scores
 
 
 @dataclass(frozen=True)
@@ -24,10 +25,13 @@ class AhaKVPolicy(ScorerPolicy):
     name = "ahakv"
     kernel: int = 7
     faithful: bool = False
+    pooling: str = optional("none")  # [P] SnapKV's pooling of the attention score too ("avg", "max"), kernel `kernel`
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, kernel=self.kernel)
+        if self.pooling not in POOLINGS:
+            raise InvalidInput(f"policy 'ahakv': pooling={self.pooling!r}; allowed: {', '.join(POOLINGS)}")
 
     def gains(self, S: int, window: int, budget: int) -> Tensor:
         """[window] per-row temperature of the last `window` rows of an S-token segment."""
@@ -37,11 +41,12 @@ class AhaKVPolicy(ScorerPolicy):
         return g.float()
 
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
+        if self.signal != "window":  # [P] reconstruction queries all see the whole document: no step gain
+            s = observation(state, self.signal, self.window, ctx.model_id)
+            return value_prior(state.values, self.kernel) * pool1d(s, self.kernel, self.pooling)
         S = state.num_tokens
         W = min(self.window or 1, state.window_queries.shape[1] if state.window_queries is not None else S)
         after = 0 if state.window_keys is None else state.window_keys.shape[1]  # query-aware: window after the segment
         gain = self.gains(S + after, W, self.budget(S)).to(state.keys.device)
         s = group_reduce(window_scores(state, W, gain), state.num_kv_heads)  # [Hkv, N]
-        nu = state.values.float().pow(2).sum(-1)  # [Hkv, N]
-        gam = pool1d(nu, self.kernel, "avg")
-        return gam / gam.amax(-1, keepdim=True) * s
+        return value_prior(state.values, self.kernel) * pool1d(s, self.kernel, self.pooling)

@@ -19,6 +19,11 @@ from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
 
 
+def optional(default: Any) -> Any:
+    """A setting added to a policy after its caches were stored: out of params() at its default."""
+    return dataclasses.field(default=default, metadata={"optional": True})
+
+
 @dataclass(frozen=True)
 class Capture:
     """What the runner must record during prefill for a policy."""
@@ -96,10 +101,14 @@ class Policy:
         return Capture()
 
     def params(self) -> dict[str, Any]:
-        """Canonical settings: everything that changes the bytes (goes into segment keys)."""
+        """Canonical settings: everything that changes the bytes (goes into segment keys). A
+        setting added after caches were stored (`optional`) is left out at its default, so
+        those caches keep their keys."""
         out = {"policy": self.name}
         for f in dataclasses.fields(self):
-            out[f.name] = getattr(self, f.name)
+            v = getattr(self, f.name)
+            if not (f.metadata.get("optional") and v == f.default):
+                out[f.name] = v
         return out
 
     def budget(self, num_tokens: int) -> int:
@@ -204,19 +213,27 @@ def gather_rows(state: LayerState, indices: list[Tensor]) -> LayerCache:
 class ScorerPolicy(Policy):
     """Keep, per head, the sinks, the last `window` tokens and the top-scored rest.
 
-    Subclasses write `score(state, ctx) -> [Hkv, S]` (higher is kept).
+    Subclasses write `score(state, ctx) -> [Hkv, S]` (higher is kept). `signal` is the
+    observation the score reads (policies/scoring.py `observation`): the window queries
+    (default), KVzip's reconstruction attention, or kvzap's prediction of it.
     """
 
     window: int = 32
     sinks: int = 4
+    signal: str = optional("window")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, window=self.window, sinks=self.sinks)
+        from headwise.policies.scoring import check_signal
+
+        check_signal(self, self.signal)
 
     @property
     def capture(self) -> Capture:
-        return Capture(window=max(1, self.window))
+        from headwise.policies.scoring import signal_capture
+
+        return signal_capture(self.signal, self.window)
 
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
         raise NotImplementedError

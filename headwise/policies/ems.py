@@ -18,9 +18,10 @@ from headwise.policies.base import (
     check_ints,
     keep_all,
     keep_top,
+    optional,
     rows_cache,
 )
-from headwise.policies.scoring import group_reduce, window_scores
+from headwise.policies.scoring import check_signal, group_reduce, observation, pool1d, signal_capture
 
 LOG_WEIGHTS = ("none", "count", "mass")
 
@@ -58,49 +59,41 @@ class EMSPolicy(Policy):
     tau: float = 0.0
     candidates: float = 2.0
     log_weight: str = "none"
+    signal: str = optional("window")  # the local score's observation signal: window, kvzip or kvzap
+    kernel: int = optional(0)  # [P] SnapKV's average pooling of the score (0: none, the reconstruction)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ints(self, window=self.window, sinks=self.sinks)
+        check_ints(self, window=self.window, sinks=self.sinks, kernel=self.kernel)
         for attr, lo, hi in (("lam", 0.0, 1.0), ("tau", -1.0, 1.0), ("candidates", 0.0, 64.0)):
             v = getattr(self, attr)
             if not isinstance(v, (int, float)) or not lo <= v <= hi:
                 raise InvalidInput(f"policy 'ems': {attr}={v!r} must be in [{lo}, {hi}]")
         if self.log_weight not in LOG_WEIGHTS:
             raise InvalidInput(f"policy 'ems': log_weight={self.log_weight!r}; allowed: {', '.join(LOG_WEIGHTS)}")
+        check_signal(self, self.signal)
 
     @property
     def capture(self) -> Capture:
-        return Capture(window=max(1, self.window), column_sums=True)
+        return signal_capture(self.signal, self.window).merge(Capture(column_sums=True))
 
-    def score(self, state: LayerState) -> Tensor:
+    def score(self, state: LayerState, model_id: str = "") -> Tensor:
         """Global-local score [Hkv, S], >= 0."""
         S, W, H = state.num_tokens, self.window, state.num_kv_heads
         if state.column_sums is None:
             raise InvalidInput("policy 'ems' needs column sums; prefill with the policy's capture")
         seen_by = torch.arange(S, 0, -1, device=state.keys.device, dtype=torch.float32)
         g = group_reduce(state.column_sums.float() / seen_by, H)
-        loc = group_reduce(window_scores(state, W), H)
+        loc = observation(state, self.signal, W, model_id)
         p = max(1, S - W)
         g = g / g[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
         loc = loc / loc[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
-        return self.lam * g + (1 - self.lam) * loc
+        return pool1d(self.lam * g + (1 - self.lam) * loc, self.kernel, "avg")
 
     def plan(self, keys: Tensor, values: Tensor, score: Tensor, n_c: int) -> HeadMerge:
         """Classes of one head over its prefix rows. keys/values [P, d]; score [P]."""
         centers = keep_top(score[None], n_c - self.sinks, self.sinks, 0)[0]  # sinks + the top: [n_c] sorted
-        left = torch.ones_like(score, dtype=torch.bool)
-        left[centers] = False
-        rest = left.nonzero().flatten()
-        rest = rest[score[rest].argsort(descending=True, stable=True)]  # candidates, best first
-        sparsity = float(score[centers].sum() / score.sum().clamp_min(1e-30))
-        cand = rest[: int(self.candidates * (n_c + self.window))]
-        nk, nv = F.normalize(keys.float(), dim=-1), F.normalize(values.float(), dim=-1)
-        sim = (nk[cand] @ nk[centers].T).relu() * (nv[cand] @ nv[centers].T).relu()  # [M, n_c]
-        best, arg = sim.max(-1) if cand.numel() and n_c else (sim.new_zeros(cand.numel()), cand.new_zeros(cand.numel()))
-        n_tbm = round(cand.numel() * float(best.mean() if best.numel() else 0.0) * (1 - sparsity))
-        assign = torch.where(best[:n_tbm] > self.tau, arg[:n_tbm], torch.full_like(arg[:n_tbm], n_c))
-        return HeadMerge(centers, cand[:n_tbm], assign)
+        return merge_plan(keys, values, score, centers, int(self.candidates * (n_c + self.window)), self.tau)
 
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S, W = state.num_tokens, self.window
@@ -108,49 +101,80 @@ class EMSPolicy(Policy):
         if b >= S:
             return keep_all(state)
         check_budget(self, b, self.sinks + W)
-        score = self.score(state)
+        score = self.score(state, ctx.model_id)
         rows = [self.merge_head(state, h, score[h], b - W) for h in range(state.num_kv_heads)]
         return merged_layer(state, rows)
 
     def merge_head(self, state: LayerState, h: int, score: Tensor, n_c: int) -> HeadRows:
         """Rows of head h: merged centres, then the window, with the recall groups behind merged rows."""
-        S, W = state.num_tokens, self.window
-        P = S - W
-        k, v = state.keys[h, :P], state.values[h, :P]
-        plan = self.plan(k, v, score[:P], n_c)
-        c = plan.centers.sort().values
-        slot = torch.full((P,), -1, dtype=torch.long, device=k.device)
-        slot[c] = torch.arange(c.numel(), device=k.device)
-        tgt = torch.where(plan.assign < n_c, slot[plan.centers[plan.assign.clamp(max=n_c - 1)]], torch.full_like(plan.assign, n_c))
-        w = score[:P].float().clamp_min(1e-12)
-        # zero-class accumulators: n_c + 1 slots, the last one thrown away
-        acc_w = torch.zeros(n_c + 1, device=k.device).index_add_(0, tgt, w[plan.members])
-        acc_v = torch.zeros(n_c + 1, v.shape[-1], device=k.device).index_add_(0, tgt, w[plan.members, None] * v[plan.members].float())
-        u = torch.zeros_like(acc_v).index_add_(0, tgt, w[plan.members, None] * F.normalize(k[plan.members].float(), dim=-1))
-        count = torch.zeros(n_c + 1, dtype=torch.long, device=k.device).index_add_(0, tgt, torch.ones_like(tgt))[:n_c]
-        wc, kc, vc = w[c], k[c].float(), v[c].float()
-        v_new = (wc[:, None] * vc + acc_v[:n_c]) / (wc + acc_w[:n_c])[:, None]
-        u = wc[:, None] * F.normalize(kc, dim=-1) + u[:n_c]
-        k_new = kc.norm(dim=-1, keepdim=True) * F.normalize(u, dim=-1)
-        merged = count > 0
-        keys = torch.where(merged[:, None], k_new.to(k.dtype), k[c])
-        values = torch.where(merged[:, None], v_new.to(v.dtype), v[c])
-        pos = torch.where(merged, torch.full_like(c, -1), state.positions[c])
-        lw = torch.zeros(n_c, device=k.device)
-        if self.log_weight == "count":
-            lw = torch.log1p(count.float())
-        elif self.log_weight == "mass":
-            lw = torch.log((wc + acc_w[:n_c]) / wc)
-        rid = torch.full((n_c,), NO_RECALL, dtype=torch.long, device=k.device)
-        groups = []
-        for j in merged.nonzero().flatten().tolist():
-            rid[j] = len(groups)
-            groups.append((h, torch.cat([c[j : j + 1], plan.members[tgt == j]]).sort().values))
-        return HeadRows(
-            torch.cat([keys, state.keys[h, P:]]), torch.cat([values, state.values[h, P:]]),
-            torch.cat([pos, state.positions[P:]]), torch.cat([lw, torch.zeros(W, device=k.device)]),
-            torch.cat([rid, torch.full((W,), NO_RECALL, dtype=torch.long, device=k.device)]), groups,
-        )
+        P = state.num_tokens - self.window
+        plan = self.plan(state.keys[h, :P], state.values[h, :P], score[:P], n_c)
+        return merge_rows(state, h, score[:P], plan, self.log_weight)
+
+
+def merge_plan(keys: Tensor, values: Tensor, score: Tensor, centers: Tensor, n_cand: int, tau: float) -> HeadMerge:
+    """EMS's evict-then-merge over one head's prefix rows, given the kept rows (`centers`, [n_c]).
+
+    The `n_cand` best-scored rows that are not centres are the candidates; a head-adaptive
+    count round(M redundancy (1 - sparsity)) of them is merged into its most similar centre
+    (relu cos K x relu cos V), one with similarity <= tau to every centre goes to the zero
+    class. keys/values [P, d]; score [P] >= 0.
+    """
+    n_c = centers.numel()
+    left = torch.ones_like(score, dtype=torch.bool)
+    left[centers] = False
+    rest = left.nonzero().flatten()
+    rest = rest[score[rest].argsort(descending=True, stable=True)]  # candidates, best first
+    sparsity = float(score[centers].sum() / score.sum().clamp_min(1e-30))
+    cand = rest[:n_cand]
+    nk, nv = F.normalize(keys.float(), dim=-1), F.normalize(values.float(), dim=-1)
+    sim = (nk[cand] @ nk[centers].T).relu() * (nv[cand] @ nv[centers].T).relu()  # [M, n_c]
+    best, arg = sim.max(-1) if cand.numel() and n_c else (sim.new_zeros(cand.numel()), cand.new_zeros(cand.numel()))
+    n_tbm = round(cand.numel() * float(best.mean() if best.numel() else 0.0) * (1 - sparsity))
+    assign = torch.where(best[:n_tbm] > tau, arg[:n_tbm], torch.full_like(arg[:n_tbm], n_c))
+    return HeadMerge(centers, cand[:n_tbm], assign)
+
+
+def merge_rows(state: LayerState, h: int, score: Tensor, plan: HeadMerge, log_weight: str = "none") -> HeadRows:
+    """Head h's rows for a plan over its first P = score.numel() rows: the centres (merged ones
+    synthetic, position -1, with a recall group: the centre and its members), then rows P..S as they are."""
+    S, P = state.num_tokens, score.numel()
+    W = S - P
+    n_c = plan.centers.numel()
+    k, v = state.keys[h, :P], state.values[h, :P]
+    c = plan.centers.sort().values
+    slot = torch.full((P,), -1, dtype=torch.long, device=k.device)
+    slot[c] = torch.arange(c.numel(), device=k.device)
+    tgt = torch.where(plan.assign < n_c, slot[plan.centers[plan.assign.clamp(max=n_c - 1)]], torch.full_like(plan.assign, n_c))
+    w = score[:P].float().clamp_min(1e-12)
+    # zero-class accumulators: n_c + 1 slots, the last one thrown away
+    acc_w = torch.zeros(n_c + 1, device=k.device).index_add_(0, tgt, w[plan.members])
+    acc_v = torch.zeros(n_c + 1, v.shape[-1], device=k.device).index_add_(0, tgt, w[plan.members, None] * v[plan.members].float())
+    u = torch.zeros_like(acc_v).index_add_(0, tgt, w[plan.members, None] * F.normalize(k[plan.members].float(), dim=-1))
+    count = torch.zeros(n_c + 1, dtype=torch.long, device=k.device).index_add_(0, tgt, torch.ones_like(tgt))[:n_c]
+    wc, kc, vc = w[c], k[c].float(), v[c].float()
+    v_new = (wc[:, None] * vc + acc_v[:n_c]) / (wc + acc_w[:n_c])[:, None]
+    u = wc[:, None] * F.normalize(kc, dim=-1) + u[:n_c]
+    k_new = kc.norm(dim=-1, keepdim=True) * F.normalize(u, dim=-1)
+    merged = count > 0
+    keys = torch.where(merged[:, None], k_new.to(k.dtype), k[c])
+    values = torch.where(merged[:, None], v_new.to(v.dtype), v[c])
+    pos = torch.where(merged, torch.full_like(c, -1), state.positions[c])
+    lw = torch.zeros(n_c, device=k.device)
+    if log_weight == "count":
+        lw = torch.log1p(count.float())
+    elif log_weight == "mass":
+        lw = torch.log((wc + acc_w[:n_c]) / wc)
+    rid = torch.full((n_c,), NO_RECALL, dtype=torch.long, device=k.device)
+    groups = []
+    for j in merged.nonzero().flatten().tolist():
+        rid[j] = len(groups)
+        groups.append((h, torch.cat([c[j : j + 1], plan.members[tgt == j]]).sort().values))
+    return HeadRows(
+        torch.cat([keys, state.keys[h, P:]]), torch.cat([values, state.values[h, P:]]),
+        torch.cat([pos, state.positions[P:]]), torch.cat([lw, torch.zeros(W, device=k.device)]),
+        torch.cat([rid, torch.full((W,), NO_RECALL, dtype=torch.long, device=k.device)]), groups,
+    )
 
 
 def merged_layer(state: LayerState, rows: list[HeadRows]) -> LayerCache:

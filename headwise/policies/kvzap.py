@@ -21,6 +21,7 @@ class KVzapPolicy(KVzipPolicy):
     """
 
     name = "kvzap"
+    log_signal = True  # the predictions are log scores: exp before a prior multiplies them or EMS weighs by them
 
     @property
     def capture(self) -> Capture:

@@ -49,3 +49,53 @@ def window_scores(state: LayerState, window: int, gain: Tensor | None = None) ->
         return window_probs(qw, state.keys, state.scaling, gain).mean(1)
     keys = torch.cat([state.keys, state.window_keys], 1)  # [Hkv, N + Q, d]: the window queries are the last of them
     return window_probs(qw, keys, state.scaling, gain)[..., : state.num_tokens].mean(1)
+
+
+# ---- the observation signal -------------------------------------------------------------
+SIGNALS = ("window", "kvzip", "kvzap")
+
+
+def check_signal(policy, signal: str) -> None:
+    if signal not in SIGNALS:
+        raise InvalidInput(f"policy {policy.name!r}: signal={signal!r}; allowed: {', '.join(SIGNALS)}")
+
+
+def signal_capture(signal: str, window: int):
+    """What the prefill must record for a signal: the window queries, KVzip's reconstruction
+    pass, or the hidden states kvzap's scorer reads."""
+    from headwise.policies.base import Capture
+
+    if signal == "kvzip":
+        return Capture(reconstruction=True)
+    if signal == "kvzap":
+        return Capture(hidden=True)
+    return Capture(window=max(1, window))
+
+
+def observation(state: LayerState, signal: str, window: int, model_id: str = "", gain: Tensor | None = None) -> Tensor:
+    """How much each row is attended to, per KV head: [Hkv, N] fp32, >= 0.
+
+    window: mean attention from the last `window` queries (the document's own last tokens,
+            or the question in the query-aware regime), mean over the GQA group;
+    kvzip:  the max attention from KVzip's reconstruction queries (the model re-reading the
+            document), query-agnostic;
+    kvzap:  that score as kvzap's distilled scorer predicts it from the hidden states.
+    """
+    if signal == "kvzip":
+        if state.reconstruction is None:
+            raise InvalidInput("signal 'kvzip' needs the reconstruction scores; prefill with the policy's capture")
+        return state.reconstruction.float()
+    if signal == "kvzap":
+        if state.hidden is None:
+            raise InvalidInput("signal 'kvzap' needs the layers' hidden states; prefill with the policy's capture")
+        from headwise.profiles.scorer import load_scorer
+
+        return load_scorer(model_id).predict(state.layer, state.hidden).exp()  # predicted log score -> score
+    return group_reduce(window_scores(state, window, gain), state.num_kv_heads)
+
+
+def value_prior(values: Tensor, kernel: int) -> Tensor:
+    """AhaKV's value prior: pooled ||v||^2 of each row over its neighbours, normalised by the
+    head's max. values [Hkv, N, d] -> [Hkv, N] in (0, 1]."""
+    gam = pool1d(values.float().pow(2).sum(-1), kernel, "avg")
+    return gam / gam.amax(-1, keepdim=True).clamp_min(1e-30)

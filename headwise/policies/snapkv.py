@@ -8,7 +8,7 @@ from torch import Tensor
 
 from headwise.errors import InvalidInput
 from headwise.policies.base import CompressContext, LayerState, ScorerPolicy, check_ints
-from headwise.policies.scoring import POOLINGS, group_reduce, pool1d, window_scores
+from headwise.policies.scoring import POOLINGS, observation, pool1d, window_scores  # noqa: F401 (window_scores: tests)
 
 
 @dataclass(frozen=True)
@@ -32,5 +32,5 @@ class SnapKVPolicy(ScorerPolicy):
             raise InvalidInput(f"policy {self.name!r}: pooling={self.pooling!r}; allowed: {', '.join(POOLINGS)}")
 
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
-        s = group_reduce(window_scores(state, self.window), state.num_kv_heads)  # [Hkv, N]
+        s = observation(state, self.signal, self.window, ctx.model_id)  # [Hkv, N]
         return pool1d(s, self.kernel, self.pooling)

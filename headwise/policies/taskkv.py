@@ -17,8 +17,9 @@ from headwise.policies.base import (
     gather_rows,
     keep_all,
     keep_top,
+    optional,
 )
-from headwise.policies.scoring import group_reduce, pool1d, window_scores
+from headwise.policies.scoring import check_signal, observation, pool1d, signal_capture
 
 
 @dataclass(frozen=True)
@@ -44,30 +45,37 @@ class TaskKVPolicy(Policy):
     kernel: int = 7
     beta: float = 0.3
     m: int = 1
+    signal: str = optional("window")  # observation signal (policies/scoring.py): window, kvzip or kvzap
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, window=self.window, sinks=self.sinks, recent=self.recent, top_t=self.top_t, kernel=self.kernel, m=self.m)
         if not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta <= 1.0:
             raise InvalidInput(f"policy 'taskkv': beta={self.beta!r} must be in [0, 1]")
+        check_signal(self, self.signal)
 
     @property
     def capture(self) -> Capture:
-        return Capture(window=max(1, self.window))
+        return signal_capture(self.signal, self.window)
 
     def heterogeneous_count(self, layer: int, num_layers: int, n: int) -> int:
         top = n * self.beta
         f = top - (top - self.m) * layer / max(1, num_layers - 1)
         return int(min(max(round(f), 0), n - 1))
 
+    def semantic_distance(self, C: Tensor, values: Tensor) -> Tensor:
+        """[Hkv] distance of each head's semantic vector (top-t attention . V) to the layer's mean.
+        C: [Hkv, N] column-mean attention; values [Hkv, N, d]."""
+        t = min(self.top_t, C.shape[1])
+        idx = C.topk(t, dim=-1).indices  # [Hkv, t]
+        sem = torch.stack([C[g, i] @ values[g, i].float() for g, i in enumerate(idx)])  # [Hkv, d]
+        return (sem - sem.mean(0)).norm(dim=-1)
+
     def heterogeneous(self, C: Tensor, values: Tensor, f: int) -> list[int]:
         """C: [Hkv, N] column-mean window attention; values [Hkv, N, d]. The f chosen heads."""
         if f == 0:
             return []
-        t = min(self.top_t, C.shape[1])
-        idx = C.topk(t, dim=-1).indices  # [Hkv, t]
-        sem = torch.stack([C[g, i] @ values[g, i].float() for g, i in enumerate(idx)])  # [Hkv, d]
-        dist = (sem - sem.mean(0)).norm(dim=-1)
+        dist = self.semantic_distance(C, values)
         order = dist.argsort(descending=True, stable=True).tolist()
         return order[:1] if f == 1 else order[: f - 1] + [order[-1]]
 
@@ -81,7 +89,7 @@ class TaskKVPolicy(Policy):
         while f > 0 and (layer_budget - S * f) // (n - f) < protected:
             f -= 1
         check_budget(self, layer_budget // n, protected, "sinks + recent")
-        C = group_reduce(window_scores(state, self.window), n)  # [Hkv, N]
+        C = observation(state, self.signal, self.window, ctx.model_id)  # [Hkv, N]
         het = set(self.heterogeneous(C, state.values, f))
         score = pool1d(C, self.kernel, "avg")
         base, extra = divmod(layer_budget - S * len(het), n - len(het))
