@@ -3,6 +3,9 @@
 When the store is unreachable, every call would spend the client's retries before failing;
 after one such failure the breaker answers `StoreUnavailable` at once for `cooldown_s`, so
 requests go straight to the bypass path (DESIGN.md 6) instead of each waiting out timeouts.
+It trips per tenant: over a sharded store (Redis Cluster keeps each tenant in one slot) a dead
+master is unavailable to its own tenants only, and the others keep reusing; when the whole store
+is down, each tenant pays one failed call before its requests bypass.
 
 The store keeps reusable work, not data of record, so no store failure fails a request: a put
 the store refuses (a segment larger than the tenant's whole quota, Redis full, input it rejects)
@@ -39,16 +42,17 @@ def fallback_status(e: Exception) -> str:
 class TenantStore:
     """The store seen from one tenant's namespace, counting the bytes that cross the wire."""
 
-    def __init__(self, client: KVStoreClient, breaker: "StoreClients"):
+    def __init__(self, client: KVStoreClient, breaker: "StoreClients", tenant: str = ""):
         self.client = client
         self.breaker = breaker
+        self.tenant = tenant
 
     async def _call(self, name: str, *args):
-        self.breaker.check()
+        self.breaker.check(self.tenant)
         try:
             return await getattr(self.client, name)(*args)
         except StoreUnavailable:
-            self.breaker.trip()
+            self.breaker.trip(self.tenant)
             raise
 
     async def lookup(self, keys: list[str]) -> int:
@@ -111,25 +115,32 @@ class TenantStore:
 
 
 class StoreClients:
-    """Lazily opened KVStoreClient per tenant, sharing one breaker."""
+    """Lazily opened KVStoreClient per tenant, and the breaker (tripped per tenant, or for all)."""
 
     def __init__(self, addr: str, service_token: str, timeout_s: float = 5.0, cooldown_s: float = 5.0):
         self.addr, self.token, self.timeout_s, self.cooldown_s = addr, service_token, timeout_s, cooldown_s
         self._clients: dict[str, TenantStore] = {}
-        self._down_until = 0.0
+        self._down_until = 0.0  # every tenant's calls bypass until then
+        self._tenant_down_until: dict[str, float] = {}
 
     def for_tenant(self, tenant: str) -> TenantStore:
         if tenant not in self._clients:
             client = KVStoreClient(self.addr, self.token, tenant, timeout_s=self.timeout_s, retries=2)
-            self._clients[tenant] = TenantStore(client, self)
+            self._clients[tenant] = TenantStore(client, self, tenant)
         return self._clients[tenant]
 
-    def check(self) -> None:
-        if time.monotonic() < self._down_until:
+    def check(self, tenant: str | None = None) -> None:
+        now = time.monotonic()
+        if now < self._down_until or (tenant is not None and now < self._tenant_down_until.get(tenant, 0.0)):
             raise StoreUnavailable("UNAVAILABLE", f"kvstore at {self.addr} was unreachable moments ago; bypassing it")
 
-    def trip(self) -> None:
-        self._down_until = time.monotonic() + self.cooldown_s
+    def trip(self, tenant: str | None = None) -> None:
+        """Bypass the store for `cooldown_s`: `tenant`'s calls, or every tenant's (None)."""
+        until = time.monotonic() + self.cooldown_s
+        if tenant is None:
+            self._down_until = until
+        else:
+            self._tenant_down_until[tenant] = until
 
     async def close(self) -> None:
         for s in self._clients.values():

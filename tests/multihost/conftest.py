@@ -24,8 +24,10 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -38,6 +40,7 @@ from tests.multihost import netns
 TOKEN = "multihost-service-token"
 KV_PORT, KV_METRICS_PORT, REDIS_PORT = 50051, 9100, 6379
 HOSTS = {"store": 5, "kv1": 21, "kv2": 22, "head": 10, "w1": 11, "w2": 12}
+LOCK_WAIT_S = 200
 
 
 def wait_listening(addr: str, port: int, timeout_s: float, proc=None) -> float:
@@ -68,17 +71,21 @@ def net():
         if os.environ.get("HEADWISE_MULTIHOST_REQUIRED"):
             pytest.fail(f"multi-host harness required but unavailable: {reason}")
         pytest.skip(f"multi-host harness unavailable: {reason}")
-    netns.cleanup_stale()
-    logdir = Path(tempfile.mkdtemp(prefix="headwise-multihost-"))
-    network = netns.Network(HOSTS, logdir)
-    try:
-        network.create()
-        yield network
-    finally:
-        network.teardown()
-        for d in Path("/tmp").glob("hwmh-ray-*"):  # the Ray nodes' session dirs (sockets, logs)
-            shutil.rmtree(d, ignore_errors=True)
-        print(f"\nmulti-host logs: {logdir}", file=sys.stderr)
+    # one run at a time on a machine: a second run waits (inside the first test's timeout), then fails saying so
+    with netns.exclusive(timeout_s=LOCK_WAIT_S) as waited:
+        if waited > 1:
+            print(f"\nwaited {waited:.0f} s for another multi-host run to finish", file=sys.stderr)
+        netns.cleanup_stale()
+        logdir = Path(tempfile.mkdtemp(prefix="headwise-multihost-"))
+        network = netns.Network(HOSTS, logdir)
+        try:
+            network.create()
+            yield network
+        finally:
+            network.teardown()
+            for d in Path("/tmp").glob("hwmh-ray-*"):  # the Ray nodes' session dirs (sockets, logs)
+                shutil.rmtree(d, ignore_errors=True)
+            print(f"\nmulti-host logs: {logdir}", file=sys.stderr)
 
 
 def start_redis(host: netns.Host) -> object:
@@ -127,7 +134,10 @@ RAY_TOKEN = secrets.token_hex(32)
 
 
 def ray_env(**extra: str) -> dict[str, str]:
-    return host_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=RAY_TOKEN, **extra)
+    # Serve's handles and replicas report ongoing requests to the controller every 0.5 s (10 s by
+    # default), so the autoscaling test's short look-back window sees the load it makes
+    return host_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=RAY_TOKEN, RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S="0.5",
+                    RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S="0.5", **extra)
 
 
 @pytest.fixture(scope="session")
@@ -179,6 +189,7 @@ class RayCluster:
 
     def __init__(self, net: netns.Network, tmp: Path):
         self.net, self.tmp = net, tmp
+        self.workers: dict[str, object] = {}  # name -> its `ray start --block` process
 
     @property
     def head(self) -> netns.Host:
@@ -198,18 +209,26 @@ class RayCluster:
 
     def start_worker(self, name: str) -> None:
         h = self.net[name]
-        h.popen([RAY, "start", "--block", f"--address={self.head.addr}:{RAY_PORT}", f"--node-ip-address={h.addr}",
+        self.workers[name] = h.popen([RAY, "start", "--block", f"--address={self.head.addr}:{RAY_PORT}", f"--node-ip-address={h.addr}",
                  "--num-cpus=2", f"--resources={json.dumps({f'hw_{name}': 1, 'hw_worker': 1})}",
                  "--disable-usage-stats", f"--temp-dir=/tmp/hwmh-ray-{name}", "--object-store-memory=100000000"],
                 f"ray-{name}.log", env=ray_env())
 
-    def wait_nodes(self, n: int, timeout_s: float = 240) -> None:  # worker nodes joined after >120 s once, in a clean clone
-        deadline = time.monotonic() + timeout_s
+    def wait_nodes(self, n: int, timeout_s: float = 180) -> float:
+        """Seconds until n nodes are alive; a worker's `ray start` that exits fails at once, with its log.
+        (Joining takes seconds; the one run that timed out shared its hosts with a concurrent run,
+        which the session lock now prevents.)"""
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
         while time.monotonic() < deadline:
+            for name, p in self.workers.items():
+                if p.poll() is not None:
+                    log = (self.net.logdir / f"ray-{name}.log").read_text(errors="replace")[-2000:]
+                    raise RuntimeError(f"`ray start` on {name} exited with {p.returncode}:\n{log}")
             r = self.head.run([sys.executable, "-c", f"import ray; ray.init(address='{self.head.addr}:{RAY_PORT}', log_to_driver=False); "
                                "print(sum(1 for n in ray.nodes() if n['Alive']))"], 60, env=ray_env())
             if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
-                return
+                return time.monotonic() - t0
             time.sleep(1)
         raise TimeoutError(f"the Ray cluster did not reach {n} live nodes in {timeout_s:.0f} s")
 
@@ -229,6 +248,56 @@ class RayCluster:
     def replicas(self) -> dict[str, list[str]]:
         return self.driver("replicas", timeout_s=60)
 
+    def watch(self, seconds: float) -> "ReplicaWatch":
+        return ReplicaWatch(self, seconds)
+
+
+class ReplicaWatch:
+    """`serve_driver watch` on the head, read in the background: the timeline of the replicas."""
+
+    def __init__(self, cluster: RayCluster, seconds: float):
+        h = cluster.head
+        err = open(h.logdir / "watch.log", "ab")
+        self.proc = subprocess.Popen(["ip", "netns", "exec", h.ns, sys.executable, "-m", "tests.multihost.serve_driver",
+                                      "watch", str(seconds)], stdout=subprocess.PIPE, stderr=err, text=True,
+                                     env=ray_env(HWMH_RAY_ADDRESS=f"{h.addr}:{RAY_PORT}"), start_new_session=True)
+        err.close()
+        h.procs.append(self.proc)  # the session teardown ends it if a test does not
+        self.lines: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                self.lines.append(json.loads(line))
+
+    def running(self, deployment: str, line: dict | None = None) -> int | None:
+        """RUNNING replicas of `deployment` in `line` (default: the latest); None before the first look."""
+        line = line or (self.lines[-1] if self.lines else None)
+        if line is None or "states" not in line:
+            return None
+        return line["states"].get(deployment, {}).get("RUNNING", 0)
+
+    async def until(self, pred, timeout_s: float, what: str) -> dict:
+        """The first line (from now on) for which pred(line) holds; AssertionError past timeout_s."""
+        import asyncio
+
+        seen, t0 = len(self.lines), time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            for line in self.lines[seen:]:
+                if "states" in line and pred(line):
+                    return line
+            seen = len(self.lines)
+            if self.proc.poll() is not None and seen == len(self.lines):
+                raise AssertionError(f"the replica watch ended ({self.proc.returncode}) before {what}")
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"not {what} within {timeout_s:.0f} s; last: {self.lines[-3:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
 
 @pytest.fixture(scope="session")
 def ray_cluster(net, kvstores, tmp_path_factory) -> RayCluster:
@@ -236,5 +305,6 @@ def ray_cluster(net, kvstores, tmp_path_factory) -> RayCluster:
     c.start_head()
     for w in WORKERS:
         c.start_worker(w)
-    c.wait_nodes(1 + len(WORKERS))
+    joined = c.wait_nodes(1 + len(WORKERS))
+    print(f"\nRay worker hosts joined {joined:.0f} s after their `ray start`", file=sys.stderr)
     return c

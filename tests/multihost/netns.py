@@ -10,23 +10,61 @@ Each host is a namespace `hwmh-<name>` with one interface `eth0` (a veth whose o
 the bridge `hwmh-br`) and its own address; the root namespace is on the bridge too, at
 10.213.0.1, and plays the client host. Nothing listens on, or connects to, loopback across
 hosts: each namespace has its own `lo`. Names, bridge and subnet are private to this harness,
-so `cleanup_stale()` can remove what a killed run left behind by prefix alone.
+so `cleanup_stale()` can remove what a killed run left behind by prefix alone; two runs at
+once would share those names (the second's cleanup kills the first's hosts, the first starts
+Ray inside the second's head), so a run holds `exclusive()` for its whole session.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 PREFIX = "hwmh-"
 BRIDGE = "hwmh-br"
 SUBNET = "10.213.0"
 CLIENT_ADDR = f"{SUBNET}.1"  # the root namespace's address on the bridge: the client host
+LOCK_PATH = "/run/headwise-multihost.lock"
+
+
+@contextmanager
+def exclusive(timeout_s: float, path: str = LOCK_PATH) -> Iterator[float]:
+    """Hold the machine-wide lock of this harness (waits for a run already going): the seconds waited.
+    The kernel drops the lock when its holder dies, so a killed run never leaves it taken."""
+    f = open(path, "a+")
+    t0 = time.monotonic()
+    try:
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() - t0 > timeout_s:
+                    raise TimeoutError(f"another multi-host run holds {path} (pid {_holder(path)}) "
+                                       f"after {timeout_s:.0f} s") from None
+                time.sleep(1)
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield time.monotonic() - t0
+    finally:
+        f.close()  # releases the lock
+
+
+def _holder(path: str) -> str:
+    try:
+        return Path(path).read_text().strip() or "?"
+    except OSError:
+        return "?"
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -2,6 +2,7 @@
 
     python -m tests.multihost.serve_driver deploy CONFIG.json   # the serve config dict, JSON
     python -m tests.multihost.serve_driver replicas             # JSON: deployment -> [node ip of each RUNNING replica]
+    python -m tests.multihost.serve_driver watch SECONDS        # a JSON line every 0.5 s: replica states and nodes
 
 A driver process connects to the head's GCS (10.213.0.10:6379 by default, $HWMH_RAY_ADDRESS),
 does one thing and exits; Serve's controller and replicas live on in the cluster (detached).
@@ -47,8 +48,7 @@ def deploy(config_path: str, timeout_s: float = 240.0) -> None:
     print(json.dumps({"status": state}))
 
 
-def replicas() -> None:
-    connect()
+def alive_replicas() -> dict[str, list[str]]:
     from ray._private import state  # the GCS's actor table: no dashboard needed
 
     out: dict[str, list[str]] = {}
@@ -56,7 +56,32 @@ def replicas() -> None:
         cls = a.get("ActorClassName") or ""
         if a.get("State") == "ALIVE" and cls.startswith("ServeReplica:"):
             out.setdefault(cls.split(":")[-1], []).append(a["Address"]["IPAddress"])
-    print(json.dumps({k: sorted(v) for k, v in out.items()}))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def replicas() -> None:
+    connect()
+    print(json.dumps(alive_replicas()))
+
+
+def watch(seconds: float, app_name: str = "headwise") -> None:
+    """Serve's replica states per deployment ({"RUNNING": 2, "STARTING": 1}) and the nodes of the
+    live replica actors, as one JSON line every 0.5 s with the wall clock (the test's clock too)."""
+    from ray import serve
+
+    connect()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t = time.time()
+        try:
+            app = serve.status().applications.get(app_name)
+            states = {n: {str(k).split(".")[-1]: v for k, v in d.replica_states.items()}
+                      for n, d in (app.deployments.items() if app else [])}
+            line = {"t": t, "states": states, "nodes": alive_replicas()}
+        except Exception as e:  # noqa: BLE001 - one failed look is a gap in the timeline, not the end of it
+            line = {"t": t, "error": str(e)[:200]}
+        print(json.dumps(line), flush=True)
+        time.sleep(max(0.0, 0.5 - (time.time() - t)))
 
 
 if __name__ == "__main__":
@@ -65,5 +90,7 @@ if __name__ == "__main__":
         deploy(sys.argv[2])
     elif cmd == "replicas":
         replicas()
+    elif cmd == "watch":
+        watch(float(sys.argv[2]))
     else:
-        raise SystemExit(f"unknown command {cmd!r}: deploy CONFIG.json | replicas")
+        raise SystemExit(f"unknown command {cmd!r}: deploy CONFIG.json | replicas | watch SECONDS")

@@ -67,6 +67,70 @@ def test_document_stored_by_one_host_is_reused_by_the_others_decode(split) -> No
     assert warm.figures["wire_bytes"] > 0  # Decode on w2 fetched what Prefill on w1 put
 
 
+# Prefill autoscaled between 1 and 2 replicas, at most one per worker host (so the second goes to the
+# other host), with delays and look-back of seconds instead of Serve's 30 s / 600 s; Decode fixed on w1
+AUTOSCALE = {"Prefill": {"replicas": 1, "min": 1, "max": 2, "resources": {"hw_worker": 0.01}, "per_node": 1,
+                         "autoscaling": {"target_ongoing_requests": 1, "upscale_delay_s": 1.0, "downscale_delay_s": 6.0,
+                                         "look_back_period_s": 2.0, "metrics_interval_s": 0.5}},
+             "Decode": {"replicas": 1, "resources": {"hw_w1": 0.01}}}
+COLD = dict(max_new_tokens=2, temperature=0.0)  # prefill-bound requests: a new document each time
+
+
+async def cold_requests(addr: str, stop: asyncio.Event, clients: int) -> list[dict]:
+    """`clients` concurrent loops of cold requests until `stop`: each request's outcome and times."""
+    out: list[dict] = []
+    counter = iter(range(10**6))
+
+    async def loop(c: HeadwiseClient) -> None:
+        while not stop.is_set():
+            i = next(counter)
+            doc, t0 = f"Report {i}. " + document(i, words=500), time.time()
+            try:
+                ans = await asyncio.wait_for(c.ask(QUESTIONS[0], doc, **COLD), 90)
+                out.append({"t0": t0, "t1": time.time(), "ok": bool(ans.token_ids), "status": ans.figures["store_status"]})
+            except (grpc.aio.AioRpcError, asyncio.TimeoutError) as e:
+                out.append({"t0": t0, "t1": time.time(), "ok": False, "status": getattr(e, "code", lambda: "timeout")()})
+
+    async with HeadwiseClient(addr, TENANT_KEY) as c:
+        await asyncio.gather(*(loop(c) for _ in range(clients)))
+    return out
+
+
+def test_prefill_scales_out_to_the_other_host_and_back(ray_cluster, kvstores, tiny_model_dir, net) -> None:
+    ray_cluster.deploy(serve_config_for(app_settings(tiny_model_dir, kvstores), AUTOSCALE))
+    watch = ray_cluster.watch(400)
+
+    async def scenario():
+        await watch.until(lambda line: line["states"].get("Prefill") == {"RUNNING": 1}, 60, "Prefill at 1 replica")
+        stop, t_load = asyncio.Event(), time.time()
+        load = asyncio.create_task(cold_requests(ray_cluster.grpc_addr, stop, clients=6))
+        try:
+            decided = await watch.until(lambda line: sum(line["states"].get("Prefill", {}).values()) >= 2, 150,
+                                        "a second Prefill replica under load")
+            up = await watch.until(lambda line: watch.running("Prefill", line) == 2, 120, "2 RUNNING Prefill replicas")
+            await asyncio.sleep(8)  # the load goes on over both replicas
+        finally:
+            stop.set()
+            results = await asyncio.wait_for(load, 120)
+        t_stop = time.time()
+        down = await watch.until(lambda line: line["states"].get("Prefill") == {"RUNNING": 1}, 120,
+                                 "Prefill back at 1 replica after the load")
+        return t_load, decided, up, t_stop, down, results
+
+    try:
+        t_load, decided, up, t_stop, down, results = asyncio.run(scenario())
+    finally:
+        watch.stop()
+    during = [r for r in results if r["t1"] >= up["t"]]
+    print(f"autoscaling: load of 6 clients at 0 s; second Prefill replica started {decided['t'] - t_load:.1f} s, "
+          f"RUNNING {up['t'] - t_load:.1f} s (on {up['nodes'].get('Prefill')}); load stopped {t_stop - t_load:.1f} s; "
+          f"back at 1 replica {down['t'] - t_load:.1f} s ({down['t'] - t_stop:.1f} s after); "
+          f"{len(results)} requests, {len(during)} ending while 2 ran, failed: {[r for r in results if not r['ok']][:3]}")
+    assert sorted(up["nodes"]["Prefill"]) == sorted([net["w1"].addr, net["w2"].addr])  # one on each worker host
+    assert results and all(r["ok"] and r["status"] == "stored" for r in results)  # every request, all cold, completed
+    assert during, "no request completed while two Prefill replicas ran"
+
+
 # Both deployments on both worker hosts, one replica of each per host
 SPREAD = {name: {"replicas": 2, "resources": {"hw_worker": 0.01}, "per_node": 1} for name in ("Prefill", "Decode")}
 LONG = dict(max_new_tokens=900, temperature=0.0)
