@@ -19,7 +19,7 @@ help:
 	@echo "make bench-quality  accuracy vs kept fraction, headwise policies and the kvpress anchor (separate .venv-bench)"
 	@echo "make proto      regenerate the gRPC stubs from proto/"
 	@echo "make lint       ruff"
-	@echo "make k8s        regenerate serveConfigV2 in k8s/ from cluster/serve_config.py; render overlays to build/k8s/"
+	@echo "make k8s        regenerate serveConfigV2 in k8s/ from cluster/serve_config.py; render overlays (kubectl kustomize) to build/k8s/"
 
 $(BIN)/.bootstrapped: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

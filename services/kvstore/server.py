@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 SEGMENT_KEY = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+# A connection lives a minute (then GOAWAY; calls in flight get 30 s more): clients of a name that
+# resolves to several replicas (a headless Service) re-resolve it, so replicas added later get calls.
+SERVER_OPTIONS = [*GRPC_OPTIONS, ("grpc.max_connection_age_ms", 60_000), ("grpc.max_connection_age_grace_ms", 30_000)]
 MAX_LOOKUP_KEYS = 1024
 MAX_RECORD_BYTES = 1 << 20
 MAX_TTL_S = 30 * 86400.0  # leases and records: at most 30 days
@@ -408,7 +411,7 @@ def create_server(addr: str = "127.0.0.1:0", settings: KVStoreSettings | None = 
     settings = settings or KVStoreSettings()
     metrics = StoreMetrics()
     servicer = KVStoreServicer(settings, backend or make_backend(settings), metrics)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     add_kvstore_handlers(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -283,6 +283,11 @@ def check_addresses(docs: list[Doc]) -> list[str]:
         m = re.match(r"^(?:[a-z]+://)?(?:[^@/]*@)?([a-z0-9.-]+):(\d+)", value)
         if not m or m.group(1).split(".")[0] not in services or int(m.group(2)) not in services[m.group(1).split(".")[0]]:
             problems.append(f"{what}={value!r} does not name a Service and one of its ports")
+    kv_service = next((d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] ==
+                       cm.get("HEADWISE_KVSTORE_ADDR", "").split(":")[0].split(".")[0]), None)
+    if kv_service is not None and kv_service["spec"].get("clusterIP") != "None":
+        problems.append(f"Service/{kv_service['metadata']['name']} (HEADWISE_KVSTORE_ADDR) is not headless (clusterIP: None): "
+                        "its one virtual address would hold each client's connection to one kvstore pod")
     kvstore = find(docs, "Deployment", "kvstore")["spec"]["template"]["spec"]["containers"][0]
     if int(cm["HEADWISE_KVSTORE_PORT"]) not in {p["containerPort"] for p in kvstore["ports"]}:
         problems.append("HEADWISE_KVSTORE_PORT is not a container port of kvstore")

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from cluster.k8s_render import (
-    K8S_DIR,
-    build,
-    expected_serve_patch,
-    find,
-    kustomizations_with_serve_patch,
-    strategic_merge,
-)
+from cluster.k8s_render import K8S_DIR, build, expected_serve_patch, find, kustomizations_with_serve_patch
 from tests.k8s import checks
 
 OVERLAYS = ["cpu", "gpu"]
+
+
+@functools.lru_cache(maxsize=None)
+def _rendered(overlay: str) -> tuple[dict, ...]:
+    return tuple(build(K8S_DIR / "overlays" / overlay))
+
+
+def overlay_docs(overlay: str) -> list[dict]:
+    """The overlay as kustomize renders it (rendered once per run; each caller gets its own copy)."""
+    return copy.deepcopy(list(_rendered(overlay)))
 
 
 def overlay_images(kdir: Path) -> set[str]:
@@ -27,7 +35,7 @@ def overlay_images(kdir: Path) -> set[str]:
 
 @pytest.fixture(scope="module", params=OVERLAYS)
 def rendered(request) -> tuple[str, list[dict]]:
-    return request.param, build(K8S_DIR / "overlays" / request.param)
+    return request.param, overlay_docs(request.param)
 
 
 def test_overlay_renders_everything(rendered):
@@ -58,7 +66,7 @@ def test_serve_patches_are_generated_from_serve_config():
 
 
 def test_gpu_overlay_asks_for_gpus():
-    docs = build(K8S_DIR / "overlays" / "gpu")
+    docs = overlay_docs("gpu")
     serve = yaml.safe_load(find(docs, "RayService", "headwise")["spec"]["serveConfigV2"])
     assert all(d["ray_actor_options"]["num_gpus"] > 0 for d in serve["applications"][0]["deployments"])
     worker = find(docs, "RayService", "headwise")["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
@@ -67,12 +75,12 @@ def test_gpu_overlay_asks_for_gpus():
 
 
 def test_cpu_overlay_uses_no_gpu():
-    text = yaml.safe_dump_all(build(K8S_DIR / "overlays" / "cpu"))
+    text = yaml.safe_dump_all(overlay_docs("cpu"))
     assert "nvidia.com/gpu" not in text and "num_gpus" not in text
 
 
 def test_redis_is_a_cache_without_persistence():
-    docs = build(K8S_DIR / "overlays" / "cpu")
+    docs = overlay_docs("cpu")
     conf = find(docs, "ConfigMap", "redis-config")["data"]["redis.conf"].splitlines()
     # Redis must never evict by itself: its LRU is across tenants (the kvstore evicts per tenant)
     assert "maxmemory-policy noeviction" in conf and 'save ""' in conf and "appendonly no" in conf
@@ -83,21 +91,47 @@ def test_redis_is_a_cache_without_persistence():
     assert 4 * quota * 1.25 < int(maxmem.removesuffix("mb")) << 20, "four tenants' quotas (+25%) must fit in maxmemory"
 
 
-def test_redis_persistence_patch_renders_and_validates():
-    docs = build(K8S_DIR / "overlays" / "cpu")
-    patch = yaml.safe_load((K8S_DIR / "patches" / "redis-persistence.yaml").read_text())
-    docs = [strategic_merge(d, patch) if checks.name_of(d) == "StatefulSet/redis" else d for d in docs]
+def test_redis_persistence_component_renders_and_validates(tmp_path):
+    # the cpu overlay with the lines its comment says to uncomment
+    root = tmp_path / "k8s"
+    shutil.copytree(K8S_DIR, root)
+    kust = root / "overlays" / "cpu" / "kustomization.yaml"
+    text = kust.read_text()
+    assert "# components:\n#   - ../../components/redis-persistence\n" in text
+    kust.write_text(text.replace("# components:\n#   - ../../components/redis-persistence\n",
+                                 "components:\n  - ../../components/redis-persistence\n"))
+    docs = build(root / "overlays" / "cpu")
     sts = find(docs, "StatefulSet", "redis")
     assert "data" not in {v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]}
     assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert "--appendonly" in sts["spec"]["template"]["spec"]["containers"][0]["args"]
     assert checks.validate_core([sts]) == []
+    assert sts["metadata"]["namespace"] == "headwise"
+
+
+def test_kvstore_service_is_headless_so_clients_see_every_pod():
+    for overlay in OVERLAYS:
+        svc = find(overlay_docs(overlay), "Service", "kvstore")
+        assert svc["spec"]["clusterIP"] == "None"
+
+
+def test_rendering_is_kustomize_itself():
+    from cluster.k8s_render import kustomize_command
+
+    cmd = kustomize_command()
+    r = subprocess.run([*cmd, str(K8S_DIR / "overlays" / "cpu")], capture_output=True, text=True, check=True)
+    assert list(yaml.safe_load_all(r.stdout)) == build(K8S_DIR / "overlays" / "cpu")
+    if cmd[:1] == ["kubectl"]:  # `patches:` and components need kustomize v5 (kubectl >= 1.27)
+        version = json.loads(subprocess.run(["kubectl", "version", "--client", "-o", "json"], capture_output=True,
+                                            text=True, check=True).stdout)
+        assert int(version["kustomizeVersion"].lstrip("v").split(".")[0]) >= 5, version
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kvstore_has_grpc_health_probes(overlay):
     from services.kvstore.protocol import LIVENESS
 
-    kv = find(build(K8S_DIR / "overlays" / overlay), "Deployment", "kvstore")["spec"]["template"]["spec"]["containers"][0]
+    kv = find(overlay_docs(overlay), "Deployment", "kvstore")["spec"]["template"]["spec"]["containers"][0]
     assert kv["readinessProbe"]["grpc"]["port"] == kv["livenessProbe"]["grpc"]["port"] == 50051
     # readiness follows Redis (the overall status); liveness and startup only need the process alive,
     # so a Redis outage takes pods out of the Service without restarting them
@@ -113,7 +147,7 @@ def test_configmap_tenant_limits_parse(overlay, monkeypatch, tmp_path):
     from services.kvstore.settings import KVStoreSettings
     from services.tenancy import write_tenants_file
 
-    docs = build(K8S_DIR / "overlays" / overlay)
+    docs = overlay_docs(overlay)
     kv = find(docs, "Deployment", "kvstore")["spec"]["template"]["spec"]["containers"][0]
     assert {"configMapRef": {"name": "headwise-config"}} in kv["envFrom"]
     data = find(docs, "ConfigMap", "headwise-config")["data"]
@@ -133,11 +167,11 @@ def test_configmap_tenant_limits_parse(overlay, monkeypatch, tmp_path):
 
 
 def test_dockerfile():
-    model_dir = find(build(K8S_DIR / "overlays" / "cpu"), "ConfigMap", "headwise-config")["data"]["HEADWISE_MODEL_DIR"]
+    model_dir = find(overlay_docs("cpu"), "ConfigMap", "headwise-config")["data"]["HEADWISE_MODEL_DIR"]
     text = (checks.ROOT / "Dockerfile").read_text()
     assert checks.check_dockerfile(text, model_dir) == []
     uid = text.split("\nUSER ")[-1].split(":")[0]
-    for where, tpl in checks.pod_templates(build(K8S_DIR / "overlays" / "cpu")):
+    for where, tpl in checks.pod_templates(overlay_docs("cpu")):
         assert str(tpl["spec"]["securityContext"]["runAsUser"]) == uid, where
 
 
@@ -156,3 +190,18 @@ def test_docs_name_every_secret_and_autoscaler():
         assert secret in doc
     for phrase in ("ongoing requests", "pending", "CPU", "held_kv_bytes", "noeviction"):
         assert phrase in doc
+
+
+def test_sync_regenerates_missing_serve_patches(tmp_path):
+    from cluster.k8s_render import SERVE_PATCH_FILE, sync
+
+    root = tmp_path / "k8s"
+    shutil.copytree(K8S_DIR, root)
+    kdirs = kustomizations_with_serve_patch(root)
+    assert [k.name for k in kdirs] == ["base", "gpu"]
+    for kdir in kdirs:
+        (kdir / SERVE_PATCH_FILE).unlink()
+    assert sorted(sync(root)) == sorted(k / SERVE_PATCH_FILE for k in kdirs)
+    for kdir in kdirs:
+        assert (kdir / SERVE_PATCH_FILE).read_text() == (K8S_DIR / kdir.relative_to(root) / SERVE_PATCH_FILE).read_text()
+    assert sync(root) == []
