@@ -151,7 +151,9 @@ def up(
     http_port: Optional[int] = typer.Option(None, help="OpenAI-compatible API port (default $HEADWISE_HTTP_PORT or 8000)."),
     replicas: int = typer.Option(1, help="Most replicas per deployment (autoscaling ceiling on this machine)."),
 ) -> None:
-    """Start the local cluster (Redis, kvstore, Ray Serve prefill + decode, gRPC and OpenAI HTTP APIs); Ctrl-C stops it."""
+    """Start the local cluster (Redis, kvstore, Ray Serve prefill + decode, gRPC and OpenAI HTTP APIs); Ctrl-C
+    or SIGTERM stops it."""
+    import signal
     import time
 
     from cluster.local import DEV_TENANTS, LocalCluster
@@ -162,6 +164,7 @@ def up(
     ports = {"grpc_port": grpc_port, "http_port": http_port}
     settings = settings.model_copy(update={k: v for k, v in ports.items() if v is not None})
     cluster = LocalCluster(settings, ports="settings", max_replicas=replicas, log=lambda s: console.print(f"[dim]{s}[/]"))
+    signal.signal(signal.SIGTERM, _interrupt_once)  # kill, systemd and Kubernetes stop it as Ctrl-C does
     try:
         cluster.start()
         for line in cluster.endpoints.lines():
@@ -176,6 +179,16 @@ def up(
         console.print("stopping …")
     finally:
         cluster.stop()
+        console.print("stopped")
+
+
+def _interrupt_once(signum, frame) -> None:
+    """SIGTERM as Ctrl-C: KeyboardInterrupt in the main thread, once; a second one while stopping is
+    ignored, so the cluster's processes are all stopped rather than cut off halfway."""
+    import signal
+
+    signal.signal(signum, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 @app.command("ask")

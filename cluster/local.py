@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,8 +181,13 @@ class LocalCluster:
 
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         cpus = self.num_cpus or int(max(2, self.settings.prefill_num_cpus + self.settings.decode_num_cpus))
+        own_sigterm = signal.getsignal(signal.SIGTERM) if threading.current_thread() is threading.main_thread() else None
         ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=512 * 1024**2,
                  log_to_driver=bool(os.environ.get("HEADWISE_RAY_LOGS")), configure_logging=False)
+        if callable(own_sigterm):
+            # ray.init takes over SIGTERM (its core worker prints a stack trace, then exits): a caller
+            # that handles SIGTERM itself (`headwise up`: stop everything, as on Ctrl-C) gets it back.
+            signal.signal(signal.SIGTERM, own_sigterm)
         self._ray = True
         port = getattr(getattr(ray._private.worker, "_global_node", None), "metrics_export_port", None)
         self.metrics_url = f"http://127.0.0.1:{port}/metrics" if port else ""

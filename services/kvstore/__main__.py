@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import logging
 import signal
@@ -29,6 +30,13 @@ def parse(argv: list[str] | None = None) -> tuple[KVStoreSettings, str]:
 
 
 async def serve(settings: KVStoreSettings, host: str = "0.0.0.0") -> None:
+    # SIGTERM (Kubernetes, systemd, kill) stops it as Ctrl-C does: calls in flight get a grace
+    # second, then the backend and the metrics server close. Taken before the port opens, so a
+    # signal that finds the port open always finds the handler too.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, functools.partial(_stopping, stop, sig))
     server, port = create_server(f"{host}:{settings.kvstore_port}", settings)
     await start_server(server)
     # Everything imported so far (torch included) lives as long as the process: keep it out of
@@ -37,12 +45,15 @@ async def serve(settings: KVStoreSettings, host: str = "0.0.0.0") -> None:
     m = server.kvstore.metrics.http_port
     logging.info("kvstore listening on %s:%d (backend %s%s)", host, port, server.kvstore.backend.name,
                  f", metrics on :{m}/metrics" if m else "")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await close_server(server)
+    logging.info("kvstore stopped")
+
+
+def _stopping(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if not stop.is_set():
+        logging.info("kvstore stopping (%s)", sig.name)
+    stop.set()
 
 
 def main(argv: list[str] | None = None) -> None:
