@@ -12,11 +12,14 @@ from headwise.cache import quant
 from headwise.cache.codec import (
     CodecError,
     decode,
+    decode_recall,
     encode,
     encode_recall,
+    encode_recall_rows,
     encode_streaming,
     encoded_nbytes,
     parse_header,
+    prepare,
     stored_nbytes,
 )
 from headwise.cache.compact import CompactCache, LayerCache
@@ -77,17 +80,122 @@ def test_round_trip_within_the_bound(cache: CompactCache, chunk: int, precision:
         assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
 
 
+def assert_recall_within_bound(orig: CompactCache, back: CompactCache, precision: str) -> None:
+    """Recall originals of every merged row as the blobs give them back: exact when lossless, else
+    cast (bf16, fp16) or within the int8 bound of the row's own per-channel scales."""
+    for x, y in zip(orig.layers, back.layers, strict=True):
+        if x.recall is None or x.recall.num_groups == 0 or x.recall.keys.shape[0] == 0:
+            continue
+        dt = x.keys.dtype
+        for g in range(x.recall.num_groups):
+            _, kx, vx = x.recall.group(g)
+            _, ky, vy = y.recall.group(g)
+            for a, b in ((kx, ky), (vx, vy)):
+                assert a.dtype == b.dtype == dt and a.shape == b.shape
+                if quant.lossless(precision, dt):
+                    assert torch.equal(a, b)
+                elif precision != "int8":
+                    assert torch.equal(b, a.to(quant.FLOAT_ROWS[quant.ROW_FORMATS[precision]]).to(dt))
+                else:
+                    _, s = quant.quantise(a, torch.tensor([0, a.shape[0]]))
+                    err = (a.float() - b.float()).abs()
+                    assert bool((err <= quant.error_bound(s) + EPS[dt] * a.float().abs() + 1e-30).all())
+
+
 @SETTINGS
 @given(cache=caches(), precision=st.sampled_from(PRECISIONS))
 def test_recall_split_off_and_stored_bytes(cache: CompactCache, precision: str) -> None:
     enc = encode(cache, include_recall=False, precision=precision)
-    entries = encode_recall(cache)
+    entries = encode_recall(cache, precision)
     back = decode(enc.header, enc.chunks, recall=entries)
-    assert_exact_but_rows(cache, back)
+    assert_exact_but_rows(cache, back, recall_data=False)
+    assert_recall_within_bound(cache, back, precision)
     assert encoded_nbytes(cache, precision) == enc.nbytes
     assert stored_nbytes(cache, precision) == enc.nbytes + sum(len(e.data) for e in entries)
     lazy = encode_streaming(cache, include_recall=False, precision=precision)
     assert lazy.header != enc.header and list(lazy.frames())[0][40:] == enc.chunks[0][40:]  # same payload, new id
+
+
+@SETTINGS
+@given(cache=caches(), precision=st.sampled_from(PRECISIONS))
+def test_a_prepared_cache_sends_the_same_bytes_and_knows_its_stored_rows(cache: CompactCache, precision: str) -> None:
+    """prepare() quantises once (the prefill's model thread): the segment it streams has the payload
+    of a plain encode, its recall blobs are encode_recall's, and stored() is bit for bit what
+    decoding the segment gives (and what quant.as_stored computes)."""
+    prep = prepare(cache, precision)
+    seg, plain = encode_streaming(prep), encode(cache, include_recall=False, precision=precision)
+    assert [f[40:] for f in seg.frames()] == [c[40:] for c in plain.chunks]
+    assert [(e.layer, e.head, e.row, e.data) for e in prep.recall] == \
+        [(e.layer, e.head, e.row, e.data) for e in encode_recall(cache, precision)]
+    assert prep.stored_nbytes == stored_nbytes(cache, precision)
+    back, stored, by_quant = decode(seg.header, list(seg.frames())), prep.stored(), quant.as_stored(cache, precision)
+    for x, y, z in zip(stored.layers, back.layers, by_quant.layers, strict=True):
+        for name in ("keys", "values"):
+            assert torch.equal(getattr(x, name), getattr(y, name)) and torch.equal(getattr(x, name), getattr(z, name))
+    with pytest.raises(CodecError, match="prepared at precision"):
+        encode_streaming(prep, precision="bf16" if precision != "bf16" else "int8")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_recall_blob_rows_at_the_precision(dtype: torch.dtype, precision: str) -> None:
+    gen = torch.Generator().manual_seed(11)
+    k, v = torch.randn(7, 16, generator=gen).to(dtype) * 3, torch.randn(7, 16, generator=gen).to(dtype)
+    pos = torch.arange(100, 107)
+    blob = encode_recall_rows(pos, k, v, precision)
+    k2, v2, p2 = decode_recall(blob)
+    assert torch.equal(p2, pos) and k2.dtype == v2.dtype == dtype
+    lossless = quant.lossless(precision, dtype)
+    item = {"int8": 1, "bf16": 2, "fp16": 2}.get(precision, k.element_size())
+    scales = 2 * 16 * 4 if precision == "int8" else 0
+    assert len(blob) == 16 + 8 * 7 + scales + 2 * 7 * 16 * (k.element_size() if lossless else item) + 4
+    if lossless:
+        assert torch.equal(k2, k) and torch.equal(v2, v)
+        assert blob == encode_recall_rows(pos, k, v)  # the dtype's own rows: the blob of before
+    elif precision == "int8":
+        for a, b in ((k, k2), (v, v2)):
+            _, s = quant.quantise(a, torch.tensor([0, 7]))
+            assert bool(((a.float() - b.float()).abs() <= quant.error_bound(s) + EPS[dtype] * a.float().abs() + 1e-30).all())
+    empty = decode_recall(encode_recall_rows(pos[:0], k[:0], v[:0], precision))
+    assert empty[0].shape == (0, 16) and empty[2].numel() == 0
+
+
+_BLOB8 = encode_recall_rows(torch.arange(5), torch.randn(5, 8), torch.randn(5, 8), "int8")
+
+
+@SETTINGS
+@given(data=st.data())
+def test_damaged_int8_recall_blobs_are_rejected(data) -> None:
+    b = bytearray(_BLOB8)
+    kind = data.draw(st.sampled_from(["flip", "cut", "pad"]))
+    if kind == "flip":
+        b[data.draw(st.integers(0, len(b) - 1))] ^= data.draw(st.integers(1, 255))
+    elif kind == "cut":
+        del b[data.draw(st.integers(0, len(b) - 1)):]
+    else:
+        b += bytes(data.draw(st.integers(1, 64)))
+    with pytest.raises(CodecError):
+        decode_recall(bytes(b))
+
+
+def test_recall_blobs_of_an_unknown_format_or_version_are_rejected() -> None:
+    import struct
+    import zlib
+
+    def recode(blob: bytes, **change) -> bytes:
+        magic, version, code, m, d = struct.unpack_from("<4sHHII", blob)
+        fields = {"version": version, "code": code, **change}
+        body = struct.pack("<4sHHII", magic, fields["version"], fields["code"], m, d) + blob[16:-4]
+        return body + zlib.crc32(body).to_bytes(4, "little")
+
+    code = struct.unpack_from("<H", _BLOB8, 6)[0]
+    assert code >> 8 == 4 and code & 0xFF == 1  # int8 rows of an fp32 cache
+    with pytest.raises(CodecError, match="unknown dtype / row format code 0x901"):
+        decode_recall(recode(_BLOB8, code=0x901))
+    with pytest.raises(CodecError, match="codec version 2"):
+        decode_recall(recode(_BLOB8, version=2))
+    with pytest.raises(CodecError, match="header says"):  # int8 rows announced as the dtype's own
+        decode_recall(recode(_BLOB8, code=1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,8 +6,11 @@ the KV store keeps unchanged and what decode reads back. Layout (all integers li
 header blob   = "HWKH" | version u16 | flags u16 | body_len u32 | body (JSON) | blake2b-128(all before)
 chunk frame   = "HWKC" | version u16 | 0 u16 | segment_id 16B | index u32 | count u32 | len u32
                 | crc32 u32 | payload[len]
-recall blob   = "HWKR" | version u16 | dtype u16 | m u32 | d u32 | positions i64[m] | keys[m, d]
+recall blob   = "HWKR" | version u16 | code u16 | m u32 | d u32 | positions i64[m] | keys[m, d]
                 | values[m, d] | crc32 u32         (crc32 over everything before it)
+                code: low byte the cache's dtype (1 fp32, 2 fp16, 3 bf16), high byte the rows'
+                format (0: that dtype; 1 fp32, 2 fp16, 3 bf16; 4 int8: then key_scales f32[d] and
+                value_scales f32[d], one per channel over the m rows, come before the int8 keys)
 
 Checksums (version 2). Per chunk: the frame's CRC-32 over its 36 header bytes and its payload,
 *seeded with the previous frame's CRC* (chunk 0: with the CRC-32 of the header's BLAKE2b digest).
@@ -27,7 +30,8 @@ back in another order), each aligned to 64 bytes:
   head_offsets [Hkv + 1] int64, positions [R] int16 or int32 (int16 when all fit), then
   log_weights [R] fp32 and recall_ids [R] int32, both left out for a "plain" layer (all 0 / -1)
 Decoding gives the cache back in its own dtype: int8 rows dequantised (once, at load), float
-rows cast; every other field exact. Recall originals always travel in the cache's dtype.
+rows cast; every other field exact. Recall originals in the payload travel in the cache's dtype;
+recall blobs (`encode_recall`, a store put's) at the put's precision.
 
 PoD layers (some rows without keys, `LayerCache.distant`) carry `keys` for their keyed rows
 only, a "distant" bool[rows] field after the layer's other fields, and, in the body's
@@ -83,6 +87,9 @@ ROW_FORMATS = ("float32", "bfloat16", "float16", "int8")
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
+# a recall blob's rows, in the high byte of its dtype field (0: the dtype's own rows)
+_RECALL_ROW_CODES = {"float32": 1, "float16": 2, "bfloat16": 3, "int8": 4}
+_RECALL_CODE_ROWS = {v: k for k, v in _RECALL_ROW_CODES.items()}
 
 
 class CodecError(HeadwiseError, ValueError):
@@ -369,7 +376,7 @@ class StreamingSegment:
         return EncodedSegment(self.header, list(self.frames()))
 
 
-def encode(cache: CompactCache, *, include_recall: bool = True, chunk_size: int = MAX_CHUNK_BYTES,
+def encode(cache: "CompactCache | Prepared", *, include_recall: bool = True, chunk_size: int = MAX_CHUNK_BYTES,
            precision: str | None = None) -> EncodedSegment:
     """Serialise a cache (its tail folded in) into a header blob and chunk frames.
 
@@ -378,27 +385,86 @@ def encode(cache: CompactCache, *, include_recall: bool = True, chunk_size: int 
     return encode_streaming(cache, include_recall=include_recall, chunk_size=chunk_size, precision=precision).materialize()
 
 
-def encode_streaming(cache: CompactCache, *, include_recall: bool = True, chunk_size: int = MAX_CHUNK_BYTES,
-                     precision: str | None = None) -> StreamingSegment:
-    """Like `encode`, but each frame is checksummed and copied out of the tensors only when asked for
-    (int8 rows are quantised up front: the frames are views of the quantised tensors)."""
-    if not 0 < chunk_size <= MAX_CHUNK_BYTES:
-        raise CodecError(f"chunk_size={chunk_size} is outside (0, {MAX_CHUNK_BYTES}]")
+@dataclass(frozen=True)
+class Prepared:
+    """A cache made ready to be sent at one precision: its K and V rows in the wire format (int8
+    rows quantised, once), its layout, and (for a store put) the recall blobs of its merged rows.
+
+    The prefill worker builds it in its model thread, where it needs the rows as stored anyway
+    (`stored()`, bit-identical to what decoding the segment gives), so a put on the event loop only
+    checksums and sends: quantising is neither repeated nor run on the loop."""
+
+    cache: CompactCache  # compacted
+    precision: str | None
+    rows: str  # row format of K and V on the wire
+    include_recall: bool  # recall originals travel in the segment (else as `recall` blobs)
+    shapes: tuple[LayerShape, ...]
+    tensors: list[dict[str, Tensor]]  # per layer: every payload field, as it travels
+    recall: list["RecallEntry"]  # one blob per merged row (include_recall=False only)
+
+    @property
+    def stored_nbytes(self) -> int:
+        """Bytes a store put of it sends and keeps: the segment and its recall blobs."""
+        return encoded_nbytes(self.cache, self.precision, include_recall=self.include_recall) + sum(
+            len(r.data) for r in self.recall)
+
+    def stored(self) -> CompactCache:
+        """The cache with its rows as a reader gets them back (decode of the segment): same shapes,
+        dtype, positions, log-weights and recall handles. The cache itself when the rows are lossless."""
+        dtype = self.cache.layers[0].keys.dtype
+        if self.rows == _DTYPE_NAMES[dtype] or self.rows == "float32":
+            return self.cache
+        layers = []
+        for layer, t in zip(self.cache.layers, self.tensors, strict=True):
+            if self.rows == "int8":
+                keys = quant.dequantise(t["keys"], t["key_scales"], layer.key_offsets(), dtype)
+                values = quant.dequantise(t["values"], t["value_scales"], layer.head_offsets, dtype)
+            else:
+                keys, values = t["keys"].to(dtype), t["values"].to(dtype)
+            layers.append(dataclasses.replace(layer, keys=keys, values=values))
+        c = self.cache
+        return CompactCache(layers, c.seq_len, c.start, dict(c.meta))
+
+
+def prepare(cache: CompactCache, precision: str | None = None, *, include_recall: bool = False,
+            recall_blobs: bool = True) -> Prepared:
+    """`cache` (its tail folded in) ready for `encode_streaming` at `precision`, with the recall
+    blobs a store put sends beside it (`recall_blobs`, include_recall=False only), their rows at
+    the same precision. CodecError when the cache cannot be encoded."""
     if not cache.layers:
         raise CodecError("a cache with no layers cannot be encoded")
     cache = cache.compacted()
-    dtype, head_dim, rows = _formats(cache, precision)
-    shapes = [_layer_shape(layer, include_recall) for layer in cache.layers]
-    fields, total = _layout(shapes, head_dim, dtype, rows)
+    _, _, rows = _formats(cache, precision)
+    shapes = tuple(_layer_shape(layer, include_recall) for layer in cache.layers)
     tensors = [_layer_tensors(layer, include_recall, rows, s) for layer, s in zip(cache.layers, shapes, strict=True)]
-    pieces = _pieces(fields, total, tensors)
+    recall = encode_recall(cache, precision) if recall_blobs and not include_recall else []
+    return Prepared(cache, precision, rows, include_recall, shapes, tensors, recall)
+
+
+def encode_streaming(cache: "CompactCache | Prepared", *, include_recall: bool = True, chunk_size: int = MAX_CHUNK_BYTES,
+                     precision: str | None = None) -> StreamingSegment:
+    """Like `encode`, but each frame is checksummed and copied out of the tensors only when asked for
+    (int8 rows are quantised up front: the frames are views of the quantised tensors). Given a
+    `Prepared`, its own precision and recall choice are used (`precision` must be None or the same)."""
+    if not 0 < chunk_size <= MAX_CHUNK_BYTES:
+        raise CodecError(f"chunk_size={chunk_size} is outside (0, {MAX_CHUNK_BYTES}]")
+    if isinstance(cache, Prepared):
+        if precision is not None and precision != cache.precision:
+            raise CodecError(f"the cache was prepared at precision {cache.precision!r}, not {precision!r}")
+        p = cache
+    else:
+        p = prepare(cache, precision, include_recall=include_recall, recall_blobs=False)
+    cache = p.cache
+    dtype, head_dim, rows = _formats(cache, p.precision)
+    fields, total = _layout(p.shapes, head_dim, dtype, rows)
+    pieces = _pieces(fields, total, p.tensors)
     segment_id = os.urandom(16)
     payloads = _split(pieces, total, chunk_size)
     try:
         meta = json.loads(json.dumps(cache.meta))
     except (TypeError, ValueError) as e:
         raise CodecError(f"cache.meta must be JSON-serialisable: {e}") from None
-    header = SegmentHeader(segment_id, dtype, head_dim, cache.seq_len, cache.start, meta, tuple(shapes),
+    header = SegmentHeader(segment_id, dtype, head_dim, cache.seq_len, cache.start, meta, p.shapes,
                            total, chunk_size, rows).to_bytes()
     n = len(payloads)
     prefixes = [_FRAME.pack(b"HWKC", CODEC_VERSION, segment_id, i, n, sum(map(len, parts)), 0)[:_FRAME_CRC_AT]
@@ -431,13 +497,16 @@ def encoded_nbytes(cache: CompactCache, precision: str | None = None, *, include
 
 def stored_nbytes(cache: CompactCache, precision: str | None = None, *, chunk_size: int = MAX_CHUNK_BYTES) -> int:
     """Bytes a store put of `cache` sends and keeps: the segment without recall data, plus one
-    recall blob per merged row (`encode_recall`). A cache read back from the store holds the
-    handles but not the originals; they are counted from the handles, as stored beside it."""
+    recall blob per merged row (`encode_recall`, rows at `precision`). A cache read back from the
+    store holds the handles but not the originals; they are counted from the handles, as stored beside it."""
     recall = 0
     for layer in cache.layers:
         r = layer.recall
         if r is not None and r.num_groups:
-            recall += r.num_groups * (_RECALL.size + 4) + r.positions.numel() * (8 + 2 * r.keys.shape[1] * r.keys.element_size())
+            g, m, d = r.num_groups, r.positions.numel(), r.keys.shape[1]
+            fmt = _recall_rows(precision, r.keys.dtype)
+            rows = 2 * g * d * 4 + 2 * m * d if fmt == "int8" else 2 * m * d * _itemsize(quant.FLOAT_ROWS[fmt])
+            recall += g * (_RECALL.size + 4) + m * 8 + rows
     return encoded_nbytes(cache, precision, chunk_size=chunk_size) + recall
 
 
@@ -625,21 +694,43 @@ class RecallEntry:
     data: bytes  # recall blob
 
 
-def encode_recall_rows(positions: Tensor, keys: Tensor, values: Tensor) -> bytes:
-    """positions [m] int64, keys/values [m, d] -> recall blob."""
+def _recall_rows(precision: str | None, dtype: torch.dtype) -> str:
+    """Row format of a recall blob at `precision`: the cache's dtype when that loses nothing
+    (fp32 never widens a narrower cache's originals), else the precision's format."""
+    return _DTYPE_NAMES[dtype] if quant.lossless(precision, dtype) else quant.row_format(precision, dtype)
+
+
+def encode_recall_rows(positions: Tensor, keys: Tensor, values: Tensor, precision: str | None = None) -> bytes:
+    """positions [m] int64, keys/values [m, d] -> recall blob, rows at `precision` (None: their dtype).
+    int8 rows carry one fp32 scale per channel for keys and for values ([d] each, over the m rows)."""
     m, d = keys.shape
     if keys.dtype not in _DTYPE_CODES or values.shape != keys.shape or positions.shape != (m,):
         raise CodecError(f"recall rows: positions {tuple(positions.shape)}, keys {tuple(keys.shape)} {keys.dtype}, "
                          f"values {tuple(values.shape)} do not form m positions and [m, d] rows of a float dtype")
-    parts = [_RECALL.pack(b"HWKR", CODEC_VERSION, _DTYPE_CODES[keys.dtype], m, d)]
-    for t in (positions.to(torch.int64), keys, values):
+    try:
+        fmt = _recall_rows(precision, keys.dtype)
+    except ValueError as e:
+        raise CodecError(str(e)) from None
+    code = _DTYPE_CODES[keys.dtype] | (0 if fmt == _DTYPE_NAMES[keys.dtype] else _RECALL_ROW_CODES[fmt] << 8)
+    if fmt == "int8":
+        offs = torch.tensor([0, m])
+        try:
+            (qk, sk), (qv, sv) = quant.quantise(keys, offs), quant.quantise(values, offs)
+        except ValueError as e:
+            raise CodecError(str(e)) from None
+        tensors = (positions.to(torch.int64), sk, sv, qk, qv)
+    else:
+        tensors = (positions.to(torch.int64), keys.to(quant.FLOAT_ROWS[fmt]), values.to(quant.FLOAT_ROWS[fmt]))
+    parts = [_RECALL.pack(b"HWKR", CODEC_VERSION, code, m, d)]
+    for t in tensors:
         parts.append(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     body = b"".join(parts)
     return body + crc32(body).to_bytes(4, "little")
 
 
 def decode_recall(blob: bytes) -> tuple[Tensor, Tensor, Tensor]:
-    """recall blob -> (keys [m, d], values [m, d], positions [m]); CodecError when damaged."""
+    """recall blob -> (keys [m, d], values [m, d], positions [m]) in the blob's dtype (int8 rows
+    dequantised); CodecError when damaged."""
     blob = bytes(blob)
     if len(blob) < _RECALL.size + 4:
         raise CodecError(f"recall blob of {len(blob)} bytes is truncated")
@@ -648,23 +739,37 @@ def decode_recall(blob: bytes) -> tuple[Tensor, Tensor, Tensor]:
         raise CodecError(f"not a headwise recall blob (magic {magic!r})")
     if version != CODEC_VERSION:
         raise CodecError(f"recall blob has codec version {version}; this build reads version {CODEC_VERSION}")
-    if code not in _CODE_DTYPES:
-        raise CodecError(f"recall blob has unknown dtype code {code}")
-    dtype = _CODE_DTYPES[code]
-    rows = m * d * _itemsize(dtype)
-    if len(blob) != _RECALL.size + 8 * m + 2 * rows + 4:
-        raise CodecError(f"recall blob is {len(blob)} bytes, its header says {_RECALL.size + 8 * m + 2 * rows + 4}")
+    if code & 0xFF not in _CODE_DTYPES or (code >> 8 and code >> 8 not in _RECALL_CODE_ROWS):
+        raise CodecError(f"recall blob has unknown dtype / row format code {code:#x}")
+    dtype = _CODE_DTYPES[code & 0xFF]
+    fmt = _RECALL_CODE_ROWS[code >> 8] if code >> 8 else _DTYPE_NAMES[dtype]
+    row_dtype = torch.int8 if fmt == "int8" else quant.FLOAT_ROWS[fmt]
+    scales = 2 * d * 4 if fmt == "int8" else 0
+    rows = m * d * _itemsize(row_dtype)
+    want = _RECALL.size + 8 * m + scales + 2 * rows + 4
+    if len(blob) != want:
+        raise CodecError(f"recall blob is {len(blob)} bytes, its header says {want}")
     if crc32(blob[:-4]) != int.from_bytes(blob[-4:], "little"):
         raise CodecError("recall blob checksum mismatch: the blob is corrupted")
     buf = bytearray(blob[_RECALL.size : -4])
-    pos = torch.frombuffer(buf, dtype=torch.int64, count=m) if m else torch.empty(0, dtype=torch.int64)
-    kv = [torch.frombuffer(buf, dtype=dtype, count=m * d, offset=8 * m + j * rows) if m * d else torch.empty(0, dtype=dtype)
-          for j in range(2)]
-    return kv[0].reshape(m, d), kv[1].reshape(m, d), pos
+
+    def field(dt: torch.dtype, count: int, offset: int) -> Tensor:
+        return torch.frombuffer(buf, dtype=dt, count=count, offset=offset) if count else torch.empty(0, dtype=dt)
+
+    pos = field(torch.int64, m, 0)
+    kv = [field(row_dtype, m * d, 8 * m + scales + j * rows).reshape(m, d) for j in range(2)]
+    if fmt == "int8":
+        offs = torch.tensor([0, m])
+        kv = [quant.dequantise(q, field(torch.float32, d, 8 * m + j * 4 * d).reshape(1, d), offs, dtype)
+              for j, q in enumerate(kv)]
+    elif row_dtype != dtype:
+        kv = [t.to(dtype) for t in kv]
+    return kv[0], kv[1], pos
 
 
-def encode_recall(cache: CompactCache) -> list[RecallEntry]:
-    """One recall blob per merged row that has original keys/values, addressed by (layer, head, row)."""
+def encode_recall(cache: CompactCache, precision: str | None = None) -> list[RecallEntry]:
+    """One recall blob per merged row that has original keys/values, addressed by (layer, head, row),
+    rows at `precision` (None: the cache's dtype)."""
     out: list[RecallEntry] = []
     for li, layer in enumerate(cache.compacted().layers):
         r = layer.recall
@@ -673,7 +778,7 @@ def encode_recall(cache: CompactCache) -> list[RecallEntry]:
         for idx in torch.nonzero(layer.recall_ids >= 0).flatten().tolist():
             head = int(torch.searchsorted(layer.head_offsets, idx, right=True)) - 1
             pos, k, v = r.group(int(layer.recall_ids[idx]))
-            out.append(RecallEntry(li, head, idx - int(layer.head_offsets[head]), encode_recall_rows(pos, k, v)))
+            out.append(RecallEntry(li, head, idx - int(layer.head_offsets[head]), encode_recall_rows(pos, k, v, precision)))
     return out
 
 

@@ -30,16 +30,18 @@ from typing import AsyncIterator, Awaitable, Callable, TypeVar
 import grpc
 from torch import Tensor
 
+from headwise.cache import quant
 from headwise.cache.codec import (
     MAX_CHUNK_BYTES,
     CodecError,
     Decoder,
     EncodedSegment,
+    Prepared,
     RecallEntry,
     StreamingSegment,
     decode_recall,
-    encode_recall,
     encode_streaming,
+    prepare,
 )
 from headwise.cache.compact import CompactCache
 from services.kvstore.errors import QuotaExceeded, StoreError, StoreUnavailable
@@ -177,12 +179,19 @@ class KVStoreClient:
         return self.timeout_s + nbytes / WIRE_RATE_FLOOR
 
     # ---- put ----------------------------------------------------------------------
-    async def put(self, key: str, cache: CompactCache, precision: str | None = None) -> int:
+    async def put(self, key: str, cache: CompactCache | Prepared, precision: str | None = None) -> int:
         """Store `cache` under `key` (recall originals as separate entries), its K/V rows at
-        `precision` (codec: "fp32", "bf16", "fp16", "int8"; None = the cache's own dtype); return bytes sent."""
+        `precision` (codec: "fp32", "bf16", "fp16", "int8"; None = the cache's own dtype); return bytes sent.
+        A `Prepared` cache (codec.prepare, store-ready: rows already in the wire format, recall blobs
+        made) goes as it is; `precision` must then be None or its own."""
+        if not isinstance(cache, Prepared):
+            lossy = cache.layers and not quant.lossless(precision, cache.layers[0].keys.dtype)
+            # quantising is numpy work that releases the GIL: off the event loop, which keeps serving
+            cache = await asyncio.to_thread(prepare, cache, precision) if lossy else prepare(cache, precision)
+        elif precision is not None and precision != cache.precision:
+            raise ValueError(f"cache prepared at precision {cache.precision!r}, put asked for {precision!r}")
         # Frames are copied out of the tensors as they are sent, not all before the first one goes.
-        seg = encode_streaming(cache, include_recall=False, chunk_size=self.chunk_size, precision=precision)
-        return await self.put_encoded(key, seg, encode_recall(cache))
+        return await self.put_encoded(key, encode_streaming(cache, chunk_size=self.chunk_size), cache.recall)
 
     async def put_encoded(self, key: str, seg: EncodedSegment | StreamingSegment, recall: list[RecallEntry] = ()) -> int:
         nbytes = seg.nbytes + sum(len(r.data) for r in recall)

@@ -23,7 +23,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 
 from headwise.cache import quant
-from headwise.cache.codec import encoded_nbytes, stored_nbytes
+from headwise.cache.codec import Prepared, encoded_nbytes, prepare, stored_nbytes
 from headwise.cache.compact import CompactCache
 from headwise.cache.keys import chain_keys, segment_key
 from headwise.errors import InvalidInput
@@ -58,6 +58,14 @@ def codec_version() -> int:
         return 1
 
 
+def for_store(seg: CompactCache, precision: str) -> tuple[Prepared, CompactCache]:
+    """(model thread) `seg` ready for the store at `precision` (rows quantised once, recall blobs
+    made: the put on the event loop only checksums and sends), and its rows as the store gives
+    them back (`seg` itself when lossless), which later segments and decode run over."""
+    prep = prepare(seg, precision)
+    return prep, seg if quant.lossless(precision, seg.layers[0].keys.dtype) else prep.stored()
+
+
 def resolve_precision(name: str, default: str) -> str:
     """The request's kv_precision, or the server default when empty; INVALID_ARGUMENT when unknown."""
     name = name or default
@@ -84,7 +92,7 @@ class _Plan:
 @dataclass
 class _Computed:
     logits: object  # [V] after the segment
-    segment: CompactCache  # the segment as computed: what is put (quantised once, on the way out)
+    segment: Prepared  # the segment as computed, ready for the store (rows quantised once, here)
     stored: CompactCache  # its rows as the store gives them back: what decode and later segments use
     prev: CompactCache | None  # the cache the segment was computed on
     whole: CompactCache | None = None  # prev + stored, built when a later segment needs it
@@ -356,9 +364,7 @@ class PrefillWorker:
         policy's compression needs later) and its exact segment, with its rows as stored."""
         out = self.runner.prefill(ids, None, dataclasses.replace(policy.capture, reconstruction=False))
         seg = FullPolicy().compress(out.states, out.start)
-        if quant.lossless(precision, seg.layers[0].keys.dtype):
-            return out, _Computed(out.logits, seg, seg, None)
-        return out, _Computed(out.logits, seg, quant.as_stored(seg, precision), None)
+        return out, _Computed(out.logits, *for_store(seg, precision), None)
 
     def _score_and_compress(self, ids: list[int], out, policy: Policy, precision: str):
         """(model thread) What `runner.prefill_segment(ids, None, policy)` gives, from the plain prefill's
@@ -371,7 +377,7 @@ class PrefillWorker:
             for state, s in zip(out.states, score(list(ids), None, out.states, out.start), strict=True):
                 state.reconstruction = s
             seg = policy.compress(out.states, out.start, self.runner.context(policy))
-        return seg, seg if quant.lossless(precision, seg.layers[0].keys.dtype) else quant.as_stored(seg, precision)
+        return for_store(seg, precision)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -398,9 +404,8 @@ class PrefillWorker:
         stored (at a lossy precision, dequantised), so a cold request and a reused one see the same rows."""
         cache = prev.cache if isinstance(prev, _Computed) else prev
         res = self.runner.prefill_segment(ids, cache, policy)
-        if quant.lossless(precision, res.segment.layers[0].keys.dtype):
-            return _Computed(res.logits, res.segment, res.segment, cache, res.cache)
-        return _Computed(res.logits, res.segment, quant.as_stored(res.segment, precision), cache)
+        prep, stored = for_store(res.segment, precision)
+        return _Computed(res.logits, prep, stored, cache, res.cache if stored is res.segment else None)
 
     def _remember(self, key: str, seg: CompactCache) -> None:
         old = self._recent.pop(key, None)

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from headwise.cache import quant
-from headwise.cache.codec import encode, encoded_nbytes, parse_header, stored_nbytes
+from headwise.cache.codec import (
+    decode_recall,
+    encode,
+    encode_recall_rows,
+    encoded_nbytes,
+    parse_header,
+    prepare,
+    stored_nbytes,
+)
 from tests.kvstore.conftest import small_cache
 from tests.test_codec_precision import assert_exact_but_rows
 
@@ -26,8 +34,23 @@ async def test_quantised_rows_through_the_store(service, precision) -> None:
     want = quant.as_stored(cache, precision)
     for x, y in zip(want.layers, back.layers, strict=True):
         assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
-    k, v, _ = await c.recall("seg-q", layer=1, head=0, row=1)  # recall originals stay exact
-    assert torch.equal(k, cache.layers[1].recall.keys[2:4]) and torch.equal(v, cache.layers[1].recall.values[2:4])
+    k, v, _ = await c.recall("seg-q", layer=1, head=0, row=1)  # recall originals at the same precision
+    want_k, want_v, _ = decode_recall(encode_recall_rows(*cache.layers[1].recall.group(1), precision))
+    assert torch.equal(k, want_k) and torch.equal(v, want_v)
+    exact = cache.layers[1].recall.keys[2:4]
+    assert k.dtype == exact.dtype and not torch.equal(k, exact)
+
+
+async def test_a_prepared_cache_is_put_as_prepared(service) -> None:
+    c = service.client()
+    cache = small_cache(5, lens=(40, 9), d=64)
+    prep = prepare(cache, "int8")
+    assert await c.put("seg-p", prep) == await c.put("seg-p", prep, "int8") == prep.stored_nbytes
+    back = await c.get("seg-p")
+    for x, y in zip(prep.stored().layers, back.layers, strict=True):
+        assert torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values)
+    with pytest.raises(ValueError, match="prepared at precision 'int8'"):
+        await c.put("seg-p", prep, "fp32")
 
 
 async def test_int8_segment_is_a_quarter_of_fp32_on_the_wire(service) -> None:
