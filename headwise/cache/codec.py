@@ -128,7 +128,7 @@ class Field:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype, rows: str) -> tuple[list[Field], int]:
@@ -401,6 +401,8 @@ class Prepared:
     shapes: tuple[LayerShape, ...]
     tensors: list[dict[str, Tensor]]  # per layer: every payload field, as it travels
     recall: list["RecallEntry"]  # one blob per merged row (include_recall=False only)
+    total: int  # payload bytes
+    pieces: list[memoryview]  # the payload: views of `tensors` and zero padding, in layout order
 
     @property
     def stored_nbytes(self) -> int:
@@ -434,11 +436,12 @@ def prepare(cache: CompactCache, precision: str | None = None, *, include_recall
     if not cache.layers:
         raise CodecError("a cache with no layers cannot be encoded")
     cache = cache.compacted()
-    _, _, rows = _formats(cache, precision)
+    dtype, head_dim, rows = _formats(cache, precision)
     shapes = tuple(_layer_shape(layer, include_recall) for layer in cache.layers)
     tensors = [_layer_tensors(layer, include_recall, rows, s) for layer, s in zip(cache.layers, shapes, strict=True)]
     recall = encode_recall(cache, precision) if recall_blobs and not include_recall else []
-    return Prepared(cache, precision, rows, include_recall, shapes, tensors, recall)
+    fields, total = _layout(shapes, head_dim, dtype, rows)
+    return Prepared(cache, precision, rows, include_recall, shapes, tensors, recall, total, _pieces(fields, total, tensors))
 
 
 def encode_streaming(cache: "CompactCache | Prepared", *, include_recall: bool = True, chunk_size: int = MAX_CHUNK_BYTES,
@@ -454,12 +457,10 @@ def encode_streaming(cache: "CompactCache | Prepared", *, include_recall: bool =
         p = cache
     else:
         p = prepare(cache, precision, include_recall=include_recall, recall_blobs=False)
-    cache = p.cache
-    dtype, head_dim, rows = _formats(cache, p.precision)
-    fields, total = _layout(p.shapes, head_dim, dtype, rows)
-    pieces = _pieces(fields, total, p.tensors)
+    cache, total = p.cache, p.total
+    dtype, head_dim, rows = cache.layers[0].keys.dtype, cache.layers[0].head_dim, p.rows
     segment_id = os.urandom(16)
-    payloads = _split(pieces, total, chunk_size)
+    payloads = _split(p.pieces, total, chunk_size)
     try:
         meta = json.loads(json.dumps(cache.meta))
     except (TypeError, ValueError) as e:

@@ -37,7 +37,7 @@ async def test_bench_cache_measures_and_cleans_up(service, redis_url, redis_proc
     out.print(table({"small": row}))
     out.print(cpu_table({"small": row}))
     text = out.export_text()
-    assert text.count("small") == 5 and "raw_set" in text  # one row in the first table, four in the CPU one
+    assert text.count("small") == 7 and "raw_set" in text  # one row in the first table, six in the CPU one
 
 
 @pytest.mark.slow

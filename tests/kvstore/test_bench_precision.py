@@ -30,7 +30,8 @@ async def test_int8_rows_and_the_floor(service, redis_url) -> None:
     for p, row in rows.items():
         assert row["precision"] == p and row["wire_bytes"] == encode(cache, include_recall=False, precision=p).nbytes
         assert row["stored_bytes"] == stored_nbytes(cache, p) and row["held_kv_bytes"] == cache.nbytes
-        for k in ("floor_mb_s", "put_ms", "get_ms", "ratio_put_floor", "ratio_put_floor_paired"):
+        for k in ("floor_mb_s", "put_ms", "get_ms", "ratio_put_floor", "ratio_put_floor_paired", "prepare_ms",
+                  "put_from_cache_ms", "ratio_put_from_cache_floor"):
             assert 0 < row[k] < float("inf"), k
     assert 3.5 < rows["fp32"]["stored_bytes"] / rows["int8"]["stored_bytes"] < 4
     assert (await client.stats())["segments"] == 0
