@@ -12,8 +12,8 @@ Error bound per element: |x - dequantise(quantise(x))| <= 0.5 * s * (1 + 2^-9), 
 element's (head, channel) scale (the 2^-9 covers fp32 arithmetic), plus the rounding of the
 result to the engine's dtype (bf16: 2^-8 relative).
 
-Only K and V rows are ever quantised; positions, log-weights, PoD distant masks and recall
-handles stay exact. `as_stored` gives a cache with the rows decode will get back from the
+Only K and V rows (and, in a store put's recall blobs, the originals of merged rows) are ever
+quantised; positions, log-weights, PoD distant masks and recall handles stay exact. `as_stored` gives a cache with the rows decode will get back from the
 store, so prefill can run later segments over exactly those rows.
 """
 

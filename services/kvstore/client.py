@@ -261,7 +261,11 @@ class KVStoreClient:
             self.counters.bytes_received += received
             if dec is None:
                 raise CodecError("Get stream ended without a header")
-            return dec.finish() if decode else (frames[0], frames[1:])
+            if not decode:
+                return frames[0], frames[1:]
+            if dec.header.rows != "float32":  # dequantising / casting rows: numpy work off the event loop
+                return await asyncio.to_thread(dec.finish)
+            return dec.finish()  # fp32 rows: views of the payload
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.NOT_FOUND:
                 return None
