@@ -20,6 +20,7 @@ import logging
 import time
 from contextlib import asynccontextmanager
 
+from headwise.cache.codec import Prepared
 from headwise.cache.compact import CompactCache
 from services.asyncutil import settle
 from services.handoff import BYPASSED, NOT_STORED
@@ -61,9 +62,9 @@ class TenantStore:
     async def get(self, key: str) -> CompactCache | None:
         return await self._call("get", key)
 
-    async def put(self, key: str, cache: CompactCache, precision: str | None = None) -> int:
-        """Bytes sent, rows at `precision` (None: the cache's own dtype); StoreUnavailable when the
-        store is down, NotStored when it refused the segment."""
+    async def put(self, key: str, cache: CompactCache | Prepared, precision: str | None = None) -> int:
+        """Bytes sent, rows at `precision` (None: the cache's own dtype; a `Prepared` cache goes at
+        its own); StoreUnavailable when the store is down, NotStored when it refused the segment."""
         try:
             return int(await self._call("put", key, cache, precision))
         except StoreUnavailable:
