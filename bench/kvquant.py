@@ -208,6 +208,7 @@ async def _reused_ttft(runner, tokens: int, rounds: int) -> dict:
     return {
         "rounds": rounds, "status": {p: [t["store_status"] for t in ts] for p, ts in turns.items()},
         "ttft_reused_s": {p: {"median": statistics.median(v), "min": min(v), "max": max(v)} for p, v in ttft.items()},
+        "ttft_reused_runs_s": ttft,  # turn by turn, fp32 and int8 alternating
         "ratio_int8_fp32": statistics.median(ttft["int8"]) / statistics.median(ttft["fp32"]),
         "paired_ratio_int8_fp32": statistics.median(b / a for a, b in zip(ttft["fp32"], ttft["int8"], strict=True)),
         "ttft_cold_s": {p: c["ttft_s"] for p, c in cold.items()},
