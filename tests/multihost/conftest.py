@@ -3,13 +3,12 @@
 Topology (10.213.0.0/24 on the bridge hwmh-br; the root namespace is the client host):
 
     client 10.213.0.1   (root namespace: pytest, gRPC clients)
-    store  10.213.0.5   redis-server :6379
-    kv1    10.213.0.21  kvstore :50051, metrics :9100
-    kv2    10.213.0.22  kvstore :50051, metrics :9100
+    store  10.213.0.5   a Redis Cluster of three masters :7000-7002 (bus :17000-17002)
+    kv1    10.213.0.21  kvstore :50051, metrics :9100, over the Redis Cluster
+    kv2    10.213.0.22  kvstore :50051, metrics :9100, over the Redis Cluster
     head   10.213.0.10  Ray head: GCS :6379, Serve controller, gRPC proxy :9000, HTTP proxy :8000
     w1     10.213.0.11  Ray worker, resource hw_w1: Prefill and Decode replicas
     w2     10.213.0.12  Ray worker, resource hw_w2: Prefill and Decode replicas
-    (and, for test_redis_cluster_store, a Redis Cluster on store :7000-7002 and a kvstore on kv1 :50052 over it)
 
 Everything is torn down at session end, after a failed test too (the session fixture's
 finalizer), and whatever a killed earlier run left is removed first, by the hwmh- prefix.
@@ -34,11 +33,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from services.kvstore.redis_proc import redis_server_binary
+from tests.fixtures.redis_cluster import RedisClusterProcs
 from tests.multihost import netns
 
 TOKEN = "multihost-service-token"
-KV_PORT, KV_METRICS_PORT, REDIS_PORT = 50051, 9100, 6379
+KV_PORT, KV_METRICS_PORT = 50051, 9100
+REDIS_PORTS = [7000, 7001, 7002]
 HOSTS = {"store": 5, "kv1": 21, "kv2": 22, "head": 10, "w1": 11, "w2": 12}
 LOCK_WAIT_S = 200
 
@@ -88,13 +88,6 @@ def net():
             print(f"\nmulti-host logs: {logdir}", file=sys.stderr)
 
 
-def start_redis(host: netns.Host) -> object:
-    p = host.popen([redis_server_binary(), "--bind", host.addr, "--port", str(REDIS_PORT), "--save", "",
-                    "--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"], "redis.log")
-    wait_listening(host.addr, REDIS_PORT, 15, p)
-    return p
-
-
 def start_kvstore(host: netns.Host, redis_url: str) -> object:
     p = launch_kvstore(host, redis_url)
     wait_listening(host.addr, KV_PORT, 60, p)
@@ -108,15 +101,24 @@ def launch_kvstore(host: netns.Host, redis_url: str) -> object:
 
 
 @pytest.fixture(scope="session")
-def store(net) -> str:
-    """Redis on the store host: its URL."""
-    start_redis(net["store"])
-    return f"redis://{net['store'].addr}:{REDIS_PORT}/0"
+def redis_cluster(net) -> RedisClusterProcs:
+    """The store host's Redis Cluster (three masters, no replicas, no persistence)."""
+    store = net["store"]
+    c = RedisClusterProcs(host=store.addr, ports=list(REDIS_PORTS), popen=lambda args: store.popen(args, "redis.log"))
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="session")
+def store(redis_cluster) -> str:
+    """The store's URL: rediscluster://10.213.0.5:7000,..."""
+    return redis_cluster.url
 
 
 @pytest.fixture(scope="session")
 def kvstores(net, store) -> str:
-    """A kvstore on kv1 and one on kv2, both over the store host's Redis: the comma list of both."""
+    """A kvstore on kv1 and one on kv2, both over the store host's Redis Cluster: the comma list of both."""
     procs = [(net[n], launch_kvstore(net[n], store)) for n in ("kv1", "kv2")]  # both start at once
     for host, p in procs:
         wait_listening(host.addr, KV_PORT, 60, p)
@@ -126,6 +128,8 @@ def kvstores(net, store) -> str:
 # ---- the Ray cluster: head + two worker hosts -------------------------------------------------
 RAY_PORT, GRPC_PORT, HTTP_PORT = 6379, 9000, 8000
 TENANT, TENANT_KEY = "acme", "acme-key"
+# nine more tenants, spread by their hash tags over the three masters (a dead master: 4 of them)
+SHARD_TENANTS = {f"t{i}": f"key-{i}" for i in range(9)}
 WORKERS = ("w1", "w2")
 RAY = str(Path(sys.executable).parent / "ray")
 # Ray started with --head on a real address turns token authentication on; every node and driver
@@ -160,7 +164,7 @@ def app_settings(tiny_model_dir: str, kvstore_addr: str):
     from services.settings import Settings
 
     return Settings(model_path=tiny_model_dir, kvstore_addr=kvstore_addr, service_token=TOKEN,
-                    tenants=f"{TENANT}:{TENANT_KEY}:16", default_policy="streaming", default_kept=0.5,
+                    tenants=",".join(f"{t}:{k}:16" for t, k in {TENANT: TENANT_KEY, **SHARD_TENANTS}.items()), default_policy="streaming", default_kept=0.5,
                     max_prompt_tokens=1500, max_new_tokens=1500, store_timeout_s=2.0, recall=False, torch_threads=1)
 
 
@@ -226,8 +230,8 @@ class RayCluster:
                     log = (self.net.logdir / f"ray-{name}.log").read_text(errors="replace")[-2000:]
                     raise RuntimeError(f"`ray start` on {name} exited with {p.returncode}:\n{log}")
             r = self.head.run([sys.executable, "-c", f"import ray; ray.init(address='{self.head.addr}:{RAY_PORT}', log_to_driver=False); "
-                               "print(sum(1 for n in ray.nodes() if n['Alive']))"], 60, env=ray_env())
-            if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
+                               "print('alive', sum(1 for n in ray.nodes() if n['Alive']))"], 60, env=ray_env())
+            if r.returncode == 0 and f"alive {n}" in r.stdout.splitlines():
                 return time.monotonic() - t0
             time.sleep(1)
         raise TimeoutError(f"the Ray cluster did not reach {n} live nodes in {timeout_s:.0f} s")
@@ -237,7 +241,8 @@ class RayCluster:
                           env=ray_env(HWMH_RAY_ADDRESS=f"{self.head.addr}:{RAY_PORT}"))
         if r.returncode != 0:
             raise RuntimeError(f"serve_driver {args[0]} failed ({r.returncode}): {r.stderr[-3000:]}")
-        return json.loads(r.stdout.strip().splitlines()[-1])
+        # its answer is the last JSON line: Ray may print warnings after it (a dead node's lagging heartbeats)
+        return json.loads(next(line for line in reversed(r.stdout.splitlines()) if line.startswith("{")))
 
     def deploy(self, config: dict) -> None:
         path = self.tmp / f"serve-{time.monotonic_ns()}.json"

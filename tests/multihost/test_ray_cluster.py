@@ -68,11 +68,12 @@ def test_document_stored_by_one_host_is_reused_by_the_others_decode(split) -> No
 
 
 # Prefill autoscaled between 1 and 2 replicas, at most one per worker host (so the second goes to the
-# other host), with delays and look-back of seconds instead of Serve's 30 s / 600 s; Decode fixed on w1
+# other host), with delays and look-back of seconds instead of Serve's 30 s / 600 s; one Decode per host.
+# Placement is SPREAD's, so the next test's deploy only reconfigures and adds a Prefill replica.
 AUTOSCALE = {"Prefill": {"replicas": 1, "min": 1, "max": 2, "resources": {"hw_worker": 0.01}, "per_node": 1,
                          "autoscaling": {"target_ongoing_requests": 1, "upscale_delay_s": 1.0, "downscale_delay_s": 6.0,
                                          "look_back_period_s": 2.0, "metrics_interval_s": 0.5}},
-             "Decode": {"replicas": 1, "resources": {"hw_w1": 0.01}}}
+             "Decode": {"replicas": 2, "resources": {"hw_worker": 0.01}, "per_node": 1}}
 COLD = dict(max_new_tokens=2, temperature=0.0)  # prefill-bound requests: a new document each time
 
 

@@ -1,5 +1,6 @@
-"""A kvstore host over a three-master Redis Cluster on the store host; one master dies, under the
-kvstore alone and under the whole Ray cluster (client -> head's proxy -> worker -> kvstore -> Redis)."""
+"""One master of the store host's Redis Cluster dies: under the kvstores alone, then under the whole
+Ray cluster (client -> head's proxy -> worker -> kvstore host -> Redis master). Last in the suite:
+the Ray test uses whatever deployment the earlier ones left (one surviving worker host)."""
 
 from __future__ import annotations
 
@@ -12,29 +13,11 @@ import redis
 from services.kvstore.client import StoreUnavailable
 from tests.fixtures.redis_cluster import RedisClusterProcs
 from tests.kvstore.conftest import small_cache
-from tests.multihost.conftest import TOKEN, host_env, wait_listening
+from tests.multihost.conftest import SHARD_TENANTS, TOKEN
 from tests.test_codec import assert_same
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
-PORTS, KV_CLUSTER_PORT = [7000, 7001, 7002], 50052
-TENANTS = [f"t{i}" for i in range(9)]
-
-
-@pytest.fixture(scope="module")
-def cluster_store(net):
-    """(the Redis Cluster on the store host, the address of a kvstore on kv1 over it)."""
-    import sys
-
-    store, kv = net["store"], net["kv1"]
-    c = RedisClusterProcs(host=store.addr, ports=list(PORTS), popen=lambda args: store.popen(args, "rcluster.log"))
-    c.start()
-    try:
-        p = kv.popen([sys.executable, "-m", "services.kvstore", "--host", kv.addr, "--port", str(KV_CLUSTER_PORT),
-                      "--redis-url", c.url, "--no-metrics"], "kvstore-cluster.log", env=host_env(HEADWISE_TENANT_TTL_S="0"))
-        wait_listening(kv.addr, KV_CLUSTER_PORT, 60, p)
-        yield c, f"{kv.addr}:{KV_CLUSTER_PORT}"
-    finally:
-        c.stop()
+TENANTS = list(SHARD_TENANTS)
 
 
 def home_master(c: RedisClusterProcs, tenant: str) -> int:
@@ -45,10 +28,10 @@ def home_master(c: RedisClusterProcs, tenant: str) -> int:
     raise AssertionError(f"no master holds a manifest of {tenant}")
 
 
-async def test_a_master_dies_other_tenants_keep_their_documents(cluster_store) -> None:
+async def test_a_master_dies_other_tenants_keep_their_documents(redis_cluster, kvstores) -> None:
     from services.kvstore.client import KVStoreClient
 
-    c, addr = cluster_store
+    c, addr = redis_cluster, kvstores
     clients = {t: KVStoreClient(addr, TOKEN, t, timeout_s=2.0, retries=3) for t in TENANTS}
     try:
         for i, t in enumerate(TENANTS):
@@ -86,10 +69,20 @@ async def test_a_master_dies_other_tenants_keep_their_documents(cluster_store) -
 
 
 # ---- the same fault under the whole Ray cluster ----------------------------------------------------
-RAY_TENANTS = {f"t{i}": f"key-{i}" for i in range(9)}
 ANYWHERE = {name: {"replicas": 1, "resources": {"hw_worker": 0.01}} for name in ("Prefill", "Decode")}
 ASK = dict(max_new_tokens=12, temperature=0.0)
 FIRST, AGAIN = "What is the document about?", "Name one metal in it."
+
+
+@pytest.fixture
+def serving(ray_cluster, kvstores, tiny_model_dir) -> str:
+    """The gRPC address of a running deployment: the one earlier tests left, else a new one."""
+    from tests.multihost.conftest import app_settings, serve_config_for
+
+    live = ray_cluster.replicas()
+    if not (live.get("Prefill") and live.get("Decode")):
+        ray_cluster.deploy(serve_config_for(app_settings(tiny_model_dir, kvstores), ANYWHERE))
+    return ray_cluster.grpc_addr
 
 
 async def ask_tenant(addr: str, tenant: str, question: str, timeout_s: float = 60) -> dict:
@@ -101,7 +94,7 @@ async def ask_tenant(addr: str, tenant: str, question: str, timeout_s: float = 6
 
     t0 = time.monotonic()
     try:
-        async with HeadwiseClient(addr, RAY_TENANTS[tenant]) as c:
+        async with HeadwiseClient(addr, SHARD_TENANTS[tenant]) as c:
             ans = await asyncio.wait_for(c.ask(question, document(int(tenant[1:]) + 20), **ASK), timeout_s)
         return {"ok": True, "tokens": ans.token_ids, "status": ans.figures["store_status"], "s": time.monotonic() - t0}
     except (grpc.aio.AioRpcError, asyncio.TimeoutError) as e:
@@ -126,14 +119,8 @@ async def until_status(addr: str, tenant: str, question: str, status: str, limit
 
 
 @pytest.mark.timeout(480)
-def test_a_master_dies_under_the_ray_cluster(cluster_store, ray_cluster, tiny_model_dir) -> None:
-    from tests.multihost.conftest import app_settings, serve_config_for
-
-    c, addr = cluster_store
-    settings = app_settings(tiny_model_dir, addr).model_copy(
-        update={"tenants": ",".join(f"{t}:{k}:16" for t, k in RAY_TENANTS.items())})
-    ray_cluster.deploy(serve_config_for(settings, ANYWHERE))  # on whichever worker hosts are alive
-    tenants, grpc_addr = list(RAY_TENANTS), ray_cluster.grpc_addr
+def test_a_master_dies_under_the_ray_cluster(redis_cluster, serving) -> None:
+    c, tenants, grpc_addr = redis_cluster, TENANTS, serving
 
     async def scenario():
         cold = await ask_all_tenants(grpc_addr, tenants, FIRST)
