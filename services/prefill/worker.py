@@ -150,6 +150,7 @@ class PrefillWorker:
         else:
             seg = build_segments(tok, req.context, req.prompt, req.answer_prefix)
             segments = [seg.context, seg.question]
+        self.check_document(segments[0])
         self.check_length(sum(len(s) for s in segments))
         full = FullPolicy()
         policies = [policy] + [full] * (len(segments) - 1)
@@ -178,12 +179,20 @@ class PrefillWorker:
         except InvalidInput as e:
             raise invalid(str(e)) from None
         seg = build_segments(self.runner.tokenizer, req.context, req.prompt, req.answer_prefix)
+        self.check_document(seg.context)
         self.check_length(len(seg.context) + len(seg.question))
         res = await self._model(self.runner.prefill_query_aware, seg.context, seg.question, policy)
         plan = _Plan([seg.context, seg.question], [policy, FullPolicy()], [], [], [])
         handle = self._handle(plan, [res.document, res.question], res.logits, 0, 0, PRIVATE)
         handle.inline_segments = [res.document, res.question]
         return handle
+
+    def check_document(self, ids: list[int]) -> None:
+        """The document segment has at least one token: with a chat template its head is there even
+        for an empty context; a tokenizer without one leaves nothing to prefill."""
+        if not ids:
+            raise invalid("context is empty and this model has no chat template, so the prompt has no document "
+                          "segment to prefill; give a context")
 
     def check_length(self, n: int) -> None:
         limit = min(self.settings.max_prompt_tokens, self.runner.max_positions - 1)
