@@ -9,7 +9,7 @@ the first token's logits and, when the store is unreachable, the inline segments
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -56,6 +56,5 @@ class CacheHandle:
     policy: str  # e.g. "streaming(kept=0.25, sinks=4)"
     prefill_s: float = 0.0
     inline_segments: list | None = None  # CompactCache per segment, only when bypassed
-    recall_keys: dict[int, str] = field(default_factory=dict)  # segment index -> key, for merged rows
     kv_precision: str = "fp32"  # the precision the segments are stored at
     stored_kv_bytes: int = 0  # the chain's bytes as stored (codec + recall blobs at kv_precision)

@@ -116,7 +116,7 @@ def test_recall_split_off_and_back(cache: CompactCache, chunk: int) -> None:
 def test_every_dtype_and_the_tail(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(1)
     cache = CompactCache([make_layer(gen, [5, 0, 3], 8, dtype, 2)], 20, 0, {"policy": "ems", "kept": 0.25})
-    cache.append(0, torch.randn(3, 2, 8).to(dtype), torch.randn(3, 2, 8).to(dtype), torch.tensor([20, 21]))
+    cache.layers[0].append(torch.randn(3, 2, 8).to(dtype), torch.randn(3, 2, 8).to(dtype), torch.tensor([20, 21]))
     cache.advance(2)
     out = decode(*_parts(encode(cache)))
     assert_same(cache.compacted(), out)

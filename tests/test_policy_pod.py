@@ -1,4 +1,4 @@
-"""PoD: the gate form equals the single-softmax form; the `pod` policy against a dense reference.
+"""PoD: the decode attention that runs equals the paper's gate form; the `pod` policy against a dense reference.
 
 The reference below computes PoD attention densely (every segment key present, evicted
 tokens masked, distant logits taken from the base layer with torch.where): the truly
@@ -14,11 +14,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import Tensor
 
 from headwise.errors import InvalidInput
 from headwise.policies import get_policy
 from headwise.policies.base import Capture, CompressContext
-from headwise.policies.pod import PoDPolicy, block_members, pod_gate_attention, pod_single_attention, proximal, spread
+from headwise.policies.pod import PoDPolicy, block_members, proximal, spread
 from headwise.policies.snapkv import SnapKVPolicy
 from headwise.profiles import HeadProfile
 
@@ -31,20 +32,55 @@ ONE_BLOCK = [[0, 0, 0]] * 4  # one 4-layer block per head
 EVICT_KEPT = [0.9, 0.5, 0.25, 0.1]
 
 
+def gate_form(a_prox: Tensor, a_dist: Tensor, v_prox: Tensor, v_dist: Tensor) -> Tensor:
+    """The paper's Fig. 2: g o^P + (1 - g) o^D, g = sum exp a^P / (sum exp a^P + sum exp a^D).
+
+    a_prox: [G, nP] own-layer logits of proximal tokens; a_dist: [G, nD] base-layer logits of
+    distant tokens; v_prox [nP, d], v_dist [nD, d] this layer's values. Returns [G, d].
+    """
+    o_p = torch.softmax(a_prox, -1) @ v_prox
+    o_d = torch.softmax(a_dist, -1) @ v_dist
+    g = torch.sigmoid(torch.logsumexp(a_prox, -1) - torch.logsumexp(a_dist, -1))[:, None]
+    return g * o_p + (1 - g) * o_d
+
+
 @settings(max_examples=30, deadline=None)
-@given(g=st.integers(1, 4), n_p=st.integers(1, 20), n_d=st.integers(1, 40), scale=st.floats(0.1, 8.0), seed=st.integers(0, 999))
-def test_gate_form_equals_single_softmax(g, n_p, n_d, scale, seed):
+@given(g=st.integers(1, 3), n=st.integers(2, 40), sinks=st.integers(1, 4), recent=st.integers(0, 8),
+       scale=st.floats(0.1, 4.0), seed=st.integers(0, 999))
+def test_decode_attention_of_a_pod_layer_is_the_gate_form(g, n, sinks, recent, scale, seed):
+    """One decode step through `ragged_decode_attention` (the view and kernel decode runs) over a
+    PoD layer whose distant rows keep no key: equal to the gate form over proximal logits (own
+    query and keys) and distant logits (the base layer's query and keys), with this layer's values."""
+    from headwise.attention import ragged_decode_attention
+    from headwise.attention_common import BaseQueries
+    from headwise.cache.compact import LayerCache
+
     gen = torch.Generator().manual_seed(seed)
-    a_p, a_d = torch.randn(g, n_p, generator=gen, dtype=torch.float64) * scale, torch.randn(g, n_d, generator=gen, dtype=torch.float64) * scale
-    v_p, v_d = torch.randn(n_p, 8, generator=gen, dtype=torch.float64), torch.randn(n_d, 8, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(pod_gate_attention(a_p, a_d, v_p, v_d), pod_single_attention(a_p, a_d, v_p, v_d))
+    H, d, sc = 2, 8, 0.35
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    pos = torch.arange(n)
+    prox = proximal(n, min(sinks, n - 1), recent)  # at least one distant row
+    base = LayerCache.from_heads([rnd(n, d) for _ in range(H)], [rnd(n, d) for _ in range(H)], [pos] * H)
+    keys, values = [rnd(n, d) for _ in range(H)], [rnd(n, d) for _ in range(H)]
+    layer = LayerCache.from_heads([k[prox] for k in keys], values, [pos] * H, distant=[~prox] * H, distant_from=[0] * H)
+    q, qb = rnd(H * g, 1, d), rnd(H * g, 1, d)  # this layer's query, the base layer's
+    out, _ = ragged_decode_attention(q, layer, sc, base=BaseQueries([base, layer], {0: qb}))
+    for h in range(H):
+        qs, qbs = q[h * g:(h + 1) * g, 0], qb[h * g:(h + 1) * g, 0]  # [g, d]
+        kb = base.keys[int(base.head_offsets[h]):int(base.head_offsets[h + 1])]
+        want = gate_form(qs @ keys[h][prox].T * sc, qbs @ kb[~prox].T * sc, values[h][prox], values[h][~prox])
+        torch.testing.assert_close(out[h * g:(h + 1) * g, 0], want)
 
 
-def test_gate_is_not_a_plain_average():
+def test_the_gate_is_not_a_plain_average():
+    """The check above would pass a kernel that averaged the two parts if the gate form were one."""
     a_p, a_d = torch.tensor([[5.0, 0.0]]), torch.tensor([[0.0, 0.0, 0.0]])
     v_p, v_d = torch.eye(2, 4), torch.ones(3, 4)
     avg = 0.5 * (torch.softmax(a_p, -1) @ v_p + torch.softmax(a_d, -1) @ v_d)
-    assert not torch.allclose(pod_gate_attention(a_p, a_d, v_p, v_d), avg)
+    assert not torch.allclose(gate_form(a_p, a_d, v_p, v_d), avg)
 
 
 def test_recent_window_hits_the_kept_fraction():

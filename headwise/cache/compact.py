@@ -39,12 +39,6 @@ class RecallTable:
     keys: Tensor  # [sum m_i, d] or [0, d]
     values: Tensor  # [sum m_i, d] or [0, d]
 
-    @classmethod
-    def empty(cls, head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> "RecallTable":
-        z = torch.zeros(0, dtype=torch.long, device=device)
-        e = torch.zeros(0, head_dim, dtype=dtype, device=device)
-        return cls(torch.zeros(1, dtype=torch.long, device=device), z, z.clone(), e, e.clone())
-
     @property
     def num_groups(self) -> int:
         return self.offsets.numel() - 1
@@ -423,9 +417,6 @@ class CompactCache:
                 if b >= 0:
                     last[b] = i
         return last
-
-    def append(self, layer: int, keys: Tensor, values: Tensor, positions: Tensor) -> None:
-        self.layers[layer].append(keys, values, positions)
 
     def advance(self, n: int) -> None:
         self.seq_len += n

@@ -5,7 +5,8 @@ block's base layer the head keeps K and V of every kept token; in its other laye
 of the proximal tokens only (first `sinks` + last `recent` of the segment) and V of every
 kept token. A distant token's logit in a non-base layer is the base layer's own,
 q_base . K_base (Fig. 2), joined with the layer's proximal logits in one softmax over the
-layer's own values, which equals the paper's gate form (both below, tested equal). The keys
+layer's own values, which equals the paper's gate form (tests/test_policy_pod.py checks the
+decode attention that runs against it). The keys
 are really absent: the cache, the codec and the store hold R_k < R key rows for such heads.
 
 Below PoD's own range the eviction stage (the paper's PoD + SnapKV, our [P] form) drops
@@ -26,23 +27,6 @@ from headwise.policies.base import Capture, CompressContext, LayerState, Policy,
 
 EVICTORS = ("snapkv", "kvzip", "none")
 BLOCK_SCORES = ("mean", "max")
-
-
-def pod_gate_attention(a_prox: Tensor, a_dist: Tensor, v_prox: Tensor, v_dist: Tensor) -> Tensor:
-    """Fig. 2 gate form: g o^P + (1 - g) o^D, g = sum exp a^P / (sum exp a^P + sum exp a^D).
-
-    a_prox: [G, nP] own-layer logits of proximal tokens; a_dist: [G, nD] base-layer logits of
-    distant tokens; v_prox [nP, d], v_dist [nD, d] this layer's values. Returns [G, d].
-    """
-    o_p = torch.softmax(a_prox, -1) @ v_prox
-    o_d = torch.softmax(a_dist, -1) @ v_dist
-    g = torch.sigmoid(torch.logsumexp(a_prox, -1) - torch.logsumexp(a_dist, -1))[:, None]
-    return g * o_p + (1 - g) * o_d
-
-
-def pod_single_attention(a_prox: Tensor, a_dist: Tensor, v_prox: Tensor, v_dist: Tensor) -> Tensor:
-    """The same as one softmax over [a^P ; a^D] applied to [V^P ; V^D] (what decode would run)."""
-    return torch.softmax(torch.cat([a_prox, a_dist], -1), -1) @ torch.cat([v_prox, v_dist])
 
 
 def proximal(S: int, sinks: int, recent: int) -> Tensor:

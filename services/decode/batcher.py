@@ -52,9 +52,6 @@ class DecodeBatcher:
         self._q.put((token, cache, recall_threshold, stats, fut))
         return fut.result()
 
-    def close(self) -> None:
-        self._q.put(None)
-
     def figures(self) -> dict:
         return {"batched_steps": self.steps, "mean_batch": self.rows / self.steps if self.steps else 0.0}
 

@@ -23,7 +23,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 
 from headwise.cache import quant
-from headwise.cache.codec import Prepared, encoded_nbytes, prepare, stored_nbytes
+from headwise.cache.codec import CODEC_VERSION, Prepared, encoded_nbytes, prepare, stored_nbytes
 from headwise.cache.compact import CompactCache
 from headwise.cache.keys import chain_keys, segment_key
 from headwise.errors import InvalidInput
@@ -47,15 +47,6 @@ FILL_MAX_WAIT_LEASES = 5  # ... and how long it waits at most, in lease periods 
 QUERY_AWARE_DEFAULT = "snapkv"  # an empty policy in a query-aware request (the server default may have no window)
 HANDOFF_WAIT_S = 5.0  # a deferred compression waits this long at most for decode to fetch the exact rows
 HANDOFF_POLL_S = 0.05
-
-
-def codec_version() -> int:
-    try:
-        from headwise.cache.codec import CODEC_VERSION
-
-        return int(CODEC_VERSION)
-    except ImportError:  # the codec lands with the kvstore; keys only need a stable number
-        return 1
 
 
 def for_store(seg: CompactCache, precision: str) -> tuple[Prepared, CompactCache]:
@@ -159,11 +150,12 @@ class PrefillWorker:
         else:
             seg = build_segments(tok, req.context, req.prompt, req.answer_prefix)
             segments = [seg.context, seg.question]
+        self.check_document(segments[0])
         self.check_length(sum(len(s) for s in segments))
         full = FullPolicy()
         policies = [policy] + [full] * (len(segments) - 1)
         salt = req.salt if policy.reusable else f"{req.salt}:{secrets.token_hex(8)}"
-        cv, dtype = codec_version(), self.model_dtype
+        cv, dtype = CODEC_VERSION, self.model_dtype
         keys = list(chain_keys(segments, self.runner.name, [self.key_params(p) for p in policies], cv, salt, precision,
                                dtype))
         store_keys, ephemeral = list(keys), []
@@ -187,12 +179,20 @@ class PrefillWorker:
         except InvalidInput as e:
             raise invalid(str(e)) from None
         seg = build_segments(self.runner.tokenizer, req.context, req.prompt, req.answer_prefix)
+        self.check_document(seg.context)
         self.check_length(len(seg.context) + len(seg.question))
         res = await self._model(self.runner.prefill_query_aware, seg.context, seg.question, policy)
         plan = _Plan([seg.context, seg.question], [policy, FullPolicy()], [], [], [])
         handle = self._handle(plan, [res.document, res.question], res.logits, 0, 0, PRIVATE)
         handle.inline_segments = [res.document, res.question]
         return handle
+
+    def check_document(self, ids: list[int]) -> None:
+        """The document segment has at least one token: with a chat template its head is there even
+        for an empty context; a tokenizer without one leaves nothing to prefill."""
+        if not ids:
+            raise invalid("context is empty and this model has no chat template, so the prompt has no document "
+                          "segment to prefill; give a context")
 
     def check_length(self, n: int) -> None:
         limit = min(self.settings.max_prompt_tokens, self.runner.max_positions - 1)
@@ -299,7 +299,7 @@ class PrefillWorker:
             computed.append(await self._model(self._prefill_segment, ids, computed[-1], full, plan.precision))
         segs, logits = [c.stored for c in computed], computed[-1].logits
         salt = f"{req.salt}:{secrets.token_hex(8)}"
-        keys = list(chain_keys(plan.segments, self.runner.name, [full.params()] * len(segs), codec_version(), salt,
+        keys = list(chain_keys(plan.segments, self.runner.name, [full.params()] * len(segs), CODEC_VERSION, salt,
                                plan.precision, self.model_dtype))
         exact = dataclasses.replace(plan, store_keys=keys, ephemeral=list(keys))
         later = functools.partial(self._compress_later, store, plan, policy, out, keys)

@@ -46,25 +46,19 @@ async def test_batched_streams_equal_one_at_a_time(tiny_model, store):
 
 
 def test_a_step_past_the_context_fails_alone(tiny_runner):
-    b = DecodeBatcher(tiny_runner)
-    try:
-        cache = tiny_runner.prefill_segment([5] * 10).cache
-        cache.seq_len = tiny_runner.max_positions  # as if it were full
-        with pytest.raises(InvalidInput, match="exceeds the model's context"):
-            b.step(5, cache)
-        ok = tiny_runner.prefill_segment([5] * 10).cache
-        assert b.step(5, ok).shape == (tiny_runner.model.config.vocab_size,) and b.steps == 1
-    finally:
-        b.close()
+    b = DecodeBatcher(tiny_runner)  # its thread is a daemon: it ends with the process
+    cache = tiny_runner.prefill_segment([5] * 10).cache
+    cache.seq_len = tiny_runner.max_positions  # as if it were full
+    with pytest.raises(InvalidInput, match="exceeds the model's context"):
+        b.step(5, cache)
+    ok = tiny_runner.prefill_segment([5] * 10).cache
+    assert b.step(5, ok).shape == (tiny_runner.model.config.vocab_size,) and b.steps == 1
 
 
 def test_a_failing_batch_reports_to_every_stream_and_the_thread_goes_on(tiny_runner):
     b = DecodeBatcher(tiny_runner)
-    try:
-        cache = tiny_runner.prefill_segment([5] * 10).cache
-        with pytest.raises(IndexError):
-            b.step(10_000, cache)  # out of the vocabulary: the model raises inside the batch
-        fresh = tiny_runner.prefill_segment([5] * 10).cache
-        assert torch.isfinite(b.step(5, fresh)).all()
-    finally:
-        b.close()
+    cache = tiny_runner.prefill_segment([5] * 10).cache
+    with pytest.raises(IndexError):
+        b.step(10_000, cache)  # out of the vocabulary: the model raises inside the batch
+    fresh = tiny_runner.prefill_segment([5] * 10).cache
+    assert torch.isfinite(b.step(5, fresh)).all()

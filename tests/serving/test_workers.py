@@ -130,6 +130,18 @@ async def test_oversize_prompt_names_the_limit(stack):
     assert e.value.code == "INVALID_ARGUMENT" and "900" in e.value.message
 
 
+async def test_an_empty_context_without_a_chat_template_is_invalid_argument(stack):
+    """ByteTokenizer has no chat template: an empty context leaves no document segment to prefill
+    (the engine's own error used to escape as INTERNAL)."""
+    dw, _, _ = stack
+    for query_aware in (False, True):
+        with pytest.raises(ServiceError) as e:
+            await ask(dw, context="", query_aware=query_aware, policy="snapkv" if query_aware else "streaming")
+        assert e.value.code == "INVALID_ARGUMENT" and "context is empty" in e.value.message
+    ids, _ = await ask(dw, context="a")  # one character is a document
+    assert len(ids) == 6
+
+
 async def test_wrong_key(stack):
     dw, _, _ = stack
     with pytest.raises(ServiceError) as e:
