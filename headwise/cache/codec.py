@@ -385,7 +385,7 @@ def encode(cache: "CompactCache | Prepared", *, include_recall: bool = True, chu
     return encode_streaming(cache, include_recall=include_recall, chunk_size=chunk_size, precision=precision).materialize()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Prepared:
     """A cache made ready to be sent at one precision: its K and V rows in the wire format (int8
     rows quantised, once), its layout, and (for a store put) the recall blobs of its merged rows.
@@ -394,15 +394,15 @@ class Prepared:
     (`stored()`, bit-identical to what decoding the segment gives), so a put on the event loop only
     checksums and sends: quantising is neither repeated nor run on the loop."""
 
-    cache: CompactCache  # compacted
+    cache: CompactCache = dataclasses.field(repr=False)  # compacted
     precision: str | None
     rows: str  # row format of K and V on the wire
     include_recall: bool  # recall originals travel in the segment (else as `recall` blobs)
-    shapes: tuple[LayerShape, ...]
-    tensors: list[dict[str, Tensor]]  # per layer: every payload field, as it travels
-    recall: list["RecallEntry"]  # one blob per merged row (include_recall=False only)
+    shapes: tuple[LayerShape, ...] = dataclasses.field(repr=False)
+    tensors: list[dict[str, Tensor]] = dataclasses.field(repr=False)  # per layer: every payload field, as it travels
+    recall: list["RecallEntry"] = dataclasses.field(repr=False)  # one blob per merged row (include_recall=False only)
     total: int  # payload bytes
-    pieces: list[memoryview]  # the payload: views of `tensors` and zero padding, in layout order
+    pieces: list[memoryview] = dataclasses.field(repr=False)  # the payload: views of `tensors` and padding, in order
 
     @property
     def stored_nbytes(self) -> int:
