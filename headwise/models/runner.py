@@ -18,15 +18,13 @@ from torch import Tensor
 
 from headwise.attention import (
     BaseQueries,
-    DecodeViews,
     MergedShare,
     _base_rows,
     column_sums,
     prefill_attention_scores,
     ragged_prefill_attention,
-    shares,
-    view_decode,
 )
+from headwise.attention_paged import DecodeViews, paged_decode, paged_shares
 from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
 from headwise.models.loader import check_model_dir, load_model, model_id
@@ -301,13 +299,13 @@ class ModelRunner:
         def attend(i: int, scaling: float, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             # q [Hq, B, d] -> [B*Hkv, G, d]: sequence-major, then KV head, then the head's group
             qb = q.transpose(0, 1).reshape(B * H, G, d)
-            view = views.write(i, idx, k.transpose(0, 1).reshape(B * H, d), v.transpose(0, 1).reshape(B * H, d))
+            view, n = views.write(i, idx, k.transpose(0, 1).reshape(B * H, d), v.transpose(0, 1).reshape(B * H, d))
             if i in views.last_use:
                 held[i] = qb
-            o, hits = view_decode(qb, view, scaling, _base_rows(view, held) if view.dist_keys is not None else None, thr)
+            o, hits = paged_decode(qb, view, n, scaling, _base_rows(view, held) if view.dist_keys is not None else None, thr)
             for b in [b for b, last in views.last_use.items() if last == i]:
                 held.pop(b, None)
-            for b, share in shares(hits, view):
+            for b, share in paged_shares(hits, H):
                 if stats[b] is not None:
                     stats[b].recalls.append((i, share))
             return o.view(B, H * G, d).transpose(0, 1)  # [Hq, B, d]
@@ -327,7 +325,7 @@ class ModelRunner:
             return views
         self._views = None  # the old views' memory goes before the new ones are built
         cap = max(64, 2 * (max(c.layers[0].tail_len for c in caches) + 1))
-        self._views = DecodeViews(caches, cap)
+        self._views = DecodeViews(caches, cap, self.num_heads // self.num_kv_heads)
         return self._views
 
     def generate(
