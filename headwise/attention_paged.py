@@ -51,7 +51,7 @@ class PagedView:
     keys [N, d, C] (each page's keys transposed), values [N, C, d], bias [N, 1, C]: log-weight
     of a held row, 0 on a written tail slot, -inf elsewhere. page_bh, page_j [N]: each page's
     row and its index among the row's pages; act: the step (since the build) from which each
-    page is needed, ascending. tail_page, tail_col [BH, cap]: where tail slot t of a row lives.
+    page is needed, ascending. tail_at [BH, cap]: where tail slot t of a row lives (page * C + column).
     pad_index [N] = page_bh * J + page_j, page_max [BH*J, G] each page's logit max (-inf for
     pages not yet read), scratch [N + 1, G, C] the logits (the last page a dump for padding).
     merged [N, C]: slots of merged rows (recall watch). PoD: dist_keys [BH, M, d] the base
@@ -66,8 +66,7 @@ class PagedView:
     page_bh: Tensor
     page_j: Tensor
     act: list[int]
-    tail_page: Tensor
-    tail_col: Tensor
+    tail_at: Tensor
     pad_index: Tensor
     page_max: Tensor
     scratch: Tensor
@@ -144,7 +143,7 @@ def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Seq
     page_bh, page_j = page_bh.to(dev), page_j.to(dev)
     view = PagedView(
         K.view(N, C, d).transpose(1, 2).contiguous(), V.view(N, C, d), bias.view(N, 1, C), page_bh, page_j,
-        [o[0] for o in order], tail // C, tail % C, page_bh * J + page_j,
+        [o[0] for o in order], tail, page_bh * J + page_j,
         torch.full((BH * J, G), float("-inf"), dtype=dt, device=dev), torch.empty(N + 1, G, C, dtype=dt, device=dev), H,
         merged=merged.view(N, C) if bool(merged.any()) else None,
     )
@@ -217,6 +216,17 @@ def paged_shares(hits: tuple[Tensor, Tensor] | None, H: int) -> list[tuple[int, 
     if hits is None or not hits[0].numel():
         return []
     return [(bh // H, MergedShare(bh % H, s, x)) for (bh, s), x in zip(hits[0].tolist(), hits[1].tolist(), strict=True)]
+
+
+@dataclass
+class StepIndex:
+    """One step's token places: at [layers, BH] flat slot in each layer's pages, key_at
+    [layers, BH * d] flat places of its key elements (keys are transposed per page), tail [BH]
+    its row in the caches' tail blocks [BH * cap, d]."""
+
+    at: Tensor
+    key_at: Tensor
+    tail: Tensor
 
 
 class DecodeViews:
@@ -292,23 +302,30 @@ class DecodeViews:
             if any(c.layers[i] is not lc or lc.tail_keys is not tk for c, (lc, tk) in zip(caches, installed, strict=True)):
                 self._build(i, caches)
 
-    def step_index(self) -> tuple[Tensor, Tensor]:
-        """(row bh, tail slot t) of this step's token for every (sequence, head): [BH] each."""
+    def step_index(self) -> "StepIndex":
+        """Where this step's token goes in every layer, computed once per step for all layers."""
         dev = self.positions.device
-        t = torch.tensor(self.lens, dtype=torch.long, device=dev)
-        return torch.arange(len(self.lens) * self.H, device=dev), t.repeat_interleave(self.H)
+        B, H, cap = len(self.lens), self.H, self.cap
+        bh = torch.arange(B * H, device=dev)
+        t = torch.tensor(self.lens, dtype=torch.long, device=dev).repeat_interleave(H)  # [BH]
+        at = torch.stack([v.tail_at for v in self.views])[:, bh, t]  # [layers, BH]: page * C + column
+        d = self.views[0].values.shape[-1]
+        C = PAGE
+        # keys are [N, d, C]: element j of a key at page * d * C + j * C + column
+        key_at = ((at // C) * (d * C) + at % C)[:, :, None] + torch.arange(d, device=dev) * C  # [layers, BH, d]
+        return StepIndex(at, key_at.flatten(1), bh * cap + t)
 
-    def write(self, i: int, idx: tuple[Tensor, Tensor], k: Tensor, v: Tensor) -> tuple[PagedView, int]:
-        """Put this step's keys/values [BH, d] of layer i into their slots; returns the view and
-        the number of pages this step reads."""
+    def write(self, i: int, idx: "StepIndex", k: Tensor, v: Tensor) -> tuple[PagedView, int]:
+        """Put this step's keys/values [BH, d] of layer i into their slots (pages and the caches'
+        tails); returns the view and the number of pages this step reads."""
         view = self.views[i]
-        page, col = view.tail_page[idx], view.tail_col[idx]
-        view.keys[page, :, col] = k
-        view.values[page, col] = v
-        view.bias[page, 0, col] = 0
+        at = idx.at[i]
+        view.keys.view(-1).index_copy_(0, idx.key_at[i], k.reshape(-1))
+        view.values.view(-1, k.shape[-1]).index_copy_(0, at, v)
+        view.bias.view(-1).index_fill_(0, at, 0)
         tk, tv = self.tails[i]
-        tk[idx] = k
-        tv[idx] = v
+        tk.view(-1, k.shape[-1]).index_copy_(0, idx.tail, k)
+        tv.view(-1, k.shape[-1]).index_copy_(0, idx.tail, v)
         return view, view.active(self.steps)
 
     def advance(self, caches: Sequence, pos: Tensor) -> None:
