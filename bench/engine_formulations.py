@@ -113,7 +113,7 @@ def views(q, lc, view):
 
 cands = {"per-head (today)": (ref, lambda lc: None), "flat + segment softmax": (flat, prep_flat),
          "padded per head + bias": (padded, prep_padded), "block-diagonal bias over flat rows": (masked, prep_masked),
-         "LayerView (padded, tail in the slots: chosen)": (views, layer_view)}
+         "LayerView (padded, tail in the slots: the prefill view)": (views, layer_view)}
 preps = {k: [p(lc) for lc in L] for k, (f, p) in cands.items()}
 for k, (f, _) in cands.items():
     for i, lc in enumerate(L):
