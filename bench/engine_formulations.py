@@ -5,15 +5,20 @@
 The default model, a 2,000-token document compressed by the policy at kept 0.25, four decode
 tokens in the tail; one query per layer, all 30 layers per timed step, each candidate checked
 equal to the per-head reference (1e-5) first, then all timed in turn, 15 rounds (3 dropped).
+Then `--streams` copies of the cache decoding together: the padded `LayerView` block against
+pages (`headwise/attention_paged.py`) with keys row-major or transposed per page, each checked
+equal to the padded one (1e-5), 10 rounds (2 dropped).
 """
 import argparse
+import dataclasses
 import json
 import statistics
 import time
 
 import torch
 
-from headwise.attention import layer_view, view_decode
+from headwise.attention import build_view, layer_view, view_decode
+from headwise.attention_paged import PAGE, build_paged, paged_decode
 from headwise.attention_reference import ragged_decode_attention
 from headwise.documents import document_tokens
 from headwise.models import ModelRunner, resolve_model_path
@@ -22,6 +27,7 @@ from headwise.policies import get_policy
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--policy", default="kvzip")
 ap.add_argument("--json", default=None)
+ap.add_argument("--streams", type=int, default=16, help="streams of the batched comparison (padded views vs pages)")
 a = ap.parse_args()
 torch.set_num_threads(1)
 r = ModelRunner.from_pretrained(resolve_model_path(None))
@@ -107,7 +113,7 @@ def views(q, lc, view):
 
 cands = {"per-head (today)": (ref, lambda lc: None), "flat + segment softmax": (flat, prep_flat),
          "padded per head + bias": (padded, prep_padded), "block-diagonal bias over flat rows": (masked, prep_masked),
-         "LayerView (padded, tail in the slots: chosen)": (views, layer_view)}
+         "LayerView (padded, tail in the slots: the prefill view)": (views, layer_view)}
 preps = {k: [p(lc) for lc in L] for k, (f, p) in cands.items()}
 for k, (f, _) in cands.items():
     for i, lc in enumerate(L):
@@ -128,6 +134,39 @@ for k, v in times.items():
 pl = preps["padded per head + bias"]
 pad = sum(p[0].shape[0] * p[0].shape[1] for p in pl) / sum(lc.keys.shape[0] for lc in L)
 print(f"padded slots / ragged rows: {pad:.2f}")
+
+# ---- B streams decoding together: the padded block of every (stream, head) vs pages ----------
+B, cap, T = a.streams, 64, 4
+qb = [torch.randn(B * Hkv, G, d, generator=g) for _ in L]
+padded_views = [build_view([lc] * B, cap) for lc in L]  # lc carries T tail rows already
+pages = [build_paged([lc] * B, cap, G) for lc in L]
+row_major = [dataclasses.replace(v, keys=v.keys.transpose(1, 2).contiguous().transpose(1, 2)) for v in pages]
+n_act = [v.active(0) for v in pages]
+for i in range(len(L)):
+    want = view_decode(qb[i], padded_views[i], sc)[0]
+    for vs in (pages, row_major):
+        assert torch.allclose(paged_decode(qb[i], vs[i], n_act[i], sc)[0], want, atol=1e-5)
+batched = {"padded block per layer (LayerView, tail slots first)": lambda i: view_decode(qb[i], padded_views[i], sc),
+           f"pages of {PAGE}, keys row-major (q @ K^T)": lambda i: paged_decode(qb[i], row_major[i], n_act[i], sc),
+           f"pages of {PAGE}, keys transposed per page (q @ K: chosen)": lambda i: paged_decode(qb[i], pages[i], n_act[i], sc)}
+bt = {k: [] for k in batched}
+with torch.inference_mode():
+    for _rep in range(10):
+        for k, f in batched.items():
+            t = time.perf_counter()
+            for i in range(len(L)):
+                f(i)
+            bt[k].append((time.perf_counter() - t) * 1e3)
+held = B * sum(lc.values.shape[0] + T * Hkv for lc in L)
+slots = {"padded": sum(v.keys.shape[0] * v.keys.shape[1] for v in padded_views) / held,
+         "pages": sum(n * PAGE for n in n_act) / held}
+print(f"{B} streams: slots read per held row: padded {slots['padded']:.2f}, pages {slots['pages']:.2f}")
+batched_out = {}
+for k, v in bt.items():
+    v = v[2:]
+    batched_out[k] = {"median_ms": statistics.median(v), "min_ms": min(v), "max_ms": max(v)}
+    print(f"{k:62s} ms per step (30 layers, {B} streams): median {statistics.median(v):.2f} range {min(v):.2f}-{max(v):.2f}")
 if a.json:
     with open(a.json, "w") as f:
-        json.dump({"policy": a.policy, "candidates": out, "padded_over_ragged": pad}, f, indent=2)
+        json.dump({"policy": a.policy, "candidates": out, "padded_over_ragged": pad, "streams": B,
+                   "batched": batched_out, "slots_per_held_row": slots}, f, indent=2)

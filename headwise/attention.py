@@ -25,7 +25,6 @@ in a `BaseQueries`, which the runner fills layer by layer.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -356,7 +355,7 @@ def ragged_decode_attention(
     """One decode step of one sequence: q [Hq, 1, d] over every row of the layer (new token
     already appended). Returns the output [Hq, 1, d] and the merged rows whose attention share
     in their head exceeded `recall_threshold`. `base` is needed when the layer has PoD rows.
-    (The runner keeps its views across steps: `DecodeViews`; this builds one per call.)"""
+    (The runner decodes over paged views kept across steps: `attention_paged.DecodeViews`.)"""
     Hq, _, d = q.shape
     H = layer.num_heads
     view = layer_view(layer, base.layers if base is not None else None, q.dtype)
@@ -367,87 +366,3 @@ def ragged_decode_attention(
     out, hits = view_decode(q.reshape(H, Hq // H, d), view, scaling, bq, thr)
     return out.reshape(Hq, 1, d), [s for _, s in shares(hits, view)]
 
-
-class DecodeViews:
-    """The views of B caches being decoded together, kept across steps.
-
-    Built when the set of caches changes, a layer changes (recall), or a tail outgrows its
-    slots (capacity doubles); each step then writes the new token into slot tail_len of every
-    (sequence, head) with one indexed write per layer. The caches' tails become views of the
-    arena (`LayerCache.tail_keys` etc.), so `compacted()`, recall and storage see the same rows.
-    The ragged rows are copied into the padded block: decode holds them twice while a view lives.
-    The caches are held weakly: once one is gone the views are dropped and rebuilt on demand.
-    """
-
-    def __init__(self, caches: Sequence, cap: int):
-        self.refs = [weakref.ref(c) for c in caches]
-        self.cap = cap
-        for c in caches:
-            weakref.finalize(c, self._drop)
-        lc0 = caches[0].layers[0]
-        self.H = lc0.num_heads
-        self.positions = torch.zeros(len(caches), cap, dtype=torch.long, device=lc0.values.device)
-        self.views: list[LayerView] = []
-        self.layers: list[list[tuple[LayerCache, Tensor]]] = []  # per layer: (layer, its tail keys) as installed
-        self.last_use: dict[int, int] = {}  # PoD: base layer -> the last layer that needs its queries
-        for c in caches:
-            for b, last in c.shared_bases().items():
-                self.last_use[b] = max(self.last_use.get(b, -1), last)
-        for i in range(caches[0].num_layers):
-            self._build(i, caches)
-        self.tails = [c.layers[0].tail_len for c in caches]
-
-    def _drop(self) -> None:
-        self.refs, self.views, self.layers = [], [], []
-
-    def _build(self, i: int, caches: Sequence) -> None:
-        lcs = [c.layers[i] for c in caches]
-        for b, lc in enumerate(lcs):
-            if lc.tail_len:
-                self.positions[b, : lc.tail_len] = lc.tail_positions[: lc.tail_len]
-        view = build_view(lcs, self.cap, [c.layers for c in caches])
-        H = self.H
-        for b, lc in enumerate(lcs):  # the tails now live in the view
-            lc.tail_keys, lc.tail_values = view.keys[b * H : (b + 1) * H, : self.cap], view.values[b * H : (b + 1) * H, : self.cap]
-            lc.tail_positions = self.positions[b]
-        installed = [(lc, lc.tail_keys) for lc in lcs]
-        if i < len(self.views):
-            self.views[i], self.layers[i] = view, installed
-        else:
-            self.views.append(view)
-            self.layers.append(installed)
-
-    def fits(self, caches: Sequence) -> bool:
-        """The same caches, in the same order, untouched since the last step, with a free slot."""
-        if len(caches) != len(self.refs) or any(r() is not c for r, c in zip(self.refs, caches, strict=True)):
-            return False
-        return all(c.layers[0].tail_len == t and t < self.cap for c, t in zip(caches, self.tails, strict=True))
-
-    def refresh(self, caches: Sequence) -> None:
-        """Rebuild the views of layers replaced since the last step (recall swaps a layer object)."""
-        for i, installed in enumerate(self.layers):
-            if any(c.layers[i] is not lc or lc.tail_keys is not tk for c, (lc, tk) in zip(caches, installed, strict=True)):
-                self._build(i, caches)
-
-    def step_index(self) -> tuple[Tensor, Tensor]:
-        """(row bh, slot) of this step's token for every (sequence, head): [BH] each."""
-        dev = self.positions.device
-        t = torch.tensor(self.tails, dtype=torch.long, device=dev)
-        return torch.arange(len(self.tails) * self.H, device=dev), t.repeat_interleave(self.H)
-
-    def write(self, i: int, idx: tuple[Tensor, Tensor], k: Tensor, v: Tensor) -> LayerView:
-        """Put this step's keys/values [BH, d] of layer i into their slots; returns the view."""
-        view = self.views[i]
-        view.keys.index_put_(idx, k)
-        view.values.index_put_(idx, v)
-        view.bias[idx[0], 0, idx[1]] = 0
-        return view
-
-    def advance(self, caches: Sequence, pos: Tensor) -> None:
-        """After the step: positions [B] recorded, every layer's tail one longer."""
-        B = len(caches)
-        self.positions[torch.arange(B, device=pos.device), torch.tensor(self.tails, device=pos.device)] = pos
-        for b, c in enumerate(caches):
-            for lc in c.layers:
-                lc.tail_len += 1
-            self.tails[b] += 1

@@ -201,3 +201,25 @@ def test_views_follow_outside_appends_and_new_batches(runner, ctx):
             got = runner.decode_batch([9, 10], [a, b])
             want = torch.stack([_reference_step(runner, 9, ra, None, st), _reference_step(runner, 10, rb, None, st)])
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_decode_batch_with_small_pages_equals_reference(runner, ctx, monkeypatch):
+    """Pages of 3 slots: every head spans many pages and tail pages join the step mid-run."""
+    from headwise import attention_paged
+
+    monkeypatch.setattr(attention_paged, "PAGE", 3)
+    runner._views = None
+    setups = SETUPS[:3]
+    mine = [_cache(runner, ctx, n, L, seed=95 + j) for j, (n, L) in enumerate(setups)]
+    theirs = [c.clone() for c in mine]
+    st, s_mine = [DecodeStats() for _ in setups], [DecodeStats() for _ in setups]
+    for step in range(9):
+        toks = [int(5 + (3 * step + 7 * j) % 250) for j in range(len(setups))]
+        got = runner.decode_batch(toks, mine, [0.02] * 3, s_mine)
+        want = torch.stack([_reference_step(runner, t, c, 0.02, s) for t, c, s in zip(toks, theirs, st, strict=True)])
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"step {step}")
+    assert [[(i, s.head, s.row) for i, s in a.recalls] for a in s_mine] == [[(i, s.head, s.row) for i, s in a.recalls] for a in st]
+    assert any(a.recalls for a in s_mine), "the watch saw merged rows"
+    views = runner._views
+    assert views.views[0].active(views.steps) < views.views[0].keys.shape[0], "tail pages not yet written are not read"
+    runner._views = None

@@ -215,3 +215,41 @@ def test_pod_layer_operations_carry_key_only_rows():
 def _pod_parts(distant_from):
     m = torch.tensor([0, 1], dtype=torch.bool)
     return [[torch.ones(1, 8)] * 3, [torch.ones(2, 8)] * 3, [torch.arange(2)] * 3, None, None, None, [m] * 3, distant_from]
+
+
+@pytest.mark.parametrize("name", ["ems", "pod", "kvzip"])
+def test_concat_joins_each_layer_once(name, monkeypatch):
+    """A chain of n segments (merged rows with recall tables, PoD rows, ragged heads) joined by
+    `concat` equals folding `extended` pairwise, and joins each layer in one pass, not n - 1."""
+    from headwise.policies import get_policy
+    from tests.fixtures.models import random_ids, tiny_gqa_context, tiny_gqa_runner
+
+    runner = tiny_gqa_runner()
+    ctx = tiny_gqa_context(runner)
+    policy = get_policy(name, kept=0.3)
+    cache, segs = None, []
+    for j, n in enumerate([240, 200, 220, 210]):
+        res = runner.prefill_segment(random_ids(n, seed=40 + j), cache=cache, policy=policy, ctx=ctx)
+        segs.append(res.segment)
+        cache = res.cache
+    folded = segs[0]
+    for s in segs[1:]:
+        folded = folded.extended(s)
+    calls = []
+    joined = LayerCache.joined
+    monkeypatch.setattr(LayerCache, "joined", staticmethod(lambda parts: calls.append(len(parts)) or joined(parts)))
+    got = CompactCache.concat(segs)
+    assert calls == [len(segs)] * runner.num_layers
+    assert (got.seq_len, got.start) == (folded.seq_len, folded.start) == (cache.seq_len, 0)
+    for a, b, c in zip(got.layers, folded.layers, cache.compacted().layers, strict=True):
+        for f in ("keys", "values", "head_offsets", "positions", "log_weights", "recall_ids"):
+            assert torch.equal(getattr(a, f), getattr(b, f)) and torch.equal(getattr(a, f), getattr(c, f)), f
+        assert (a.distant is None) == (b.distant is None) and (a.distant is None or torch.equal(a.distant, b.distant))
+        assert a.distant_from == b.distant_from
+        if b.recall is not None:
+            for f in ("offsets", "positions", "heads", "keys", "values"):
+                assert torch.equal(getattr(a.recall, f), getattr(b.recall, f)), f
+    if name == "ems":
+        assert any(lc.recall is not None and lc.recall.num_groups for lc in got.layers), "recall tables were joined"
+    if name == "pod":
+        assert any(lc.distant is not None for lc in got.layers), "PoD rows were joined"

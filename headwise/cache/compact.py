@@ -264,32 +264,45 @@ class LayerCache:
 
     def extended(self, other: "LayerCache") -> "LayerCache":
         """Rows of `self` then rows of `other`, per head (both compacted first)."""
-        a, b = self.compacted(), other.compacted()
-        if a.num_heads != b.num_heads or a.head_dim != b.head_dim:
-            raise ValueError(f"cannot extend a cache of {a.num_heads} heads x {a.head_dim} with {b.num_heads} x {b.head_dim}")
-        if a.distant is None and b.distant is None:  # the common case, kept free of per-row masks
-            return a._extended_plain(b)
-        recall, shift = _concat_recall(a.recall, b.recall)
-        heads = [[a._head_rows(h), b._head_rows(h, shift)] for h in range(a.num_heads)]
-        return self._from_rows(heads, recall, _merge_distant_from(a.distant_from, b.distant_from, a.num_heads))
+        return LayerCache.joined([self, other])
 
-    def _extended_plain(self, b: "LayerCache") -> "LayerCache":
-        a = self
-        ks, vs, ps, lws, rids = [], [], [], [], []
-        recall, shift = _concat_recall(a.recall, b.recall)
-        b_rids = torch.where(b.recall_ids >= 0, b.recall_ids + shift, b.recall_ids)
-        for h in range(a.num_heads):
-            for c, r in ((a, a.recall_ids), (b, b_rids)):
-                s, e = int(c.head_offsets[h]), int(c.head_offsets[h + 1])
-                ks.append(c.keys[s:e]); vs.append(c.values[s:e]); ps.append(c.positions[s:e])
-                lws.append(c.log_weights[s:e]); rids.append(r[s:e])
-        lens = a.head_lengths() + b.head_lengths()
-        offsets = torch.zeros(a.num_heads + 1, dtype=torch.long)
+    @staticmethod
+    def joined(parts: Sequence["LayerCache"]) -> "LayerCache":
+        """Rows of every part in order, per head (each compacted first), copied once whatever the
+        number of parts: a chain of n segments is joined in one pass, not folded pairwise."""
+        ps = [p.compacted() for p in parts]
+        a = ps[0]
+        for b in ps[1:]:
+            if a.num_heads != b.num_heads or a.head_dim != b.head_dim:
+                raise ValueError(f"cannot extend a cache of {a.num_heads} heads x {a.head_dim} with {b.num_heads} x {b.head_dim}")
+        if len(ps) == 1:
+            return a
+        recall, shifts = _concat_recalls([p.recall for p in ps])
+        if all(p.distant is None for p in ps):  # the common case, kept free of per-row masks
+            return LayerCache._joined_plain(ps, recall, shifts)
+        distant_from = ps[0].distant_from
+        for p in ps[1:]:
+            distant_from = _merge_distant_from(distant_from, p.distant_from, a.num_heads)
+        heads = [[p._head_rows(h, sh) for p, sh in zip(ps, shifts, strict=True)] for h in range(a.num_heads)]
+        return LayerCache._from_rows(heads, recall, distant_from)
+
+    @staticmethod
+    def _joined_plain(ps: list["LayerCache"], recall: "RecallTable | None", shifts: list[int]) -> "LayerCache":
+        H = ps[0].num_heads
+        rids = [torch.where(p.recall_ids >= 0, p.recall_ids + sh, p.recall_ids) if sh else p.recall_ids
+                for p, sh in zip(ps, shifts, strict=True)]
+        offs = [p.head_offsets.tolist() for p in ps]  # host, once per part
+        cols: list[list[Tensor]] = [[], [], [], [], []]
+        for h in range(H):
+            for p, r, o in zip(ps, rids, offs, strict=True):
+                a, b = o[h], o[h + 1]
+                for c, t in zip(cols, (p.keys, p.values, p.positions, p.log_weights, r), strict=True):
+                    c.append(t[a:b])
+        lens = sum((p.head_lengths() for p in ps), torch.zeros(H, dtype=torch.long))
+        offsets = torch.zeros(H + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(lens, 0)
-        return LayerCache(
-            torch.cat(ks), torch.cat(vs), offsets.to(a.keys.device), torch.cat(ps),
-            torch.cat(lws), torch.cat(rids), recall,
-        )
+        k, v, pos, lw, rid = (torch.cat(c) for c in cols)
+        return LayerCache(k, v, offsets.to(ps[0].keys.device), pos, lw, rid, recall)
 
     def with_row_replaced(self, head: int, row: int, keys: Tensor, values: Tensor, positions: Tensor) -> "LayerCache":
         """A copy in which ragged row `row` of `head` (a merged row) is replaced by its originals.
@@ -347,17 +360,20 @@ def _merge_distant_from(a: tuple[int, ...] | None, b: tuple[int, ...] | None, H:
     return tuple(out)
 
 
-def _concat_recall(a: RecallTable | None, b: RecallTable | None) -> tuple[RecallTable | None, int]:
-    if b is None or b.num_groups == 0:
-        return a, 0
-    if a is None or a.num_groups == 0:
-        return b, 0
-    shift = a.num_groups
-    offsets = torch.cat([a.offsets, b.offsets[1:] + a.offsets[-1]])
-    return RecallTable(
-        offsets, torch.cat([a.positions, b.positions]), torch.cat([a.heads, b.heads]),
-        torch.cat([a.keys, b.keys]), torch.cat([a.values, b.values]),
-    ), shift
+def _concat_recalls(tables: Sequence[RecallTable | None]) -> tuple[RecallTable | None, list[int]]:
+    """One recall table for joined parts, and the shift of each part's recall ids in it."""
+    held = [t for t in tables if t is not None and t.num_groups > 0]
+    shifts, n = [], 0
+    for t in tables:
+        shifts.append(n if t is not None and t.num_groups > 0 else 0)
+        n += t.num_groups if t is not None and t.num_groups > 0 else 0
+    if len(held) <= 1:
+        return (held[0] if held else next((t for t in tables if t is not None), None)), [0] * len(tables)
+    ends = [0]
+    for t in held:
+        ends.append(ends[-1] + int(t.offsets[-1]))
+    offsets = torch.cat([held[0].offsets[:1]] + [t.offsets[1:] + e for t, e in zip(held, ends, strict=False)])
+    return RecallTable(offsets, *(torch.cat([getattr(t, f) for t in held]) for f in ("positions", "heads", "keys", "values"))), shifts
 
 
 @dataclass
@@ -430,17 +446,24 @@ class CompactCache:
             raise ValueError(f"segment starts at position {segment.start}, cache ends at {self.seq_len}")
         if segment.num_layers != self.num_layers:
             raise ValueError(f"segment has {segment.num_layers} layers, cache has {self.num_layers}")
-        layers = [a.extended(b) for a, b in zip(self.layers, segment.layers, strict=True)]
-        return CompactCache(layers, segment.seq_len, self.start, dict(self.meta))
+        return CompactCache.concat([self, segment])
 
     @classmethod
     def concat(cls, segments: list["CompactCache"]) -> "CompactCache":
+        """Segments of a chain, each starting where the previous ends, joined layer by layer in
+        one pass (each row copied once)."""
         if not segments:
             raise ValueError("no segments to concatenate")
-        out = segments[0]
-        for seg in segments[1:]:
-            out = out.extended(seg)
-        return out
+        if len(segments) == 1:
+            return segments[0]
+        for prev, seg in zip(segments, segments[1:], strict=False):
+            if seg.start != prev.seq_len:
+                raise ValueError(f"segment starts at position {seg.start}, cache ends at {prev.seq_len}")
+            if seg.num_layers != prev.num_layers:
+                raise ValueError(f"segment has {seg.num_layers} layers, cache has {prev.num_layers}")
+        first = segments[0]
+        layers = [LayerCache.joined(parts) for parts in zip(*(s.layers for s in segments), strict=True)]
+        return CompactCache(layers, segments[-1].seq_len, first.start, dict(first.meta))
 
     def to(self, device: torch.device | str) -> "CompactCache":
         return CompactCache([layer.to(device) for layer in self.layers], self.seq_len, self.start, dict(self.meta))

@@ -18,15 +18,13 @@ from torch import Tensor
 
 from headwise.attention import (
     BaseQueries,
-    DecodeViews,
     MergedShare,
     _base_rows,
     column_sums,
     prefill_attention_scores,
     ragged_prefill_attention,
-    shares,
-    view_decode,
 )
+from headwise.attention_paged import DecodeViews, paged_decode, paged_shares
 from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
 from headwise.models.loader import check_model_dir, load_model, model_id
@@ -53,6 +51,35 @@ class DecodeStats:
     recalls: list[tuple[int, MergedShare]] = field(default_factory=list)  # (layer, share)
 
 
+@dataclass
+class _Fused:
+    """One layer's fused weights (views of them are the modules' own) and its norms."""
+
+    qkv: Tensor  # [Dq + 2 Dkv, D]
+    gate_up: Tensor  # [2 I, D]
+    inter: int  # I
+    act: Callable[[Tensor], Tensor]
+    ln1: torch.nn.Module
+    ln2: torch.nn.Module
+
+
+def _signed_sin(sin: Tensor) -> Tensor:
+    """RoPE's sin [1, S, d] -> [S, d] with its first half negated: rotate_half(x) * sin ==
+    roll(x, d/2) * this (the same products, bit for bit)."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[0, :, :half], sin[0, :, half:]], -1)
+
+
+_RMS_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm"}  # weight * x / rms(x), eps in variance_epsilon
+
+
+def _rms(h: Tensor, norm) -> Tensor:
+    """transformers' LlamaRMSNorm (same ops, same order), without the module call."""
+    x = h if h.dtype == torch.float32 else h.float()
+    x = x * x.pow(2).sum(-1, keepdim=True).div_(float(x.shape[-1])).add_(norm.variance_epsilon).rsqrt_()  # mean = sum / D
+    return norm.weight * (x if h.dtype == torch.float32 else x.to(h.dtype))
+
+
 class ModelRunner:
     """Owns one model on one device. Not thread-safe; one runner per worker."""
 
@@ -77,6 +104,7 @@ class ModelRunner:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = frozenset(e for e in eos if e is not None)
         self._views: DecodeViews | None = None  # decode views of the last decode_batch's caches
+        self._fuse()
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -100,8 +128,55 @@ class ModelRunner:
         return ids.to(self.device)
 
     # ---- forward pieces -----------------------------------------------------------
+    def _fuse(self) -> None:
+        """Fused weights per layer: q/k/v in one matrix, gate/up in one (the modules' weights become
+        views of them, so nothing is held twice). A decode step is dispatch-bound on a CPU: one
+        matmul instead of three (and two) and no per-module Python per call. Layers with
+        biases or another MLP shape keep the modules' own forward."""
+        self._fused: dict[int, _Fused] = {}
+        for layer in self._inner.layers:
+            a, m = layer.self_attn, layer.mlp
+            projs = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, getattr(m, "gate_proj", None), getattr(m, "up_proj", None),
+                     getattr(m, "down_proj", None))
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if (any(p is None or getattr(p, "bias", None) is not None for p in projs) or hasattr(a, "q_norm")
+                    or not hasattr(m, "act_fn") or not all(type(n).__name__ in _RMS_NORMS for n in norms)):
+                continue
+            with torch.no_grad():
+                qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])  # [Dq + 2 Dkv, D]
+                gu = torch.cat([m.gate_proj.weight, m.up_proj.weight])  # [2 I, D]
+                nq, nk, ni = a.q_proj.weight.shape[0], a.k_proj.weight.shape[0], m.gate_proj.weight.shape[0]
+                a.q_proj.weight = torch.nn.Parameter(qkv[:nq], requires_grad=False)
+                a.k_proj.weight = torch.nn.Parameter(qkv[nq : nq + nk], requires_grad=False)
+                a.v_proj.weight = torch.nn.Parameter(qkv[nq + nk :], requires_grad=False)
+                m.gate_proj.weight = torch.nn.Parameter(gu[:ni], requires_grad=False)
+                m.up_proj.weight = torch.nn.Parameter(gu[ni:], requires_grad=False)
+            self._fused[id(layer)] = _Fused(qkv, gu, ni, m.act_fn, layer.input_layernorm, layer.post_attention_layernorm)
+
+    def _norm_qkv(self, layer, h: Tensor, cos: Tensor, sin: Tensor, signed: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """h [1, S, D] -> the normed input x [1, S, D] and post-RoPE q [Hq, S, d], k, v [Hkv, S, d]."""
+        f = self._fused.get(id(layer))
+        if f is None:
+            x = layer.input_layernorm(h)
+            return (x, *self._qkv(layer, x, cos, sin))
+        x = _rms(h, f.ln1)
+        return (x, *self._fused_qkv(f, x, cos, sin, signed))
+
+    def _fused_qkv(self, f: "_Fused", x: Tensor, cos: Tensor, sin: Tensor, signed: Tensor | None = None
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+        S, d, Hq, Hkv = x.shape[1], self.head_dim, self.num_heads, self.num_kv_heads
+        y = (x[0] @ f.qkv.t()).view(S, Hq + 2 * Hkv, d).transpose(0, 1)  # [Hq + 2 Hkv, S, d]
+        qk = y[: Hq + Hkv]
+        # RoPE on q and k at once: x*cos + rotate_half(x)*sin, as x*cos + roll(x)*signed (_signed_sin)
+        qk = qk * cos[0] + torch.roll(qk, d // 2, -1) * (_signed_sin(sin) if signed is None else signed)
+        return qk[:Hq], qk[Hq:], y[Hq + Hkv :]
+
     def _qkv(self, layer, h: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """h [1, S, D] -> post-RoPE q [Hq, S, d], k [Hkv, S, d], v [Hkv, S, d]."""
+        """h [1, S, D] (normed) -> post-RoPE q [Hq, S, d], k [Hkv, S, d], v [Hkv, S, d]."""
+        f = self._fused.get(id(layer))
+        if f is not None:
+            return self._fused_qkv(f, h, cos, sin)
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
         attn = layer.self_attn
@@ -115,8 +190,14 @@ class ModelRunner:
     def _finish_layer(self, layer, h: Tensor, attn_out: Tensor) -> Tensor:
         """Residual, o_proj and MLP. attn_out: [Hq, S, d]."""
         S = attn_out.shape[1]
-        h = h + layer.self_attn.o_proj(attn_out.transpose(0, 1).reshape(1, S, -1))
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+        f = self._fused.get(id(layer))
+        if f is None:
+            h = h + layer.self_attn.o_proj(attn_out.transpose(0, 1).reshape(1, S, -1))
+            return h + layer.mlp(layer.post_attention_layernorm(h))
+        h = h + attn_out.transpose(0, 1).reshape(1, S, -1) @ layer.self_attn.o_proj.weight.t()
+        gu = _rms(h, f.ln2)[0] @ f.gate_up.t()  # [S, 2 I]
+        a = f.act(gu[:, : f.inter]).mul_(gu[:, f.inter :])
+        return h + (a @ layer.mlp.down_proj.weight.t())[None]
 
     def _logits(self, h_last: Tensor) -> Tensor:
         return self.model.lm_head(self._inner.norm(h_last)).float().reshape(-1)
@@ -134,9 +215,9 @@ class ModelRunner:
         o_proj and MLP. x is the normed input [1, S, D]; q [Hq, S, d], k, v [Hkv, S, d]. Every
         forward (prefill, KVzip's scoring pass, decode) differs only in `attend`."""
         n = len(self._inner.layers)
+        signed = _signed_sin(sin) if self._fused else None  # once per forward, not per layer
         for i, layer in enumerate(self._inner.layers):
-            x = layer.input_layernorm(h)
-            q, k, v = self._qkv(layer, x, cos, sin)
+            x, q, k, v = self._norm_qkv(layer, h, cos, sin, signed)
             o = attend(i, layer.self_attn.scaling, x, q, k, v)
             if finish_last or i + 1 < n:
                 h = self._finish_layer(layer, h, o)
@@ -301,13 +382,13 @@ class ModelRunner:
         def attend(i: int, scaling: float, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             # q [Hq, B, d] -> [B*Hkv, G, d]: sequence-major, then KV head, then the head's group
             qb = q.transpose(0, 1).reshape(B * H, G, d)
-            view = views.write(i, idx, k.transpose(0, 1).reshape(B * H, d), v.transpose(0, 1).reshape(B * H, d))
+            view, n = views.write(i, idx, k.transpose(0, 1).reshape(B * H, d), v.transpose(0, 1).reshape(B * H, d))
             if i in views.last_use:
                 held[i] = qb
-            o, hits = view_decode(qb, view, scaling, _base_rows(view, held) if view.dist_keys is not None else None, thr)
+            o, hits = paged_decode(qb, view, n, scaling, _base_rows(view, held) if view.dist_keys is not None else None, thr)
             for b in [b for b, last in views.last_use.items() if last == i]:
                 held.pop(b, None)
-            for b, share in shares(hits, view):
+            for b, share in paged_shares(hits, H):
                 if stats[b] is not None:
                     stats[b].recalls.append((i, share))
             return o.view(B, H * G, d).transpose(0, 1)  # [Hq, B, d]
@@ -327,7 +408,7 @@ class ModelRunner:
             return views
         self._views = None  # the old views' memory goes before the new ones are built
         cap = max(64, 2 * (max(c.layers[0].tail_len for c in caches) + 1))
-        self._views = DecodeViews(caches, cap)
+        self._views = DecodeViews(caches, cap, self.num_heads // self.num_kv_heads)
         return self._views
 
     def generate(

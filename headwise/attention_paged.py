@@ -1,0 +1,339 @@
+"""Decode attention of B caches over paged views: every (stream, KV head) reads only its own rows.
+
+A `PagedView` holds one layer of B caches in pages of PAGE slots. (stream b, KV head h) is row
+bh = b * Hkv + h and owns the slots [0, n_bh) (its ragged rows, in head order) then
+[n_bh, n_bh + cap) (its decode tail), cut into pages of PAGE consecutive slots; a page is
+one batch entry of the two batched matmuls, so a short head costs its own pages, not the
+layer's longest head (a padded `[B*Hkv, L, d]` block read 1.66 slots per kept row with
+kvzip at kept 0.25 on the default model; pages read 1 + PAGE / (2 n) on average).
+
+Pages are stored in the order they become needed: a page holding only tail slots joins the
+computation on the step its first slot is written. Because all B streams advance one token
+per step together, the pages a step needs are always a prefix of the arena (`active`), so a
+step reads no unwritten tail page. Keys are stored transposed per page (`[N, d, PAGE]`):
+`q @ K` then runs MKL's plain (NN) kernel, about twice as fast here as `q @ K^T` over
+row-major keys (bench/engine_formulations.py).
+
+Per layer and step: q gathered per page, `baddbmm(bias, q, K)` -> logits `[n, G, PAGE]`,
+scattered into a preallocated `[B*Hkv, G, J, PAGE]` buffer (J pages per row at most;
+never-written places stay -inf), one softmax over each row's slots, the probabilities
+gathered back per page, `bmm` with V and `index_add_` per row. Logits are G / (2 d) of the
+K/V bytes (3/128 on the default model), so the padded softmax costs little; the K/V reads,
+which dominate, touch only held rows. Exact per head: the same softmax over the same logits.
+Log-weights live in the bias, PoD distant logits are added into the buffer at their slots
+before the softmax, the recall watch reads the softmax row.
+
+The caches' decode tails stay dense (`LayerCache.tail_keys` is a view of a `[B*Hkv, cap, d]`
+block per layer) and are written beside the pages each step, so `compacted()`, recall and
+storage read the same rows as before.
+"""
+
+from __future__ import annotations
+
+import bisect
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from headwise.attention_common import MergedShare, _distant_plan
+from headwise.cache.compact import LayerCache
+
+PAGE = 64  # slots per page: waste is PAGE / 2 slots per (stream, head) on average, calls n / PAGE
+
+
+@dataclass
+class PagedView:
+    """One layer of B caches in pages (see the module docstring). BH = B * Hkv, N pages, C = PAGE.
+
+    keys [N, d, C] (each page's keys transposed), values [N, C, d], bias [N, 1, C]: log-weight
+    of a held row, 0 on a written tail slot, -inf elsewhere. page_bh, page_j [N]: each page's
+    row and its index among the row's pages; act: the step (since the build) from which each
+    page is needed, ascending. tail_at [BH, cap]: where tail slot t of a row lives (page * C + column).
+    pad_index [N] = page_bh * J + page_j, page_max [BH*J, G] each page's logit max (-inf for
+    pages not yet read), scratch [N + 1, G, C] the logits (the last page a dump for padding).
+    merged [N, C]: slots of merged rows (recall watch). PoD: dist_keys [BH, M, d] the base
+    layers' keys of the distant rows, dist_at [BH, G, M] where their logits go in scratch
+    (flat; padding: the dump page), dist_base [BH] each row's base layer (-1: none), bases
+    the distinct ones.
+    """
+
+    keys: Tensor
+    values: Tensor
+    bias: Tensor
+    page_bh: Tensor
+    page_j: Tensor
+    act: list[int]
+    tail_at: Tensor
+    pad_index: Tensor
+    page_max: Tensor
+    scratch: Tensor
+    num_heads: int
+    built_at: int = 0  # DecodeViews.steps when built
+    merged: Tensor | None = None
+    dist_keys: Tensor | None = None
+    dist_at: Tensor | None = None
+    dist_base: Tensor | None = None
+    bases: tuple[int, ...] = ()
+
+    def active(self, steps: int) -> int:
+        """Pages needed on the step `steps` (DecodeViews.steps) : a prefix of the arena."""
+        return bisect.bisect_right(self.act, steps - self.built_at)
+
+
+def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Sequence[Sequence[LayerCache]] | None = None,
+                dtype: torch.dtype | None = None) -> PagedView:
+    """The paged view of one layer of B caches (`layers[b]`), with `cap` tail slots per row (the
+    first tail_len of them filled from each layer's tail). Runs once per cache change: the
+    host reads and the copies here are paid once, not per step."""
+    lc0 = layers[0]
+    H, d, C = lc0.num_heads, lc0.head_dim, PAGE
+    BH = len(layers) * H
+    dev, dt = lc0.values.device, dtype or lc0.values.dtype
+    pod = any(lc.distant is not None for lc in layers)
+    lens = torch.cat([lc.head_offsets[1:] - lc.head_offsets[:-1] for lc in layers]).tolist()  # [BH] host, once
+    T0 = [lc.tail_len for lc in layers for _ in range(H)]
+    if max(T0, default=0) > cap:
+        raise ValueError(f"a view of {cap} tail slots cannot hold a tail of {max(T0)} rows")
+    npages = [-(-(n + cap) // C) for n in lens]
+    J = max(npages)
+    # the step (since the build) from which page j of row bh is needed: its first slot j*C is
+    # written when the tail reaches j*C - n_bh (pages of held rows: from the start)
+    order = sorted((max(0, j * C - n - t), bh, j) for bh, (n, t, p) in enumerate(zip(lens, T0, npages, strict=True))
+                   for j in range(p))
+    N = len(order)
+    page_bh = torch.tensor([o[1] for o in order], dtype=torch.long)
+    page_j = torch.tensor([o[2] for o in order], dtype=torch.long)
+    where = torch.full((BH, J), -1, dtype=torch.long)  # page index in the arena of (row, j)
+    where[page_bh, page_j] = torch.arange(N)
+    where = where.to(dev)
+
+    def flat(bh: Tensor, slot: Tensor) -> Tensor:
+        """Flat place (page * C + column) in the arena of slot `slot` of row `bh`."""
+        return where[bh, slot // C] * C + slot % C
+
+    K = torch.zeros(N * C, d, dtype=dt, device=dev)  # natural layout while filling; transposed per page below
+    V = torch.zeros_like(K)
+    bias = torch.full((N * C,), float("-inf"), dtype=dt, device=dev)
+    merged = torch.zeros(N * C, dtype=torch.bool, device=dev)
+    lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
+    for b, lc in enumerate(layers):
+        off = lc.head_offsets
+        R = lc.values.shape[0]
+        head = torch.repeat_interleave(torch.arange(H, device=dev), off[1:] - off[:-1], output_size=R)
+        row = torch.arange(R, device=dev) - off[head]  # [R] row index within its head = its slot
+        at = flat(b * H + head, row)
+        keyed = at if lc.distant is None else at[~lc.distant]
+        K.index_copy_(0, keyed, lc.keys.to(dt))
+        V.index_copy_(0, at, lc.values.to(dt))
+        bias.index_copy_(0, at, lc.log_weights.to(dt))
+        if lc.recall is not None and lc.recall.num_groups > 0:  # watched for recall only when originals exist
+            m = lc.recall_ids >= 0
+            merged.index_fill_(0, at[m], True)
+        T = lc.tail_len
+        if T:
+            bh = (b * H + torch.arange(H, device=dev))[:, None].expand(H, T)
+            at = flat(bh, lens_t[b * H : (b + 1) * H, None] + torch.arange(T, device=dev))  # [H, T]
+            K.index_copy_(0, at.flatten(), lc.tail_keys[:, :T].reshape(H * T, d).to(dt))
+            V.index_copy_(0, at.flatten(), lc.tail_values[:, :T].reshape(H * T, d).to(dt))
+            bias[at.flatten()] = 0
+    tail = flat(torch.arange(BH, device=dev)[:, None].expand(BH, cap), lens_t[:, None] + torch.arange(cap, device=dev))
+    page_bh, page_j = page_bh.to(dev), page_j.to(dev)
+    view = PagedView(
+        K.view(N, C, d).transpose(1, 2).contiguous(), V.view(N, C, d), bias.view(N, 1, C), page_bh, page_j,
+        [o[0] for o in order], tail, page_bh * J + page_j,
+        torch.full((BH * J, G), float("-inf"), dtype=dt, device=dev), torch.empty(N + 1, G, C, dtype=dt, device=dev), H,
+        merged=merged.view(N, C) if bool(merged.any()) else None,
+    )
+    if pod:
+        _attach_distant(view, layers, base_layers, flat)
+    return view
+
+
+def _attach_distant(view: PagedView, layers: Sequence[LayerCache], base_layers, flat) -> None:
+    """PoD: the base layers' keys of every distant row and where in `scratch` their logits go."""
+    H, d = view.num_heads, view.values.shape[-1]
+    N, G, C = view.scratch.shape
+    N -= 1
+    BH = len(layers) * H
+    plans: list[tuple[int, Tensor, Tensor, int]] = []  # (bh, slots, base keys, base layer)
+    for b, lc in enumerate(layers):
+        for h in range(H):
+            if lc.head_distant(h) is None:
+                continue
+            if base_layers is None:
+                raise ValueError(f"head {h} scores its distant rows with layer {lc.distant_from[h]}; pass that layer's queries")
+            bl = lc.distant_from[h]
+            _, distant, rows = _distant_plan(lc, h, base_layers[b][bl], bl)
+            plans.append((b * H + h, distant, base_layers[b][bl].keys[rows], bl))
+    M = max((p[1].numel() for p in plans), default=0)
+    dev = view.values.device
+    dk = view.values.new_zeros(BH, M, d)
+    at = torch.full((BH, M), N * C, dtype=torch.long, device=dev)  # [BH, M] flat place in pages; padding: the dump page
+    base = torch.full((BH,), -1, dtype=torch.long)
+    for bh, s, keys, bl in plans:
+        dk[bh, : s.numel()] = keys.to(dk.dtype)
+        at[bh, : s.numel()] = flat(torch.full_like(s, bh), s)
+        base[bh] = bl
+    page, col = at // C, at % C  # scratch [N + 1, G, C] flat: (page * G + g) * C + col
+    view.dist_keys = dk
+    view.dist_at = (page[:, None, :] * G + torch.arange(G, device=dev)[None, :, None]) * C + col[:, None, :]  # [BH, G, M]
+    view.bases = tuple(sorted({p[3] for p in plans}))
+    view.dist_base = base.to(dev)
+
+
+def paged_decode(q: Tensor, view: PagedView, n: int, scaling: float, base_q: Tensor | None = None,
+                 thresholds: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+    """One decode step of B sequences over the first n pages: q [BH, G, d] (sequence-major, then
+    KV head, then group); base_q the base layers' queries in the same layout (PoD views).
+    Returns the output [BH, G, d] and, when `thresholds` [BH, 1] is given and the view has merged
+    rows, the (row bh, slot, share) of every merged slot whose share passed its row's threshold
+    (one device sync per layer, only then)."""
+    BH, G, d = q.shape
+    pb = view.page_bh[:n]
+    s = torch.baddbmm(view.bias[:n], q.index_select(0, pb), view.keys[:n], alpha=scaling, out=view.scratch[:n])  # [n, G, C]
+    if view.dist_keys is not None:  # distant rows' logits, q_base . K_base, at their places (padding: the spare page)
+        ld = torch.bmm(base_q, view.dist_keys.transpose(1, 2)).mul_(scaling)  # [BH, G, M]
+        view.scratch.view(-1).index_add_(0, view.dist_at.view(-1), ld.view(-1))
+    # one max per (row, query head) over its pages: the softmax of the row, in pages
+    view.page_max.index_copy_(0, view.pad_index[:n], s.amax(-1))  # [BH*J, G]; places of later pages stay -inf
+    top = view.page_max.view(BH, -1, G).amax(1)  # [BH, G]
+    s.sub_(top.index_select(0, pb)[..., None]).exp_()
+    z = q.new_zeros(BH, G).index_add_(0, pb, s.sum(-1))  # [BH, G] softmax denominators
+    out = q.new_zeros(BH, G, d).index_add_(0, pb, torch.bmm(s, view.values[:n])).div_(z[..., None])
+    if thresholds is None or view.merged is None:
+        return out, None
+    share = s.div_(z.index_select(0, pb)[..., None]).amax(1)  # [n, C]: max over the head's query heads
+    hit = ((share > thresholds.index_select(0, pb)) & view.merged[:n]).nonzero()  # [k, 2] (page, column)
+    bh = pb[hit[:, 0]]
+    return out, (torch.stack([bh, view.page_j[hit[:, 0]] * PAGE + hit[:, 1]], 1), share[hit[:, 0], hit[:, 1]])
+
+
+def paged_shares(hits: tuple[Tensor, Tensor] | None, H: int) -> list[tuple[int, MergedShare]]:
+    """(sequence, MergedShare) of every hit of paged_decode (host side): a slot is the row itself."""
+    if hits is None or not hits[0].numel():
+        return []
+    return [(bh // H, MergedShare(bh % H, s, x)) for (bh, s), x in zip(hits[0].tolist(), hits[1].tolist(), strict=True)]
+
+
+@dataclass
+class StepIndex:
+    """One step's token places: at [layers, BH] flat slot in each layer's pages, key_at
+    [layers, BH * d] flat places of its key elements (keys are transposed per page), tail [BH]
+    its row in the caches' tail blocks [BH * cap, d]."""
+
+    at: Tensor
+    key_at: Tensor
+    tail: Tensor
+
+
+class DecodeViews:
+    """The paged views of B caches being decoded together, kept across steps.
+
+    Built when the set of caches changes, a layer changes (recall), or a tail outgrows its
+    capacity (it doubles); each step then writes the new token into its tail slot of every
+    (sequence, head) of a layer with one indexed write per tensor, in the pages and in the
+    caches' dense tails (`LayerCache.tail_keys` etc. are views of a block per layer, so
+    `compacted()`, recall and storage see the same rows). The pages hold a copy of the held
+    rows while the views live. The caches are held weakly: once one is gone the views are
+    dropped and rebuilt on demand.
+    """
+
+    def __init__(self, caches: Sequence, cap: int, G: int):
+        self.refs = [weakref.ref(c) for c in caches]
+        self.cap, self.G = cap, G
+        for c in caches:
+            weakref.finalize(c, self._drop)
+        lc0 = caches[0].layers[0]
+        self.H = lc0.num_heads
+        dev = lc0.values.device
+        self.positions = torch.zeros(len(caches), cap, dtype=torch.long, device=dev)
+        self.views: list[PagedView] = []
+        self.tails: list[tuple[Tensor, Tensor]] = []  # per layer: the caches' tail keys, values [BH, cap, d]
+        self.layers: list[list[tuple[LayerCache, Tensor]]] = []  # per layer: (layer, its tail keys) as installed
+        self.last_use: dict[int, int] = {}  # PoD: base layer -> the last layer that needs its queries
+        for c in caches:
+            for b, last in c.shared_bases().items():
+                self.last_use[b] = max(self.last_use.get(b, -1), last)
+        self.steps = 0
+        self.lens = [c.layers[0].tail_len for c in caches]
+        for i in range(caches[0].num_layers):
+            self._build(i, caches)
+
+    def _drop(self) -> None:
+        self.refs, self.views, self.layers, self.tails = [], [], [], []
+
+    def _build(self, i: int, caches: Sequence) -> None:
+        lcs = [c.layers[i] for c in caches]
+        H, d = self.H, lcs[0].head_dim
+        for b, lc in enumerate(lcs):
+            if lc.tail_len:
+                self.positions[b, : lc.tail_len] = lc.tail_positions[: lc.tail_len]
+        view = build_paged(lcs, self.cap, self.G, [c.layers for c in caches])
+        view.built_at = self.steps
+        tk = lcs[0].values.new_zeros(len(lcs) * H, self.cap, d)
+        tv = torch.zeros_like(tk)
+        for b, lc in enumerate(lcs):  # the tails now live in the block
+            T = lc.tail_len
+            if T:
+                tk[b * H : (b + 1) * H, :T] = lc.tail_keys[:, :T]
+                tv[b * H : (b + 1) * H, :T] = lc.tail_values[:, :T]
+            lc.tail_keys, lc.tail_values = tk[b * H : (b + 1) * H], tv[b * H : (b + 1) * H]
+            lc.tail_positions = self.positions[b]
+        installed = [(lc, lc.tail_keys) for lc in lcs]
+        if i < len(self.views):
+            self.views[i], self.layers[i], self.tails[i] = view, installed, (tk, tv)
+        else:
+            self.views.append(view)
+            self.layers.append(installed)
+            self.tails.append((tk, tv))
+
+    def fits(self, caches: Sequence) -> bool:
+        """The same caches, in the same order, untouched since the last step, with a free slot."""
+        if len(caches) != len(self.refs) or any(r() is not c for r, c in zip(self.refs, caches, strict=True)):
+            return False
+        return all(c.layers[0].tail_len == t and t < self.cap for c, t in zip(caches, self.lens, strict=True))
+
+    def refresh(self, caches: Sequence) -> None:
+        """Rebuild the views of layers replaced since the last step (recall swaps a layer object)."""
+        for i, installed in enumerate(self.layers):
+            if any(c.layers[i] is not lc or lc.tail_keys is not tk for c, (lc, tk) in zip(caches, installed, strict=True)):
+                self._build(i, caches)
+
+    def step_index(self) -> "StepIndex":
+        """Where this step's token goes in every layer, computed once per step for all layers."""
+        dev = self.positions.device
+        B, H, cap = len(self.lens), self.H, self.cap
+        bh = torch.arange(B * H, device=dev)
+        t = torch.tensor(self.lens, dtype=torch.long, device=dev).repeat_interleave(H)  # [BH]
+        at = torch.stack([v.tail_at for v in self.views])[:, bh, t]  # [layers, BH]: page * C + column
+        d = self.views[0].values.shape[-1]
+        C = PAGE
+        # keys are [N, d, C]: element j of a key at page * d * C + j * C + column
+        key_at = ((at // C) * (d * C) + at % C)[:, :, None] + torch.arange(d, device=dev) * C  # [layers, BH, d]
+        return StepIndex(at, key_at.flatten(1), bh * cap + t)
+
+    def write(self, i: int, idx: "StepIndex", k: Tensor, v: Tensor) -> tuple[PagedView, int]:
+        """Put this step's keys/values [BH, d] of layer i into their slots (pages and the caches'
+        tails); returns the view and the number of pages this step reads."""
+        view = self.views[i]
+        at = idx.at[i]
+        view.keys.view(-1).index_copy_(0, idx.key_at[i], k.reshape(-1))
+        view.values.view(-1, k.shape[-1]).index_copy_(0, at, v)
+        view.bias.view(-1).index_fill_(0, at, 0)
+        tk, tv = self.tails[i]
+        tk.view(-1, k.shape[-1]).index_copy_(0, idx.tail, k)
+        tv.view(-1, k.shape[-1]).index_copy_(0, idx.tail, v)
+        return view, view.active(self.steps)
+
+    def advance(self, caches: Sequence, pos: Tensor) -> None:
+        """After the step: positions [B] recorded, every layer's tail one longer."""
+        B = len(caches)
+        self.positions[torch.arange(B, device=pos.device), torch.tensor(self.lens, device=pos.device)] = pos
+        for b, c in enumerate(caches):
+            for lc in c.layers:
+                lc.tail_len += 1
+            self.lens[b] += 1
+        self.steps += 1
