@@ -161,4 +161,5 @@ def test_a_master_dies_under_the_ray_cluster(redis_cluster, serving) -> None:
         assert restored[t][1]["tokens"] == cold[t]["tokens"] and reused_again[t]["tokens"] == cold[t]["tokens"]
         assert reused_again[t]["status"] == "reused"  # after the restart, reuse resumes
     assert all(during[t]["status"] in ("reused", "bypassed") for t in kept)
-    assert sum(during[t]["status"] == "reused" for t in kept) >= len(kept) - 1, during  # at most the first call
+    # all 5 reused in every run; one may bypass if it hits the kvstore while redis-py refreshes its slot map
+    assert sum(during[t]["status"] == "reused" for t in kept) >= len(kept) - 1, during
