@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"kvpress_version": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
            "full": None, "policies": {}, "details": [], "errors": {}, "regime": args.regime}
     t0 = time.perf_counter()
-    for name in [None] + presses:
+    for name in presses + [None]:  # the full cache last: every press's figure is written as soon as it exists
         for k in ([1.0] if name is None else kept):
             oks, secs = [], []
             try:
@@ -182,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 res["policies"].setdefault(name, {})[str(k)] = entry
             console.print(f"[dim]{name or 'full'} kept {k}: {sum(oks)}/{len(oks)}[/dim]")
+            write_json(args.json, res, indent=1)  # partial results survive an interrupted run
     res["seconds"] = time.perf_counter() - t0
     print_table(console, res, f"kvpress anchor, {args.regime} regime (full cache accuracy {res['full']:.2f})", kept)
     write_json(args.json, res, indent=1)
