@@ -214,6 +214,13 @@ class ModelRunner:
         """The one layer loop: norm, QKV + RoPE, `attend(i, scaling, x, q, k, v) -> [Hq, S, d]`, then
         o_proj and MLP. x is the normed input [1, S, D]; q [Hq, S, d], k, v [Hkv, S, d]. Every
         forward (prefill, KVzip's scoring pass, decode) differs only in `attend`."""
+        out = h
+        for out in self._layer_steps(h, cos, sin, attend, finish_last):  # noqa: B007 - the last one is the output
+            pass
+        return out
+
+    def _layer_steps(self, h: Tensor, cos: Tensor, sin: Tensor, attend: Attend, finish_last: bool = True) -> Iterator[Tensor]:
+        """`_layers` one layer per `next`: yields the hidden states after each layer."""
         n = len(self._inner.layers)
         signed = _signed_sin(sin) if self._fused else None  # once per forward, not per layer
         for i, layer in enumerate(self._inner.layers):
@@ -221,7 +228,7 @@ class ModelRunner:
             o = attend(i, layer.self_attn.scaling, x, q, k, v)
             if finish_last or i + 1 < n:
                 h = self._finish_layer(layer, h, o)
-        return h
+            yield h
 
     # ---- prefill ------------------------------------------------------------------
     @torch.inference_mode()
@@ -250,7 +257,7 @@ class ModelRunner:
 
         h = self._layers(h, cos, sin, attend)
         if capture.reconstruction:
-            for state, score in zip(states, self._reconstruction_scores(ids.tolist(), cache, states, start), strict=True):
+            for state, score in zip(states, self.reconstruction_scores(ids.tolist(), cache, states, start), strict=True):
                 state.reconstruction = score
         return PrefillOutput(self._logits(h[:, -1]), states, start)
 
@@ -265,12 +272,26 @@ class ModelRunner:
 
         return build_segments(self.tokenizer, "", self.RECONSTRUCT_QUESTION).question
 
-    @torch.inference_mode()
-    def _reconstruction_scores(
+    def reconstruction_scores(
         self, token_ids: list[int], cache: CompactCache | None, states: list[LayerState], start: int
     ) -> list[Tensor]:
         """KVzip's query-agnostic score: per layer [Hkv, S], the max attention each segment row
         receives while the model re-reads the segment, chunk by chunk, after a repeat request.
+        `states` are the segment's prefill states (their keys and values are the cached rows the
+        chunks read), `cache` what the segment was prefilled on. `prefill` calls it when the capture
+        asks for `reconstruction`; the service calls it later, over a plain prefill's states."""
+        steps = self.reconstruction_steps(token_ids, cache, states, start)
+        while (scores := next(steps)) is None:
+            pass
+        return scores
+
+    @torch.inference_mode()
+    def reconstruction_steps(
+        self, token_ids: list[int], cache: CompactCache | None, states: list[LayerState], start: int
+    ) -> Iterator[list[Tensor] | None]:
+        """`reconstruction_scores` one layer of one chunk per `next`: None after each, then the scores.
+        A caller that owns the model thread can run other work between steps (the service's deferred
+        compression does, so a request arriving meanwhile waits for one layer, not for the pass).
 
         Every chunk runs on top of the whole (uncompressed) cache and is then thrown away, so
         positions never go past start + S + prefix + chunk.
@@ -300,8 +321,9 @@ class ModelRunner:
                 torch.maximum(scores[i], sc, out=scores[i])
                 return o
 
-            self._layers(h, cos, sin, attend, finish_last=False)  # the last layer's output is never read
-        return scores
+            for _ in self._layer_steps(h, cos, sin, attend, finish_last=False):  # the last layer's output is never read
+                yield None
+        yield scores
 
     def context(self, policy: Policy | None = None) -> CompressContext:
         """Whole-model facts; carries the head profile (from disk, else computed once) when the policy needs one."""

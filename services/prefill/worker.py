@@ -47,6 +47,7 @@ FILL_MAX_WAIT_LEASES = 5  # ... and how long it waits at most, in lease periods 
 QUERY_AWARE_DEFAULT = "snapkv"  # an empty policy in a query-aware request (the server default may have no window)
 HANDOFF_WAIT_S = 5.0  # a deferred compression waits this long at most for decode to fetch the exact rows
 HANDOFF_POLL_S = 0.05
+ELSEWHERE = "elsewhere"  # _lead_cluster: another replica holds the context's slot (and this request does not wait)
 
 
 def for_store(seg: CompactCache, precision: str) -> tuple[Prepared, CompactCache]:
@@ -99,6 +100,29 @@ class _Computed:
         return self.whole
 
 
+@dataclass
+class _Held:
+    """A document's exact rows held on this replica while its compressed cache is computed (here, or
+    by another replica: then this replica's own plain prefill): requests for the document that arrive
+    meanwhile answer from them, running only their question. `key` is where the rows are in the
+    store for those requests' decode: a one-request key, deleted once nobody can still need it."""
+    key: str
+    rows: _Computed
+
+
+@dataclass
+class _Flight:
+    """One request's single flight over a context on this replica."""
+    done: asyncio.Future  # resolved when the flight ends: the context stored, or given up
+    ready: asyncio.Future  # resolved when `held` is set (or at the end): waiters look again then
+    held: _Held | None = None
+
+    def hold(self, held: _Held) -> None:
+        self.held = held
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+
 class PrefillWorker:
     """One model, one thread for it; requests interleave on the event loop between model calls."""
 
@@ -108,9 +132,10 @@ class PrefillWorker:
         self.stores = stores
         self.settings = settings
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefill-model")
-        self._inflight: dict[str, asyncio.Future] = {}  # context key -> the lease of the request computing it
+        self._inflight: dict[str, _Flight] = {}  # context key -> the flight of the request computing it
         self.single_flight_waits = 0  # requests that waited for this replica's computation of their context
         self.cluster_waits = 0  # ... for another replica's
+        self.exact_waiters = 0  # requests answered from exact rows held while their context was compressed
         # Recently used reusable segments of this replica, so a reused document is not fetched
         # twice (here and in decode). The store stays the authority: a key is used only after
         # lookup says it is stored. Keys carry the tenant salt, so this never crosses tenants.
@@ -232,17 +257,29 @@ class PrefillWorker:
         if req.recompute:  # what failed to load may be what this replica remembers: ask the store again
             self._forget(plan.keys)
         async with AsyncExitStack() as stack:
+            flight = None
             if reusable:
-                stack.callback(self._release, key, await self._lead(key))
-                if (slot := await self._lead_cluster(store, key)) is not None:
+                flight, held = await self._lead(key)
+                if held is not None:  # compressed meanwhile: answer from the exact rows this replica holds
+                    return (await self._answer_exact(req, plan, policy, store, held))[0]
+                stack.callback(self._release, key, flight)
+                slot = await self._lead_cluster(store, key, wait=not self.defers(policy))
+                if slot == ELSEWHERE:  # another replica compresses it: answer exact, never compress it twice
+                    handle, held, _ = await self._answer_exact(req, plan, policy, store)
+                    if held is not None:
+                        flight.hold(held)
+                        self._spawn(self._hold_while_compressed(store, key, held, stack.pop_all()))
+                    return handle
+                if slot is not None:
                     await stack.enter_async_context(store.holding(
                         *slot, 1, self.settings.fill_lease_s, self.settings.store_timeout_s))
-            handle, later = await self._lookup_and_compute(req, plan, policy, store)
+            handle, later = await self._lookup_and_compute(req, plan, policy, store, flight)
             if later is not None and reusable:  # the compressed cache follows; the single flight goes with it
                 self._spawn(later(stack.pop_all()))
             return handle
 
-    async def _lookup_and_compute(self, req: PrefillRequest, plan: _Plan, policy: Policy, store):
+    async def _lookup_and_compute(self, req: PrefillRequest, plan: _Plan, policy: Policy, store,
+                                  flight: _Flight | None = None):
         """The request's handle, and when its document goes out exact first, the coroutine function
         that computes and stores the compressed cache afterwards (else None)."""
         try:
@@ -261,7 +298,10 @@ class PrefillWorker:
                 self._remember(key, seg)
             segs.append(seg)
         if not segs and self.defers(policy):
-            return await self._answer_exact(req, plan, policy, store)
+            handle, held, later = await self._answer_exact(req, plan, policy, store, compress=True)
+            if held is not None and flight is not None and later is not None:
+                flight.hold(held)  # until the compressed cache is stored, later requests answer from these rows
+            return handle, later
         reused = len(segs)
         cache = CompactCache.concat(segs) if segs else None
         logits = None
@@ -287,50 +327,62 @@ class PrefillWorker:
         come with the prefill keeps the one-pass path, its first answer already over the kept rows."""
         return bool(self.settings.deferred_compression and policy.reusable and policy.capture.reconstruction)
 
-    async def _answer_exact(self, req: PrefillRequest, plan: _Plan, policy: Policy, store):
-        """The plain prefill of the document, then the rest of the prompt over its exact rows: the answer
-        `full` gives. The exact segments go to the store under one-request keys (decode deletes them once
-        fetched; a sweep after a lease period catches a decode that died first), so they count against
-        the tenant's quota only while needed. The prefill's states stay here for the compression."""
+    async def _answer_exact(self, req: PrefillRequest, plan: _Plan, policy: Policy, store, held: _Held | None = None,
+                            compress: bool = False):
+        """The rest of the prompt over the document's exact rows: the answer `full` gives. The rows are
+        `held` ones (another request's, while the document is compressed: only the question runs) or this
+        request's plain prefill, put under a one-request key that the requests answered from them share
+        (deleted once the hold ends). The question's segments go under one-request keys decode deletes
+        once fetched (a sweep after a lease period catches a decode that died first), so exact rows count
+        against the tenant's quota only while needed. With `compress`, also the coroutine function that
+        computes and stores the compressed cache after the handoff, from the prefill's states.
+        Returns (handle, the rows to hold for later requests (None if the store refused them), function)."""
         full = FullPolicy()
-        out, done = await self._model(self._plain_prefill, plan.segments[0], policy, plan.precision)
-        computed = [done]
+        out, doc = (None, held.rows) if held is not None else await self._model(
+            self._plain_prefill, plan.segments[0], policy, plan.precision)
+        computed = [doc]
         for ids in plan.segments[1:]:  # over the rows as stored (plan.precision), like a cold `full` request
             computed.append(await self._model(self._prefill_segment, ids, computed[-1], full, plan.precision))
         segs, logits = [c.stored for c in computed], computed[-1].logits
         salt = f"{req.salt}:{secrets.token_hex(8)}"
         keys = list(chain_keys(plan.segments, self.runner.name, [full.params()] * len(segs), CODEC_VERSION, salt,
                                plan.precision, self.model_dtype))
-        exact = dataclasses.replace(plan, store_keys=keys, ephemeral=list(keys))
-        later = functools.partial(self._compress_later, store, plan, policy, out, keys)
-        wire = 0
+        if held is not None:
+            keys[0] = held.key
+        exact = dataclasses.replace(plan, store_keys=keys, ephemeral=keys[1:])
+        later = functools.partial(self._compress_later, store, plan, policy, out, keys) if compress else None
+        wire, put = 0, []
         try:
             for key, c in zip(keys, computed, strict=True):
-                wire += await store.put(key, c.segment, plan.precision)
+                if held is None or key != held.key:
+                    put.append(key)
+                    wire += await store.put(key, c.segment, plan.precision)
         except (StoreUnavailable, NotStored) as e:  # unreachable, or refused (larger than the quota)
             log.warning("exact cache handed to decode directly: %s", e)
-            for key in keys:
+            for key in put:
                 asyncio.ensure_future(quiet(store.delete(key)))
             refused = isinstance(e, NotStored)  # the compressed cache is about 4x smaller: it may fit
             handle = self._handle(exact, segs, logits, 0, 0, COMPRESSING if refused else BYPASSED)
             handle.inline_segments, handle.ephemeral = segs, []
-            return handle, later if refused else None
-        return self._handle(exact, segs, logits, 0, wire, COMPRESSING), later
+            return handle, None, later if refused else None
+        if not compress:  # (else the compression sweeps them)
+            self._sweep(store, keys[1:], self.settings.fill_lease_s)
+        return self._handle(exact, segs, logits, 0, wire, COMPRESSING), _Held(keys[0], doc), later
 
     async def _compress_later(self, store, plan: _Plan, policy: Policy, out, exact_keys: list[str],
                               single_flight: AsyncExitStack) -> None:
         """Compute and store the policy's cache of a document whose first answer went out exact. The
         request's single flight (this replica's lease, the cluster's slot) is held until the compressed
-        segment is stored or given up: a request for the same document waits, then reuses it; the
-        store's put is atomic, so nobody reads part of it. When this fails, or the replica dies (its
-        slot lapses), the next request computes it again."""
+        segment is stored or given up: a request for the same document meanwhile answers from the held
+        exact rows (here) or its own plain prefill (another replica), never compresses it again, and
+        the next one after reuses it; the store's put is atomic, so nobody reads part of it. When this
+        fails, or the replica dies (its slot lapses), the next request computes it again."""
         t0, outcome = time.perf_counter(), "failed"
-        loop = asyncio.get_running_loop()
         async with single_flight:
             try:
-                await self._fetched(store, exact_keys[0])
-                seg, stored = await self._model(self._score_and_compress, plan.segments[0], out, policy, plan.precision)
-                del out  # the exact rows: no longer needed here
+                await self._fetched(store, exact_keys[-1])
+                seg, stored = await self._compressed(plan.segments[0], out, policy, plan.precision)
+                del out  # the prefill's states: no longer needed here
                 await store.put(plan.keys[0], seg, plan.precision)
                 outcome = "stored"
                 self._remember(plan.keys[0], stored)
@@ -346,12 +398,42 @@ class PrefillWorker:
                 self.metrics.deferred_compression(policy.name, outcome, seconds)
                 self.deferred.append({"policy": policy.name, "key": plan.keys[0], "outcome": outcome,
                                       "handoff_to_stored_s": seconds, "done_at": time.time()})
-                loop.call_later(max(0.0, self.settings.fill_lease_s - seconds),
-                                lambda: [asyncio.ensure_future(quiet(store.delete(k))) for k in exact_keys])
+                # the document's exact rows: kept a little for the decode of a request answered from them
+                # just now; the question's (decode deletes them) a lease period after the handoff
+                self._sweep(store, exact_keys[:1], self._held_grace())
+                self._sweep(store, exact_keys[1:], self.settings.fill_lease_s - seconds)
+
+    async def _hold_while_compressed(self, store, key: str, held: _Held, single_flight: AsyncExitStack) -> None:
+        """Keep this replica's exact rows of a document another replica compresses, for the requests that
+        arrive here meanwhile, until its compressed cache is stored or its slot is free (that replica
+        gave up or died; a lapsed slot is free): then the next request looks up and reuses or computes."""
+        name, probe, ttl = f"fill-{key}", secrets.token_hex(12), self.settings.fill_lease_s
+        give_up = time.monotonic() + FILL_MAX_WAIT_LEASES * ttl
+        async with single_flight:
+            try:
+                while time.monotonic() < give_up and await store.lookup([key]) == 0:
+                    if (await store.acquire(name, probe, 1, ttl))[0]:  # nobody computes it any more
+                        await store.release(name, probe)
+                        break
+                    await asyncio.sleep(FILL_POLL_S)
+            except StoreError as e:
+                log.info("stopped holding the exact rows of context %s: %s", key, e)
+            finally:
+                self._sweep(store, [held.key], self._held_grace())
+
+    def _held_grace(self) -> float:
+        """How long held exact rows stay in the store after the hold ends: a request answered from them
+        just before has its decode fetch them meanwhile (one that misses them recomputes)."""
+        return min(self.settings.fill_lease_s, HANDOFF_WAIT_S)
+
+    def _sweep(self, store, keys: list[str], after_s: float) -> None:
+        """Delete one-request keys after `after_s` (decode deletes most of them first)."""
+        asyncio.get_running_loop().call_later(
+            max(0.0, after_s), lambda: [asyncio.ensure_future(quiet(store.delete(k))) for k in keys])
 
     async def _fetched(self, store, exact_key: str) -> None:
-        """Wait (at most HANDOFF_WAIT_S) until decode has fetched the exact rows (it deletes them then),
-        so the compression does not take CPU from the first answer's fetch and first token."""
+        """Wait (at most HANDOFF_WAIT_S) until decode has fetched the exact rows (it deletes the question's
+        segment then), so the compression does not take CPU from the first answer's fetch and first token."""
         give_up = time.monotonic() + HANDOFF_WAIT_S
         try:
             while time.monotonic() < give_up and await store.lookup([exact_key]) == 1:
@@ -366,18 +448,24 @@ class PrefillWorker:
         seg = FullPolicy().compress(out.states, out.start)
         return out, _Computed(out.logits, *for_store(seg, precision), None)
 
-    def _score_and_compress(self, ids: list[int], out, policy: Policy, precision: str):
-        """(model thread) What `runner.prefill_segment(ids, None, policy)` gives, from the plain prefill's
-        states: the runner's reconstruction pass over them, then the policy's compression; and its rows
-        as stored at `precision`."""
-        score = getattr(self.runner, "_reconstruction_scores", None)
-        if score is None:  # a runner without a separate pass: the policy's whole prefill again
-            seg = self.runner.prefill_segment(ids, None, policy).segment
-        else:
-            for state, s in zip(out.states, score(list(ids), None, out.states, out.start), strict=True):
-                state.reconstruction = s
-            seg = policy.compress(out.states, out.start, self.runner.context(policy))
-        return for_store(seg, precision)
+    async def _compressed(self, ids: list[int], out, policy: Policy, precision: str):
+        """What `runner.prefill_segment(ids, None, policy)` gives, from the plain prefill's states: the
+        runner's reconstruction pass over them, one model job per layer of each chunk so that other
+        requests' jobs run in between, then the policy's compression; and its rows as stored at `precision`."""
+        steps = getattr(self.runner, "reconstruction_steps", None)
+        if steps is None:  # a runner without a separate pass: the policy's whole prefill again
+            seg = (await self._model(self.runner.prefill_segment, ids, None, policy)).segment
+            return await self._model(for_store, seg, precision)
+        chunks = steps(list(ids), None, out.states, out.start)
+        while (scores := await self._model(next, chunks)) is None:
+            pass
+        return await self._model(self._compress, out, scores, policy, precision)
+
+    def _compress(self, out, scores, policy: Policy, precision: str):
+        """(model thread) The policy's compression of the prefill's states with these reconstruction scores."""
+        for state, s in zip(out.states, scores, strict=True):
+            state.reconstruction = s
+        return for_store(policy.compress(out.states, out.start, self.runner.context(policy)), precision)
 
     def _spawn(self, coro) -> None:
         task = asyncio.ensure_future(coro)
@@ -391,7 +479,8 @@ class PrefillWorker:
 
     def stats(self) -> dict:
         return {"deferred": list(self.deferred), "background": len(self._background),
-                "single_flight_waits": self.single_flight_waits, "cluster_waits": self.cluster_waits}
+                "single_flight_waits": self.single_flight_waits, "cluster_waits": self.cluster_waits,
+                "exact_waiters": self.exact_waiters}
 
     def _forget(self, keys: list[str]) -> None:
         for key in keys:
@@ -414,34 +503,43 @@ class PrefillWorker:
         while self._recent and self._recent_bytes > self._recent_budget:
             self._recent_bytes -= self._recent.popitem(last=False)[1].nbytes
 
-    async def _lead(self, key: str) -> asyncio.Future:
+    async def _lead(self, key: str) -> tuple[_Flight | None, _Held | None]:
         """Single flight per context: while another request of this replica looks up or computes the
         same context (same tenant, policy and text: the key says so), wait for it, then look up
         again; the stored result is reused instead of computed twice. Taken before the lookup, so
-        requests that arrive together cannot all miss and all compute. Returns this request's lease."""
-        while (fut := self._inflight.get(key)) is not None:
+        requests that arrive together cannot all miss and all compute. Returns this request's flight,
+        or, while the context is compressed after its first answer, the exact rows held for it."""
+        while (flight := self._inflight.get(key)) is not None:
+            if flight.held is not None:
+                self.exact_waiters += 1
+                return None, flight.held
             self.single_flight_waits += 1
             self.metrics.single_flight_wait("replica")
-            await asyncio.shield(fut)
-        lease = asyncio.get_running_loop().create_future()
-        self._inflight[key] = lease
-        return lease
+            await asyncio.shield(flight.done if flight.ready.done() else flight.ready)
+        loop = asyncio.get_running_loop()
+        flight = _Flight(loop.create_future(), loop.create_future())
+        self._inflight[key] = flight
+        return flight, None
 
-    async def _lead_cluster(self, store, key: str) -> tuple[str, str] | None:
+    async def _lead_cluster(self, store, key: str, wait: bool = True) -> tuple[str, str] | str | None:
         """The same single flight across prefill replicas, through a kvstore semaphore of one slot per
         context: the holder computes; the others poll until the context is stored (or the slot is
-        free: the holder failed, or died and its slot lapsed). Without the store, compute.
-        Returns (semaphore name, holder id) when this request took the slot, else None."""
+        free: the holder failed, or died and its slot lapsed). Without the store, compute. Unless
+        `wait`, a request whose context another replica holds does not wait: ELSEWHERE.
+        Returns (semaphore name, holder id) when this request took the slot, else None or ELSEWHERE."""
         name, holder, ttl = f"fill-{key}", secrets.token_hex(12), self.settings.fill_lease_s
         waited, give_up = False, time.monotonic() + FILL_MAX_WAIT_LEASES * ttl
         try:
             while not (await store.acquire(name, holder, 1, ttl))[0]:
+                if await store.lookup([key]) == 1:
+                    return None  # another replica stored it: the lookup that follows reuses it
+                if not wait:
+                    self.exact_waiters += 1
+                    return ELSEWHERE
                 if not waited:
                     self.cluster_waits, waited = self.cluster_waits + 1, True
                     self.metrics.single_flight_wait("cluster")
                 await asyncio.sleep(FILL_POLL_S)
-                if await store.lookup([key]) == 1:
-                    return None  # another replica stored it: the lookup that follows reuses it
                 if time.monotonic() > give_up:  # the holder renews but never finishes: stop waiting for it
                     log.warning("waited %.0f s for another replica computing context %s; computing it here",
                                 FILL_MAX_WAIT_LEASES * ttl, key)
@@ -451,10 +549,13 @@ class PrefillWorker:
             return None
         return name, holder
 
-    def _release(self, key: str, lease: asyncio.Future) -> None:
-        if self._inflight.get(key) is lease:
+    def _release(self, key: str, flight: _Flight) -> None:
+        if self._inflight.get(key) is flight:
             del self._inflight[key]
-        lease.set_result(None)
+        flight.held = None
+        for fut in (flight.ready, flight.done):
+            if not fut.done():
+                fut.set_result(None)
 
     async def _bypass(self, plan: _Plan, segs: list[CompactCache], state, status: str = BYPASSED) -> CacheHandle:
         """Without the store (unreachable, or it refused a segment): compute what is missing and

@@ -1,8 +1,9 @@
 """Deferred compression through the real gRPC port: two prefill replicas, the real model, kvzip.
 
 The first request for a new document is answered from its exact cache (what `full` answers);
-the compressed cache follows and later requests reuse it; two requests arriving together
-compute it once; when the replicas computing it are killed, the next request computes it again.
+the compressed cache follows and later requests reuse it; requests arriving while it is computed
+are answered exact too, without waiting for it; when the replicas computing it are killed, a later
+request computes it again.
 """
 
 from __future__ import annotations
@@ -58,6 +59,17 @@ async def ask(cluster, doc: str, **opts):
         return await c.ask(QUESTION, doc, **(KVZIP | opts))
 
 
+async def until_reused(cluster, doc: str, exact: list[int], within_s: float = 300.0):
+    """Ask until the answer comes from the compressed cache; every answer before it is the exact one."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        ans = await ask(cluster, doc)
+        if ans.figures["store_status"] == "reused" or asyncio.get_running_loop().time() > deadline:
+            return ans
+        assert ans.figures["store_status"] == "compressing" and ans.token_ids == exact
+        await asyncio.sleep(2.0)
+
+
 def direct(runner, doc: str) -> list[int]:
     from headwise.models import SamplingParams
     from headwise.policies import get_policy
@@ -76,16 +88,18 @@ async def test_first_answer_is_exact_and_the_next_reuses_the_compressed_cache(cl
     assert cold.figures["store_status"] == "compressing" and cold.figures["realised_kept"] == 1.0
     assert cold.figures["held_kv_bytes"] == cold.figures["full_kv_bytes"]
     assert cold.token_ids == full.token_ids and "4817" in cold.text
-    warm = await ask(cluster, doc)  # waits for the compression if it is still running, then reuses it
+    warm = await until_reused(cluster, doc, full.token_ids)  # exact while it is compressed, then reused
     assert warm.figures["store_status"] == "reused" and warm.figures["reused_tokens"] > 0
     assert warm.figures["held_kv_bytes"] < warm.figures["full_kv_bytes"] / 2
     assert warm.token_ids == direct(real_runner, doc)
 
 
-async def test_two_cold_requests_compute_it_once_and_neither_fails(cluster, documents):
+async def test_two_cold_requests_neither_waits_nor_fails(cluster, documents, real_runner):
     a, b = await asyncio.gather(ask(cluster, documents[1]), ask(cluster, documents[1]))
-    assert sorted([a.figures["store_status"], b.figures["store_status"]]) == ["compressing", "reused"]
-    assert all("4817" in x.text for x in (a, b))
+    assert [a.figures["store_status"], b.figures["store_status"]] == ["compressing"] * 2
+    assert a.token_ids == b.token_ids and "4817" in a.text
+    later = await until_reused(cluster, documents[1], a.token_ids)
+    assert later.token_ids == direct(real_runner, documents[1])
 
 
 def prefill_replicas() -> set[str]:
@@ -120,7 +134,7 @@ async def test_killed_replicas_leave_the_compression_to_the_next_request(cluster
         if len(prefill_replicas() - dead) == 2 and await asyncio.to_thread(prefill_running):
             break
         await asyncio.sleep(0.5)
-    again = await ask(cluster, doc)  # new replicas: the dead one's slot lapses; this request computes it again
+    again = await ask(cluster, doc)  # new replicas: exact (the dead one's slot lapses, then one computes it)
     assert again.figures["store_status"] == "compressing" and again.token_ids == full.token_ids
-    later = await ask(cluster, doc)
+    later = await until_reused(cluster, doc, full.token_ids)
     assert later.figures["store_status"] == "reused" and later.token_ids == direct(real_runner, doc)

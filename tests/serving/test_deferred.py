@@ -8,6 +8,7 @@ atomic puts, the one-slot semaphore per context, quotas), one or two prefill rep
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 
 import pytest
@@ -76,23 +77,37 @@ async def store(redis_url):
 
 
 class Gate:
-    """Counts the runner's reconstruction passes; `hold()` makes the next one wait until `open()`."""
+    """Counts the runner's reconstruction passes and their steps (`chunks`: one per layer of a chunk);
+    `hold(at)` makes a pass wait before its step `at` (0: before it starts) until `open()`. `started`: a pass began on the model thread;
+    `paused`: it is waiting."""
 
     def __init__(self, runner: ModelRunner):
-        self.passes, self.started = 0, threading.Event()
-        self._go = threading.Event()
+        self.passes, self.chunks, self._at = 0, 0, 0
+        self.started, self.paused, self._go = threading.Event(), threading.Event(), threading.Event()
         self._go.set()
-        real = runner._reconstruction_scores
+        real = runner.reconstruction_steps
 
         def counted(*args):
             self.passes += 1
-            self.started.set()
-            self._go.wait(30)
-            return real(*args)
+            return self._steps(real(*args))
 
-        runner._reconstruction_scores = counted
+        runner.reconstruction_steps = counted
 
-    def hold(self) -> None:
+    def _steps(self, inner):
+        self.started.set()
+        for i in itertools.count():
+            if i >= self._at and not self._go.is_set():
+                self.paused.set()
+                self._go.wait(30)
+            try:
+                out = next(inner)
+            except StopIteration:
+                return
+            self.chunks += 1
+            yield out
+
+    def hold(self, at: int = 0) -> None:
+        self._at = at
         self._go.clear()
 
     def open(self) -> None:
@@ -164,8 +179,7 @@ async def test_cold_answer_is_exact_then_the_compressed_cache_is_reused(tiny_mod
     assert warm_ids == want_ids
     key = pw.stats()["deferred"][0]["key"]
     assert same_rows(await store.client().get(key), want_seg)
-    stats = await store.client().stats()
-    assert stats["segments"] == 2  # full's context and kvzip's compressed one: the exact rows are gone
+    await segments_become(store, 2)  # full's context and kvzip's compressed one: the exact rows are gone
 
 
 async def test_free_compressions_keep_the_one_pass_path_and_the_setting_turns_it_off(tiny_model, store):
@@ -184,24 +198,88 @@ async def test_two_cold_requests_on_two_replicas_compress_once_and_see_nothing_p
     (p1, g1, _), (p2, g2, _) = prefill_replica(tiny_model, store), prefill_replica(tiny_model, store)
     g1.hold(), g2.hold()
     jobs = [asyncio.ensure_future(p.prefill(preq(f"question {i}?"))) for i, p in enumerate((p1, p2))]
-    done, pending = await asyncio.wait(jobs, return_when=asyncio.FIRST_COMPLETED)
-    first, waiting = done.pop().result(), pending.pop()
-    assert first.store_status == "compressing" and first.realised_kept == 1.0
-    holder = p1 if p1._background else p2
+    first = await asyncio.gather(*jobs)  # neither waits for the compression, which is held open
+    assert [h.store_status for h in first] == ["compressing"] * 2 and all(h.realised_kept == 1.0 for h in first)
+    holder = p1 if p1._background and p1.stats()["exact_waiters"] == 0 else p2
+    other = p2 if holder is p1 else p1
+    assert other.stats()["exact_waiters"] == 1  # answered from its own plain prefill, compressing nothing
     await asyncio.to_thread((g1 if holder is p1 else g2).started.wait, 10)
     ctx_key = holder.plan(preq(), get_policy("kvzip", kept=0.25)).keys[0]
     reader = store.client()
     for _ in range(3):  # while the compression runs: the context is not stored, not even in part
         assert await reader.lookup([ctx_key]) == 0 and await reader.get(ctx_key) is None
-        assert not waiting.done()  # the other request waits for it: it neither computes nor fails
         await asyncio.sleep(0.1)
+    assert (await other.prefill(preq("question 3?"))).store_status == "compressing"  # its held rows
     g1.open(), g2.open()
-    second = await asyncio.gather(*jobs)
     await asyncio.gather(p1.drain(), p2.drain())
     assert g1.passes + g2.passes == 1  # compressed once, across both replicas
-    assert sorted(h.store_status for h in second) == ["compressing", "reused"]
     assert await reader.lookup([ctx_key]) == 1
-    assert p1.cluster_waits + p2.cluster_waits == 1
+    assert {(await p.prefill(preq("question 4?"))).store_status for p in (p1, p2)} == {"reused"}
+    assert p1.cluster_waits + p2.cluster_waits == 0
+
+
+async def test_requests_during_a_compression_answer_from_the_held_exact_rows(tiny_model, store, monkeypatch):
+    pw, gate, _ = prefill_replica(tiny_model, store)
+    dw = decode_replica(pw, store)
+    plain, stored = [], asyncio.Event()
+    real_plain, real_compressed = pw._plain_prefill, pw._compressed
+
+    async def held_open(*args):  # the compression stays in flight (single flight held), the model thread free
+        seg = await real_compressed(*args)
+        await stored.wait()
+        return seg
+
+    monkeypatch.setattr(pw, "_plain_prefill", lambda *a: plain.append(1) or real_plain(*a))
+    monkeypatch.setattr(pw, "_compressed", held_open)
+    want = {p: direct(pw.runner, "full", p)[1] for p in ("what jumps?", "who is lazy?")}
+    ids, cold = await ask(dw)
+    assert cold.store_status == "compressing" and ids == want["what jumps?"]
+    for prompt in ("who is lazy?", "what jumps?"):  # they must not wait for the compression (it never ends)
+        ids, fig = await asyncio.wait_for(ask(dw, prompt=prompt), 60)
+        assert fig.store_status == "compressing" and fig.realised_kept == 1.0 and fig.reused_tokens == 0
+        assert ids == want[prompt]
+    assert len(plain) == 1 and gate.passes == 1 and pw.stats()["exact_waiters"] == 2  # no document prefill again
+    assert not pw.stats()["deferred"]  # still in flight
+    stored.set()
+    await pw.drain()
+    assert gate.passes == 1 and pw.stats()["deferred"][-1]["outcome"] == "stored"
+    ids, fig = await ask(dw, prompt="who is lazy?")
+    assert fig.store_status == "reused" and ids == direct(pw.runner, "kvzip", "who is lazy?")[1]
+    await segments_become(store, 1)  # the held exact rows go once the hold ends (after a short grace)
+
+
+async def segments_become(store: Store, n: int) -> None:
+    reader = store.client()
+    for _ in range(60):
+        if (await reader.stats())["segments"] == n:
+            break
+        await asyncio.sleep(0.05)
+    assert (await reader.stats())["segments"] == n
+
+
+async def test_the_pass_runs_in_steps_so_other_requests_interleave(tiny_model, store, monkeypatch):
+    pw, gate, _ = prefill_replica(tiny_model, store)
+    monkeypatch.setattr(pw.runner, "RECONSTRUCT_CHUNK", 64)
+    chunks = -(-len(build_segments(pw.runner.tokenizer, DOC, "").context) // 64)
+    steps = chunks * pw.runner.num_layers + 1  # one per layer of each chunk, then the scores
+    assert steps >= 6
+    gate.hold(at=1)
+    assert (await pw.prefill(preq())).store_status == "compressing"
+    await asyncio.to_thread(gate.paused.wait, 10)  # inside the pass, after its first step
+    ran_at = []  # how many steps of the pass had run when the other request's prefill ran
+    real = pw.runner.prefill_segment
+    monkeypatch.setattr(pw.runner, "prefill_segment", lambda *a, **k: ran_at.append(gate.chunks) or real(*a, **k))
+    other = asyncio.ensure_future(pw.prefill(preq(context="A different document, about cats. " * 4, policy="full")))
+    for _ in range(100):
+        if pw.pool._work_queue.qsize():  # its prefill queued behind the step
+            break
+        await asyncio.sleep(0.01)
+    gate.open()
+    handle = await other
+    assert handle.store_status == "stored" and ran_at[0] < steps  # it ran between the pass's steps
+    await pw.drain()
+    assert gate.chunks == steps and pw.stats()["deferred"][-1]["outcome"] == "stored"
+    assert (await pw.prefill(preq("again?"))).store_status == "reused"
 
 
 async def test_a_replica_that_dies_while_compressing_leaves_it_to_the_next_request(tiny_model, store):
@@ -220,8 +298,11 @@ async def test_a_replica_that_dies_while_compressing_leaves_it_to_the_next_reque
         task.cancel()
     await p1.drain()
     g1.open()
-    ids, again = await ask(d2)  # waits for p1's slot to lapse, then computes it again
-    assert again.store_status == "compressing" and ids == full_ids and p2.cluster_waits == 1
+    ids, meanwhile = await ask(d2)  # p1's slot has not lapsed yet: exact, from p2's own plain prefill
+    assert meanwhile.store_status == "compressing" and ids == full_ids and g2.passes == 0
+    await p2.drain()  # p2 holds those rows until p1's slot lapses
+    ids, again = await ask(d2)  # then the next request computes it again
+    assert again.store_status == "compressing" and ids == full_ids
     await p2.drain()
     assert g2.passes == 1 and p2.stats()["deferred"][-1]["outcome"] == "stored"
     ids, fig = await ask(d2)
@@ -258,7 +339,8 @@ async def test_a_session_started_exact_continues_over_the_compressed_context(tin
     pw, gate, _ = prefill_replica(tiny_model, store)
     dw = decode_replica(pw, store)
     _, first = await ask(dw, session_id="s1")
-    _, second = await ask(dw, session_id="s1", context="", prompt="and then?")  # waits for the compression
+    await pw.drain()
+    _, second = await ask(dw, session_id="s1", context="", prompt="and then?")
     assert first.store_status == "compressing" and gate.passes == 1
     assert second.store_status == "partial" and 0 < second.reused_tokens < first.prompt_tokens
     assert second.realised_kept < 0.5  # the earlier turn is recomputed over the compressed context
@@ -268,7 +350,7 @@ async def test_exact_rows_nobody_fetched_are_swept_after_a_lease_period(tiny_mod
     pw, _, _ = prefill_replica(tiny_model, store, fill_lease_s=0.5)
     handle = await pw.prefill(preq())  # no decode fetches (and deletes) the exact segments: it died
     reader = store.client()
-    assert handle.store_status == "compressing" and handle.ephemeral == handle.keys
+    assert handle.store_status == "compressing" and handle.ephemeral == handle.keys[1:]  # the document's: swept
     assert await reader.lookup(handle.keys) == len(handle.keys)  # held while a decode may still fetch them
     await pw.drain()
     for _ in range(50):
