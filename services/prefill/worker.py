@@ -298,8 +298,9 @@ class PrefillWorker:
                 self._remember(key, seg)
             segs.append(seg)
         if not segs and self.defers(policy):
-            handle, held, later = await self._answer_exact(req, plan, policy, store, compress=True)
-            if held is not None and flight is not None and later is not None:
+            lead = flight is not None  # else a recompute: answer exact, no compression, no rows held
+            handle, held, later = await self._answer_exact(req, plan, policy, store, compress=lead, keep=lead)
+            if held is not None and lead:
                 flight.hold(held)  # until the compressed cache is stored, later requests answer from these rows
             return handle, later
         reused = len(segs)
@@ -328,11 +329,11 @@ class PrefillWorker:
         return bool(self.settings.deferred_compression and policy.reusable and policy.capture.reconstruction)
 
     async def _answer_exact(self, req: PrefillRequest, plan: _Plan, policy: Policy, store, held: _Held | None = None,
-                            compress: bool = False):
+                            compress: bool = False, keep: bool = True):
         """The rest of the prompt over the document's exact rows: the answer `full` gives. The rows are
         `held` ones (another request's, while the document is compressed: only the question runs) or this
         request's plain prefill, put under a one-request key that the requests answered from them share
-        (deleted once the hold ends). The question's segments go under one-request keys decode deletes
+        (deleted once the hold ends; unless `keep`, nobody holds them and decode deletes that key too). The question's segments go under one-request keys decode deletes
         once fetched (a sweep after a lease period catches a decode that died first), so exact rows count
         against the tenant's quota only while needed. With `compress`, also the coroutine function that
         computes and stores the compressed cache after the handoff, from the prefill's states.
@@ -349,7 +350,7 @@ class PrefillWorker:
                                plan.precision, self.model_dtype))
         if held is not None:
             keys[0] = held.key
-        exact = dataclasses.replace(plan, store_keys=keys, ephemeral=keys[1:])
+        exact = dataclasses.replace(plan, store_keys=keys, ephemeral=keys[1:] if keep or held else list(keys))
         later = functools.partial(self._compress_later, store, plan, policy, out, keys) if compress else None
         wire, put = 0, []
         try:
@@ -366,7 +367,7 @@ class PrefillWorker:
             handle.inline_segments, handle.ephemeral = segs, []
             return handle, None, later if refused else None
         if not compress:  # (else the compression sweeps them)
-            self._sweep(store, keys[1:], self.settings.fill_lease_s)
+            self._sweep(store, exact.ephemeral, self.settings.fill_lease_s)
         return self._handle(exact, segs, logits, 0, wire, COMPRESSING), _Held(keys[0], doc), later
 
     async def _compress_later(self, store, plan: _Plan, policy: Policy, out, exact_keys: list[str],

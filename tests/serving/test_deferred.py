@@ -387,3 +387,11 @@ async def test_int8_rows_first_exact_then_compressed(tiny_model, store):
     again_ids, again = await ask(dw, kv_precision="int8")
     assert warm.store_status == again.store_status == "reused" and warm_ids == again_ids and gate.passes == 1
     assert warm.stored_kv_bytes < cold.stored_kv_bytes / 2
+
+
+async def test_a_recompute_answers_exact_and_leaves_no_exact_rows_behind(tiny_model, store):
+    pw, gate, _ = prefill_replica(tiny_model, store, fill_lease_s=0.5)
+    handle = await pw.prefill(preq(recompute=True))  # decode could not load the chain: no single flight held
+    assert handle.realised_kept == 1.0 and handle.ephemeral == handle.keys  # nobody holds them: decode deletes all
+    assert not pw._background and not pw._inflight and gate.passes == 0
+    await segments_become(store, 0)  # and the sweep, for a decode that died first
