@@ -143,7 +143,7 @@ class LocalCluster:
         self.log("starting ray and the serve application (loads the model in prefill and decode) …")
         self._start_serve(timeout_s)
 
-    def start_kvstore(self, timeout_s: float = 30.0) -> None:
+    def start_kvstore(self, timeout_s: float = 90.0) -> None:
         s = self.settings
         # the tenants decode authenticates are the store's too: it enforces each one's quota_bytes
         env = dict(os.environ, HEADWISE_SERVICE_TOKEN=s.service_token, HEADWISE_REDIS_URL=s.redis_url,
