@@ -16,8 +16,9 @@ A row sits out a step while it waits for
   client slows its own stream, not the others, and holds no unbounded queue).
 A client that goes away closes its stream, and its row leaves at the next step.
 
-The thread runs while there are rows and ends when the last one leaves; the next `open` starts
-it again. No thread per stream: the event loop awaits queues.
+The model thread starts with the first stream and then waits for the next one when there is
+nothing to step (a thread that ran torch work and ends shortly before the process exits can
+abort the process). No thread per stream: the event loop awaits queues.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ class DecodeBatcher:
             raise ValueError(f"max_batch={max_batch} and ahead={ahead} must both be at least 1")
         self.runner, self.max_batch, self.ahead = runner, max_batch, ahead
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()  # the inbox and whether the thread runs, changed together
-        self._running = False
+        self._lock = threading.Lock()  # whether the thread was started
+        self._thread: threading.Thread | None = None
         self._rows: dict[_Row, None] = {}  # the model thread's, in the order they joined
         self.steps = 0  # batched model steps run
         self.rows = 0  # sequence steps in them (rows / steps = mean batch size)
@@ -136,11 +137,12 @@ class DecodeBatcher:
         return stream
 
     def _post(self, kind: str, row: _Row, data=None) -> None:
-        with self._lock:
-            self._inbox.put((kind, row, data))
-            if not self._running:
-                self._running = True
-                threading.Thread(target=self._loop, name="decode-batch", daemon=True).start()
+        self._inbox.put((kind, row, data))
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="decode-batch", daemon=True)
+                    self._thread.start()
 
     async def _fetch(self, row: _Row, wanted: list) -> None:
         fetched = await row.recall.fetch(wanted)
@@ -151,7 +153,8 @@ class DecodeBatcher:
 
     # ---- the model thread -----------------------------------------------------------
     def _loop(self) -> None:
-        while self._take(block=not self._ready()):
+        while True:
+            self._take(block=not self._ready())
             batch = self._pick()
             if batch:
                 self._step(batch)
@@ -159,19 +162,15 @@ class DecodeBatcher:
     def _ready(self) -> list[_Row]:
         return [r for r in self._rows if not r.waiting and r.sent - r.taken < self.ahead]
 
-    def _take(self, block: bool) -> bool:
-        """Handle what the event loop posted; with nothing to step, wait for it. False: the thread ends."""
+    def _take(self, block: bool) -> None:
+        """Handle what the event loop posted; with nothing to step, wait for it."""
         if block:
-            with self._lock:
-                if not self._rows and self._inbox.empty():
-                    self._running = False
-                    return False
             self._handle(*self._inbox.get())
         while True:
             try:
                 self._handle(*self._inbox.get_nowait())
             except queue.Empty:
-                return True
+                return
 
     def _handle(self, kind: str, row: _Row, data) -> None:
         if kind == "open":
