@@ -24,6 +24,7 @@ from services.tenancy import TenantRegistry
 from tests.serving.test_workers import ByteTokenizer, ask
 
 QUESTIONS = ["what jumps?", "over what?", "which fox?", "how quick?", "lazy who?"]
+ANSWER_TOKENS = 40  # long enough that each stream is still decoding when the next one's cold prefill is done
 
 
 def worker(runner, max_batch: int, store) -> DecodeWorker:
@@ -34,7 +35,7 @@ def worker(runner, max_batch: int, store) -> DecodeWorker:
 
 
 async def answers(dw: DecodeWorker, policies=("streaming", "full", "snapkv", "streaming", "full")):
-    return await asyncio.gather(*(ask(dw, key="kb", prompt=q, policy=p, max_new_tokens=12, kept=0.5)
+    return await asyncio.gather(*(ask(dw, key="kb", prompt=q, policy=p, max_new_tokens=ANSWER_TOKENS, kept=0.5)
                                   for q, p in zip(QUESTIONS, policies, strict=True)))
 
 
@@ -47,7 +48,7 @@ async def test_batched_streams_equal_one_at_a_time(tiny_model, store):
     dw = worker(runner, 32, store)
     together = await answers(dw)
     assert [ids for ids, _ in together] == [ids for ids, _ in alone]
-    assert all(len(ids) == 12 for ids, _ in together)
+    assert all(len(ids) == ANSWER_TOKENS for ids, _ in together)
     fig = dw.stats()["batching"]
     assert fig["batched_steps"] > 0 and fig["mean_batch"] > 1.5  # the five streams really shared steps
     assert dw.batcher.live == 0
