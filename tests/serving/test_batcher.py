@@ -19,9 +19,10 @@ from services.decode.batcher import DecodeBatcher
 from services.decode.recall import Recall
 from services.decode.worker import DecodeWorker
 from services.prefill.worker import PrefillWorker
+from services.protos.headwise.v1 import generate_pb2 as pb
 from services.settings import Settings
 from services.tenancy import TenantRegistry
-from tests.serving.test_workers import ByteTokenizer, ask
+from tests.serving.test_workers import DOC, ByteTokenizer, ask
 
 QUESTIONS = ["what jumps?", "over what?", "which fox?", "how quick?", "lazy who?"]
 ANSWER_TOKENS = 40  # long enough that each stream is still decoding when the next one's cold prefill is done
@@ -84,7 +85,7 @@ async def test_streams_opened_together_give_the_reference_tokens(tiny_runner):
     streams = [b.open(res.cache, res.logits, p) for res, p in zip(prefilled, params, strict=True)]
     got = await asyncio.gather(*(drain(s) for s in streams))
     assert got == [reference(tiny_runner, ids, p) for ids, p in zip(prompts, params, strict=True)]
-    assert b.figures()["mean_batch"] > 1.5 and b.live == 0  # the streams shared steps, and all left
+    assert b.rows == 8 + 4 + 13 and b.steps < b.rows and b.live == 0  # the streams shared steps, and all left
 
 
 async def test_a_step_past_the_context_fails_alone(tiny_runner):
@@ -234,11 +235,18 @@ async def test_sixteen_streams_run_without_a_thread_each(tiny_model, store):
     await ask(dw, key="kb", prompt="warm up", max_new_tokens=2)  # the prefill thread, the store
 
     async def threads_while(n: int) -> set[str]:
-        tasks = [asyncio.ensure_future(ask(dw, key="kb", prompt=f"question {i}?", max_new_tokens=30, kept=0.5))
-                 for i in range(n)]
-        await until(lambda: dw.batcher.live == n)
+        """Thread names while n streams are open at once: each read up to its first token and
+        then held (its row waits for its reader), so none ends before the last one opens."""
+        streams = [dw.generate(pb.GenerateRequest(context=DOC, prompt=f"question {i}?", max_new_tokens=200,
+                                                  policy="streaming", kept=0.5), {"authorization": "Bearer kb"})
+                   for i in range(n)]
+        for s in streams:
+            await s.__anext__()
+        await until(lambda: dw.batcher.live == n and dw.batcher.steps > 0)
         names = {f"{t.name}#{t.ident}" for t in threading.enumerate()}
-        await asyncio.gather(*tasks)
+        for s in streams:
+            await s.aclose()
+        await until(lambda: dw.batcher.live == 0)
         return names
 
     one, sixteen = await threads_while(1), await threads_while(16)
