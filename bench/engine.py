@@ -68,7 +68,7 @@ def _hf(runner: ModelRunner, ids: list[int], question: list[int], n1: int, n16: 
     t = time.perf_counter()
     out = model(x, cache=DynamicCache(), use_cache=True)
     prefill = time.perf_counter() - t
-    past = out.past_key_values
+    past = out.cache
     q = model(torch.tensor([question]), cache=_copy(past, 1), use_cache=True)  # warm
     t = time.perf_counter()
     q = model(torch.tensor([question]), cache=_copy(past, 1), use_cache=True)

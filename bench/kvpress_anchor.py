@@ -48,13 +48,22 @@ def make_press(name: str, ratio: float):
     }[name]()
 
 
+def cache_kwarg(module, cache) -> dict:
+    """The cache argument under the name this transformers takes: `cache` (5.24 on; its old name
+    `past_key_values` is deprecated, to be removed in 5.40), or `past_key_values` (the older
+    transformers kvpress needs, in .venv-bench)."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values": cache}
+
+
 @torch.inference_mode()
 def ask(model, tokenizer, cache, q_ids: list[int], context_length: int, max_new_tokens: int = 10) -> str:
     """Greedy answer on top of the compressed cache; stops like headwise (EOS, '.' or newline)."""
     lengths = [cache.get_seq_length(i) for i in range(len(cache))]
     ids = torch.tensor([q_ids])
     pos = torch.arange(context_length, context_length + len(q_ids))[None]
-    out = model(input_ids=ids, past_key_values=cache, position_ids=pos, logits_to_keep=1)
+    out = model(input_ids=ids, position_ids=pos, logits_to_keep=1, **cache_kwarg(model, cache))
     text = greedy(model, tokenizer, cache, int(out.logits[0, -1].argmax()), context_length + len(q_ids), max_new_tokens)
     for i, n in enumerate(lengths):  # drop the question and answer rows: the next question starts clean
         cache.layers[i].keys = cache.layers[i].keys[:, :, :n]
@@ -71,7 +80,7 @@ def greedy(model, tokenizer, cache, first: int, next_pos: int, max_new_tokens: i
         text = tokenizer.decode(toks, skip_special_tokens=True)
         if toks[-1] in eos or "." in text or "\n" in text:
             break
-        out = model(input_ids=torch.tensor([[toks[-1]]]), past_key_values=cache, position_ids=torch.tensor([[next_pos + i]]))
+        out = model(input_ids=torch.tensor([[toks[-1]]]), position_ids=torch.tensor([[next_pos + i]]), **cache_kwarg(model, cache))
         toks.append(int(out.logits[0, -1].argmax()))
     return tokenizer.decode(toks, skip_special_tokens=True).strip()
 
@@ -96,7 +105,7 @@ def run_case_query_aware(models: dict, tokenizer, case, press_name: str | None, 
         cache = DynamicCache()
         t = time.perf_counter()
         with press(model) if press is not None else contextlib.nullcontext():
-            out = model(input_ids=torch.tensor([ids]), past_key_values=cache, logits_to_keep=1)
+            out = model(input_ids=torch.tensor([ids]), logits_to_keep=1, **cache_kwarg(model, cache))
         secs.append(time.perf_counter() - t)
         text = greedy(model, tokenizer, cache, int(out.logits[0, -1].argmax()), len(ids))
         oks.append(is_correct(text, q.answer))
@@ -120,7 +129,7 @@ def run_case(models: dict, tokenizer, case, press_name: str | None, ratio: float
     cache = DynamicCache()
     t = time.perf_counter()
     with press(model) if press is not None else contextlib.nullcontext():
-        model.model(input_ids=ctx_ids, past_key_values=cache)
+        model.model(input_ids=ctx_ids, **cache_kwarg(model.model, cache))
     dt = time.perf_counter() - t
     oks, det = [], []
     for q, s in zip(case.questions, segs, strict=True):

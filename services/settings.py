@@ -83,7 +83,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = 256
     recall_threshold: float = 0.2
     decode_max_batch: int = Field(32, ge=1, description="streams a decode replica steps together (continuous batching); "
-                                  "1 = one stream at a time")
+                                  "1 = one stream per step, in turns")
     recall: bool = True
     torch_threads: int = Field(0, description="torch threads per prefill/decode replica; 0 = the replica's num_cpus")
 

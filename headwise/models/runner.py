@@ -28,7 +28,7 @@ from headwise.attention_paged import DecodeViews, paged_decode, paged_shares
 from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
 from headwise.models.loader import check_model_dir, load_model, model_id
-from headwise.models.sampling import SamplingParams, sample
+from headwise.models.sampling import SamplingParams, TokenPicker
 from headwise.policies.base import Capture, CompressContext, LayerState, Policy
 
 
@@ -436,27 +436,19 @@ class ModelRunner:
     def generate(
         self, cache: CompactCache, logits: Tensor, params: SamplingParams = SamplingParams(),
         recall_threshold: float | None = None, stats: DecodeStats | None = None,
-        step: Callable[[int, CompactCache, float | None, DecodeStats | None], Tensor] | None = None,
     ) -> Iterator[int]:
         """Yield tokens: the first from `logits` (the prefill's), then one decode step each.
 
-        Stops at EOS (unless ignore_eos), after max_new_tokens, or once the text ends with
-        a stop string (the token that completed it is still yielded). `cache` grows in place.
-        `step` replaces `decode_step` (same arguments), e.g. to batch this sequence's steps
-        with other sequences' (services/decode's batcher).
+        The one-sequence reference of decoding (services/decode's batcher steps many sequences
+        together and must give the same tokens). Stops at EOS (unless ignore_eos), after
+        max_new_tokens, or once the text ends with a stop string (the token that completed it is
+        still yielded). `cache` grows in place; the next step runs only when the next token is
+        asked for, so a caller may change `cache` (recall) between tokens.
         """
-        step = step or self.decode_step
-        gen = torch.Generator(device="cpu").manual_seed(params.seed)
-        out: list[int] = []
-        for n in range(params.max_new_tokens):
-            tok = sample(logits.cpu(), params, gen)
-            out.append(tok)
+        picker = TokenPicker(params, self.eos_ids, self.tokenizer)
+        while True:
+            tok = picker.pick(logits)
             yield tok
-            if tok in self.eos_ids and not params.ignore_eos:
+            if picker.done:
                 return
-            if params.stop and self.tokenizer is not None:
-                text = self.tokenizer.decode(out[-32:], skip_special_tokens=True)
-                if any(s in text for s in params.stop):
-                    return
-            if n + 1 < params.max_new_tokens:
-                logits = step(tok, cache, recall_threshold, stats)
+            logits = self.decode_step(tok, cache, recall_threshold, stats)

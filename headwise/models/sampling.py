@@ -40,3 +40,30 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
         sorted_p[cut] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TokenPicker:
+    """One sequence's choice of tokens: sampling with its own seeded generator, then the stop rule.
+
+    `pick(logits)` returns the next token; `done` tells whether the sequence ends with it: EOS
+    (unless ignore_eos), max_new_tokens reached, or the text ending with a stop string (the token
+    that completed it is still returned). `ModelRunner.generate` and the decode batcher both pick
+    through it, so a batched stream gives the tokens the one-sequence reference gives.
+    """
+
+    def __init__(self, params: SamplingParams, eos_ids: frozenset[int], tokenizer=None):
+        self.params, self.eos_ids, self.tokenizer = params, eos_ids, tokenizer
+        self.generator = torch.Generator(device="cpu").manual_seed(params.seed)
+        self.out: list[int] = []
+        self.done = False
+
+    def pick(self, logits: Tensor) -> int:
+        """The next token from logits [V]; sets `done` when the sequence ends with it."""
+        tok = sample(logits.cpu(), self.params, self.generator)
+        self.out.append(tok)
+        p = self.params
+        self.done = len(self.out) >= p.max_new_tokens or (tok in self.eos_ids and not p.ignore_eos)
+        if not self.done and p.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(self.out[-32:], skip_special_tokens=True)
+            self.done = any(s in text for s in p.stop)
+        return tok

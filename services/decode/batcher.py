@@ -1,90 +1,230 @@
-"""Continuous batching of decode steps: one model thread steps every live stream of a replica together.
+"""The decode loop of a replica: one model thread owns every live stream and steps them together.
 
-Each stream runs `ModelRunner.generate` (sampling, stop strings, EOS) in a thread of its own
-with `step=batcher.step`: the call queues (token, cache) and blocks until its logits are
-ready. The model thread takes what is queued, waits a moment (`gather_s`) for the other live
-streams' steps to arrive, and runs them as one `ModelRunner.decode_batch`: projections and
-MLPs once over all rows, attention per stream over its own ragged cache. Streams join and
-leave between steps; a stream that is cancelled simply stops queuing.
+A stream is opened with its cache and the prefill's logits (`DecodeBatcher.open`, on the event
+loop, which picks its first token at once). From then on the model thread owns the stream's
+row: each step runs the ready rows as one `ModelRunner.decode_batch` (projections and MLPs once
+over all rows, attention per stream over its own ragged cache), picks each row's next token
+(`TokenPicker`: sampling, EOS, stop strings, max_new_tokens: what `ModelRunner.generate`, the
+one-sequence reference, does) and hands it to the stream's asyncio queue through
+`loop.call_soon_threadsafe`. Streams join and leave between steps (continuous batching).
+
+A row sits out a step while it waits for
+- its recall: the merged rows its last step asked for are fetched on the event loop
+  (services/decode/recall.py) and swapped into its cache by the model thread before its next
+  step, so only that thread ever changes a cache it steps;
+- its reader: a stream runs at most `ahead` tokens ahead of the consumer of its queue (a slow
+  client slows its own stream, not the others, and holds no unbounded queue).
+A client that goes away closes its stream, and its row leaves at the next step.
+
+The model thread starts with the first stream and then waits for the next one when there is
+nothing to step (a thread that ran torch work and ends shortly before the process exits can
+abort the process). No thread per stream: the event loop awaits queues.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
-import time
-from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
+from headwise.cache.compact import CompactCache
 from headwise.errors import InvalidInput
+from headwise.models.runner import DecodeStats
+from headwise.models.sampling import SamplingParams, TokenPicker
 
 log = logging.getLogger("headwise.decode")
+AHEAD = 8  # tokens a stream may run ahead of its reader
+
+
+@dataclass(eq=False)
+class _Row:
+    """One stream in the model thread."""
+
+    cache: CompactCache
+    picker: TokenPicker
+    threshold: float | None
+    recall: object | None  # services.decode.recall.Recall
+    loop: asyncio.AbstractEventLoop
+    out: asyncio.Queue
+    stats: DecodeStats = field(default_factory=DecodeStats)
+    token: int = 0  # the last token picked: the input of the row's next step
+    sent: int = 0  # tokens handed to the queue (model thread; `open` sends the first)
+    taken: int = 0  # tokens the reader took (event loop)
+    waiting: bool = False  # its recall is being fetched
+    last_step: int = 0  # the batcher step it last ran in (the longest-waiting rows go first)
+    task: asyncio.Future | None = None  # the recall fetch under way
+
+
+class _End:
+    """The end of a stream's tokens; `error` when its step failed."""
+
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+class Stream:
+    """The tokens of one sequence, as an async iterator; `close` (idempotent) gives its row back."""
+
+    def __init__(self, batcher: DecodeBatcher, row: _Row):
+        self._batcher, self._row, self._closed = batcher, row, False
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> int:
+        row = self._row
+        item = await row.out.get()
+        if isinstance(item, _End):
+            self._closed = True  # the model thread let the row go before it sent the end
+            if item.error is not None:
+                raise item.error
+            raise StopAsyncIteration
+        row.taken += 1
+        if row.sent - row.taken == self._batcher.ahead - 1:  # it was held for its reader: it may run again
+            self._batcher._post("wake", row)
+        return item
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._row.task is not None:
+            self._row.task.cancel()
+        self._batcher._post("close", self._row)
 
 
 class DecodeBatcher:
-    def __init__(self, runner, max_batch: int = 32, gather_s: float = 0.003):
-        self.runner, self.max_batch, self.gather_s = runner, max_batch, gather_s
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self.live = 0  # streams that will queue steps (joined and not yet left)
+    def __init__(self, runner, max_batch: int = 32, ahead: int = AHEAD):
+        if max_batch < 1 or ahead < 1:
+            raise ValueError(f"max_batch={max_batch} and ahead={ahead} must both be at least 1")
+        self.runner, self.max_batch, self.ahead = runner, max_batch, ahead
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()  # whether the thread was started
+        self._thread: threading.Thread | None = None
+        self._rows: dict[_Row, None] = {}  # the model thread's, in the order they joined
         self.steps = 0  # batched model steps run
         self.rows = 0  # sequence steps in them (rows / steps = mean batch size)
-        self._thread = threading.Thread(target=self._loop, name="decode-batch", daemon=True)
-        self._thread.start()
 
-    # ---- streams ------------------------------------------------------------------
-    def join(self) -> None:
-        with self._lock:
-            self.live += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self.live -= 1
-
-    def step(self, token: int, cache, recall_threshold: float | None = None, stats=None) -> Tensor:
-        """`ModelRunner.decode_step`'s contract, run in a batch; called from a stream's thread."""
-        if cache.seq_len + 1 > self.runner.max_positions:  # checked here so one stream cannot fail a batch
-            raise InvalidInput(f"sequence of {cache.seq_len + 1} tokens exceeds the model's context of "
-                               f"{self.runner.max_positions} tokens")
-        fut: Future = Future()
-        self._q.put((token, cache, recall_threshold, stats, fut))
-        return fut.result()
+    @property
+    def live(self) -> int:
+        """Rows the model thread holds (streams opened and not yet ended or closed)."""
+        return len(self._rows)
 
     def figures(self) -> dict:
-        return {"batched_steps": self.steps, "mean_batch": self.rows / self.steps if self.steps else 0.0}
+        return {"batched_steps": self.steps, "mean_batch": self.rows / self.steps if self.steps else 0.0,
+                "live_streams": self.live}
+
+    # ---- the event loop's side ----------------------------------------------------
+    def open(self, cache: CompactCache, logits: Tensor, params: SamplingParams, recall_threshold: float | None = None,
+             recall=None) -> Stream:
+        """A stream over `cache` (it grows in place) from the prefill's `logits` [V]. `recall` (a
+        services.decode.recall.Recall) swaps in merged rows' originals; it needs `recall_threshold`."""
+        row = _Row(cache, TokenPicker(params, self.runner.eos_ids, self.runner.tokenizer), recall_threshold,
+                   recall, asyncio.get_running_loop(), asyncio.Queue())
+        stream = Stream(self, row)
+        row.token = row.picker.pick(logits)  # the first token needs no step
+        row.out.put_nowait(row.token)
+        row.sent = 1
+        if row.picker.done:
+            row.out.put_nowait(_End())
+            stream._closed = True
+        else:
+            self._post("open", row)
+        return stream
+
+    def _post(self, kind: str, row: _Row, data=None) -> None:
+        self._inbox.put((kind, row, data))
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="decode-batch", daemon=True)
+                    self._thread.start()
+
+    async def _fetch(self, row: _Row, wanted: list) -> None:
+        fetched = await row.recall.fetch(wanted)
+        self._post("recalled", row, fetched)
+
+    def _start_fetch(self, row: _Row, wanted: list) -> None:
+        row.task = asyncio.ensure_future(self._fetch(row, wanted))
 
     # ---- the model thread -----------------------------------------------------------
     def _loop(self) -> None:
         while True:
-            item = self._q.get()
-            if item is None:
-                return
-            batch = [item]
-            deadline = time.monotonic() + self.gather_s
-            while len(batch) < min(self.max_batch, max(1, self.live)):
-                left = deadline - time.monotonic()
-                try:
-                    nxt = self._q.get(timeout=left) if left > 0 else self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._q.put(None)
-                    break
-                batch.append(nxt)
-            self._run(batch)
+            self._take(block=not self._ready())
+            batch = self._pick()
+            if batch:
+                self._step(batch)
 
-    def _run(self, batch: list[tuple]) -> None:
+    def _ready(self) -> list[_Row]:
+        return [r for r in self._rows if not r.waiting and r.sent - r.taken < self.ahead]
+
+    def _take(self, block: bool) -> None:
+        """Handle what the event loop posted; with nothing to step, wait for it."""
+        if block:
+            self._handle(*self._inbox.get())
+        while True:
+            try:
+                self._handle(*self._inbox.get_nowait())
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, row: _Row, data) -> None:
+        if kind == "open":
+            self._rows[row] = None
+        elif kind == "close":
+            self._rows.pop(row, None)
+        elif kind == "recalled" and row in self._rows:
+            row.recall.apply(row.cache, data)
+            row.waiting = False
+
+    def _pick(self) -> list[_Row]:
+        """The ready rows that waited longest, at most max_batch; a row past the context ends alone."""
+        batch = []
+        for r in sorted(self._ready(), key=lambda r: r.last_step):  # stable: the join order among equals
+            if r.cache.seq_len + 1 > self.runner.max_positions:
+                self._end(r, InvalidInput(f"sequence of {r.cache.seq_len + 1} tokens exceeds the model's context "
+                                          f"of {self.runner.max_positions} tokens"))
+            elif len(batch) < self.max_batch:
+                batch.append(r)
+        return batch
+
+    def _step(self, batch: list[_Row]) -> None:
         try:
-            logits = self.runner.decode_batch([b[0] for b in batch], [b[1] for b in batch], [b[2] for b in batch],
-                                              [b[3] for b in batch])
-        except BaseException as e:  # noqa: BLE001 - every waiting stream gets the error, the thread goes on
+            logits = self.runner.decode_batch([r.token for r in batch], [r.cache for r in batch],
+                                              [r.threshold for r in batch], [r.stats for r in batch])  # [B, V]
+        except Exception as e:  # noqa: BLE001 - every stream of the batch gets the error, the thread goes on
             log.exception("batched decode step of %d streams failed", len(batch))
-            for b in batch:
-                b[4].set_exception(e)
+            for r in batch:
+                self._end(r, e)
             return
         self.steps += 1
         self.rows += len(batch)
-        for b, row in zip(batch, logits, strict=True):
-            b[4].set_result(row)
+        for r, row_logits in zip(batch, logits, strict=True):
+            r.last_step = self.steps
+            r.token = r.picker.pick(row_logits)
+            self._send(r, r.token)
+            if r.picker.done:
+                self._end(r)
+                continue
+            wanted = r.recall.wanted(r.cache, r.stats) if r.recall is not None else None
+            if wanted:
+                r.waiting = True
+                self._call(r, self._start_fetch, r, wanted)
+
+    def _send(self, row: _Row, token: int) -> None:
+        row.sent += 1
+        self._call(row, row.out.put_nowait, token)
+
+    def _end(self, row: _Row, error: BaseException | None = None) -> None:
+        self._rows.pop(row, None)  # before the reader hears of the end: `live` has counted it out
+        self._call(row, row.out.put_nowait, _End(error))
+
+    def _call(self, row: _Row, fn, *args) -> None:
+        try:
+            row.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the stream's event loop is closed: nobody reads it any more
+            self._rows.pop(row, None)

@@ -2,7 +2,8 @@
 
 Orchestrated decode-first (ray.serve.llm's prefill/decode pattern): this worker is the
 ingress, calls prefill for a cache handle, fetches the chain of segments from the store
-and generates. The replica's streams step together through one model thread (DecodeBatcher).
+and generates. The replica's streams step together in one decode loop (DecodeBatcher), which
+hands each stream its tokens through an asyncio queue.
 """
 
 from __future__ import annotations
@@ -14,16 +15,15 @@ import logging
 import secrets
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Awaitable, Callable
 
 from headwise.cache.codec import encoded_nbytes
 from headwise.cache.compact import CompactCache
-from headwise.models.runner import DecodeStats
 from services.asyncutil import quiet
 from services.decode.batcher import DecodeBatcher
+from services.decode.recall import Recall
 from services.decode.request import check_request
 from services.errors import ServiceError, exhausted
 from services.handoff import NOT_STORED, CacheHandle, PrefillRequest
@@ -35,7 +35,6 @@ from services.tenancy import TenantRegistry
 
 log = logging.getLogger("headwise.decode")
 MAX_SESSIONS = 1024
-MAX_STREAMS = 64  # stream threads per replica (Decode's max_ongoing_requests)
 STREAMS = "streams"  # the kvstore semaphore holding each tenant's concurrent streams
 
 
@@ -81,17 +80,15 @@ class DecodeWorker:
                  tenants: TenantRegistry, settings, metrics: Metrics | None = None):
         self.runner, self.stores, self.prefill, self.tenants, self.settings = runner, stores, prefill, tenants, settings
         self.metrics = metrics or Metrics()
-        # Streams step together through one model thread (continuous batching); each stream's
-        # sampling runs in a thread of its own, blocked while its step is in a batch.
-        self.batcher = DecodeBatcher(runner, settings.decode_max_batch) if settings.decode_max_batch > 1 else None
-        self.pool = ThreadPoolExecutor(max_workers=MAX_STREAMS if self.batcher else 1, thread_name_prefix="decode-stream")
+        # one model thread steps, samples and streams every live stream (continuous batching)
+        self.batcher = DecodeBatcher(runner, settings.decode_max_batch)
         self.sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.recent: deque[RequestLog] = deque(maxlen=64)
         self.active = 0
 
     def stats(self) -> dict:
         return {"active": self.active, "recent": [vars(r) | {} for r in self.recent],
-                "batching": self.batcher.figures() if self.batcher else None}
+                "batching": self.batcher.figures()}
 
     # ---- the request --------------------------------------------------------------
     async def generate(self, request, metadata, parent_session: str | None = None) -> AsyncIterator[pb.GenerateResponse]:
@@ -184,32 +181,22 @@ class DecodeWorker:
         handle = await self.prefill(preq)
         handle, cache, fetched = await self._load(preq, handle)
         threshold = self.settings.recall_threshold if (request.recall and self.settings.recall) else None
-        recall = _RecallState(handle, cache) if threshold is not None and handle.keys else None  # private: nothing stored to recall
-        stats = DecodeStats()
+        recall = (Recall(handle.keys[0], cache, self.stores.for_tenant(tenant.id))
+                  if threshold is not None and handle.keys else None)  # private: nothing stored to recall
         text = TextStream(self.runner.tokenizer)
-        gen = self.runner.generate(cache, handle.logits, params, threshold, stats,
-                                   step=self.batcher.step if self.batcher else None)
         ids: list[int] = []
         t_first = t_last = None
-        loop = asyncio.get_running_loop()
-        if self.batcher:
-            self.batcher.join()
+        stream = self.batcher.open(cache, handle.logits, params, threshold if recall else None, recall)
         try:
-            while True:
-                tok = await loop.run_in_executor(self.pool, next, gen, None)
-                if tok is None:
-                    break
+            async for tok in stream:
                 t_last = time.perf_counter()
                 t_first = t_first or t_last
                 ids.append(tok)
                 rec.tokens = len(ids)
-                if recall is not None and len(stats.recalls) > recall.seen:
-                    await recall.apply(stats, self.stores.for_tenant(tenant.id), cache)
                 delta = text.push(tok)
                 yield pb.GenerateResponse(delta=pb.TokenDelta(text=delta, token_ids=[tok]))
         finally:
-            if self.batcher:
-                self.batcher.leave()
+            stream.close()  # a client gone mid-stream: its row leaves the batch at the next step
         if request.session_id:
             await self._remember(tenant.id, request.session_id, preq.context, handle, ids)
         n = len(ids)
@@ -319,40 +306,3 @@ class DecodeWorker:
                 asyncio.ensure_future(quiet(store.delete(key)))
         return segs, nbytes
 
-
-class _RecallState:
-    """Maps merged rows back to (segment key, head, row in segment) and swaps originals in."""
-
-    def __init__(self, handle: CacheHandle, cache: CompactCache):
-        self.key = handle.keys[0]  # merged rows come from the compressed context segment only
-        self.seen = 0
-        self.count = 0
-        self.done: set[tuple[int, int]] = set()
-        self.origin: list[dict[int, tuple[int, int]]] = []
-        for layer in cache.layers:
-            m: dict[int, tuple[int, int]] = {}
-            for h in range(layer.num_heads):
-                a, b = int(layer.head_offsets[h]), int(layer.head_offsets[h + 1])
-                for r in (layer.recall_ids[a:b] >= 0).nonzero().flatten().tolist():
-                    m[int(layer.recall_ids[a + r])] = (h, r)
-            self.origin.append(m)
-
-    async def apply(self, stats: DecodeStats, store, cache: CompactCache) -> None:
-        new, self.seen = stats.recalls[self.seen:], len(stats.recalls)
-        for layer_idx, share in new:
-            layer = cache.layers[layer_idx]
-            rid = int(layer.recall_ids[int(layer.head_offsets[share.head]) + share.row])
-            if rid < 0 or (layer_idx, rid) in self.done or rid not in self.origin[layer_idx]:
-                continue
-            self.done.add((layer_idx, rid))
-            head, row = self.origin[layer_idx][rid]
-            try:
-                got = await store.recall(self.key, layer_idx, head, row)
-            except Exception as e:  # noqa: BLE001 - recall is an improvement; decoding goes on without it
-                log.warning("recall of layer %d head %d row %d failed: %s", layer_idx, head, row, e)
-                continue
-            if got is None:
-                continue
-            keys, values, positions = got
-            cache.layers[layer_idx] = layer.with_row_replaced(share.head, share.row, keys, values, positions)
-            self.count += 1

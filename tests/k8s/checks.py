@@ -140,7 +140,7 @@ def _cpu(q: Any) -> float:
     return float(s[:-1]) / 1000 if s.endswith("m") else float(s)
 
 
-def check_ray_version(docs: list[Doc], constraints: Path = ROOT / "k8s/image/constraints.txt") -> list[str]:
+def check_ray_version(docs: list[Doc], constraints: Path = ROOT / "constraints.txt") -> list[str]:
     pinned = re.search(r"^ray==(\S+)$", constraints.read_text(), re.M)
     rv = find(docs, "RayService", "headwise")["spec"]["rayClusterConfig"].get("rayVersion")
     if not pinned or pinned.group(1) != rv:
@@ -368,8 +368,8 @@ def check_dockerfile(text: str, configmap_model_dir: str) -> list[str]:
         problems.append("Dockerfile: the final stage must run as a non-root USER")
     if not re.search(r"^ARG TORCH_SPEC=torch==[0-9.]+$", text, re.M):
         problems.append("Dockerfile: torch is not pinned (ARG TORCH_SPEC=torch==X)")
-    if "-c k8s/image/constraints.txt" not in text:
-        problems.append("Dockerfile: pip install does not use k8s/image/constraints.txt")
+    if "-c constraints.txt" not in text:
+        problems.append("Dockerfile: pip install does not use constraints.txt")
     if "headwise model install" not in text or f"HEADWISE_MODEL_DIR={configmap_model_dir}" not in text:
         problems.append(f"Dockerfile: the default model is not installed at build time into {configmap_model_dir}")
     return problems

@@ -7,8 +7,7 @@ import torch
 from headwise.attention import MergedShare
 from headwise.cache.compact import CompactCache, LayerCache, RecallTable
 from headwise.models.runner import DecodeStats
-from services.decode.worker import _RecallState
-from services.handoff import CacheHandle
+from services.decode.recall import Recall
 
 
 def merged_layer(d: int = 4) -> LayerCache:
@@ -45,13 +44,41 @@ class RecallStore:
         return torch.ones(3, 4), torch.ones(3, 4), torch.tensor([1, 2, 3])
 
 
-async def test_recall_state_swaps_once_and_counts():
+async def test_recall_swaps_once_and_counts():
     cache = CompactCache([merged_layer()], seq_len=6)
-    handle = CacheHandle(["ctx-key", "q-key"], [], [], torch.zeros(1), 0, 0, 0, 0, 1.0, 0, "stored", "")
-    state, store, stats = _RecallState(handle, cache), RecallStore(), DecodeStats()
+    store, stats = RecallStore(), DecodeStats()
+    state = Recall("ctx-key", cache, store)
     stats.recalls.append((0, MergedShare(head=1, row=1, share=0.9)))
-    await state.apply(stats, store, cache)
+    wanted = state.wanted(cache, stats)
+    state.apply(cache, await state.fetch(wanted))
     stats.recalls.append((0, MergedShare(head=1, row=1, share=0.9)))  # the row is gone now: nothing to do
-    await state.apply(stats, store, cache)
+    assert state.wanted(cache, stats) == []
     assert store.calls == [("ctx-key", 0, 1, 1)] and state.count == 1
     assert cache.layers[0].head_lengths().tolist() == [2, 5]
+
+
+class TwoRowStore:
+    """Originals of two merged rows of one head: 2 tokens behind row 1, 3 behind row 2."""
+
+    def __init__(self, d: int = 4):
+        self.rows = {1: (torch.full((2, d), 1.0), torch.full((2, d), 1.0), torch.tensor([1, 2])),
+                     2: (torch.full((3, d), 2.0), torch.full((3, d), 2.0), torch.tensor([4, 5, 6]))}
+
+    async def recall(self, key, layer, head, row):
+        return self.rows[row]
+
+
+async def test_two_merged_rows_of_one_head_swapped_in_one_step():
+    """The first swap moves the rows after it; the second still replaces its own merged row."""
+    d = 4
+    k, v = [torch.zeros(3, d)], [torch.zeros(3, d)]
+    pos, lw = [torch.tensor([0, -1, -1])], [torch.tensor([0.0, 0.7, 1.1])]
+    table = RecallTable(torch.tensor([0, 2, 5]), torch.tensor([1, 2, 4, 5, 6]), torch.tensor([0, 0]),
+                        torch.zeros(0, d), torch.zeros(0, d))
+    cache = CompactCache([LayerCache.from_heads(k, v, pos, lw, [torch.tensor([-1, 0, 1])], table)], seq_len=7)
+    state, stats = Recall("ctx-key", cache, TwoRowStore(d)), DecodeStats()
+    stats.recalls += [(0, MergedShare(head=0, row=1, share=0.5)), (0, MergedShare(head=0, row=2, share=0.3))]
+    state.apply(cache, await state.fetch(state.wanted(cache, stats)))
+    keys, _, _ = cache.layers[0].head(0)
+    assert state.count == 2 and cache.layers[0].positions.tolist() == [0, 1, 2, 4, 5, 6]
+    assert keys[:, 0].tolist() == [0.0, 1.0, 1.0, 2.0, 2.0, 2.0]
