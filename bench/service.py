@@ -29,6 +29,7 @@ from pathlib import Path
 from bench import write_json
 from cluster.client import Answer, HeadwiseClient
 from cluster.engine_demo import FACT, PREFIX, QUESTION, insert_fact
+from cluster.local import wait_stored
 
 TENANTS = {"acme": "acme-bench", "globex": "globex-bench", "initech": "initech-bench", "umbrella": "umbrella-bench"}
 COLD = ("hooli", "hooli-bench")  # the tenant of the cold TTFT by policy: the others' documents stay cold
@@ -70,26 +71,6 @@ async def concurrent(addr: str, doc: str, opts: dict, question: str = QUESTION, 
             for key in TENANTS.values() for _ in range(4)]
     res = await asyncio.gather(*jobs, return_exceptions=True)
     return [r[0] if isinstance(r, tuple) else r for r in res]
-
-
-def prefill_records() -> list[dict]:
-    """Compressions the prefill replicas finished after their requests' handoff (Prefill.stats)."""
-    from ray import serve
-
-    from cluster.local import APP_NAME
-
-    return serve.get_deployment_handle("Prefill", APP_NAME).stats.remote().result()["deferred"]
-
-
-def wait_stored(policy: str, since: float, timeout_s: float = 900.0) -> dict | None:
-    """The record of `policy`'s compression done after wall time `since`, once it is there."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        done = [r for r in prefill_records() if r["policy"] == policy and r["done_at"] >= since]
-        if done:
-            return done[-1]
-        time.sleep(0.25)
-    return None
 
 
 def cold_by_policy(addr: str, key: str, doc: str, policies: list[str], kept: float, repeats: int) -> dict:

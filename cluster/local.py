@@ -64,6 +64,24 @@ def wait_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | N
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout_s:.0f}s")
 
 
+def prefill_records() -> list[dict]:
+    """Compressions the prefill replicas finished after their requests' handoff (Prefill.stats)."""
+    from ray import serve
+
+    return serve.get_deployment_handle("Prefill", APP_NAME).stats.remote().result()["deferred"]
+
+
+def wait_stored(policy: str, since: float, timeout_s: float = 900.0) -> dict | None:
+    """The record of `policy`'s compression done after wall time `since`, once it is there."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = [r for r in prefill_records() if r["policy"] == policy and r["done_at"] >= since]
+        if done:
+            return done[-1]
+        time.sleep(0.25)
+    return None
+
+
 @dataclass
 class Endpoints:
     grpc: str  # the client API (Generate), Ray Serve's gRPC proxy
