@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headwise.attention_common import BaseQueries, MergedShare, _distant_plan  # noqa: F401 - re-exported
+from headwise.attention_common import BaseQueries, MergedShare, _distant_plan, distant_plans  # noqa: F401 - re-exported
 from headwise.cache.compact import LayerCache
 
 
@@ -130,16 +130,7 @@ def _attach_distant(view: LayerView, layers: Sequence[LayerCache], base_layers, 
     """PoD: the base layers' keys of every distant row and the slots their logits go to."""
     H, d = view.num_heads, view.keys.shape[-1]
     B = len(layers)
-    plans: list[tuple[int, Tensor, Tensor, int]] = []  # (bh, slots here, base keys, base layer)
-    for b, lc in enumerate(layers):
-        for h in range(H):
-            if lc.head_distant(h) is None:
-                continue
-            if base_layers is None:
-                raise ValueError(f"head {h} scores its distant rows with layer {lc.distant_from[h]}; pass that layer's queries (BaseQueries)")
-            bl = lc.distant_from[h]
-            _, distant, rows = _distant_plan(lc, h, base_layers[b][bl], bl)
-            plans.append((b * H + h, cap + distant, base_layers[b][bl].keys[rows], bl))
+    plans = distant_plans(layers, base_layers, H, cap)  # (bh, slots here, base keys, base layer)
     M = max((p[1].numel() for p in plans), default=0)
     dk = view.keys.new_zeros(B * H, M, d)
     ds = torch.full((B * H, 1, M), L - 1, dtype=torch.long, device=view.keys.device)

@@ -52,6 +52,23 @@ class BaseQueries:
                 self.queries.pop(b, None)
 
 
+def distant_plans(layers, base_layers, num_heads: int, offset: int = 0) -> list[tuple[int, Tensor, Tensor, int]]:
+    """PoD over B streams' layers: for every (stream b, head h) with distant rows, (b * H + h, the
+    rows' slots within the head plus `offset`, the base layer's keys of their tokens, the base layer)."""
+    plans = []
+    for b, lc in enumerate(layers):
+        for h in range(num_heads):
+            if lc.head_distant(h) is None:
+                continue
+            if base_layers is None:
+                raise ValueError(f"head {h} scores its distant rows with layer {lc.distant_from[h]}; "
+                                 "pass that layer's queries (BaseQueries)")
+            bl = lc.distant_from[h]
+            _, distant, rows = _distant_plan(lc, h, base_layers[b][bl], bl)
+            plans.append((b * num_heads + h, distant + offset, base_layers[b][bl].keys[rows], bl))
+    return plans
+
+
 def _distant_plan(layer: LayerCache, h: int, base: LayerCache, b: int) -> tuple[Tensor, Tensor, Tensor | slice]:
     """Head h of a PoD layer: its keyed rows [n_k], its distant rows [n_d] (indices within the
     head), and where their tokens' keys are in base.keys (a slice when contiguous, else [n_d])."""

@@ -38,7 +38,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from headwise.attention_common import MergedShare, _distant_plan
+from headwise.attention_common import MergedShare, distant_plans
 from headwise.cache.compact import LayerCache
 
 PAGE = 64  # slots per page: waste is PAGE / 2 slots per (stream, head) on average, calls n / PAGE
@@ -158,16 +158,7 @@ def _attach_distant(view: PagedView, layers: Sequence[LayerCache], base_layers, 
     N, G, C = view.scratch.shape
     N -= 1
     BH = len(layers) * H
-    plans: list[tuple[int, Tensor, Tensor, int]] = []  # (bh, slots, base keys, base layer)
-    for b, lc in enumerate(layers):
-        for h in range(H):
-            if lc.head_distant(h) is None:
-                continue
-            if base_layers is None:
-                raise ValueError(f"head {h} scores its distant rows with layer {lc.distant_from[h]}; pass that layer's queries")
-            bl = lc.distant_from[h]
-            _, distant, rows = _distant_plan(lc, h, base_layers[b][bl], bl)
-            plans.append((b * H + h, distant, base_layers[b][bl].keys[rows], bl))
+    plans = distant_plans(layers, base_layers, H)  # (bh, slots, base keys, base layer)
     M = max((p[1].numel() for p in plans), default=0)
     dev = view.values.device
     dk = view.values.new_zeros(BH, M, d)
