@@ -185,17 +185,23 @@ def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = N
 
 
 @torch.inference_mode()
-def direct_prefill(model, ids: list[int], press):
+def direct_prefill(model, ids: list[int], press, logits: bool = False):
     """kvpress's own path (KVPressTextGenerationPipeline._forward): the prefill under the press's
-    context manager, no lm head. Returns the cache and the head-wise masks the press left."""
+    context manager, no lm head. Returns the cache and the head-wise masks the press left (and, with
+    `logits`, the prefill's greedy next token, through the lm head)."""
     import contextlib
 
     from transformers import DynamicCache
 
     cache = DynamicCache()
     with press(model) if press is not None else contextlib.nullcontext():
-        model.model(input_ids=torch.tensor([ids]), **cache_kwarg(model.model, cache))
+        if logits:
+            out = model(input_ids=torch.tensor([ids]), logits_to_keep=1, **cache_kwarg(model, cache))
+        else:
+            model.model(input_ids=torch.tensor([ids]), **cache_kwarg(model.model, cache))
     masks = {layer.self_attn.layer_idx: getattr(layer.self_attn, "masked_key_indices", None) for layer in model.model.layers}
+    if logits:
+        return cache, masks, int(out.logits[0, -1].argmax())
     return cache, masks
 
 
@@ -212,12 +218,15 @@ def realised_fraction(cache, masks: dict, n: int) -> float:
 
 
 @torch.inference_mode()
-def answer_on(model, tokenizer, cache, masks: dict, tail: list[int], context_length: int) -> str:
+def answer_on(model, tokenizer, cache, masks: dict, tail: list[int], context_length: int, first: int | None = None) -> str:
     """kvpress's generate_answer on a compressed cache: the tail (template end + answer prefix) at
-    positions after the whole compressed input, the first token from that pass, then greedy."""
+    positions after the whole compressed input, the first token from that pass, then greedy. With
+    an empty tail, greedy from `first` (the prefill's own next token)."""
     for layer in model.model.layers:
         layer.self_attn.masked_key_indices = masks.get(layer.self_attn.layer_idx)
     try:
+        if not tail:
+            return greedy(model, tokenizer, cache, first, context_length)
         pos = torch.arange(context_length, context_length + len(tail))[None]
         out = model(input_ids=torch.tensor([tail]), position_ids=pos, logits_to_keep=1, **cache_kwarg(model, cache))
         return greedy(model, tokenizer, cache, int(out.logits[0, -1].argmax()), context_length + len(tail))
@@ -241,18 +250,23 @@ def same_cache(a, ma: dict, b, mb: dict) -> bool:
 
 @torch.inference_mode()
 def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: list[float], console, check: bool = True,
-                    save=None) -> dict:
+                    save=None, first_token: str = "tail") -> dict:
     """Query-aware regime, as kvpress's evaluation with `query_aware: true`: per question, document
     + question is the compressed context (the question's rows are compressed too), the template tail
     and answer prefix are asked on the compressed cache (the first token comes from that pass).
     Replayable presses share one prefill per question (shared_prefill); on the first question each
-    is also run on its own prefill (direct_prefill) and the two caches must be identical."""
+    is also run on its own prefill (direct_prefill) and the two caches must be identical.
+    `first_token` "prefill" is a variant (not kvpress's evaluation): the tail is compressed with the
+    rest and the first token comes from the prefill's logits, which no press changes (every press
+    compresses a layer's cache after its attention ran), so it is the full cache's first token."""
     configs = [(None, 1.0)] + [(p, k) for p in presses for k in kept]
     rows = {c: {"correct": 0, "total": 0, "realised": [], "prefill_s": []} for c in configs}
     details, errors, checked = [], {}, {}
     for case in cases:
         for q in case.questions:
             ids, tail = query_aware_split(tokenizer, case.context, q.text, " " + q.prefix)
+            if first_token == "prefill":
+                ids, tail = ids + tail, []
             built = {}
             for c in configs:
                 if c[0] is None or c in errors:
@@ -266,11 +280,15 @@ def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: li
             caches, masks = shared_prefill(models["sdpa"], ids, shared, errors)
             shared_s = time.perf_counter() - t
             out = {c: (caches[c], masks[c], shared_s) for c in caches}
+            first = None  # the prefill's own next token ("prefill" variant only)
             for c in [(None, 1.0)] + [c for c in built if c not in shared]:
                 model = models["eager" if c[0] == "observed_attention" else "sdpa"]
                 t = time.perf_counter()
                 try:
-                    cache, m = direct_prefill(model, ids, built.get(c))
+                    if c[0] is None and first_token == "prefill":
+                        cache, m, first = direct_prefill(model, ids, None, logits=True)
+                    else:
+                        cache, m = direct_prefill(model, ids, built.get(c))
                 except Exception as e:  # noqa: BLE001 - reported per press, not fatal
                     errors[c] = f"{type(e).__name__}: {e}"[:300]
                     console.print(f"[red]{c[0]} at kept {c[1]} failed: {errors[c]}[/red]")
@@ -284,11 +302,11 @@ def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: li
                     checked[c[0]] = same_cache(caches[c], masks[c], cache, m)
                     if not checked[c[0]]:
                         console.print(f"[red]{c[0]}: the shared prefill's cache differs from the press's own[/red]")
-            for c, (cache, m, secs) in out.items():
+            for c, (cache, m, secs) in sorted(out.items(), key=lambda x: x[0][0] is not None):
                 model = models["eager" if c[0] == "observed_attention" else "sdpa"]
                 realised = realised_fraction(cache, m, len(ids))  # before the tail and answer rows are appended
                 try:
-                    text = answer_on(model, tokenizer, cache, m, tail, len(ids))
+                    text = answer_on(model, tokenizer, cache, m, tail, len(ids), first)
                 except Exception as e:  # noqa: BLE001
                     errors[c] = f"{type(e).__name__}: {e}"[:300]
                     continue
@@ -363,6 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keyed-length", type=int, default=900)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (1 is much faster on a shared, busy CPU)")
+    ap.add_argument("--first-token", choices=("tail", "prefill"), default="tail",
+                    help="query-aware: tail = kvpress's evaluation (template tail + answer prefix asked on the compressed "
+                         "cache); prefill = a variant: everything compressed, first token from the prefill's logits")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -385,11 +406,12 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     if args.regime == "query-aware":
         def save(r):
-            write_json(args.json, {"kvpress_version": version, "suite": args.suite, **r,
+            write_json(args.json, {"kvpress_version": version, "suite": args.suite, "first_token": args.first_token, **r,
                                    "seconds": time.perf_counter() - t0}, indent=1)
 
         res = {"kvpress_version": version, "suite": args.suite,
-               **run_query_aware(models, tokenizer, cases, presses, kept, console, save=save)}
+               **run_query_aware(models, tokenizer, cases, presses, kept, console, save=save, first_token=args.first_token),
+               "first_token": args.first_token}
         res["seconds"] = time.perf_counter() - t0
         for key, err in res["errors"].items():
             console.print(f"[red]{key} failed: {err}[/red]")
