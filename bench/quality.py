@@ -24,7 +24,7 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -174,6 +174,9 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
     capture = Capture()
     for pol in built.values():
         capture = capture.merge(pol.capture)
+    # reconstruction passes of other spans (kvzip:span=N beside kvzip): run over the same prefill's states
+    spans = {pol.capture.reconstruction_span for pol in built.values() if pol.capture.reconstruction}
+    spans.discard(capture.reconstruction_span)
     needs_profile = [p for p in built.values() if getattr(p, "needs_profile", False)]
     ctx = runner.context(needs_profile[0] if needs_profile else None)  # model id (kvzap's scorer) + profile
     variants = precision_variants(configs, list(precisions))
@@ -189,10 +192,15 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
         out = runner.prefill(ctx_ids, capture=capture)
         if ci == 0:
             prefill_s["column_sums" if capture.column_sums else "window"] = time.perf_counter() - t
+        by_span = {capture.reconstruction_span: out.states}
+        for span in sorted(spans):
+            got = runner.reconstruction_scores(ctx_ids, None, out.states, out.start, span)
+            by_span[span] = [replace(st, reconstruction=x) for st, x in zip(out.states, got, strict=True)]
         for cfg, pol in built.items():
             t = time.perf_counter()
             try:
-                seg = pol.compress(out.states, out.start, ctx)
+                states = by_span[pol.capture.reconstruction_span] if pol.capture.reconstruction else out.states
+                seg = pol.compress(states, out.start, ctx)
             except InvalidInput as e:  # e.g. pod below its reachable range: reported, not fatal
                 for name, _ in variants[cfg]:
                     rows[name]["error"] = str(e)

@@ -257,12 +257,14 @@ class ModelRunner:
 
         h = self._layers(h, cos, sin, attend)
         if capture.reconstruction:
-            for state, score in zip(states, self.reconstruction_scores(ids.tolist(), cache, states, start), strict=True):
+            scored = self.reconstruction_scores(ids.tolist(), cache, states, start, capture.reconstruction_span)
+            for state, score in zip(states, scored, strict=True):
                 state.reconstruction = score
         return PrefillOutput(self._logits(h[:, -1]), states, start)
 
     RECONSTRUCT_QUESTION = "Repeat the text above exactly."
     RECONSTRUCT_CHUNK = 512
+    RECONSTRUCT_WINDOWED_CHUNK = 128  # the windowed pass's chunks (reconstruction.py) [P]
 
     def _repeat_prefix(self) -> list[int]:
         """Tokens that ask the model to repeat the segment (chat-template aware)."""
@@ -273,29 +275,37 @@ class ModelRunner:
         return build_segments(self.tokenizer, "", self.RECONSTRUCT_QUESTION).question
 
     def reconstruction_scores(
-        self, token_ids: list[int], cache: CompactCache | None, states: list[LayerState], start: int
+        self, token_ids: list[int], cache: CompactCache | None, states: list[LayerState], start: int, span: int = 0
     ) -> list[Tensor]:
         """KVzip's query-agnostic score: per layer [Hkv, S], the max attention each segment row
         receives while the model re-reads the segment, chunk by chunk, after a repeat request.
         `states` are the segment's prefill states (their keys and values are the cached rows the
         chunks read), `cache` what the segment was prefilled on. `prefill` calls it when the capture
-        asks for `reconstruction`; the service calls it later, over a plain prefill's states."""
-        steps = self.reconstruction_steps(token_ids, cache, states, start)
+        asks for `reconstruction`; the service calls it later, over a plain prefill's states. `span`
+        0 is exact KVzip; N > 0 the windowed pass (headwise/models/reconstruction.py: each chunk
+        attends to the sinks and the segment rows within N tokens of its own span)."""
+        steps = self.reconstruction_steps(token_ids, cache, states, start, span)
         while (scores := next(steps)) is None:
             pass
         return scores
 
     @torch.inference_mode()
     def reconstruction_steps(
-        self, token_ids: list[int], cache: CompactCache | None, states: list[LayerState], start: int
+        self, token_ids: list[int], cache: CompactCache | None, states: list[LayerState], start: int, span: int = 0
     ) -> Iterator[list[Tensor] | None]:
         """`reconstruction_scores` one layer of one chunk per `next`: None after each, then the scores.
         A caller that owns the model thread can run other work between steps (the service's deferred
         compression does, so a request arriving meanwhile waits for one layer, not for the pass).
 
         Every chunk runs on top of the whole (uncompressed) cache and is then thrown away, so
-        positions never go past start + S + prefix + chunk.
+        positions never go past start + S + prefix + chunk. `span` > 0 (on a segment prefilled on
+        no cache; on a cache the pass is exact): the windowed pass of headwise/models/reconstruction.py.
         """
+        if span > 0 and (cache is None or cache.seq_len == 0):
+            from headwise.models.reconstruction import windowed_steps
+
+            yield from windowed_steps(self, token_ids, states, start, span, self.RECONSTRUCT_WINDOWED_CHUNK)
+            return
         S = len(token_ids)
         seg = CompactCache([LayerCache.from_dense(s.keys, s.values, s.positions) for s in states], start + S, start)
         full = cache.extended(seg) if cache is not None else seg

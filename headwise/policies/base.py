@@ -32,10 +32,13 @@ class Capture:
     column_sums: bool = False  # causal attention received by each key from all segment queries
     reconstruction: bool = False  # max attention each key gets while the model re-reads the segment
     hidden: bool = False  # each layer's normed input hidden states (what a learned scorer reads)
+    reconstruction_span: int = 0  # 0: exact KVzip; N: each chunk attends to the rows within N tokens of its span
 
     def merge(self, other: "Capture") -> "Capture":
+        spans = [c.reconstruction_span for c in (self, other) if c.reconstruction]
+        span = 0 if not spans or 0 in spans else max(spans)  # the exact pass serves both
         return Capture(max(self.window, other.window), self.column_sums or other.column_sums,
-                       self.reconstruction or other.reconstruction, self.hidden or other.hidden)
+                       self.reconstruction or other.reconstruction, self.hidden or other.hidden, span)
 
 
 @dataclass

@@ -61,11 +61,14 @@ class KVzipPolicy(Policy):
     kernel: int = optional(7)  # the value prior's pooling
     merge: str = optional("none")  # "ems": EMS's evict-then-merge of evicted rows into the kept ones
     log_weight: str = optional("none")  # merged rows' log-weight, as `ems`'s
+    # the reconstruction pass: 0 re-reads against the whole segment (exact KVzip); N > 0 lets each
+    # chunk attend only to the sinks and the rows within N tokens of its own span (headwise/models/reconstruction.py)
+    span: int = optional(0)
     log_signal: ClassVar[bool] = False  # reconstruction holds log scores (kvzap's predictions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ints(self, sinks=self.sinks, window=self.window, kernel=self.kernel)
+        check_ints(self, sinks=self.sinks, window=self.window, kernel=self.kernel, span=self.span)
         for attr, allowed in (("heads", HEADS), ("prior", PRIORS), ("merge", MERGES), ("log_weight", LOG_WEIGHTS)):
             if getattr(self, attr) not in allowed:
                 raise InvalidInput(f"policy {self.name!r}: {attr}={getattr(self, attr)!r}; allowed: {', '.join(allowed)}")
@@ -82,7 +85,7 @@ class KVzipPolicy(Policy):
 
     @property
     def capture(self) -> Capture:
-        return Capture(reconstruction=True)
+        return Capture(reconstruction=True, reconstruction_span=self.span)
 
     def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
         ctx = ctx or CompressContext(num_layers=len(states))
