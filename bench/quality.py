@@ -175,8 +175,9 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
     for pol in built.values():
         capture = capture.merge(pol.capture)
     # reconstruction passes of other spans (kvzip:span=N beside kvzip): run over the same prefill's states
-    spans = {pol.capture.reconstruction_span for pol in built.values() if pol.capture.reconstruction}
-    spans.discard(capture.reconstruction_span)
+    passes = {(pol.capture.reconstruction_span, pol.capture.reconstruction_precision)
+              for pol in built.values() if pol.capture.reconstruction}
+    passes.discard((capture.reconstruction_span, capture.reconstruction_precision))
     needs_profile = [p for p in built.values() if getattr(p, "needs_profile", False)]
     ctx = runner.context(needs_profile[0] if needs_profile else None)  # model id (kvzap's scorer) + profile
     variants = precision_variants(configs, list(precisions))
@@ -192,14 +193,15 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
         out = runner.prefill(ctx_ids, capture=capture)
         if ci == 0:
             prefill_s["column_sums" if capture.column_sums else "window"] = time.perf_counter() - t
-        by_span = {capture.reconstruction_span: out.states}
-        for span in sorted(spans):
-            got = runner.reconstruction_scores(ctx_ids, None, out.states, out.start, span)
-            by_span[span] = [replace(st, reconstruction=x) for st, x in zip(out.states, got, strict=True)]
+        by_pass = {(capture.reconstruction_span, capture.reconstruction_precision): out.states}
+        for span, precision in sorted(passes):
+            got = runner.reconstruction_scores(ctx_ids, None, out.states, out.start, span, precision)
+            by_pass[span, precision] = [replace(st, reconstruction=x) for st, x in zip(out.states, got, strict=True)]
         for cfg, pol in built.items():
             t = time.perf_counter()
             try:
-                states = by_span[pol.capture.reconstruction_span] if pol.capture.reconstruction else out.states
+                cap = pol.capture
+                states = by_pass[cap.reconstruction_span, cap.reconstruction_precision] if cap.reconstruction else out.states
                 seg = pol.compress(states, out.start, ctx)
             except InvalidInput as e:  # e.g. pod below its reachable range: reported, not fatal
                 for name, _ in variants[cfg]:
