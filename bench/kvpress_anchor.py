@@ -133,11 +133,12 @@ def _replayable(press) -> bool:
 
 
 @torch.inference_mode()
-def kvzip_shared(model, ids: list[int], ratios: dict) -> dict:
+def kvzip_shared(model, ids: list[int], ratios: dict, full_key=None) -> dict:
     """KVzipPress run once (prefill, then its reconstruction passes) for every compression ratio in
     `ratios` (key -> ratio): its scores do not depend on the ratio, so its own compress_post is run
     per ratio on a copy of them. Returns key -> (cache, masks); the caches share the rows (KVzip
-    masks, it evicts nothing), which decoding never writes in place (each step concatenates)."""
+    masks, it evicts nothing), which decoding never writes in place (each step concatenates). With
+    `full_key`, those rows unmasked (the uncompressed prefill's) are in the result under that key."""
     import kvpress as kp
     from transformers import DynamicCache
 
@@ -155,7 +156,7 @@ def kvzip_shared(model, ids: list[int], ratios: dict) -> dict:
 
     cache, _ = direct_prefill(model, ids, Multi(compression_ratio=max(ratios.values())))
     out = {}
-    for k, m in got.items():
+    for k, m in [*got.items(), *([(full_key, {})] if full_key is not None else [])]:
         c = DynamicCache()
         for i, layer in enumerate(cache.layers):
             c.update(layer.keys[..., :0, :], layer.values[..., :0, :], i)
@@ -165,7 +166,7 @@ def kvzip_shared(model, ids: list[int], ratios: dict) -> dict:
 
 
 @torch.inference_mode()
-def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = None) -> tuple[dict, dict]:
+def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = None, full_key=None) -> tuple[dict, dict]:
     """One prefill of `ids` (no lm head, as kvpress's pipeline) whose attention layers hand each of
     `presses` (key -> press) a cache of its own holding that layer's full keys and values, and call
     the press's own forward_hook on it with the layer's real kwargs and output: exactly what the
@@ -173,7 +174,8 @@ def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = N
     hidden states every later layer sees are those of the uncompressed prefill, whatever the press).
     Returns key -> compressed DynamicCache and key -> {layer: masked_key_indices} (AdaKV's head-wise
     masks live on the attention module; they are saved per press and restored for its decode). A
-    press that raises is left out of the result, its error in `errors` (key -> message)."""
+    press that raises is left out of the result, its error in `errors` (key -> message). With
+    `full_key`, the prefill's own uncompressed cache is in the result under that key."""
     from transformers import DynamicCache
 
     caches = {k: DynamicCache() for k in presses}
@@ -207,11 +209,14 @@ def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = N
         return output
 
     hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in lm.layers]
+    base = DynamicCache()
     try:
-        lm(input_ids=torch.tensor([ids]), **cache_kwarg(lm, DynamicCache()))
+        lm(input_ids=torch.tensor([ids]), **cache_kwarg(lm, base))
     finally:
         for h in hooks:
             h.remove()
+    if full_key is not None:
+        caches[full_key], masks[full_key] = base, {}
     return caches, masks
 
 
@@ -313,22 +318,24 @@ def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: li
                 shared = {c: p for c, p in built.items() if impl[c] == group and _replayable(p)}
                 if shared:
                     t = time.perf_counter()
-                    caches, masks = shared_prefill(models[group], ids, shared, errors)
+                    fk = (None, 1.0) if group == "sdpa" and first_token == "tail" else None  # the full cache: this prefill's
+                    caches, masks = shared_prefill(models[group], ids, shared, errors, fk)
                     secs = time.perf_counter() - t
                     out.update({c: (caches[c], masks[c], secs) for c in caches})
-                    own.update({c[0]: c for c in reversed(list(caches))})
+                    own.update({c[0]: c for c in reversed(list(caches)) if c[0] is not None})
             zips = {c: round(1 - c[1], 6) for c in built if c[0] == "kvzip"}
             if zips:
                 t = time.perf_counter()
                 try:
-                    got = kvzip_shared(models["sdpa"], ids, zips)
+                    fk = (None, 1.0) if (None, 1.0) not in out and first_token == "tail" else None
+                    got = kvzip_shared(models["sdpa"], ids, zips, fk)
                     secs = time.perf_counter() - t
                     out.update({c: (*v, secs) for c, v in got.items()})
-                    own["kvzip"] = next(iter(got))
+                    own["kvzip"] = next(iter(zips))
                 except Exception as e:  # noqa: BLE001 - reported per press, not fatal
                     errors.update({c: f"{type(e).__name__}: {e}"[:300] for c in zips})
             first = None  # the prefill's own next token ("prefill" variant only)
-            for c in [(None, 1.0)] + [c for c in built if c not in out and c not in errors]:
+            for c in [c for c in [(None, 1.0), *built] if c not in out and c not in errors]:
                 t = time.perf_counter()
                 try:
                     if c[0] is None and first_token == "prefill":

@@ -68,6 +68,7 @@ from headwise.models import ModelRunner, resolve_model_path
 from headwise.policies import get_policy
 from services.kvstore.client import KVStoreClient
 from services.kvstore.errors import StoreError
+from services.kvstore.memtune import tune_malloc
 from services.kvstore.protocol import GRPC_OPTIONS
 from services.kvstore.redis_proc import free_port, start_redis
 
@@ -292,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first, per cache")
     ap.add_argument("--precisions", default="fp32,int8", help="row precisions to store each cache at")
     a = ap.parse_args(argv)
+    tune_malloc()  # this process is the bulk client (each put's frames are fresh 1 MiB buffers), as memtune says
     console = Console(width=None if sys.stdout.isatty() else 200)  # the table stays whole in logs
     with console.status("prefilling the document"):
         caches = real_caches(a.model, a.tokens, a.kept)
