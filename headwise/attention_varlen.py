@@ -32,7 +32,7 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -174,6 +174,8 @@ class VarlenLayer:
     bases: tuple[int, ...] = ()
     max_k: int = 0
     built_at: int = 0
+    num_special: int = 0  # the most special rows of any (stream, head); 0: the kernel alone
+    stream_plain: list[int] = field(default_factory=list)  # per stream, its heads' most plain rows
 
 
 def _special(lc: LayerCache, row: Tensor, head: Tensor, scored: int) -> Tensor:
@@ -258,7 +260,8 @@ def build_varlen(layers: Sequence[LayerCache], cap: int, base_layers: Sequence[S
     view = VarlenLayer(K, V, cu_k, (plain_t + torch.tensor(T0, dtype=torch.long, device=dev)).int(), plain,
                        start + plain_t, cap, H, sk, sv, bias, srow,
                        sp_merged=merged if any(lc.recall is not None and lc.recall.num_groups > 0 for lc in layers) else None,
-                       max_k=max((n + t for n, t in zip(plain, T0, strict=True)), default=0))
+                       max_k=max((n + t for n, t in zip(plain, T0, strict=True)), default=0),
+                       num_special=max(nsp, default=0), stream_plain=[max(plain[b * H : (b + 1) * H]) for b in range(B)])
     if any(lc.distant is not None for lc in layers):
         _attach_distant(view, layers, base_layers, per, M)
         view.sp_distant = far
@@ -304,6 +307,8 @@ def varlen_decode(q: Tensor, view: VarlenLayer, n: int, scaling: float, base_q: 
     kernel = kernel or cuda_kernel()
     cu_q = torch.arange(BH + 1, dtype=torch.int32, device=q.device)
     plain = _run(kernel, q, view.keys, view.values, cu_q, view.cu_k, 1, view.max_k, scaling, False, view.used)
+    if not view.num_special:
+        return plain[0].to(q.dtype), None
     logits, o_s, l_s = _explicit(q, view, scaling, base_q)
     out, lse = _merge([plain, (o_s, l_s)])
     if thresholds is None or view.sp_merged is None:
@@ -396,7 +401,7 @@ class VarlenDecodeViews:
         t = torch.tensor(self.lens, dtype=torch.long, device=dev).repeat_interleave(H)  # [BH]
         at = torch.stack([v.tail0 for v in self.views]) + t  # [layers, BH]
         plain = torch.stack([v.tail0 - v.cu_k[:-1].long() for v in self.views])
-        max_k = [max(p + self.lens[bh // H] + 1 for bh, p in enumerate(v.plain)) for v in self.views]
+        max_k = [max(p + t + 1 for p, t in zip(v.stream_plain, self.lens, strict=True)) for v in self.views]
         return VarlenStep(at, (plain + t + 1).int(), max_k, torch.arange(t.numel(), device=dev) * self.cap + t)
 
     def write(self, i: int, idx: VarlenStep, k: Tensor, v: Tensor) -> tuple[VarlenLayer, int]:

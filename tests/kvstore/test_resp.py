@@ -224,3 +224,22 @@ async def test_an_aborted_pipelined_put_leaves_nothing(redis_url) -> None:
             assert not r.keys("hw:acme:*")
     finally:
         await backend.close()
+
+
+async def test_a_pipelined_commit_after_redis_lost_its_scripts_still_commits(redis_url) -> None:
+    """EVALSHA on the put's connection answers NOSCRIPT (a restarted or flushed Redis): the commit
+    goes again through redis-py's script call, which loads it; the segment is stored once."""
+    backend = RedisBackend(redis_url, deadline_s=5.0)
+    seg = encode(big_cache(rows=600), include_recall=False)
+    try:
+        with redis.Redis.from_url(redis_url) as r:
+            r.script_flush()
+        w = await backend.begin_put("acme", "doc", seg.header, len(seg.chunks), sum(map(len, seg.chunks)), Limits())
+        for i, ch in enumerate(seg.chunks):
+            await w.chunk(i, ch)
+        stored, used, _ = await w.commit()
+        m = await backend.manifest("acme", "doc")
+        assert m is not None and [bytes(c) for c in await backend.chunks("acme", m, 0, m.num_chunks)] == seg.chunks
+        assert used == stored == seg.nbytes and (await backend.usage("acme")) == (stored, 1)
+    finally:
+        await backend.close()
