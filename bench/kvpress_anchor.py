@@ -123,18 +123,50 @@ def _cache_key(kwargs: dict) -> str:
 
 def _replayable(press) -> bool:
     """A press whose whole effect is BasePress's prefill hook (compress() on the layer's hidden
-    states, keys and values, after attention): it can be replayed on a copy of one shared prefill.
-    KVzip (its own reconstruction passes after the prefill) and ObservedAttention (the eager
-    attention matrix) run on a prefill of their own."""
+    states, keys and values, after attention): it can be replayed on a copy of one shared prefill
+    (ObservedAttention's on the eager model's, whose attention matrix it reads). KVzip (its own
+    reconstruction passes after the prefill) is kvzip_shared's."""
     import kvpress as kp
 
     cls = type(press)
-    return (cls.__call__ is kp.BasePress.__call__ and cls.forward_hook is kp.BasePress.forward_hook
-            and not isinstance(press, kp.ObservedAttentionPress))
+    return cls.__call__ is kp.BasePress.__call__ and cls.forward_hook is kp.BasePress.forward_hook
 
 
 @torch.inference_mode()
-def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = None) -> tuple[dict, dict]:
+def kvzip_shared(model, ids: list[int], ratios: dict, full_key=None) -> dict:
+    """KVzipPress run once (prefill, then its reconstruction passes) for every compression ratio in
+    `ratios` (key -> ratio): its scores do not depend on the ratio, so its own compress_post is run
+    per ratio on a copy of them. Returns key -> (cache, masks); the caches share the rows (KVzip
+    masks, it evicts nothing), which decoding never writes in place (each step concatenates). With
+    `full_key`, those rows unmasked (the uncompressed prefill's) are in the result under that key."""
+    import kvpress as kp
+    from transformers import DynamicCache
+
+    got: dict = {}
+
+    class Multi(kp.KVzipPress):
+        def compress_post(self, model):
+            scores = self.score_val.clone()
+            for k, r in ratios.items():
+                self.score_val, self.compression_ratio = scores.clone(), r
+                super().compress_post(model)
+                got[k] = {layer.self_attn.layer_idx: layer.self_attn.masked_key_indices for layer in model.model.layers}
+                for layer in model.model.layers:
+                    layer.self_attn.masked_key_indices = None
+
+    cache, _ = direct_prefill(model, ids, Multi(compression_ratio=max(ratios.values())))
+    out = {}
+    for k, m in [*got.items(), *([(full_key, {})] if full_key is not None else [])]:
+        c = DynamicCache()
+        for i, layer in enumerate(cache.layers):
+            c.update(layer.keys[..., :0, :], layer.values[..., :0, :], i)
+            c.layers[i].keys, c.layers[i].values = layer.keys, layer.values
+        out[k] = (c, m)
+    return out
+
+
+@torch.inference_mode()
+def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = None, full_key=None) -> tuple[dict, dict]:
     """One prefill of `ids` (no lm head, as kvpress's pipeline) whose attention layers hand each of
     `presses` (key -> press) a cache of its own holding that layer's full keys and values, and call
     the press's own forward_hook on it with the layer's real kwargs and output: exactly what the
@@ -142,7 +174,8 @@ def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = N
     hidden states every later layer sees are those of the uncompressed prefill, whatever the press).
     Returns key -> compressed DynamicCache and key -> {layer: masked_key_indices} (AdaKV's head-wise
     masks live on the attention module; they are saved per press and restored for its decode). A
-    press that raises is left out of the result, its error in `errors` (key -> message)."""
+    press that raises is left out of the result, its error in `errors` (key -> message). With
+    `full_key`, the prefill's own uncompressed cache is in the result under that key."""
     from transformers import DynamicCache
 
     caches = {k: DynamicCache() for k in presses}
@@ -176,11 +209,14 @@ def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = N
         return output
 
     hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in lm.layers]
+    base = DynamicCache()
     try:
-        lm(input_ids=torch.tensor([ids]), **cache_kwarg(lm, DynamicCache()))
+        lm(input_ids=torch.tensor([ids]), **cache_kwarg(lm, base))
     finally:
         for h in hooks:
             h.remove()
+    if full_key is not None:
+        caches[full_key], masks[full_key] = base, {}
     return caches, masks
 
 
@@ -249,13 +285,14 @@ def same_cache(a, ma: dict, b, mb: dict) -> bool:
 
 
 @torch.inference_mode()
-def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: list[float], console, check: bool = True,
+def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: list[float], console, check=None,
                     save=None, first_token: str = "tail") -> dict:
     """Query-aware regime, as kvpress's evaluation with `query_aware: true`: per question, document
     + question is the compressed context (the question's rows are compressed too), the template tail
     and answer prefix are asked on the compressed cache (the first token comes from that pass).
-    Replayable presses share one prefill per question (shared_prefill); on the first question each
-    is also run on its own prefill (direct_prefill) and the two caches must be identical.
+    Replayable presses share one prefill per question (shared_prefill, kvzip_shared); on the first
+    question each press in `check` (True: all) is also run on its own prefill (direct_prefill) and
+    the two caches must be identical (`replay_checked`).
     `first_token` "prefill" is a variant (not kvpress's evaluation): the tail is compressed with the
     rest and the first token comes from the prefill's logits, which no press changes (every press
     compresses a layer's cache after its attention ran), so it is the full cache's first token."""
@@ -275,35 +312,51 @@ def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: li
                     built[c] = make_press(c[0], round(1 - c[1], 6))
                 except Exception as e:  # noqa: BLE001 - a press that cannot be built is reported
                     errors[c] = f"{type(e).__name__}: {e}"[:300]
-            shared = {c: p for c, p in built.items() if _replayable(p)}
-            t = time.perf_counter()
-            caches, masks = shared_prefill(models["sdpa"], ids, shared, errors)
-            shared_s = time.perf_counter() - t
-            out = {c: (caches[c], masks[c], shared_s) for c in caches}
+            impl = {c: "eager" if c[0] == "observed_attention" else "sdpa" for c in configs}
+            out, own = {}, {}  # key -> (cache, masks, seconds); the shared caches' press names -> a key
+            for group in ("sdpa", "eager"):
+                shared = {c: p for c, p in built.items() if impl[c] == group and _replayable(p)}
+                if shared:
+                    t = time.perf_counter()
+                    fk = (None, 1.0) if group == "sdpa" and first_token == "tail" else None  # the full cache: this prefill's
+                    caches, masks = shared_prefill(models[group], ids, shared, errors, fk)
+                    secs = time.perf_counter() - t
+                    out.update({c: (caches[c], masks[c], secs) for c in caches})
+                    own.update({c[0]: c for c in reversed(list(caches)) if c[0] is not None})
+            zips = {c: round(1 - c[1], 6) for c in built if c[0] == "kvzip"}
+            if zips:
+                t = time.perf_counter()
+                try:
+                    fk = (None, 1.0) if (None, 1.0) not in out and first_token == "tail" else None
+                    got = kvzip_shared(models["sdpa"], ids, zips, fk)
+                    secs = time.perf_counter() - t
+                    out.update({c: (*v, secs) for c, v in got.items()})
+                    own["kvzip"] = next(iter(zips))
+                except Exception as e:  # noqa: BLE001 - reported per press, not fatal
+                    errors.update({c: f"{type(e).__name__}: {e}"[:300] for c in zips})
             first = None  # the prefill's own next token ("prefill" variant only)
-            for c in [(None, 1.0)] + [c for c in built if c not in shared]:
-                model = models["eager" if c[0] == "observed_attention" else "sdpa"]
+            for c in [c for c in [(None, 1.0), *built] if c not in out and c not in errors]:
                 t = time.perf_counter()
                 try:
                     if c[0] is None and first_token == "prefill":
-                        cache, m, first = direct_prefill(model, ids, None, logits=True)
+                        cache, m, first = direct_prefill(models["sdpa"], ids, None, logits=True)
                     else:
-                        cache, m = direct_prefill(model, ids, built.get(c))
+                        cache, m = direct_prefill(models[impl[c]], ids, built.get(c))
                 except Exception as e:  # noqa: BLE001 - reported per press, not fatal
                     errors[c] = f"{type(e).__name__}: {e}"[:300]
                     console.print(f"[red]{c[0]} at kept {c[1]} failed: {errors[c]}[/red]")
                     continue
                 out[c] = (cache, m, time.perf_counter() - t)
-            if check:
-                for c in caches:
-                    if c[0] in checked:
+            if check:  # each shared press once, against its own prefill under its own context manager
+                for name, c in own.items():
+                    if name in checked or (check is not True and name not in check):
                         continue
-                    cache, m = direct_prefill(models["sdpa"], ids, make_press(c[0], round(1 - c[1], 6)))
-                    checked[c[0]] = same_cache(caches[c], masks[c], cache, m)
-                    if not checked[c[0]]:
-                        console.print(f"[red]{c[0]}: the shared prefill's cache differs from the press's own[/red]")
+                    cache, m = direct_prefill(models[impl[c]], ids, make_press(name, round(1 - c[1], 6)))
+                    checked[name] = same_cache(out[c][0], out[c][1], cache, m)
+                    if not checked[name]:
+                        console.print(f"[red]{name}: the shared prefill's cache differs from the press's own[/red]")
             for c, (cache, m, secs) in sorted(out.items(), key=lambda x: x[0][0] is not None):
-                model = models["eager" if c[0] == "observed_attention" else "sdpa"]
+                model = models[impl[c]]
                 realised = realised_fraction(cache, m, len(ids))  # before the tail and answer rows are appended
                 try:
                     text = answer_on(model, tokenizer, cache, m, tail, len(ids), first)
@@ -316,7 +369,7 @@ def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: li
                 r["realised"].append(realised); r["prefill_s"].append(secs)
                 details.append({"case": case.name, "tokens": len(ids), "policy": c[0] or "full", "kept": c[1],
                                 "question": q.text, "answer": q.answer, "output": text, "correct": ok})
-            del out, caches
+            del out
         done = ", ".join(f"{p or 'full'}@{k}:{r['correct']}/{r['total']}" for (p, k), r in rows.items() if r["total"])
         console.print(f"[dim]{case.name} done: {done}[/dim]")
         if save is not None:  # partial results survive an interrupted run
@@ -381,6 +434,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keyed-length", type=int, default=900)
     ap.add_argument("--model", default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (1 is much faster on a shared, busy CPU)")
+    ap.add_argument("--check", default=None,
+                    help="query-aware: the shared presses checked against their own prefill on the first question "
+                         "(comma-separated; default all)")
     ap.add_argument("--first-token", choices=("tail", "prefill"), default="tail",
                     help="query-aware: tail = kvpress's evaluation (template tail + answer prefix asked on the compressed "
                          "cache); prefill = a variant: everything compressed, first token from the prefill's logits")
@@ -410,7 +466,8 @@ def main(argv: list[str] | None = None) -> dict:
                                    "seconds": time.perf_counter() - t0}, indent=1)
 
         res = {"kvpress_version": version, "suite": args.suite,
-               **run_query_aware(models, tokenizer, cases, presses, kept, console, save=save, first_token=args.first_token),
+               **run_query_aware(models, tokenizer, cases, presses, kept, console, save=save, first_token=args.first_token,
+                                   check=True if args.check is None else [x for x in args.check.split(",") if x]),
                "first_token": args.first_token}
         res["seconds"] = time.perf_counter() - t0
         for key, err in res["errors"].items():

@@ -175,8 +175,9 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
     for pol in built.values():
         capture = capture.merge(pol.capture)
     # reconstruction passes of other spans (kvzip:span=N beside kvzip): run over the same prefill's states
-    spans = {pol.capture.reconstruction_span for pol in built.values() if pol.capture.reconstruction}
-    spans.discard(capture.reconstruction_span)
+    passes = {(pol.capture.reconstruction_span, pol.capture.reconstruction_precision)
+              for pol in built.values() if pol.capture.reconstruction}
+    passes.discard((capture.reconstruction_span, capture.reconstruction_precision))
     needs_profile = [p for p in built.values() if getattr(p, "needs_profile", False)]
     ctx = runner.context(needs_profile[0] if needs_profile else None)  # model id (kvzap's scorer) + profile
     variants = precision_variants(configs, list(precisions))
@@ -192,14 +193,15 @@ def run_headwise(runner, cases: list[Case], policies: list[str], kept: list[floa
         out = runner.prefill(ctx_ids, capture=capture)
         if ci == 0:
             prefill_s["column_sums" if capture.column_sums else "window"] = time.perf_counter() - t
-        by_span = {capture.reconstruction_span: out.states}
-        for span in sorted(spans):
-            got = runner.reconstruction_scores(ctx_ids, None, out.states, out.start, span)
-            by_span[span] = [replace(st, reconstruction=x) for st, x in zip(out.states, got, strict=True)]
+        by_pass = {(capture.reconstruction_span, capture.reconstruction_precision): out.states}
+        for span, precision in sorted(passes):
+            got = runner.reconstruction_scores(ctx_ids, None, out.states, out.start, span, precision)
+            by_pass[span, precision] = [replace(st, reconstruction=x) for st, x in zip(out.states, got, strict=True)]
         for cfg, pol in built.items():
             t = time.perf_counter()
             try:
-                states = by_span[pol.capture.reconstruction_span] if pol.capture.reconstruction else out.states
+                cap = pol.capture
+                states = by_pass[cap.reconstruction_span, cap.reconstruction_precision] if cap.reconstruction else out.states
                 seg = pol.compress(states, out.start, ctx)
             except InvalidInput as e:  # e.g. pod below its reachable range: reported, not fatal
                 for name, _ in variants[cfg]:
@@ -269,6 +271,7 @@ def run_query_aware(runner, cases: list[Case], policies: list[str], kept: list[f
                 rows[cfg]["correct"] += ok; rows[cfg]["total"] += 1
                 details.append({"case": case.name, "tokens": len(s.context), "policy": cfg[0], "kept": cfg[1],
                                 "question": q.text, "answer": q.answer, "output": text, "correct": ok})
+                console.print(f"[dim]  {case.name} {q.answer!r} {cfg[0]}@{cfg[1]}: {text[:16]!r} {'ok' if ok else 'miss'}[/dim]")
             del out
         done = ", ".join(f"{p}@{k}:{r['correct']}/{r['total']}" for (p, k), r in rows.items() if p in ("full", "snapkv"))
         console.print(f"[dim]{case.name} done: {done}[/dim]")
@@ -424,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--suite", choices=("default", "full"), default="default", help="full: more depths and cases (about 2x)")
     ap.add_argument("--text", choices=("pydoc", "stdlib"), default="pydoc",
                     help="stdlib: the same cases on standard-library docstrings, text for tuning that the reported suites do not use")
+    ap.add_argument("--cases", default=None, help="only these case names (comma-separated, e.g. single@0.1,keyed#0): "
+                    "one suite split over several processes")
     ap.add_argument("--length", type=int, default=1500, help="context tokens of single/multi cases")
     ap.add_argument("--keyed-length", type=int, default=900, help="context tokens of keyed cases")
     ap.add_argument("--model", default=None)
@@ -462,6 +467,12 @@ def main(argv: list[str] | None = None) -> dict:
     qa = args.regime == "query-aware"
     policies = [p for p in (args.policies or ",".join(QUERY_AWARE_POLICIES if qa else DEFAULT_POLICIES)).split(",") if p]
     cases = build_cases(runner.tokenizer, args.suite, args.length, args.keyed_length, text=args.text)
+    if args.cases:
+        wanted = args.cases.split(",")
+        unknown = sorted(set(wanted) - {c.name for c in cases})
+        if unknown:
+            raise SystemExit(f"unknown cases {unknown}; this suite has {[c.name for c in cases]}")
+        cases = [c for c in cases if c.name in wanted]
     console.print(f"{len(cases)} cases, {sum(len(c.questions) for c in cases)} questions; policies {policies}; kept {kept}")
     t0 = time.perf_counter()
     precisions = [p for p in args.precisions.split(",") if p]

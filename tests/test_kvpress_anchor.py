@@ -106,7 +106,8 @@ def model():
 def test_shared_prefill_replays_each_press_as_its_own_prefill(model):
     ids = random_ids(96, seed=3)
     presses = {"trunc@0.25": StandInPress(0.25), "trunc@0.5": StandInPress(0.5), "mask@0.25": StandInPress(0.25, mask=True)}
-    caches, masks = ka.shared_prefill(model, ids, presses)
+    caches, masks = ka.shared_prefill(model, ids, presses, full_key="full")
+    assert set(caches) == set(masks) == {*presses, "full"}
     assert all(p.inited == 1 for p in presses.values())
     assert all(getattr(layer.self_attn, "masked_key_indices", None) is None for layer in model.model.layers)
     for key, press in presses.items():
@@ -118,6 +119,7 @@ def test_shared_prefill_replays_each_press_as_its_own_prefill(model):
     assert not ka.same_cache(caches["trunc@0.25"], masks["trunc@0.25"], full, fm)
     assert not ka.same_cache(caches["mask@0.25"], masks["mask@0.25"], full, fm)  # same rows, masks differ
     assert ka.same_cache(caches["mask@0.25"], {}, full, fm)
+    assert ka.same_cache(caches["full"], masks["full"], full, fm)  # the shared prefill's own cache is the full one
     assert ka.realised_fraction(full, fm, len(ids)) == 1.0
     assert ka.realised_fraction(caches["trunc@0.25"], masks["trunc@0.25"], len(ids)) == pytest.approx(24 / 96)
     assert ka.realised_fraction(caches["trunc@0.5"], masks["trunc@0.5"], len(ids)) == pytest.approx(0.5)

@@ -13,8 +13,8 @@ from headwise.policies.base import Capture
 from headwise.policies.snapkv import window_scores
 
 # every window-based policy, and the settings docs/policies.md names for the regime
-SPECS = [("snapkv", {}), ("adakv", {}), ("adakv", {"scorer": "ahakv"}), ("ahakv", {}), ("ahakv", {"pooling": "avg"}),
-         ("taskkv", {}), ("ems", {}), ("ems", {"kernel": 7}), ("pod", {}), ("razor", {"fill": "snapkv"})]
+SPECS = [("snapkv", {}), ("adakv", {}), ("adakv", {"scorer": "ahakv"}), ("ahakv", {}), ("ahakv", {"pooling": "none"}),
+         ("ahakv", {"pooling": "avg"}), ("taskkv", {}), ("ems", {}), ("ems", {"kernel": 0}), ("ems", {"kernel": 7}), ("pod", {}), ("razor", {"fill": "snapkv"})]
 D, Q = 600, 24  # document >= 512 rows: the realised fraction must be within 1% of the request
 
 
@@ -150,7 +150,7 @@ def test_the_documents_last_rows_compete(name, settings, runner, ctx):
     assert dropped > 0
 
 
-@pytest.mark.parametrize("settings", [{}, {"kernel": 7}])
+@pytest.mark.parametrize("settings", [{}, {"kernel": 0}])
 def test_ems_merged_rows_consistent(settings, runner, ctx):
     """Every document token is kept, merged into exactly one row (whose recall handle holds its
     original key and value), or evicted; the question's rows are never merged."""
@@ -175,3 +175,20 @@ def test_ems_merged_rows_consistent(settings, runner, ctx):
                 seen += where.tolist()
             assert len(seen) == len(set(seen)) and set(seen) <= set(range(D)) and len(seen) < D
     assert merged_any
+
+
+def test_regime_defaults_of_ahakv_and_ems(runner, ctx):
+    """Unset, AhaKV's pooling and EMS's kernel take the regime's default: the paper's (none, 0) in
+    the reuse regime, avg / 7 with the question as the window; the segment key is unchanged."""
+    assert "pooling" not in get_policy("ahakv", kept=0.25).params() and "kernel" not in get_policy("ems", kept=0.25).params()
+    out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q, column_sums=True))
+    from headwise.models.query_aware import compress_prefilled
+
+    for name, unset, qa, reuse in (("ahakv", {}, {"pooling": "avg"}, {"pooling": "none"}),
+                                   ("ems", {}, {"kernel": 7}, {"kernel": 0})):
+        got = compress_prefilled(out, D, get_policy(name, kept=0.25, **unset), ctx).document
+        assert _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **qa), ctx).document)
+        assert not _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **reuse), ctx).document)
+        plain = runner.prefill(DOC, capture=get_policy(name, kept=0.25).capture)
+        a = get_policy(name, kept=0.25).compress(plain.states, 0, ctx)
+        assert _same(a, get_policy(name, kept=0.25, **reuse).compress(plain.states, 0, ctx))

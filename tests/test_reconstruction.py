@@ -121,3 +121,31 @@ def test_capture_merge_keeps_the_exact_pass_when_one_needs_it():
     assert exact.merge(w64).reconstruction_span == 0 and w64.merge(exact).reconstruction_span == 0
     assert w64.merge(w128).reconstruction_span == 128
     assert Capture(window=8).merge(w64).reconstruction_span == 64
+
+
+def test_bf16_pass_is_kvzip_in_bfloat16(runner, ids):
+    """precision bf16 (span 0): KVzip's scores over the whole segment with the products in bfloat16:
+    close to the fp32 pass's, not equal to them, bit for bit the same stepwise and through prefill's
+    capture; the fp32 model is untouched (the plain prefill gives the same logits after it)."""
+    before = runner.prefill(ids)
+    exact = torch.stack(runner.reconstruction_scores(ids, None, before.states, before.start))
+    half = runner.reconstruction_scores(ids, None, before.states, before.start, 0, "bf16")
+    torch.testing.assert_close(torch.stack(half), exact, atol=0.03, rtol=0.1)
+    assert not torch.equal(torch.stack(half), exact)
+    whole = runner.prefill(ids, capture=Capture(reconstruction=True, reconstruction_precision="bf16"))
+    steps = list(runner.reconstruction_steps(ids, None, before.states, before.start, 0, "bf16"))
+    assert len(steps) == (1 + 1) * runner.num_layers + 1  # the request, then one chunk of 512
+    for st, s, h in zip(whole.states, steps[-1], half, strict=True):
+        assert torch.equal(st.reconstruction, s) and torch.equal(s, h)
+    assert torch.equal(runner.prefill(ids).logits, before.logits)
+
+
+def test_kvzip_precision_setting():
+    pol = get_policy("kvzip", kept=0.5, precision="bf16", span=64)
+    assert pol.capture == Capture(reconstruction=True, reconstruction_span=64, reconstruction_precision="bf16")
+    assert pol.params()["precision"] == "bf16" and "precision" not in get_policy("kvzip", kept=0.5).params()
+    with pytest.raises(InvalidInput, match="precision='fp16'"):
+        get_policy("kvzip", kept=0.5, precision="fp16")
+    half = Capture(reconstruction=True, reconstruction_precision="bf16")
+    assert half.merge(Capture(reconstruction=True)).reconstruction_precision == "fp32"  # the fp32 pass serves both
+    assert half.merge(Capture(window=8)).reconstruction_precision == "bf16"

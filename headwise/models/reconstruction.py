@@ -23,6 +23,7 @@ layer's attention output is never read (only its scores are), so it is not compu
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import torch
@@ -34,46 +35,114 @@ if TYPE_CHECKING:
     from headwise.models.runner import ModelRunner
     from headwise.policies.base import LayerState
 
+HALF = torch.bfloat16  # the `half` pass's matmul precision (fp32 accumulation, AMX/tensor cores where there are)
 SINKS = 16  # first segment rows every chunk attends to (the template's system turn and the attention sinks) [P]
 BLOCK_FLOATS = 1 << 19  # logits per query block (2 MiB of fp32): stays in L2
 
 
 def attend_scored(q: Tensor, keys: Tensor, values: Tensor, n_ctx: int, scaling: float, scored: int,
-                  out_needed: bool = True) -> tuple[Tensor | None, Tensor | None]:
+                  out_needed: bool = True, half: bool = False) -> tuple[Tensor | None, Tensor | None]:
     """Attention of C new rows over `n_ctx` context rows and, causally, over themselves.
 
     q: [Hq, C, d]; keys, values: [Hkv, n_ctx + C, d] (context first, then the new rows).
     Returns the output [Hq, C, d] (None unless `out_needed`) and, when `scored`, [Hkv, scored]:
     for each of the first `scored` context rows, the largest softmax probability any query of
     the head's group gave it. Query rows go in blocks whose logits stay cache-sized; each
-    block sees only the new rows its causal mask lets through.
+    block sees only the new rows its causal mask lets through. `half`: the two products in
+    bfloat16 (the softmax, its max and the output stay fp32).
     """
+    if half:
+        q, keys, values = q.to(HALF), keys.to(HALF), values.to(HALF)
     Hq, C, d = q.shape
     H = keys.shape[0]
     G = Hq // H
     step = max(16, BLOCK_FLOATS // (Hq * (n_ctx + C)))
-    causal = torch.full((C, C), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-    out = q.new_empty(Hq, C, d) if out_needed else None
-    best = torch.zeros(H, scored, dtype=q.dtype, device=q.device) if scored else None
+    causal = torch.full((C, C), float("-inf"), dtype=torch.float32, device=q.device).triu_(1)
+    out = torch.empty(Hq, C, d, dtype=torch.float32, device=q.device) if out_needed else None
+    best = torch.zeros(H, scored, dtype=torch.float32, device=q.device) if scored else None
     for a in range(0, C, step):
         b = min(C, a + step)
         r = b - a
         n = n_ctx + b
         qb = q[:, a:b].reshape(H, G * r, d)
-        logits = torch.bmm(qb, keys[:, :n].transpose(1, 2)).mul_(scaling)  # [H, G*r, n]
+        logits = torch.bmm(qb, keys[:, :n].transpose(1, 2))  # [H, G*r, n]
+        logits = (logits.float() if half else logits).mul_(scaling)
         logits.view(H, G, r, n)[..., n_ctx:].add_(causal[a:b, :b])
         p = torch.softmax(logits, -1)
         if out is not None:
-            out[:, a:b] = torch.bmm(p, values[:, :n]).view(Hq, r, d)
+            out[:, a:b] = torch.bmm(p.to(HALF) if half else p, values[:, :n]).view(Hq, r, d)
         if best is not None:
             torch.maximum(best, p[:, :, :scored].amax(1), out=best)  # over the block's rows of the whole group
     return out, best
 
 
+@dataclass
+class _HalfLayer:
+    """One layer's projections in bfloat16 (copies; the fp32 model is untouched) and its fp32 norms."""
+
+    qkv: Tensor  # [Dq + 2 Dkv, D]
+    o: Tensor  # [D, Dq]
+    gate_up: Tensor  # [2 I, D]
+    down: Tensor  # [D, I]
+    inter: int
+    act: object
+    ln1: torch.nn.Module
+    ln2: torch.nn.Module
+
+
+def half_layers(runner: "ModelRunner") -> list[_HalfLayer] | None:
+    """The bfloat16 copies of every layer's projections, made once per runner (about half the
+    fp32 weights' bytes, the embeddings excluded); None when a layer is not of the fused Llama kind."""
+    held = runner.__dict__.get("_half_layers")
+    if held is not None:
+        return held
+    out = []
+    for layer in runner._inner.layers:
+        f = runner._fused.get(id(layer))
+        if f is None:
+            return None
+        out.append(_HalfLayer(f.qkv.to(HALF), layer.self_attn.o_proj.weight.to(HALF), f.gate_up.to(HALF),
+                              layer.mlp.down_proj.weight.to(HALF), f.inter, f.act, f.ln1, f.ln2))
+    runner._half_layers = out
+    return out
+
+
+def half_layer_steps(runner: "ModelRunner", layers: list[_HalfLayer], h: Tensor, cos: Tensor, sin: Tensor,
+                     attend) -> Iterator[Tensor]:
+    """`ModelRunner._layer_steps` (finish_last=False) with every projection in bfloat16: the
+    residual stream, norms, RoPE and what `attend` gets (x, q, k, v) stay fp32."""
+    from headwise.models.runner import _rms, _signed_sin
+
+    S, d, Hq, Hkv = h.shape[1], runner.head_dim, runner.num_heads, runner.num_kv_heads
+    signed = _signed_sin(sin)
+    n = len(layers)
+    for i, (w, layer) in enumerate(zip(layers, runner._inner.layers, strict=True)):
+        x = _rms(h, w.ln1)
+        y = (x[0].to(HALF) @ w.qkv.t()).float().view(S, Hq + 2 * Hkv, d).transpose(0, 1)
+        qk = y[: Hq + Hkv]
+        qk = qk * cos[0] + torch.roll(qk, d // 2, -1) * signed
+        o = attend(i, layer.self_attn.scaling, x, qk[:Hq], qk[Hq:], y[Hq + Hkv :])
+        if i + 1 < n:
+            h = h + (o.transpose(0, 1).reshape(S, -1).to(HALF) @ w.o.t()).float()[None]
+            gu = _rms(h, w.ln2)[0].to(HALF) @ w.gate_up.t()
+            a = w.act(gu[:, : w.inter]).mul_(gu[:, w.inter :])
+            h = h + (a @ w.down.t()).float()[None]
+        yield h
+
+
 def windowed_steps(runner: "ModelRunner", token_ids: list[int], states: list["LayerState"], start: int, span: int,
-                   chunk: int) -> Iterator[list[Tensor] | None]:
+                   chunk: int, half: bool = False) -> Iterator[list[Tensor] | None]:
     """The windowed reconstruction pass over a segment prefilled on no cache: one layer per `next`
-    (None after each: the request's layers first, then each chunk's), then the scores [Hkv, S] per layer."""
+    (None after each: the request's layers first, then each chunk's), then the scores [Hkv, S] per layer.
+    `half`: projections and attention products in bfloat16 (`half_layer_steps`, `attend_scored`)."""
+    hl = half_layers(runner) if half else None
+    half = hl is not None
+
+    def layer_steps(h: Tensor, cos: Tensor, sin: Tensor, attend) -> Iterator[Tensor]:
+        if hl is not None:
+            return half_layer_steps(runner, hl, h, cos, sin, attend)
+        return runner._layer_steps(h, cos, sin, attend, finish_last=False)
+
     S = len(token_ids)
     prefix = runner._repeat_prefix()
     P = len(prefix)
@@ -100,9 +169,9 @@ def windowed_steps(runner: "ModelRunner", token_ids: list[int], states: list["La
                 return q
             keys = torch.cat([states[i].keys, k], 1)
             values = torch.cat([states[i].values, v], 1)
-            return attend_scored(q, keys, values, S, scaling, 0)[0]
+            return attend_scored(q, keys, values, S, scaling, 0, half=half)[0]
 
-        for _ in runner._layer_steps(h, cos, sin, request, finish_last=False):
+        for _ in layer_steps(h, cos, sin, request):
             yield None
     sinks = min(SINKS, S)
     for a in range(0, S, chunk):
@@ -119,13 +188,13 @@ def windowed_steps(runner: "ModelRunner", token_ids: list[int], states: list["La
             keys = torch.cat([st.keys[:, x0:x1] for x0, x1 in pieces] + req_k[i : i + 1] + [k], 1)
             values = torch.cat([st.values[:, x0:x1] for x0, x1 in pieces] + req_v[i : i + 1] + [v], 1)
             last = i + 1 == n_layers
-            o, got = attend_scored(q, keys, values, n_seg + P, scaling, n_seg, out_needed=not last)
+            o, got = attend_scored(q, keys, values, n_seg + P, scaling, n_seg, out_needed=not last, half=half)
             at = 0
             for x0, x1 in pieces:
                 scores[i][:, x0:x1] = torch.maximum(scores[i][:, x0:x1], got[:, at : at + x1 - x0].float())
                 at += x1 - x0
             return q if last else o
 
-        for _ in runner._layer_steps(h, cos, sin, attend, finish_last=False):
+        for _ in layer_steps(h, cos, sin, attend):
             yield None
     yield scores

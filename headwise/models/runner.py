@@ -260,7 +260,8 @@ class ModelRunner:
 
         h = self._layers(h, cos, sin, attend)
         if capture.reconstruction:
-            scored = self.reconstruction_scores(ids.tolist(), cache, states, start, capture.reconstruction_span)
+            scored = self.reconstruction_scores(ids.tolist(), cache, states, start, capture.reconstruction_span,
+                                                capture.reconstruction_precision)
             for state, score in zip(states, scored, strict=True):
                 state.reconstruction = score
         return PrefillOutput(self._logits(h[:, -1]), states, start)
@@ -278,7 +279,8 @@ class ModelRunner:
         return build_segments(self.tokenizer, "", self.RECONSTRUCT_QUESTION).question
 
     def reconstruction_scores(
-        self, token_ids: list[int], cache: CompactCache | None, states: list[LayerState], start: int, span: int = 0
+        self, token_ids: list[int], cache: CompactCache | None, states: list[LayerState], start: int, span: int = 0,
+        precision: str = "fp32",
     ) -> list[Tensor]:
         """KVzip's query-agnostic score: per layer [Hkv, S], the max attention each segment row
         receives while the model re-reads the segment, chunk by chunk, after a repeat request.
@@ -286,28 +288,33 @@ class ModelRunner:
         chunks read), `cache` what the segment was prefilled on. `prefill` calls it when the capture
         asks for `reconstruction`; the service calls it later, over a plain prefill's states. `span`
         0 is exact KVzip; N > 0 the windowed pass (headwise/models/reconstruction.py: each chunk
-        attends to the sinks and the segment rows within N tokens of its own span)."""
-        steps = self.reconstruction_steps(token_ids, cache, states, start, span)
+        attends to the sinks and the segment rows within N tokens of its own span). `precision`
+        "bf16": the pass's projections and attention products in bfloat16 (reconstruction.py)."""
+        steps = self.reconstruction_steps(token_ids, cache, states, start, span, precision)
         while (scores := next(steps)) is None:
             pass
         return scores
 
     @torch.inference_mode()
     def reconstruction_steps(
-        self, token_ids: list[int], cache: CompactCache | None, states: list[LayerState], start: int, span: int = 0
+        self, token_ids: list[int], cache: CompactCache | None, states: list[LayerState], start: int, span: int = 0,
+        precision: str = "fp32",
     ) -> Iterator[list[Tensor] | None]:
         """`reconstruction_scores` one layer of one chunk per `next`: None after each, then the scores.
         A caller that owns the model thread can run other work between steps (the service's deferred
         compression does, so a request arriving meanwhile waits for one layer, not for the pass).
 
         Every chunk runs on top of the whole (uncompressed) cache and is then thrown away, so
-        positions never go past start + S + prefix + chunk. `span` > 0 (on a segment prefilled on
-        no cache; on a cache the pass is exact): the windowed pass of headwise/models/reconstruction.py.
+        positions never go past start + S + prefix + chunk. `span` > 0 or `precision` "bf16" (on a
+        segment prefilled on no cache; on a cache the pass is this exact one): the pass of
+        headwise/models/reconstruction.py (its repeat request run once, then the chunks; span 0
+        there: chunks of RECONSTRUCT_CHUNK over the whole segment, KVzip's scores in bfloat16).
         """
-        if span > 0 and (cache is None or cache.seq_len == 0):
+        if (span > 0 or precision != "fp32") and (cache is None or cache.seq_len == 0):
             from headwise.models.reconstruction import windowed_steps
 
-            yield from windowed_steps(self, token_ids, states, start, span, self.RECONSTRUCT_WINDOWED_CHUNK)
+            chunk = self.RECONSTRUCT_WINDOWED_CHUNK if span > 0 else self.RECONSTRUCT_CHUNK
+            yield from windowed_steps(self, token_ids, states, start, span or len(token_ids), chunk, precision == "bf16")
             return
         S = len(token_ids)
         seg = CompactCache([LayerCache.from_dense(s.keys, s.values, s.positions) for s in states], start + S, start)

@@ -33,12 +33,16 @@ class Capture:
     reconstruction: bool = False  # max attention each key gets while the model re-reads the segment
     hidden: bool = False  # each layer's normed input hidden states (what a learned scorer reads)
     reconstruction_span: int = 0  # 0: exact KVzip; N: each chunk attends to the rows within N tokens of its span
+    reconstruction_precision: str = "fp32"  # "bf16": the pass's products in bfloat16
 
     def merge(self, other: "Capture") -> "Capture":
-        spans = [c.reconstruction_span for c in (self, other) if c.reconstruction]
+        asks = [c for c in (self, other) if c.reconstruction]
+        spans = [c.reconstruction_span for c in asks]
         span = 0 if not spans or 0 in spans else max(spans)  # the exact pass serves both
+        fp32 = not asks or any(c.reconstruction_precision == "fp32" for c in asks)
         return Capture(max(self.window, other.window), self.column_sums or other.column_sums,
-                       self.reconstruction or other.reconstruction, self.hidden or other.hidden, span)
+                       self.reconstruction or other.reconstruction, self.hidden or other.hidden, span,
+                       "fp32" if fp32 else "bf16")
 
 
 @dataclass

@@ -61,11 +61,15 @@ class EMSPolicy(Policy):
     candidates: float = 2.0
     log_weight: str = "none"
     signal: str = optional("window")  # the local score's observation signal: window, kvzip or kvzap
-    kernel: int = optional(0)  # [P] SnapKV's average pooling of the score (0: none, the reconstruction)
+    # [P] SnapKV's average pooling of the score (0: none); unset: the regime's default, 0 (the
+    # reconstruction's) in the reuse regime, 7 in the query-aware one (tuned on --text stdlib)
+    kernel: int | None = optional(None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ints(self, window=self.window, sinks=self.sinks, kernel=self.kernel)
+        check_ints(self, window=self.window, sinks=self.sinks)
+        if self.kernel is not None:
+            check_ints(self, kernel=self.kernel)
         for attr, lo, hi in (("lam", 0.0, 1.0), ("tau", -1.0, 1.0), ("candidates", 0.0, 64.0)):
             v = getattr(self, attr)
             if not isinstance(v, (int, float)) or not lo <= v <= hi:
@@ -89,7 +93,13 @@ class EMSPolicy(Policy):
         p = max(1, S - forced_window(state, W))
         g = g / g[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
         loc = loc / loc[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
-        return pool1d(self.lam * g + (1 - self.lam) * loc, self.kernel, "avg")
+        return pool1d(self.lam * g + (1 - self.lam) * loc, self.kernel_for(state), "avg")
+
+    def kernel_for(self, state: LayerState) -> int:
+        """The pooling kernel in force: the setting, else 7 in the query-aware regime and 0 (none) in the reuse one."""
+        if self.kernel is not None:
+            return self.kernel
+        return 7 if state.window_keys is not None else 0
 
     def plan(self, keys: Tensor, values: Tensor, score: Tensor, n_c: int, budget: int | None = None) -> HeadMerge:
         """Classes of one head over its prefix rows. keys/values [P, d]; score [P]; the candidates

@@ -23,6 +23,7 @@ HEADS = ("none", "retrieval", "heterogeneous")
 PRIORS = ("none", "value")
 MERGES = ("none", "ems")
 LOG_WEIGHTS = ("none", "count", "mass")
+PRECISIONS = ("fp32", "bf16")  # the reconstruction pass's
 EMS_CANDIDATES = 2.0  # EMS's candidate pool: 2x the kept rows ([P] default of `ems`)
 
 
@@ -64,12 +65,14 @@ class KVzipPolicy(Policy):
     # the reconstruction pass: 0 re-reads against the whole segment (exact KVzip); N > 0 lets each
     # chunk attend only to the sinks and the rows within N tokens of its own span (headwise/models/reconstruction.py)
     span: int = optional(0)
+    precision: str = optional("fp32")  # "bf16": the pass's projections and attention products in bfloat16
     log_signal: ClassVar[bool] = False  # reconstruction holds log scores (kvzap's predictions)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, sinks=self.sinks, window=self.window, kernel=self.kernel, span=self.span)
-        for attr, allowed in (("heads", HEADS), ("prior", PRIORS), ("merge", MERGES), ("log_weight", LOG_WEIGHTS)):
+        for attr, allowed in (("heads", HEADS), ("prior", PRIORS), ("merge", MERGES), ("log_weight", LOG_WEIGHTS),
+                              ("precision", PRECISIONS)):
             if getattr(self, attr) not in allowed:
                 raise InvalidInput(f"policy {self.name!r}: {attr}={getattr(self, attr)!r}; allowed: {', '.join(allowed)}")
         if not isinstance(self.whole, (int, float)) or not 0.0 <= self.whole <= 1.0:
@@ -85,7 +88,7 @@ class KVzipPolicy(Policy):
 
     @property
     def capture(self) -> Capture:
-        return Capture(reconstruction=True, reconstruction_span=self.span)
+        return Capture(reconstruction=True, reconstruction_span=self.span, reconstruction_precision=self.precision)
 
     def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
         ctx = ctx or CompressContext(num_layers=len(states))

@@ -19,6 +19,15 @@ A client that goes away closes its stream, and its row leaves at the next step.
 The model thread starts with the first stream and then waits for the next one when there is
 nothing to step (a thread that ran torch work and ends shortly before the process exits can
 abort the process). No thread per stream: the event loop awaits queues.
+
+Threads and OpenMP: the model thread is meant to be the only thread of a decode replica that
+runs parallel torch work. libgomp keeps a team of worker threads for every thread that ever
+ran a parallel region, for as long as that thread lives; once those teams hold more threads
+than the process has CPUs, every worker sleeps after each parallel region instead of spinning
+and is woken by the next one, about 900 times per one-stream decode step of the default model
+at 2 torch threads, which made a step about 2x slower (docs/engine.md, "Threads"). So the first
+token is picked here too (not on the event loop in `open`), and `run` puts other torch work of
+the decode path (joining a fetched chain) on this thread.
 """
 
 from __future__ import annotations
@@ -52,11 +61,16 @@ class _Row:
     out: asyncio.Queue
     stats: DecodeStats = field(default_factory=DecodeStats)
     token: int = 0  # the last token picked: the input of the row's next step
-    sent: int = 0  # tokens handed to the queue (model thread; `open` sends the first)
+    sent: int = 0  # tokens handed to the queue (model thread)
     taken: int = 0  # tokens the reader took (event loop)
     waiting: bool = False  # its recall is being fetched
     last_step: int = 0  # the batcher step it last ran in (the longest-waiting rows go first)
     task: asyncio.Future | None = None  # the recall fetch under way
+
+
+def _settle(fut: asyncio.Future, res, err: BaseException | None) -> None:
+    if not fut.done():
+        fut.set_exception(err) if err is not None else fut.set_result(res)
 
 
 class _End:
@@ -122,19 +136,19 @@ class DecodeBatcher:
     def open(self, cache: CompactCache, logits: Tensor, params: SamplingParams, recall_threshold: float | None = None,
              recall=None) -> Stream:
         """A stream over `cache` (it grows in place) from the prefill's `logits` [V]. `recall` (a
-        services.decode.recall.Recall) swaps in merged rows' originals; it needs `recall_threshold`."""
+        services.decode.recall.Recall) swaps in merged rows' originals; it needs `recall_threshold`.
+        The model thread picks every token, the first (from `logits`, no step) included."""
         row = _Row(cache, TokenPicker(params, self.runner.eos_ids, self.runner.tokenizer), recall_threshold,
                    recall, asyncio.get_running_loop(), asyncio.Queue())
-        stream = Stream(self, row)
-        row.token = row.picker.pick(logits)  # the first token needs no step
-        row.out.put_nowait(row.token)
-        row.sent = 1
-        if row.picker.done:
-            row.out.put_nowait(_End())
-            stream._closed = True
-        else:
-            self._post("open", row)
-        return stream
+        self._post("open", row, logits)
+        return Stream(self, row)
+
+    async def run(self, fn, *args):
+        """`fn(*args)` on the model thread, between steps (torch work of the decode path that
+        would otherwise run on the event loop: see the module's note on threads)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._post("job", None, (fn, args, fut))
+        return await fut
 
     def _post(self, kind: str, row: _Row, data=None) -> None:
         self._inbox.put((kind, row, data))
@@ -172,9 +186,25 @@ class DecodeBatcher:
             except queue.Empty:
                 return
 
-    def _handle(self, kind: str, row: _Row, data) -> None:
+    def _handle(self, kind: str, row: _Row | None, data) -> None:
         if kind == "open":
-            self._rows[row] = None
+            row.token = row.picker.pick(data)  # the first token needs no step
+            self._send(row, row.token)
+            if row.picker.done:
+                self._call(row, row.out.put_nowait, _End())
+            else:
+                self._rows[row] = None
+        elif kind == "job":
+            fn, args, fut = data
+            try:
+                res, err = fn(*args), None
+            except Exception as e:  # noqa: BLE001 - the caller gets it
+                res, err = None, e
+            loop = fut.get_loop()
+            try:
+                loop.call_soon_threadsafe(_settle, fut, res, err)
+            except RuntimeError:  # its event loop is closed
+                pass
         elif kind == "close":
             self._rows.pop(row, None)
         elif kind == "recalled" and row in self._rows:

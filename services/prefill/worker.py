@@ -457,7 +457,8 @@ class PrefillWorker:
         if steps is None:  # a runner without a separate pass: the policy's whole prefill again
             seg = (await self._model(self.runner.prefill_segment, ids, None, policy)).segment
             return await self._model(for_store, seg, precision)
-        chunks = steps(list(ids), None, out.states, out.start, policy.capture.reconstruction_span)
+        cap = policy.capture
+        chunks = steps(list(ids), None, out.states, out.start, cap.reconstruction_span, cap.reconstruction_precision)
         while (scores := await self._model(next, chunks)) is None:
             pass
         return await self._model(self._compress, out, scores, policy, precision)
