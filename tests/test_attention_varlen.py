@@ -159,11 +159,7 @@ def test_decode_layer_equals_reference_with_recall_watch(runner, ctx, name):
 def varlen_runner(runner, monkeypatch):
     """The runner's decode_batch over VarlenDecodeViews and varlen_decode with the stand-in kernel,
     as `select_decode_attention(device, kernel=...)` hands them out."""
-    from headwise.models import runner as runner_mod
-
-    views_cls, decode = av.select_decode_attention("cpu", kernel=KERNEL)
-    monkeypatch.setattr(runner_mod, "DecodeViews", views_cls)
-    monkeypatch.setattr(runner_mod, "paged_decode", decode)
+    monkeypatch.setattr(runner, "_decode_attention", av.select_decode_attention("cpu", kernel=KERNEL))
     runner._views = None
     yield runner
     runner._views = None
@@ -260,16 +256,12 @@ def _cuda_runner(dtype):
 
 @pytest.mark.gpu
 @cuda
-def test_cuda_varlen_decode_and_prefill_equal_reference(monkeypatch):
+def test_cuda_varlen_decode_and_prefill_equal_reference():
     """The engine in bf16 on CUDA through varlen_attn against the per-head reference (bf16, 2e-2)."""
-    from headwise.models import runner as runner_mod
     from tests.test_engine_devices import _ctx
 
     runner = _cuda_runner(torch.bfloat16)
-    views_cls, decode = av.select_decode_attention(runner.device, runner.dtype)
-    assert views_cls is av.VarlenDecodeViews
-    monkeypatch.setattr(runner_mod, "DecodeViews", views_cls)
-    monkeypatch.setattr(runner_mod, "paged_decode", decode)
+    assert runner._decode_attention[0] is av.VarlenDecodeViews, "bf16 on CUDA selects the varlen path"
     ctx = _ctx(runner)
     mine = [_cache(runner, ctx, n, L, seed=80 + j) for j, (n, L) in enumerate(SETUPS)]
     theirs = [c.clone() for c in mine]
@@ -292,3 +284,14 @@ def test_cuda_varlen_decode_and_prefill_equal_reference(monkeypatch):
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=0)
 
 
+
+
+@pytest.mark.parametrize("name", ["razor", "pod", "adakv"])
+def test_runner_prefill_on_cache_through_the_varlen_hook(runner, ctx, name, monkeypatch):
+    """A question prefilled on a compressed cache: the same logits through `_prefill_attention`."""
+    cache = _cache(runner, ctx, name, 240, seed=6)
+    question = [7, 11, 13, 17, 19, 23]
+    want = runner.prefill(question, cache).logits
+    monkeypatch.setattr(runner, "_prefill_attention", av.select_prefill_attention("cpu", kernel=KERNEL))
+    got = runner.prefill(question, cache).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)

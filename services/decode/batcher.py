@@ -35,9 +35,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import resource
 import threading
+import time
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from headwise.cache.compact import CompactCache
@@ -66,6 +69,56 @@ class _Row:
     waiting: bool = False  # its recall is being fetched
     last_step: int = 0  # the batcher step it last ran in (the longest-waiting rows go first)
     task: asyncio.Future | None = None  # the recall fetch under way
+
+
+def _cpu_wall() -> tuple[float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, time.perf_counter()
+
+
+class ThreadGuard:
+    """One torch thread while the process gets far less CPU than its torch threads need.
+
+    An unthrottled OpenMP team spins between parallel regions; on cores that other processes
+    hold, a spinning worker and its master wait for each other (a one-stream step of the default
+    model at 2 threads went from about 80 ms to seconds on 2 cores at load 30). Over every
+    `window` steps at n > 1 threads the process's CPU time within the steps is compared with their
+    wall time: under `floor` cores on average, the model thread steps at one thread for the next
+    `hold` steps, then tries n again. `clock() -> (cpu_s, wall_s)`."""
+
+    def __init__(self, window: int = 4, floor: float = 0.75, hold: int = 256, clock=_cpu_wall):
+        self.window, self.floor, self.hold, self.clock = window, floor, hold, clock
+        self.threads: int | None = None  # the configured count, read at the first step
+        self.left = 0  # steps still to run at one thread
+        self.n, self.cpu, self.wall = 0, 0.0, 0.0  # the window so far
+        self.fallbacks = 0
+        self._t0: tuple[float, float] | None = None
+
+    def before(self) -> None:
+        if self.threads is None:
+            self.threads = torch.get_num_threads()
+        if self.threads > 1 and self.left == 0:
+            self._t0 = self.clock()
+
+    def after(self) -> None:
+        if self.threads is None or self.threads == 1:
+            return
+        if self.left > 0:
+            self.left -= 1
+            if self.left == 0:
+                torch.set_num_threads(self.threads)
+            return
+        (c0, w0), (c1, w1) = self._t0, self.clock()
+        self.n, self.cpu, self.wall = self.n + 1, self.cpu + c1 - c0, self.wall + w1 - w0
+        if self.n < self.window:
+            return
+        starved = self.cpu < self.floor * self.wall
+        self.n, self.cpu, self.wall = 0, 0.0, 0.0
+        if starved:
+            log.warning("decode steps got under %.2f cores at %d torch threads: one thread for %d steps",
+                        self.floor, self.threads, self.hold)
+            torch.set_num_threads(1)
+            self.left, self.fallbacks = self.hold, self.fallbacks + 1
 
 
 def _settle(fut: asyncio.Future, res, err: BaseException | None) -> None:
@@ -122,6 +175,7 @@ class DecodeBatcher:
         self._rows: dict[_Row, None] = {}  # the model thread's, in the order they joined
         self.steps = 0  # batched model steps run
         self.rows = 0  # sequence steps in them (rows / steps = mean batch size)
+        self.guard = ThreadGuard()
 
     @property
     def live(self) -> int:
@@ -130,7 +184,7 @@ class DecodeBatcher:
 
     def figures(self) -> dict:
         return {"batched_steps": self.steps, "mean_batch": self.rows / self.steps if self.steps else 0.0,
-                "live_streams": self.live}
+                "live_streams": self.live, "one_thread_fallbacks": self.guard.fallbacks}
 
     # ---- the event loop's side ----------------------------------------------------
     def open(self, cache: CompactCache, logits: Tensor, params: SamplingParams, recall_threshold: float | None = None,
@@ -224,8 +278,10 @@ class DecodeBatcher:
 
     def _step(self, batch: list[_Row]) -> None:
         try:
+            self.guard.before()
             logits = self.runner.decode_batch([r.token for r in batch], [r.cache for r in batch],
                                               [r.threshold for r in batch], [r.stats for r in batch])  # [B, V]
+            self.guard.after()
         except Exception as e:  # noqa: BLE001 - every stream of the batch gets the error, the thread goes on
             log.exception("batched decode step of %d streams failed", len(batch))
             for r in batch:

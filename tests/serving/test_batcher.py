@@ -309,3 +309,35 @@ async def test_a_stream_alone_builds_its_decode_views_once_and_the_idle_thread_b
     idle = len(takes)
     await asyncio.sleep(0.2)
     assert len(takes) == idle  # and stayed in it
+
+
+def test_the_thread_guard_falls_back_to_one_thread_while_starved_and_tries_again(monkeypatch):
+    """Steps that got under `floor` cores on average over a window run at one torch thread for
+    `hold` steps, then at the configured count again; healthy steps and one thread stay put."""
+    from services.decode import batcher as mod
+
+    calls: list[int] = []
+    monkeypatch.setattr(mod.torch, "set_num_threads", calls.append)
+
+    def run(threads: int, cores: float, steps: int, hold: int = 5) -> mod.ThreadGuard:
+        monkeypatch.setattr(mod.torch, "get_num_threads", lambda: threads)
+        t = [0.0, 0.0]
+
+        def clock():  # each step: 1 s of wall, `cores` s of CPU
+            t[0] += cores / 2
+            t[1] += 0.5
+            return t[0], t[1]
+
+        g = mod.ThreadGuard(window=4, floor=0.75, hold=hold, clock=clock)
+        for _ in range(steps):
+            g.before()
+            g.after()
+        return g
+
+    assert run(2, 1.8, 40).fallbacks == 0 and calls == []
+    assert run(1, 0.1, 40).fallbacks == 0 and calls == []
+    g = run(2, 0.2, 4 + 5)  # a starved window, then the hold
+    assert g.fallbacks == 1 and calls == [1, 2] and g.left == 0
+    calls.clear()
+    g = run(2, 0.2, 4 + 5 + 4)  # starved again after trying 2 threads once more
+    assert g.fallbacks == 2 and calls == [1, 2, 1]
