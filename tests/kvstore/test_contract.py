@@ -179,10 +179,11 @@ async def test_a_reader_of_an_evicted_segment_gets_a_clean_miss(backend) -> None
 
 
 async def test_ttl_expires_segments_and_frees_quota(backend) -> None:
-    _, (stored, _, _) = await put(backend, "acme", "k", limits=Limits(ttl_s=0.3))
-    await put(backend, "acme", "forever")
+    # TTLs of 1.5 s: long enough that a loaded machine reaches the next line before expiry
+    _, (stored, _, _) = await put(backend, "acme", "k", limits=Limits(ttl_s=1.5))
     assert await backend.lookup("acme", ["k"]) == 1
-    for _ in range(50):
+    await put(backend, "acme", "forever")
+    for _ in range(100):
         if await backend.lookup("acme", ["k"]) == 0:
             break
         await asyncio.sleep(0.1)
@@ -204,9 +205,9 @@ async def test_semaphore_counts_slots_renews_releases_and_lapses(backend) -> Non
     assert await backend.release("acme", "streams", "a") and not await backend.release("acme", "streams", "a")
     assert await backend.acquire("acme", "streams", "c", 2, 30) == (True, 2)
     # a holder that stops renewing (a dead replica) frees its slot after ttl
-    assert await backend.acquire("acme", "short", "dead", 1, 0.3) == (True, 1)
+    assert await backend.acquire("acme", "short", "dead", 1, 1.5) == (True, 1)
     assert (await backend.acquire("acme", "short", "next", 1, 30))[0] is False
-    for _ in range(50):
+    for _ in range(100):
         await asyncio.sleep(0.1)
         if (await backend.acquire("acme", "short", "next", 1, 30))[0]:
             break
@@ -216,12 +217,12 @@ async def test_semaphore_counts_slots_renews_releases_and_lapses(backend) -> Non
 
 async def test_records_round_trip_isolated_and_expire(backend) -> None:
     await backend.put_record("acme", "s-1", b"\x00state\xff" * 100, 30)
-    await backend.put_record("acme", "s-2", b"short", 0.3)
+    await backend.put_record("acme", "s-2", b"short", 1.5)
     assert await backend.get_record("acme", "s-1") == b"\x00state\xff" * 100
     assert await backend.get_record("globex", "s-1") is None and await backend.get_record("acme", "nope") is None
     await backend.put_record("acme", "s-1", b"replaced", 30)
     assert await backend.get_record("acme", "s-1") == b"replaced"
-    for _ in range(50):
+    for _ in range(100):
         if await backend.get_record("acme", "s-2") is None:
             break
         await asyncio.sleep(0.1)

@@ -22,7 +22,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+def wait_listening(port: int, proc: subprocess.Popen, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[0]
@@ -44,7 +44,7 @@ def test_the_kvstore_stops_cleanly_on_a_signal(sig, redis_url):
         wait_listening(port, proc)
         wait_listening(metrics, proc)
         proc.send_signal(sig)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=90)  # a loaded 2-core machine: a generous bound, never the measure
     finally:
         if proc.poll() is None:
             proc.kill()
