@@ -26,6 +26,9 @@ What each timed figure includes (wall clock, one call, in this client process):
                   blob prepared before the clock starts (raw pays no encoding).
   floor           the header and chunk frames as messages of one bare grpc.aio client stream
                   (no checks, no Redis): what any gRPC Put from Python can reach here.
+  forward         the same stream to a server that SETs each message in Redis as it arrives
+                  (pipelined from the loop as the store writes; no checks, no commit): the
+                  floor under any proxy in front of Redis. floor+SET: floor then raw SET, per round.
 MB/s are of wire bytes (codec header + chunk frames), 1 MB = 1e6 bytes; each figure is the
 median over the timed rounds (7), after one untimed round that warms up the connections and
 the memory of Redis and the store. Each round runs service put, raw SET, service get, raw GET (and the
@@ -57,7 +60,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import machine, write_json
-from bench.grpc_floor import floor_put, floor_stub, start_floor
+from bench.grpc_floor import floor_put, floor_stub, forward_stub, start_floor
 from headwise.cache.codec import encode, prepare, stored_nbytes
 from headwise.cache.compact import CompactCache
 from headwise.documents import document_tokens
@@ -65,6 +68,7 @@ from headwise.models import ModelRunner, resolve_model_path
 from headwise.policies import get_policy
 from services.kvstore.client import KVStoreClient
 from services.kvstore.errors import StoreError
+from services.kvstore.memtune import tune_malloc
 from services.kvstore.protocol import GRPC_OPTIONS
 from services.kvstore.redis_proc import free_port, start_redis
 
@@ -105,7 +109,8 @@ def _cpu_s(pid: int) -> float:
 
 
 async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: CompactCache, repeats: int,
-                      warmup: int = 1, pids: dict[str, int] | None = None, precision: str = "fp32", floor=None) -> dict:
+                      warmup: int = 1, pids: dict[str, int] | None = None, precision: str = "fp32", floor=None,
+                      forward=None) -> dict:
     """Service, raw redis-py and (with `floor`, a bench.grpc_floor stub) the bare gRPC stream
     measured in turns within each round, so load that comes and goes on the machine hits all
     alike; figures are medians over the rounds. `pids` (name -> process id): CPU time each of
@@ -129,6 +134,8 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     }
     if floor is not None:
         ops["floor"] = lambda i: floor_put(floor, [seg.header, *seg.chunks])
+    if forward is not None:
+        ops["forward"] = lambda i: floor_put(forward, [seg.header, *seg.chunks])
     times: dict[str, list[float]] = {op: [] for op in ops}
     cpu = {op: dict.fromkeys(pids, 0.0) for op in ops}
     for i in range(-warmup, repeats):  # rounds below 0: connections, Redis's and the store's memory warm up
@@ -161,11 +168,22 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
         # the transport alone: the already encoded segment (no quantising, no CRCs) against the same bytes bare
         row["ratio_put_bytes_only_floor"] = row["put_bytes_only_mb_s"] / row["floor_mb_s"]
         row["ratio_put_from_cache_floor"] = row["put_from_cache_mb_s"] / row["floor_mb_s"]
+        # the floor under a proxy: the stream, then the raw SET of the same bytes (sequential, per round)
+        seq = [f + s for f, s in zip(times["floor"], times["raw_set"], strict=True)]
+        row["floor_then_set_ms"] = statistics.median(seq) * 1e3
+        row["ratio_put_floor_then_set_paired"] = statistics.median(q / p for q, p in zip(seq, times["put"], strict=True))
+    if forward is not None:  # ... and overlapped: each message SET as it arrives, no checks, no commit
+        row["forward_mb_s"] = row.pop("forward_mb_s")
+        row["forward_ms"] = statistics.median(times["forward"]) * 1e3
+        row["ratio_put_forward"] = row["put_mb_s"] / row["forward_mb_s"]
+        row["ratio_put_forward_paired"] = statistics.median(f / p for f, p in zip(times["forward"], times["put"], strict=True))
     if pids:
         row["cpu_ms"] = {op: {k: v / repeats * 1e3 for k, v in per.items()} for op, per in cpu.items()}
         if floor is not None:  # load-proof: the CPU the floor's two processes spend over what a put's three do
             total = {op: sum(per.values()) for op, per in row["cpu_ms"].items()}
             row["ratio_cpu_floor_put"] = total["floor"] / total["put"] if total["put"] else float("nan")
+            if forward is not None:
+                row["ratio_cpu_forward_put"] = total["forward"] / total["put"] if total["put"] else float("nan")
     return row
 
 
@@ -204,7 +222,7 @@ async def run_async(caches: dict[str, CompactCache], repeats: int, warmup: int =
     """Every cache at every precision (results named `cache/precision`)."""
     redis_proc = start_redis()
     store, port = start_store(redis_proc.url)
-    floor_proc, floor_port = start_floor()
+    floor_proc, floor_port = start_floor(redis_proc.url)
     r = redis.Redis.from_url(redis_proc.url)
     try:
         client = KVStoreClient(f"127.0.0.1:{port}", TOKEN, "bench", timeout_s=60)
@@ -212,7 +230,8 @@ async def run_async(caches: dict[str, CompactCache], repeats: int, warmup: int =
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{floor_port}", options=GRPC_OPTIONS) as ch:
                 pids = {"client": os.getpid(), "store": store.pid, "redis": redis_proc.proc.pid, "floor": floor_proc.pid}
-                return {f"{name}/{p}": await bench_cache(client, r, f"{name}-{p}", cache, repeats, warmup, pids, p, floor_stub(ch))
+                return {f"{name}/{p}": await bench_cache(client, r, f"{name}-{p}", cache, repeats, warmup, pids, p,
+                                                         floor_stub(ch), forward_stub(ch))
                         for name, cache in caches.items() for p in precisions}
         finally:
             await client.close()
@@ -232,7 +251,8 @@ def table(results: dict) -> Table:
                       "bytes-only = put/get_encoded")
     for col in ("cache", "wire MB", "chunks", "put", "get", "put ms", "get ms", "raw SET", "raw GET", "floor",
                 "put/raw", "get/raw", "put/floor", "put/floor paired", "put/raw paired", "get/raw paired",
-                "put bytes-only", "get bytes-only", "prepare ms", "put from cache ms", "from cache/floor"):
+                "put bytes-only", "get bytes-only", "prepare ms", "put from cache ms", "from cache/floor",
+                "forward ms", "put/forward paired", "put/(floor+SET) paired"):
         t.add_column(col, justify="right")
     for name, r in results.items():
         fl = (f"{r['floor_mb_s']:.0f}", f"{r['ratio_put_floor']:.2f}", f"{r['ratio_put_floor_paired']:.2f}") \
@@ -242,7 +262,9 @@ def table(results: dict) -> Table:
                   f"{r['ratio_put']:.2f}", f"{r['ratio_get']:.2f}", fl[1], fl[2],
                   f"{r['ratio_put_paired']:.2f}", f"{r['ratio_get_paired']:.2f}", f"{r['put_bytes_only_mb_s']:.0f}",
                   f"{r['get_bytes_only_mb_s']:.0f}", f"{r['prepare_ms']:.1f}", f"{r['put_from_cache_ms']:.0f}",
-                  f"{r.get('ratio_put_from_cache_floor', float('nan')):.2f}")
+                  f"{r.get('ratio_put_from_cache_floor', float('nan')):.2f}", f"{r.get('forward_ms', float('nan')):.0f}",
+                  f"{r.get('ratio_put_forward_paired', float('nan')):.2f}",
+                  f"{r.get('ratio_put_floor_then_set_paired', float('nan')):.2f}")
     return t
 
 
@@ -254,7 +276,7 @@ def cpu_table(results: dict) -> Table:
     for col in ("client", "store", "redis", "floor server", "total"):
         t.add_column(col, justify="right")
     for name, r in results.items():
-        for op in ("prepare", "put", "put_from_cache", "raw_set", "floor", "get", "raw_get"):
+        for op in ("prepare", "put", "put_from_cache", "raw_set", "floor", "forward", "get", "raw_get"):
             c = r.get("cpu_ms", {}).get(op)
             if c:
                 t.add_row(name, op, *(f"{c.get(k, 0):.1f}" for k in ("client", "store", "redis", "floor")), f"{sum(c.values()):.1f}")
@@ -271,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first, per cache")
     ap.add_argument("--precisions", default="fp32,int8", help="row precisions to store each cache at")
     a = ap.parse_args(argv)
+    tune_malloc()  # this process is the bulk client (each put's frames are fresh 1 MiB buffers), as memtune says
     console = Console(width=None if sys.stdout.isatty() else 200)  # the table stays whole in logs
     with console.status("prefilling the document"):
         caches = real_caches(a.model, a.tokens, a.kept)
@@ -291,6 +314,11 @@ def main(argv: list[str] | None = None) -> None:
     doc["ratio_put_from_cache_floor"] = min(r["ratio_put_from_cache_floor"] for r in results.values())
     doc["ratio_put_floor_per_cache"] = {name: r["ratio_put_floor"] for name, r in results.items()}
     doc["ratio_cpu_floor_put_per_cache"] = {name: r.get("ratio_cpu_floor_put") for name, r in results.items()}
+    doc["ratio_put_forward_per_cache"] = {name: r.get("ratio_put_forward") for name, r in results.items()}
+    doc["ratio_put_forward_paired_per_cache"] = {name: r.get("ratio_put_forward_paired") for name, r in results.items()}
+    doc["ratio_put_floor_then_set_paired_per_cache"] = {name: r.get("ratio_put_floor_then_set_paired")
+                                                       for name, r in results.items()}
+    doc["ratio_put_floor_paired_per_cache"] = {name: r["ratio_put_floor_paired"] for name, r in results.items()}
     doc["ratio_put_raw_per_cache"] = {name: r["ratio_put"] for name, r in results.items()}
     if {"fp32", "int8"} <= set(precisions):
         doc["ratio_stored_fp32_int8"] = doc["stored_bytes"]["fp32"] / doc["stored_bytes"]["int8"]

@@ -271,6 +271,7 @@ def run_query_aware(runner, cases: list[Case], policies: list[str], kept: list[f
                 rows[cfg]["correct"] += ok; rows[cfg]["total"] += 1
                 details.append({"case": case.name, "tokens": len(s.context), "policy": cfg[0], "kept": cfg[1],
                                 "question": q.text, "answer": q.answer, "output": text, "correct": ok})
+                console.print(f"[dim]  {case.name} {q.answer!r} {cfg[0]}@{cfg[1]}: {text[:16]!r} {'ok' if ok else 'miss'}[/dim]")
             del out
         done = ", ".join(f"{p}@{k}:{r['correct']}/{r['total']}" for (p, k), r in rows.items() if p in ("full", "snapkv"))
         console.print(f"[dim]{case.name} done: {done}[/dim]")
@@ -426,6 +427,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--suite", choices=("default", "full"), default="default", help="full: more depths and cases (about 2x)")
     ap.add_argument("--text", choices=("pydoc", "stdlib"), default="pydoc",
                     help="stdlib: the same cases on standard-library docstrings, text for tuning that the reported suites do not use")
+    ap.add_argument("--cases", default=None, help="only these case names (comma-separated, e.g. single@0.1,keyed#0): "
+                    "one suite split over several processes")
     ap.add_argument("--length", type=int, default=1500, help="context tokens of single/multi cases")
     ap.add_argument("--keyed-length", type=int, default=900, help="context tokens of keyed cases")
     ap.add_argument("--model", default=None)
@@ -464,6 +467,12 @@ def main(argv: list[str] | None = None) -> dict:
     qa = args.regime == "query-aware"
     policies = [p for p in (args.policies or ",".join(QUERY_AWARE_POLICIES if qa else DEFAULT_POLICIES)).split(",") if p]
     cases = build_cases(runner.tokenizer, args.suite, args.length, args.keyed_length, text=args.text)
+    if args.cases:
+        wanted = args.cases.split(",")
+        unknown = sorted(set(wanted) - {c.name for c in cases})
+        if unknown:
+            raise SystemExit(f"unknown cases {unknown}; this suite has {[c.name for c in cases]}")
+        cases = [c for c in cases if c.name in wanted]
     console.print(f"{len(cases)} cases, {sum(len(c.questions) for c in cases)} questions; policies {policies}; kept {kept}")
     t0 = time.perf_counter()
     precisions = [p for p in args.precisions.split(",") if p]

@@ -90,11 +90,13 @@ app.add_typer(scorer_app, name="scorer")
 @scorer_app.command("train")
 def scorer_train(
     model: Optional[Path] = typer.Option(None, help="Model directory (default: the installed default model)."),
-    docs: int = typer.Option(32, help="Training documents (standard-library docstrings, 700-1,600 tokens each)."),
+    docs: int = typer.Option(40, help="Training documents (standard-library docstrings, 700-1,600 tokens each)."),
     heldout: int = typer.Option(8, help="Further documents held out to report the fit."),
     out: Optional[Path] = typer.Option(None, help="File to write (default: the profile directory, keyed by the weights' hash)."),
     force: bool = typer.Option(False, help="Train again even if a scorer for this model exists."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    cache: Optional[Path] = typer.Option(None, help="Directory that keeps KVzip's scores of each document (60-100 MB "
+                                         "each); a later run reads them back instead of running KVzip's passes again."),
 ) -> None:
     """Train once and store the kvzap scorer of a model on KVzip's own scores (minutes on CPU)."""
     from headwise.errors import InvalidInput
@@ -118,7 +120,7 @@ def scorer_train(
             pass
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as prog:
         task = prog.add_task("kvzap scorer", total=1.0)
-        sc = train_scorer(runner, heldout=heldout, train_docs=docs,
+        sc = train_scorer(runner, heldout=heldout, train_docs=docs, cache=cache,
                           progress=lambda s, f: prog.update(task, description=s, completed=f))
     sc.save(path)
     t = sc.training

@@ -18,7 +18,7 @@ SETTINGS = ["razor:fill=kvzip", "razor:fill=snapkv", "razor:compensation=none", 
             "kvzip:heads=retrieval", "kvzip:heads=heterogeneous", "kvzip:prior=value", "kvzip:merge=ems",
             "kvzip:merge=ems:log_weight=mass", "kvzip:heads=retrieval:prior=value:merge=ems", "kvzap:merge=ems:prior=value",
             "kvzap:heads=retrieval", "ems:signal=kvzip", "taskkv:signal=kvzip", "ahakv:signal=kvzip", "snapkv:signal=kvzap",
-            "adakv:signal=kvzip", "ahakv:pooling=avg", "ems:kernel=7"]
+            "adakv:signal=kvzip", "ahakv:pooling=avg", "ahakv:pooling=none", "ems:kernel=7", "ems:kernel=0"]
 POLICIES = [n for n in policy_names() if n != "full"] + SETTINGS
 S = 600  # >= 512: the realised fraction must be within 1% of the request
 

@@ -7,9 +7,12 @@ import torch
 
 from headwise.errors import InvalidInput
 from headwise.policies import get_policy
-from headwise.policies.base import Capture, CompressContext
+from headwise.policies.base import Capture, CompressContext, LayerState
 from headwise.profiles.scorer import (
+    FEATURES,
+    SCORER_VERSION,
     KVScorer,
+    features,
     _solve,
     forget_loaded,
     load_scorer,
@@ -67,13 +70,42 @@ def ctx(runner, trained):
 def test_trained_scorer_is_stored_by_the_weights_hash_and_round_trips(runner, trained, tmp_path):
     path = scorer_path(runner.name)
     assert path.is_file() and trained.model_id == runner.name
-    assert trained.weight.shape == (3, 96 + 1, 3) and torch.isfinite(trained.weight).all()
+    # hidden 96, place 4, key and value norms and their logs for 3 KV heads, bias
+    assert trained.weight.shape == (3, 96 + 4 + 6 + 6 + 1, 3) and torch.isfinite(trained.weight).all()
+    assert trained.features == FEATURES and trained.hidden_size == 96
     assert trained.training["train_docs"] == 2 and set(trained.training["fit"]) >= {"spearman_global", "overlap_0.1"}
     back = KVScorer.load(trained.save(tmp_path / "copy.safetensors"))
-    assert back.model_id == trained.model_id and back.training == trained.training
+    assert back.model_id == trained.model_id and back.training == trained.training and back.features == trained.features
     assert torch.equal(back.weight, trained.weight)
-    x = torch.randn(10, 96)
-    assert torch.equal(back.predict(1, x), trained.predict(1, x))
+    st = _state(1, 10)
+    assert torch.equal(back.predict(st), trained.predict(st)) and back.predict(st).shape == (3, 10)
+
+
+def _state(layer: int, S: int, seed: int = 0) -> LayerState:
+    g = torch.Generator().manual_seed(seed)
+    return LayerState(layer, torch.randn(3, S, 16, generator=g), torch.randn(3, S, 16, generator=g), torch.arange(S), 0.25,
+                      hidden=torch.randn(S, 96, generator=g))
+
+
+def test_features_are_the_hidden_state_place_and_row_norms():
+    st = _state(0, 12)
+    f = features(st, FEATURES)
+    assert f.shape == (12, 96 + 4 + 6 + 6)
+    assert torch.equal(f[:, :96], st.hidden)
+    assert torch.allclose(f[:, 96], torch.log1p(torch.arange(12.0)))  # place in the segment
+    assert torch.allclose(f[:, 100:103], st.keys.norm(dim=-1).T) and torch.allclose(f[:, 103:106], st.keys.norm(dim=-1).T.log())
+    assert torch.allclose(f[:, 106:109], st.values.norm(dim=-1).T)
+    with pytest.raises(InvalidInput, match="feature 'attention' is not one of"):
+        features(st, ("attention",))
+
+
+def test_an_older_format_is_rejected_with_what_to_run(runner, trained, tmp_path):
+    from safetensors.torch import save_file
+
+    old = tmp_path / "old.safetensors"
+    save_file({"weight": trained.weight[:, : 96 + 1].contiguous()}, str(old), metadata={"model_id": runner.name, "version": "1"})
+    with pytest.raises(InvalidInput, match=rf"format version '1'; this headwise reads version {SCORER_VERSION}.*headwise scorer train --force"):
+        KVScorer.load(old)
 
 
 def test_loaded_automatically_from_disk(runner, trained):
@@ -90,9 +122,15 @@ def test_wrong_model_is_rejected(runner, trained, profile_dir):
         trained.check_shape(30, 3, 576)
 
 
-def test_missing_or_broken_scorer_says_what_to_run(tmp_path):
+def test_missing_or_broken_scorer_says_what_to_run(tmp_path, profile_dir):
     with pytest.raises(InvalidInput, match=r"no kvzap scorer for model 0000000000000000 .*headwise scorer train"):
         load_scorer("0" * 64)
+    v1 = scorer_path("1" * 64).with_name(f"kvzap-{'1' * 64}-v1.safetensors")
+    v1.parent.mkdir(parents=True, exist_ok=True)
+    v1.write_bytes(b"an older scorer")
+    with pytest.raises(InvalidInput, match=r"found only another format version: kvzap-1+-v1.safetensors.*headwise scorer train"):
+        load_scorer("1" * 64)
+    v1.unlink()
     with pytest.raises(InvalidInput, match="needs the model's identity"):
         load_scorer("")
     bad = tmp_path / "bad.safetensors"
@@ -123,7 +161,7 @@ def test_kept_fraction_global_ragged_and_forced_rows(ctx, prefilled, kept):
 
 def test_kept_rows_are_the_top_predicted(trained, ctx, prefilled):
     seg = get_policy("kvzap", kept=0.3, sinks=0, window=0).compress(prefilled.states, 0, ctx)
-    pred = torch.stack([trained.predict(s.layer, s.hidden) for s in prefilled.states])  # [L, H, S]
+    pred = torch.stack([trained.predict(s) for s in prefilled.states])  # [L, H, S]
     threshold = pred.flatten().topk(seg.num_rows).values.min()
     for i, layer in enumerate(seg.layers):
         for h in range(layer.num_heads):
@@ -191,8 +229,21 @@ def test_shipped_scorer_of_the_default_model(real_runner):
     ids = build_segments(tok, document_tokens(tok, 700), "").context
     out = real_runner.prefill(ids, capture=Capture(hidden=True, reconstruction=True))
     n = out.states[0].num_tokens
-    pred = torch.stack([scorer.predict(s.layer, s.hidden)[:, 4 : n - 8] for s in out.states])
+    pred = torch.stack([scorer.predict(s)[:, 4 : n - 8] for s in out.states])
     true = torch.stack([s.reconstruction[:, 4 : n - 8] for s in out.states])
     assert spearman(pred.flatten(), true.flatten()) > 0.5
     seg = get_policy("kvzap", kept=0.1).compress(out.states, 0, real_runner.context())
     assert seg.kept_fraction() == pytest.approx(0.1, rel=0.01)
+
+
+def test_kvzip_targets_are_cached_and_read_back(runner, tmp_path, monkeypatch):
+    """A training run with a cache directory keeps KVzip's scores per document; the next reads them back, no pass runs."""
+    g = torch.Generator().manual_seed(11)
+    docs = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (110, 90, 100)]
+    first = train_scorer(runner, docs=docs, heldout=1, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    monkeypatch.setattr(runner, "prefill", lambda *a, **k: pytest.fail("KVzip's passes ran again"))
+    again = train_scorer(runner, docs=docs, heldout=1, cache=tmp_path)
+    st = _state(2, 50, seed=3)
+    assert spearman(first.predict(st).flatten(), again.predict(st).flatten()) > 0.99  # keys/values are kept in fp16
+    assert again.training["fit"]["spearman_global"] == pytest.approx(first.training["fit"]["spearman_global"], abs=0.02)

@@ -13,8 +13,8 @@ from headwise.policies.base import Capture
 from headwise.policies.snapkv import window_scores
 
 # every window-based policy, and the settings docs/policies.md names for the regime
-SPECS = [("snapkv", {}), ("adakv", {}), ("adakv", {"scorer": "ahakv"}), ("ahakv", {}), ("taskkv", {}), ("ems", {}),
-         ("pod", {}), ("razor", {"fill": "snapkv"})]
+SPECS = [("snapkv", {}), ("adakv", {}), ("adakv", {"scorer": "ahakv"}), ("ahakv", {}), ("ahakv", {"pooling": "none"}),
+         ("ahakv", {"pooling": "avg"}), ("taskkv", {}), ("ems", {}), ("ems", {"kernel": 0}), ("ems", {"kernel": 7}), ("pod", {}), ("razor", {"fill": "snapkv"})]
 D, Q = 600, 24  # document >= 512 rows: the realised fraction must be within 1% of the request
 
 
@@ -134,3 +134,61 @@ def test_bad_requests_raise_clear_errors(runner, ctx):
         prefill_query_aware(runner, DOC, QUESTION, get_policy("kvzip", kept=0.25), ctx)
     with pytest.raises(InvalidInput, match="non-empty question"):
         prefill_query_aware(runner, DOC, [], get_policy("snapkv", kept=0.25), ctx)
+
+
+@pytest.mark.parametrize("name,settings", [s for s in SPECS if s[0] != "razor"])
+def test_the_documents_last_rows_compete(name, settings, runner, ctx):
+    """The window is the question, kept exactly: the document's own last rows are not forced (the
+    reuse regime forces them as its window), so at kept 0.1 some head drops some of them."""
+    res = prefill_query_aware(runner, DOC, QUESTION, get_policy(name, kept=0.1 if name != "pod" else 0.12, **settings), ctx)
+    tail = torch.arange(D - 32, D)
+    dropped = 0
+    for layer in res.document.layers:
+        for h in range(layer.num_heads):
+            a, b = int(layer.head_offsets[h]), int(layer.head_offsets[h + 1])
+            dropped += int((~torch.isin(tail, layer.positions[a:b])).sum())
+    assert dropped > 0
+
+
+@pytest.mark.parametrize("settings", [{}, {"kernel": 0}])
+def test_ems_merged_rows_consistent(settings, runner, ctx):
+    """Every document token is kept, merged into exactly one row (whose recall handle holds its
+    original key and value), or evicted; the question's rows are never merged."""
+    out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q, column_sums=True))
+    from headwise.models.query_aware import compress_prefilled
+
+    res = compress_prefilled(out, D, get_policy("ems", kept=0.25, **settings), ctx)
+    merged_any = False
+    for layer, st in zip(res.document.layers, out.states, strict=True):
+        for h in range(layer.num_heads):
+            a, b = int(layer.head_offsets[h]), int(layer.head_offsets[h + 1])
+            seen = []
+            for r in range(a, b):
+                rid, pos = int(layer.recall_ids[r]), int(layer.positions[r])
+                if rid < 0:
+                    seen.append(pos)
+                    continue
+                merged_any = True
+                assert pos == -1 and int(layer.recall.heads[rid]) == h
+                where, keys, values = layer.recall.group(rid)
+                assert torch.equal(keys, st.keys[h, where]) and torch.equal(values, st.values[h, where])
+                seen += where.tolist()
+            assert len(seen) == len(set(seen)) and set(seen) <= set(range(D)) and len(seen) < D
+    assert merged_any
+
+
+def test_regime_defaults_of_ahakv_and_ems(runner, ctx):
+    """Unset, AhaKV's pooling and EMS's kernel take the regime's default: the paper's (none, 0) in
+    the reuse regime, avg / 7 with the question as the window; the segment key is unchanged."""
+    assert "pooling" not in get_policy("ahakv", kept=0.25).params() and "kernel" not in get_policy("ems", kept=0.25).params()
+    out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q, column_sums=True))
+    from headwise.models.query_aware import compress_prefilled
+
+    for name, unset, qa, reuse in (("ahakv", {}, {"pooling": "avg"}, {"pooling": "none"}),
+                                   ("ems", {}, {"kernel": 7}, {"kernel": 0})):
+        got = compress_prefilled(out, D, get_policy(name, kept=0.25, **unset), ctx).document
+        assert _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **qa), ctx).document)
+        assert not _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **reuse), ctx).document)
+        plain = runner.prefill(DOC, capture=get_policy(name, kept=0.25).capture)
+        a = get_policy(name, kept=0.25).compress(plain.states, 0, ctx)
+        assert _same(a, get_policy(name, kept=0.25, **reuse).compress(plain.states, 0, ctx))

@@ -25,6 +25,7 @@ from headwise.attention import (
     ragged_prefill_attention,
 )
 from headwise.attention_paged import DecodeViews, paged_decode, paged_shares
+from headwise.attention_varlen import select_decode_attention, select_prefill_attention, use_varlen
 from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
 from headwise.models.loader import check_model_dir, load_model, model_id
@@ -104,6 +105,10 @@ class ModelRunner:
             eos.append(tokenizer.eos_token_id)
         self.eos_ids = frozenset(e for e in eos if e is not None)
         self._views: DecodeViews | None = None  # decode views of the last decode_batch's caches
+        # the attention strategy: attention_varlen on CUDA with fp16/bf16 weights, else None (this module's paged path)
+        varlen = use_varlen(self.device, self.dtype)
+        self._decode_attention = select_decode_attention(self.device, self.dtype) if varlen else None  # (views class, decode)
+        self._prefill_attention = select_prefill_attention(self.device, self.dtype) if varlen else None
         self._fuse()
 
     @classmethod
@@ -245,7 +250,8 @@ class ModelRunner:
 
         def attend(i: int, scaling: float, x: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             shared.hold(i, q)
-            o = ragged_prefill_attention(q, cache.layers[i] if cache is not None else None, k, v, scaling, shared)
+            attention = self._prefill_attention or ragged_prefill_attention
+            o = attention(q, cache.layers[i] if cache is not None else None, k, v, scaling, shared)
             shared.release(i)
             states.append(LayerState(
                 layer=i, keys=k, values=v, positions=pos, scaling=scaling,
@@ -410,6 +416,7 @@ class ModelRunner:
         pos = torch.tensor([c.seq_len for c in caches], dtype=torch.long, device=self.device)
         h, cos, sin = self._embed(ids, pos)  # [1, B, D]: B rows, each its own sequence
         views = self._decode_views(caches)
+        decode = (self._decode_attention or (DecodeViews, paged_decode))[1]
         idx = views.step_index()
         H, G, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         thr = None
@@ -424,7 +431,7 @@ class ModelRunner:
             view, n = views.write(i, idx, k.transpose(0, 1).reshape(B * H, d), v.transpose(0, 1).reshape(B * H, d))
             if i in views.last_use:
                 held[i] = qb
-            o, hits = paged_decode(qb, view, n, scaling, _base_rows(view, held) if view.dist_keys is not None else None, thr)
+            o, hits = decode(qb, view, n, scaling, _base_rows(view, held) if view.dist_keys is not None else None, thr)
             for b in [b for b, last in views.last_use.items() if last == i]:
                 held.pop(b, None)
             for b, share in paged_shares(hits, H):
@@ -447,7 +454,8 @@ class ModelRunner:
             return views
         self._views = None  # the old views' memory goes before the new ones are built
         cap = max(64, 2 * (max(c.layers[0].tail_len for c in caches) + 1))
-        self._views = DecodeViews(caches, cap, self.num_heads // self.num_kv_heads)
+        views_cls = (self._decode_attention or (DecodeViews, paged_decode))[0]
+        self._views = views_cls(caches, cap, self.num_heads // self.num_kv_heads)
         return self._views
 
     def generate(

@@ -14,6 +14,7 @@ from headwise.policies.base import (
     ScorerPolicy,
     check_budget,
     check_ints,
+    forced_window,
     gather_rows,
     keep_all,
     keep_top,
@@ -94,7 +95,8 @@ class AdaKVPolicy(Policy):
         b = self.budget(S)
         if b >= S:
             return keep_all(state)
-        check_budget(self, b, self.sinks + self.window)
+        W = forced_window(state, self.window)
+        check_budget(self, b, self.sinks + W)
         scores = self.scorer.score(state, ctx).float()  # [Hkv, S]
-        _, budgets = head_budgets(scores[:, self.sinks : S - self.window], b - self.sinks - self.window, self.alpha)
-        return gather_rows(state, keep_top(scores, budgets.tolist(), self.sinks, self.window))
+        _, budgets = head_budgets(scores[:, self.sinks : S - W], b - self.sinks - W, self.alpha)
+        return gather_rows(state, keep_top(scores, budgets.tolist(), self.sinks, W))

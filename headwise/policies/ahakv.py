@@ -25,13 +25,23 @@ class AhaKVPolicy(ScorerPolicy):
     name = "ahakv"
     kernel: int = 7
     faithful: bool = False
-    pooling: str = optional("none")  # [P] SnapKV's pooling of the attention score too ("avg", "max"), kernel `kernel`
+    # [P] SnapKV's pooling of the attention score too ("avg", "max"), kernel `kernel`; unset: the
+    # regime's default, "none" (the paper) in the reuse regime, "avg" in the query-aware one
+    pooling: str | None = optional(None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, kernel=self.kernel)
-        if self.pooling not in POOLINGS:
+        if self.pooling is not None and self.pooling not in POOLINGS:
             raise InvalidInput(f"policy 'ahakv': pooling={self.pooling!r}; allowed: {', '.join(POOLINGS)}")
+
+    def pooling_for(self, state: LayerState) -> str:
+        """The pooling in force: the setting, else "avg" in the query-aware regime (the question's
+        attention marks a fact's key words and first digit; pooling keeps the rows next to them,
+        tuned on `bench.quality --text stdlib`) and "none" in the reuse regime."""
+        if self.pooling is not None:
+            return self.pooling
+        return "avg" if state.window_keys is not None else "none"
 
     def gains(self, S: int, window: int, budget: int) -> Tensor:
         """[window] per-row temperature of the last `window` rows of an S-token segment."""
@@ -43,10 +53,10 @@ class AhaKVPolicy(ScorerPolicy):
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
         if self.signal != "window":  # [P] reconstruction queries all see the whole document: no step gain
             s = observation(state, self.signal, self.window, ctx.model_id)
-            return value_prior(state.values, self.kernel) * pool1d(s, self.kernel, self.pooling)
+            return value_prior(state.values, self.kernel) * pool1d(s, self.kernel, self.pooling_for(state))
         S = state.num_tokens
         W = min(self.window or 1, state.window_queries.shape[1] if state.window_queries is not None else S)
         after = 0 if state.window_keys is None else state.window_keys.shape[1]  # query-aware: window after the segment
         gain = self.gains(S + after, W, self.budget(S)).to(state.keys.device)
         s = group_reduce(window_scores(state, W, gain), state.num_kv_heads)  # [Hkv, N]
-        return value_prior(state.values, self.kernel) * pool1d(s, self.kernel, self.pooling)
+        return value_prior(state.values, self.kernel) * pool1d(s, self.kernel, self.pooling_for(state))

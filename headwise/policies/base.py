@@ -142,6 +142,14 @@ def check_budget(policy, budget: int, protected: int, what: str = "sinks + windo
         )
 
 
+def forced_window(state: LayerState, window: int) -> int:
+    """How many of the segment's last rows a policy forces as its observation window: `window`,
+    or none in the query-aware regime (`state.window_keys` set), where the window is the
+    question, whose rows follow the segment and are kept exactly (as the papers keep their
+    observation window), so the segment's own last rows compete like any other."""
+    return 0 if state.window_keys is not None else window
+
+
 def check_ints(policy, **values: int) -> None:
     for name, v in values.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
@@ -250,6 +258,7 @@ class ScorerPolicy(Policy):
         b = self.budget(S)
         if b >= S:
             return keep_all(state)
-        check_budget(self, b, self.sinks + self.window)
+        W = forced_window(state, self.window)
+        check_budget(self, b, self.sinks + W)
         scores = self.score(state, ctx).float()  # [Hkv, S]
-        return gather_rows(state, keep_top(scores, b - self.sinks - self.window, self.sinks, self.window))
+        return gather_rows(state, keep_top(scores, b - self.sinks - W, self.sinks, W))

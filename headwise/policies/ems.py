@@ -16,6 +16,7 @@ from headwise.policies.base import (
     Policy,
     check_budget,
     check_ints,
+    forced_window,
     keep_all,
     keep_top,
     optional,
@@ -60,11 +61,15 @@ class EMSPolicy(Policy):
     candidates: float = 2.0
     log_weight: str = "none"
     signal: str = optional("window")  # the local score's observation signal: window, kvzip or kvzap
-    kernel: int = optional(0)  # [P] SnapKV's average pooling of the score (0: none, the reconstruction)
+    # [P] SnapKV's average pooling of the score (0: none); unset: the regime's default, 0 (the
+    # reconstruction's) in the reuse regime, 7 in the query-aware one (tuned on --text stdlib)
+    kernel: int | None = optional(None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_ints(self, window=self.window, sinks=self.sinks, kernel=self.kernel)
+        check_ints(self, window=self.window, sinks=self.sinks)
+        if self.kernel is not None:
+            check_ints(self, kernel=self.kernel)
         for attr, lo, hi in (("lam", 0.0, 1.0), ("tau", -1.0, 1.0), ("candidates", 0.0, 64.0)):
             v = getattr(self, attr)
             if not isinstance(v, (int, float)) or not lo <= v <= hi:
@@ -85,30 +90,40 @@ class EMSPolicy(Policy):
         seen_by = torch.arange(S, 0, -1, device=state.keys.device, dtype=torch.float32)
         g = group_reduce(state.column_sums.float() / seen_by, H)
         loc = observation(state, self.signal, W, model_id)
-        p = max(1, S - W)
+        p = max(1, S - forced_window(state, W))
         g = g / g[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
         loc = loc / loc[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
-        return pool1d(self.lam * g + (1 - self.lam) * loc, self.kernel, "avg")
+        return pool1d(self.lam * g + (1 - self.lam) * loc, self.kernel_for(state), "avg")
 
-    def plan(self, keys: Tensor, values: Tensor, score: Tensor, n_c: int) -> HeadMerge:
-        """Classes of one head over its prefix rows. keys/values [P, d]; score [P]."""
+    def kernel_for(self, state: LayerState) -> int:
+        """The pooling kernel in force: the setting, else 7 in the query-aware regime and 0 (none) in the reuse one."""
+        if self.kernel is not None:
+            return self.kernel
+        return 7 if state.window_keys is not None else 0
+
+    def plan(self, keys: Tensor, values: Tensor, score: Tensor, n_c: int, budget: int | None = None) -> HeadMerge:
+        """Classes of one head over its prefix rows. keys/values [P, d]; score [P]; the candidates
+        are `candidates` x the head's budget (n_c + window by default)."""
         centers = keep_top(score[None], n_c - self.sinks, self.sinks, 0)[0]  # sinks + the top: [n_c] sorted
-        return merge_plan(keys, values, score, centers, int(self.candidates * (n_c + self.window)), self.tau)
+        budget = n_c + self.window if budget is None else budget
+        return merge_plan(keys, values, score, centers, int(self.candidates * budget), self.tau)
 
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
-        S, W = state.num_tokens, self.window
+        S, W = state.num_tokens, forced_window(state, self.window)
         b = self.budget(S)
         if b >= S:
             return keep_all(state)
         check_budget(self, b, self.sinks + W)
         score = self.score(state, ctx.model_id)
-        rows = [self.merge_head(state, h, score[h], b - W) for h in range(state.num_kv_heads)]
+        rows = [self.merge_head(state, h, score[h], b - W, W) for h in range(state.num_kv_heads)]
         return merged_layer(state, rows)
 
-    def merge_head(self, state: LayerState, h: int, score: Tensor, n_c: int) -> HeadRows:
-        """Rows of head h: merged centres, then the window, with the recall groups behind merged rows."""
-        P = state.num_tokens - self.window
-        plan = self.plan(state.keys[h, :P], state.values[h, :P], score[:P], n_c)
+    def merge_head(self, state: LayerState, h: int, score: Tensor, n_c: int, window: int | None = None) -> HeadRows:
+        """Rows of head h: merged centres, then the `window` forced last rows (default: the policy's
+        window), with the recall groups behind merged rows."""
+        W = self.window if window is None else window
+        P = state.num_tokens - W
+        plan = self.plan(state.keys[h, :P], state.values[h, :P], score[:P], n_c, n_c + W)
         return merge_rows(state, h, score[:P], plan, self.log_weight)
 
 

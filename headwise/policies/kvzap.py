@@ -12,8 +12,9 @@ class KVzapPolicy(KVzipPolicy):
 
     A per-layer linear map, trained once per model on KVzip's reconstruction scores
     (`headwise scorer train`, stored by the weights' hash like the head profiles; the default
-    model's ships in the package), turns each layer's normed input of a token into the
-    predicted log KVzip score of its row in every KV head. Rows are then ranked over ALL
+    model's ships in the package), turns each layer's normed input of a token, its place in
+    the segment and the norms of its key and value rows into the predicted log KVzip score of
+    its row in every KV head. Rows are then ranked over ALL
     layers and heads at once exactly as `kvzip` ranks its measured scores (`sinks` first and
     `window` last rows of every head forced), so no second pass over the segment is run:
     the compression costs one small matmul per layer on top of the plain prefill.
@@ -41,5 +42,5 @@ class KVzapPolicy(KVzipPolicy):
         from headwise.profiles.scorer import load_scorer
 
         scorer = load_scorer(ctx.model_id if ctx else "").check_shape(L, H, states[0].hidden.shape[-1])
-        predicted = [replace(s, reconstruction=scorer.predict(s.layer, s.hidden)) for s in states]  # [Hkv, S] each
+        predicted = [replace(s, reconstruction=scorer.predict(s)) for s in states]  # [Hkv, S] each
         return super().compress(predicted, start, ctx)

@@ -23,7 +23,16 @@ from torch import Tensor
 
 from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
-from headwise.policies.base import Capture, CompressContext, LayerState, Policy, check_ints, keep_all, keep_top
+from headwise.policies.base import (
+    Capture,
+    CompressContext,
+    LayerState,
+    Policy,
+    check_ints,
+    forced_window,
+    keep_all,
+    keep_top,
+)
 
 EVICTORS = ("snapkv", "kvzip", "none")
 BLOCK_SCORES = ("mean", "max")
@@ -176,11 +185,13 @@ class PoDPolicy(Policy):
                 "or use another policy")
         return True
 
-    def token_counts(self, S: int, base_of: list[list[int]]) -> dict[tuple[int, int], int]:
-        """Eviction stage: (base layer, KV head) -> tokens every layer of that block keeps."""
+    def token_counts(self, S: int, base_of: list[list[int]], window: int | None = None) -> dict[tuple[int, int], int]:
+        """Eviction stage: (base layer, KV head) -> tokens every layer of that block keeps (`window`:
+        the forced last rows, default the policy's; 0 in the query-aware regime)."""
         L, H = len(base_of), len(base_of[0])
         members = block_members(base_of)
-        P = int(proximal(S, self.sinks, self.window).sum())
+        window = self.window if window is None else window
+        P = int(proximal(S, self.sinks, window).sum())
         nonbase = L * H - len(members)
         # a block of m layers with n tokens holds 2 n (base) + (m - 1)(n + P) rows (non-base: V of n, K of P)
         weights = [len(m) + 1 for m in members.values()]
@@ -204,15 +215,15 @@ class PoDPolicy(Policy):
 
     def select(self, states: list[LayerState], base_of: list[list[int]], ctx: CompressContext) -> dict[tuple[int, int], Tensor]:
         """Eviction stage: (base layer, KV head) -> sorted int64 indices of the tokens the block keeps."""
-        S = states[0].num_tokens
-        counts = self.token_counts(S, base_of)
+        S, W = states[0].num_tokens, forced_window(states[0], self.window)
+        counts = self.token_counts(S, base_of, W)
         scores = torch.stack([self.layer_scores(st, ctx) for st in states])  # [L, Hkv, S]
-        forced = int(proximal(S, self.sinks, self.window).sum())
+        forced = int(proximal(S, self.sinks, W).sum())
         out = {}
         for (b, h), layers in block_members(base_of).items():
             s = scores[layers, h]
             s = s.mean(0) if self.block_score == "mean" else s.amax(0)
-            out[(b, h)] = keep_top(s[None], counts[(b, h)] - forced, self.sinks, self.window)[0]
+            out[(b, h)] = keep_top(s[None], counts[(b, h)] - forced, self.sinks, W)[0]
         return out
 
     def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
@@ -225,7 +236,7 @@ class PoDPolicy(Policy):
             layers = [self.layer_cache(st, base_of[i], i, prox) for i, st in enumerate(states)]
             return CompactCache(layers, seq_len=start + S, start=start, meta=meta)
         keep = self.select(states, base_of, ctx)
-        prox = proximal(S, self.sinks, self.window).to(states[0].keys.device)
+        prox = proximal(S, self.sinks, forced_window(states[0], self.window)).to(states[0].keys.device)
         layers = [self.evicted_layer_cache(st, base_of[i], i, keep, prox) for i, st in enumerate(states)]
         return CompactCache(layers, seq_len=start + S, start=start, meta=meta)
 

@@ -90,7 +90,7 @@ def observation(state: LayerState, signal: str, window: int, model_id: str = "",
             raise InvalidInput("signal 'kvzap' needs the layers' hidden states; prefill with the policy's capture")
         from headwise.profiles.scorer import load_scorer
 
-        return load_scorer(model_id).predict(state.layer, state.hidden).exp()  # predicted log score -> score
+        return load_scorer(model_id).predict(state).exp()  # predicted log score -> score
     return group_reduce(window_scores(state, window, gain), state.num_kv_heads)
 
 

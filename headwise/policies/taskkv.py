@@ -14,6 +14,7 @@ from headwise.policies.base import (
     Policy,
     check_budget,
     check_ints,
+    forced_window,
     gather_rows,
     keep_all,
     keep_top,
@@ -83,7 +84,8 @@ class TaskKVPolicy(Policy):
         S, n = state.num_tokens, state.num_kv_heads
         if self.budget(S) >= S:
             return keep_all(state)
-        protected = self.sinks + self.recent
+        R = forced_window(state, self.recent)  # query-aware: the question is the recent window
+        protected = self.sinks + R
         layer_budget = round(self.kept * S * n)
         f = self.heterogeneous_count(state.layer, ctx.num_layers, n)
         while f > 0 and (layer_budget - S * f) // (n - f) < protected:
@@ -95,6 +97,6 @@ class TaskKVPolicy(Policy):
         base, extra = divmod(layer_budget - S * len(het), n - len(het))
         others = [g for g in range(n) if g not in het]
         counts = [min(S, base + (j < extra)) - protected for j in range(len(others))]
-        rows = dict(zip(others, keep_top(score[others], counts, self.sinks, self.recent), strict=True))
+        rows = dict(zip(others, keep_top(score[others], counts, self.sinks, R), strict=True))
         rows.update({g: torch.arange(S, device=state.keys.device) for g in het})
         return gather_rows(state, [rows[g] for g in range(n)])

@@ -1,10 +1,11 @@
 """A scorer distilled from KVzip (KVzap, arXiv 2601.07891; Fast KVzip, arXiv 2601.17668).
 
-For each layer a linear map from that layer's normed input hidden state of a token (what
-the prefill computes anyway, `Capture(hidden=True)`) to log of KVzip's reconstruction score
-of the token's row in every KV head: `log s[h, t] ~ [x_t, 1] @ W_l[:, h]`. Log scores keep
-the per-layer fits on one scale, so the predictions can be ranked over all layers and heads
-at once, as `kvzip` ranks its scores.
+For each layer a linear map from features of a token that the prefill computes anyway
+(`Capture(hidden=True)`): the layer's normed input hidden state x_t, the token's place in the
+segment, and the norms of its key and value rows in every KV head, to log of KVzip's
+reconstruction score of the token's row in every KV head: `log s[h, t] ~ [f_t, 1] @ W_l[:, h]`.
+Log scores keep the per-layer fits on one scale, so the predictions can be ranked over all
+layers and heads at once, as `kvzip` ranks its scores.
 
 Trained once per model by ridge regression on KVzip's own scores (`ModelRunner`'s
 reconstruction pass) over standard-library docstrings (`texts.py`), accumulated as
@@ -27,23 +28,59 @@ from torch import Tensor
 
 from headwise.errors import InvalidInput
 
-SCORER_VERSION = 1
+SCORER_VERSION = 2  # 1: hidden state only (read no more: train again)
+FEATURES = ("position", "key_norm", "value_norm")  # beside the hidden state; what `train_scorer` fits
+KNOWN_FEATURES = ("position", "key_norm", "value_norm")
 LOG_FLOOR = 1e-6  # scores below this are one class for the fit: log(1e-6) ~ -13.8
 SKIP_SINKS, SKIP_WINDOW = 4, 8  # rows kvzap always keeps; they would dominate the regression
-TRAIN_DOCS, HELDOUT_DOCS = 32, 8  # the shipped scorer's: 25 min on a busy 2-core CPU
+TRAIN_DOCS, HELDOUT_DOCS = 40, 8  # the shipped scorer's
 RIDGE = 1e-3  # ridge strength relative to the mean diagonal of X^T X
 PACKAGED = Path(__file__).parent / "data"
 
 Progress = Callable[[str, float], None]
 
 
+def position_features(S: int, device=None) -> Tensor:
+    """The place of each of a segment's S rows: log(1 + t), t / S, log(1 + S - t), 1 / (1 + t). [S, 4]."""
+    t = torch.arange(S, dtype=torch.float32, device=device)
+    return torch.stack([torch.log1p(t), t / S, torch.log1p(S - t), 1 / (1 + t)], 1)
+
+
+def _norms(rows: Tensor) -> Tensor:
+    """[Hkv, S, d] -> [S, 2 Hkv]: each head's row norm and its log."""
+    n = rows.float().norm(dim=-1).T
+    return torch.cat([n, n.clamp_min(1e-6).log()], 1)
+
+
+def features(state, names: tuple[str, ...]) -> Tensor:
+    """A layer's per-token inputs of the scorer: [S, D + extras] fp32 (hidden state first)."""
+    x = state.hidden.float()
+    parts = [x]
+    for name in names:
+        if name == "position":
+            parts.append(position_features(x.shape[0], x.device))
+        elif name == "key_norm":
+            parts.append(_norms(state.keys).to(x.device))
+        elif name == "value_norm":
+            parts.append(_norms(state.values).to(x.device))
+        else:
+            raise InvalidInput(f"kvzap scorer feature {name!r} is not one of {KNOWN_FEATURES}")
+    return torch.cat(parts, 1)
+
+
+def num_features(hidden_size: int, num_kv_heads: int, names: tuple[str, ...]) -> int:
+    return hidden_size + sum({"position": 4, "key_norm": 2 * num_kv_heads, "value_norm": 2 * num_kv_heads}[n] for n in names)
+
+
 @dataclass
 class KVScorer:
-    """Per-layer linear maps. weight: [L, D + 1, Hkv] fp32 (last input row is the bias)."""
+    """Per-layer linear maps. weight: [L, F + 1, Hkv] fp32 over `features(state, self.features)`
+    (F = hidden size + the extras; the last input row is the bias)."""
 
     model_id: str
     weight: Tensor
     training: dict = field(default_factory=dict)
+    features: tuple[str, ...] = FEATURES
     version: int = SCORER_VERSION
 
     @property
@@ -52,7 +89,7 @@ class KVScorer:
 
     @property
     def hidden_size(self) -> int:
-        return self.weight.shape[1] - 1
+        return self.weight.shape[1] - 1 - (num_features(0, self.num_kv_heads, self.features))
 
     @property
     def num_kv_heads(self) -> int:
@@ -75,10 +112,11 @@ class KVScorer:
             )
         return self
 
-    def predict(self, layer: int, hidden: Tensor) -> Tensor:
-        """hidden: [S, D] normed layer input -> [Hkv, S] predicted log KVzip score."""
-        w = self.weight[layer].to(hidden.device, hidden.dtype)  # [D + 1, Hkv]
-        return torch.addmm(w[-1], hidden, w[:-1]).T.float()
+    def predict(self, state) -> Tensor:
+        """A layer's state (hidden [S, D], keys and values [Hkv, S, d]) -> [Hkv, S] predicted log KVzip score."""
+        f = features(state, self.features)
+        w = self.weight[state.layer].to(f.device)  # [F + 1, Hkv]
+        return torch.addmm(w[-1], f, w[:-1]).T
 
     # ---- storage ------------------------------------------------------------------------
     def save(self, path: Path) -> Path:
@@ -86,7 +124,8 @@ class KVScorer:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        meta = {"model_id": self.model_id, "version": str(self.version), "training": json.dumps(self.training)}
+        meta = {"model_id": self.model_id, "version": str(self.version), "training": json.dumps(self.training),
+                "features": json.dumps(list(self.features))}
         save_file({"weight": self.weight.contiguous()}, str(tmp), metadata=meta)
         tmp.replace(path)  # atomic: a reader never sees half a scorer
         return path
@@ -105,8 +144,14 @@ class KVScorer:
         except Exception as e:  # truncated or foreign file: say which file, not the parser's class name
             raise InvalidInput(f"kvzap scorer at {str(p)!r} is unreadable ({e}); train it again") from None
         if meta.get("version") != str(SCORER_VERSION):
-            raise InvalidInput(f"kvzap scorer at {str(p)!r} has version {meta.get('version')!r}, not {SCORER_VERSION}; train it again")
-        return cls(meta.get("model_id", ""), weight.float(), json.loads(meta.get("training", "{}")))
+            raise InvalidInput(
+                f"kvzap scorer at {str(p)!r} has format version {meta.get('version')!r}; this headwise reads version "
+                f"{SCORER_VERSION} (hidden state, place and key/value norms); train it again with `headwise scorer train --force`"
+            )
+        names = tuple(json.loads(meta.get("features", "[]")))
+        if unknown := [n for n in names if n not in KNOWN_FEATURES]:
+            raise InvalidInput(f"kvzap scorer at {str(p)!r} reads features {unknown} this headwise does not know; train it again")
+        return cls(meta.get("model_id", ""), weight.float(), json.loads(meta.get("training", "{}")), names)
 
 
 def scorer_path(key: str) -> Path:
@@ -133,9 +178,11 @@ def load_scorer(model_id: str) -> KVScorer:
         if path.is_file():
             _LOADED[model_id] = KVScorer.load(path).check_model(model_id)
             return _LOADED[model_id]
+    old = [p for p in (scorer_path(model_id).parent, PACKAGED) for p in p.glob(f"kvzap-{model_id}-v*.safetensors")]
     raise InvalidInput(
-        f"no kvzap scorer for model {model_id[:16]} (looked in {scorer_path(model_id).parent} and the package); "
-        f"train one with `headwise scorer train --model PATH` (minutes on CPU), or use policy 'kvzip'"
+        f"no kvzap scorer for model {model_id[:16]} (looked in {scorer_path(model_id).parent} and the package"
+        + (f"; found only another format version: {', '.join(p.name for p in old)}" if old else "")
+        + "); train one with `headwise scorer train --model PATH` (minutes on CPU), or use policy 'kvzip'"
     )
 
 
@@ -174,24 +221,56 @@ def training_ids(runner, count: int) -> list[list[int]]:
     return [build_segments(runner.tokenizer, t, "").context for t in texts]
 
 
-def _scored(runner, ids: list[int]):
-    from headwise.policies.base import Capture
+def _scored(runner, ids: list[int], cache: Path | None = None):
+    """KVzip's scores of one document with the layers' hidden states (and keys): one prefill + KVzip's
+    reconstruction pass, or, with `cache` (a directory), read back from the file a previous run wrote
+    there (named by the weights' hash and the ids' hash), so experiments do not rerun KVzip's passes."""
+    from headwise.policies.base import Capture, LayerState
 
-    return runner.prefill(ids, capture=Capture(hidden=True, reconstruction=True)).states
+    path = None
+    if cache is not None:
+        import hashlib
+
+        from headwise.profiles import weights_key
+
+        digest = hashlib.sha256(torch.tensor(ids, dtype=torch.int64).numpy().tobytes()).hexdigest()[:24]
+        path = Path(cache) / f"{weights_key(runner)[:16]}-{digest}.safetensors"
+        if path.is_file():
+            from safetensors.torch import load_file
+
+            t = load_file(str(path))
+            S = t["hidden"].shape[1]
+            return [LayerState(i, t["keys"][i].float(), t["values"][i].float(), torch.arange(S), 0.0,
+                               reconstruction=t["reconstruction"][i], hidden=t["hidden"][i].float())
+                    for i in range(t["hidden"].shape[0])]
+    states = runner.prefill(ids, capture=Capture(hidden=True, reconstruction=True)).states
+    if path is not None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"hidden": torch.stack([s.hidden.float().cpu() for s in states]).contiguous(),
+                   "keys": torch.stack([s.keys.half().cpu() for s in states]).contiguous(),
+                   "values": torch.stack([s.values.half().cpu() for s in states]).contiguous(),
+                   "reconstruction": torch.stack([s.reconstruction.float().cpu() for s in states]).contiguous()},
+                  str(tmp))
+        tmp.replace(path)
+    return states
 
 
-def _pairs(state) -> tuple[Tensor, Tensor]:
-    """Rows the policy ranks (not the forced sinks/window): x [n, D + 1], log score [n, Hkv], fp64."""
+def _pairs(state, names: tuple[str, ...] = FEATURES) -> tuple[Tensor, Tensor]:
+    """Rows the policy ranks (not the forced sinks/window): x [n, F + 1], log score [n, Hkv], fp32
+    (one document's products are summed in fp32, the documents' sums in fp64: 4x faster than fp64)."""
     S = state.num_tokens
-    x = state.hidden[SKIP_SINKS : S - SKIP_WINDOW].double()
+    x = features(state, names)[SKIP_SINKS : S - SKIP_WINDOW]
     x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
-    y = state.reconstruction[:, SKIP_SINKS : S - SKIP_WINDOW].double().clamp_min(LOG_FLOOR).log().T
+    y = state.reconstruction[:, SKIP_SINKS : S - SKIP_WINDOW].float().clamp_min(LOG_FLOOR).log().T
     return x, y
 
 
 def _solve(xtx: Tensor, xty: Tensor) -> Tensor:
     """Ridge per layer from the normal equations; the bias (last input) is not shrunk. -> [L, D + 1, H] fp32."""
-    D = xtx.shape[-1] - 1
+    D = xtx.shape[-1] - 1  # the inputs; the bias is last
     out = []
     for a, b in zip(xtx, xty, strict=True):
         reg = torch.zeros(D + 1, dtype=a.dtype)
@@ -202,10 +281,11 @@ def _solve(xtx: Tensor, xty: Tensor) -> Tensor:
 
 def train_scorer(
     runner, docs: list[list[int]] | None = None, heldout: int = HELDOUT_DOCS, train_docs: int = TRAIN_DOCS,
-    progress: Progress | None = None,
+    progress: Progress | None = None, cache: Path | None = None, names: tuple[str, ...] = FEATURES,
 ) -> KVScorer:
     """Fit on KVzip's scores of `docs` (default: standard-library docstrings) minus the last `heldout`,
-    report the fit on those. Minutes on CPU for the default model: the cost is KVzip's scoring pass."""
+    report the fit on those. Minutes on CPU for the default model: the cost is KVzip's scoring pass
+    (`cache`: a directory that keeps those scores per document, read back by a later run)."""
     from headwise.profiles import weights_key
 
     progress = progress or (lambda s, f: None)
@@ -213,24 +293,25 @@ def train_scorer(
     if len(docs) <= heldout:
         raise InvalidInput(f"{len(docs)} documents leave none to train on after {heldout} held out")
     fit_docs, held = docs[: len(docs) - heldout], docs[len(docs) - heldout :]
-    L, H, D = runner.num_layers, runner.num_kv_heads, runner.config.hidden_size
-    xtx = torch.zeros(L, D + 1, D + 1, dtype=torch.float64)
-    xty = torch.zeros(L, D + 1, H, dtype=torch.float64)
+    L, H = runner.num_layers, runner.num_kv_heads
+    F = num_features(runner.config.hidden_size, H, names)
+    xtx = torch.zeros(L, F + 1, F + 1, dtype=torch.float64)
+    xty = torch.zeros(L, F + 1, H, dtype=torch.float64)
     t0, total = time.perf_counter(), len(docs)
     for j, ids in enumerate(fit_docs):
-        for i, st in enumerate(_scored(runner, ids)):
-            x, y = _pairs(st)
-            xtx[i] += (x.T @ x).cpu()
-            xty[i] += (x.T @ y).cpu()
+        for i, st in enumerate(_scored(runner, ids, cache)):
+            x, y = _pairs(st, names)
+            xtx[i] += (x.T @ x).cpu().double()
+            xty[i] += (x.T @ y).cpu().double()
         progress(f"KVzip scores, training document {j + 1}/{len(fit_docs)}", (j + 1) / total)
-    scorer = KVScorer(weights_key(runner), _solve(xtx, xty))
-    fit = evaluate(runner, scorer, held, lambda s, f: progress(s, (len(fit_docs) + f * len(held)) / total))
+    scorer = KVScorer(weights_key(runner), _solve(xtx, xty), features=tuple(names))
+    fit = evaluate(runner, scorer, held, lambda s, f: progress(s, (len(fit_docs) + f * len(held)) / total), cache)
     scorer.training = {
         "source": f"Python {'.'.join(map(str, __import__('sys').version_info[:3]))} standard-library docstrings "
                   "(headwise.profiles.texts)" if runner.tokenizer is not None else "given token ids",
         "train_docs": len(fit_docs), "train_tokens": sum(map(len, fit_docs)),
         "heldout_docs": len(held), "heldout_tokens": sum(map(len, held)),
-        "ridge": RIDGE, "log_floor": LOG_FLOOR, "skip": [SKIP_SINKS, SKIP_WINDOW],
+        "features": ["hidden", *names], "ridge": RIDGE, "log_floor": LOG_FLOOR, "skip": [SKIP_SINKS, SKIP_WINDOW],
         "seconds": round(time.perf_counter() - t0, 1), "fit": fit,
     }
     progress("done", 1.0)
@@ -254,17 +335,18 @@ def topk_overlap(pred: Tensor, true: Tensor, frac: float) -> float:
     return float(a[true.flatten().topk(k).indices].float().mean())
 
 
-def evaluate(runner, scorer: KVScorer, docs: list[list[int]], progress: Progress | None = None) -> dict:
+def evaluate(runner, scorer: KVScorer, docs: list[list[int]], progress: Progress | None = None,
+             cache: Path | None = None) -> dict:
     """Fit on held-out documents, each metric averaged over documents: Spearman over all (layer, head,
     token) rows at once (what the global budget ranks), within each layer and within each head, and
     the overlap of the kept sets at kept 0.25 and 0.1 (forced sinks/window rows left out)."""
     progress = progress or (lambda s, f: None)
     rows = []
     for j, ids in enumerate(docs):
-        states = _scored(runner, ids)
+        states = _scored(runner, ids, cache)
         S = states[0].num_tokens
         sl = slice(SKIP_SINKS, S - SKIP_WINDOW)
-        pred = torch.stack([scorer.predict(i, st.hidden)[:, sl] for i, st in enumerate(states)]).cpu()  # [L, H, n]
+        pred = torch.stack([scorer.predict(st)[:, sl] for st in states]).cpu()  # [L, H, n]
         true = torch.stack([st.reconstruction[:, sl] for st in states]).cpu()  # [L, H, n]
         rows.append({
             "global": spearman(pred.flatten(), true.flatten()),

@@ -19,6 +19,15 @@ A client that goes away closes its stream, and its row leaves at the next step.
 The model thread starts with the first stream and then waits for the next one when there is
 nothing to step (a thread that ran torch work and ends shortly before the process exits can
 abort the process). No thread per stream: the event loop awaits queues.
+
+Threads and OpenMP: the model thread is meant to be the only thread of a decode replica that
+runs parallel torch work. libgomp keeps a team of worker threads for every thread that ever
+ran a parallel region, for as long as that thread lives; once those teams hold more threads
+than the process has CPUs, every worker sleeps after each parallel region instead of spinning
+and is woken by the next one, about 900 times per one-stream decode step of the default model
+at 2 torch threads, which made a step about 2x slower (docs/engine.md, "Threads"). So the first
+token is picked here too (not on the event loop in `open`), and `run` puts other torch work of
+the decode path (joining a fetched chain) on this thread.
 """
 
 from __future__ import annotations
@@ -26,9 +35,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import resource
 import threading
+import time
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from headwise.cache.compact import CompactCache
@@ -52,11 +64,66 @@ class _Row:
     out: asyncio.Queue
     stats: DecodeStats = field(default_factory=DecodeStats)
     token: int = 0  # the last token picked: the input of the row's next step
-    sent: int = 0  # tokens handed to the queue (model thread; `open` sends the first)
+    sent: int = 0  # tokens handed to the queue (model thread)
     taken: int = 0  # tokens the reader took (event loop)
     waiting: bool = False  # its recall is being fetched
     last_step: int = 0  # the batcher step it last ran in (the longest-waiting rows go first)
     task: asyncio.Future | None = None  # the recall fetch under way
+
+
+def _cpu_wall() -> tuple[float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime, time.perf_counter()
+
+
+class ThreadGuard:
+    """One torch thread while the process gets far less CPU than its torch threads need.
+
+    An unthrottled OpenMP team spins between parallel regions; on cores that other processes
+    hold, a spinning worker and its master wait for each other (a one-stream step of the default
+    model at 2 threads went from about 80 ms to seconds on 2 cores at load 30). Over every
+    `window` steps at n > 1 threads the process's CPU time within the steps is compared with their
+    wall time: under `floor` cores on average, the model thread steps at one thread for the next
+    `hold` steps, then tries n again. `clock() -> (cpu_s, wall_s)`."""
+
+    def __init__(self, window: int = 4, floor: float = 0.75, hold: int = 256, clock=_cpu_wall):
+        self.window, self.floor, self.hold, self.clock = window, floor, hold, clock
+        self.threads: int | None = None  # the configured count, read at the first step
+        self.left = 0  # steps still to run at one thread
+        self.n, self.cpu, self.wall = 0, 0.0, 0.0  # the window so far
+        self.fallbacks = 0
+        self._t0: tuple[float, float] | None = None
+
+    def before(self) -> None:
+        if self.threads is None:
+            self.threads = torch.get_num_threads()
+        if self.threads > 1 and self.left == 0:
+            self._t0 = self.clock()
+
+    def after(self) -> None:
+        if self.threads is None or self.threads == 1:
+            return
+        if self.left > 0:
+            self.left -= 1
+            if self.left == 0:
+                torch.set_num_threads(self.threads)
+            return
+        (c0, w0), (c1, w1) = self._t0, self.clock()
+        self.n, self.cpu, self.wall = self.n + 1, self.cpu + c1 - c0, self.wall + w1 - w0
+        if self.n < self.window:
+            return
+        starved = self.cpu < self.floor * self.wall
+        self.n, self.cpu, self.wall = 0, 0.0, 0.0
+        if starved:
+            log.warning("decode steps got under %.2f cores at %d torch threads: one thread for %d steps",
+                        self.floor, self.threads, self.hold)
+            torch.set_num_threads(1)
+            self.left, self.fallbacks = self.hold, self.fallbacks + 1
+
+
+def _settle(fut: asyncio.Future, res, err: BaseException | None) -> None:
+    if not fut.done():
+        fut.set_exception(err) if err is not None else fut.set_result(res)
 
 
 class _End:
@@ -108,6 +175,7 @@ class DecodeBatcher:
         self._rows: dict[_Row, None] = {}  # the model thread's, in the order they joined
         self.steps = 0  # batched model steps run
         self.rows = 0  # sequence steps in them (rows / steps = mean batch size)
+        self.guard = ThreadGuard()
 
     @property
     def live(self) -> int:
@@ -116,25 +184,25 @@ class DecodeBatcher:
 
     def figures(self) -> dict:
         return {"batched_steps": self.steps, "mean_batch": self.rows / self.steps if self.steps else 0.0,
-                "live_streams": self.live}
+                "live_streams": self.live, "one_thread_fallbacks": self.guard.fallbacks}
 
     # ---- the event loop's side ----------------------------------------------------
     def open(self, cache: CompactCache, logits: Tensor, params: SamplingParams, recall_threshold: float | None = None,
              recall=None) -> Stream:
         """A stream over `cache` (it grows in place) from the prefill's `logits` [V]. `recall` (a
-        services.decode.recall.Recall) swaps in merged rows' originals; it needs `recall_threshold`."""
+        services.decode.recall.Recall) swaps in merged rows' originals; it needs `recall_threshold`.
+        The model thread picks every token, the first (from `logits`, no step) included."""
         row = _Row(cache, TokenPicker(params, self.runner.eos_ids, self.runner.tokenizer), recall_threshold,
                    recall, asyncio.get_running_loop(), asyncio.Queue())
-        stream = Stream(self, row)
-        row.token = row.picker.pick(logits)  # the first token needs no step
-        row.out.put_nowait(row.token)
-        row.sent = 1
-        if row.picker.done:
-            row.out.put_nowait(_End())
-            stream._closed = True
-        else:
-            self._post("open", row)
-        return stream
+        self._post("open", row, logits)
+        return Stream(self, row)
+
+    async def run(self, fn, *args):
+        """`fn(*args)` on the model thread, between steps (torch work of the decode path that
+        would otherwise run on the event loop: see the module's note on threads)."""
+        fut = asyncio.get_running_loop().create_future()
+        self._post("job", None, (fn, args, fut))
+        return await fut
 
     def _post(self, kind: str, row: _Row, data=None) -> None:
         self._inbox.put((kind, row, data))
@@ -172,9 +240,25 @@ class DecodeBatcher:
             except queue.Empty:
                 return
 
-    def _handle(self, kind: str, row: _Row, data) -> None:
+    def _handle(self, kind: str, row: _Row | None, data) -> None:
         if kind == "open":
-            self._rows[row] = None
+            row.token = row.picker.pick(data)  # the first token needs no step
+            self._send(row, row.token)
+            if row.picker.done:
+                self._call(row, row.out.put_nowait, _End())
+            else:
+                self._rows[row] = None
+        elif kind == "job":
+            fn, args, fut = data
+            try:
+                res, err = fn(*args), None
+            except Exception as e:  # noqa: BLE001 - the caller gets it
+                res, err = None, e
+            loop = fut.get_loop()
+            try:
+                loop.call_soon_threadsafe(_settle, fut, res, err)
+            except RuntimeError:  # its event loop is closed
+                pass
         elif kind == "close":
             self._rows.pop(row, None)
         elif kind == "recalled" and row in self._rows:
@@ -194,8 +278,10 @@ class DecodeBatcher:
 
     def _step(self, batch: list[_Row]) -> None:
         try:
+            self.guard.before()
             logits = self.runner.decode_batch([r.token for r in batch], [r.cache for r in batch],
                                               [r.threshold for r in batch], [r.stats for r in batch])  # [B, V]
+            self.guard.after()
         except Exception as e:  # noqa: BLE001 - every stream of the batch gets the error, the thread goes on
             log.exception("batched decode step of %d streams failed", len(batch))
             for r in batch:

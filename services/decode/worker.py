@@ -272,16 +272,16 @@ class DecodeWorker:
     async def _load(self, preq: PrefillRequest, handle: CacheHandle) -> tuple[CacheHandle, CompactCache, int]:
         """The handle's cache, from the store; a miss is recomputed once, a dead store bypassed."""
         if handle.inline_segments is not None:
-            return handle, CompactCache.concat(handle.inline_segments), 0
+            return handle, await self._join(handle.inline_segments), 0
         try:
             for attempt in range(2):
                 segs, fetched = await self._fetch(preq.tenant, handle)
                 if segs is not None:
-                    return handle, CompactCache.concat(segs), fetched
+                    return handle, await self._join(segs), fetched
                 log.warning("stored chain failed to load (attempt %d): recomputing", attempt + 1)
                 handle = await self.prefill(replace(preq, recompute=True))
                 if handle.inline_segments is not None:
-                    return handle, CompactCache.concat(handle.inline_segments), 0
+                    return handle, await self._join(handle.inline_segments), 0
         except StoreError as e:  # unavailable, or any other failure: a request never fails for the store
             log.warning("kvstore failed for decode, asking prefill for the cache inline: %s", e)
             status = fallback_status(e)
@@ -289,7 +289,12 @@ class DecodeWorker:
             status = NOT_STORED  # stored, but evicted twice before decode read it (a quota too small for the load)
         handle = await self.prefill(replace(preq, inline=True))
         handle.store_status = status
-        return handle, CompactCache.concat(handle.inline_segments), 0
+        return handle, await self._join(handle.inline_segments), 0
+
+    async def _join(self, segments: list[CompactCache]) -> CompactCache:
+        """The chain as one cache, joined on the model thread (the event loop runs no parallel
+        torch work: services/decode/batcher.py, "Threads and OpenMP")."""
+        return segments[0] if len(segments) == 1 else await self.batcher.run(CompactCache.concat, segments)
 
     async def _fetch(self, tenant: str, handle: CacheHandle) -> tuple[list[CompactCache] | None, int]:
         store = self.stores.for_tenant(tenant)

@@ -12,10 +12,15 @@ Layout, one namespace per tenant (`hw:{tenant}:`; tenant ids cannot contain ':')
   hw:{t}:sem:{name}       a counting semaphore (zset: holder -> lapse time in ms, Redis's clock)
   hw:{t}:rec:{key}        a small record (string with its own TTL)
 
-A put streams its chunks to per-upload keys with a staging TTL as they arrive: 4 MiB
-batches, each checked (the server's verifier) and written in one pipeline by a worker thread
-through a blocking client, up to two in flight while the event loop receives the next. Nothing
-refers to them until the commit, one Lua script (atomic, one round trip): it drops expired index
+A put streams its chunks to per-upload keys with a staging TTL as they arrive. On plain
+redis:// and unix:// URLs each chunk is checked (the server's verifier) and written at once from
+the event loop, pipelined on one connection (`_PipeWriter`, services/kvstore/resp.py `LoopPipe`:
+one writev per SET, the frame straight from the received message, no reply waited for), and the
+commit script follows on the same connection. Elsewhere (TLS, Redis Cluster) 4 MiB batches, each
+checked and written in one pipeline by a worker thread through a blocking client, up to two in
+flight while the event loop receives the next (`_RedisWriter`). Nothing
+refers to them until the commit, one Lua script (atomic, one round trip): it checks that every
+staged key is there (a write refused at maxmemory or expired is never committed around), drops expired index
 entries, evicts the tenant's least recently used segments until the new one fits in the quota,
 gives chunks and recall blobs the tenant's TTL, deletes the key's previous upload, records the
 size and writes the manifest last. An aborted stream deletes the staged keys; if the server dies
@@ -60,10 +65,10 @@ from services.kvstore.backend import (
     StoreFull,
     recall_field,
 )
-from services.kvstore.resp import BulkReader
+from services.kvstore.resp import BulkReader, LoopConnections, LoopPipe, command, command_head, set_head
 
 STAGING_TTL_MS = 3_600_000  # staged chunks of a put that never commits vanish after an hour
-FLUSH_BYTES = 4 << 20  # chunk bytes per pipelined write
+FLUSH_BYTES = 4 << 20  # chunk bytes per pipelined write (threads); between looks at the replies (loop)
 MAX_INFLIGHT = 2  # pipelined writes under way while the next batch is received
 COMMIT_RETRIES = 50
 OOM_REPLY = "used memory > 'maxmemory'"  # Redis's refusal of a write at maxmemory under noeviction
@@ -175,7 +180,8 @@ end
 # entries; if the segment does not fit in the quota, evict the tenant's least recently used
 # segments (lru order; segments that predate LRU tracking first) until it does; then give the
 # staged keys the tenant's TTL, delete the key's previous upload, record the size and write the
-# manifest last. Returns {0} when the segment alone is over the quota (nothing changed), else
+# manifest last. Returns {0} when the segment alone is over the quota, {-1} when a staged key is
+# missing (a chunk write that was refused or expired; nothing changed either way), else
 # {1, tenant bytes after, segments evicted, bytes evicted}.
 # The first write is a denyoom command (HSET): under noeviction at maxmemory Redis refuses it
 # with OOM before anything has changed (a script's later writes are not re-checked).
@@ -187,6 +193,9 @@ local idx, sz, lru, st, mkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now, ttl, quota, key = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local stored, upload, ns = tonumber(ARGV[5]), ARGV[6], ARGV[10]
 if quota > 0 and stored > quota then return {0} end
+for i = 6, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return {-1} end  -- a staged write that did not land
+end
 redis.call('HSET', sz, key, stored)
 for _, k in ipairs(redis.call('ZRANGEBYSCORE', idx, '-inf', now)) do
   redis.call('ZREM', idx, k); redis.call('ZREM', lru, k)
@@ -260,6 +269,9 @@ class RedisBackend:
         # threads of their own so a Get does not queue behind a put's writes; None for TLS URLs.
         self._bulk = BulkReader.for_url(url, deadline_s)
         self._read_threads = ThreadPoolExecutor(2, thread_name_prefix="kvstore-redis-read") if self._bulk else None
+        # Puts on plain URLs: pipelined from the event loop, each frame written to Redis as it
+        # arrives (services/kvstore/resp.py LoopPipe); None for TLS, whose puts keep the threads.
+        self._pipes = LoopConnections.for_url(url, deadline_s)
         self._usage = self.r.register_script(_USAGE)
         self._commit = self.r.register_script(_COMMIT)
         self._manifest = self.r.register_script(_MANIFEST)
@@ -310,6 +322,8 @@ class RedisBackend:
         need = len(header) + total_bytes
         if limits.quota_bytes and need > limits.quota_bytes:  # the commit evicts for anything smaller
             raise SegmentTooLarge(tenant, need, limits.quota_bytes)
+        if getattr(self, "_pipes", None) is not None:
+            return _PipeWriter(self, tenant, key, header, num_chunks, limits, os.urandom(8).hex())
         return _RedisWriter(self, tenant, key, header, num_chunks, limits, os.urandom(8).hex())
 
     async def _used_except(self, tenant: str, key: str | None) -> tuple[int, int]:
@@ -426,7 +440,154 @@ class RedisBackend:
             self._read_threads.shutdown(wait=False, cancel_futures=True)
         if self._bulk is not None:
             self._bulk.close()
+        if getattr(self, "_pipes", None) is not None:
+            self._pipes.close()
         self.sync.close()
+
+
+def _commit_call(w: "_RedisWriter | _PipeWriter", stored: int) -> tuple[list[str], list]:
+    """KEYS and ARGV of the commit script for writer `w`'s upload."""
+    st, t = w.store, w.tenant
+    ns = st._ns(t)
+    keep = [st._ckey(t, w.upload, i) for i in range(w.num_chunks)]
+    if w._has_recall:
+        keep.append(st._rkey(t, w.upload))
+    args = [_now_ms(), int(w.limits.ttl_s * 1000), w.limits.quota_bytes, w.key, stored, w.upload, w.header,
+            w.num_chunks, w._chunk_bytes, ns]
+    return [f"{ns}:idx", f"{ns}:sz", *st._lru_keys(t), st._mkey(t, w.key), *keep], args
+
+
+def _committed(w: "_RedisWriter | _PipeWriter", stored: int, out: list) -> tuple[int, Evicted]:
+    """(tenant bytes after, evicted) from the commit script's reply; its refusals raised."""
+    if out[0] == 0:
+        raise SegmentTooLarge(w.tenant, stored, w.limits.quota_bytes)
+    if out[0] == -1:
+        raise BackendUnavailable(f"redis at {w.store.where} lost a staged chunk of the put of {w.key!r} before "
+                                 f"its commit; nothing was stored, retry")
+    return int(out[1]), Evicted(int(out[2]), int(out[3]))
+
+
+def _first_error(replies: list) -> None:
+    """Raise the first error reply among `replies` (inside a guard: OOM becomes StoreFull)."""
+    for r in replies:
+        if isinstance(r, ResponseError):
+            raise r
+
+
+@dataclass
+class _PipeWriter:
+    """A put over one pipelined connection driven from the event loop (plain redis:// and
+    unix:// URLs). Each chunk is checked (the server's verifier), then sent at once as
+    `SET chunk-key <frame> PX staging`: one writev whose middle piece is the received
+    message's own memory, no reply waited for, no thread. Errors already answered are looked
+    at every FLUSH_BYTES (a refusal at maxmemory ends the put early). The commit script goes
+    on the same connection after the last write, so the put's only round trip is at its end:
+    the script runs after every staged write (one connection, in order) and first checks that
+    each staged key is there, so a refused write can never be committed around."""
+
+    store: RedisBackend
+    tenant: str
+    key: str
+    header: bytes
+    num_chunks: int
+    limits: Limits
+    upload: str
+    _pipe: LoopPipe | None = None
+    _chunk_bytes: int = 0
+    _recall_bytes: int = 0
+    _has_recall: bool = False
+    _unpolled: int = 0
+
+    def _lost(self, what: str, e: BaseException) -> BackendUnavailable:
+        return BackendUnavailable(f"redis at {self.store.where} failed {what}: {type(e).__name__}: {e}")
+
+    async def _send(self, pieces: list, nbytes: int, what: str) -> None:
+        """Send one command (its pieces in one writev) without waiting for its reply."""
+        pipe = self._pipe
+        if pipe is None:
+            async with self.store.guard("a connection for a put"):
+                pipe = self._pipe = await self.store._pipes.acquire()
+        try:
+            done = pipe.send_nowait(pieces)
+        except OSError as e:
+            raise self._lost(what, e) from None
+        if not done:  # the socket is full: Redis is behind; wait for it (within the deadline)
+            async with self.store.guard(what):
+                await pipe.finish_sends()
+        self._unpolled += nbytes
+        if self._unpolled >= FLUSH_BYTES:
+            self._unpolled = 0
+            async with self.store.guard(what):
+                _first_error(pipe.poll())
+
+    async def chunk(self, index, data, verify=None):
+        if verify is not None:
+            verify()  # before the frame is sent: a damaged chunk is never written
+        head, tail = set_head(self.store._ckey(self.tenant, self.upload, index).encode(), len(data), STAGING_TTL_MS)
+        await self._send([head, data, tail], len(data), "a chunk write")
+        self._chunk_bytes += len(data)
+
+    async def recall(self, layer, head, row, data):
+        rkey = self.store._rkey(self.tenant, self.upload).encode()
+        f = recall_field(layer, head, row).encode()
+        await self._send([command_head(b"HSET", rkey, f, value_len=len(data)), data, b"\r\n"], len(data), "a recall write")
+        await self._send([command(b"PEXPIRE", rkey, b"%d" % STAGING_TTL_MS)], 0, "a recall write")
+        self._recall_bytes += len(data)
+        self._has_recall = True
+
+    async def commit(self):
+        stored = len(self.header) + self._chunk_bytes + self._recall_bytes
+        try:
+            keys, args = _commit_call(self, stored)
+            script = self.store._commit
+            call = command(b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *(_arg(a) for a in (*keys, *args)))
+            await self._send([call], 0, "the commit")
+            async with self.store.guard("the commit"):
+                replies = await self._pipe.replies()
+                _first_error(replies[:-1])  # a staged write refused (the script then changed nothing)
+                out = replies[-1]
+                if isinstance(out, ResponseError) and str(out).startswith("NOSCRIPT"):  # a Redis that restarted
+                    out = await script(keys=keys, args=args)
+                _first_error([out])
+            self.store._pipes.release(self._pipe)
+            self._pipe = None
+            used, evicted = _committed(self, stored, out)
+            return stored, used, evicted
+        except BaseException:
+            await self.abort()
+            raise
+
+    async def abort(self):
+        """Delete whatever was staged: on the put's own connection after its writes (so the
+        delete cannot overtake one of them), else on another (best effort; the staging TTL
+        covers a dead Redis). Its own task, as _RedisWriter's."""
+        task = asyncio.ensure_future(self._cleanup())
+        _CLEANUPS.add(task)
+        task.add_done_callback(_CLEANUPS.discard)
+        await asyncio.shield(task)
+
+    async def _cleanup(self) -> None:
+        st, pipe, self._pipe = self.store, self._pipe, None
+        keys = [st._ckey(self.tenant, self.upload, i) for i in range(self.num_chunks)]
+        keys.append(st._rkey(self.tenant, self.upload))
+        if pipe is not None:
+            try:
+                async with st.guard("cleanup of an aborted put"):
+                    await pipe.send([command(b"DEL", *(k.encode() for k in keys))])
+                    await pipe.replies()
+                st._pipes.release(pipe)
+                return
+            except (BackendUnavailable, StoreFull, ResponseError, RedisConnectionError, OSError):
+                pipe.close()
+        try:
+            async with st.guard("cleanup of an aborted put"):
+                await st.r.delete(*keys)
+        except BackendUnavailable:
+            pass
+
+
+def _arg(a: str | bytes | int) -> bytes:
+    return a if isinstance(a, bytes) else str(a).encode()
 
 
 @dataclass
@@ -501,17 +662,8 @@ class _RedisWriter:
             raise
 
     async def _commit(self, stored: int) -> int:
-        st, t = self.store, self.tenant
-        ns = st._ns(t)
-        keep = [st._ckey(t, self.upload, i) for i in range(self.num_chunks)]
-        if self._has_recall:
-            keep.append(st._rkey(t, self.upload))
-        args = [_now_ms(), int(self.limits.ttl_s * 1000), self.limits.quota_bytes, self.key, stored, self.upload,
-                self.header, self.num_chunks, self._chunk_bytes, ns]
-        out = await st._commit(keys=[f"{ns}:idx", f"{ns}:sz", *st._lru_keys(t), st._mkey(t, self.key), *keep], args=args)
-        if not out[0]:
-            raise SegmentTooLarge(t, stored, self.limits.quota_bytes)
-        return int(out[1]), Evicted(int(out[2]), int(out[3]))
+        keys, args = _commit_call(self, stored)
+        return _committed(self, stored, await self.store._commit(keys=keys, args=args))
 
     async def abort(self):
         """Delete whatever was staged (best effort: the staging TTL covers a dead Redis).

@@ -18,6 +18,7 @@ a reply that is not RESP, ResponseError for an error reply; the connection is dr
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import socket
 from collections.abc import Sequence
@@ -28,9 +29,10 @@ from redis.exceptions import ResponseError
 
 MAX_LINE = 4096  # a bulk reply's length line ("$1048640\r\n") is ~10 bytes; error lines are longer
 MAX_IDLE = 4  # idle connections kept
+IOV_MAX = 512  # buffers per sendmsg (Linux allows 1024)
 
 
-def _command(*args: bytes) -> bytes:
+def command(*args: bytes) -> bytes:
     return b"".join([b"*%d\r\n" % len(args), *(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)])
 
 
@@ -87,9 +89,9 @@ class BulkReader:
         self.addr, self.timeout_s = addr, timeout_s
         hello = []  # sent on every new connection, each answered by +OK
         if password is not None:
-            hello.append(_command(b"AUTH", *((username.encode(),) if username else ()), password.encode()))
+            hello.append(command(b"AUTH", *((username.encode(),) if username else ()), password.encode()))
         if db:
-            hello.append(_command(b"SELECT", str(db).encode()))
+            hello.append(command(b"SELECT", str(db).encode()))
         self._hello, self._hello_replies = b"".join(hello), len(hello)
         self._idle: queue.SimpleQueue[_Conn] = queue.SimpleQueue()
 
@@ -128,14 +130,14 @@ class BulkReader:
     def get(self, keys: Sequence[str]) -> list[memoryview | None]:
         """The values of `keys` (None where absent), one pipelined round of GETs. A pooled
         connection that turns out dead (Redis restarted since) is replaced once: GETs repeat safely."""
-        command = b"".join(_command(b"GET", k.encode()) for k in keys)
+        gets = b"".join(command(b"GET", k.encode()) for k in keys)
         while True:
             try:
                 conn, pooled = self._idle.get_nowait(), True
             except queue.Empty:
                 conn, pooled = self._connect(), False
             try:
-                conn.sock.sendall(command)
+                conn.sock.sendall(gets)
                 out = [conn.bulk() for _ in keys]
             except TimeoutError:  # slow, not dead: another try would only wait again
                 conn.sock.close()
@@ -160,3 +162,237 @@ class BulkReader:
                 self._idle.get_nowait().sock.close()
             except queue.Empty:
                 return
+
+
+# ---- writes from the event loop ------------------------------------------------------
+class _More(Exception):
+    """The reply buffer ends inside a reply: read more."""
+
+
+def command_head(*args: bytes, value_len: int) -> bytes:
+    """RESP of a command whose last argument is a value of `value_len` bytes, up to the value:
+    send it, the value's own buffer and CRLF as the pieces of one writev."""
+    n = len(args) + 1
+    return b"".join([b"*%d\r\n" % n, *(b"$%d\r\n%s\r\n" % (len(a), a) for a in args), b"$%d\r\n" % value_len])
+
+
+def set_head(key: bytes, value_len: int, px_ms: int) -> tuple[bytes, bytes]:
+    """(head, tail) of `SET key <value> PX px_ms`: the pieces around the value."""
+    head = b"*5\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(key), key, value_len)
+    return head, b"\r\n$2\r\nPX\r\n$%d\r\n%d\r\n" % (len(str(px_ms)), px_ms)
+
+
+class LoopPipe:
+    """One Redis connection driven from the event loop, pipelined: each command goes out as
+    one `sendmsg` of its pieces (values straight from the caller's buffers, no join), without
+    waiting for its reply; the replies are read later, in order (`replies`), or whatever has
+    arrived so far (`poll`). A send the socket cannot take at once waits until it can.
+
+    Error replies come back as ResponseError values, not raised, so every reply is read and the
+    connection stays usable. A pipe whose send was interrupted midway is `broken` (half a
+    command is on the wire) until `finish_sends()` completes it."""
+
+    def __init__(self, sock: socket.socket, timeout_s: float):
+        self.sock, self.timeout_s = sock, timeout_s
+        self.pending = 0  # commands sent whose replies are unread
+        self._buf = bytearray()
+        self._unsent: list[memoryview] = []  # the rest of an interrupted send
+
+    @property
+    def broken(self) -> bool:
+        return bool(self._unsent)
+
+    def send_nowait(self, pieces: list, commands: int = 1) -> bool:
+        """Send the pieces of `commands` whole commands; True when all left now, False when the
+        socket is full (then `finish_sends` before anything else). OSError when the connection is gone."""
+        if self._unsent:
+            raise RuntimeError("finish_sends() first: a command is half sent")
+        self.pending += commands
+        self._unsent = [memoryview(p) for p in pieces]
+        self._push()
+        return not self._unsent
+
+    def _push(self) -> None:
+        """Write what the socket takes now, keeping account of what is left."""
+        while self._unsent:
+            try:
+                sent = self.sock.sendmsg(self._unsent[:IOV_MAX])
+            except (BlockingIOError, InterruptedError):
+                return
+            while sent and self._unsent:
+                n = len(self._unsent[0])
+                if sent < n:
+                    self._unsent[0] = self._unsent[0][sent:]
+                    break
+                sent -= n
+                self._unsent.pop(0)
+            while self._unsent and not len(self._unsent[0]):
+                self._unsent.pop(0)
+
+    async def _ready(self, writing: bool) -> None:
+        """Wait until the socket can be written (or read). Nothing is lost when the wait is
+        cancelled: every byte sent or received is accounted for outside it."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        fd = self.sock.fileno()
+        add, remove = (loop.add_writer, loop.remove_writer) if writing else (loop.add_reader, loop.remove_reader)
+        add(fd, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            remove(fd)
+
+    async def finish_sends(self) -> None:
+        while self._unsent:
+            await self._ready(writing=True)
+            self._push()
+
+    async def send(self, pieces: list, commands: int = 1) -> None:
+        if not self.send_nowait(pieces, commands):
+            await self.finish_sends()
+
+    def _parse(self, pos: int):
+        """(reply, position after it) of the reply at `pos`; _More when it is not all there."""
+        buf = self._buf
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            if len(buf) - pos > MAX_LINE:
+                raise RedisConnectionError(f"redis reply line over {MAX_LINE} bytes")
+            raise _More
+        kind, line, nxt = buf[pos], bytes(buf[pos + 1 : end]), end + 2
+        if kind == 0x2B:  # +
+            return line, nxt
+        if kind == 0x2D:  # -
+            return ResponseError(line.decode(errors="replace")), nxt
+        if kind == 0x3A:  # :
+            return int(line), nxt
+        if kind == 0x24:  # $
+            n = int(line)
+            if n < 0:
+                return None, nxt
+            if len(buf) < nxt + n + 2:
+                raise _More
+            return bytes(buf[nxt : nxt + n]), nxt + n + 2
+        if kind == 0x2A:  # *
+            n = int(line)
+            if n < 0:
+                return None, nxt
+            out = []
+            for _ in range(n):
+                v, nxt = self._parse(nxt)
+                out.append(v)
+            return out, nxt
+        raise RedisConnectionError(f"unexpected redis reply {bytes(buf[pos:end])[:80]!r}")
+
+    def _take(self, limit: int) -> list:
+        out, pos = [], 0
+        try:
+            while self.pending and len(out) < limit:
+                v, pos = self._parse(pos)
+                out.append(v)
+                self.pending -= 1
+        except _More:
+            pass
+        del self._buf[:pos]
+        return out
+
+    def _receive(self) -> None:
+        """Take what has arrived, without waiting."""
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                raise RedisConnectionError("redis closed the connection")
+            self._buf += data
+            if len(data) < 1 << 16:
+                return
+
+    def poll(self) -> list:
+        """The replies already received (none waited for)."""
+        self._receive()
+        return self._take(self.pending)
+
+    async def replies(self) -> list:
+        """Every pending reply, in order (waiting for them)."""
+        await self.finish_sends()
+        out = self.poll()
+        while self.pending:
+            await self._ready(writing=False)
+            out += self.poll()
+        return out
+
+    def alive(self) -> bool:
+        """Idle and still connected (an idle connection Redis closed reads as EOF)."""
+        if self.pending or self._unsent or self._buf:
+            return False
+        try:
+            self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError:
+            return False
+        return False  # EOF, or bytes nobody asked for
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class LoopConnections:
+    """A small pool of `LoopPipe`s to one Redis (plain redis:// or unix:// URLs, AUTH and SELECT
+    as the URL says), for use from one event loop."""
+
+    def __init__(self, addr: tuple[str, int] | str, timeout_s: float, hello: bytes = b"", hello_replies: int = 0):
+        self.addr, self.timeout_s = addr, timeout_s
+        self._hello, self._hello_replies = hello, hello_replies  # AUTH / SELECT, each answered +OK
+        self._idle: list[LoopPipe] = []
+
+    @classmethod
+    def for_url(cls, url: str, timeout_s: float) -> LoopConnections | None:
+        reader = BulkReader.for_url(url, timeout_s)
+        if reader is None:
+            return None
+        return cls(reader.addr, timeout_s, reader._hello, reader._hello_replies)
+
+    async def acquire(self) -> LoopPipe:
+        while self._idle:
+            pipe = self._idle.pop()
+            if pipe.alive():
+                return pipe
+            pipe.close()
+        loop = asyncio.get_running_loop()
+        unix = isinstance(self.addr, str)
+        if unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            infos = await loop.getaddrinfo(*self.addr, type=socket.SOCK_STREAM)
+            sock = socket.socket(infos[0][0], socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await loop.sock_connect(sock, self.addr if unix else infos[0][4])
+                if not unix:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                pipe = LoopPipe(sock, self.timeout_s)
+                if self._hello:
+                    await pipe.send([self._hello])
+                    pipe.pending = self._hello_replies
+                    for r in await pipe.replies():
+                        if isinstance(r, ResponseError):
+                            raise r
+        except BaseException:
+            sock.close()
+            raise
+        return pipe
+
+    def release(self, pipe: LoopPipe) -> None:
+        """Back to the pool when clean (nothing pending, nothing half sent), else closed."""
+        if not pipe.pending and not pipe.broken and not pipe._buf and len(self._idle) < MAX_IDLE:
+            self._idle.append(pipe)
+        else:
+            pipe.close()
+
+    def close(self) -> None:
+        while self._idle:
+            self._idle.pop().close()

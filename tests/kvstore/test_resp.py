@@ -1,5 +1,5 @@
-"""BulkReader against a real Redis: exact values, misses, AUTH and SELECT, error replies, a
-restarted server, and URLs it leaves to redis-py."""
+"""BulkReader and LoopPipe against a real Redis: exact values, misses, AUTH and SELECT, error
+replies, a restarted server, URLs left to redis-py; the pipelined put writer's commit and abort."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import redis
 from redis.exceptions import ResponseError
 
 from headwise.cache.codec import encode
-from services.kvstore.backend import BackendUnavailable, Manifest
+from services.kvstore.backend import BackendUnavailable, Limits, Manifest
 from services.kvstore.redis_backend import RedisBackend
-from services.kvstore.resp import BulkReader
+from services.kvstore.resp import BulkReader, LoopConnections, command, set_head
 from tests.kvstore.conftest import big_cache
 from tests.test_codec import assert_same
 
@@ -67,6 +67,22 @@ def test_auth_and_db_from_the_url(own_redis) -> None:
         for reader in (good, other_db, wrong):
             reader.close()
         r.close()
+
+    async def loop_writes() -> None:  # the put path's connections say AUTH and SELECT too
+        conns = LoopConnections.for_url(f"{base}/3", 5.0)
+        try:
+            pipe = await conns.acquire()
+            await pipe.send([command(b"SET", b"w", b"from the loop")])
+            assert await pipe.replies() == [b"OK"]
+            conns.release(pipe)
+        finally:
+            conns.close()
+        with pytest.raises(ResponseError):
+            await LoopConnections.for_url(own_redis.url.replace("redis://", "redis://:nope@"), 5.0).acquire()
+
+    asyncio.run(loop_writes())
+    with redis.Redis.from_url(f"{base}/3") as r3:
+        assert r3.get("w") == b"from the loop"
 
 
 def test_a_restarted_redis_is_reconnected_and_a_dead_one_raises(own_redis) -> None:
@@ -125,5 +141,105 @@ async def test_a_paused_redis_gives_unavailable_within_the_deadline(own_redis) -
         finally:
             own_redis.proc.send_signal(signal.SIGCONT)
         assert [bytes(f) for f in await backend.chunks("acme", m, 0, 1)] == [b"frame"]
+    finally:
+        await backend.close()
+
+
+# ---- LoopPipe / the pipelined put writer ------------------------------------------------
+async def test_loop_pipe_writes_values_exactly_and_reads_replies_in_order(redis_url) -> None:
+    conns = LoopConnections.for_url(redis_url, 5.0)
+    big = os.urandom(5 << 20)  # larger than the socket buffers: the send has to wait for Redis
+    try:
+        pipe = await conns.acquire()
+        head, tail = set_head(b"big", len(big), 60_000)
+        pipe.send_nowait([head, memoryview(big)[: len(big)], tail]) or await pipe.finish_sends()
+        await pipe.send([command(b"SET", b"s", b"x\r\n$-1\r\n")])  # RESP-looking value
+        await pipe.send([command(b"HSET", b"s", b"f", b"v")])  # WRONGTYPE: an error reply, not an exception
+        await pipe.send([command(b"GET", b"s"), command(b"GET", b"missing")])  # two commands in one send
+        pipe.pending += 1  # (a send counts one)
+        await pipe.send([command(b"EVAL", b"return {1, -2, 'x'}", b"0")])
+        replies = await pipe.replies()
+        assert replies[:2] == [b"OK", b"OK"] and isinstance(replies[2], ResponseError) and "WRONGTYPE" in str(replies[2])
+        assert replies[3:] == [b"x\r\n$-1\r\n", None, [1, -2, b"x"]]
+        conns.release(pipe)
+        again = await conns.acquire()
+        assert again is pipe  # clean: reused
+        await again.send([command(b"PTTL", b"big")])
+        assert 0 < (await again.replies())[0] <= 60_000
+        conns.release(again)
+        with redis.Redis.from_url(redis_url) as r:
+            assert r.get("big") == big
+    finally:
+        conns.close()
+
+
+async def test_loop_pipe_pool_drops_a_connection_redis_closed(own_redis) -> None:
+    conns = LoopConnections.for_url(own_redis.url, 2.0)
+    try:
+        pipe = await conns.acquire()
+        await pipe.send([command(b"PING")])
+        assert await pipe.replies() == [b"PONG"]
+        conns.release(pipe)
+        own_redis.kill()
+        own_redis.start()
+        fresh = await conns.acquire()  # the pooled one reads EOF: replaced
+        assert fresh is not pipe
+        await fresh.send([command(b"PING")])
+        assert await fresh.replies() == [b"PONG"]
+        conns.release(fresh)
+    finally:
+        conns.close()
+
+
+async def test_a_put_whose_staged_chunk_vanished_is_not_committed(redis_url) -> None:
+    """The commit checks every staged key first: a write that did not land (refused, expired,
+    deleted) makes the commit change nothing, and the put is refused as retryable."""
+    backend = RedisBackend(redis_url, deadline_s=5.0)
+    seg = encode(big_cache(rows=1500), include_recall=False)
+    try:
+        w = await backend.begin_put("acme", "doc", seg.header, len(seg.chunks), sum(map(len, seg.chunks)), Limits())
+        assert type(w).__name__ == "_PipeWriter"
+        for i, ch in enumerate(seg.chunks):
+            await w.chunk(i, ch)
+        await w._pipe.replies()  # every write landed; then one goes
+        with redis.Redis.from_url(redis_url) as r:
+            assert r.delete(backend._ckey("acme", w.upload, 1)) == 1
+            with pytest.raises(BackendUnavailable, match="lost a staged chunk"):
+                await w.commit()
+            assert await backend.manifest("acme", "doc") is None and not r.keys("hw:acme:*")
+    finally:
+        await backend.close()
+
+
+async def test_an_aborted_pipelined_put_leaves_nothing(redis_url) -> None:
+    backend = RedisBackend(redis_url, deadline_s=5.0)
+    seg = encode(big_cache(rows=3000), include_recall=False)
+    try:
+        w = await backend.begin_put("acme", "doc", seg.header, len(seg.chunks), sum(map(len, seg.chunks)), Limits())
+        for i, ch in enumerate(seg.chunks[:-1]):
+            await w.chunk(i, ch)
+        await w.recall(0, 0, 0, b"blob")
+        await w.abort()  # writes still unanswered: the delete goes after them on the same connection
+        with redis.Redis.from_url(redis_url) as r:
+            assert not r.keys("hw:acme:*")
+    finally:
+        await backend.close()
+
+
+async def test_a_pipelined_commit_after_redis_lost_its_scripts_still_commits(redis_url) -> None:
+    """EVALSHA on the put's connection answers NOSCRIPT (a restarted or flushed Redis): the commit
+    goes again through redis-py's script call, which loads it; the segment is stored once."""
+    backend = RedisBackend(redis_url, deadline_s=5.0)
+    seg = encode(big_cache(rows=600), include_recall=False)
+    try:
+        with redis.Redis.from_url(redis_url) as r:
+            r.script_flush()
+        w = await backend.begin_put("acme", "doc", seg.header, len(seg.chunks), sum(map(len, seg.chunks)), Limits())
+        for i, ch in enumerate(seg.chunks):
+            await w.chunk(i, ch)
+        stored, used, _ = await w.commit()
+        m = await backend.manifest("acme", "doc")
+        assert m is not None and [bytes(c) for c in await backend.chunks("acme", m, 0, m.num_chunks)] == seg.chunks
+        assert used == stored == seg.nbytes and (await backend.usage("acme")) == (stored, 1)
     finally:
         await backend.close()

@@ -253,3 +253,91 @@ async def test_sixteen_streams_run_without_a_thread_each(tiny_model, store):
     assert len(sixteen) <= len(one), sixteen - one
     assert any(n.startswith("decode-batch#") for n in sixteen)
     assert not any(n.startswith("decode-stream") for n in sixteen)
+
+
+async def test_the_event_loop_runs_no_torch_work_of_a_stream(tiny_runner, monkeypatch):
+    """Every token is picked on the model thread, the first (from the prefill's logits) too, and
+    `run` puts other work there: a thread that runs parallel torch ops keeps an OpenMP team for
+    life, and one team too many makes every worker sleep between parallel regions."""
+    from headwise.models.sampling import TokenPicker
+
+    where: list[str] = []
+    pick = TokenPicker.pick
+
+    def recorded(self, logits):
+        where.append(threading.current_thread().name)
+        return pick(self, logits)
+
+    monkeypatch.setattr(TokenPicker, "pick", recorded)
+    b = DecodeBatcher(tiny_runner)
+    ids = prompt(30, 4)
+    res = tiny_runner.prefill_segment(ids)
+    params = SamplingParams(max_new_tokens=6, temperature=0.7, seed=2)
+    got = await drain(b.open(res.cache, res.logits, params))
+    assert where == ["decode-batch"] * 6
+    monkeypatch.setattr(TokenPicker, "pick", pick)
+    assert got == reference(tiny_runner, ids, params)
+    assert await b.run(lambda x: (threading.current_thread().name, x + 1), 41) == ("decode-batch", 42)
+    with pytest.raises(ValueError, match="no segments"):
+        await b.run(CompactCache.concat, [])
+    one = await drain(b.open(res.cache, res.logits, SamplingParams(max_new_tokens=1)))  # done at its first token
+    assert len(one) == 1 and b.live == 0
+
+
+async def test_a_stream_alone_builds_its_decode_views_once_and_the_idle_thread_blocks(tiny_runner, monkeypatch):
+    """No view rebuild per step while the batch does not change; with nothing to step the model
+    thread waits on its inbox (no polling)."""
+    import headwise.models.runner as runner_mod
+
+    built = []
+    views = runner_mod.DecodeViews
+
+    def counted(*a, **k):
+        built.append(len(a[0]))
+        return views(*a, **k)
+
+    monkeypatch.setattr(runner_mod, "DecodeViews", counted)
+    b = DecodeBatcher(tiny_runner)
+    takes = []
+    take = b._take
+    monkeypatch.setattr(b, "_take", lambda block: (takes.append(block), take(block))[1])
+    res = tiny_runner.prefill_segment(prompt(30, 5))
+    got = await drain(b.open(res.cache, res.logits, SamplingParams(max_new_tokens=20)))
+    assert len(got) == 20 and b.steps == 19
+    assert built == [1]  # one stream, 19 steps, the views built once
+    await until(lambda: takes and takes[-1] is True)  # the thread went back to a blocking wait
+    idle = len(takes)
+    await asyncio.sleep(0.2)
+    assert len(takes) == idle  # and stayed in it
+
+
+def test_the_thread_guard_falls_back_to_one_thread_while_starved_and_tries_again(monkeypatch):
+    """Steps that got under `floor` cores on average over a window run at one torch thread for
+    `hold` steps, then at the configured count again; healthy steps and one thread stay put."""
+    from services.decode import batcher as mod
+
+    calls: list[int] = []
+    monkeypatch.setattr(mod.torch, "set_num_threads", calls.append)
+
+    def run(threads: int, cores: float, steps: int, hold: int = 5) -> mod.ThreadGuard:
+        monkeypatch.setattr(mod.torch, "get_num_threads", lambda: threads)
+        t = [0.0, 0.0]
+
+        def clock():  # each step: 1 s of wall, `cores` s of CPU
+            t[0] += cores / 2
+            t[1] += 0.5
+            return t[0], t[1]
+
+        g = mod.ThreadGuard(window=4, floor=0.75, hold=hold, clock=clock)
+        for _ in range(steps):
+            g.before()
+            g.after()
+        return g
+
+    assert run(2, 1.8, 40).fallbacks == 0 and calls == []
+    assert run(1, 0.1, 40).fallbacks == 0 and calls == []
+    g = run(2, 0.2, 4 + 5)  # a starved window, then the hold
+    assert g.fallbacks == 1 and calls == [1, 2] and g.left == 0
+    calls.clear()
+    g = run(2, 0.2, 4 + 5 + 4)  # starved again after trying 2 threads once more
+    assert g.fallbacks == 2 and calls == [1, 2, 1]
