@@ -262,7 +262,7 @@ class DecodeViews:
         for b, lc in enumerate(lcs):
             if lc.tail_len:
                 self.positions[b, : lc.tail_len] = lc.tail_positions[: lc.tail_len]
-        view = build_paged(lcs, self.cap, self.G, [c.layers for c in caches])
+        view = self._make_view(lcs, [c.layers for c in caches])
         view.built_at = self.steps
         tk = lcs[0].values.new_zeros(len(lcs) * H, self.cap, d)
         tv = torch.zeros_like(tk)
@@ -280,6 +280,10 @@ class DecodeViews:
             self.views.append(view)
             self.layers.append(installed)
             self.tails.append((tk, tv))
+
+    def _make_view(self, lcs: Sequence[LayerCache], base_layers: Sequence[Sequence[LayerCache]]) -> PagedView:
+        """One layer's view of the B caches (a subclass holds another layout: attention_varlen)."""
+        return build_paged(lcs, self.cap, self.G, base_layers)
 
     def fits(self, caches: Sequence) -> bool:
         """The same caches, in the same order, untouched since the last step, with a free slot."""

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from headwise.attention_common import BaseQueries, distant_plans
+from headwise.attention_paged import DecodeViews
 from headwise.cache.compact import LayerCache
 
 Kernel = Callable[..., tuple[Tensor, Tensor]]
@@ -330,69 +330,14 @@ class VarlenStep:
     tail: Tensor
 
 
-class VarlenDecodeViews:
-    """`attention_paged.DecodeViews` for a varlen kernel: the same methods and lifetime (built
-    when the caches change, a layer is replaced, or a tail outgrows `cap`; caches held weakly),
-    each step writing the token into its tail slot of every (sequence, head) of a layer and
-    into the caches' dense tails (views of one block per layer, as DecodeViews installs them)."""
+class VarlenDecodeViews(DecodeViews):
+    """`attention_paged.DecodeViews` for a varlen kernel: the same lifetime and tails (built when
+    the caches change, a layer is replaced, or a tail outgrows `cap`; caches held weakly), each
+    layer's view a `VarlenLayer`, and each step writing the token into its tail slot of every
+    (sequence, head) of a layer and into the caches' dense tails."""
 
-    def __init__(self, caches: Sequence, cap: int, G: int):
-        self.refs = [weakref.ref(c) for c in caches]
-        self.cap, self.G = cap, G
-        for c in caches:
-            weakref.finalize(c, self._drop)
-        lc0 = caches[0].layers[0]
-        self.H = lc0.num_heads
-        self.positions = torch.zeros(len(caches), cap, dtype=torch.long, device=lc0.values.device)
-        self.views: list[VarlenLayer] = []
-        self.tails: list[tuple[Tensor, Tensor]] = []
-        self.layers: list[list[tuple[LayerCache, Tensor]]] = []
-        self.last_use: dict[int, int] = {}
-        for c in caches:
-            for b, last in c.shared_bases().items():
-                self.last_use[b] = max(self.last_use.get(b, -1), last)
-        self.steps = 0
-        self.lens = [c.layers[0].tail_len for c in caches]
-        for i in range(caches[0].num_layers):
-            self._build(i, caches)
-
-    def _drop(self) -> None:
-        self.refs, self.views, self.layers, self.tails = [], [], [], []
-
-    def _build(self, i: int, caches: Sequence) -> None:
-        lcs = [c.layers[i] for c in caches]
-        H, d = self.H, lcs[0].head_dim
-        for b, lc in enumerate(lcs):
-            if lc.tail_len:
-                self.positions[b, : lc.tail_len] = lc.tail_positions[: lc.tail_len]
-        view = build_varlen(lcs, self.cap, [c.layers for c in caches])
-        view.built_at = self.steps
-        tk = lcs[0].values.new_zeros(len(lcs) * H, self.cap, d)
-        tv = torch.zeros_like(tk)
-        for b, lc in enumerate(lcs):
-            T = lc.tail_len
-            if T:
-                tk[b * H : (b + 1) * H, :T] = lc.tail_keys[:, :T]
-                tv[b * H : (b + 1) * H, :T] = lc.tail_values[:, :T]
-            lc.tail_keys, lc.tail_values = tk[b * H : (b + 1) * H], tv[b * H : (b + 1) * H]
-            lc.tail_positions = self.positions[b]
-        entry = (view, [(lc, lc.tail_keys) for lc in lcs], (tk, tv))
-        if i < len(self.views):
-            self.views[i], self.layers[i], self.tails[i] = entry
-        else:
-            self.views.append(entry[0]); self.layers.append(entry[1]); self.tails.append(entry[2])
-
-    def fits(self, caches: Sequence) -> bool:
-        """The same caches, in the same order, untouched since the last step, with a free slot."""
-        if len(caches) != len(self.refs) or any(r() is not c for r, c in zip(self.refs, caches, strict=True)):
-            return False
-        return all(c.layers[0].tail_len == t and t < self.cap for c, t in zip(caches, self.lens, strict=True))
-
-    def refresh(self, caches: Sequence) -> None:
-        """Rebuild the views of layers replaced since the last step (recall swaps a layer object)."""
-        for i, installed in enumerate(self.layers):
-            if any(c.layers[i] is not lc or lc.tail_keys is not tk for c, (lc, tk) in zip(caches, installed, strict=True)):
-                self._build(i, caches)
+    def _make_view(self, lcs: Sequence[LayerCache], base_layers: Sequence[Sequence[LayerCache]]) -> VarlenLayer:
+        return build_varlen(lcs, self.cap, base_layers)
 
     def step_index(self) -> VarlenStep:
         """Where this step's token goes in every layer, once per step for all layers."""
@@ -415,16 +360,6 @@ class VarlenDecodeViews:
         tk.view(-1, k.shape[-1]).index_copy_(0, idx.tail, k)
         tv.view(-1, k.shape[-1]).index_copy_(0, idx.tail, v)
         return view, view.max_k
-
-    def advance(self, caches: Sequence, pos: Tensor) -> None:
-        """After the step: positions [B] recorded, every layer's tail one longer."""
-        B = len(caches)
-        self.positions[torch.arange(B, device=pos.device), torch.tensor(self.lens, device=pos.device)] = pos
-        for b, c in enumerate(caches):
-            for lc in c.layers:
-                lc.tail_len += 1
-            self.lens[b] += 1
-        self.steps += 1
 
 
 # ---- prefill of a segment on a cache ----------------------------------------------------
