@@ -95,6 +95,8 @@ def scorer_train(
     out: Optional[Path] = typer.Option(None, help="File to write (default: the profile directory, keyed by the weights' hash)."),
     force: bool = typer.Option(False, help="Train again even if a scorer for this model exists."),
     threads: int = typer.Option(0, help="torch threads (0: torch's default)."),
+    objective: str = typer.Option("ridge", help="ridge: least squares on the log scores (the shipped scorer's); cutoffs: "
+                                  "fitted to where rows fall against each document's global kept-0.5..0.05 cutoffs."),
     cache: Optional[Path] = typer.Option(None, help="Directory that keeps KVzip's scores of each document (60-100 MB "
                                          "each); a later run reads them back instead of running KVzip's passes again."),
 ) -> None:
@@ -120,7 +122,7 @@ def scorer_train(
             pass
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as prog:
         task = prog.add_task("kvzap scorer", total=1.0)
-        sc = train_scorer(runner, heldout=heldout, train_docs=docs, cache=cache,
+        sc = train_scorer(runner, heldout=heldout, train_docs=docs, cache=cache, objective=objective,
                           progress=lambda s, f: prog.update(task, description=s, completed=f))
     sc.save(path)
     t = sc.training

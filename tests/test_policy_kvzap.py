@@ -13,13 +13,17 @@ from headwise.profiles.scorer import (
     SCORER_VERSION,
     KVScorer,
     features,
+    CUTOFFS,
     _solve,
+    doc_cutoffs,
+    fit_cutoffs,
     forget_loaded,
     load_scorer,
     packaged_path,
     scorer_for,
     scorer_path,
     spearman,
+    topk_overlap,
     train_scorer,
 )
 
@@ -203,6 +207,47 @@ def test_ridge_recovers_a_planted_linear_map():
     y = x @ w + 0.01 * torch.randn(2000, 3, generator=g, dtype=torch.float64)
     got = _solve((x.T @ x)[None], (x.T @ y)[None])[0]
     torch.testing.assert_close(got, w.float(), atol=0.01, rtol=0)
+
+
+def test_cutoff_fit_ranks_the_top_where_least_squares_is_pulled_by_the_floor():
+    """Below the median the log scores sit at a floor whose spread follows a feature the top rows
+    ignore: least squares spends weight on it, the cutoff fit keeps KVzip's top rows and the log scale."""
+    g = torch.Generator().manual_seed(0)
+    n = 6000
+    x = torch.cat([torch.randn(n, 12, generator=g), torch.ones(n, 1)], 1)
+    w = torch.randn(13, 2, generator=g)
+    w[0] = 0
+    z = x @ w
+    y = torch.where(z > 0, z, -10 + 3 * x[:, :1]) + 0.1 * torch.randn(n, 2, generator=g)
+    flat = y.flatten()
+    tau = torch.tensor([float(flat.topk(round(q * flat.numel())).values[-1]) for q in CUTOFFS]).expand(n, -1)
+    ridge = _solve((x.T @ x).double()[None], (x.T @ y).double()[None])[0]
+    cut = fit_cutoffs(x, y, tau, ridge)
+    assert topk_overlap(x @ ridge, y, 0.1) < 0.9
+    assert topk_overlap(x @ cut, y, 0.1) > 0.95 and topk_overlap(x @ cut, y, 0.25) > 0.95
+    top = y > tau[:, 2:3]
+    assert float((x @ cut - y)[top].abs().mean()) < 1.2  # still a log score near the cutoffs
+
+
+def test_doc_cutoffs_are_the_global_quantiles_of_the_ranked_rows():
+    g = torch.Generator().manual_seed(2)
+    states = [_state(2, 50, seed=i) for i in range(3)]
+    states = [LayerState(s.layer, s.keys, s.values, s.positions, 0.0, reconstruction=torch.rand(3, 50, generator=g) ** 4,
+                         hidden=s.hidden) for s in states]
+    tau = doc_cutoffs(states)
+    ranked = torch.cat([s.reconstruction[:, 4:42].flatten() for s in states]).log()
+    for q, t in zip(CUTOFFS, tau, strict=True):
+        assert float((ranked >= t).float().mean()) == pytest.approx(q, abs=1 / ranked.numel() + 1e-6)
+    assert list(tau) == sorted(tau)
+
+
+def test_objectives_are_recorded_and_checked(runner):
+    g = torch.Generator().manual_seed(9)
+    docs = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (120, 100, 90)]
+    sc = train_scorer(runner, docs=docs, heldout=1, objective="ridge")
+    assert sc.training["objective"] == "ridge" and "cutoffs" not in sc.training
+    with pytest.raises(InvalidInput, match="objective 'mse' is not one of"):
+        train_scorer(runner, docs=docs, heldout=1, objective="mse")
 
 
 def test_spearman():

@@ -35,6 +35,12 @@ LOG_FLOOR = 1e-6  # scores below this are one class for the fit: log(1e-6) ~ -13
 SKIP_SINKS, SKIP_WINDOW = 4, 8  # rows kvzap always keeps; they would dominate the regression
 TRAIN_DOCS, HELDOUT_DOCS = 40, 8  # the shipped scorer's
 RIDGE = 1e-3  # ridge strength relative to the mean diagonal of X^T X
+OBJECTIVES = ("ridge", "cutoffs")
+OBJECTIVE = "ridge"  # the shipped scorer's fit
+CUTOFFS = (0.5, 0.25, 0.1, 0.05)  # kept fractions whose global cutoffs the "cutoffs" fit separates
+TEMPERATURE = 1.0  # of the logistic at each cutoff, in log-score units
+MSE_WEIGHT = 0.1  # the squared error to the log score (raised to the kept-0.5 cutoff) beside the logistic terms
+FIT_ITERATIONS = 60  # L-BFGS iterations per layer
 PACKAGED = Path(__file__).parent / "data"
 
 Progress = Callable[[str, float], None]
@@ -268,6 +274,50 @@ def _pairs(state, names: tuple[str, ...] = FEATURES) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def doc_cutoffs(states) -> Tensor:
+    """The log KVzip score at each of `CUTOFFS`' global cutoffs of one document: over the rows the
+    policy ranks in every layer and head at once (what the global budget compares). [len(CUTOFFS)] fp32."""
+    S = states[0].num_tokens
+    y = torch.cat([s.reconstruction[:, SKIP_SINKS : S - SKIP_WINDOW].float().flatten().cpu() for s in states])
+    y = y.clamp_min(LOG_FLOOR).log()
+    return torch.tensor([float(y.topk(max(1, round(q * y.numel()))).values[-1]) for q in CUTOFFS])
+
+
+def fit_cutoffs(x: Tensor, y: Tensor, tau: Tensor, w0: Tensor, temperature: float = TEMPERATURE,
+                mse: float = MSE_WEIGHT, iterations: int = FIT_ITERATIONS) -> Tensor:
+    """One layer's map fitted to where its rows fall against the documents' global cutoffs.
+
+    x [n, F + 1] (bias last), y [n, Hkv] log scores, tau [n, K] the cutoffs of each row's document
+    (`doc_cutoffs`), w0 [F + 1, Hkv] the start (the ridge solution). The prediction f = x W stays a
+    log score, one scale for every layer, and the loss is the logistic one of "y above tau_k"
+    with P = sigmoid((f - tau_k) / temperature) at every cutoff k (what the global ranking at kept
+    0.5 .. 0.05 decides), plus `mse` times the squared error to the log score raised to the
+    kept-0.5 cutoff (the order below it never matters), plus the ridge's shrinkage. L-BFGS on
+    standardised inputs; returned in raw input space. [F + 1, Hkv] fp32."""
+    x, y, tau, w0 = x.float(), y.float(), tau.float(), w0.float()
+    n = x.shape[0]
+    mu, sd = x[:, :-1].mean(0), x[:, :-1].std(0).clamp_min(1e-6)
+    xs = torch.cat([(x[:, :-1] - mu) / sd, torch.ones(n, 1, dtype=x.dtype)], 1)
+    w = torch.cat([w0[:-1] * sd[:, None], (w0[-1] + mu @ w0[:-1])[None]], 0).clone().requires_grad_(True)
+    above = (y[:, :, None] > tau[:, None, :]).float()  # [n, Hkv, K]
+    raised = torch.maximum(y, tau[:, :1])
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = xs @ w
+        z = (f[:, :, None] - tau[:, None, :]) / temperature
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, above) * tau.shape[1]
+        loss = loss + mse * ((f - raised) ** 2).mean() + RIDGE * (w[:-1] ** 2).sum() / w.shape[1]
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w = w.detach()
+    return torch.cat([w[:-1] / sd[:, None], (w[-1] - (mu / sd) @ w[:-1])[None]], 0)
+
+
 def _solve(xtx: Tensor, xty: Tensor) -> Tensor:
     """Ridge per layer from the normal equations; the bias (last input) is not shrunk. -> [L, D + 1, H] fp32."""
     D = xtx.shape[-1] - 1  # the inputs; the bias is last
@@ -282,12 +332,18 @@ def _solve(xtx: Tensor, xty: Tensor) -> Tensor:
 def train_scorer(
     runner, docs: list[list[int]] | None = None, heldout: int = HELDOUT_DOCS, train_docs: int = TRAIN_DOCS,
     progress: Progress | None = None, cache: Path | None = None, names: tuple[str, ...] = FEATURES,
+    objective: str = OBJECTIVE,
 ) -> KVScorer:
     """Fit on KVzip's scores of `docs` (default: standard-library docstrings) minus the last `heldout`,
     report the fit on those. Minutes on CPU for the default model: the cost is KVzip's scoring pass
-    (`cache`: a directory that keeps those scores per document, read back by a later run)."""
+    (`cache`: a directory that keeps those scores per document, read back by a later run).
+    `objective` "ridge": the least-squares fit of the log scores (normal equations, memory flat in
+    the text); "cutoffs": from there, `fit_cutoffs` per layer (the rows are held, fp16: ~36 KB a token
+    for the default model)."""
     from headwise.profiles import weights_key
 
+    if objective not in OBJECTIVES:
+        raise InvalidInput(f"kvzap scorer objective {objective!r} is not one of {OBJECTIVES}")
     progress = progress or (lambda s, f: None)
     docs = docs if docs is not None else training_ids(runner, train_docs + heldout)
     if len(docs) <= heldout:
@@ -297,14 +353,28 @@ def train_scorer(
     F = num_features(runner.config.hidden_size, H, names)
     xtx = torch.zeros(L, F + 1, F + 1, dtype=torch.float64)
     xty = torch.zeros(L, F + 1, H, dtype=torch.float64)
+    held_rows: list[list[tuple[Tensor, Tensor, Tensor]]] = [[] for _ in range(L)]  # "cutoffs": (x, y, tau) per document
     t0, total = time.perf_counter(), len(docs)
     for j, ids in enumerate(fit_docs):
-        for i, st in enumerate(_scored(runner, ids, cache)):
+        states = _scored(runner, ids, cache)
+        tau = doc_cutoffs(states) if objective == "cutoffs" else None
+        for i, st in enumerate(states):
             x, y = _pairs(st, names)
             xtx[i] += (x.T @ x).cpu().double()
             xty[i] += (x.T @ y).cpu().double()
+            if tau is not None:
+                held_rows[i].append((x.cpu().half(), y.cpu(), tau))
+        del states
         progress(f"KVzip scores, training document {j + 1}/{len(fit_docs)}", (j + 1) / total)
-    scorer = KVScorer(weights_key(runner), _solve(xtx, xty), features=tuple(names))
+    weight = _solve(xtx, xty)
+    if objective == "cutoffs":
+        for i, rows in enumerate(held_rows):
+            x = torch.cat([r[0] for r in rows]).float()
+            tau = torch.cat([r[2].expand(r[0].shape[0], -1) for r in rows])
+            weight[i] = fit_cutoffs(x, torch.cat([r[1] for r in rows]), tau, weight[i])
+            held_rows[i] = []  # free as we go
+            progress(f"fitting layer {i + 1}/{L} to the cutoffs", len(fit_docs) / total)
+    scorer = KVScorer(weights_key(runner), weight, features=tuple(names))
     fit = evaluate(runner, scorer, held, lambda s, f: progress(s, (len(fit_docs) + f * len(held)) / total), cache)
     scorer.training = {
         "source": f"Python {'.'.join(map(str, __import__('sys').version_info[:3]))} standard-library docstrings "
@@ -312,6 +382,8 @@ def train_scorer(
         "train_docs": len(fit_docs), "train_tokens": sum(map(len, fit_docs)),
         "heldout_docs": len(held), "heldout_tokens": sum(map(len, held)),
         "features": ["hidden", *names], "ridge": RIDGE, "log_floor": LOG_FLOOR, "skip": [SKIP_SINKS, SKIP_WINDOW],
+        "objective": objective} | ({"cutoffs": list(CUTOFFS), "temperature": TEMPERATURE, "mse_weight": MSE_WEIGHT,
+                                     "iterations": FIT_ITERATIONS} if objective == "cutoffs" else {}) | {
         "seconds": round(time.perf_counter() - t0, 1), "fit": fit,
     }
     progress("done", 1.0)
