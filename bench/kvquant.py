@@ -1,6 +1,7 @@
 """int8 rows on the default model's cache: which scale granularity, and where to dequantise.
 
     python -m bench.kvquant --json bench/results/kvquant.json
+    python -m bench.kvquant --int4 --text stdlib --skip-where --json bench/results/kvquant_int4.json
 
 1. Granularity. The kvzip cache (kept 0.25) of every case of bench.quality's default suite has
    its K and V rows quantised to int8 four ways (keys per (head, channel) or per row; values per
@@ -8,7 +9,10 @@
    the first answer token's distribution from the fp32 cache's, whether the greedy answer (10
    tokens) is the fp32 cache's, and the relative error of the rows; plus the bytes of rows and
    scales against fp32 rows. The codec's format is the third line (both per channel); per-row
-   scales are this bench's own code (fp16, one per row).
+   scales are this bench's own code (fp16, one per row). `--int4`: int4 rows instead, one bf16
+   scale per (head, channel) over the whole head, over 128-row groups or over 32-row groups (the
+   codec's), with the int8 codec line beside them; `--text stdlib` builds the cases on the tuning
+   text (bench.quality --text), which chose int4's group size.
 2. Where to dequantise. On a 2,000-token document's kvzip cache at kept 0.25: one decode step
    over rows dequantised once when the cache is loaded (what decode does) against one step that
    first dequantises every layer's int8 rows (the work an on-the-fly design does each step on a
@@ -103,14 +107,14 @@ def quantised(cache: CompactCache, keys_per: str, values_per: str) -> tuple[Comp
     return CompactCache(layers, cache.seq_len, cache.start, dict(cache.meta)), figures
 
 
-def granularity(runner, kept: float, console: Console, schemes: dict = SCHEMES) -> dict:
+def granularity(runner, kept: float, console: Console, schemes: dict = SCHEMES, text: str = "pydoc") -> dict:
     from bench.quality import answer, build_cases
     from headwise.policies import get_policy
     from headwise.prompt import build_segments
 
     policy = get_policy("kvzip", kept=kept)
     out = {name: {"kl": [], "same_answer": 0, "questions": 0, "figures": []} for name in schemes}
-    for case in build_cases(runner.tokenizer, "default"):
+    for case in build_cases(runner.tokenizer, "default", text=text):
         segs = [build_segments(runner.tokenizer, case.context, q.text, " " + q.prefix) for q in case.questions]
         base = runner.prefill_segment(segs[0].context, policy=policy).segment
         for s in segs:
@@ -265,6 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-granularity", action="store_true")
     ap.add_argument("--skip-where", action="store_true")
     ap.add_argument("--int4", action="store_true", help="the granularity table of int4 rows (row groups per scale) instead")
+    ap.add_argument("--text", choices=("pydoc", "stdlib"), default="pydoc",
+                    help="the cases' text (bench.quality --text): stdlib, the tuning text, for choosing a format")
     ap.add_argument("--ttft", type=int, default=0, metavar="ROUNDS", help="also reused TTFT through the workers, ROUNDS turns each")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -287,8 +293,10 @@ def main(argv: list[str] | None = None) -> dict:
         _print_where(console, out["where"], a)
     if not a.skip_granularity:
         key = "granularity_int4" if a.int4 else "granularity"
-        out[key] = granularity(runner, a.kept, console, SCHEMES4 if a.int4 else SCHEMES)
-        g = Table(title=f"{'int4' if a.int4 else 'int8'} granularity on kvzip caches at kept {a.kept} (bench.quality default suite)")
+        out[key] = granularity(runner, a.kept, console, SCHEMES4 if a.int4 else SCHEMES, a.text)
+        out["text"] = a.text
+        g = Table(title=f"{'int4' if a.int4 else 'int8'} granularity on kvzip caches at kept {a.kept} "
+                        f"(bench.quality default suite's cases, {a.text} text)")
         for col in ("scheme", "KL mean", "KL max", "same answer", "rel err K", "rel err V", "fp32 / quantised bytes"):
             g.add_column(col, justify="right")
         for name, r in out[key].items():

@@ -3,7 +3,7 @@
     python -m bench.kvstore --json bench/results/kvstore.json
 
 A 2,000-token real document (CPython's pydoc topics) is prefilled by the default model; its
-cache (full, and streaming at kept 0.25), each with fp32 and with int8 rows (`--precisions`), is
+cache (full, and streaming at kept 0.25), each with fp32 and with int8 rows (`--precisions`; also int4), is
 put and fetched through the KV store on loopback, the store running as `python -m
 services.kvstore` in its own process, as deployed. The same bytes are SET/GET as one value with
 redis-py on the same Redis, and sent as one bare gRPC client stream to a server that only counts
@@ -374,12 +374,17 @@ def main(argv: list[str] | None = None) -> None:
                               for name, r in results.items() if "put_floor_bound" in r}
     for line in bound_lines(doc["put_floor_bound"], results):
         console.print(line)
+    for p in precisions:
+        if p != "fp32" and "fp32" in precisions:
+            doc[f"ratio_stored_fp32_{p}"] = doc["stored_bytes"]["fp32"] / doc["stored_bytes"][p]
     if {"fp32", "int8"} <= set(precisions):
-        doc["ratio_stored_fp32_int8"] = doc["stored_bytes"]["fp32"] / doc["stored_bytes"]["int8"]
         console.print(f"stored bytes of the kept-{a.kept:g} cache: fp32 {doc['stored_bytes']['fp32']:,}, int8 "
                       f"{doc['stored_bytes']['int8']:,} ({doc['ratio_stored_fp32_int8']:.2f}x); put/floor lowest "
                       f"{doc['ratio_put_floor']:.2f} (paired {doc['ratio_put_floor_paired']:.2f}; bytes-only "
                       f"{doc['ratio_put_bytes_only_floor']:.2f})")
+    if {"fp32", "int4"} <= set(precisions):
+        console.print(f"stored bytes of the kept-{a.kept:g} cache at int4: {doc['stored_bytes']['int4']:,} "
+                      f"({doc['ratio_stored_fp32_int4']:.2f}x smaller than fp32)")
     doc.update({"caches": results, "tokens": a.tokens, "kept": a.kept, "repeats": a.repeats, "warmup": a.warmup,
                 "machine": machine(),
                 "note": "top-level MB/s figures are the full cache at the first precision (every cache has its own under caches); "
