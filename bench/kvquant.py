@@ -54,6 +54,8 @@ SCHEMES4 = {  # int4 (headwise.cache.quant.quantise4): rows of one head per bf16
     "int4, K/V channel, whole head": ("g0", "g0"),
     "int4, K/V channel, 128 rows": ("g128", "g128"),
     "int4, K/V channel, 32 rows (codec)": ("g32", "g32"),
+    "int4, K/V channel, 16 rows": ("g16", "g16"),
+    "int4, K channel 32 rows / V token": ("g32", "t4"),
     "int8, K/V channel, whole head (codec)": ("channel", "channel"),
 }
 
@@ -70,7 +72,17 @@ def _rows(x: torch.Tensor, offsets: torch.Tensor, per: str) -> tuple[torch.Tenso
     """(dequantised, scale bytes, bytes per element of the rows) for one granularity name."""
     if per.startswith("g"):
         return *_per_group(x, offsets, int(per[1:])), 0.5
+    if per == "t4":
+        return *_per_token4(x), 0.5
     return *(_per_channel(x, offsets) if per == "channel" else _per_token(x)), 1.0
+
+
+def _per_token4(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x [R, d] through int4 with one bf16 scale per row (rounded up); this bench's own alternative."""
+    exact = (x.float().abs().amax(dim=1) / quant.QMAX4).contiguous().numpy()
+    s = torch.from_numpy(quant._round_up_bf16(exact)).view(torch.bfloat16).float()[:, None]
+    q = torch.round(x.float() / torch.where(s > 0, s, torch.ones_like(s))).clamp(-quant.QMAX4, quant.QMAX4)
+    return (q * s).to(x.dtype), 2 * x.shape[0]
 
 
 def _per_token(x: torch.Tensor) -> tuple[torch.Tensor, int]:
