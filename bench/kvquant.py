@@ -1,6 +1,7 @@
 """int8 rows on the default model's cache: which scale granularity, and where to dequantise.
 
     python -m bench.kvquant --json bench/results/kvquant.json
+    python -m bench.kvquant --int4 --text stdlib --skip-where --json bench/results/kvquant_int4.json
 
 1. Granularity. The kvzip cache (kept 0.25) of every case of bench.quality's default suite has
    its K and V rows quantised to int8 four ways (keys per (head, channel) or per row; values per
@@ -8,7 +9,10 @@
    the first answer token's distribution from the fp32 cache's, whether the greedy answer (10
    tokens) is the fp32 cache's, and the relative error of the rows; plus the bytes of rows and
    scales against fp32 rows. The codec's format is the third line (both per channel); per-row
-   scales are this bench's own code (fp16, one per row).
+   scales are this bench's own code (fp16, one per row). `--int4`: int4 rows instead, one bf16
+   scale per (head, channel) over the whole head, over 128-row groups or over 32-row groups (the
+   codec's), with the int8 codec line beside them; `--text stdlib` builds the cases on the tuning
+   text (bench.quality --text), which chose int4's group size.
 2. Where to dequantise. On a 2,000-token document's kvzip cache at kept 0.25: one decode step
    over rows dequantised once when the cache is loaded (what decode does) against one step that
    first dequantises every layer's int8 rows (the work an on-the-fly design does each step on a
@@ -46,6 +50,41 @@ SCHEMES = {  # name -> (keys per, values per)
 }
 
 
+SCHEMES4 = {  # int4 (headwise.cache.quant.quantise4): rows of one head per bf16 scale, keys and values per channel
+    "int4, K/V channel, whole head": ("g0", "g0"),
+    "int4, K/V channel, 128 rows": ("g128", "g128"),
+    "int4, K/V channel, 32 rows (codec)": ("g32", "g32"),
+    "int4, K/V channel, 16 rows": ("g16", "g16"),
+    "int4, K channel 32 rows / V token": ("g32", "t4"),
+    "int8, K/V channel, whole head (codec)": ("channel", "channel"),
+}
+
+
+def _per_group(x: torch.Tensor, offsets: torch.Tensor, group: int) -> tuple[torch.Tensor, int]:
+    """x [R, d] through int4 with one bf16 scale per (group of `group` rows of a head, channel);
+    group 0: the whole head. (dequantised, scale bytes)."""
+    g = group or max(1, int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 1)
+    q, s = quant.quantise4(x, offsets, g)
+    return quant.dequantise4(q, s, offsets, x.dtype, g), s.numel() * s.element_size()
+
+
+def _rows(x: torch.Tensor, offsets: torch.Tensor, per: str) -> tuple[torch.Tensor, int, float]:
+    """(dequantised, scale bytes, bytes per element of the rows) for one granularity name."""
+    if per.startswith("g"):
+        return *_per_group(x, offsets, int(per[1:])), 0.5
+    if per == "t4":
+        return *_per_token4(x), 0.5
+    return *(_per_channel(x, offsets) if per == "channel" else _per_token(x)), 1.0
+
+
+def _per_token4(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """x [R, d] through int4 with one bf16 scale per row (rounded up); this bench's own alternative."""
+    exact = (x.float().abs().amax(dim=1) / quant.QMAX4).contiguous().numpy()
+    s = torch.from_numpy(quant._round_up_bf16(exact)).view(torch.bfloat16).float()[:, None]
+    q = torch.round(x.float() / torch.where(s > 0, s, torch.ones_like(s))).clamp(-quant.QMAX4, quant.QMAX4)
+    return (q * s).to(x.dtype), 2 * x.shape[0]
+
+
 def _per_token(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """x [R, d] through int8 with one fp16 scale per row (rounded up, so |x / s| <= 127);
     (dequantised, scale bytes). This bench's own alternative; the codec is per channel."""
@@ -66,11 +105,11 @@ def quantised(cache: CompactCache, keys_per: str, values_per: str) -> tuple[Comp
     """The cache with its rows through int8 at the given granularity, and error/byte figures."""
     layers, err, nbytes = [], {"keys": [], "values": []}, {"rows": 0, "scales": 0, "fp32_rows": 0}
     for lc in cache.layers:
-        k, ks = _per_channel(lc.keys, lc.key_offsets()) if keys_per == "channel" else _per_token(lc.keys)
-        v, vs = _per_channel(lc.values, lc.head_offsets) if values_per == "channel" else _per_token(lc.values)
+        k, ks, kb = _rows(lc.keys, lc.key_offsets(), keys_per)
+        v, vs, vb = _rows(lc.values, lc.head_offsets, values_per)
         for name, a, b in (("keys", lc.keys, k), ("values", lc.values, v)):
             err[name].append(float((a - b).norm() / a.norm().clamp_min(1e-30)))
-        nbytes["rows"] += lc.keys.numel() + lc.values.numel()
+        nbytes["rows"] += kb * lc.keys.numel() + vb * lc.values.numel()
         nbytes["scales"] += ks + vs
         nbytes["fp32_rows"] += 4 * (lc.keys.numel() + lc.values.numel())
         layers.append(LayerCache(k, v, lc.head_offsets, lc.positions, lc.log_weights, lc.recall_ids, lc.recall,
@@ -80,20 +119,20 @@ def quantised(cache: CompactCache, keys_per: str, values_per: str) -> tuple[Comp
     return CompactCache(layers, cache.seq_len, cache.start, dict(cache.meta)), figures
 
 
-def granularity(runner, kept: float, console: Console) -> dict:
+def granularity(runner, kept: float, console: Console, schemes: dict = SCHEMES, text: str = "pydoc") -> dict:
     from bench.quality import answer, build_cases
     from headwise.policies import get_policy
     from headwise.prompt import build_segments
 
     policy = get_policy("kvzip", kept=kept)
-    out = {name: {"kl": [], "same_answer": 0, "questions": 0, "figures": []} for name in SCHEMES}
-    for case in build_cases(runner.tokenizer, "default"):
+    out = {name: {"kl": [], "same_answer": 0, "questions": 0, "figures": []} for name in schemes}
+    for case in build_cases(runner.tokenizer, "default", text=text):
         segs = [build_segments(runner.tokenizer, case.context, q.text, " " + q.prefix) for q in case.questions]
         base = runner.prefill_segment(segs[0].context, policy=policy).segment
         for s in segs:
             ref = runner.prefill_segment(s.question, base)
             ref_logp, ref_text = torch.log_softmax(ref.logits.float(), -1), answer(runner, base, s.question)
-            for name, (kp, vp) in SCHEMES.items():
+            for name, (kp, vp) in schemes.items():
                 cache, fig = quantised(base, kp, vp)
                 logp = torch.log_softmax(runner.prefill_segment(s.question, cache).logits.float(), -1)
                 row = out[name]
@@ -241,6 +280,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip-granularity", action="store_true")
     ap.add_argument("--skip-where", action="store_true")
+    ap.add_argument("--int4", action="store_true", help="the granularity table of int4 rows (row groups per scale) instead")
+    ap.add_argument("--text", choices=("pydoc", "stdlib"), default="pydoc",
+                    help="the cases' text (bench.quality --text): stdlib, the tuning text, for choosing a format")
     ap.add_argument("--ttft", type=int, default=0, metavar="ROUNDS", help="also reused TTFT through the workers, ROUNDS turns each")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -262,11 +304,14 @@ def main(argv: list[str] | None = None) -> dict:
         out["where"] = where_to_dequantise(runner, a.tokens, a.kept, a.steps)
         _print_where(console, out["where"], a)
     if not a.skip_granularity:
-        out["granularity"] = granularity(runner, a.kept, console)
-        g = Table(title=f"int8 granularity on kvzip caches at kept {a.kept} (bench.quality default suite)")
-        for col in ("scheme", "KL mean", "KL max", "same answer", "rel err K", "rel err V", "fp32 / int8 bytes"):
+        key = "granularity_int4" if a.int4 else "granularity"
+        out[key] = granularity(runner, a.kept, console, SCHEMES4 if a.int4 else SCHEMES, a.text)
+        out["text"] = a.text
+        g = Table(title=f"{'int4' if a.int4 else 'int8'} granularity on kvzip caches at kept {a.kept} "
+                        f"(bench.quality default suite's cases, {a.text} text)")
+        for col in ("scheme", "KL mean", "KL max", "same answer", "rel err K", "rel err V", "fp32 / quantised bytes"):
             g.add_column(col, justify="right")
-        for name, r in out["granularity"].items():
+        for name, r in out[key].items():
             g.add_row(name, f"{r['kl_mean']:.2e}", f"{r['kl_max']:.2e}", f"{r['same_answer']:.2f}",
                       f"{r['rel_err_keys']:.4f}", f"{r['rel_err_values']:.4f}", f"{r['ratio_fp32']:.3f}")
         console.print(g)

@@ -3,7 +3,7 @@
     python -m bench.kvstore --json bench/results/kvstore.json
 
 A 2,000-token real document (CPython's pydoc topics) is prefilled by the default model; its
-cache (full, and streaming at kept 0.25), each with fp32 and with int8 rows (`--precisions`), is
+cache (full, and streaming at kept 0.25), each with fp32 and with int8 rows (`--precisions`; also int4), is
 put and fetched through the KV store on loopback, the store running as `python -m
 services.kvstore` in its own process, as deployed. The same bytes are SET/GET as one value with
 redis-py on the same Redis, and sent as one bare gRPC client stream to a server that only counts
@@ -39,7 +39,11 @@ sides; `ratio_*_paired` is the median of the per-round ratios. Targets: put/floo
 `cpu_ms` (a second table): CPU time the client, store, Redis and floor-server processes spent per
 call of each op (from /proc), which on a 2-core machine bounds how fast an op can be whatever its
 design; `ratio_cpu_floor_put` = the floor's CPU (client + floor server) / a put's (client + store +
-Redis), which a loaded machine does not distort as it does wall time.
+Redis), which a loaded machine does not distort as it does wall time. `put_floor_bound` (JSON, per
+cache, and a printed line): the most put/floor can reach on this machine's cores whatever the
+store does, from the same CPU figures: a put costs at least the floor's CPU (client send + server
+receive) plus the second hop's (send to Redis + Redis's receive: the smaller of raw SET's CPU and
+forward's over floor's), and no op runs faster than its CPU over the cores (`floor_bound`).
 """
 
 from __future__ import annotations
@@ -171,6 +175,7 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
         # the floor under a proxy: the stream, then the raw SET of the same bytes (sequential, per round)
         seq = [f + s for f, s in zip(times["floor"], times["raw_set"], strict=True)]
         row["floor_then_set_ms"] = statistics.median(seq) * 1e3
+        row["floor_ms"] = statistics.median(times["floor"]) * 1e3
         row["ratio_put_floor_then_set_paired"] = statistics.median(q / p for q, p in zip(seq, times["put"], strict=True))
     if forward is not None:  # ... and overlapped: each message SET as it arrives, no checks, no commit
         row["forward_mb_s"] = row.pop("forward_mb_s")
@@ -184,7 +189,36 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
             row["ratio_cpu_floor_put"] = total["floor"] / total["put"] if total["put"] else float("nan")
             if forward is not None:
                 row["ratio_cpu_forward_put"] = total["forward"] / total["put"] if total["put"] else float("nan")
+                row.update(floor_bound(total, row["floor_ms"], cores()))
     return row
+
+
+def cores() -> int:
+    """CPUs this process may run on: what every process of the bench shares."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def floor_bound(total_cpu_ms: dict[str, float], floor_ms: float, ncores: int) -> dict:
+    """The most put/floor (floor wall / put wall) can reach on `ncores`, from CPU time alone.
+
+    No op finishes faster than its processes' CPU time over the cores: wall >= CPU / cores. A put
+    through the store moves every byte over two hops, so it costs at least what the bare floor
+    costs (client send + server receive: the floor op's client and server CPU) plus the second
+    hop (store send to Redis + Redis receive), taken as the smaller of two measurements of it:
+    raw SET (a client's send to Redis + Redis's receive of the same bytes) and forward - floor
+    (the forward server's extra CPU over the floor server's, with Redis's). The store's checks,
+    commit and the client's frame builds come on top, so the bound is generous:
+        put/floor <= floor_ms / (unavoidable_cpu_ms / cores).
+    `own` is the same bound from the put's own measured CPU (how near the put runs to what its CPU allows)."""
+    hop = min(total_cpu_ms["raw_set"], total_cpu_ms["forward"] - total_cpu_ms["floor"])
+    unavoidable = total_cpu_ms["floor"] + max(hop, 0.0)
+    return {
+        "cores": ncores,
+        "unavoidable_put_cpu_ms": unavoidable,
+        "second_hop_cpu_ms": max(hop, 0.0),
+        "put_floor_bound": floor_ms * ncores / unavoidable if unavoidable else float("inf"),
+        "put_floor_bound_own_cpu": floor_ms * ncores / total_cpu_ms["put"] if total_cpu_ms["put"] else float("inf"),
+    }
 
 
 async def _expect(awaitable) -> None:
@@ -283,6 +317,20 @@ def cpu_table(results: dict) -> Table:
     return t
 
 
+def bound_lines(bounds: dict, results: dict, target: float = 0.8) -> list[str]:
+    """One line per cache: put/floor measured against the most the machine's cores allow (floor_bound)."""
+    out = []
+    for name, b in bounds.items():
+        cpu = results[name]["cpu_ms"]
+        verdict = "out of reach on this machine" if b["put_floor_bound"] < target else "within reach"
+        out.append(f"put/floor {name}: measured {b['measured']:.2f} (paired {b['measured_paired']:.2f}); bound "
+                   f"{b['put_floor_bound']:.2f} = floor {results[name]['floor_ms']:.1f} ms x {b['cores']} cores / "
+                   f"unavoidable CPU {b['unavoidable_put_cpu_ms']:.1f} ms (floor {sum(cpu['floor'].values()):.1f} + "
+                   f"second hop {b['second_hop_cpu_ms']:.1f}); from the put's own CPU "
+                   f"{sum(cpu['put'].values()):.1f} ms: {b['put_floor_bound_own_cpu']:.2f}; target {target}: {verdict}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -320,12 +368,23 @@ def main(argv: list[str] | None = None) -> None:
                                                        for name, r in results.items()}
     doc["ratio_put_floor_paired_per_cache"] = {name: r["ratio_put_floor_paired"] for name, r in results.items()}
     doc["ratio_put_raw_per_cache"] = {name: r["ratio_put"] for name, r in results.items()}
+    doc["put_floor_bound"] = {name: {k: r[k] for k in ("put_floor_bound", "put_floor_bound_own_cpu", "unavoidable_put_cpu_ms",
+                                                      "second_hop_cpu_ms", "cores")} | {
+                                  "measured": r["ratio_put_floor"], "measured_paired": r["ratio_put_floor_paired"]}
+                              for name, r in results.items() if "put_floor_bound" in r}
+    for line in bound_lines(doc["put_floor_bound"], results):
+        console.print(line)
+    for p in precisions:
+        if p != "fp32" and "fp32" in precisions:
+            doc[f"ratio_stored_fp32_{p}"] = doc["stored_bytes"]["fp32"] / doc["stored_bytes"][p]
     if {"fp32", "int8"} <= set(precisions):
-        doc["ratio_stored_fp32_int8"] = doc["stored_bytes"]["fp32"] / doc["stored_bytes"]["int8"]
         console.print(f"stored bytes of the kept-{a.kept:g} cache: fp32 {doc['stored_bytes']['fp32']:,}, int8 "
                       f"{doc['stored_bytes']['int8']:,} ({doc['ratio_stored_fp32_int8']:.2f}x); put/floor lowest "
                       f"{doc['ratio_put_floor']:.2f} (paired {doc['ratio_put_floor_paired']:.2f}; bytes-only "
                       f"{doc['ratio_put_bytes_only_floor']:.2f})")
+    if {"fp32", "int4"} <= set(precisions):
+        console.print(f"stored bytes of the kept-{a.kept:g} cache at int4: {doc['stored_bytes']['int4']:,} "
+                      f"({doc['ratio_stored_fp32_int4']:.2f}x smaller than fp32)")
     doc.update({"caches": results, "tokens": a.tokens, "kept": a.kept, "repeats": a.repeats, "warmup": a.warmup,
                 "machine": machine(),
                 "note": "top-level MB/s figures are the full cache at the first precision (every cache has its own under caches); "

@@ -34,7 +34,7 @@ class PrefillRequest:
     session: bool = False  # keep the question segment in the store (a later turn builds on it)
     recompute: bool = False  # the stored chain failed to load: drop it and compute again
     inline: bool = False  # hand the segments back through Ray (the store failed for decode)
-    kv_precision: str = ""  # precision of the stored rows: fp32, bf16, int8; "" = the server's default
+    kv_precision: str = ""  # precision of the stored rows: fp32, bf16, int8, int4; "" = the server's default
     query_aware: bool = False  # one-shot: the question is the policy's window; private, the store is never used
 
 

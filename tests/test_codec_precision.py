@@ -1,5 +1,6 @@
-"""Codec row precisions: int8 rows (per-channel key scales, per-token value scales) and float
-casts round-trip within the stated bound; every other field, and every ragged layout, exactly."""
+"""Codec row precisions: int8 rows (one scale per head and channel), int4 rows (one per head,
+channel and group of 32 rows) and float casts round-trip within the stated bound; every other
+field, and every ragged layout, exactly."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from headwise.cache.codec import (
 from headwise.cache.compact import CompactCache, LayerCache
 from tests.test_codec import DTYPES, SETTINGS, caches, make_layer, make_pod_cache
 
-PRECISIONS = ["int8", "bf16", "fp16", "fp32"]
+PRECISIONS = ["int8", "int4", "bf16", "fp16", "fp32"]
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
@@ -52,14 +53,14 @@ def assert_exact_but_rows(a: CompactCache, b: CompactCache, recall_data: bool = 
 
 def assert_rows_within_bound(orig: LayerCache, back: LayerCache, precision: str) -> None:
     dt = orig.keys.dtype
-    if precision != "int8":
+    if precision not in quant.QUANTISED:
         fmt = quant.FLOAT_ROWS[quant.ROW_FORMATS[precision]]
         assert torch.equal(back.keys, orig.keys.to(fmt).to(dt)) and torch.equal(back.values, orig.values.to(fmt).to(dt))
         return
-    _, ks = quant.quantise(orig.keys, orig.key_offsets())
-    _, vs = quant.quantise(orig.values, orig.head_offsets)
-    kb = quant.error_bound(ks)[quant.head_index(orig.key_offsets(), orig.keys.shape[0])]  # [Rk, d]
-    vb = quant.error_bound(vs)[quant.head_index(orig.head_offsets, orig.values.shape[0])]  # [R, d]
+    _, ks = quant.quantise_rows(orig.keys, orig.key_offsets(), precision)
+    _, vs = quant.quantise_rows(orig.values, orig.head_offsets, precision)
+    kb = quant.error_bound(quant.element_scales(ks, orig.key_offsets(), orig.keys.shape[0], precision))  # [Rk, d]
+    vb = quant.error_bound(quant.element_scales(vs, orig.head_offsets, orig.values.shape[0], precision))  # [R, d]
     for x, y, bound in ((orig.keys, back.keys, kb), (orig.values, back.values, vb)):
         err = (x.float() - y.float()).abs()
         assert bool((err <= bound + EPS[dt] * x.float().abs() + 1e-30).all()), float((err - bound).max())
@@ -82,7 +83,8 @@ def test_round_trip_within_the_bound(cache: CompactCache, chunk: int, precision:
 
 def assert_recall_within_bound(orig: CompactCache, back: CompactCache, precision: str) -> None:
     """Recall originals of every merged row as the blobs give them back: exact when lossless, else
-    cast (bf16, fp16) or within the int8 bound of the row's own per-channel scales."""
+    cast (bf16, fp16) or within the int8 bound of the row's own per-channel scales (int4 puts
+    write int8 blobs)."""
     for x, y in zip(orig.layers, back.layers, strict=True):
         if x.recall is None or x.recall.num_groups == 0 or x.recall.keys.shape[0] == 0:
             continue
@@ -94,7 +96,7 @@ def assert_recall_within_bound(orig: CompactCache, back: CompactCache, precision
                 assert a.dtype == b.dtype == dt and a.shape == b.shape
                 if quant.lossless(precision, dt):
                     assert torch.equal(a, b)
-                elif precision != "int8":
+                elif precision not in quant.QUANTISED:
                     assert torch.equal(b, a.to(quant.FLOAT_ROWS[quant.ROW_FORMATS[precision]]).to(dt))
                 else:
                     _, s = quant.quantise(a, torch.tensor([0, a.shape[0]]))
@@ -146,13 +148,14 @@ def test_recall_blob_rows_at_the_precision(dtype: torch.dtype, precision: str) -
     k2, v2, p2 = decode_recall(blob)
     assert torch.equal(p2, pos) and k2.dtype == v2.dtype == dtype
     lossless = quant.lossless(precision, dtype)
-    item = {"int8": 1, "bf16": 2, "fp16": 2}.get(precision, k.element_size())
-    scales = 2 * 16 * 4 if precision == "int8" else 0
+    item = {"int8": 1, "int4": 1, "bf16": 2, "fp16": 2}.get(precision, k.element_size())
+    scales = 2 * 16 * 4 if precision in quant.QUANTISED else 0  # int4: the blob's rows are int8
     assert len(blob) == 16 + 8 * 7 + scales + 2 * 7 * 16 * (k.element_size() if lossless else item) + 4
     if lossless:
         assert torch.equal(k2, k) and torch.equal(v2, v)
         assert blob == encode_recall_rows(pos, k, v)  # the dtype's own rows: the blob of before
-    elif precision == "int8":
+    elif precision in quant.QUANTISED:
+        assert blob == encode_recall_rows(pos, k, v, "int8")
         for a, b in ((k, k2), (v, v2)):
             _, s = quant.quantise(a, torch.tensor([0, 7]))
             assert bool(((a.float() - b.float()).abs() <= quant.error_bound(s) + EPS[dtype] * a.float().abs() + 1e-30).all())
@@ -248,8 +251,8 @@ def test_quantised_rows_are_per_head_and_channel() -> None:
 def test_bad_precision_and_non_finite_rows_are_rejected() -> None:
     gen = torch.Generator().manual_seed(1)
     cache = CompactCache([make_layer(gen, [3, 2], 4, torch.float32, 0)], 5)
-    with pytest.raises(CodecError, match="not one of fp32, bf16, fp16, int8"):
-        encode(cache, precision="int4")
+    with pytest.raises(CodecError, match="not one of fp32, bf16, fp16, int8, int4"):
+        encode(cache, precision="int2")
     cache.layers[0].values[1, 2] = float("nan")
     with pytest.raises(CodecError, match="cannot be stored as int8"):
         encode(cache, precision="int8")
@@ -259,18 +262,19 @@ def test_bad_precision_and_non_finite_rows_are_rejected() -> None:
         encode(cache)
 
 
-def _int8_small():
+def _small(precision: str):
     gen = torch.Generator().manual_seed(2)
-    return encode(make_pod_cache(gen, torch.float32), chunk_size=48, precision="int8")
+    return encode(make_pod_cache(gen, torch.float32), chunk_size=48, precision=precision)
 
 
-_SMALL8 = _int8_small()
+_SMALL8 = _small("int8")
+_SMALL = {"int8": _SMALL8, "int4": _small("int4")}
 
 
 @SETTINGS
-@given(data=st.data())
-def test_damaged_int8_segments_are_rejected(data) -> None:
-    enc = _SMALL8
+@given(data=st.data(), precision=st.sampled_from(["int8", "int4"]))
+def test_damaged_quantised_segments_are_rejected(data, precision: str) -> None:
+    enc = _SMALL[precision]
     parts = [enc.header, *enc.chunks]
     kind = data.draw(st.sampled_from(["flip", "swap", "dup", "drop", "cut"]))
     i = data.draw(st.integers(1 if kind != "flip" else 0, len(parts) - 1))
@@ -296,8 +300,8 @@ def test_a_header_with_an_unknown_row_format_is_rejected() -> None:
     import dataclasses
 
     h = parse_header(_SMALL8.header)
-    with pytest.raises(CodecError, match="unknown row format 'int4'"):
-        parse_header(dataclasses.replace(h, rows="int4").to_bytes())
+    with pytest.raises(CodecError, match="unknown row format 'int2'"):
+        parse_header(dataclasses.replace(h, rows="int2").to_bytes())
     with pytest.raises(CodecError, match="inconsistent"):  # int8 layout announced as fp32 rows
         parse_header(dataclasses.replace(h, rows="float32").to_bytes())
 
@@ -339,3 +343,96 @@ def test_the_precision_is_part_of_every_segment_key() -> None:
     assert keys["fp32"] == segment_key(None, [1, 2, 3], "m", {"policy": "kvzip", "kept": 0.25}, 3, "salt")
     chains = {p: chain_keys([[1, 2, 3], [4]], "m", [{"policy": "full"}] * 2, 3, "salt", p) for p in ("fp32", "int8")}
     assert not set(chains["fp32"]) & set(chains["int8"])
+
+
+def test_int4_rows_and_scales_take_about_a_seventh_of_fp32() -> None:
+    """Per layer: K and V rows half a byte per element, plus a bf16 [groups, d] scale table each
+    (one group per 32 rows of a head); the default model's shape (3 heads, d 64) at 500 rows a head."""
+    from headwise.cache.codec import _layer_shape, _layout
+
+    H, n, d = 3, 500, 64
+    layer = LayerCache.from_dense(torch.randn(H, n, d), torch.randn(H, n, d), torch.arange(n))
+    cache = CompactCache([layer] * 4, n)
+    fields = {}
+    for p in ("fp32", "int4"):
+        fs, _ = _layout([_layer_shape(layer, False, quant.ROW_FORMATS[p])], d, torch.float32, quant.ROW_FORMATS[p])
+        fields[p] = {f.name: f.nbytes for f in fs}
+    groups = H * -(-n // quant.GROUP4)
+    rows4 = sum(fields["int4"][k] for k in ("keys", "values", "key_scales", "value_scales"))
+    assert rows4 == 2 * H * n * d // 2 + 2 * 2 * groups * d
+    ratio = (fields["fp32"]["keys"] + fields["fp32"]["values"]) / rows4
+    assert 7.0 < ratio < 7.2  # 8x for the rows, less the scales (2 bytes per 32 values)
+    assert 6.8 < encoded_nbytes(cache, "fp32") / encoded_nbytes(cache, "int4") < 7.2
+
+
+def test_int4_packing_two_values_a_byte_per_head_group_and_channel() -> None:
+    # head 0: 33 rows (groups of 32 and 1), head 1: empty, head 2: 2 rows; d = 3 (odd: a pad nibble)
+    x = torch.zeros(35, 3)
+    x[:32, 0], x[32, 0] = 7.0, -0.5  # group 0 channel 0: scale 1; group 1: its own, 0.5 / 7
+    x[5, 1], x[33, 2], x[34, 2] = -3.5, 14.0, -7.0  # group 0 channel 1: 0.5; group 2 channel 2: 2
+    offs = torch.tensor([0, 33, 33, 35])
+    assert quant.group_count(offs) == 3
+    assert quant.group_index(offs, 35).tolist() == [0] * 32 + [1, 2, 2]
+    packed, s = quant.quantise4(x, offs)
+    assert packed.dtype == torch.uint8 and packed.shape == (35, 2) and s.dtype == torch.bfloat16 and s.shape == (3, 3)
+    assert s.float()[0].tolist() == [1.0, 0.5, 0.0] and s.float()[2, 2] == 2.0
+    assert float(s.float()[1, 0]) >= 0.5 / 7  # rounded up to a bf16
+    assert packed[0].tolist() == [0x07, 0x00] and packed[5].tolist() == [(0x07 | (0x9 << 4)), 0x00]  # -7 = 0x9
+    assert packed[33].tolist() == [0x00, 0x07] and packed[34].tolist() == [0x00, 0x0C]  # 7 and -4 (-7 / 2 -> -4)
+    back = quant.dequantise4(packed, s, offs, torch.float32)
+    assert back[0, 0] == 7.0 and back[5, 1] == -3.5 and back[33, 2] == 14.0 and back[34, 2] == -8.0
+    assert abs(float(back[32, 0]) + 0.5) <= 0.5 * float(s.float()[1, 0])
+    assert quant.unpack4(torch.tensor([[0x8F]], dtype=torch.uint8), 2).tolist() == [[-1, -8]]
+    q, s = quant.quantise4(torch.zeros(0, 2), torch.tensor([0, 0, 0]))  # empty heads
+    assert q.shape == (0, 1) and s.shape == (0, 2)
+
+
+def test_int4_rejects_rows_it_cannot_scale() -> None:
+    gen = torch.Generator().manual_seed(1)
+    cache = CompactCache([make_layer(gen, [3, 2], 4, torch.float32, 0)], 5)
+    cache.layers[0].keys[0, 0] = float("inf")
+    with pytest.raises(CodecError, match="cannot be stored as int4"):
+        encode(cache, precision="int4")
+    cache.layers[0].keys[0, 0] = 3e38
+    back = decode(*(lambda e: (e.header, e.chunks))(encode(cache, precision="int4")))
+    assert float(back.layers[0].keys[0, 0]) == pytest.approx(3e38, rel=2**-7)
+    cache.layers[0].keys[0, 0] = float(torch.finfo(torch.float32).max)  # 7 x its rounded-up scale is no fp32
+    with pytest.raises(CodecError, match="too large for int4"):
+        encode(cache, precision="int4")
+    encode(cache, precision="int8")
+
+
+def test_an_int4_header_must_agree_with_its_scale_groups() -> None:
+    import dataclasses
+    import json
+
+    from headwise.cache.codec import SegmentHeader
+
+    enc = _SMALL["int4"]
+    h = parse_header(enc.header)
+    assert h.rows == "int4" and all(s.scale_groups is not None for s in h.layers)
+    body = json.loads(enc.header[12:-16])
+    assert body["int4"]["group"] == quant.GROUP4 and len(body["int4"]["scales"]) == len(h.layers)
+    wrong = dataclasses.replace(h, layers=(dataclasses.replace(h.layers[0], scale_groups=(0, 0)), *h.layers[1:]))
+    with pytest.raises(CodecError, match="inconsistent"):  # fewer scales: the layout is shorter than the payload
+        parse_header(wrong.to_bytes())
+    # the same payload size, one scale row moved from the keys to the values: a header that parses (a
+    # buggy encoder's, checksummed), whose groups do not fit the heads: rejected before any row is built
+    from headwise.cache.codec import _build
+
+    kg, vg = h.layers[0].scale_groups
+    moved = (dataclasses.replace(h.layers[0], scale_groups=(kg - 1, vg + 1)), *h.layers[1:])
+    forged = parse_header(SegmentHeader(h.segment_id, h.dtype, h.head_dim, h.seq_len, h.start, h.meta, moved,
+                                        h.total_bytes, h.chunk_size, "int4").to_bytes())
+    payload = memoryview(bytearray(b"".join(c[40:] for c in enc.chunks)))
+    assert _build(h, payload, [], "cpu").num_layers == len(h.layers)
+    with pytest.raises(CodecError, match="scale groups"):
+        _build(forged, payload, [], "cpu")
+    with pytest.raises(CodecError, match="groups of 16 rows"):
+        body["int4"]["group"] = 16
+        import hashlib
+        import struct
+
+        raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        head = struct.pack("<4sHHI", b"HWKH", 3, 0, len(raw)) + raw
+        parse_header(head + hashlib.blake2b(head, digest_size=16).digest())

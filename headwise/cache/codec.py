@@ -10,7 +10,8 @@ recall blob   = "HWKR" | version u16 | code u16 | m u32 | d u32 | positions i64[
                 | values[m, d] | crc32 u32         (crc32 over everything before it)
                 code: low byte the cache's dtype (1 fp32, 2 fp16, 3 bf16), high byte the rows'
                 format (0: that dtype; 1 fp32, 2 fp16, 3 bf16; 4 int8: then key_scales f32[d] and
-                value_scales f32[d], one per channel over the m rows, come before the int8 keys)
+                value_scales f32[d], one per channel over the m rows, come before the int8 keys;
+                a put at int4 writes its recall blobs as int8: a merged row's few originals)
 
 Checksums (version 2). Per chunk: the frame's CRC-32 over its 36 header bytes and its payload,
 *seeded with the previous frame's CRC* (chunk 0: with the CRC-32 of the header's BLAKE2b digest).
@@ -21,15 +22,18 @@ goes out: an encoder computes each CRC as its frame leaves (version 1 listed eve
 in the header, a full pass over the payload before anything could be sent).
 
 The body names the segment (random 16-byte id), the cache's dtype, the row format ("rows":
-float32, bfloat16, float16 or int8), seq_len/start/meta, every layer's shape, the payload size
-and the chunk size (hence the number and length of the chunks). The payload is every layer's
+float32, bfloat16, float16, int8 or int4), seq_len/start/meta, every layer's shape, the payload size
+and the chunk size (hence the number and length of the chunks); int4 rows also the rows per scale
+group and every layer's number of key and value scale groups ("int4": {"group", "scales"}). The payload is every layer's
 tensors in the order of `_layout()` (one function for both directions, so fields cannot be read
 back in another order), each aligned to 64 bytes:
   keys [R_k, d], values [R, d]     in the row format
   key_scales [Hkv, d], value_scales [Hkv, d] fp32     int8 rows only (headwise.cache.quant)
+  (int4: keys [R_k, ceil(d/2)], values [R, ceil(d/2)] uint8, two values a byte, then
+  key_scales [G_k, d], value_scales [G, d] bf16: one per group of up to 32 rows of a head, per channel)
   head_offsets [Hkv + 1] int64, positions [R] int16 or int32 (int16 when all fit), then
   log_weights [R] fp32 and recall_ids [R] int32, both left out for a "plain" layer (all 0 / -1)
-Decoding gives the cache back in its own dtype: int8 rows dequantised (once, at load), float
+Decoding gives the cache back in its own dtype: int8 and int4 rows dequantised (once, at load), float
 rows cast; every other field exact. Recall originals in the payload travel in the cache's dtype;
 recall blobs (`encode_recall`, a store put's) at the put's precision.
 
@@ -83,7 +87,7 @@ _RECALL = struct.Struct("<4sHHII")  # magic, version, dtype code, m, d
 FRAME_OVERHEAD = _FRAME.size
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-ROW_FORMATS = ("float32", "bfloat16", "float16", "int8")
+ROW_FORMATS = ("float32", "bfloat16", "float16", "int8", "int4")
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
@@ -109,6 +113,7 @@ class LayerShape:
     pos16: bool = False  # every position in [-1, 32767]: positions travel as int16 (else int32)
     key_rows: int | None = None  # PoD: rows that hold a key (the others are distant); None: all
     distant_from: tuple[int, ...] | None = None  # PoD: base layer per head (-1: none)
+    scale_groups: tuple[int, int] | None = None  # int4 rows: scale rows of keys and of values
 
 
 @dataclass(frozen=True)
@@ -144,13 +149,18 @@ def _layout(shapes: Sequence[LayerShape], head_dim: int, dtype: torch.dtype, row
         fields.append(f)
         offset = -(-(offset + f.nbytes) // ALIGN) * ALIGN
 
-    row_dtype = torch.int8 if rows == "int8" else quant.FLOAT_ROWS[rows]
+    row_dtype = {"int8": torch.int8, "int4": torch.uint8}.get(rows) or quant.FLOAT_ROWS[rows]
+    width = (head_dim + 1) // 2 if rows == "int4" else head_dim
     for i, s in enumerate(shapes):
-        add(i, "keys", row_dtype, (s.rows if s.key_rows is None else s.key_rows, head_dim))
-        add(i, "values", row_dtype, (s.rows, head_dim))
+        add(i, "keys", row_dtype, (s.rows if s.key_rows is None else s.key_rows, width))
+        add(i, "values", row_dtype, (s.rows, width))
         if rows == "int8":
             add(i, "key_scales", quant.SCALE_DTYPE, (s.num_heads, head_dim))
             add(i, "value_scales", quant.SCALE_DTYPE, (s.num_heads, head_dim))
+        elif rows == "int4":
+            kg, vg = s.scale_groups if s.scale_groups is not None else (0, 0)
+            add(i, "key_scales", quant.SCALE4_DTYPE, (kg, head_dim))
+            add(i, "value_scales", quant.SCALE4_DTYPE, (vg, head_dim))
         add(i, "head_offsets", torch.int64, (s.num_heads + 1,))
         add(i, "positions", torch.int16 if s.pos16 else torch.int32, (s.rows,))
         if not s.plain:
@@ -173,10 +183,10 @@ def _layer_tensors(layer: LayerCache, include_recall: bool, rows: str, shape: La
     t = {"head_offsets": layer.head_offsets, "positions": pos}
     if not shape.plain:
         t["log_weights"], t["recall_ids"] = layer.log_weights, _int32(layer.recall_ids, "recall ids")
-    if rows == "int8":
+    if rows in quant.QUANTISED:
         try:
-            t["keys"], t["key_scales"] = quant.quantise(layer.keys, layer.key_offsets())
-            t["values"], t["value_scales"] = quant.quantise(layer.values, layer.head_offsets)
+            t["keys"], t["key_scales"] = quant.quantise_rows(layer.keys, layer.key_offsets(), rows)
+            t["values"], t["value_scales"] = quant.quantise_rows(layer.values, layer.head_offsets, rows)
         except ValueError as e:
             raise CodecError(str(e)) from None
     else:
@@ -198,7 +208,7 @@ def _int32(t: Tensor, what: str) -> Tensor:
     return t.to(torch.int32)
 
 
-def _layer_shape(layer: LayerCache, include_recall: bool) -> LayerShape:
+def _layer_shape(layer: LayerCache, include_recall: bool, rows: str = "float32") -> LayerShape:
     r = layer.recall
     has_data = r is not None and r.keys.shape[0] == r.positions.numel() and r.positions.numel() > 0
     pos = layer.positions
@@ -211,6 +221,8 @@ def _layer_shape(layer: LayerCache, include_recall: bool) -> LayerShape:
         pos16=not pos.numel() or (int(pos.min()) >= -1 and int(pos.max()) < 2**15),
         key_rows=int(layer.keys.shape[0]) if layer.distant is not None else None,
         distant_from=layer.distant_from if layer.distant is not None else None,
+        scale_groups=(quant.group_count(layer.key_offsets()), quant.group_count(layer.head_offsets))
+        if rows == "int4" else None,
     )
 
 
@@ -228,7 +240,7 @@ class SegmentHeader:
     layers: tuple[LayerShape, ...]
     total_bytes: int
     chunk_size: int
-    rows: str = "float32"  # format of the K and V rows on the wire: float32, bfloat16, float16 or int8
+    rows: str = "float32"  # format of the K and V rows on the wire: float32, bfloat16, float16, int8 or int4
     seed: int = dataclasses.field(default=0, compare=False)  # chunk 0's CRC seed, set by parse_header
 
     @property
@@ -250,6 +262,8 @@ class SegmentHeader:
         distant = {str(i): [s.key_rows, list(s.distant_from)] for i, s in enumerate(self.layers) if s.key_rows is not None}
         if distant:
             body["distant"] = distant
+        if self.rows == "int4":
+            body["int4"] = {"group": quant.GROUP4, "scales": [list(s.scale_groups or (0, 0)) for s in self.layers]}
         body = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
         head = _HEADER_PREFIX.pack(b"HWKH", CODEC_VERSION, 0, len(body)) + body
         return head + hashlib.blake2b(head, digest_size=_DIGEST).digest()
@@ -291,6 +305,13 @@ def _header_from_body(b: dict, digest: bytes) -> SegmentHeader:
         if any(not -1 <= int(x) < i for x in df):
             raise CodecError(f"layer {i}: distant rows {list(df)} must come from earlier layers")
         layers = layers[:i] + (dataclasses.replace(layers[i], key_rows=int(k), distant_from=tuple(int(x) for x in df)),) + layers[i + 1 :]
+    if b["rows"] == "int4":
+        q = b["int4"]
+        if int(q["group"]) != quant.GROUP4:
+            raise CodecError(f"int4 rows in groups of {q['group']} rows per scale; this build reads groups of {quant.GROUP4}")
+        if len(q["scales"]) != len(layers):
+            raise CodecError(f"int4 scale groups for {len(q['scales'])} layers, the segment has {len(layers)}")
+        layers = tuple(dataclasses.replace(s, scale_groups=(int(kg), int(vg))) for s, (kg, vg) in zip(layers, q["scales"], strict=True))
     h = SegmentHeader(
         segment_id=bytes.fromhex(b["segment_id"]), dtype=_DTYPES[b["dtype"]], head_dim=int(b["head_dim"]),
         seq_len=int(b["seq_len"]), start=int(b["start"]), meta=b["meta"], layers=layers,
@@ -418,9 +439,9 @@ class Prepared:
             return self.cache
         layers = []
         for layer, t in zip(self.cache.layers, self.tensors, strict=True):
-            if self.rows == "int8":
-                keys = quant.dequantise(t["keys"], t["key_scales"], layer.key_offsets(), dtype)
-                values = quant.dequantise(t["values"], t["value_scales"], layer.head_offsets, dtype)
+            if self.rows in quant.QUANTISED:
+                keys = quant.dequantise_rows(t["keys"], t["key_scales"], layer.key_offsets(), self.rows, dtype)
+                values = quant.dequantise_rows(t["values"], t["value_scales"], layer.head_offsets, self.rows, dtype)
             else:
                 keys, values = t["keys"].to(dtype), t["values"].to(dtype)
             layers.append(dataclasses.replace(layer, keys=keys, values=values))
@@ -437,7 +458,7 @@ def prepare(cache: CompactCache, precision: str | None = None, *, include_recall
         raise CodecError("a cache with no layers cannot be encoded")
     cache = cache.compacted()
     dtype, head_dim, rows = _formats(cache, precision)
-    shapes = tuple(_layer_shape(layer, include_recall) for layer in cache.layers)
+    shapes = tuple(_layer_shape(layer, include_recall, rows) for layer in cache.layers)
     tensors = [_layer_tensors(layer, include_recall, rows, s) for layer, s in zip(cache.layers, shapes, strict=True)]
     recall = encode_recall(cache, precision) if recall_blobs and not include_recall else []
     fields, total = _layout(shapes, head_dim, dtype, rows)
@@ -489,7 +510,7 @@ def encoded_nbytes(cache: CompactCache, precision: str | None = None, *, include
     """Bytes of `encode(cache, ...)` (header blob + chunk frames), computed from the shapes alone."""
     cache = cache.compacted()
     dtype, head_dim, rows = _formats(cache, precision)
-    shapes = tuple(_layer_shape(layer, include_recall) for layer in cache.layers)
+    shapes = tuple(_layer_shape(layer, include_recall, rows) for layer in cache.layers)
     _, total = _layout(shapes, head_dim, dtype, rows)
     meta = json.loads(json.dumps(cache.meta))
     header = SegmentHeader(bytes(16), dtype, head_dim, cache.seq_len, cache.start, meta, shapes, total, chunk_size, rows)
@@ -646,7 +667,7 @@ def _restore_rows(t: dict[str, Tensor], h: SegmentHeader, s: LayerShape) -> None
         t["log_weights"] = torch.zeros(s.rows, dtype=torch.float32, device=dev)
         t["recall_ids"] = torch.full((s.rows,), NO_RECALL, dtype=torch.int64, device=dev)
     t["recall_ids"] = t["recall_ids"].to(torch.int64)
-    if h.rows == "int8":
+    if h.rows in quant.QUANTISED:
         offs = t["head_offsets"]
         if int(offs[0]) != 0 or int(offs[-1]) != t["values"].shape[0] or bool((offs[1:] < offs[:-1]).any()):
             return  # left as is: _layer_from rejects the layer and says why
@@ -657,8 +678,11 @@ def _restore_rows(t: dict[str, Tensor], h: SegmentHeader, s: LayerShape) -> None
             key_offs = offs - before[offs]
         if int(key_offs[-1]) != t["keys"].shape[0]:
             return
-        t["keys"] = quant.dequantise(t.pop("keys"), t.pop("key_scales"), key_offs, h.dtype)
-        t["values"] = quant.dequantise(t.pop("values"), t.pop("value_scales"), offs, h.dtype)
+        if h.rows == "int4" and (quant.group_count(key_offs), quant.group_count(offs)) != s.scale_groups:
+            raise CodecError(f"int4 scale groups {s.scale_groups} do not fit the layer's heads "
+                             f"({quant.group_count(key_offs)}, {quant.group_count(offs)} expected)")
+        t["keys"] = quant.dequantise_rows(t.pop("keys"), t.pop("key_scales"), key_offs, h.rows, h.dtype)
+        t["values"] = quant.dequantise_rows(t.pop("values"), t.pop("value_scales"), offs, h.rows, h.dtype)
     elif t["keys"].dtype != h.dtype:
         t["keys"], t["values"] = t["keys"].to(h.dtype), t["values"].to(h.dtype)
 
@@ -697,8 +721,12 @@ class RecallEntry:
 
 def _recall_rows(precision: str | None, dtype: torch.dtype) -> str:
     """Row format of a recall blob at `precision`: the cache's dtype when that loses nothing
-    (fp32 never widens a narrower cache's originals), else the precision's format."""
-    return _DTYPE_NAMES[dtype] if quant.lossless(precision, dtype) else quant.row_format(precision, dtype)
+    (fp32 never widens a narrower cache's originals), else the precision's format (int8 for int4:
+    one merged row's originals are too few rows for int4's per-group scales to pay)."""
+    if quant.lossless(precision, dtype):
+        return _DTYPE_NAMES[dtype]
+    fmt = quant.row_format(precision, dtype)
+    return "int8" if fmt == "int4" else fmt
 
 
 def encode_recall_rows(positions: Tensor, keys: Tensor, values: Tensor, precision: str | None = None) -> bytes:

@@ -4,7 +4,7 @@ key = blake2b(parent key, token ids, model id, the model's runtime dtype, policy
 (with the head profile's fingerprint for a policy that reads one), codec version, tenant salt, row
 precision of the stored cache). Keys chain, so a conversation turn names everything before it; the
 salt differs per tenant, so reuse never crosses tenants; caches stored at different precisions
-("fp32", "bf16", "int8") never mix, nor those of an fp32 and a bf16 replica of one model (their
+("fp32", "bf16", "int8", "int4") never mix, nor those of an fp32 and a bf16 replica of one model (their
 rows differ), nor those compressed under two head profiles. Never Python's hash().
 """
 

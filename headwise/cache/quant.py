@@ -27,11 +27,15 @@ from torch import Tensor
 
 from headwise.cache.compact import CompactCache, LayerCache
 
-PRECISIONS = ("fp32", "bf16", "int8")  # what a request may ask for (Generate.kv_precision)
-ROW_FORMATS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8"}
+PRECISIONS = ("fp32", "bf16", "int8", "int4")  # what a request may ask for (Generate.kv_precision)
+ROW_FORMATS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "int8": "int8", "int4": "int4"}
 FLOAT_ROWS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTISED = ("int8", "int4")  # row formats with scales
 QMAX = 127
 SCALE_DTYPE = torch.float32
+QMAX4 = 7
+SCALE4_DTYPE = torch.bfloat16  # int4 scales: bf16, rounded up (so |x / s| <= 7 still holds)
+GROUP4 = 32  # int4: rows of one head per scale (per channel); the last group of a head may be shorter
 
 
 def row_format(precision: str | None, dtype: torch.dtype) -> str:
@@ -97,6 +101,101 @@ def dequantise(q: Tensor, scales: Tensor, offsets: Tensor, dtype: torch.dtype) -
     return t if dtype == torch.float32 else t.to(dtype)
 
 
+def group_count(offsets: Tensor, group: int = GROUP4) -> int:
+    """int4 scale rows for the heads at offsets [H + 1]: ceil(rows / group) per head (an empty head has none)."""
+    lens = (offsets[1:] - offsets[:-1]).to(torch.long)
+    return int(((lens + group - 1) // group).sum())
+
+
+def group_index(offsets: Tensor, rows: int, group: int = GROUP4) -> Tensor:
+    """[rows] int64: the int4 scale row (group) each row belongs to: groups of `group` rows within each head."""
+    lens = (offsets[1:] - offsets[:-1]).to(torch.long)
+    base = torch.zeros(lens.numel(), dtype=torch.long)
+    base[1:] = torch.cumsum((lens + group - 1) // group, 0)[:-1]
+    hid = head_index(offsets.cpu(), rows)
+    local = torch.arange(rows, dtype=torch.long) - offsets.cpu().to(torch.long)[hid]
+    return base[hid] + local // group
+
+
+def _round_up_bf16(s: np.ndarray) -> np.ndarray:
+    """Non-negative finite fp32 -> the smallest bf16 >= each (as uint16 bits)."""
+    u = s.view(np.uint32)
+    up = (u & np.uint32(0xFFFF0000)) + np.where(u & np.uint32(0xFFFF), np.uint32(0x10000), np.uint32(0))
+    return (up >> np.uint32(16)).astype(np.uint16)
+
+
+def quantise4(x: Tensor, offsets: Tensor, group: int = GROUP4) -> tuple[Tensor, Tensor]:
+    """Rows x [R, d] of the heads at offsets [H + 1] -> (packed [R, ceil(d / 2)] uint8, scales [G, d] bf16).
+
+    Symmetric absmax, q = round(x / s) in [-7, 7], one bf16 scale per (group of `group` rows of one
+    head, channel), rounded up from absmax / 7; two q per byte, element 2j in the low nibble
+    (two's complement), a zero nibble pads an odd d. numpy, single-threaded, as `quantise`."""
+    R, d = x.shape
+    rows = x.detach().to("cpu", torch.float32).numpy()
+    gid = group_index(offsets, R, group).numpy()
+    n = group_count(offsets, group)
+    if R:
+        starts = np.flatnonzero(np.diff(gid, prepend=-1))
+        absmax = np.maximum(np.maximum.reduceat(rows, starts, axis=0), -np.minimum.reduceat(rows, starts, axis=0))
+        exact = (np.abs(absmax) / np.float32(QMAX4)).astype(np.float32)  # abs: no -0.0 (sign bit set)
+        if not bool(np.isfinite(exact).all()):
+            raise ValueError("rows hold non-finite entries; they cannot be stored as int4")
+        bits = _round_up_bf16(exact)
+    else:
+        bits = np.zeros((n, d), dtype=np.uint16)
+    s = (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    with np.errstate(over="ignore"):
+        if not bool(np.isfinite(s * np.float32(QMAX4)).all()):  # the rounded-up scale times 7 past fp32's largest
+            raise ValueError("rows hold entries too large for int4 (within 1% of fp32's largest)")
+    inv = np.divide(np.float32(1), s, out=np.zeros_like(s), where=s > 0)
+    t = rows * inv[gid] if R else np.zeros((0, d), dtype=np.float32)
+    np.rint(t, out=t)
+    np.clip(t, -QMAX4, QMAX4, out=t)
+    q = t.astype(np.int8)
+    if d % 2:
+        q = np.concatenate([q, np.zeros((R, 1), dtype=np.int8)], axis=1)
+    packed = (q[:, 0::2].view(np.uint8) & np.uint8(0xF)) | (q[:, 1::2].view(np.uint8) << np.uint8(4))
+    scales = torch.from_numpy(np.ascontiguousarray(bits)).view(SCALE4_DTYPE)
+    return torch.from_numpy(np.ascontiguousarray(packed)).to(x.device), scales.to(x.device)
+
+
+def unpack4(packed: Tensor, d: int) -> Tensor:
+    """[R, ceil(d / 2)] uint8 -> q [R, d] int8 in [-8, 7] (the inverse of quantise4's packing)."""
+    p = packed.to("cpu").numpy()
+    out = np.empty((p.shape[0], 2 * p.shape[1]), dtype=np.int8)
+    out[:, 0::2] = ((p & np.uint8(0xF)) ^ np.uint8(8)).astype(np.int8) - np.int8(8)
+    out[:, 1::2] = ((p >> np.uint8(4)) ^ np.uint8(8)).astype(np.int8) - np.int8(8)
+    return torch.from_numpy(np.ascontiguousarray(out[:, :d]))
+
+
+def dequantise4(packed: Tensor, scales: Tensor, offsets: Tensor, dtype: torch.dtype, group: int = GROUP4) -> Tensor:
+    """packed [R, ceil(d / 2)] uint8, scales [G, d] bf16, offsets [H + 1] -> rows [R, d] of `dtype`."""
+    d = scales.shape[1]
+    q = unpack4(packed, d).numpy()
+    s = scales.to("cpu", torch.float32).numpy()
+    gid = group_index(offsets, q.shape[0], group).numpy()
+    out = q.astype(np.float32)
+    if out.size:
+        np.multiply(out, s[gid], out=out)
+    t = torch.from_numpy(out).to(packed.device)
+    return t if dtype == torch.float32 else t.to(dtype)
+
+
+def quantise_rows(x: Tensor, offsets: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
+    """(q, scales) of rows in a quantised row format ("int8" or "int4")."""
+    return quantise(x, offsets) if fmt == "int8" else quantise4(x, offsets)
+
+
+def dequantise_rows(q: Tensor, scales: Tensor, offsets: Tensor, fmt: str, dtype: torch.dtype) -> Tensor:
+    return dequantise(q, scales, offsets, dtype) if fmt == "int8" else dequantise4(q, scales, offsets, dtype)
+
+
+def element_scales(scales: Tensor, offsets: Tensor, rows: int, fmt: str) -> Tensor:
+    """[rows, d]: the stored scale of each element (its head's for int8, its row group's for int4)."""
+    idx = head_index(offsets, rows) if fmt == "int8" else group_index(offsets, rows)
+    return scales.float()[idx.to(scales.device)]
+
+
 def error_bound(scale: Tensor) -> Tensor:
     """The largest |x - x_hat| an element with stored scale `scale` can have (before the engine dtype's rounding)."""
     return 0.5 * scale.float() * (1 + 2.0**-9)
@@ -104,9 +203,10 @@ def error_bound(scale: Tensor) -> Tensor:
 
 def _layer_as_stored(layer: LayerCache, fmt: str) -> LayerCache:
     dtype = layer.keys.dtype
-    if fmt == "int8":
+    if fmt in QUANTISED:
         ko, vo = layer.key_offsets(), layer.head_offsets
-        keys, values = dequantise(*quantise(layer.keys, ko), ko, dtype), dequantise(*quantise(layer.values, vo), vo, dtype)
+        keys = dequantise_rows(*quantise_rows(layer.keys, ko, fmt), ko, fmt, dtype)
+        values = dequantise_rows(*quantise_rows(layer.values, vo, fmt), vo, fmt, dtype)
     else:
         keys, values = (t.to(FLOAT_ROWS[fmt]).to(dtype) for t in (layer.keys, layer.values))
     return dataclasses.replace(layer, keys=keys, values=values)

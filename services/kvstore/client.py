@@ -181,7 +181,7 @@ class KVStoreClient:
     # ---- put ----------------------------------------------------------------------
     async def put(self, key: str, cache: CompactCache | Prepared, precision: str | None = None) -> int:
         """Store `cache` under `key` (recall originals as separate entries), its K/V rows at
-        `precision` (codec: "fp32", "bf16", "fp16", "int8"; None = the cache's own dtype); return bytes sent.
+        `precision` (codec: "fp32", "bf16", "fp16", "int8", "int4"; None = the cache's own dtype); return bytes sent.
         A `Prepared` cache (codec.prepare, store-ready: rows already in the wire format, recall blobs
         made) goes as it is; `precision` must then be None or its own."""
         if not isinstance(cache, Prepared):

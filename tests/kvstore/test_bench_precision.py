@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import grpc
 import pytest
 import redis
@@ -42,3 +41,19 @@ async def test_int8_rows_and_the_floor(service, redis_url) -> None:
     out = Console(width=300, record=True)
     out.print(table({f"c/{p}": row for p, row in rows.items()}))
     assert "c/int8" in out.export_text()
+
+
+def test_the_floor_bound_is_the_floor_wall_over_the_unavoidable_cpu_per_core() -> None:
+    from bench.kvstore import bound_lines, floor_bound
+
+    cpu = {"floor": 80.0, "raw_set": 60.0, "forward": 150.0, "put": 160.0}
+    b = floor_bound(cpu, 50.0, 2)  # second hop: min(raw SET 60, forward - floor 70)
+    assert b["second_hop_cpu_ms"] == 60.0 and b["unavoidable_put_cpu_ms"] == 140.0
+    assert b["put_floor_bound"] == 50.0 * 2 / 140.0 and b["put_floor_bound_own_cpu"] == 50.0 * 2 / 160.0
+    assert floor_bound(cpu | {"forward": 100.0}, 50.0, 2)["second_hop_cpu_ms"] == 20.0  # forward's extra is the smaller
+    results = {"c/fp32": {"floor_ms": 50.0, "cpu_ms": {"floor": {"client": 30.0, "floor": 50.0},
+                                                       "put": {"client": 40.0, "store": 80.0, "redis": 40.0}}}}
+    line, = bound_lines({"c/fp32": b | {"measured": 0.5, "measured_paired": 0.52}}, results)
+    assert "measured 0.50" in line and "bound 0.71" in line and "out of reach" in line
+    far = floor_bound(cpu, 200.0, 2)
+    assert "within reach" in bound_lines({"c/fp32": far | {"measured": 0.5, "measured_paired": 0.5}}, results)[0]

@@ -1,4 +1,4 @@
-"""int8 and bf16 rows through the real store (gRPC on loopback, a real Redis): the store keeps
+"""int8, int4 and bf16 rows through the real store (gRPC on loopback, a real Redis): the store keeps
 and sends the quantised bytes, the client gives back the rows as_stored predicts."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from tests.kvstore.conftest import small_cache
 from tests.test_codec_precision import assert_exact_but_rows
 
 
-@pytest.mark.parametrize("precision", ["int8", "bf16"])
+@pytest.mark.parametrize("precision", ["int8", "int4", "bf16"])
 async def test_quantised_rows_through_the_store(service, precision) -> None:
     c = service.client()
     cache = small_cache(3, lens=(40, 9), d=64)
@@ -53,9 +53,10 @@ async def test_a_prepared_cache_is_put_as_prepared(service) -> None:
         await c.put("seg-p", prep, "fp32")
 
 
-async def test_int8_segment_is_a_quarter_of_fp32_on_the_wire(service) -> None:
+async def test_int8_segment_is_a_quarter_of_fp32_on_the_wire_and_int4_a_seventh(service) -> None:
     c = service.client()
     cache = small_cache(4, layers=3, lens=(300, 200), d=64, merged=0)
-    fp32, int8 = [await c.put(f"seg-{p}", cache, p) for p in ("fp32", "int8")]
+    fp32, int8, int4 = [await c.put(f"seg-{p}", cache, p) for p in ("fp32", "int8", "int4")]
     assert fp32 == encode(cache, include_recall=False).nbytes
     assert 3.5 < fp32 / int8 < 4  # rows 4x; scales, positions, log-weights and ids are the rest
+    assert 6 < fp32 / int4 < 7.2  # rows 8x, less a bf16 scale per 32 values
