@@ -373,8 +373,8 @@ def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: li
                 cfg = models["sdpa"].config
                 heads = cfg.num_hidden_layers * cfg.num_key_value_heads
 
-            def build(c):
-                press = make_press(c[0], press_ratio(c[0], c[1], n_doc, len(ids), heads or 1))
+            def build(c, n_doc=n_doc, n=len(ids), heads=heads or 1):
+                press = make_press(c[0], press_ratio(c[0], c[1], n_doc, n, heads))
                 return keep_question(press, n_doc) if n_doc is not None and c[0] != "kvzip" else press
 
             built = {}
