@@ -12,7 +12,7 @@ from headwise.policies.base import CompressContext, keep_all
 
 # every registered policy (a new policy file is tested without editing this list), plus the
 # setting combinations docs/policies.md names
-SETTINGS = ["razor:fill=kvzip", "razor:fill=snapkv", "razor:compensation=none", "pod:evict=kvzip",
+SETTINGS = ["razor:fill=recent", "razor:fill=kvzip", "razor:fill=snapkv", "razor:compensation=none", "pod:evict=kvzip",
             "pod:block_score=max", "adakv:scorer=ahakv", "ems:log_weight=mass",
             # the papers' ideas on KVzip's signal (docs/policies.md)
             "kvzip:heads=retrieval", "kvzip:heads=heterogeneous", "kvzip:prior=value", "kvzip:merge=ems",
