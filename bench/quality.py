@@ -244,8 +244,8 @@ def run_query_aware(runner, cases: list[Case], policies: list[str], kept: list[f
     if skipped:
         console.print(f"[yellow]no query-aware form (no observation window), skipped: {', '.join(skipped)}[/yellow]")
     built = {c: pol for c, pol in built.items() if c[0] == "full" or c[0] not in skipped}
-    column_sums = any(pol.capture.column_sums for pol in built.values())
-    rec_capture = next((pol.capture for pol in built.values() if pol.capture.reconstruction), None)
+    column_sums = any(pol.query_aware_form().capture.column_sums for pol in built.values())
+    rec_capture = next((pol.query_aware_form().capture for pol in built.values() if pol.query_aware_form().capture.reconstruction), None)
     ctx = runner.context(next((p for p in built.values() if getattr(p, "needs_profile", False)), None))
     rows = {c: {"correct": 0, "total": 0, "realised": [], "compress_s": []} for c in built}
     details, prefill_s = [], {}
@@ -265,7 +265,7 @@ def run_query_aware(runner, cases: list[Case], policies: list[str], kept: list[f
             for cfg, pol in built.items():
                 t = time.perf_counter()
                 try:
-                    res = compress_prefilled(out, len(s.context), pol, ctx, rec if pol.capture.reconstruction else None)
+                    res = compress_prefilled(out, len(s.context), pol, ctx, rec)
                 except InvalidInput as e:  # e.g. pod below its reachable range: reported, not fatal
                     rows[cfg]["error"] = str(e)
                     continue

@@ -42,7 +42,7 @@ def supports_query_aware(policy: Policy) -> bool:
     it may read KVzip's reconstruction scores of the document (`signal="window+kvzip"`: the pass
     re-reads the document alone, so its scores do not depend on the question), not the hidden
     states (kvzap's scorer is trained on document prefills only)."""
-    cap = policy.capture
+    cap = policy.query_aware_form().capture
     return cap.window > 0 and not cap.hidden
 
 
@@ -115,6 +115,7 @@ def prefill_query_aware(
     or an empty document / question.
     """
     check_query_aware(policy)
+    policy = policy.query_aware_form()
     D, Q = len(document_ids), len(question_ids)
     if D == 0 or Q == 0:
         raise InvalidInput("a query-aware prefill needs a non-empty document and a non-empty question")
@@ -135,6 +136,7 @@ def compress_prefilled(out, D: int, policy: Policy, ctx: CompressContext,
     if out.start != 0 or not 0 < D < S or out.states[0].window_queries is None or out.states[0].window_queries.shape[1] != S - D:
         raise InvalidInput(f"a query-aware compression needs a prefill from position 0 whose window is the question "
                            f"(rows {D}..{S}); capture window={S - D}")
+    policy = policy.query_aware_form()  # unset settings: the regime's defaults
     if policy.capture.reconstruction and reconstruction is None:
         raise InvalidInput(f"policy {policy.name!r} reads the document's reconstruction scores; pass "
                            "document_reconstruction(...) of this prefill")

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -55,11 +57,12 @@ class AdaKVPolicy(Policy):
     """
 
     name = "adakv"
+    query_aware_signal: ClassVar[str | None] = None
     scorer: ScorerPolicy | str = "snapkv"
     alpha: float = 0.2
     window: int = 32
     sinks: int = 4
-    signal: str = optional("window")  # the scorer's observation signal, when the scorer is given by name
+    signal: str | None = optional(None)  # the scorer's observation signal, when the scorer is given by name
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,6 +92,15 @@ class AdaKVPolicy(Policy):
     @property
     def capture(self):
         return self.scorer.capture
+
+    def query_aware_form(self) -> "AdaKVPolicy":
+        """Unset settings take the query-aware regime's defaults: for a scorer given by name, the
+        signal `query_aware_signal` (None: the scorer class's own)."""
+        s = self.scorer
+        if self.signal is not None or s != self._build(s.name):
+            return self
+        signal = self.query_aware_signal or s.query_aware_form().signal
+        return self if signal in (None, "window") else dataclasses.replace(self, scorer=s.name, signal=signal)
 
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S = state.num_tokens

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +62,10 @@ class EMSPolicy(Policy):
     tau: float = 0.0
     candidates: float = 2.0
     log_weight: str = "none"
-    signal: str = optional("window")  # the local score's observation signal: window, kvzip or kvzap
+    # the local score's observation signal: window, kvzip, kvzap or window+kvzip; unset: the
+    # regime's (window; `query_aware_signal` in the query-aware regime)
+    signal: str | None = optional(None)
+    query_aware_signal: ClassVar[str] = "window"
     # [P] SnapKV's average pooling of the score (0: none); unset: the regime's default, 0 (the
     # reconstruction's) in the reuse regime, 7 in the query-aware one (tuned on --text stdlib)
     kernel: int | None = optional(None)
@@ -81,6 +86,11 @@ class EMSPolicy(Policy):
     @property
     def capture(self) -> Capture:
         return signal_capture(self.signal, self.window).merge(Capture(column_sums=True))
+
+    def query_aware_form(self) -> "EMSPolicy":
+        if self.signal is not None or self.query_aware_signal == "window":
+            return self
+        return dataclasses.replace(self, signal=self.query_aware_signal)
 
     def score(self, state: LayerState, model_id: str = "") -> Tensor:
         """Global-local score [Hkv, S], >= 0."""

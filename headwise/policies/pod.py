@@ -16,7 +16,9 @@ same tokens: a non-base layer's distant row always finds its token in the base l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -119,7 +121,10 @@ class PoDPolicy(Policy):
     # [P] "retrieval": the head profile's retrieval heads (RazorAttention's, induction 0.14 + echo 0.01)
     # keep their own keys in every layer (each is the base of its own block); "none": the profile's blocks
     protect: str = optional("none")
-    signal: str = optional("window")  # the snapkv eviction score's observation signal (policies/scoring.py)
+    # the snapkv eviction score's observation signal (policies/scoring.py); unset: the regime's
+    # (window; `query_aware_signal` in the query-aware regime)
+    signal: str | None = optional(None)
+    query_aware_signal: ClassVar[str] = "window"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -131,7 +136,7 @@ class PoDPolicy(Policy):
         from headwise.policies.scoring import check_signal
 
         check_signal(self, self.signal)
-        if self.signal != "window" and self.evict != "snapkv":
+        if self.signal not in (None, "window") and self.evict != "snapkv":
             raise InvalidInput(f"policy 'pod': signal={self.signal!r} is the snapkv eviction's; it needs evict='snapkv'")
         if self.block_score not in BLOCK_SCORES:
             raise InvalidInput(f"policy 'pod': block_score={self.block_score!r}; allowed: {', '.join(BLOCK_SCORES)}")
@@ -149,6 +154,11 @@ class PoDPolicy(Policy):
         if self.evict == "kvzip":
             return Capture(reconstruction=True)
         return Capture()
+
+    def query_aware_form(self) -> "PoDPolicy":
+        if self.signal is not None or self.query_aware_signal == "window" or self.evict != "snapkv":
+            return self
+        return dataclasses.replace(self, signal=self.query_aware_signal)
 
     @property
     def floor(self) -> int:

@@ -56,12 +56,13 @@ SIGNALS = ("window", "kvzip", "kvzap", "window+kvzip")
 MIX_SKIP = 4  # rows left out of each part's normalising mean in "window+kvzip": the sinks every scorer forces
 
 
-def check_signal(policy, signal: str) -> None:
-    if signal not in SIGNALS:
+def check_signal(policy, signal: str | None) -> None:
+    """None: the regime's default (window; a policy's query_aware_form may choose another)."""
+    if signal is not None and signal not in SIGNALS:
         raise InvalidInput(f"policy {policy.name!r}: signal={signal!r}; allowed: {', '.join(SIGNALS)}")
 
 
-def signal_capture(signal: str, window: int):
+def signal_capture(signal: str | None, window: int):
     """What the prefill must record for a signal: the window queries, KVzip's reconstruction
     pass, or the hidden states kvzap's scorer reads."""
     from headwise.policies.base import Capture
@@ -75,10 +76,10 @@ def signal_capture(signal: str, window: int):
     return Capture(window=max(1, window))
 
 
-def observation(state: LayerState, signal: str, window: int, model_id: str = "", gain: Tensor | None = None) -> Tensor:
+def observation(state: LayerState, signal: str | None, window: int, model_id: str = "", gain: Tensor | None = None) -> Tensor:
     """How much each row is attended to, per KV head: [Hkv, N] fp32, >= 0.
 
-    window: mean attention from the last `window` queries (the document's own last tokens,
+    window (or None): mean attention from the last `window` queries (the document's own last tokens,
             or the question in the query-aware regime), mean over the GQA group;
     kvzip:  the max attention from KVzip's reconstruction queries (the model re-reading the
             document), query-agnostic;
