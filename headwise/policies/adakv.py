@@ -58,8 +58,9 @@ class AdaKVPolicy(Policy):
 
     name = "adakv"
     query_aware_signal: ClassVar[str | None] = None
+    query_aware_alpha: ClassVar[float] = 0.2
     scorer: ScorerPolicy | str = "snapkv"
-    alpha: float = 0.2
+    alpha: float | None = None  # unset: the regime's default, 0.2 ([F]) in the reuse regime, `query_aware_alpha` in the query-aware one
     window: int = 32
     sinks: int = 4
     signal: str | None = optional(None)  # the scorer's observation signal, when the scorer is given by name
@@ -67,7 +68,7 @@ class AdaKVPolicy(Policy):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, window=self.window, sinks=self.sinks)
-        if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0):
             raise InvalidInput(f"policy 'adakv': alpha={self.alpha!r} must be in [0, 1]")
         if not isinstance(self.scorer, ScorerPolicy):
             object.__setattr__(self, "scorer", self._build(self.scorer))  # frozen: set once, here
@@ -85,6 +86,8 @@ class AdaKVPolicy(Policy):
         """The scorer by name when it is the one its name builds (the segment key as for a name),
         else by all its settings."""
         out = super().params()
+        if out.get("alpha") is None:  # unset: the reuse regime's 0.2 (query-aware caches are never stored)
+            out["alpha"] = 0.2
         s = self.scorer
         out["scorer"] = s.name if s == self._build(s.name) else s.params()
         return out
@@ -102,6 +105,13 @@ class AdaKVPolicy(Policy):
         signal = self.query_aware_signal or s.query_aware_form().signal
         return self if signal in (None, "window") else dataclasses.replace(self, scorer=s.name, signal=signal)
 
+    def alpha_for(self, state: LayerState) -> float:
+        """The safeguard in force: the setting, else `query_aware_alpha` in the query-aware regime and
+        0.2 in the reuse one."""
+        if self.alpha is not None:
+            return self.alpha
+        return self.query_aware_alpha if state.window_keys is not None else 0.2
+
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S = state.num_tokens
         b = self.budget(S)
@@ -110,5 +120,5 @@ class AdaKVPolicy(Policy):
         W = forced_window(state, self.window)
         check_budget(self, b, self.sinks + W)
         scores = self.scorer.score(state, ctx).float()  # [Hkv, S]
-        _, budgets = head_budgets(scores[:, self.sinks : S - W], b - self.sinks - W, self.alpha)
+        _, budgets = head_budgets(scores[:, self.sinks : S - W], b - self.sinks - W, self.alpha_for(state))
         return gather_rows(state, keep_top(scores, budgets.tolist(), self.sinks, W))
