@@ -293,7 +293,8 @@ def _summarise(rows: dict, built: dict, prefill_s: dict, details: list) -> dict:
             res["policies"].setdefault(p, {})[str(k)] = {"accuracy": None, "realised": None, "error": r["error"]}
             continue
         acc = r["correct"] / r["total"] if r["total"] else 0.0
-        cap = "column_sums" if built[(p.split("+")[0], k)].capture.column_sums else "window"
+        pol = built.get((p, k)) or built[(p.rsplit("+", 1)[0], k)]  # `policy+int8`: a precision variant's policy
+        cap = "column_sums" if pol.capture.column_sums else "window"
         entry = {"accuracy": acc, "realised": sum(r["realised"]) / len(r["realised"]),
                  "prefill_s": prefill_s.get(cap, prefill_s.get("window", 0.0)) + sum(r["compress_s"]) / len(r["compress_s"]),
                  "correct": r["correct"], "total": r["total"]}
