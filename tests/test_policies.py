@@ -22,7 +22,8 @@ SETTINGS = ["razor:fill=kvzip", "razor:fill=snapkv", "razor:compensation=none", 
             # the question's window beside KVzip's reconstruction (in the reuse regime: the last tokens' window)
             "snapkv:signal=window+kvzip", "taskkv:signal=window+kvzip", "ahakv:signal=window+kvzip",
             "adakv:signal=window+kvzip", "ems:signal=window+kvzip:lam=0", "ems:lam=0", "pod:signal=window+kvzip",
-            "pod:protect=retrieval", "pod:protect=retrieval:signal=window+kvzip"]
+            "pod:protect=retrieval", "pod:protect=retrieval:signal=window+kvzip", "adakv:scope=model",
+            "adakv:scope=model:signal=window+kvzip"]
 POLICIES = [n for n in policy_names() if n != "full"] + SETTINGS
 S = 600  # >= 512: the realised fraction must be within 1% of the request
 

@@ -17,7 +17,7 @@ SPECS = [("snapkv", {}), ("adakv", {}), ("adakv", {"scorer": "ahakv"}), ("ahakv"
          ("ahakv", {"pooling": "avg"}), ("taskkv", {}), ("ems", {}), ("ems", {"kernel": 0}), ("ems", {"kernel": 7}), ("pod", {}), ("razor", {"fill": "snapkv"}),
          # the question's window beside KVzip's reconstruction of the document, and the settings tuned for the regime
          ("snapkv", {"signal": "window+kvzip"}), ("taskkv", {"signal": "window+kvzip"}), ("ahakv", {"signal": "window+kvzip"}),
-         ("adakv", {"signal": "window+kvzip"}), ("ems", {"signal": "window+kvzip", "lam": 0.0}), ("ems", {"lam": 0.5}),
+         ("adakv", {"signal": "window+kvzip"}), ("adakv", {"signal": "window+kvzip", "scope": "model"}), ("ems", {"signal": "window+kvzip", "lam": 0.0}), ("ems", {"lam": 0.5}),
          ("ems", {"lam": 0.0}), ("adakv", {"alpha": 0.2}), ("pod", {"signal": "window+kvzip"}), ("pod", {"protect": "retrieval"}),
          ("snapkv", {"signal": "window"}), ("taskkv", {"signal": "window"}), ("ahakv", {"signal": "window"}),
          ("adakv", {"signal": "window"}), ("ems", {"signal": "window"}), ("pod", {"signal": "window"})]

@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from headwise.cache.compact import LayerCache
+from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
 from headwise.policies.base import (
     CompressContext,
@@ -44,6 +44,9 @@ def head_budgets(scores: Tensor, free: int, alpha: float) -> tuple[Tensor, Tenso
     return raw, out.clamp(max=M)
 
 
+SCOPES = ("layer", "model")
+
+
 @dataclass(frozen=True)
 class AdaKVPolicy(Policy):
     """AdaKV (ALGORITHMS.md 6.5): head-wise budgets inside a layer, wrapping a scorer.
@@ -64,10 +67,15 @@ class AdaKVPolicy(Policy):
     window: int = 32
     sinks: int = 4
     signal: str | None = optional(None)  # the scorer's observation signal, when the scorer is given by name
+    # [P] "model": the free rows of every (layer, head) of the model go to the model's best rows at once
+    # (KVzip's global ranking with AdaKV's safeguard); "layer": each layer's own ([F])
+    scope: str = optional("layer")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, window=self.window, sinks=self.sinks)
+        if self.scope not in SCOPES:
+            raise InvalidInput(f"policy 'adakv': scope={self.scope!r}; allowed: {', '.join(SCOPES)}")
         if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0):
             raise InvalidInput(f"policy 'adakv': alpha={self.alpha!r} must be in [0, 1]")
         if not isinstance(self.scorer, ScorerPolicy):
@@ -111,6 +119,25 @@ class AdaKVPolicy(Policy):
         if self.alpha is not None:
             return self.alpha
         return self.query_aware_alpha if state.window_keys is not None else 0.2
+
+    def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
+        if self.scope == "layer":
+            return super().compress(states, start, ctx)
+        ctx = ctx or CompressContext(num_layers=len(states))
+        S = states[0].num_tokens
+        b = self.budget(S)
+        if b >= S:
+            layers = [keep_all(st) for st in states]
+        else:
+            W = forced_window(states[0], self.window)
+            check_budget(self, b, self.sinks + W)
+            scores = torch.stack([self.scorer.score(st, ctx).float() for st in states])  # [L, Hkv, S]
+            L, H = scores.shape[:2]
+            alpha = self.alpha_for(states[0])
+            _, budgets = head_budgets(scores.reshape(L * H, S)[:, self.sinks : S - W], b - self.sinks - W, alpha)
+            budgets = budgets.view(L, H)
+            layers = [gather_rows(st, keep_top(scores[i], budgets[i].tolist(), self.sinks, W)) for i, st in enumerate(states)]
+        return CompactCache(layers, seq_len=start + S, start=start, meta={"policy": self.params()})
 
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S = state.num_tokens
