@@ -161,9 +161,10 @@ def test_ems_merged_rows_consistent(settings, runner, ctx):
     """Every document token is kept, merged into exactly one row (whose recall handle holds its
     original key and value), or evicted; the question's rows are never merged."""
     out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q, column_sums=True))
-    from headwise.models.query_aware import compress_prefilled
+    from headwise.models.query_aware import compress_prefilled, document_reconstruction
 
-    res = compress_prefilled(out, D, get_policy("ems", kept=0.25, **settings), ctx)
+    rec = document_reconstruction(runner, out, DOC, Capture(reconstruction=True))
+    res = compress_prefilled(out, D, get_policy("ems", kept=0.25, **settings), ctx, rec)
     merged_any = False
     for layer, st in zip(res.document.layers, out.states, strict=True):
         for h in range(layer.num_heads):
@@ -188,13 +189,14 @@ def test_regime_defaults_of_ahakv_and_ems(runner, ctx):
     the reuse regime, avg / 7 with the question as the window; the segment key is unchanged."""
     assert "pooling" not in get_policy("ahakv", kept=0.25).params() and "kernel" not in get_policy("ems", kept=0.25).params()
     out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q, column_sums=True))
-    from headwise.models.query_aware import compress_prefilled
+    from headwise.models.query_aware import compress_prefilled, document_reconstruction
 
+    rec = document_reconstruction(runner, out, DOC, Capture(reconstruction=True))
     for name, unset, qa, reuse in (("ahakv", {}, {"pooling": "avg"}, {"pooling": "none"}),
                                    ("ems", {}, {"kernel": 7}, {"kernel": 0})):
-        got = compress_prefilled(out, D, get_policy(name, kept=0.25, **unset), ctx).document
-        assert _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **qa), ctx).document)
-        assert not _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **reuse), ctx).document)
+        got = compress_prefilled(out, D, get_policy(name, kept=0.25, **unset), ctx, rec).document
+        assert _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **qa), ctx, rec).document)
+        assert not _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **reuse), ctx, rec).document)
         plain = runner.prefill(DOC, capture=get_policy(name, kept=0.25).capture)
         a = get_policy(name, kept=0.25).compress(plain.states, 0, ctx)
         assert _same(a, get_policy(name, kept=0.25, **reuse).compress(plain.states, 0, ctx))
@@ -247,7 +249,7 @@ def test_window_plus_kvzip_keeps_what_either_needs():
 
 
 # the query-aware regime's signal of each method left unset (docs/policies.md "The query-aware regime")
-QA_SIGNALS = {"snapkv": "window", "taskkv": "window", "ahakv": "window", "adakv": "window", "ems": "window", "pod": "window"}
+QA_SIGNALS = {n: "window+kvzip" for n in ("snapkv", "taskkv", "ahakv", "adakv", "ems", "pod")}
 
 
 def test_regime_defaults_of_the_signal_lam_and_alpha(runner, ctx):

@@ -12,7 +12,10 @@ reused (the service reports `store_status` "private").
 Every window-based policy runs unchanged: it sees a LayerState of the document rows only,
 whose `window_queries` are the question's queries and whose `window_keys` are the question's
 keys (so the window's softmax covers document + question, causal within the question, as one
-prefill of both). `kept` is the fraction of the DOCUMENT's rows.
+prefill of both). `kept` is the fraction of the DOCUMENT's rows. A policy whose signal is
+"window+kvzip" also reads KVzip's reconstruction scores of the document alone
+(`document_reconstruction`: one more pass over the document, independent of the question).
+Settings a policy leaves unset take this regime's defaults (`Policy.query_aware_form`).
 """
 
 from __future__ import annotations

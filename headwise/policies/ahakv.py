@@ -23,6 +23,7 @@ class AhaKVPolicy(ScorerPolicy):
     """
 
     name = "ahakv"
+    query_aware_signal = "window+kvzip"  # tuned on bench.quality --text stdlib (docs/policies.md)
     kernel: int = 7
     faithful: bool = False
     # [P] SnapKV's pooling of the attention score too ("avg", "max"), kernel `kernel`; unset: the

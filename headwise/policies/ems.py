@@ -66,8 +66,8 @@ class EMSPolicy(Policy):
     # the local score's observation signal: window, kvzip, kvzap or window+kvzip; unset: the
     # regime's (window; `query_aware_signal` in the query-aware regime)
     signal: str | None = optional(None)
-    query_aware_signal: ClassVar[str] = "window"
-    query_aware_lam: ClassVar[float] = 0.5
+    query_aware_signal: ClassVar[str] = "window+kvzip"  # tuned on bench.quality --text stdlib
+    query_aware_lam: ClassVar[float] = 0.0
     # [P] SnapKV's average pooling of the score (0: none); unset: the regime's default, 0 (the
     # reconstruction's) in the reuse regime, 7 in the query-aware one (tuned on --text stdlib)
     kernel: int | None = optional(None)

@@ -124,7 +124,7 @@ class PoDPolicy(Policy):
     # the snapkv eviction score's observation signal (policies/scoring.py); unset: the regime's
     # (window; `query_aware_signal` in the query-aware regime)
     signal: str | None = optional(None)
-    query_aware_signal: ClassVar[str] = "window"
+    query_aware_signal: ClassVar[str] = "window+kvzip"  # tuned on bench.quality --text stdlib
 
     def __post_init__(self) -> None:
         super().__post_init__()
