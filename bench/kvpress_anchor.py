@@ -23,7 +23,13 @@ compressed too, and the template tail + answer prefix are then asked on the comp
 first token coming from that pass (KVPressTextGenerationPipeline.generate_answer). Same token ids
 as bench.quality's query-aware regime, cut where the question's text ends (query_aware_split).
 `realised` is the kept fraction of the compressed input's rows (document + question), masked rows
-counted as evicted. Presses whose whole effect is BasePress's prefill hook share one prefill per
+counted as evicted. `--question exact` is headwise's query-aware protocol on kvpress's presses (the
+like-for-like comparison): the whole request (document + question + template tail + answer prefix)
+is prefilled under the press, the question's rows are kept exactly (the press's scores there raised
+above every document row's: `keep_question`), the press's ratio is set so that `kept` is the fraction
+of the document's rows it keeps (`press_ratio`), and the first token comes from the prefill's logits
+(the full cache's, as in headwise); `realised` is then the document's kept fraction.
+Presses whose whole effect is BasePress's prefill hook share one prefill per
 question (shared_prefill: each press's own forward_hook on a cache of its own); the first question
 also runs each on its own prefill and checks the caches are identical (`replay_checked`). KVzip and
 ObservedAttention (eager) run on prefills of their own; `prefill_s` of a shared press is that one
@@ -59,6 +65,37 @@ def make_press(name: str, ratio: float):
         "adakv_expected_attention": lambda: kp.AdaKVPress(kp.ExpectedAttentionPress(compression_ratio=ratio)),
         "kvzip": lambda: kp.KVzipPress(compression_ratio=ratio),
     }[name]()
+
+
+def press_ratio(name: str, kept: float, n_doc: int | None = None, n: int | None = None, heads: int = 1) -> float:
+    """kvpress's compression_ratio for a press that is to keep the `kept` fraction: of every row
+    (n_doc None), or (`--question exact`) of the first n_doc rows of n, the other n - n_doc (the
+    question's) being kept besides. A ScorerPress keeps int(n * (1 - ratio)) rows of each head, KVzip
+    prunes int(heads * n * ratio) rows over the model's `heads` (layer, KV head) pairs: the half row
+    makes both the nearest whole count."""
+    if n_doc is None:
+        return round(1 - kept, 6)
+    if name == "kvzip":
+        return ((1 - kept) * n_doc * heads + 0.5) / (heads * n)
+    return 1 - (kept * n_doc + (n - n_doc) + 0.5) / n
+
+
+def keep_question(press, n_doc: int):
+    """The press with every row from n_doc on (the question's) kept: its scores there raised to +inf
+    before its own top-k (ScorerPress.score; AdaKV's inner scorer). KVzip is kvzip_shared's
+    `n_doc`. Returns the press."""
+    inner = getattr(press, "press", press)  # AdaKVPress wraps a ScorerPress
+    if not hasattr(inner, "score") or type(inner).__name__ == "KVzipPress":
+        raise ValueError(f"{type(press).__name__}: the question's rows cannot be kept exactly (no ScorerPress.score)")
+    score = inner.score
+
+    def forced(module, hidden_states, keys, values, attentions, kwargs):
+        s = score(module, hidden_states, keys, values, attentions, kwargs).clone()
+        s[..., n_doc:] = torch.inf
+        return s
+
+    inner.score = forced
+    return press
 
 
 def cache_kwarg(module, cache) -> dict:
@@ -133,12 +170,15 @@ def _replayable(press) -> bool:
 
 
 @torch.inference_mode()
-def kvzip_shared(model, ids: list[int], ratios: dict, full_key=None) -> dict:
+def kvzip_shared(model, ids: list[int], ratios: dict, full_key=None, n_doc: int | None = None,
+                 first: list | None = None) -> dict:
     """KVzipPress run once (prefill, then its reconstruction passes) for every compression ratio in
     `ratios` (key -> ratio): its scores do not depend on the ratio, so its own compress_post is run
     per ratio on a copy of them. Returns key -> (cache, masks); the caches share the rows (KVzip
     masks, it evicts nothing), which decoding never writes in place (each step concatenates). With
-    `full_key`, those rows unmasked (the uncompressed prefill's) are in the result under that key."""
+    `full_key`, those rows unmasked (the uncompressed prefill's) are in the result under that key.
+    With `n_doc`, every row from n_doc on (the question's) scores above all others (kept exactly).
+    With `first` (a list), the prefill's greedy next token is appended to it."""
     import kvpress as kp
     from transformers import DynamicCache
 
@@ -147,6 +187,8 @@ def kvzip_shared(model, ids: list[int], ratios: dict, full_key=None) -> dict:
     class Multi(kp.KVzipPress):
         def compress_post(self, model):
             scores = self.score_val.clone()
+            if n_doc is not None:
+                scores[..., n_doc:] = scores.amax() + 2.0  # above the sinks (amax + 1) too
             for k, r in ratios.items():
                 self.score_val, self.compression_ratio = scores.clone(), r
                 super().compress_post(model)
@@ -154,7 +196,11 @@ def kvzip_shared(model, ids: list[int], ratios: dict, full_key=None) -> dict:
                 for layer in model.model.layers:
                     layer.self_attn.masked_key_indices = None
 
-    cache, _ = direct_prefill(model, ids, Multi(compression_ratio=max(ratios.values())))
+    if first is None:
+        cache, _ = direct_prefill(model, ids, Multi(compression_ratio=max(ratios.values())))
+    else:
+        cache, _, tok = direct_prefill(model, ids, Multi(compression_ratio=max(ratios.values())), logits=True)
+        first.append(tok)
     out = {}
     for k, m in [*got.items(), *([(full_key, {})] if full_key is not None else [])]:
         c = DynamicCache()
@@ -166,7 +212,8 @@ def kvzip_shared(model, ids: list[int], ratios: dict, full_key=None) -> dict:
 
 
 @torch.inference_mode()
-def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = None, full_key=None) -> tuple[dict, dict]:
+def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = None, full_key=None,
+                   first: list | None = None) -> tuple[dict, dict]:
     """One prefill of `ids` (no lm head, as kvpress's pipeline) whose attention layers hand each of
     `presses` (key -> press) a cache of its own holding that layer's full keys and values, and call
     the press's own forward_hook on it with the layer's real kwargs and output: exactly what the
@@ -175,7 +222,8 @@ def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = N
     Returns key -> compressed DynamicCache and key -> {layer: masked_key_indices} (AdaKV's head-wise
     masks live on the attention module; they are saved per press and restored for its decode). A
     press that raises is left out of the result, its error in `errors` (key -> message). With
-    `full_key`, the prefill's own uncompressed cache is in the result under that key."""
+    `full_key`, the prefill's own uncompressed cache is in the result under that key. With `first` (a
+    list), the prefill's greedy next token (the lm head on the last position) is appended to it."""
     from transformers import DynamicCache
 
     caches = {k: DynamicCache() for k in presses}
@@ -211,7 +259,9 @@ def shared_prefill(model, ids: list[int], presses: dict, errors: dict | None = N
     hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in lm.layers]
     base = DynamicCache()
     try:
-        lm(input_ids=torch.tensor([ids]), **cache_kwarg(lm, base))
+        hidden = lm(input_ids=torch.tensor([ids]), **cache_kwarg(lm, base)).last_hidden_state
+        if first is not None:
+            first.append(int(model.lm_head(hidden[:, -1:])[0, -1].argmax()))
     finally:
         for h in hooks:
             h.remove()
@@ -241,15 +291,20 @@ def direct_prefill(model, ids: list[int], press, logits: bool = False):
     return cache, masks
 
 
-def realised_fraction(cache, masks: dict, n: int) -> float:
+def realised_fraction(cache, masks: dict, n: int, n_doc: int | None = None) -> float:
     """Rows kept / rows of the compressed input, over every layer and KV head: evicted rows are gone
-    (truncating presses) or masked in full-size tensors (AdaKV, KVzip: masked_key_indices)."""
+    (truncating presses) or masked in full-size tensors (AdaKV, KVzip: masked_key_indices). With
+    `n_doc` (the question's n - n_doc rows kept exactly), of the document's first n_doc rows only."""
     kept = total = 0
     for i, layer in enumerate(cache.layers):
         _, h, rows, _ = layer.keys.shape
         m = masks.get(i)
-        kept += h * rows - (len(m[0]) if m is not None else 0)
-        total += h * n
+        if n_doc is None:
+            kept += h * rows - (len(m[0]) if m is not None else 0)
+            total += h * n
+        else:
+            kept += h * (rows - (n - n_doc)) - (int((m[2] < n_doc).sum()) if m is not None else 0)
+            total += h * n_doc
     return kept / total
 
 
@@ -286,7 +341,7 @@ def same_cache(a, ma: dict, b, mb: dict) -> bool:
 
 @torch.inference_mode()
 def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: list[float], console, check=None,
-                    save=None, first_token: str = "tail") -> dict:
+                    save=None, first_token: str = "tail", question: str = "compressed") -> dict:
     """Query-aware regime, as kvpress's evaluation with `query_aware: true`: per question, document
     + question is the compressed context (the question's rows are compressed too), the template tail
     and answer prefix are asked on the compressed cache (the first token comes from that pass).
@@ -295,51 +350,71 @@ def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: li
     the two caches must be identical (`replay_checked`).
     `first_token` "prefill" is a variant (not kvpress's evaluation): the tail is compressed with the
     rest and the first token comes from the prefill's logits, which no press changes (every press
-    compresses a layer's cache after its attention ran), so it is the full cache's first token."""
+    compresses a layer's cache after its attention ran), so it is the full cache's first token.
+    `question` "exact" (with "prefill") is headwise's protocol: the question's rows (headwise's
+    question segment: question, template tail, answer prefix) are kept exactly and `kept` is the
+    fraction of the document's rows (press_ratio, keep_question)."""
+    if question == "exact" and first_token != "prefill":
+        raise ValueError("question='exact' is headwise's protocol: the first token from the prefill (first_token='prefill')")
     configs = [(None, 1.0)] + [(p, k) for p in presses for k in kept]
     rows = {c: {"correct": 0, "total": 0, "realised": [], "prefill_s": []} for c in configs}
     details, errors, checked = [], {}, {}
+    heads = None  # (layer, KV head) pairs of the model: KVzip's ratio over the whole model
     for case in cases:
         for q in case.questions:
             ids, tail = query_aware_split(tokenizer, case.context, q.text, " " + q.prefix)
+            n_doc = None
             if first_token == "prefill":
                 ids, tail = ids + tail, []
+            if question == "exact":
+                from headwise.prompt import build_segments
+
+                n_doc = len(build_segments(tokenizer, case.context, q.text, " " + q.prefix).context)
+                cfg = models["sdpa"].config
+                heads = cfg.num_hidden_layers * cfg.num_key_value_heads
+
+            def build(c, n_doc=n_doc, n=len(ids), heads=heads or 1):
+                press = make_press(c[0], press_ratio(c[0], c[1], n_doc, n, heads))
+                return keep_question(press, n_doc) if n_doc is not None and c[0] != "kvzip" else press
+
             built = {}
             for c in configs:
                 if c[0] is None or c in errors:
                     continue
                 try:
-                    built[c] = make_press(c[0], round(1 - c[1], 6))
+                    built[c] = build(c)
                 except Exception as e:  # noqa: BLE001 - a press that cannot be built is reported
                     errors[c] = f"{type(e).__name__}: {e}"[:300]
             impl = {c: "eager" if c[0] == "observed_attention" else "sdpa" for c in configs}
             out, own = {}, {}  # key -> (cache, masks, seconds); the shared caches' press names -> a key
+            first: list = []  # the prefill's own next token ("prefill" variant only)
+            want_first = first if first_token == "prefill" else None
             for group in ("sdpa", "eager"):
                 shared = {c: p for c, p in built.items() if impl[c] == group and _replayable(p)}
                 if shared:
                     t = time.perf_counter()
-                    fk = (None, 1.0) if group == "sdpa" and first_token == "tail" else None  # the full cache: this prefill's
-                    caches, masks = shared_prefill(models[group], ids, shared, errors, fk)
+                    fk = (None, 1.0) if group == "sdpa" else None  # the full cache: this prefill's
+                    caches, masks = shared_prefill(models[group], ids, shared, errors, fk, want_first if fk else None)
                     secs = time.perf_counter() - t
                     out.update({c: (caches[c], masks[c], secs) for c in caches})
                     own.update({c[0]: c for c in reversed(list(caches)) if c[0] is not None})
-            zips = {c: round(1 - c[1], 6) for c in built if c[0] == "kvzip"}
+            zips = {c: press_ratio("kvzip", c[1], n_doc, len(ids), heads or 1) for c in built if c[0] == "kvzip"}
             if zips:
                 t = time.perf_counter()
                 try:
-                    fk = (None, 1.0) if (None, 1.0) not in out and first_token == "tail" else None
-                    got = kvzip_shared(models["sdpa"], ids, zips, fk)
+                    fk = (None, 1.0) if (None, 1.0) not in out else None
+                    got = kvzip_shared(models["sdpa"], ids, zips, fk, n_doc, want_first if fk else None)
                     secs = time.perf_counter() - t
                     out.update({c: (*v, secs) for c, v in got.items()})
                     own["kvzip"] = next(iter(zips))
                 except Exception as e:  # noqa: BLE001 - reported per press, not fatal
                     errors.update({c: f"{type(e).__name__}: {e}"[:300] for c in zips})
-            first = None  # the prefill's own next token ("prefill" variant only)
             for c in [c for c in [(None, 1.0), *built] if c not in out and c not in errors]:
                 t = time.perf_counter()
                 try:
                     if c[0] is None and first_token == "prefill":
-                        cache, m, first = direct_prefill(models["sdpa"], ids, None, logits=True)
+                        cache, m, tok = direct_prefill(models["sdpa"], ids, None, logits=True)
+                        first.append(tok)
                     else:
                         cache, m = direct_prefill(models[impl[c]], ids, built.get(c))
                 except Exception as e:  # noqa: BLE001 - reported per press, not fatal
@@ -351,15 +426,17 @@ def run_query_aware(models: dict, tokenizer, cases, presses: list[str], kept: li
                 for name, c in own.items():
                     if name in checked or (check is not True and name not in check):
                         continue
-                    cache, m = direct_prefill(models[impl[c]], ids, make_press(name, round(1 - c[1], 6)))
+                    if name == "kvzip" and n_doc is not None:
+                        continue  # the forced question rows live in kvzip_shared's compress_post only
+                    cache, m = direct_prefill(models[impl[c]], ids, build(c))
                     checked[name] = same_cache(out[c][0], out[c][1], cache, m)
                     if not checked[name]:
                         console.print(f"[red]{name}: the shared prefill's cache differs from the press's own[/red]")
             for c, (cache, m, secs) in sorted(out.items(), key=lambda x: x[0][0] is not None):
                 model = models[impl[c]]
-                realised = realised_fraction(cache, m, len(ids))  # before the tail and answer rows are appended
+                realised = realised_fraction(cache, m, len(ids), n_doc)  # before the tail and answer rows are appended
                 try:
-                    text = answer_on(model, tokenizer, cache, m, tail, len(ids), first)
+                    text = answer_on(model, tokenizer, cache, m, tail, len(ids), first[0] if first else None)
                 except Exception as e:  # noqa: BLE001
                     errors[c] = f"{type(e).__name__}: {e}"[:300]
                     continue
@@ -437,10 +514,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--check", default=None,
                     help="query-aware: the shared presses checked against their own prefill on the first question "
                          "(comma-separated; default all)")
-    ap.add_argument("--first-token", choices=("tail", "prefill"), default="tail",
-                    help="query-aware: tail = kvpress's evaluation (template tail + answer prefix asked on the compressed "
-                         "cache); prefill = a variant: everything compressed, first token from the prefill's logits")
+    ap.add_argument("--first-token", choices=("tail", "prefill"), default=None,
+                    help="query-aware: tail (default) = kvpress's evaluation (template tail + answer prefix asked on the "
+                         "compressed cache); prefill = a variant: everything compressed, first token from the prefill's logits")
+    ap.add_argument("--question", choices=("compressed", "exact"), default="compressed",
+                    help="query-aware: exact = headwise's protocol (the question's rows kept exactly, kept = the "
+                         "document's fraction, first token from the prefill: implies --first-token prefill)")
+    ap.add_argument("--cases", default=None, help="only these case names (comma-separated, e.g. single@0.1,keyed#0): "
+                    "one suite split over several runs")
     args = ap.parse_args(argv)
+    if args.question == "exact" and args.first_token == "tail":
+        ap.error("--question exact takes the first token from the prefill (--first-token prefill)")
+    args.first_token = args.first_token or ("prefill" if args.question == "exact" else "tail")
     if args.threads:
         torch.set_num_threads(args.threads)
     import kvpress
@@ -458,17 +543,25 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     kept = [float(x) for x in args.kept.split(",")]
     cases = build_cases(tokenizer, args.suite, args.length, args.keyed_length)
+    if args.cases:
+        wanted = args.cases.split(",")
+        unknown = sorted(set(wanted) - {c.name for c in cases})
+        if unknown:
+            raise SystemExit(f"unknown cases {unknown}; this suite has {[c.name for c in cases]}")
+        cases = [c for c in cases if c.name in wanted]
     version = getattr(kvpress, "__version__", "0.5.5")
     t0 = time.perf_counter()
     if args.regime == "query-aware":
         def save(r):
-            write_json(args.json, {"kvpress_version": version, "suite": args.suite, "first_token": args.first_token, **r,
+            write_json(args.json, {"kvpress_version": version, "suite": args.suite, "first_token": args.first_token,
+                                   "question": args.question, "cases": [c.name for c in cases], **r,
                                    "seconds": time.perf_counter() - t0}, indent=1)
 
         res = {"kvpress_version": version, "suite": args.suite,
                **run_query_aware(models, tokenizer, cases, presses, kept, console, save=save, first_token=args.first_token,
-                                   check=True if args.check is None else [x for x in args.check.split(",") if x]),
-               "first_token": args.first_token}
+                                   check=True if args.check is None else [x for x in args.check.split(",") if x],
+                                   question=args.question),
+               "first_token": args.first_token, "question": args.question, "cases": [c.name for c in cases]}
         res["seconds"] = time.perf_counter() - t0
         for key, err in res["errors"].items():
             console.print(f"[red]{key} failed: {err}[/red]")
@@ -477,7 +570,7 @@ def main(argv: list[str] | None = None) -> dict:
         console.print(f"wrote {args.json} in {res['seconds']:.0f} s")
         return res
     res = {"kvpress_version": version, "suite": args.suite,
-           "full": None, "policies": {}, "details": [], "errors": {}, "regime": args.regime}
+           "cases": [c.name for c in cases], "full": None, "policies": {}, "details": [], "errors": {}, "regime": args.regime}
     for name in presses + [None]:  # the full cache last: every press's figure is written as soon as it exists
         for k in ([1.0] if name is None else kept):
             oks, secs = [], []

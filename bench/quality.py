@@ -234,7 +234,7 @@ def run_query_aware(runner, cases: list[Case], policies: list[str], kept: list[f
     answer is decoded from the compressed document + the exact question rows."""
     from headwise.errors import InvalidInput
     from headwise.models import SamplingParams
-    from headwise.models.query_aware import compress_prefilled, supports_query_aware
+    from headwise.models.query_aware import compress_prefilled, document_reconstruction, supports_query_aware
     from headwise.policies.base import Capture
     from headwise.prompt import build_segments
 
@@ -244,22 +244,28 @@ def run_query_aware(runner, cases: list[Case], policies: list[str], kept: list[f
     if skipped:
         console.print(f"[yellow]no query-aware form (no observation window), skipped: {', '.join(skipped)}[/yellow]")
     built = {c: pol for c, pol in built.items() if c[0] == "full" or c[0] not in skipped}
-    column_sums = any(pol.capture.column_sums for pol in built.values())
+    column_sums = any(pol.query_aware_form().capture.column_sums for pol in built.values())
+    rec_capture = next((pol.query_aware_form().capture for pol in built.values() if pol.query_aware_form().capture.reconstruction), None)
     ctx = runner.context(next((p for p in built.values() if getattr(p, "needs_profile", False)), None))
     rows = {c: {"correct": 0, "total": 0, "realised": [], "compress_s": []} for c in built}
     details, prefill_s = [], {}
     params = SamplingParams(max_new_tokens=10, stop=(".", "\n"))
     for case in cases:
+        rec = None  # the document's reconstruction scores (signal window+kvzip): once per case, question-independent
         for q in case.questions:
             s = build_segments(runner.tokenizer, case.context, q.text, " " + q.prefix)
             t = time.perf_counter()
             out = runner.prefill(s.context + s.question, capture=Capture(window=len(s.question), column_sums=column_sums))
             prefill_s.setdefault("window", time.perf_counter() - t)
             prefill_s.setdefault("column_sums", prefill_s["window"])
+            if rec_capture is not None and rec is None:
+                t = time.perf_counter()
+                rec = document_reconstruction(runner, out, s.context, rec_capture)
+                prefill_s.setdefault("reconstruction", time.perf_counter() - t)
             for cfg, pol in built.items():
                 t = time.perf_counter()
                 try:
-                    res = compress_prefilled(out, len(s.context), pol, ctx)
+                    res = compress_prefilled(out, len(s.context), pol, ctx, rec)
                 except InvalidInput as e:  # e.g. pod below its reachable range: reported, not fatal
                     rows[cfg]["error"] = str(e)
                     continue
@@ -287,7 +293,8 @@ def _summarise(rows: dict, built: dict, prefill_s: dict, details: list) -> dict:
             res["policies"].setdefault(p, {})[str(k)] = {"accuracy": None, "realised": None, "error": r["error"]}
             continue
         acc = r["correct"] / r["total"] if r["total"] else 0.0
-        cap = "column_sums" if built[(p.split("+")[0], k)].capture.column_sums else "window"
+        pol = built.get((p, k)) or built[(p.rsplit("+", 1)[0], k)]  # `policy+int8`: a precision variant's policy
+        cap = "column_sums" if pol.capture.column_sums else "window"
         entry = {"accuracy": acc, "realised": sum(r["realised"]) / len(r["realised"]),
                  "prefill_s": prefill_s.get(cap, prefill_s.get("window", 0.0)) + sum(r["compress_s"]) / len(r["compress_s"]),
                  "correct": r["correct"], "total": r["total"]}

@@ -10,7 +10,8 @@ and `razor` ablations on bench.quality's cases (reuse regime).
    retrieval score of Wu et al., "Retrieval Head Mechanistically Explains Long-Context
    Factuality"); a KV head's score is the max over its GQA group. Reported: the overlap of the
    top heads by this score with RazorAttention's protected heads from the random-token probe.
-2. Ablations through bench.quality.run_headwise (same cases, paired): `razor` as is; with the
+2. Ablations through bench.quality.run_headwise (same cases, paired), every one with the other
+   heads' fill of `--fill` (default `recent`, the paper's split): `razor` as is; with the
    compensation row dropped (`compensation=none`); with the protected heads taken from the needle
    probe instead (same count, `echo=0`); and both.
 """
@@ -151,6 +152,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--length", type=int, default=1500)
     ap.add_argument("--kept", default="0.5,0.25")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--fill", choices=("recent", "kvzip", "snapkv"), default="recent",
+                    help="the other heads' fill in every ablation: recent = the paper's split (the table in "
+                         "docs/policies.md), kvzip = razor's default")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     import torch
@@ -186,8 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
         needle = HeadProfile(profile.model_id, profile.num_layers, profile.num_kv_heads,
                              [[0.0] * runner.num_kv_heads for _ in range(runner.num_layers)], hit.tolist(), profile.base_of)
         ratio = len(protected) / n + 1e-9
-        specs = {"razor": None, "razor:compensation=none": None,
-                 f"razor:echo=0:induction={ratio}": needle, f"razor:echo=0:induction={ratio}:compensation=none": needle}
+        r = f"razor:fill={args.fill}"
+        specs = {r: None, f"{r}:compensation=none": None,
+                 f"{r}:echo=0:induction={ratio}": needle, f"{r}:echo=0:induction={ratio}:compensation=none": needle}
         real = quality.make_policy
 
         def make(spec: str, kept: float):

@@ -152,3 +152,74 @@ def test_summary_has_bench_quality_layout():
     assert "kvzip" not in res["policies"] and res["errors"] == {"kvzip@0.25": "ValueError: x"}
     assert res["regime"] == "query-aware" and res["replay_checked"] == {"snapkv": True}
     assert set(res["details"][0]) == {"case", "tokens", "policy", "kept", "question", "answer", "output", "correct"}
+
+
+class StandInScorer(StandInPress):
+    """kvpress's ScorerPress interface: `score` per (KV head, row), then the top int(n * (1 -
+    compression_ratio)) rows of each head kept (truncating), as ScorerPress.compress."""
+
+    def __init__(self, compression_ratio: float):
+        super().__init__(1 - compression_ratio)
+        self.compression_ratio = compression_ratio
+
+    def score(self, module, hidden_states, keys, values, attentions, kwargs):
+        return hidden_states.norm(dim=-1)[:, None, :] + values.norm(dim=-1)  # [1, Hkv, n]
+
+    def forward_hook(self, module, args, kwargs, output):
+        layer = _cache_of(kwargs).layers[module.layer_idx]
+        s = self.score(module, kwargs["hidden_states"], layer.keys, layer.values, None, kwargs)
+        keep = s.topk(max(1, int(layer.keys.shape[2] * (1 - self.compression_ratio))), dim=-1).indices
+        idx = keep[..., None].expand(-1, -1, -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, idx), layer.values.gather(2, idx)
+        return output
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.25, 0.1])
+def test_exact_question_keeps_every_question_row_and_the_kept_fraction_of_the_document(model, kept):
+    ids, n_doc = random_ids(150, seed=5), 131  # 131 document rows, 19 question rows
+    press = ka.keep_question(StandInScorer(ka.press_ratio("snapkv", kept, n_doc, len(ids))), n_doc)
+    caches, masks = ka.shared_prefill(model, ids, {"p": press}, full_key="full")
+    full = caches["full"]
+    want = round(kept * n_doc)
+    for i, layer in enumerate(caches["p"].layers):
+        assert layer.keys.shape[2] == want + len(ids) - n_doc
+        for h in range(layer.keys.shape[1]):  # each question row is in the cache, as the prefill computed it
+            got = layer.keys[0, h]
+            for r in range(n_doc, len(ids)):
+                assert (got == full.layers[i].keys[0, h, r]).all(-1).any()
+    assert ka.realised_fraction(caches["p"], masks["p"], len(ids), n_doc) == pytest.approx(want / n_doc)
+    # without keep_question the same press spends the budget on every row, question included
+    plain, pm = ka.shared_prefill(model, ids, {"p": StandInScorer(ka.press_ratio("snapkv", kept))})
+    assert plain["p"].layers[0].keys.shape[2] == int(len(ids) * (1 - ka.press_ratio("snapkv", kept)))  # kvpress's int()
+
+
+def test_exact_question_ratio_of_a_model_wide_ranking():
+    """KVzip prunes int(heads * n * ratio) rows over the whole model: that is (1 - kept) of the document's rows."""
+    for kept in (0.5, 0.25, 0.1):
+        for n_doc, n, heads in ((1540, 1563, 90), (931, 950, 90), (131, 150, 6)):
+            r = ka.press_ratio("kvzip", kept, n_doc, n, heads)
+            assert int(heads * n * r) == round((1 - kept) * n_doc * heads)
+    assert ka.press_ratio("kvzip", 0.25) == ka.press_ratio("tova", 0.25) == 0.75  # kvpress's own protocol
+
+
+def test_keep_question_refuses_a_press_without_a_score():
+    with pytest.raises(ValueError, match="cannot be kept exactly"):
+        ka.keep_question(StandInPress(0.5), 10)
+
+
+def test_the_shared_prefill_gives_the_prefill_s_own_first_token(model):
+    ids = random_ids(80, seed=6)
+    first = []
+    ka.shared_prefill(model, ids, {"p": StandInScorer(0.5)}, full_key="full", first=first)
+    _, _, tok = ka.direct_prefill(model, ids, None, logits=True)
+    assert first == [tok]
+
+
+def test_masked_rows_of_the_document_count_as_evicted_with_an_exact_question(model):
+    ids, n_doc = random_ids(60, seed=7), 50
+    cache, _ = ka.direct_prefill(model, ids, None)
+    heads = cache.layers[0].keys.shape[1]
+    seqs = torch.tensor([3, 7, 11] * heads)  # three document rows masked in every head of layer 0
+    masks = {0: (torch.zeros_like(seqs), torch.arange(heads).repeat_interleave(3), seqs)}
+    layers = len(cache.layers)
+    assert ka.realised_fraction(cache, masks, len(ids), n_doc) == pytest.approx(1 - 3 * heads / (layers * heads * n_doc))

@@ -12,13 +12,18 @@ from headwise.policies.base import CompressContext, keep_all
 
 # every registered policy (a new policy file is tested without editing this list), plus the
 # setting combinations docs/policies.md names
-SETTINGS = ["razor:fill=kvzip", "razor:fill=snapkv", "razor:compensation=none", "pod:evict=kvzip",
+SETTINGS = ["razor:fill=recent", "razor:fill=kvzip", "razor:fill=snapkv", "razor:compensation=none", "pod:evict=kvzip",
             "pod:block_score=max", "adakv:scorer=ahakv", "ems:log_weight=mass",
             # the papers' ideas on KVzip's signal (docs/policies.md)
             "kvzip:heads=retrieval", "kvzip:heads=heterogeneous", "kvzip:prior=value", "kvzip:merge=ems",
             "kvzip:merge=ems:log_weight=mass", "kvzip:heads=retrieval:prior=value:merge=ems", "kvzap:merge=ems:prior=value",
             "kvzap:heads=retrieval", "ems:signal=kvzip", "taskkv:signal=kvzip", "ahakv:signal=kvzip", "snapkv:signal=kvzap",
-            "adakv:signal=kvzip", "ahakv:pooling=avg", "ahakv:pooling=none", "ems:kernel=7", "ems:kernel=0"]
+            "adakv:signal=kvzip", "ahakv:pooling=avg", "ahakv:pooling=none", "ems:kernel=7", "ems:kernel=0",
+            # the question's window beside KVzip's reconstruction (in the reuse regime: the last tokens' window)
+            "snapkv:signal=window+kvzip", "taskkv:signal=window+kvzip", "ahakv:signal=window+kvzip",
+            "adakv:signal=window+kvzip", "ems:signal=window+kvzip:lam=0", "ems:lam=0", "pod:signal=window+kvzip",
+            "pod:protect=retrieval", "pod:protect=retrieval:signal=window+kvzip", "adakv:scope=model",
+            "adakv:scope=model:signal=window+kvzip"]
 POLICIES = [n for n in policy_names() if n != "full"] + SETTINGS
 S = 600  # >= 512: the realised fraction must be within 1% of the request
 

@@ -35,3 +35,29 @@ def test_concentrated_head_gets_more_rows():
     n0, n1 = out.head_lengths().tolist()
     assert n0 + n1 == 2 * 150 and n0 > n1  # ragged, same layer total
     assert all(p in out.positions[n0:].tolist() for p in range(100, 110))
+
+
+def test_model_scope_moves_rows_between_layers():
+    """scope="model": one allocation over every (layer, head), so a layer whose heads attend sharply
+    gives rows to a layer whose heads attend flatly; the model's total is exact, each layer's is not."""
+    import pytest
+
+    from headwise.errors import InvalidInput
+
+    N, d = 600, 16
+    g = torch.Generator().manual_seed(0)
+    q = torch.ones(4, 32, d)
+    flat = LayerState(0, torch.zeros(2, N, d), torch.randn(2, N, d, generator=g), torch.arange(N), 0.25, window_queries=q)
+    keys = torch.randn(2, N, d, generator=g) * 0.05
+    keys[:, 100:110] = torch.ones(d) * 4
+    sharp = LayerState(1, keys, torch.randn(2, N, d, generator=g), torch.arange(N), 0.25, window_queries=q)
+    ctx = CompressContext(2)
+    per_layer = get_policy("adakv", kept=0.25).compress([flat, sharp], 0, ctx)
+    model = get_policy("adakv", kept=0.25, scope="model").compress([flat, sharp], 0, ctx)
+    assert [int(x.head_lengths().sum()) for x in per_layer.layers] == [300, 300]
+    a, b = (int(x.head_lengths().sum()) for x in model.layers)
+    assert a + b == 600 and a > b
+    assert all(p in model.layers[1].positions.tolist() for p in range(100, 110))
+    assert "scope" not in get_policy("adakv", kept=0.25).params()
+    with pytest.raises(InvalidInput, match="scope"):
+        get_policy("adakv", kept=0.25, scope="head")

@@ -421,3 +421,29 @@ def test_reconstruction_over_a_pod_cache_is_the_same_in_query_blocks(runner, ctx
     for a, b in zip(blocks.states, whole.states, strict=True):
         torch.testing.assert_close(a.reconstruction, b.reconstruction, atol=1e-6, rtol=0)
         assert bool((b.reconstruction > 0).all())
+
+
+@pytest.mark.parametrize("kept", [0.25, 0.1])
+def test_protected_retrieval_heads_keep_their_keys(prefilled, kept):
+    """protect="retrieval": the profile's retrieval heads leave their blocks and keep a key for every
+    row (their old blocks keep their base); the budget and the block invariants still hold."""
+    ind = [[0.0] * 3 for _ in range(4)]
+    ind[2][0], ind[3][1] = 0.9, 0.8  # round(0.14 * 12) = 2 retrieval heads, both non-base in BASE_OF
+    c = CompressContext(4, "tiny-pod", HeadProfile("tiny-pod", 4, 3, [[0.0] * 3] * 4, ind, BASE_OF))
+    protected = [list(row) for row in BASE_OF]
+    protected[2][0], protected[3][1] = 2, 3
+    pol = get_policy("pod", kept=kept, protect="retrieval")
+    assert pol.blocks(c, 3) == protected and get_policy("pod", kept=kept).blocks(c, 3) == BASE_OF
+    out = pol.compress(prefilled.states, 0, c)
+    assert abs(out.kept_fraction() - kept) <= 0.01
+    _check_blocks(out, protected, pol)
+    plain = get_policy("pod", kept=kept).compress(prefilled.states, 0, c)
+    for li, h in ((2, 0), (3, 1)):
+        assert bool(plain.layers[li].head_distant(h).any())
+        d = out.layers[li].head_distant(h)
+        assert d is None or not bool(d.any())
+    assert "protect" not in get_policy("pod", kept=kept).params()  # the default keeps stored caches' keys
+    with pytest.raises(InvalidInput, match="protect"):
+        get_policy("pod", kept=kept, protect="some")
+    with pytest.raises(InvalidInput, match="evict='snapkv'"):
+        get_policy("pod", kept=kept, evict="kvzip", signal="window+kvzip")

@@ -36,7 +36,7 @@ def _full(q, k, v, scaling):
 def test_compensation_row_equals_full_attention_when_dropped_tokens_are_identical():
     st = _state()
     ctx = CompressContext(1, profile=_profile(1, 1))
-    layer = get_policy("razor", kept=0.25, induction=0.0, echo=0.0).compress_layer(st, ctx)
+    layer = get_policy("razor", kept=0.25, induction=0.0, echo=0.0, fill="recent").compress_layer(st, ctx)
     assert layer.head_lengths().tolist() == [16]  # 4 sinks + 1 compensation + 11 recent
     q = torch.randn(3, 1, 8, generator=torch.Generator().manual_seed(1)) * 2
     out, _ = ragged_decode_attention(q, layer, st.scaling)
@@ -50,7 +50,8 @@ def test_compensation_row_equals_full_attention_when_dropped_tokens_are_identica
 
 def test_compensation_row_is_the_mean_with_a_handle_to_the_originals():
     st = _state(same_middle=False)
-    layer = get_policy("razor", kept=0.25, induction=0.0, echo=0.0).compress_layer(st, CompressContext(1, profile=_profile(1, 1)))
+    layer = get_policy("razor", kept=0.25, induction=0.0, echo=0.0, fill="recent").compress_layer(
+        st, CompressContext(1, profile=_profile(1, 1)))
     row = (layer.positions == -1).nonzero().flatten()
     assert row.tolist() == [4]
     dropped = torch.arange(4, 64 - 11)
@@ -67,14 +68,14 @@ def test_retrieval_heads_keep_everything_and_budget_is_global():
     ind[2][1] = 1.0  # the one retrieval head (round(0.14 * 8) = 1)
     ctx = CompressContext(L, profile=_profile(L, H, ind))
     states = [LayerState(i, torch.randn(H, S, 8), torch.randn(H, S, 8), torch.arange(S), 0.35) for i in range(L)]
-    out = get_policy("razor", kept=0.25).compress(states, 0, ctx)
+    out = get_policy("razor", kept=0.25, fill="recent").compress(states, 0, ctx)
     lengths = [layer.head_lengths().tolist() for layer in out.layers]
     assert lengths[2][1] == S
     others = [n for i, row in enumerate(lengths) for h, n in enumerate(row) if (i, h) != (2, 1)]
     assert max(others) - min(others) <= 1  # the rest share what is left, to one row
     assert abs(out.kept_fraction() - 0.25) < 1e-3
     # at kept 0.1 one full head alone (1/8 of the rows) exceeds the budget: it loses protection
-    low = get_policy("razor", kept=0.1).compress(states, 0, ctx)
+    low = get_policy("razor", kept=0.1, fill="recent").compress(states, 0, ctx)
     assert low.layers[2].head_lengths().tolist()[1] < S and abs(low.kept_fraction() - 0.1) < 1e-3
 
 
@@ -102,7 +103,8 @@ def test_snapkv_fill_keeps_scored_rows_and_folds_the_rest():
     assert float(layer.log_weights[comp]) == pytest.approx(math.log(S - 59), rel=1e-6)
 
 
-SETTINGS = [{"compensation": "plain"}, {"compensation": "none"}, {"fill": "kvzip"}, {"fill": "kvzip", "compensation": "none"}]
+SETTINGS = [{}, {"compensation": "plain"}, {"compensation": "none"}, {"fill": "recent"}, {"fill": "recent", "compensation": "none"},
+            {"fill": "snapkv"}]
 
 
 @pytest.mark.parametrize("settings", SETTINGS)
@@ -115,7 +117,8 @@ def test_settings_full_kept_deterministic(settings):
     ctx = CompressContext(L, profile=_profile(L, H, ind))
     g = torch.Generator().manual_seed(4)
     states = [LayerState(i, torch.randn(H, S, 8, generator=g), torch.randn(H, S, 8, generator=g), torch.arange(S), 0.35,
-                         reconstruction=torch.rand(H, S, generator=g)) for i in range(L)]
+                         reconstruction=torch.rand(H, S, generator=g), window_queries=torch.randn(2 * H, 32, 8, generator=g))
+              for i in range(L)]
     full = get_policy("full").compress(states, 0, ctx)
     one = get_policy("razor", kept=1.0, **settings).compress(states, 0, ctx)
     assert all(torch.equal(a.keys, b.keys) and torch.equal(a.positions, b.positions)
@@ -133,7 +136,7 @@ def test_settings_full_kept_deterministic(settings):
 def test_compensation_none_keeps_sinks_and_recent_only():
     L, H, S = 1, 1, 600
     st = LayerState(0, torch.randn(H, S, 8), torch.randn(H, S, 8), torch.arange(S), 0.35)
-    layer = get_policy("razor", kept=0.25, compensation="none", induction=0.0, echo=0.0).compress_layer(
+    layer = get_policy("razor", kept=0.25, compensation="none", induction=0.0, echo=0.0, fill="recent").compress_layer(
         st, CompressContext(L, profile=_profile(L, H)))
     assert layer.positions.tolist() == list(range(4)) + list(range(S - 146, S)) and layer.recall is None
 
@@ -147,3 +150,20 @@ def test_kvzip_fill_keeps_the_best_reconstructed_row():
         st, CompressContext(1, profile=_profile(1, 1)))
     assert 200 in layer.positions.tolist() and layer.head_lengths().tolist() == [60]
     assert get_policy("razor", kept=0.1, fill="kvzip").capture.reconstruction
+
+
+def test_the_default_fill_is_kvzip_and_needs_the_reconstruction_pass():
+    from headwise.errors import InvalidInput
+
+    pol = get_policy("razor", kept=0.1, induction=0.0, echo=0.0)
+    assert pol.fill == "kvzip" and pol.capture.reconstruction and pol.capture.window == 0
+    assert not get_policy("razor", kept=0.1, fill="recent").capture.reconstruction  # the paper's: one pass
+    S = 600
+    rec = torch.zeros(1, S)
+    rec[0, 200] = 1.0  # far from the recent window: only the reconstruction score keeps it
+    st = LayerState(0, torch.randn(1, S, 8), torch.randn(1, S, 8), torch.arange(S), 0.35, reconstruction=rec)
+    ctx = CompressContext(1, profile=_profile(1, 1))
+    assert 200 in pol.compress_layer(st, ctx).positions.tolist()
+    assert 200 not in get_policy("razor", kept=0.1, fill="recent", induction=0.0, echo=0.0).compress_layer(st, ctx).positions.tolist()
+    with pytest.raises(InvalidInput, match="reconstruction"):
+        pol.compress_layer(LayerState(0, st.keys, st.values, st.positions, 0.35), ctx)

@@ -14,7 +14,13 @@ from headwise.policies.snapkv import window_scores
 
 # every window-based policy, and the settings docs/policies.md names for the regime
 SPECS = [("snapkv", {}), ("adakv", {}), ("adakv", {"scorer": "ahakv"}), ("ahakv", {}), ("ahakv", {"pooling": "none"}),
-         ("ahakv", {"pooling": "avg"}), ("taskkv", {}), ("ems", {}), ("ems", {"kernel": 0}), ("ems", {"kernel": 7}), ("pod", {}), ("razor", {"fill": "snapkv"})]
+         ("ahakv", {"pooling": "avg"}), ("taskkv", {}), ("ems", {}), ("ems", {"kernel": 0}), ("ems", {"kernel": 7}), ("pod", {}), ("razor", {"fill": "snapkv"}),
+         # the question's window beside KVzip's reconstruction of the document, and the settings tuned for the regime
+         ("snapkv", {"signal": "window+kvzip"}), ("taskkv", {"signal": "window+kvzip"}), ("ahakv", {"signal": "window+kvzip"}),
+         ("adakv", {"signal": "window+kvzip"}), ("adakv", {"signal": "window+kvzip", "scope": "model"}), ("ems", {"signal": "window+kvzip", "lam": 0.0}), ("ems", {"lam": 0.5}),
+         ("ems", {"lam": 0.0}), ("adakv", {"alpha": 0.2}), ("pod", {"signal": "window+kvzip"}), ("pod", {"protect": "retrieval"}),
+         ("snapkv", {"signal": "window"}), ("taskkv", {"signal": "window"}), ("ahakv", {"signal": "window"}),
+         ("adakv", {"signal": "window"}), ("ems", {"signal": "window"}), ("pod", {"signal": "window"})]
 D, Q = 600, 24  # document >= 512 rows: the realised fraction must be within 1% of the request
 
 
@@ -155,9 +161,10 @@ def test_ems_merged_rows_consistent(settings, runner, ctx):
     """Every document token is kept, merged into exactly one row (whose recall handle holds its
     original key and value), or evicted; the question's rows are never merged."""
     out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q, column_sums=True))
-    from headwise.models.query_aware import compress_prefilled
+    from headwise.models.query_aware import compress_prefilled, document_reconstruction
 
-    res = compress_prefilled(out, D, get_policy("ems", kept=0.25, **settings), ctx)
+    rec = document_reconstruction(runner, out, DOC, Capture(reconstruction=True))
+    res = compress_prefilled(out, D, get_policy("ems", kept=0.25, **settings), ctx, rec)
     merged_any = False
     for layer, st in zip(res.document.layers, out.states, strict=True):
         for h in range(layer.num_heads):
@@ -182,13 +189,93 @@ def test_regime_defaults_of_ahakv_and_ems(runner, ctx):
     the reuse regime, avg / 7 with the question as the window; the segment key is unchanged."""
     assert "pooling" not in get_policy("ahakv", kept=0.25).params() and "kernel" not in get_policy("ems", kept=0.25).params()
     out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q, column_sums=True))
-    from headwise.models.query_aware import compress_prefilled
+    from headwise.models.query_aware import compress_prefilled, document_reconstruction
 
+    rec = document_reconstruction(runner, out, DOC, Capture(reconstruction=True))
     for name, unset, qa, reuse in (("ahakv", {}, {"pooling": "avg"}, {"pooling": "none"}),
                                    ("ems", {}, {"kernel": 7}, {"kernel": 0})):
-        got = compress_prefilled(out, D, get_policy(name, kept=0.25, **unset), ctx).document
-        assert _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **qa), ctx).document)
-        assert not _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **reuse), ctx).document)
+        got = compress_prefilled(out, D, get_policy(name, kept=0.25, **unset), ctx, rec).document
+        assert _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **qa), ctx, rec).document)
+        assert not _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **reuse), ctx, rec).document)
         plain = runner.prefill(DOC, capture=get_policy(name, kept=0.25).capture)
         a = get_policy(name, kept=0.25).compress(plain.states, 0, ctx)
         assert _same(a, get_policy(name, kept=0.25, **reuse).compress(plain.states, 0, ctx))
+
+
+def test_the_reconstruction_is_the_documents_own(runner):
+    """window+kvzip reads KVzip's scores of the document alone: the document's rows of the joint
+    prefill re-read after the repeat request, exactly the document-only prefill's scores."""
+    from headwise.models.query_aware import document_reconstruction
+
+    cap = get_policy("snapkv", kept=0.25, signal="window+kvzip").capture
+    assert cap.reconstruction and cap.window == 32
+    out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q))
+    got = document_reconstruction(runner, out, DOC, cap)
+    alone = runner.prefill(DOC, capture=Capture(reconstruction=True))
+    for a, b in zip(got, alone.states, strict=True):
+        assert a.shape == (b.num_kv_heads, D) and torch.allclose(a, b.reconstruction, rtol=1e-4, atol=1e-6)
+
+
+def test_a_policy_reading_the_reconstruction_needs_it(runner, ctx):
+    from headwise.models.query_aware import compress_prefilled
+
+    out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q))
+    with pytest.raises(InvalidInput, match="reconstruction"):
+        compress_prefilled(out, D, get_policy("snapkv", kept=0.25, signal="window+kvzip"), ctx)
+    assert supports_query_aware(get_policy("taskkv", kept=0.25, signal="window+kvzip"))
+    assert not supports_query_aware(get_policy("taskkv", kept=0.25, signal="kvzip"))  # no window at all
+
+
+def test_window_plus_kvzip_keeps_what_either_needs():
+    """A row only the question attends to and a row only the reconstruction scores both survive the
+    mixed signal; each signal alone drops the other's row."""
+    from headwise.policies.base import CompressContext, LayerState
+
+    g = torch.Generator().manual_seed(0)
+    N, d = 600, 16
+    keys = torch.randn(1, N, d, generator=g) * 0.1
+    keys[0, 300] = torch.ones(d) * 3  # the question's queries point here
+    rec = torch.rand(1, N, generator=g) * 0.01
+    rec[0, 100] = 1.0  # the reconstruction needs this one
+    st = LayerState(0, keys, torch.randn(1, N, d, generator=g) + 2, torch.arange(N), 0.25,
+                    window_queries=torch.ones(2, 24, d), window_keys=torch.randn(1, 24, d, generator=g) * 0.1,
+                    reconstruction=rec)
+    kept = {}
+    for signal in ("window", "kvzip", "window+kvzip"):
+        out = get_policy("snapkv", kept=0.02, signal=signal, kernel=0).compress_layer(st, CompressContext(1))
+        kept[signal] = set(out.positions.tolist())
+    assert {100, 300} <= kept["window+kvzip"]
+    assert 100 not in kept["window"] and 300 not in kept["kvzip"]
+
+
+# the query-aware regime's signal of each method left unset (docs/policies.md "The query-aware regime")
+QA_SIGNALS = {n: "window+kvzip" for n in ("snapkv", "taskkv", "ahakv", "adakv", "ems", "pod")}
+
+
+def test_regime_defaults_of_the_signal_lam_and_alpha(runner, ctx):
+    """Unset, the signal, EMS's lam and AdaKV's alpha take the query-aware regime's defaults with the
+    question as the window (query_aware_form, lam_for, alpha_for), and the papers' in the reuse regime,
+    whose segment keys keep lam 0.5 and alpha 0.2 and which runs no reconstruction pass for them."""
+    from headwise.models.query_aware import compress_prefilled, document_reconstruction
+    from headwise.policies.adakv import AdaKVPolicy
+    from headwise.policies.ems import EMSPolicy
+
+    for name, signal in QA_SIGNALS.items():
+        pol = get_policy(name, kept=0.25)
+        form = pol.query_aware_form()
+        assert ((form.scorer if name == "adakv" else form).signal or "window") == signal, name
+        assert not pol.capture.reconstruction and pol.params() == get_policy(name, kept=0.25).params()
+        assert form.capture.reconstruction == (signal == "window+kvzip")
+    assert get_policy("ems", kept=0.25).params()["lam"] == 0.5 and get_policy("adakv", kept=0.25).params()["alpha"] == 0.2
+    out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q, column_sums=True))
+    rec = document_reconstruction(runner, out, DOC, Capture(reconstruction=True))
+    plain = runner.prefill(DOC, capture=Capture(window=32, column_sums=True))
+    for name, field, qa, reuse in (("ems", "lam", EMSPolicy.query_aware_lam, 0.5),
+                                   ("adakv", "alpha", AdaKVPolicy.query_aware_alpha, 0.2)):
+        unset = get_policy(name, kept=0.25)
+        got = compress_prefilled(out, D, unset, ctx, rec).document
+        assert _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **{field: qa}), ctx, rec).document)
+        other = 0.9 if qa != 0.9 else 0.1
+        assert not _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **{field: other}), ctx, rec).document)
+        a = unset.compress(plain.states, 0, ctx)
+        assert _same(a, get_policy(name, kept=0.25, **{field: reuse}).compress(plain.states, 0, ctx))

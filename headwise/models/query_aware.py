@@ -12,7 +12,10 @@ reused (the service reports `store_status` "private").
 Every window-based policy runs unchanged: it sees a LayerState of the document rows only,
 whose `window_queries` are the question's queries and whose `window_keys` are the question's
 keys (so the window's softmax covers document + question, causal within the question, as one
-prefill of both). `kept` is the fraction of the DOCUMENT's rows.
+prefill of both). `kept` is the fraction of the DOCUMENT's rows. A policy whose signal is
+"window+kvzip" also reads KVzip's reconstruction scores of the document alone
+(`document_reconstruction`: one more pass over the document, independent of the question).
+Settings a policy leaves unset take this regime's defaults (`Policy.query_aware_form`).
 """
 
 from __future__ import annotations
@@ -38,10 +41,12 @@ class QueryAwareResult:
 
 
 def supports_query_aware(policy: Policy) -> bool:
-    """A policy takes the question as its window when it scores with window queries and with
-    nothing that needs the document alone (KVzip's reconstruction pass)."""
-    cap = policy.capture
-    return cap.window > 0 and not cap.reconstruction and not cap.hidden
+    """A policy takes the question as its window when it scores with window queries. Beside them
+    it may read KVzip's reconstruction scores of the document (`signal="window+kvzip"`: the pass
+    re-reads the document alone, so its scores do not depend on the question), not the hidden
+    states (kvzap's scorer is trained on document prefills only)."""
+    cap = policy.query_aware_form().capture
+    return cap.window > 0 and not cap.hidden
 
 
 def query_aware_names() -> list[str]:
@@ -66,12 +71,13 @@ def check_query_aware(policy: Policy) -> None:
         )
 
 
-def document_state(state: LayerState, D: int) -> LayerState:
+def document_state(state: LayerState, D: int, reconstruction: Tensor | None = None) -> LayerState:
     """The document's part of a document + question LayerState, with the question as its window.
 
     state: keys/values [Hkv, D + Q, d], positions [D + Q], window_queries [Hq, Q, d] (the
     question's), column_sums [Hq, D + Q] or None. Returns keys/values [Hkv, D, d], positions
-    [D], window_queries [Hq, Q, d], window_keys [Hkv, Q, d], column_sums [Hq, D].
+    [D], window_queries [Hq, Q, d], window_keys [Hkv, Q, d], column_sums [Hq, D], and the
+    document's reconstruction scores [Hkv, D] when given (`document_reconstruction`).
     Column sums are rescaled by (D - j) / (D + Q - j) so that a policy dividing them by the
     number of document queries that see key j (EMS's causal-bias correction) gets the mean
     over every query that sees it, question queries included.
@@ -84,8 +90,20 @@ def document_state(state: LayerState, D: int) -> LayerState:
     return LayerState(
         layer=state.layer, keys=state.keys[:, :D], values=state.values[:, :D], positions=state.positions[:D],
         scaling=state.scaling, window_queries=state.window_queries, column_sums=cs,
-        window_keys=state.keys[:, D:],
+        window_keys=state.keys[:, D:], reconstruction=reconstruction,
     )
+
+
+def document_reconstruction(runner, out, document_ids: Sequence[int], capture: Capture) -> list[Tensor]:
+    """KVzip's reconstruction scores of the document rows of a document + question prefill `out`:
+    per layer [Hkv, D]. The pass re-reads the document alone on its own rows (causal attention
+    makes them the document-only prefill's rows), so the scores are the reuse regime's, whatever
+    the question."""
+    D = len(document_ids)
+    rows = [LayerState(layer=s.layer, keys=s.keys[:, :D], values=s.values[:, :D], positions=s.positions[:D],
+                       scaling=s.scaling) for s in out.states]
+    return runner.reconstruction_scores(list(document_ids), None, rows, 0, capture.reconstruction_span,
+                                        capture.reconstruction_precision)
 
 
 def prefill_query_aware(
@@ -100,23 +118,33 @@ def prefill_query_aware(
     or an empty document / question.
     """
     check_query_aware(policy)
+    policy = policy.query_aware_form()
     D, Q = len(document_ids), len(question_ids)
     if D == 0 or Q == 0:
         raise InvalidInput("a query-aware prefill needs a non-empty document and a non-empty question")
     cap = policy.capture
     out = runner.prefill(list(document_ids) + list(question_ids), None, Capture(window=Q, column_sums=cap.column_sums))
-    return compress_prefilled(out, D, policy, ctx or runner.context(policy))
+    rec = document_reconstruction(runner, out, document_ids, cap) if cap.reconstruction else None
+    return compress_prefilled(out, D, policy, ctx or runner.context(policy), rec)
 
 
-def compress_prefilled(out, D: int, policy: Policy, ctx: CompressContext) -> QueryAwareResult:
+def compress_prefilled(out, D: int, policy: Policy, ctx: CompressContext,
+                       reconstruction: list[Tensor] | None = None) -> QueryAwareResult:
     """Compress the document rows 0..D of a document + question PrefillOutput `out` (captured with
-    window = Q, the question's length, and the policy's column sums). Several policies may compress
-    one prefill (bench.quality does, so the comparison is paired); `out` is not modified."""
+    window = Q, the question's length, and the policy's column sums; `reconstruction`: the
+    document's KVzip scores, `document_reconstruction`, for a policy whose capture asks for them).
+    Several policies may compress one prefill (bench.quality does, so the comparison is paired);
+    `out` is not modified."""
     S = out.states[0].num_tokens
     if out.start != 0 or not 0 < D < S or out.states[0].window_queries is None or out.states[0].window_queries.shape[1] != S - D:
         raise InvalidInput(f"a query-aware compression needs a prefill from position 0 whose window is the question "
                            f"(rows {D}..{S}); capture window={S - D}")
-    document = policy.compress([document_state(s, D) for s in out.states], 0, ctx)
+    policy = policy.query_aware_form()  # unset settings: the regime's defaults
+    if policy.capture.reconstruction and reconstruction is None:
+        raise InvalidInput(f"policy {policy.name!r} reads the document's reconstruction scores; pass "
+                           "document_reconstruction(...) of this prefill")
+    recs = reconstruction if reconstruction is not None else [None] * len(out.states)
+    document = policy.compress([document_state(s, D, r) for s, r in zip(out.states, recs, strict=True)], 0, ctx)
     question = CompactCache(
         [LayerCache.from_dense(s.keys[:, D:], s.values[:, D:], s.positions[D:]) for s in out.states],
         seq_len=S, start=D, meta={"policy": FullPolicy().params()},

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from headwise.cache.compact import LayerCache
+from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
 from headwise.policies.base import (
     CompressContext,
@@ -42,6 +44,9 @@ def head_budgets(scores: Tensor, free: int, alpha: float) -> tuple[Tensor, Tenso
     return raw, out.clamp(max=M)
 
 
+SCOPES = ("layer", "model")
+
+
 @dataclass(frozen=True)
 class AdaKVPolicy(Policy):
     """AdaKV (ALGORITHMS.md 6.5): head-wise budgets inside a layer, wrapping a scorer.
@@ -55,16 +60,23 @@ class AdaKVPolicy(Policy):
     """
 
     name = "adakv"
+    query_aware_signal: ClassVar[str | None] = None
+    query_aware_alpha: ClassVar[float] = 0.2
     scorer: ScorerPolicy | str = "snapkv"
-    alpha: float = 0.2
+    alpha: float | None = None  # unset: the regime's default, 0.2 ([F]) in the reuse regime, `query_aware_alpha` in the query-aware one
     window: int = 32
     sinks: int = 4
-    signal: str = optional("window")  # the scorer's observation signal, when the scorer is given by name
+    signal: str | None = optional(None)  # the scorer's observation signal, when the scorer is given by name
+    # [P] "model": the free rows of every (layer, head) of the model go to the model's best rows at once
+    # (KVzip's global ranking with AdaKV's safeguard); "layer": each layer's own ([F])
+    scope: str = optional("layer")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, window=self.window, sinks=self.sinks)
-        if not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0:
+        if self.scope not in SCOPES:
+            raise InvalidInput(f"policy 'adakv': scope={self.scope!r}; allowed: {', '.join(SCOPES)}")
+        if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0):
             raise InvalidInput(f"policy 'adakv': alpha={self.alpha!r} must be in [0, 1]")
         if not isinstance(self.scorer, ScorerPolicy):
             object.__setattr__(self, "scorer", self._build(self.scorer))  # frozen: set once, here
@@ -82,6 +94,8 @@ class AdaKVPolicy(Policy):
         """The scorer by name when it is the one its name builds (the segment key as for a name),
         else by all its settings."""
         out = super().params()
+        if out.get("alpha") is None:  # unset: the reuse regime's 0.2 (query-aware caches are never stored)
+            out["alpha"] = 0.2
         s = self.scorer
         out["scorer"] = s.name if s == self._build(s.name) else s.params()
         return out
@@ -89,6 +103,41 @@ class AdaKVPolicy(Policy):
     @property
     def capture(self):
         return self.scorer.capture
+
+    def query_aware_form(self) -> "AdaKVPolicy":
+        """Unset settings take the query-aware regime's defaults: for a scorer given by name, the
+        signal `query_aware_signal` (None: the scorer class's own)."""
+        s = self.scorer
+        if self.signal is not None or s != self._build(s.name):
+            return self
+        signal = self.query_aware_signal or s.query_aware_form().signal
+        return self if signal in (None, "window") else dataclasses.replace(self, scorer=s.name, signal=signal)
+
+    def alpha_for(self, state: LayerState) -> float:
+        """The safeguard in force: the setting, else `query_aware_alpha` in the query-aware regime and
+        0.2 in the reuse one."""
+        if self.alpha is not None:
+            return self.alpha
+        return self.query_aware_alpha if state.window_keys is not None else 0.2
+
+    def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
+        if self.scope == "layer":
+            return super().compress(states, start, ctx)
+        ctx = ctx or CompressContext(num_layers=len(states))
+        S = states[0].num_tokens
+        b = self.budget(S)
+        if b >= S:
+            layers = [keep_all(st) for st in states]
+        else:
+            W = forced_window(states[0], self.window)
+            check_budget(self, b, self.sinks + W)
+            scores = torch.stack([self.scorer.score(st, ctx).float() for st in states])  # [L, Hkv, S]
+            L, H = scores.shape[:2]
+            alpha = self.alpha_for(states[0])
+            _, budgets = head_budgets(scores.reshape(L * H, S)[:, self.sinks : S - W], b - self.sinks - W, alpha)
+            budgets = budgets.view(L, H)
+            layers = [gather_rows(st, keep_top(scores[i], budgets[i].tolist(), self.sinks, W)) for i, st in enumerate(states)]
+        return CompactCache(layers, seq_len=start + S, start=start, meta={"policy": self.params()})
 
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S = state.num_tokens
@@ -98,5 +147,5 @@ class AdaKVPolicy(Policy):
         W = forced_window(state, self.window)
         check_budget(self, b, self.sinks + W)
         scores = self.scorer.score(state, ctx).float()  # [Hkv, S]
-        _, budgets = head_budgets(scores[:, self.sinks : S - W], b - self.sinks - W, self.alpha)
+        _, budgets = head_budgets(scores[:, self.sinks : S - W], b - self.sinks - W, self.alpha_for(state))
         return gather_rows(state, keep_top(scores, budgets.tolist(), self.sinks, W))

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from headwise.errors import InvalidInput
 from headwise.policies.base import CompressContext, LayerState, ScorerPolicy, check_ints, optional
-from headwise.policies.scoring import POOLINGS, group_reduce, observation, pool1d, value_prior, window_scores
+from headwise.policies.scoring import POOLINGS, group_reduce, mix, observation, pool1d, value_prior, window_scores
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class AhaKVPolicy(ScorerPolicy):
     """
 
     name = "ahakv"
+    query_aware_signal = "window+kvzip"  # tuned on bench.quality --text stdlib (docs/policies.md)
     kernel: int = 7
     faithful: bool = False
     # [P] SnapKV's pooling of the attention score too ("avg", "max"), kernel `kernel`; unset: the
@@ -51,7 +52,7 @@ class AhaKVPolicy(ScorerPolicy):
         return g.float()
 
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
-        if self.signal != "window":  # [P] reconstruction queries all see the whole document: no step gain
+        if self.signal in ("kvzip", "kvzap"):  # [P] reconstruction queries all see the whole document: no step gain
             s = observation(state, self.signal, self.window, ctx.model_id)
             return value_prior(state.values, self.kernel) * pool1d(s, self.kernel, self.pooling_for(state))
         S = state.num_tokens
@@ -59,4 +60,6 @@ class AhaKVPolicy(ScorerPolicy):
         after = 0 if state.window_keys is None else state.window_keys.shape[1]  # query-aware: window after the segment
         gain = self.gains(S + after, W, self.budget(S)).to(state.keys.device)
         s = group_reduce(window_scores(state, W, gain), state.num_kv_heads)  # [Hkv, N]
+        if self.signal == "window+kvzip":  # the step-gain window score beside the reconstruction's
+            s = mix(s, observation(state, "kvzip", self.window, ctx.model_id))
         return value_prior(state.values, self.kernel) * pool1d(s, self.kernel, self.pooling_for(state))

@@ -107,6 +107,11 @@ class Policy:
     def capture(self) -> Capture:
         return Capture()
 
+    def query_aware_form(self) -> "Policy":
+        """The policy as the query-aware regime runs it (headwise/models/query_aware.py): settings
+        left unset take that regime's defaults. Here: itself."""
+        return self
+
     def params(self) -> dict[str, Any]:
         """Canonical settings: everything that changes the bytes (goes into segment keys). A
         setting added after caches were stored (`optional`) is left out at its default, so
@@ -229,13 +234,15 @@ class ScorerPolicy(Policy):
     """Keep, per head, the sinks, the last `window` tokens and the top-scored rest.
 
     Subclasses write `score(state, ctx) -> [Hkv, S]` (higher is kept). `signal` is the
-    observation the score reads (policies/scoring.py `observation`): the window queries
-    (default), KVzip's reconstruction attention, or kvzap's prediction of it.
+    observation the score reads (policies/scoring.py `observation`): the window queries,
+    KVzip's reconstruction attention, kvzap's prediction of it, or window + reconstruction.
+    Unset (None), the regime's: the window, and `query_aware_signal` in the query-aware regime.
     """
 
+    query_aware_signal: ClassVar[str] = "window"
     window: int = 32
     sinks: int = 4
-    signal: str = optional("window")
+    signal: str | None = optional(None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -249,6 +256,11 @@ class ScorerPolicy(Policy):
         from headwise.policies.scoring import signal_capture
 
         return signal_capture(self.signal, self.window)
+
+    def query_aware_form(self) -> "ScorerPolicy":
+        if self.signal is not None or self.query_aware_signal == "window":
+            return self
+        return dataclasses.replace(self, signal=self.query_aware_signal)
 
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
         raise NotImplementedError

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -56,11 +58,16 @@ class EMSPolicy(Policy):
     name = "ems"
     window: int = 32
     sinks: int = 4
-    lam: float = 0.5
+    # unset: the regime's default, 0.5 ([P]) in the reuse regime, `query_aware_lam` in the query-aware one
+    lam: float | None = None
     tau: float = 0.0
     candidates: float = 2.0
     log_weight: str = "none"
-    signal: str = optional("window")  # the local score's observation signal: window, kvzip or kvzap
+    # the local score's observation signal: window, kvzip, kvzap or window+kvzip; unset: the
+    # regime's (window; `query_aware_signal` in the query-aware regime)
+    signal: str | None = optional(None)
+    query_aware_signal: ClassVar[str] = "window+kvzip"  # tuned on bench.quality --text stdlib
+    query_aware_lam: ClassVar[float] = 0.0
     # [P] SnapKV's average pooling of the score (0: none); unset: the regime's default, 0 (the
     # reconstruction's) in the reuse regime, 7 in the query-aware one (tuned on --text stdlib)
     kernel: int | None = optional(None)
@@ -72,6 +79,8 @@ class EMSPolicy(Policy):
             check_ints(self, kernel=self.kernel)
         for attr, lo, hi in (("lam", 0.0, 1.0), ("tau", -1.0, 1.0), ("candidates", 0.0, 64.0)):
             v = getattr(self, attr)
+            if attr == "lam" and v is None:
+                continue
             if not isinstance(v, (int, float)) or not lo <= v <= hi:
                 raise InvalidInput(f"policy 'ems': {attr}={v!r} must be in [{lo}, {hi}]")
         if self.log_weight not in LOG_WEIGHTS:
@@ -81,6 +90,11 @@ class EMSPolicy(Policy):
     @property
     def capture(self) -> Capture:
         return signal_capture(self.signal, self.window).merge(Capture(column_sums=True))
+
+    def query_aware_form(self) -> "EMSPolicy":
+        if self.signal is not None or self.query_aware_signal == "window":
+            return self
+        return dataclasses.replace(self, signal=self.query_aware_signal)
 
     def score(self, state: LayerState, model_id: str = "") -> Tensor:
         """Global-local score [Hkv, S], >= 0."""
@@ -93,7 +107,23 @@ class EMSPolicy(Policy):
         p = max(1, S - forced_window(state, W))
         g = g / g[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
         loc = loc / loc[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
-        return pool1d(self.lam * g + (1 - self.lam) * loc, self.kernel_for(state), "avg")
+        lam = self.lam_for(state)
+        return pool1d(lam * g + (1 - lam) * loc, self.kernel_for(state), "avg")
+
+    def lam_for(self, state: LayerState) -> float:
+        """The global score's share in force: the setting, else `query_aware_lam` in the query-aware
+        regime and 0.5 in the reuse one."""
+        if self.lam is not None:
+            return self.lam
+        return self.query_aware_lam if state.window_keys is not None else 0.5
+
+    def params(self) -> dict:
+        """`lam` unset is the reuse regime's 0.5 in the segment key (stored caches keep their keys;
+        query-aware caches are never stored)."""
+        out = super().params()
+        if out.get("lam") is None:
+            out["lam"] = 0.5
+        return out
 
     def kernel_for(self, state: LayerState) -> int:
         """The pooling kernel in force: the setting, else 7 in the query-aware regime and 0 (none) in the reuse one."""

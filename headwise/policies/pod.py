@@ -16,7 +16,9 @@ same tokens: a non-base layer's distant row always finds its token in the base l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -32,9 +34,11 @@ from headwise.policies.base import (
     forced_window,
     keep_all,
     keep_top,
+    optional,
 )
 
 EVICTORS = ("snapkv", "kvzip", "none")
+PROTECTS = ("none", "retrieval")
 BLOCK_SCORES = ("mean", "max")
 
 
@@ -114,12 +118,26 @@ class PoDPolicy(Policy):
     window: int = 32
     kernel: int = 7
     block_score: str = "mean"
+    # [P] "retrieval": the head profile's retrieval heads (RazorAttention's, induction 0.14 + echo 0.01)
+    # keep their own keys in every layer (each is the base of its own block); "none": the profile's blocks
+    protect: str = optional("none")
+    # the snapkv eviction score's observation signal (policies/scoring.py); unset: the regime's
+    # (window; `query_aware_signal` in the query-aware regime)
+    signal: str | None = optional(None)
+    query_aware_signal: ClassVar[str] = "window+kvzip"  # tuned on bench.quality --text stdlib
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, sinks=self.sinks, window=self.window, kernel=self.kernel)
         if self.evict not in EVICTORS:
             raise InvalidInput(f"policy 'pod': evict={self.evict!r}; allowed: {', '.join(EVICTORS)}")
+        if self.protect not in PROTECTS:
+            raise InvalidInput(f"policy 'pod': protect={self.protect!r}; allowed: {', '.join(PROTECTS)}")
+        from headwise.policies.scoring import check_signal
+
+        check_signal(self, self.signal)
+        if self.signal not in (None, "window") and self.evict != "snapkv":
+            raise InvalidInput(f"policy 'pod': signal={self.signal!r} is the snapkv eviction's; it needs evict='snapkv'")
         if self.block_score not in BLOCK_SCORES:
             raise InvalidInput(f"policy 'pod': block_score={self.block_score!r}; allowed: {', '.join(BLOCK_SCORES)}")
         if self.evict == "none" and self.kept < 0.5:
@@ -130,10 +148,17 @@ class PoDPolicy(Policy):
     @property
     def capture(self) -> Capture:
         if self.evict == "snapkv":
-            return Capture(window=max(1, self.window))
+            from headwise.policies.scoring import signal_capture
+
+            return signal_capture(self.signal, self.window)
         if self.evict == "kvzip":
             return Capture(reconstruction=True)
         return Capture()
+
+    def query_aware_form(self) -> "PoDPolicy":
+        if self.signal is not None or self.query_aware_signal == "window" or self.evict != "snapkv":
+            return self
+        return dataclasses.replace(self, signal=self.query_aware_signal)
 
     @property
     def floor(self) -> int:
@@ -153,6 +178,10 @@ class PoDPolicy(Policy):
         if bad:
             raise InvalidInput(f"head profile: the base layer of (layer, head) {bad[0]} is itself in another block; "
                                "recompute it")
+        if self.protect == "retrieval":  # a retrieval head leaves its block (its members keep their base)
+            base_of = [list(row) for row in base_of]
+            for li, h in ctx.profile.retrieval_order():
+                base_of[li][h] = li
         return base_of
 
     def realised(self, S: int, base_of: list[list[int]], recent: int) -> float:
@@ -211,7 +240,8 @@ class PoDPolicy(Policy):
             return state.reconstruction.float()
         from headwise.policies.snapkv import SnapKVPolicy
 
-        return SnapKVPolicy(kept=self.kept, window=self.window, sinks=self.sinks, kernel=self.kernel).score(state, ctx).float()
+        return SnapKVPolicy(kept=self.kept, window=self.window, sinks=self.sinks, kernel=self.kernel,
+                            signal=self.signal).score(state, ctx).float()
 
     def select(self, states: list[LayerState], base_of: list[list[int]], ctx: CompressContext) -> dict[tuple[int, int], Tensor]:
         """Eviction stage: (base layer, KV head) -> sorted int64 indices of the tokens the block keeps."""

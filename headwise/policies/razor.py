@@ -25,7 +25,7 @@ COMPENSATIONS = ("weighted", "plain", "none")
 
 @dataclass(frozen=True)
 class RazorPolicy(Policy):
-    """RazorAttention (ALGORITHMS.md 1): retrieval heads whole, the rest sinks + recent + 1 compensation row.
+    """RazorAttention (ALGORITHMS.md 1): retrieval heads whole, the rest sinks + 1 compensation row + their own rows.
 
     [F] retrieval heads = top `induction` (0.14) of (layer, KV head) pairs by induction score
     union top `echo` (0.01) by echo score, from the model's HeadProfile (GQA: max over the
@@ -33,27 +33,24 @@ class RazorPolicy(Policy):
     with log_weight = log(dropped count) (Eq. 5) and a recall handle to the originals.
     Deviation (budget knob): the paper's recent window max(4000, N/5) assumes 10K+ token
     inputs. Here the kept fraction is global over the model: retrieval heads keep all N
-    rows, and the recent window of every other head is sized from what is left, so the
-    realised fraction equals `kept` (to one row). When the retrieval heads alone exceed
-    the budget (kept below ~0.15), the least important ones (tail of the echo-then-
-    induction order) lose their protection until each other head can hold sinks + 1 + 1.
-    Measured on bench.quality (8 questions, SmolLM2): protecting more heads (induction
-    0.2-0.3) or fewer (0.05) is worse than the paper's 0.14 at kept 0.25; `fill="snapkv"`
-    (non-retrieval heads keep window-scored rows + the last `window` instead of the most
-    recent ones) is worse too (0.50 vs 0.88 at kept 0.5), and so is the public deploy code's
-    unweighted compensation row (`compensation="plain"`: 0.75 / 0.12 / 0.00 against 0.88 / 0.38 /
-    0.12 at kept 0.5 / 0.25 / 0.1), and so is no compensation row (`compensation="none"`), so the
-    defaults are the paper's. What is lost is the other heads' content at short contexts (their
-    recent window is ~11% of the document at kept 0.25): `fill="kvzip"` (their top rows by
-    KVzip's reconstruction score + the last `window`) answers 1.00 / 0.88 at kept 0.5 / 0.25
-    (docs/policies.md, "RazorAttention examined").
+    rows, and the rows of every other head are sized from what is left, so the realised
+    fraction equals `kept` (to one row). When the retrieval heads alone exceed the budget
+    (kept below ~0.15), the least important ones (tail of the echo-then-induction order)
+    lose their protection until each other head can hold sinks + 1 + 1.
+    Deviation (default fill): the other heads keep their top rows by KVzip's reconstruction
+    score + the last `window` (`fill="kvzip"`), not the paper's most recent rows
+    (`fill="recent"`): at 1-2K tokens the paper's split leaves each of them ~11% of the document
+    at kept 0.25, and what is lost is their content, not the head profile or the compensation
+    row (docs/policies.md, "RazorAttention examined"). The KVzip fill needs the reconstruction
+    pass (`capture.reconstruction`), so the service defers it as it defers `kvzip`.
+    `fill="snapkv"` (window-scored rows + the last `window`) is the fill with a query-aware form.
     """
 
     name = "razor"
     sinks: int = 4
     induction: float = 0.14
     echo: float = 0.01
-    fill: str = "recent"  # rows of non-retrieval heads: "recent" (paper), "snapkv" or "kvzip" (scored + last `window`)
+    fill: str = "kvzip"  # rows of non-retrieval heads: "kvzip" or "snapkv" (scored + last `window`), "recent" (paper)
     window: int = 32
     compensation: str = "weighted"  # "weighted": log_weight log(N_d) (Eq. 5); "plain": 0 (golden-stick deploy code); "none": no row
 

@@ -52,15 +52,17 @@ def window_scores(state: LayerState, window: int, gain: Tensor | None = None) ->
 
 
 # ---- the observation signal -------------------------------------------------------------
-SIGNALS = ("window", "kvzip", "kvzap")
+SIGNALS = ("window", "kvzip", "kvzap", "window+kvzip")
+MIX_SKIP = 4  # rows left out of each part's normalising mean in "window+kvzip": the sinks every scorer forces
 
 
-def check_signal(policy, signal: str) -> None:
-    if signal not in SIGNALS:
+def check_signal(policy, signal: str | None) -> None:
+    """None: the regime's default (window; a policy's query_aware_form may choose another)."""
+    if signal is not None and signal not in SIGNALS:
         raise InvalidInput(f"policy {policy.name!r}: signal={signal!r}; allowed: {', '.join(SIGNALS)}")
 
 
-def signal_capture(signal: str, window: int):
+def signal_capture(signal: str | None, window: int):
     """What the prefill must record for a signal: the window queries, KVzip's reconstruction
     pass, or the hidden states kvzap's scorer reads."""
     from headwise.policies.base import Capture
@@ -69,18 +71,25 @@ def signal_capture(signal: str, window: int):
         return Capture(reconstruction=True)
     if signal == "kvzap":
         return Capture(hidden=True)
+    if signal == "window+kvzip":
+        return Capture(window=max(1, window), reconstruction=True)
     return Capture(window=max(1, window))
 
 
-def observation(state: LayerState, signal: str, window: int, model_id: str = "", gain: Tensor | None = None) -> Tensor:
+def observation(state: LayerState, signal: str | None, window: int, model_id: str = "", gain: Tensor | None = None) -> Tensor:
     """How much each row is attended to, per KV head: [Hkv, N] fp32, >= 0.
 
-    window: mean attention from the last `window` queries (the document's own last tokens,
+    window (or None): mean attention from the last `window` queries (the document's own last tokens,
             or the question in the query-aware regime), mean over the GQA group;
     kvzip:  the max attention from KVzip's reconstruction queries (the model re-reading the
             document), query-agnostic;
-    kvzap:  that score as kvzap's distilled scorer predicts it from the hidden states.
+    kvzap:  that score as kvzap's distilled scorer predicts it from the hidden states;
+    window+kvzip: both, each divided by its mean over the head's rows (past the first MIX_SKIP,
+            the sinks, whose attention would set the scale), then added: a row is kept when the
+            window (in the query-aware regime: the question) or the reconstruction needs it.
     """
+    if signal == "window+kvzip":
+        return mix(observation(state, "window", window, model_id, gain), observation(state, "kvzip", window, model_id))
     if signal == "kvzip":
         if state.reconstruction is None:
             raise InvalidInput("signal 'kvzip' needs the reconstruction scores; prefill with the policy's capture")
@@ -99,3 +108,13 @@ def value_prior(values: Tensor, kernel: int) -> Tensor:
     head's max. values [Hkv, N, d] -> [Hkv, N] in (0, 1]."""
     gam = pool1d(values.float().pow(2).sum(-1), kernel, "avg")
     return gam / gam.amax(-1, keepdim=True).clamp_min(1e-30)
+
+
+def mix(*parts: Tensor) -> Tensor:
+    """Sum of [H, N] scores, each over its mean per head (rows past MIX_SKIP): scale-free, equal votes."""
+    out = None
+    for x in parts:
+        body = x[:, MIX_SKIP:] if x.shape[1] > MIX_SKIP else x
+        x = x / body.mean(-1, keepdim=True).clamp_min(1e-30)
+        out = x if out is None else out + x
+    return out

@@ -22,6 +22,7 @@ class SnapKVPolicy(ScorerPolicy):
     """
 
     name = "snapkv"
+    query_aware_signal = "window+kvzip"  # tuned on bench.quality --text stdlib (docs/policies.md)
     kernel: int = 7
     pooling: str = "avg"
 

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -46,7 +48,10 @@ class TaskKVPolicy(Policy):
     kernel: int = 7
     beta: float = 0.3
     m: int = 1
-    signal: str = optional("window")  # observation signal (policies/scoring.py): window, kvzip or kvzap
+    # observation signal (policies/scoring.py): window, kvzip, kvzap or window+kvzip; unset: the
+    # regime's (window; `query_aware_signal` in the query-aware regime)
+    signal: str | None = optional(None)
+    query_aware_signal: ClassVar[str] = "window+kvzip"  # tuned on bench.quality --text stdlib
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,6 +63,11 @@ class TaskKVPolicy(Policy):
     @property
     def capture(self) -> Capture:
         return signal_capture(self.signal, self.window)
+
+    def query_aware_form(self) -> "TaskKVPolicy":
+        if self.signal is not None or self.query_aware_signal == "window":
+            return self
+        return dataclasses.replace(self, signal=self.query_aware_signal)
 
     def heterogeneous_count(self, layer: int, num_layers: int, n: int) -> int:
         top = n * self.beta

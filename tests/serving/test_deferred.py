@@ -184,8 +184,9 @@ async def test_cold_answer_is_exact_then_the_compressed_cache_is_reused(tiny_mod
 
 async def test_free_compressions_keep_the_one_pass_path_and_the_setting_turns_it_off(tiny_model, store):
     pw, gate, _ = prefill_replica(tiny_model, store)
-    assert pw.defers(get_policy("kvzip", kept=0.25))
-    assert not any(pw.defers(get_policy(p, kept=0.25)) for p in ("streaming", "snapkv", "razor", "full", "kvzap"))
+    assert pw.defers(get_policy("kvzip", kept=0.25)) and pw.defers(get_policy("razor", kept=0.25))  # razor's KVzip fill
+    assert not any(pw.defers(get_policy(p, kept=0.25)) for p in ("streaming", "snapkv", "full", "kvzap", "pod"))
+    assert not pw.defers(get_policy("razor", kept=0.25, fill="recent"))  # the paper's fill: scores with the prefill
     _, fig = await ask(decode_replica(pw, store), policy="streaming", kept=0.5)
     assert fig.store_status == "stored" and fig.realised_kept < 1
     off, gate_off, _ = prefill_replica(tiny_model, store, deferred_compression=False)

@@ -1,5 +1,6 @@
 """Segment keys name everything the stored rows depend on: the model's runtime dtype and, for a policy
-that reads it (razor, pod), the head profile. Two replicas that would compute different rows never
+that reads it (razor, pod), the head profile (pod compresses in the prefill's pass, razor after the
+handoff: both paths). Two replicas that would compute different rows never
 reuse each other's cache; the same replica reuses its own."""
 
 from __future__ import annotations
@@ -68,9 +69,31 @@ def test_the_key_names_the_head_profile(tiny_model, store, policy):
 
 
 async def test_a_recomputed_profile_does_not_reuse_the_old_cache(tiny_model, store):
+    """pod reads the profile and compresses in the prefill's pass: its first answer stores the cache."""
     pw = prefill_worker(tiny_model, store)
+    assert not pw.defers(get_policy("pod", kept=0.5))
     pw.runner._head_profile = profile(pw.runner, 0.2)
-    assert (await pw.prefill(request("razor"))).store_status == "stored"
+    assert (await pw.prefill(request("pod"))).store_status == "stored"
+    assert (await pw.prefill(request("pod"))).store_status == "reused"
+    pw.runner._head_profile = profile(pw.runner, 0.3)
+    assert (await pw.prefill(request("pod"))).store_status == "stored"
+
+
+async def test_a_recomputed_profile_does_not_reuse_the_old_deferred_cache(tiny_model, store, monkeypatch):
+    """razor reads the profile and, with its KVzip fill, compresses after the handoff (deferred): the
+    first answer is exact, the compressed cache follows under the profile's key, and a recomputed
+    profile is a document nobody stored yet."""
+    from services.prefill import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "HANDOFF_WAIT_S", 0.5)  # no decode fetches the exact rows here
+    pw = prefill_worker(tiny_model, store)
+    assert pw.defers(get_policy("razor", kept=0.5))
+    pw.runner._head_profile = profile(pw.runner, 0.2)
+    assert (await pw.prefill(request("razor"))).store_status == "compressing"
+    await pw.drain()
+    assert [d["outcome"] for d in pw.stats()["deferred"]] == ["stored"]
     assert (await pw.prefill(request("razor"))).store_status == "reused"
     pw.runner._head_profile = profile(pw.runner, 0.3)
-    assert (await pw.prefill(request("razor"))).store_status == "stored"
+    assert (await pw.prefill(request("razor"))).store_status == "compressing"
+    await pw.drain()
+    assert [d["outcome"] for d in pw.stats()["deferred"]] == ["stored", "stored"]
