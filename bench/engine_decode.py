@@ -110,14 +110,54 @@ class Kind:
 
 
 
+class HFKind:
+    """transformers' own forward and DynamicCache (the floor) as a kind that steps on demand: B
+    copies of the prefilled sequence. state: (past DynamicCache, last logits [1, V], position)."""
+
+    def __init__(self, runner: ModelRunner, state: tuple, B: int):
+        self.runner, self.state, self.B = runner, state, B
+        self.reset()
+
+    def reset(self) -> None:
+        from transformers import DynamicCache
+
+        past, logits, pos = self.state
+        self.cache = DynamicCache()
+        for i, layer in enumerate(past.layers):
+            self.cache.update(layer.keys.expand(self.B, -1, -1, -1).clone(), layer.values.expand(self.B, -1, -1, -1).clone(), i)
+        self.next = logits.reshape(1, -1).argmax(-1).expand(self.B, 1).contiguous()
+        self.pos, self.steps = pos, 0
+        self.step()  # untimed, as the engine's first step
+
+    def step(self) -> tuple[float, float]:
+        t, c = time.perf_counter(), time.process_time()
+        o = self.runner.model(self.next, cache=self.cache, use_cache=True, cache_position=torch.tensor([self.pos]))
+        wall, cpu = time.perf_counter() - t, time.process_time() - c
+        self.next, self.pos = o.logits[:, -1:].argmax(-1), self.pos + 1
+        self.steps += 1
+        return wall, cpu
+
+    def reads(self) -> dict:
+        return {}
+
+    def drop(self) -> None:
+        self.cache = None
+
+
 def _stat(xs: list[float]) -> dict:
     xs = sorted(xs)
     q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
     return {"median": statistics.median(xs), "q1": q[0], "q3": q[2], "min": xs[0], "max": xs[-1], "n": len(xs)}
 
 
+def _maker(runner, states):
+    """A kind of B streams per name: HFKind for a transformers state (3-tuple), else Kind."""
+    return lambda n, B: HFKind(runner, states[n], B) if len(states[n]) == 3 else Kind(runner, *states[n], B)
+
+
 def one_stream(runner, states, names, rounds, reset) -> dict:
-    kinds = {n: Kind(runner, *states[n], 1) for n in names}
+    make = _maker(runner, states)
+    kinds = {n: make(n, 1) for n in names}
     per = {n: [] for n in names}
     for r in range(rounds):
         if r and r % reset == 0:
@@ -133,12 +173,13 @@ def one_stream(runner, states, names, rounds, reset) -> dict:
 
 
 def many_streams(runner, states, names, B, rounds, pair_steps, reset) -> dict:
-    full = Kind(runner, *states["full"], B)
+    make = _maker(runner, states)
+    full = make("full", B)
     per = {n: [] for n in names}
     pairs = {n: [] for n in names}  # (full's step, the kind's step) adjacent
     reads = {"full": full.reads()}
     for n in names[1:]:
-        kind = Kind(runner, *states[n], B)
+        kind = make(n, B)
         reads[n] = kind.reads()
         for r in range(rounds):
             for s in range(pair_steps):
@@ -166,7 +207,7 @@ def _summary(per, names, reads, B) -> dict:
     for n in names:
         w, c = [x[0] for x in per[n]], [x[1] for x in per[n]]
         out[n] = {"step_ms": _stat([x * 1e3 for x in w]), "step_cpu_ms": _stat([x * 1e3 for x in c]),
-                  "tok_s": B / statistics.median(w), **reads[n]}
+                  "tok_s": B / statistics.median(w), "cpu_tok_s": B / statistics.median(c), **reads[n]}
     if B == 1:  # rounds: every kind stepped once, one after the other
         for n in names:
             out[n]["x_full"] = _stat([f[0] / k[0] for f, k in zip(per["full"], per[n], strict=True)])
@@ -214,7 +255,7 @@ def main() -> None:
             print(f"{n:10s} step {f['step_ms']['median']:7.1f} ms (cpu {f['step_cpu_ms']['median']:7.1f}) {f['tok_s']:6.2f} tok/s"
                   f"  x full {x['median']:.3f} [{x['q1']:.3f}, {x['q3']:.3f}] cpu {xc['median']:.3f} [{xc['q1']:.3f}, {xc['q3']:.3f}]"
                   + (f"  x streaming cpu {xs['median']:.3f}" if xs else "")
-                  + f"  slots/held row {f['slots_per_held_row']:.3f}")
+                  + (f"  slots/held row {f['slots_per_held_row']:.3f}" if "slots_per_held_row" in f else ""))
     if a.json:
         write_json(a.json, res)
 
