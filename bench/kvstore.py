@@ -122,15 +122,15 @@ def _cpu_s(pid: int) -> float:
 
 async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: CompactCache, repeats: int,
                       warmup: int = 1, pids: dict[str, int] | None = None, precision: str = "fp32", floor=None,
-                      forward=None, loop_client: KVStoreClient | None = None) -> dict:
+                      forward=None, thread_client: KVStoreClient | None = None) -> dict:
     """Service, raw redis-py and (with `floor`, a bench.grpc_floor stub) the bare gRPC stream
     measured in turns within each round, so load that comes and goes on the machine hits all
     alike; figures are medians over the rounds. `pids` (name -> process id): CPU time each of
     those processes spent per call of each op, averaged over the timed rounds (`cpu_ms`; /proc
-    counts in clock ticks, 10 ms here, hence the average). Rows go at `precision`. `loop_client`:
-    a client of a second store whose puts are written to Redis from its event loop
-    (HEADWISE_KVSTORE_PUT_SENDER=loop, the path before the sender thread): its put is `put_loop`,
-    measured in the same rounds, put and put_loop taking turns at going first."""
+    counts in clock ticks, 10 ms here, hence the average). Rows go at `precision`. `thread_client`:
+    a client of a second store whose puts are written to Redis by a sender thread per put
+    (HEADWISE_KVSTORE_PUT_SENDER=thread; the store's default writes from its event loop): its put
+    is `put_thread`, measured in the same rounds, put and put_thread taking turns at going first."""
     pids = pids or {}
     seg = encode(cache, include_recall=False, precision=precision)
     blob = seg.header + b"".join(seg.chunks)
@@ -140,7 +140,7 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     ops = {
         "prepare": lambda i: prepare(cache, precision),
         "put": lambda i: client.put(f"{name}-{i}", prepared),
-        **({"put_loop": lambda i: loop_client.put(f"{name}-l-{i}", prepared)} if loop_client is not None else {}),
+        **({"put_thread": lambda i: thread_client.put(f"{name}-t-{i}", prepared)} if thread_client is not None else {}),
         "put_from_cache": lambda i: client.put(f"{name}-c-{i}", cache, precision),
         "raw_set": lambda i: r.set(f"raw-{name}-{i}", blob),
         "get": lambda i: _expect(client.get(f"{name}-{i}")),
@@ -157,7 +157,7 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     faults = dict.fromkeys(ops, 0)  # Redis's minor page faults per op
     for i in range(-warmup, repeats):  # rounds below 0: connections, Redis's and the store's memory warm up
         order = list(ops.items())
-        if loop_client is not None and i % 2:  # put and put_loop take turns at going first
+        if thread_client is not None and i % 2:  # put and put_thread take turns at going first
             order[0], order[1] = order[1], order[0]
         for op, fn in order:
             before = {k: _cpu_s(p) for k, p in pids.items()}
@@ -170,8 +170,8 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
                 faults[op] += (_minflt(pids["redis"]) - f0) if "redis" in pids else 0
         for k in (f"{name}-{i}", f"{name}-c-{i}", f"{name}-enc-{i}"):
             await client.delete(k)
-        if loop_client is not None:
-            await loop_client.delete(f"{name}-l-{i}")
+        if thread_client is not None:
+            await thread_client.delete(f"{name}-t-{i}")
         r.delete(f"raw-{name}-{i}")
     row = {"precision": precision, "wire_bytes": nbytes, "stored_bytes": stored_nbytes(cache, precision),
            "chunks": len(seg.chunks), "held_kv_bytes": cache.nbytes}
@@ -184,16 +184,16 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     row["ratio_get_paired"] = statistics.median(g / s for g, s in zip(times["raw_get"], times["get"], strict=True))
     row["put_ms"], row["get_ms"], row["prepare_ms"], row["put_from_cache_ms"] = (
         statistics.median(times[op]) * 1e3 for op in ("put", "get", "prepare", "put_from_cache"))
-    if loop_client is not None:
-        row["put_loop_ms"] = statistics.median(times["put_loop"]) * 1e3
-        row["ratio_put_loop_paired"] = statistics.median(lp / p for lp, p in zip(times["put_loop"], times["put"], strict=True))
+    if thread_client is not None:
+        row["put_thread_ms"] = statistics.median(times["put_thread"]) * 1e3
+        row["ratio_put_thread_paired"] = statistics.median(t / p for t, p in zip(times["put_thread"], times["put"], strict=True))
     del row["prepare_mb_s"]
     if floor is not None:
         row["floor_mb_s"] = row.pop("floor_mb_s")
         row["ratio_put_floor"] = row["put_mb_s"] / row["floor_mb_s"]
         row["ratio_put_floor_paired"] = statistics.median(f / p for f, p in zip(times["floor"], times["put"], strict=True))
-        if loop_client is not None:
-            row["ratio_put_loop_floor"] = row["put_loop_mb_s"] / row["floor_mb_s"]
+        if thread_client is not None:
+            row["ratio_put_thread_floor"] = row["put_thread_mb_s"] / row["floor_mb_s"]
         # the transport alone: the already encoded segment (no quantising, no CRCs) against the same bytes bare
         row["ratio_put_bytes_only_floor"] = row["put_bytes_only_mb_s"] / row["floor_mb_s"]
         row["ratio_put_from_cache_floor"] = row["put_from_cache_mb_s"] / row["floor_mb_s"]
@@ -282,37 +282,37 @@ async def wait_ready(client: KVStoreClient, proc: subprocess.Popen, timeout_s: f
 
 
 async def run_async(caches: dict[str, CompactCache], repeats: int, warmup: int = 1,
-                    precisions: tuple[str, ...] = ("fp32",), compare_loop: bool = True,
+                    precisions: tuple[str, ...] = ("fp32",), compare_thread: bool = True,
                     keep_freed_pages: bool = True) -> dict:
-    """Every cache at every precision (results named `cache/precision`). `compare_loop`: a second
-    store whose puts write to Redis from its event loop, measured as `put_loop` in the same rounds.
+    """Every cache at every precision (results named `cache/precision`). `compare_thread`: a second
+    store whose puts write to Redis from a sender thread, measured as `put_thread` in the same rounds.
     `keep_freed_pages`: Redis runs with redis_proc.REDIS_MALLOC_TUNABLES (False: glibc's defaults)."""
     redis_proc = start_redis(keep_freed_pages=keep_freed_pages)
     store, port = start_store(redis_proc.url)
-    loop_store, loop_port = start_store(redis_proc.url, "loop") if compare_loop else (None, None)
+    thread_store, thread_port = start_store(redis_proc.url, "thread") if compare_thread else (None, None)
     floor_proc, floor_port = start_floor(redis_proc.url)
     r = redis.Redis.from_url(redis_proc.url)
     try:
         client = KVStoreClient(f"127.0.0.1:{port}", TOKEN, "bench", timeout_s=60)
-        loop_client = KVStoreClient(f"127.0.0.1:{loop_port}", TOKEN, "bench", timeout_s=60) if compare_loop else None
+        thread_client = KVStoreClient(f"127.0.0.1:{thread_port}", TOKEN, "bench", timeout_s=60) if compare_thread else None
         await wait_ready(client, store)
-        if loop_client is not None:
-            await wait_ready(loop_client, loop_store)
+        if thread_client is not None:
+            await wait_ready(thread_client, thread_store)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{floor_port}", options=GRPC_OPTIONS) as ch:
                 pids = {"client": os.getpid(), "store": store.pid, "redis": redis_proc.proc.pid, "floor": floor_proc.pid}
-                if loop_store is not None:
-                    pids["loop_store"] = loop_store.pid
+                if thread_store is not None:
+                    pids["thread_store"] = thread_store.pid
                 return {f"{name}/{p}": await bench_cache(client, r, f"{name}-{p}", cache, repeats, warmup, pids, p,
-                                                         floor_stub(ch), forward_stub(ch), loop_client)
+                                                         floor_stub(ch), forward_stub(ch), thread_client)
                         for name, cache in caches.items() for p in precisions}
         finally:
             await client.close()
-            if loop_client is not None:
-                await loop_client.close()
+            if thread_client is not None:
+                await thread_client.close()
     finally:
         r.close()
-        for proc in (store, loop_store):
+        for proc in (store, thread_store):
             if proc is not None:
                 proc.terminate()
                 proc.wait(10)
@@ -353,10 +353,10 @@ def cpu_table(results: dict) -> Table:
     for col in ("client", "store", "redis", "floor server", "total", "redis faults"):
         t.add_column(col, justify="right")
     for name, r in results.items():
-        for op in ("prepare", "put", "put_loop", "put_from_cache", "raw_set", "floor", "forward", "get", "raw_get"):
+        for op in ("prepare", "put", "put_thread", "put_from_cache", "raw_set", "floor", "forward", "get", "raw_get"):
             c = r.get("cpu_ms", {}).get(op)
             if c:
-                store = c.get("store", 0) + c.get("loop_store", 0)
+                store = c.get("store", 0) + c.get("thread_store", 0)
                 t.add_row(name, op, f"{c.get('client', 0):.1f}", f"{store:.1f}", f"{c.get('redis', 0):.1f}",
                           f"{c.get('floor', 0):.1f}", f"{sum(c.values()):.1f}",
                           f"{r.get('redis_minor_faults', {}).get(op, 0):.0f}")
@@ -386,8 +386,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds per cache (figures are their medians)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first, per cache")
     ap.add_argument("--precisions", default="fp32,int8", help="row precisions to store each cache at")
-    ap.add_argument("--no-loop-compare", action="store_true",
-                    help="do not also measure puts through a store that writes to Redis from its event loop (put_loop)")
+    ap.add_argument("--no-thread-compare", action="store_true",
+                    help="do not also measure puts through a store that writes to Redis from a sender thread (put_thread)")
     ap.add_argument("--redis-glibc-defaults", action="store_true",
                     help="run Redis with glibc malloc's defaults (freed values' pages go back to the kernel)")
     a = ap.parse_args(argv)
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
     with console.status("prefilling the document"):
         caches = real_caches(a.model, a.tokens, a.kept)
     precisions = tuple(p for p in a.precisions.split(",") if p)
-    results = asyncio.run(run_async(caches, a.repeats, a.warmup, precisions, not a.no_loop_compare,
+    results = asyncio.run(run_async(caches, a.repeats, a.warmup, precisions, not a.no_thread_compare,
                                     not a.redis_glibc_defaults))
     console.print(table(results))
     console.print(cpu_table(results))
@@ -412,13 +412,13 @@ def main(argv: list[str] | None = None) -> None:
     doc["ratio_put_bytes_only_floor"] = min(r["ratio_put_bytes_only_floor"] for r in results.values())
     doc["ratio_put_from_cache_floor"] = min(r["ratio_put_from_cache_floor"] for r in results.values())
     doc["ratio_put_floor_per_cache"] = {name: r["ratio_put_floor"] for name, r in results.items()}
-    if not a.no_loop_compare:
-        doc["ratio_put_loop_floor_per_cache"] = {name: r["ratio_put_loop_floor"] for name, r in results.items()}
-        doc["ratio_put_loop_paired_per_cache"] = {name: r["ratio_put_loop_paired"] for name, r in results.items()}
+    if not a.no_thread_compare:
+        doc["ratio_put_thread_floor_per_cache"] = {name: r["ratio_put_thread_floor"] for name, r in results.items()}
+        doc["ratio_put_thread_paired_per_cache"] = {name: r["ratio_put_thread_paired"] for name, r in results.items()}
         for name, r in results.items():
-            console.print(f"{name}: put {r['put_ms']:.1f} ms (put/floor {r['ratio_put_floor']:.2f}), through the event-loop "
-                          f"writer {r['put_loop_ms']:.1f} ms (put/floor {r['ratio_put_loop_floor']:.2f}); put_loop/put "
-                          f"paired {r['ratio_put_loop_paired']:.2f}")
+            console.print(f"{name}: put {r['put_ms']:.1f} ms (put/floor {r['ratio_put_floor']:.2f}), through the sender "
+                          f"thread {r['put_thread_ms']:.1f} ms (put/floor {r['ratio_put_thread_floor']:.2f}); put_thread/put "
+                          f"paired {r['ratio_put_thread_paired']:.2f}")
     doc["redis_malloc"] = "glibc defaults" if a.redis_glibc_defaults else "freed pages kept (redis_proc.REDIS_MALLOC_TUNABLES)"
     doc["ratio_cpu_floor_put_per_cache"] = {name: r.get("ratio_cpu_floor_put") for name, r in results.items()}
     doc["ratio_put_forward_per_cache"] = {name: r.get("ratio_put_forward") for name, r in results.items()}

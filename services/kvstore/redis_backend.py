@@ -70,9 +70,10 @@ from services.kvstore.resp import BulkReader, LoopConnections, LoopPipe, ThreadS
 STAGING_TTL_MS = 3_600_000  # staged chunks of a put that never commits vanish after an hour
 FLUSH_BYTES = 4 << 20  # chunk bytes per pipelined write (threads); between looks at the replies (loop)
 MAX_INFLIGHT = 2  # pipelined writes under way while the next batch is received
-# Who sends a put's writes on plain URLs: "thread", a worker thread per put (the event loop only
-# hands each checked chunk over and goes on receiving the next), or "loop", the event loop itself.
-PUT_SENDERS = ("thread", "loop")
+# Who sends a put's writes on plain URLs: "loop", the event loop itself (the default), or "thread",
+# a worker thread per put (the loop only hands each checked chunk over and goes on receiving the
+# next; measured no faster on 2 cores, where the thread's copy competes with the rest: docs/kvstore.md).
+PUT_SENDERS = ("loop", "thread")
 SENDER_QUEUE_BYTES = 8 << 20  # a put's chunk bytes handed to its sender thread and not yet sent
 SEND_THREADS = 64  # puts whose sender threads run at once (more wait for a thread)
 COMMIT_RETRIES = 50
@@ -254,7 +255,7 @@ def _now_ms() -> int:
 class RedisBackend:
     name = "redis"
 
-    def __init__(self, url: str, deadline_s: float = 2.0, put_sender: str = "thread"):
+    def __init__(self, url: str, deadline_s: float = 2.0, put_sender: str = "loop"):
         if put_sender not in PUT_SENDERS:
             raise ValueError(f"put_sender {put_sender!r}: one of {', '.join(PUT_SENDERS)}")
         self.url = url

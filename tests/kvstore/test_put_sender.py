@@ -1,4 +1,4 @@
-"""A put's writes to Redis from its sender thread (the default) and from the event loop (the
+"""A put's writes to Redis from the event loop (the default) and from a sender thread (the
 setting `kvstore_put_sender`): the same bytes stored, and the same guarantees: a put cut off
 mid-stream leaves nothing readable and nothing staged, readers racing puts see a whole segment
 or a miss, a Redis that stops taking writes fails the put within the deadline, nothing committed."""
@@ -170,8 +170,8 @@ async def test_the_sender_thread_sends_in_order_and_waits_when_its_queue_is_full
 
 
 def test_the_put_sender_setting_takes_thread_or_loop_only() -> None:
-    assert KVStoreSettings(service_token=TOKEN).kvstore_put_sender == "thread"
-    assert KVStoreSettings(service_token=TOKEN, kvstore_put_sender="loop").kvstore_put_sender == "loop"
+    assert KVStoreSettings(service_token=TOKEN).kvstore_put_sender == "loop"
+    assert KVStoreSettings(service_token=TOKEN, kvstore_put_sender="thread").kvstore_put_sender == "thread"
     with pytest.raises(ValueError):
         KVStoreSettings(service_token=TOKEN, kvstore_put_sender="threads")
     with pytest.raises(ValueError, match="put_sender"):
