@@ -33,5 +33,5 @@ class SnapKVPolicy(ScorerPolicy):
             raise InvalidInput(f"policy {self.name!r}: pooling={self.pooling!r}; allowed: {', '.join(POOLINGS)}")
 
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
-        s = observation(state, self.signal, self.window, ctx.model_id)  # [Hkv, N]
+        s = observation(state, self.signal, self.window, ctx.model_id, weight=self.weight, norm=ctx.norm)  # [Hkv, N]
         return pool1d(s, self.kernel, self.pooling)
