@@ -445,5 +445,16 @@ def test_protected_retrieval_heads_keep_their_keys(prefilled, kept):
     assert "protect" not in get_policy("pod", kept=kept).params()  # the default keeps stored caches' keys
     with pytest.raises(InvalidInput, match="protect"):
         get_policy("pod", kept=kept, protect="some")
+    # the ablations: one KV head's blocks dissolved, or every block (no score sharing)
+    one = [[li if h == 1 else b for h, b in enumerate(row)] for li, row in enumerate(BASE_OF)]
+    assert get_policy("pod", kept=kept, protect="kv1").blocks(c, 3) == one
+    assert get_policy("pod", kept=kept, protect="all").blocks(c, 3) == [[li] * 3 for li in range(4)]
+    for ablation, blocks in (("kv1", one), ("all", [[li] * 3 for li in range(4)])):
+        pol = get_policy("pod", kept=kept, protect=ablation)
+        out = pol.compress(prefilled.states, 0, c)
+        assert abs(out.kept_fraction() - kept) <= 0.01
+        _check_blocks(out, blocks, pol)
+    with pytest.raises(InvalidInput, match="KV head 3"):
+        get_policy("pod", kept=kept, protect="kv3").blocks(c, 3)
     with pytest.raises(InvalidInput, match="evict='snapkv'"):
         get_policy("pod", kept=kept, evict="kvzip", signal="window+kvzip")

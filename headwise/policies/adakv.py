@@ -63,7 +63,7 @@ class AdaKVPolicy(Policy):
     name = "adakv"
     query_aware_signal: ClassVar[str | None] = None
     query_aware_alpha: ClassVar[float] = 0.2
-    query_aware_scope: ClassVar[str] = "layer"
+    query_aware_scope: ClassVar[str] = "model"  # tuned on bench.quality --text stdlib (docs/policies.md)
     query_aware_weight: ClassVar[float | None] = None  # None: the scorer class's own
     scorer: ScorerPolicy | str = "snapkv"
     alpha: float | None = None  # unset: the regime's default, 0.2 ([F]) in the reuse regime, `query_aware_alpha` in the query-aware one

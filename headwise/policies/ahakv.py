@@ -33,6 +33,8 @@ class AhaKVPolicy(ScorerPolicy):
 
     name = "ahakv"
     query_aware_signal = "window+kvzip"  # tuned on bench.quality --text stdlib (docs/policies.md)
+    query_aware_scope = "model"  # the model's rows ranked at once (KVzip's global ranking), tuned there too
+    query_aware_weight = 0.8  # the reconstruction's share of the mix, tuned there too
     kernel: int = 7
     faithful: bool = False
     # [P] SnapKV's pooling of the attention score too ("avg", "max"), kernel `kernel`; unset: the

@@ -87,8 +87,8 @@ class EMSPolicy(Policy):
     # every head B rows (the paper's). Unset: "head", and `query_aware_scope` in the query-aware regime
     scope: str | None = optional(None)
     weight: float | None = optional(None)  # the reconstruction's share of the window+kvzip mix (None: 0.5)
-    query_aware_scope: ClassVar[str] = "head"
-    query_aware_weight: ClassVar[float | None] = None
+    query_aware_scope: ClassVar[str] = "model"  # tuned on bench.quality --text stdlib (docs/policies.md)
+    query_aware_weight: ClassVar[float | None] = 0.8
 
     def __post_init__(self) -> None:
         super().__post_init__()
