@@ -454,6 +454,14 @@ def test_protected_retrieval_heads_keep_their_keys(prefilled, kept):
         out = pol.compress(prefilled.states, 0, c)
         assert abs(out.kept_fraction() - kept) <= 0.01
         _check_blocks(out, blocks, pol)
+    # "layer": where every head of a layer borrows (layers 1-3 of ONE_BLOCK), head (layer mod 3) keeps its keys
+    one_block = CompressContext(4, "tiny-pod", HeadProfile("tiny-pod", 4, 3, [[0.0] * 3] * 4, ind, ONE_BLOCK))
+    layer = [[0, 0, 0], [0, 1, 0], [0, 0, 2], [3, 0, 0]]
+    pol = get_policy("pod", kept=kept, protect="layer")
+    assert pol.blocks(one_block, 3) == layer and pol.blocks(c, 3) == BASE_OF  # BASE_OF: a base head in every layer
+    out = pol.compress(prefilled.states, 0, one_block)
+    assert abs(out.kept_fraction() - kept) <= 0.01
+    _check_blocks(out, layer, pol)
     with pytest.raises(InvalidInput, match="KV head 3"):
         get_policy("pod", kept=kept, protect="kv3").blocks(c, 3)
     with pytest.raises(InvalidInput, match="evict='snapkv'"):

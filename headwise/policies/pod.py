@@ -37,7 +37,7 @@ from headwise.policies.base import (
 )
 
 EVICTORS = ("snapkv", "kvzip", "none")
-PROTECTS = ("none", "retrieval", "all", "kv<N>")  # kv<N>: KV head N's blocks (ablation of score sharing)
+PROTECTS = ("none", "retrieval", "layer", "all", "kv<N>")  # kv<N>: KV head N's blocks (ablation of score sharing)
 BLOCK_SCORES = ("mean", "max")
 
 
@@ -119,6 +119,7 @@ class PoDPolicy(Policy):
     block_score: str = "mean"
     # [P] "retrieval": the head profile's retrieval heads (RazorAttention's, induction 0.14 + echo 0.01)
     # keep their own keys in every layer (each is the base of its own block); "none": the profile's blocks;
+    # "layer": in a layer where every KV head borrows its distant logits, head (layer mod Hkv) keeps its own keys;
     # ablations of score sharing: "kv<N>" (e.g. "kv0") dissolves KV head N's blocks, "all" every block
     # (every layer keeps its own keys: no sharing, the same scorer and uniform allocation, fewer tokens)
     protect: str = optional("none")
@@ -140,7 +141,7 @@ class PoDPolicy(Policy):
         check_ints(self, sinks=self.sinks, window=self.window, kernel=self.kernel)
         if self.evict not in EVICTORS:
             raise InvalidInput(f"policy 'pod': evict={self.evict!r}; allowed: {', '.join(EVICTORS)}")
-        if self.protect not in PROTECTS[:3] and not (self.protect[:2] == "kv" and self.protect[2:].isdigit()):
+        if self.protect not in PROTECTS[:4] and not (self.protect[:2] == "kv" and self.protect[2:].isdigit()):
             raise InvalidInput(f"policy 'pod': protect={self.protect!r}; allowed: {', '.join(PROTECTS)}")
         from headwise.policies.scoring import check_signal
 
@@ -198,6 +199,11 @@ class PoDPolicy(Policy):
             base_of = [list(row) for row in base_of]
             for li, h in ctx.profile.retrieval_order():
                 base_of[li][h] = li
+        elif self.protect == "layer":  # no layer with every head borrowing: one of them leaves its block
+            base_of = [list(row) for row in base_of]
+            for li, row in enumerate(base_of):
+                if all(b != li for b in row):
+                    row[li % num_kv_heads] = li
         elif self.protect != "none":  # "all" or "kv<N>": those blocks dissolved, each layer its own base
             heads = range(num_kv_heads) if self.protect == "all" else [int(self.protect[2:])]
             if max(heads) >= num_kv_heads:
