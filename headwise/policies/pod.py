@@ -16,6 +16,7 @@ same tokens: a non-base layer's distant row always finds its token in the base l
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,7 +38,7 @@ from headwise.policies.base import (
 )
 
 EVICTORS = ("snapkv", "kvzip", "none")
-PROTECTS = ("none", "retrieval", "layer", "all", "kv<N>")  # kv<N>: KV head N's blocks (ablation of score sharing)
+PROTECTS = ("none", "retrieval", "head", "layer", "all", "kv<N>")  # kv<N>: KV head N's blocks (ablation of score sharing)
 BLOCK_SCORES = ("mean", "max")
 
 
@@ -119,10 +120,14 @@ class PoDPolicy(Policy):
     block_score: str = "mean"
     # [P] "retrieval": the head profile's retrieval heads (RazorAttention's, induction 0.14 + echo 0.01)
     # keep their own keys in every layer (each is the base of its own block); "none": the profile's blocks;
-    # "layer": in a layer where every KV head borrows its distant logits, head (layer mod Hkv) keeps its own keys;
+    # "head": the KV head that borrows its distant logits in the most layers (ties: the lowest index) keeps
+    # its own keys in every layer (its blocks dissolved); "layer": in a layer where every KV head borrows,
+    # head (layer mod Hkv) keeps its own keys;
     # ablations of score sharing: "kv<N>" (e.g. "kv0") dissolves KV head N's blocks, "all" every block
     # (every layer keeps its own keys: no sharing, the same scorer and uniform allocation, fewer tokens)
-    protect: str = optional("none")
+    # unset: "none" in the reuse regime, `query_aware_protect` in the query-aware one (tuned on --text stdlib)
+    protect: str | None = optional(None)
+    query_aware_protect: ClassVar[str] = "head"
     # the snapkv eviction score's observation signal (policies/scoring.py); unset: the regime's
     # (window; `query_aware_signal` in the query-aware regime)
     signal: str | None = optional(None)
@@ -141,7 +146,8 @@ class PoDPolicy(Policy):
         check_ints(self, sinks=self.sinks, window=self.window, kernel=self.kernel)
         if self.evict not in EVICTORS:
             raise InvalidInput(f"policy 'pod': evict={self.evict!r}; allowed: {', '.join(EVICTORS)}")
-        if self.protect not in PROTECTS[:4] and not (self.protect[:2] == "kv" and self.protect[2:].isdigit()):
+        if self.protect is not None and self.protect not in PROTECTS[:5] and not (
+                self.protect[:2] == "kv" and self.protect[2:].isdigit()):
             raise InvalidInput(f"policy 'pod': protect={self.protect!r}; allowed: {', '.join(PROTECTS)}")
         from headwise.policies.scoring import check_signal
 
@@ -175,7 +181,15 @@ class PoDPolicy(Policy):
             return self
         from headwise.policies.base import query_aware_defaults
 
-        return query_aware_defaults(self)
+        form = query_aware_defaults(self)
+        return form if self.protect is not None else dataclasses.replace(form, protect=self.query_aware_protect)
+
+    def params(self) -> dict:
+        """`protect` "none" is the unset reuse regime's (stored caches keep their keys)."""
+        out = super().params()
+        if out.get("protect") == "none":
+            del out["protect"]
+        return out
 
     @property
     def floor(self) -> int:
@@ -204,8 +218,12 @@ class PoDPolicy(Policy):
             for li, row in enumerate(base_of):
                 if all(b != li for b in row):
                     row[li % num_kv_heads] = li
-        elif self.protect != "none":  # "all" or "kv<N>": those blocks dissolved, each layer its own base
-            heads = range(num_kv_heads) if self.protect == "all" else [int(self.protect[2:])]
+        elif self.protect not in (None, "none"):  # "head", "all" or "kv<N>": those blocks dissolved
+            if self.protect == "head":
+                borrows = [sum(row[h] != li for li, row in enumerate(base_of)) for h in range(num_kv_heads)]
+                heads = [max(range(num_kv_heads), key=lambda h: (borrows[h], -h))]
+            else:
+                heads = range(num_kv_heads) if self.protect == "all" else [int(self.protect[2:])]
             if max(heads) >= num_kv_heads:
                 raise InvalidInput(f"policy 'pod': protect={self.protect!r} names KV head {max(heads)}; the model has "
                                    f"{num_kv_heads}")
