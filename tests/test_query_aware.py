@@ -27,7 +27,8 @@ SPECS = [("snapkv", {}), ("adakv", {}), ("adakv", {"scorer": "ahakv"}), ("ahakv"
          ("taskkv", {"scope": "model", "whole": 0.0}), ("taskkv", {"scope": "head"}), ("ems", {"scope": "model"}),
          ("ems", {"scope": "model", "weight": 0.8}), ("ems", {"scope": "head"}), ("adakv", {"scope": "model", "weight": 0.8}),
          ("adakv", {"scope": "layer"}), ("pod", {"protect": "all"}), ("pod", {"protect": "kv0"}),
-         ("pod", {"scope": "model"}), ("pod", {"scope": "model", "weight": 0.8})]
+         ("pod", {"scope": "model"}), ("pod", {"scope": "model", "weight": 0.8}), ("pod", {"protect": "head"}),
+         ("pod", {"protect": "none"}), ("pod", {"protect": "layer"})]
 D, Q = 600, 24  # document >= 512 rows: the realised fraction must be within 1% of the request
 
 
