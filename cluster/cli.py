@@ -102,6 +102,8 @@ def scorer_train(
     hidden_units: int = typer.Option(0, help="ReLU units of a hidden layer beside each layer's linear map (0: the linear "
                                      "map alone; > 0 needs --objective cutoffs)."),
     iterations: int = typer.Option(0, help="L-BFGS iterations per layer of the cutoffs fit (0: 60, or 100 with a hidden layer)."),
+    hidden_inputs: str = typer.Option("prediction", help="The hidden layer's inputs: prediction (the linear map's prediction, "
+                                      "place and norms) or features (every feature, hidden state included)."),
 ) -> None:
     """Train once and store the kvzap scorer of a model on KVzip's own scores (minutes on CPU)."""
     from headwise.errors import InvalidInput
@@ -126,7 +128,7 @@ def scorer_train(
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as prog:
         task = prog.add_task("kvzap scorer", total=1.0)
         sc = train_scorer(runner, heldout=heldout, train_docs=docs, cache=cache, objective=objective,
-                          hidden_units=hidden_units, iterations=iterations or None,
+                          hidden_units=hidden_units, iterations=iterations or None, hidden_inputs=hidden_inputs,
                           progress=lambda s, f: prog.update(task, description=s, completed=f))
     sc.save(path)
     t = sc.training

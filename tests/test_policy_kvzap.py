@@ -18,6 +18,7 @@ from headwise.profiles.scorer import (
     features,
     fit_cutoffs,
     fit_hidden,
+    fit_on_prediction,
     forget_loaded,
     load_scorer,
     packaged_path,
@@ -317,6 +318,25 @@ def test_hidden_layer_fit_ranks_what_a_linear_map_cannot():
     assert float((hidden - y)[top].abs().mean()) < 1.0  # still a log score near the cutoffs
 
 
+def test_hidden_layer_on_the_linear_prediction_is_a_hidden_layer_over_the_features():
+    """fit_on_prediction's units read the linear prediction and the extra features; mapped back into the
+    format's matrices over every feature they predict the same, and rank a planted nonlinearity of the
+    extras (a product of two norms) better than the linear map they start from."""
+    g = torch.Generator().manual_seed(4)
+    n, D, E = 5000, 20, 4
+    x = torch.cat([torch.randn(n, D + E, generator=g), torch.ones(n, 1)], 1)
+    y = torch.stack([x[:, :D].sum(1) * 0.3 + 2 * x[:, D] * x[:, D + 1], x[:, 1] - 2 * x[:, D + 2] * x[:, D + 3]], 1) - 6
+    flat = y.flatten()
+    tau = torch.tensor([float(flat.topk(round(q * flat.numel())).values[-1]) for q in CUTOFFS]).expand(n, -1)
+    lin = fit_cutoffs(x, y, tau, _solve((x.T @ x).double()[None], (x.T @ y).double()[None])[0])
+    w, a, b = fit_on_prediction(x, y, tau, lin, units=8, hidden_size=D, iterations=150)
+    assert w.shape == (D + E + 1, 2) and a.shape == (D + E + 1, 8) and b.shape == (8, 2)
+    pred = x @ w + torch.relu(x @ a) @ b
+    assert topk_overlap(pred, y, 0.1) > topk_overlap(x @ lin, y, 0.1) + 0.1
+    # the units see the hidden-state inputs only through the linear prediction: rank <= Hkv + extras + bias
+    assert torch.linalg.matrix_rank(a[:D]) <= 2
+
+
 def test_doc_cutoffs_are_the_global_quantiles_of_the_ranked_rows():
     g = torch.Generator().manual_seed(2)
     states = [_state(2, 50, seed=i) for i in range(3)]
@@ -346,10 +366,15 @@ def test_a_hidden_layer_scorer_trains_and_compresses(runner, prefilled, tmp_path
     sc = train_scorer(runner, docs=docs, heldout=1, objective="cutoffs", hidden_units=4, iterations=20)
     t = sc.training
     assert sc.hidden_units == 4 and t["hidden_units"] == 4 and t["iterations"] == 20 and t["objective"] == "cutoffs"
+    assert t["hidden_inputs"] == "prediction"
     assert sc.hidden_in.shape == (3, 96 + 4 + 12 + 1, 4) and bool(sc.hidden_out.abs().sum() > 0)  # the units were fitted
     assert set(t["fit"]) >= {"spearman_global", "overlap_0.1"} and t["seconds"] >= 0
     back = KVScorer.load(sc.save(tmp_path / "h.safetensors"))
     assert torch.equal(back.predict(prefilled.states[1]), sc.predict(prefilled.states[1]))
+    every = train_scorer(runner, docs=docs, heldout=1, objective="cutoffs", hidden_units=3, iterations=5, hidden_inputs="features")
+    assert every.hidden_units == 3 and every.training["hidden_inputs"] == "features"
+    with pytest.raises(InvalidInput, match="hidden inputs 'keys' are not one of"):
+        train_scorer(runner, docs=docs, heldout=1, objective="cutoffs", hidden_units=3, hidden_inputs="keys")
 
 
 def test_spearman():

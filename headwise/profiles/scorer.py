@@ -45,6 +45,7 @@ TEMPERATURE = 1.0  # of the logistic at each cutoff, in log-score units
 MSE_WEIGHT = 0.1  # the squared error to the log score (raised to the kept-0.5 cutoff) beside the logistic terms
 FIT_ITERATIONS = 60  # L-BFGS iterations per layer
 HIDDEN_UNITS = 0  # the shipped scorer's hidden layer (0: the linear map alone)
+HIDDEN_INPUTS = ("prediction", "features")  # what the hidden layer is fitted on (see `fit_on_prediction`)
 MLP_ITERATIONS = 100  # L-BFGS iterations per layer of the hidden-layer fit
 PACKAGED = Path(__file__).parent / "data"
 
@@ -403,6 +404,29 @@ def fit_hidden(x: Tensor, y: Tensor, tau: Tensor, w0: Tensor, units: int, temper
     return raw(w), raw(a), b
 
 
+def fit_on_prediction(x: Tensor, y: Tensor, tau: Tensor, w_lin: Tensor, units: int, hidden_size: int,
+                      iterations: int = MLP_ITERATIONS) -> tuple[Tensor, Tensor, Tensor]:
+    """A hidden layer over a small input: the linear map's own prediction (one log score per KV head)
+    and the features beside the hidden state (place, key/value norms), fitted by `fit_hidden` with the
+    linear prediction as its start. Every input is linear in the features, so the result is a format-3
+    hidden layer over them (its input matrix of rank <= Hkv + extras): [F + 1, Hkv], [F + 1, units],
+    [units, Hkv]. The hidden state's 576 inputs reach the units only through the linear prediction,
+    which is what keeps 40 documents from overfitting them (a hidden layer on every input does)."""
+    H, D = w_lin.shape[1], hidden_size
+    x, w_lin = x.float(), w_lin.float()
+    z = torch.cat([x @ w_lin, x[:, D:]], 1)  # [n, H + extras + 1], the bias column last
+    start = torch.zeros(z.shape[1], H)
+    start[:H] = torch.eye(H)
+    v, a, b = fit_hidden(z, y, tau, start, units, iterations=iterations)
+
+    def to_features(m: Tensor) -> Tensor:  # z-space matrix -> feature-space matrix
+        out = w_lin @ m[:H]
+        out[D:] += m[H:]
+        return out
+
+    return to_features(v), to_features(a), b
+
+
 def _solve(xtx: Tensor, xty: Tensor) -> Tensor:
     """Ridge per layer from the normal equations; the bias (last input) is not shrunk. -> [L, D + 1, H] fp32."""
     D = xtx.shape[-1] - 1  # the inputs; the bias is last
@@ -418,6 +442,7 @@ def train_scorer(
     runner, docs: list[list[int]] | None = None, heldout: int = HELDOUT_DOCS, train_docs: int = TRAIN_DOCS,
     progress: Progress | None = None, cache: Path | None = None, names: tuple[str, ...] = FEATURES,
     objective: str = OBJECTIVE, hidden_units: int = HIDDEN_UNITS, iterations: int | None = None,
+    hidden_inputs: str = "prediction",
 ) -> KVScorer:
     """Fit on KVzip's scores of `docs` (default: standard-library docstrings) minus the last `heldout`,
     report the fit on those. Minutes on CPU for the default model: the cost is KVzip's scoring pass
@@ -425,7 +450,9 @@ def train_scorer(
     `objective` "ridge": the least-squares fit of the log scores (normal equations, memory flat in
     the text); "cutoffs": from there, `fit_cutoffs` per layer (the rows are held, fp16: ~36 KB a token
     for the default model). `hidden_units` > 0: a hidden layer of that many ReLU units beside the
-    linear map, fitted with it by `fit_hidden` (the `cutoffs` loss; needs objective "cutoffs").
+    linear map, fitted with it by the `cutoffs` loss (needs objective "cutoffs"): `hidden_inputs`
+    "prediction" on the cutoff-fitted linear map's prediction and the extra features
+    (`fit_on_prediction`), "features" on every feature (`fit_hidden`).
     `iterations`: L-BFGS iterations per layer (default FIT_ITERATIONS, or MLP_ITERATIONS with a hidden layer)."""
     from headwise.profiles import weights_key
 
@@ -433,6 +460,8 @@ def train_scorer(
         raise InvalidInput(f"kvzap scorer objective {objective!r} is not one of {OBJECTIVES}")
     if hidden_units < 0 or (hidden_units and objective != "cutoffs"):
         raise InvalidInput(f"kvzap scorer: {hidden_units} hidden units; a hidden layer (> 0 units) is fitted with objective 'cutoffs'")
+    if hidden_inputs not in HIDDEN_INPUTS:
+        raise InvalidInput(f"kvzap scorer hidden inputs {hidden_inputs!r} are not one of {HIDDEN_INPUTS}")
     iterations = iterations or (MLP_ITERATIONS if hidden_units else FIT_ITERATIONS)
     progress = progress or (lambda s, f: None)
     docs = docs if docs is not None else training_ids(runner, train_docs + heldout)
@@ -465,7 +494,11 @@ def train_scorer(
             tau = torch.cat([r[2].expand(r[0].shape[0], -1) for r in rows])
             y = torch.cat([r[1] for r in rows])
             held_rows[i] = []  # free as we go
-            if hidden_units:
+            if hidden_units and hidden_inputs == "prediction":
+                w = fit_cutoffs(x, y, tau, weight[i])
+                weight[i], hidden_in[i], hidden_out[i] = fit_on_prediction(x, y, tau, w, hidden_units,
+                                                                           runner.config.hidden_size, iterations)
+            elif hidden_units:
                 weight[i], hidden_in[i], hidden_out[i] = fit_hidden(x, y, tau, weight[i], hidden_units, iterations=iterations)
             else:
                 weight[i] = fit_cutoffs(x, y, tau, weight[i], iterations=iterations)
@@ -479,6 +512,7 @@ def train_scorer(
         "heldout_docs": len(held), "heldout_tokens": sum(map(len, held)),
         "features": ["hidden", *names], "ridge": RIDGE, "log_floor": LOG_FLOOR, "skip": [SKIP_SINKS, SKIP_WINDOW],
         "objective": objective, "hidden_units": hidden_units} | (
+            {"hidden_inputs": hidden_inputs} if hidden_units else {}) | (
             {"cutoffs": list(CUTOFFS), "temperature": TEMPERATURE, "mse_weight": MSE_WEIGHT,
              "iterations": iterations} if objective == "cutoffs" else {}) | {
         "seconds": round(time.perf_counter() - t0, 1), "fit": fit,
