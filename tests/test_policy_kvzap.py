@@ -11,6 +11,7 @@ from headwise.policies.base import Capture, CompressContext, LayerState
 from headwise.profiles.scorer import (
     CUTOFFS,
     FEATURES,
+    READABLE_VERSIONS,
     SCORER_VERSION,
     KVScorer,
     _solve,
@@ -395,7 +396,7 @@ def test_shipped_scorer_of_the_default_model(real_runner):
     from headwise.prompt import build_segments
 
     forget_loaded()
-    assert packaged_path(real_runner.name).is_file()
+    assert any(packaged_path(real_runner.name, v).is_file() for v in READABLE_VERSIONS)
     scorer = load_scorer(real_runner.name).check_shape(real_runner.num_layers, real_runner.num_kv_heads, 576)
     tok = real_runner.tokenizer
     ids = build_segments(tok, document_tokens(tok, 700), "").context
