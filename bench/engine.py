@@ -7,7 +7,14 @@ A real document (CPython's pydoc topics, 2,000 tokens by default) is prefilled u
 and under transformers' own forward and DynamicCache (the floor). Each repeat first prefills
 every cache kind in turn: the prefill's seconds and a 40-token question prefilled on top of the
 cache (the first on a freshly loaded copy, which includes building its attention views, then a
-second one on the same copy). Then `--rounds` decode rounds run every cache kind once each:
+second one on the same copy). Decode then runs step by step (`--decode steps`, the default;
+bench/engine_decode.py): at one stream `--step-rounds` rounds, each one decode step of every
+kind in an order rotated per round; at `--streams` streams the full cache and each other kind
+alternate, `--rounds` x `--pair-steps` adjacent pairs per kind. `ratio_decode` is then the
+median of the ratios of adjacent steps (other processes sharing the memory bandwidth move a
+kind's steps by up to 1.8x within a run, over seconds, so only adjacent steps compare), and
+the tok/s figures are B over the median step. With `--decode rounds`, `--rounds` decode rounds
+run every cache kind once each:
 decode tokens/s of one stream, and aggregate tokens/s of 16 streams decoding together
 (`ModelRunner.decode_batch`, each stream its own copy of the cache: continuous batching), each
 after one untimed warm step. The order of the kinds rotates from repeat to repeat and from round
@@ -150,7 +157,7 @@ def _rotated(names: list[str], k: int) -> list[str]:
 
 
 def run(model: str | None, tokens: int, kept: float, repeats: int, n1: int, n16: int, streams: int,
-        policies: list[str], rounds: int = 3) -> dict:
+        policies: list[str], rounds: int = 3, interleave: bool = False, step_rounds: int = 60, pair_steps: int = 4) -> dict:
     """Per repeat: every cache kind prefilled (and its questions timed), then `rounds` rounds of
     decode, each running every cache kind once at 1 and at `streams` streams, in an order rotated
     from round to round (so no kind always runs first, right after the prefills, or last)."""
@@ -174,6 +181,27 @@ def run(model: str | None, tokens: int, kept: float, repeats: int, n1: int, n16:
                                   else _prefill(runner, name, ids, question, kept))
             raw[name].append(figs)
             console.print(f"repeat {r + 1}/{repeats} {name}: {json.dumps(figs)}")
+        if interleave:  # decode step by step (bench.engine_decode): ratios of adjacent steps
+            from bench.engine_decode import many_streams, one_stream
+
+            dstates = {n: (st if n == HF else st[:2]) for n, st in states.items()}
+            order = ["full", *[n for n in names if n != "full"]]
+            runs = {1: one_stream(runner, dstates, order, step_rounds, 30)}
+            load.append(os.getloadavg()[0])
+            runs[streams] = many_streams(runner, dstates, order, streams, max(1, rounds), pair_steps, 30)
+            load.append(os.getloadavg()[0])
+            for name in names:
+                rec = {}
+                for B, res in runs.items():
+                    f = res[name]
+                    rec[f"decode_tok_s_{B}"], rec[f"decode_cpu_tok_s_{B}"] = f["tok_s"], f["cpu_tok_s"]
+                    rec[f"x_full_{B}"], rec[f"x_full_cpu_{B}"] = f["x_full"]["median"], f["x_full_cpu"]["median"]
+                    rec[f"x_full_cpu_q1_{B}"], rec[f"x_full_cpu_q3_{B}"] = f["x_full_cpu"]["q1"], f["x_full_cpu"]["q3"]
+                decode[name].append(rec)
+            console.print(f"repeat {r + 1}/{repeats} decode step by step, load {load[-1]:.2f}: "
+                          + json.dumps({n: [round(decode[n][-1][f"x_full_cpu_{B}"], 3) for B in (1, streams)] for n in names}))
+            del states
+            continue
         for k in range(rounds):
             for name in _rotated(names, r * rounds + k):
                 rec = {}
@@ -210,9 +238,14 @@ def _summarise(runner, raw, decode, ids, question, kept, n1, n16, streams, load)
         return statistics.median([r[f] / b[f] for r, b in zip(src[k], src["full"], strict=True)])
 
     ratio_decode, ratio_decode_cpu, ratio_prefill, ratio_question, ratio_question_warm, bound = {}, {}, {}, {}, {}, {}
+    steps = "x_full_1" in decode["full"][0]  # decoded step by step: the ratios of adjacent steps (median per repeat)
     for k, f in figs.items():
-        ratio_decode[k] = {str(B): ratio(decode, k, f"decode_tok_s_{B}") for B in (1, streams)}
-        ratio_decode_cpu[k] = {str(B): ratio(decode, k, f"decode_cpu_tok_s_{B}") for B in (1, streams)}
+        if steps:
+            ratio_decode[k] = {str(B): statistics.median([r[f"x_full_{B}"] for r in decode[k]]) for B in (1, streams)}
+            ratio_decode_cpu[k] = {str(B): statistics.median([r[f"x_full_cpu_{B}"] for r in decode[k]]) for B in (1, streams)}
+        else:
+            ratio_decode[k] = {str(B): ratio(decode, k, f"decode_tok_s_{B}") for B in (1, streams)}
+            ratio_decode_cpu[k] = {str(B): ratio(decode, k, f"decode_cpu_tok_s_{B}") for B in (1, streams)}
         ratio_prefill[k] = ratio(raw, k, "prefill_s")
         ratio_question[k] = ratio(raw, k, "question_s")
         ratio_question_warm[k] = ratio(raw, k, "question_warm_s")
@@ -223,6 +256,7 @@ def _summarise(runner, raw, decode, ids, question, kept, n1, n16, streams, load)
         "ratio_question": ratio_question, "ratio_question_warm": ratio_question_warm, "bound_decode": bound, "weights_bytes": W,
         "prompt_tokens": len(ids), "question_tokens": len(question), "kept": kept, "streams": streams,
         "decode_steps": {"1": n1, str(streams): n16}, "repeats": len(raw["full"]), "decode_rounds": len(decode["full"]),
+        "decode_method": "steps" if steps else "rounds",
         "load_average_1min": {"min": min(load), "max": max(load), "samples": load},
         "threads": torch.get_num_threads(), "machine": platform.machine(), "torch": torch.__version__,
         "model": runner.config._name_or_path or "default",
@@ -233,7 +267,10 @@ def table(res: dict) -> Table:
     S = res["streams"]
     ld = res["load_average_1min"]
     t = Table(title=f"headwise engine bench: {res['prompt_tokens']} tokens, kept {res['kept']}, {res['threads']} thread(s); "
-                    f"prefill: median (range) of {res['repeats']} repeats, decode: of {res['decode_rounds']} rounds; "
+                    f"prefill: median (range) of {res['repeats']} repeats, decode: "
+                    + ("step by step, ratios of adjacent steps (tok/s: medians of steps); "
+                       if res.get("decode_method") == "steps" else f"of {res['decode_rounds']} rounds; ")
+                    +
                     f"wall-clock figures, CPU-time ratios in 'x full CPU'; load average {ld['min']:.1f}-{ld['max']:.1f}")
     for c in ["cache", "KV MB", "prefill s", "x full", "question s", "x full", "2nd question s", "x full", "decode tok/s 1",
               "x full (bound)", "x full CPU", f"tok/s {S} streams", "x full (bound)", "x full CPU"]:
@@ -262,10 +299,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="decode rounds per repeat (every cache kind, order rotated)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: the figures of one worker thread)")
     ap.add_argument("--policies", default=",".join(POLICIES), help="comma-separated policies (full is always run)")
+    ap.add_argument("--decode", choices=("steps", "rounds"), default="steps",
+                    help="steps: the kinds take turns step by step (bench.engine_decode; --step-rounds one-stream "
+                         "rounds, --rounds x --pair-steps adjacent pairs with full per kind at --streams); "
+                         "rounds: --rounds rounds of --steps / --batch-steps steps per kind")
+    ap.add_argument("--step-rounds", type=int, default=60, help="one-stream rounds of one step per kind (--decode steps)")
+    ap.add_argument("--pair-steps", type=int, default=4, help="steps per kind and round at --streams (--decode steps)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     names = ["full", *[p for p in a.policies.split(",") if p and p != "full"]]
-    res = run(a.model, a.tokens, a.kept, a.repeats, a.steps, a.batch_steps, a.streams, names, a.rounds)
+    res = run(a.model, a.tokens, a.kept, a.repeats, a.steps, a.batch_steps, a.streams, names, a.rounds,
+              a.decode == "steps", a.step_rounds, a.pair_steps)
     Console(width=200).print(table(res))
     if a.json:
         write_json(a.json, res)

@@ -101,6 +101,14 @@ async def _timed(fn, i: int) -> float:
     return time.perf_counter() - t
 
 
+def _minflt(pid: int) -> int:
+    """Minor page faults of process `pid` so far; 0 off Linux."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _cpu_s(pid: int) -> float:
     """CPU time (user + system, all threads) of process `pid` so far, in seconds; 0 off Linux."""
     if pid == os.getpid():
@@ -114,12 +122,15 @@ def _cpu_s(pid: int) -> float:
 
 async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: CompactCache, repeats: int,
                       warmup: int = 1, pids: dict[str, int] | None = None, precision: str = "fp32", floor=None,
-                      forward=None) -> dict:
+                      forward=None, thread_client: KVStoreClient | None = None) -> dict:
     """Service, raw redis-py and (with `floor`, a bench.grpc_floor stub) the bare gRPC stream
     measured in turns within each round, so load that comes and goes on the machine hits all
     alike; figures are medians over the rounds. `pids` (name -> process id): CPU time each of
     those processes spent per call of each op, averaged over the timed rounds (`cpu_ms`; /proc
-    counts in clock ticks, 10 ms here, hence the average). Rows go at `precision`."""
+    counts in clock ticks, 10 ms here, hence the average). Rows go at `precision`. `thread_client`:
+    a client of a second store whose puts are written to Redis by a sender thread per put
+    (HEADWISE_KVSTORE_PUT_SENDER=thread; the store's default writes from its event loop): its put
+    is `put_thread`, measured in the same rounds, put and put_thread taking turns at going first."""
     pids = pids or {}
     seg = encode(cache, include_recall=False, precision=precision)
     blob = seg.header + b"".join(seg.chunks)
@@ -129,6 +140,7 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     ops = {
         "prepare": lambda i: prepare(cache, precision),
         "put": lambda i: client.put(f"{name}-{i}", prepared),
+        **({"put_thread": lambda i: thread_client.put(f"{name}-t-{i}", prepared)} if thread_client is not None else {}),
         "put_from_cache": lambda i: client.put(f"{name}-c-{i}", cache, precision),
         "raw_set": lambda i: r.set(f"raw-{name}-{i}", blob),
         "get": lambda i: _expect(client.get(f"{name}-{i}")),
@@ -142,16 +154,24 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
         ops["forward"] = lambda i: floor_put(forward, [seg.header, *seg.chunks])
     times: dict[str, list[float]] = {op: [] for op in ops}
     cpu = {op: dict.fromkeys(pids, 0.0) for op in ops}
+    faults = dict.fromkeys(ops, 0)  # Redis's minor page faults per op
     for i in range(-warmup, repeats):  # rounds below 0: connections, Redis's and the store's memory warm up
-        for op, fn in ops.items():
+        order = list(ops.items())
+        if thread_client is not None and i % 2:  # put and put_thread take turns at going first
+            order[0], order[1] = order[1], order[0]
+        for op, fn in order:
             before = {k: _cpu_s(p) for k, p in pids.items()}
+            f0 = _minflt(pids["redis"]) if "redis" in pids else 0
             t = await _timed(fn, i)
             if i >= 0:
                 times[op].append(t)
                 for k, p in pids.items():
                     cpu[op][k] += _cpu_s(p) - before[k]
+                faults[op] += (_minflt(pids["redis"]) - f0) if "redis" in pids else 0
         for k in (f"{name}-{i}", f"{name}-c-{i}", f"{name}-enc-{i}"):
             await client.delete(k)
+        if thread_client is not None:
+            await thread_client.delete(f"{name}-t-{i}")
         r.delete(f"raw-{name}-{i}")
     row = {"precision": precision, "wire_bytes": nbytes, "stored_bytes": stored_nbytes(cache, precision),
            "chunks": len(seg.chunks), "held_kv_bytes": cache.nbytes}
@@ -164,11 +184,16 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     row["ratio_get_paired"] = statistics.median(g / s for g, s in zip(times["raw_get"], times["get"], strict=True))
     row["put_ms"], row["get_ms"], row["prepare_ms"], row["put_from_cache_ms"] = (
         statistics.median(times[op]) * 1e3 for op in ("put", "get", "prepare", "put_from_cache"))
+    if thread_client is not None:
+        row["put_thread_ms"] = statistics.median(times["put_thread"]) * 1e3
+        row["ratio_put_thread_paired"] = statistics.median(t / p for t, p in zip(times["put_thread"], times["put"], strict=True))
     del row["prepare_mb_s"]
     if floor is not None:
         row["floor_mb_s"] = row.pop("floor_mb_s")
         row["ratio_put_floor"] = row["put_mb_s"] / row["floor_mb_s"]
         row["ratio_put_floor_paired"] = statistics.median(f / p for f, p in zip(times["floor"], times["put"], strict=True))
+        if thread_client is not None:
+            row["ratio_put_thread_floor"] = row["put_thread_mb_s"] / row["floor_mb_s"]
         # the transport alone: the already encoded segment (no quantising, no CRCs) against the same bytes bare
         row["ratio_put_bytes_only_floor"] = row["put_bytes_only_mb_s"] / row["floor_mb_s"]
         row["ratio_put_from_cache_floor"] = row["put_from_cache_mb_s"] / row["floor_mb_s"]
@@ -184,6 +209,8 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
         row["ratio_put_forward_paired"] = statistics.median(f / p for f, p in zip(times["forward"], times["put"], strict=True))
     if pids:
         row["cpu_ms"] = {op: {k: v / repeats * 1e3 for k, v in per.items()} for op, per in cpu.items()}
+        if "redis" in pids:
+            row["redis_minor_faults"] = {op: n / repeats for op, n in faults.items()}
         if floor is not None:  # load-proof: the CPU the floor's two processes spend over what a put's three do
             total = {op: sum(per.values()) for op, per in row["cpu_ms"].items()}
             row["ratio_cpu_floor_put"] = total["floor"] / total["put"] if total["put"] else float("nan")
@@ -229,11 +256,14 @@ def _check(blob: bytes | None, nbytes: int) -> None:
     assert blob is not None and len(blob) == nbytes
 
 
-def start_store(redis_url: str) -> tuple[subprocess.Popen, int]:
-    """The store in its own process, as deployed (client and server do not share a GIL)."""
+def start_store(redis_url: str, put_sender: str | None = None) -> tuple[subprocess.Popen, int]:
+    """The store in its own process, as deployed (client and server do not share a GIL);
+    `put_sender`: HEADWISE_KVSTORE_PUT_SENDER (None: the store's default)."""
     port = free_port()
     env = {**os.environ, "HEADWISE_SERVICE_TOKEN": TOKEN, "HEADWISE_TENANT_QUOTA_BYTES": "0",
            "HEADWISE_TENANT_TTL_S": "0", "HEADWISE_REDIS_DEADLINE_S": "30"}
+    if put_sender is not None:
+        env["HEADWISE_KVSTORE_PUT_SENDER"] = put_sender
     proc = subprocess.Popen([sys.executable, "-m", "services.kvstore", "--host", "127.0.0.1", "--port", str(port),
                              "--redis-url", redis_url, "--no-metrics"], env=env)
     return proc, port
@@ -252,27 +282,40 @@ async def wait_ready(client: KVStoreClient, proc: subprocess.Popen, timeout_s: f
 
 
 async def run_async(caches: dict[str, CompactCache], repeats: int, warmup: int = 1,
-                    precisions: tuple[str, ...] = ("fp32",)) -> dict:
-    """Every cache at every precision (results named `cache/precision`)."""
-    redis_proc = start_redis()
+                    precisions: tuple[str, ...] = ("fp32",), compare_thread: bool = True,
+                    keep_freed_pages: bool = True) -> dict:
+    """Every cache at every precision (results named `cache/precision`). `compare_thread`: a second
+    store whose puts write to Redis from a sender thread, measured as `put_thread` in the same rounds.
+    `keep_freed_pages`: Redis runs with redis_proc.REDIS_MALLOC_TUNABLES (False: glibc's defaults)."""
+    redis_proc = start_redis(keep_freed_pages=keep_freed_pages)
     store, port = start_store(redis_proc.url)
+    thread_store, thread_port = start_store(redis_proc.url, "thread") if compare_thread else (None, None)
     floor_proc, floor_port = start_floor(redis_proc.url)
     r = redis.Redis.from_url(redis_proc.url)
     try:
         client = KVStoreClient(f"127.0.0.1:{port}", TOKEN, "bench", timeout_s=60)
+        thread_client = KVStoreClient(f"127.0.0.1:{thread_port}", TOKEN, "bench", timeout_s=60) if compare_thread else None
         await wait_ready(client, store)
+        if thread_client is not None:
+            await wait_ready(thread_client, thread_store)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{floor_port}", options=GRPC_OPTIONS) as ch:
                 pids = {"client": os.getpid(), "store": store.pid, "redis": redis_proc.proc.pid, "floor": floor_proc.pid}
+                if thread_store is not None:
+                    pids["thread_store"] = thread_store.pid
                 return {f"{name}/{p}": await bench_cache(client, r, f"{name}-{p}", cache, repeats, warmup, pids, p,
-                                                         floor_stub(ch), forward_stub(ch))
+                                                         floor_stub(ch), forward_stub(ch), thread_client)
                         for name, cache in caches.items() for p in precisions}
         finally:
             await client.close()
+            if thread_client is not None:
+                await thread_client.close()
     finally:
         r.close()
-        store.terminate()
-        store.wait(10)
+        for proc in (store, thread_store):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
         floor_proc.kill()
         floor_proc.wait(10)
         redis_proc.stop()
@@ -307,13 +350,16 @@ def cpu_table(results: dict) -> Table:
               caption="what each op costs the machine as a whole: on 2 cores a put's total bounds its wall time from below")
     t.add_column("cache")
     t.add_column("op")
-    for col in ("client", "store", "redis", "floor server", "total"):
+    for col in ("client", "store", "redis", "floor server", "total", "redis faults"):
         t.add_column(col, justify="right")
     for name, r in results.items():
-        for op in ("prepare", "put", "put_from_cache", "raw_set", "floor", "forward", "get", "raw_get"):
+        for op in ("prepare", "put", "put_thread", "put_from_cache", "raw_set", "floor", "forward", "get", "raw_get"):
             c = r.get("cpu_ms", {}).get(op)
             if c:
-                t.add_row(name, op, *(f"{c.get(k, 0):.1f}" for k in ("client", "store", "redis", "floor")), f"{sum(c.values()):.1f}")
+                store = c.get("store", 0) + c.get("thread_store", 0)
+                t.add_row(name, op, f"{c.get('client', 0):.1f}", f"{store:.1f}", f"{c.get('redis', 0):.1f}",
+                          f"{c.get('floor', 0):.1f}", f"{sum(c.values()):.1f}",
+                          f"{r.get('redis_minor_faults', {}).get(op, 0):.0f}")
     return t
 
 
@@ -340,13 +386,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds per cache (figures are their medians)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds first, per cache")
     ap.add_argument("--precisions", default="fp32,int8", help="row precisions to store each cache at")
+    ap.add_argument("--no-thread-compare", action="store_true",
+                    help="do not also measure puts through a store that writes to Redis from a sender thread (put_thread)")
+    ap.add_argument("--redis-glibc-defaults", action="store_true",
+                    help="run Redis with glibc malloc's defaults (freed values' pages go back to the kernel)")
     a = ap.parse_args(argv)
     tune_malloc()  # this process is the bulk client (each put's frames are fresh 1 MiB buffers), as memtune says
     console = Console(width=None if sys.stdout.isatty() else 200)  # the table stays whole in logs
     with console.status("prefilling the document"):
         caches = real_caches(a.model, a.tokens, a.kept)
     precisions = tuple(p for p in a.precisions.split(",") if p)
-    results = asyncio.run(run_async(caches, a.repeats, a.warmup, precisions))
+    results = asyncio.run(run_async(caches, a.repeats, a.warmup, precisions, not a.no_thread_compare,
+                                    not a.redis_glibc_defaults))
     console.print(table(results))
     console.print(cpu_table(results))
     full = results[f"full/{precisions[0]}"]
@@ -361,6 +412,14 @@ def main(argv: list[str] | None = None) -> None:
     doc["ratio_put_bytes_only_floor"] = min(r["ratio_put_bytes_only_floor"] for r in results.values())
     doc["ratio_put_from_cache_floor"] = min(r["ratio_put_from_cache_floor"] for r in results.values())
     doc["ratio_put_floor_per_cache"] = {name: r["ratio_put_floor"] for name, r in results.items()}
+    if not a.no_thread_compare:
+        doc["ratio_put_thread_floor_per_cache"] = {name: r["ratio_put_thread_floor"] for name, r in results.items()}
+        doc["ratio_put_thread_paired_per_cache"] = {name: r["ratio_put_thread_paired"] for name, r in results.items()}
+        for name, r in results.items():
+            console.print(f"{name}: put {r['put_ms']:.1f} ms (put/floor {r['ratio_put_floor']:.2f}), through the sender "
+                          f"thread {r['put_thread_ms']:.1f} ms (put/floor {r['ratio_put_thread_floor']:.2f}); put_thread/put "
+                          f"paired {r['ratio_put_thread_paired']:.2f}")
+    doc["redis_malloc"] = "glibc defaults" if a.redis_glibc_defaults else "freed pages kept (redis_proc.REDIS_MALLOC_TUNABLES)"
     doc["ratio_cpu_floor_put_per_cache"] = {name: r.get("ratio_cpu_floor_put") for name, r in results.items()}
     doc["ratio_put_forward_per_cache"] = {name: r.get("ratio_put_forward") for name, r in results.items()}
     doc["ratio_put_forward_paired_per_cache"] = {name: r.get("ratio_put_forward_paired") for name, r in results.items()}

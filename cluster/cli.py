@@ -99,6 +99,11 @@ def scorer_train(
                                   "fitted to where rows fall against each document's global kept-0.5..0.05 cutoffs."),
     cache: Optional[Path] = typer.Option(None, help="Directory that keeps KVzip's scores of each document (60-100 MB "
                                          "each); a later run reads them back instead of running KVzip's passes again."),
+    hidden_units: int = typer.Option(0, help="ReLU units of a hidden layer beside each layer's linear map (0: the linear "
+                                     "map alone; > 0 needs --objective cutoffs)."),
+    iterations: int = typer.Option(0, help="L-BFGS iterations per layer of the cutoffs fit (0: 60, or 100 with a hidden layer)."),
+    hidden_inputs: str = typer.Option("prediction", help="The hidden layer's inputs: prediction (the linear map's prediction, "
+                                      "place and norms) or features (every feature, hidden state included)."),
 ) -> None:
     """Train once and store the kvzap scorer of a model on KVzip's own scores (minutes on CPU)."""
     from headwise.errors import InvalidInput
@@ -123,10 +128,12 @@ def scorer_train(
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console) as prog:
         task = prog.add_task("kvzap scorer", total=1.0)
         sc = train_scorer(runner, heldout=heldout, train_docs=docs, cache=cache, objective=objective,
+                          hidden_units=hidden_units, iterations=iterations or None, hidden_inputs=hidden_inputs,
                           progress=lambda s, f: prog.update(task, description=s, completed=f))
     sc.save(path)
     t = sc.training
-    console.print(f"[green]{path}[/green]: {sc.num_layers} layers x {sc.num_kv_heads} KV heads, trained on {t['train_docs']} "
+    console.print(f"[green]{path}[/green]: {sc.num_layers} layers x {sc.num_kv_heads} KV heads"
+                  f"{f', {sc.hidden_units} hidden units' if sc.hidden_units else ''}, trained on {t['train_docs']} "
                   f"documents ({t['train_tokens']} tokens) in {t['seconds']:.0f} s; held-out fit {t['fit']}")
 
 

@@ -2,7 +2,8 @@
 
 A `PagedView` holds one layer of B caches in pages of PAGE slots. (stream b, KV head h) is row
 bh = b * Hkv + h and owns the slots [0, n_bh) (its ragged rows, in head order) then
-[n_bh, n_bh + cap) (its decode tail), cut into pages of PAGE consecutive slots; a page is
+[n_bh, n_bh + cap) (its decode tail), cut into pages of PAGE consecutive slots (a PoD head's
+distant rows, which hold no key of their own, follow in pages of their own: see below); a page is
 one batch entry of the two batched matmuls, so a short head costs its own pages, not the
 layer's longest head (a padded `[B*Hkv, L, d]` block read 1.66 slots per kept row with
 kvzip at kept 0.25 on the default model; pages read 1 + PAGE / (2 n) on average).
@@ -14,14 +15,17 @@ step reads no unwritten tail page. Keys are stored transposed per page (`[N, d, 
 `q @ K` then runs MKL's plain (NN) kernel, about twice as fast here as `q @ K^T` over
 row-major keys (bench/engine_formulations.py).
 
-Per layer and step: q gathered per page, `baddbmm(bias, q, K)` -> logits `[n, G, PAGE]`,
-scattered into a preallocated `[B*Hkv, G, J, PAGE]` buffer (J pages per row at most;
-never-written places stay -inf), one softmax over each row's slots, the probabilities
-gathered back per page, `bmm` with V and `index_add_` per row. Logits are G / (2 d) of the
-K/V bytes (3/128 on the default model), so the padded softmax costs little; the K/V reads,
+Per layer and step: q gathered per page, `baddbmm(bias, q, K)` -> logits `[n, G, PAGE]` (in a
+preallocated buffer), each page's max put at its place in a `[B*Hkv*J, G]` buffer (J pages per
+row at most; places of pages not read stay -inf) and one max per row over its pages, the
+exponentials summed per row with `index_add_`, `bmm` with V and `index_add_` per row, divided by
+the sums. Logits are G / (2 d) of the K/V bytes (3/128 on the default model); the K/V reads,
 which dominate, touch only held rows. Exact per head: the same softmax over the same logits.
-Log-weights live in the bias, PoD distant logits are added into the buffer at their slots
-before the softmax, the recall watch reads the softmax row.
+Log-weights live in the bias; the recall watch reads the softmax row. PoD: a distant row's
+logit is the base layer's q_base . K_base, so its page holds the base layer's key of its token
+and is scored with the base layer's query of the step (`page_q` picks the query row per page):
+the same one `baddbmm` and one softmax, no key slot read for a row that has no key, no second
+product and no scatter of its logits.
 
 The caches' decode tails stay dense (`LayerCache.tail_keys` is a view of a `[B*Hkv, cap, d]`
 block per layer) and are written beside the pages each step, so `compacted()`, recall and
@@ -53,11 +57,12 @@ class PagedView:
     row and its index among the row's pages; act: the step (since the build) from which each
     page is needed, ascending. tail_at [BH, cap]: where tail slot t of a row lives (page * C + column).
     pad_index [N] = page_bh * J + page_j, page_max [BH*J, G] each page's logit max (-inf for
-    pages not yet read), scratch [N + 1, G, C] the logits (the last page a dump for padding).
-    merged [N, C]: slots of merged rows (recall watch). PoD: dist_keys [BH, M, d] the base
-    layers' keys of the distant rows, dist_at [BH, G, M] where their logits go in scratch
-    (flat; padding: the dump page), dist_base [BH] each row's base layer (-1: none), bases
-    the distinct ones.
+    pages not yet read), scratch [N, G, C] the logits. merged [N, C]: slots of merged rows
+    (recall watch), row_at [N, C] the row within its head each slot holds (with merged only).
+    PoD: a row's distant rows sit in pages of their own after its own slots, keyed with the
+    base layer's keys of their tokens; page_q [N] the row of `cat([q, base_q])` each page is
+    scored with (bh: its own queries, BH + bh: its base layer's), dist_base [BH] each row's base
+    layer (-1: none), bases the distinct ones.
     """
 
     keys: Tensor
@@ -73,8 +78,8 @@ class PagedView:
     num_heads: int
     built_at: int = 0  # DecodeViews.steps when built
     merged: Tensor | None = None
-    dist_keys: Tensor | None = None
-    dist_at: Tensor | None = None
+    row_at: Tensor | None = None
+    page_q: Tensor | None = None
     dist_base: Tensor | None = None
     bases: tuple[int, ...] = ()
 
@@ -97,12 +102,19 @@ def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Seq
     T0 = [lc.tail_len for lc in layers for _ in range(H)]
     if max(T0, default=0) > cap:
         raise ValueError(f"a view of {cap} tail slots cannot hold a tail of {max(T0)} rows")
-    npages = [-(-(n + cap) // C) for n in lens]
+    # PoD: (bh, distant rows within the head, the base layer's keys of their tokens, base layer)
+    plans = distant_plans(layers, base_layers, H) if pod else []
+    nd = [0] * BH
+    for bh, rows, _, _ in plans:
+        nd[bh] = rows.numel()
+    nk = [n - m for n, m in zip(lens, nd, strict=True)]  # own rows: keyed, then the tail after them
+    own = [-(-(k + cap) // C) for k in nk]  # pages of the own slots [0, nk + cap)
+    npages = [o + -(-m // C) for o, m in zip(own, nd, strict=True)]  # then the distant rows' pages
     J = max(npages)
     # the step (since the build) from which page j of row bh is needed: its first slot j*C is
-    # written when the tail reaches j*C - n_bh (pages of held rows: from the start)
-    order = sorted((max(0, j * C - n - t), bh, j) for bh, (n, t, p) in enumerate(zip(lens, T0, npages, strict=True))
-                   for j in range(p))
+    # written when the tail reaches j*C - nk_bh (pages of held rows, distant pages: from the start)
+    order = sorted((max(0, j * C - k - t) if j < o else 0, bh, j)
+                   for bh, (k, t, o, p) in enumerate(zip(nk, T0, own, npages, strict=True)) for j in range(p))
     N = len(order)
     page_bh = torch.tensor([o[1] for o in order], dtype=torch.long)
     page_j = torch.tensor([o[2] for o in order], dtype=torch.long)
@@ -118,13 +130,22 @@ def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Seq
     V = torch.zeros_like(K)
     bias = torch.full((N * C,), float("-inf"), dtype=dt, device=dev)
     merged = torch.zeros(N * C, dtype=torch.bool, device=dev)
-    lens_t = torch.tensor(lens, dtype=torch.long, device=dev)
+    row_at = torch.full((N * C,), -1, dtype=torch.long, device=dev)  # row within its head of each slot (recall)
+    nk_t = torch.tensor(nk, dtype=torch.long, device=dev)
+    d0 = torch.tensor(own, dtype=torch.long, device=dev) * C  # first slot of each row's distant pages
     for b, lc in enumerate(layers):
         off = lc.head_offsets
         R = lc.values.shape[0]
         head = torch.repeat_interleave(torch.arange(H, device=dev), off[1:] - off[:-1], output_size=R)
-        row = torch.arange(R, device=dev) - off[head]  # [R] row index within its head = its slot
-        at = flat(b * H + head, row)
+        row = torch.arange(R, device=dev) - off[head]  # [R] row index within its head
+        if lc.distant is None:
+            slot = row
+        else:  # keyed rows at their rank among the head's keyed rows, distant ones in pages of their own
+            dist = lc.distant.long()
+            before = torch.cat([dist.new_zeros(1), dist.cumsum(0)])  # distant rows before each row (and the end)
+            db = before[:R] - before[off[head]]  # distant rows before this one within its head
+            slot = torch.where(lc.distant, d0[b * H + head] + db, row - db)
+        at = flat(b * H + head, slot)
         keyed = at if lc.distant is None else at[~lc.distant]
         K.index_copy_(0, keyed, lc.keys.to(dt))
         V.index_copy_(0, at, lc.values.to(dt))
@@ -132,47 +153,34 @@ def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Seq
         if lc.recall is not None and lc.recall.num_groups > 0:  # watched for recall only when originals exist
             m = lc.recall_ids >= 0
             merged.index_fill_(0, at[m], True)
+            row_at.index_copy_(0, at, row)
         T = lc.tail_len
         if T:
             bh = (b * H + torch.arange(H, device=dev))[:, None].expand(H, T)
-            at = flat(bh, lens_t[b * H : (b + 1) * H, None] + torch.arange(T, device=dev))  # [H, T]
+            at = flat(bh, nk_t[b * H : (b + 1) * H, None] + torch.arange(T, device=dev))  # [H, T]
             K.index_copy_(0, at.flatten(), lc.tail_keys[:, :T].reshape(H * T, d).to(dt))
             V.index_copy_(0, at.flatten(), lc.tail_values[:, :T].reshape(H * T, d).to(dt))
             bias[at.flatten()] = 0
-    tail = flat(torch.arange(BH, device=dev)[:, None].expand(BH, cap), lens_t[:, None] + torch.arange(cap, device=dev))
+    for bh, rows, keys, _ in plans:  # a distant row's key in its page: the base layer's key of its token
+        K.index_copy_(0, flat(torch.full_like(rows, bh), d0[bh] + torch.arange(rows.numel(), device=dev)), keys.to(dt))
+    tail = flat(torch.arange(BH, device=dev)[:, None].expand(BH, cap), nk_t[:, None] + torch.arange(cap, device=dev))
     page_bh, page_j = page_bh.to(dev), page_j.to(dev)
+    has_merged = bool(merged.any())
     view = PagedView(
         K.view(N, C, d).transpose(1, 2).contiguous(), V.view(N, C, d), bias.view(N, 1, C), page_bh, page_j,
         [o[0] for o in order], tail, page_bh * J + page_j,
-        torch.full((BH * J, G), float("-inf"), dtype=dt, device=dev), torch.empty(N + 1, G, C, dtype=dt, device=dev), H,
-        merged=merged.view(N, C) if bool(merged.any()) else None,
+        torch.full((BH * J, G), float("-inf"), dtype=dt, device=dev), torch.empty(N, G, C, dtype=dt, device=dev), H,
+        merged=merged.view(N, C) if has_merged else None, row_at=row_at.view(N, C) if has_merged else None,
     )
-    if pod:
-        _attach_distant(view, layers, base_layers, flat)
+    if plans:
+        # a page's queries: its row's own (q[bh]) or, on distant pages, its base layer's (base_q[bh] at BH + bh)
+        base = torch.full((BH,), -1, dtype=torch.long)
+        for bh, _, _, bl in plans:
+            base[bh] = bl
+        view.page_q = torch.where(page_j < torch.tensor(own, dtype=torch.long, device=dev)[page_bh], page_bh, page_bh + BH)
+        view.bases = tuple(sorted({p[3] for p in plans}))
+        view.dist_base = base.to(dev)
     return view
-
-
-def _attach_distant(view: PagedView, layers: Sequence[LayerCache], base_layers, flat) -> None:
-    """PoD: the base layers' keys of every distant row and where in `scratch` their logits go."""
-    H, d = view.num_heads, view.values.shape[-1]
-    N, G, C = view.scratch.shape
-    N -= 1
-    BH = len(layers) * H
-    plans = distant_plans(layers, base_layers, H)  # (bh, slots, base keys, base layer)
-    M = max((p[1].numel() for p in plans), default=0)
-    dev = view.values.device
-    dk = view.values.new_zeros(BH, M, d)
-    at = torch.full((BH, M), N * C, dtype=torch.long, device=dev)  # [BH, M] flat place in pages; padding: the dump page
-    base = torch.full((BH,), -1, dtype=torch.long)
-    for bh, s, keys, bl in plans:
-        dk[bh, : s.numel()] = keys.to(dk.dtype)
-        at[bh, : s.numel()] = flat(torch.full_like(s, bh), s)
-        base[bh] = bl
-    page, col = at // C, at % C  # scratch [N + 1, G, C] flat: (page * G + g) * C + col
-    view.dist_keys = dk
-    view.dist_at = (page[:, None, :] * G + torch.arange(G, device=dev)[None, :, None]) * C + col[:, None, :]  # [BH, G, M]
-    view.bases = tuple(sorted({p[3] for p in plans}))
-    view.dist_base = base.to(dev)
 
 
 def paged_decode(q: Tensor, view: PagedView, n: int, scaling: float, base_q: Tensor | None = None,
@@ -180,14 +188,17 @@ def paged_decode(q: Tensor, view: PagedView, n: int, scaling: float, base_q: Ten
     """One decode step of B sequences over the first n pages: q [BH, G, d] (sequence-major, then
     KV head, then group); base_q the base layers' queries in the same layout (PoD views).
     Returns the output [BH, G, d] and, when `thresholds` [BH, 1] is given and the view has merged
-    rows, the (row bh, slot, share) of every merged slot whose share passed its row's threshold
-    (one device sync per layer, only then)."""
+    rows, the (row bh, row within the head, share) of every merged row whose share passed its
+    row's threshold (one device sync per layer, only then)."""
     BH, G, d = q.shape
     pb = view.page_bh[:n]
-    s = torch.baddbmm(view.bias[:n], q.index_select(0, pb), view.keys[:n], alpha=scaling, out=view.scratch[:n])  # [n, G, C]
-    if view.dist_keys is not None:  # distant rows' logits, q_base . K_base, at their places (padding: the spare page)
-        ld = torch.bmm(base_q, view.dist_keys.transpose(1, 2)).mul_(scaling)  # [BH, G, M]
-        view.scratch.view(-1).index_add_(0, view.dist_at.view(-1), ld.view(-1))
+    if view.page_q is not None:  # PoD: distant pages are scored with the base layer's queries
+        if base_q is None:
+            raise ValueError(f"distant rows are scored with layer {view.bases[0]}; pass that layer's queries")
+        qp = torch.cat([q, base_q]).index_select(0, view.page_q[:n])
+    else:
+        qp = q.index_select(0, pb)
+    s = torch.baddbmm(view.bias[:n], qp, view.keys[:n], alpha=scaling, out=view.scratch[:n])  # [n, G, C]
     # one max per (row, query head) over its pages: the softmax of the row, in pages
     view.page_max.index_copy_(0, view.pad_index[:n], s.amax(-1))  # [BH*J, G]; places of later pages stay -inf
     top = view.page_max.view(BH, -1, G).amax(1)  # [BH, G]
@@ -199,7 +210,7 @@ def paged_decode(q: Tensor, view: PagedView, n: int, scaling: float, base_q: Ten
     share = s.div_(z.index_select(0, pb)[..., None]).amax(1)  # [n, C]: max over the head's query heads
     hit = ((share > thresholds.index_select(0, pb)) & view.merged[:n]).nonzero()  # [k, 2] (page, column)
     bh = pb[hit[:, 0]]
-    return out, (torch.stack([bh, view.page_j[hit[:, 0]] * PAGE + hit[:, 1]], 1), share[hit[:, 0], hit[:, 1]])
+    return out, (torch.stack([bh, view.row_at[hit[:, 0], hit[:, 1]]], 1), share[hit[:, 0], hit[:, 1]])
 
 
 def paged_shares(hits: tuple[Tensor, Tensor] | None, H: int) -> list[tuple[int, MergedShare]]:

@@ -151,8 +151,9 @@ class VarlenLayer:
     the first tail slot of each row. Special rows: sp_keys, sp_values [BH, M, d] (a distant row's
     key is its base layer's key), sp_bias [BH, 1, M] fp32 log-weight (-inf: padding), sp_row [BH, M]
     row index within its head, sp_merged [BH, M] watched for recall (or None), sp_distant [BH, M]
-    scored with the base query (or None). dist_keys, dist_base, bases: what `attention._base_rows`
-    and the runner read (dist_keys is sp_keys on PoD layers, else None).
+    scored with the base query (or None). dist_base, bases: what `attention._base_rows` and the
+    runner read (bases non-empty: the layer needs its base layers' queries); dist_keys is sp_keys
+    on PoD layers, else None.
     """
 
     keys: Tensor

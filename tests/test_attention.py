@@ -223,3 +223,33 @@ def test_decode_batch_with_small_pages_equals_reference(runner, ctx, monkeypatch
     views = runner._views
     assert views.views[0].active(views.steps) < views.views[0].keys.shape[0], "tail pages not yet written are not read"
     runner._views = None
+
+
+@pytest.mark.parametrize("page", [64, 5])
+def test_decode_batch_pod_with_merged_rows_equals_reference(runner, ctx, monkeypatch, page):
+    """A PoD cache extended by an EMS segment: layers with distant rows (in pages of their own,
+    scored with the base layer's queries) and merged rows watched for recall in the same head;
+    the watch reports rows within the head, not slots."""
+    from headwise import attention_paged
+
+    monkeypatch.setattr(attention_paged, "PAGE", page)
+    runner._views = None
+    pod = _cache(runner, ctx, "pod", 230, seed=120)
+    chain = runner.prefill_segment(_ids(190, 121), cache=pod, policy=get_policy("ems", kept=0.3), ctx=ctx).cache
+    both = [i for i, lc in enumerate(chain.layers) if lc.distant is not None and bool(lc.distant.any())
+            and lc.recall is not None and lc.recall.num_groups > 0]
+    assert both, "some layer holds both distant and merged rows"
+    mine = [chain, _cache(runner, ctx, "kvzip", 170, seed=122)]
+    theirs = [c.clone() for c in mine]
+    s_mine, s_theirs = [DecodeStats(), DecodeStats()], [DecodeStats(), DecodeStats()]
+    for step in range(5):
+        toks = [int(4 + (5 * step + 13 * j) % 250) for j in range(2)]
+        got = runner.decode_batch(toks, mine, [0.0, 0.02], s_mine)
+        want = torch.stack([_reference_step(runner, t, c, x, s)
+                            for t, c, x, s in zip(toks, theirs, [0.0, 0.02], s_theirs, strict=True)])
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"step {step}")
+    for a, b in zip(s_mine, s_theirs, strict=True):
+        assert [(i, s.head, s.row) for i, s in a.recalls] == [(i, s.head, s.row) for i, s in b.recalls]
+        assert [s.share for _, s in a.recalls] == pytest.approx([s.share for _, s in b.recalls], abs=ATOL)
+    assert any(i in both for i, _ in s_mine[0].recalls), "merged rows of a layer with distant rows were watched"
+    runner._views = None

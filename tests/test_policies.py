@@ -23,7 +23,17 @@ SETTINGS = ["razor:fill=recent", "razor:fill=kvzip", "razor:fill=snapkv", "razor
             "snapkv:signal=window+kvzip", "taskkv:signal=window+kvzip", "ahakv:signal=window+kvzip",
             "adakv:signal=window+kvzip", "ems:signal=window+kvzip:lam=0", "ems:lam=0", "pod:signal=window+kvzip",
             "pod:protect=retrieval", "pod:protect=retrieval:signal=window+kvzip", "adakv:scope=model",
-            "adakv:scope=model:signal=window+kvzip"]
+            "adakv:scope=model:signal=window+kvzip",
+            # scope=model: every row of the model ranked at once, the mix over model-wide means; weight: the
+            # reconstruction's share of the window+kvzip mix
+            "snapkv:scope=model", "snapkv:scope=model:signal=window+kvzip:weight=0.8", "snapkv:weight=0.8:signal=window+kvzip",
+            "ahakv:scope=model:signal=window+kvzip", "ahakv:scope=model:signal=window+kvzip:weight=0.8",
+            "taskkv:scope=model:signal=window+kvzip", "taskkv:scope=model:signal=window+kvzip:whole=0",
+            "taskkv:scope=model:signal=window+kvzip:weight=0.8", "ems:scope=model:signal=window+kvzip:lam=0",
+            "ems:scope=model:signal=window+kvzip:lam=0:weight=0.8", "ems:scope=model",
+            "adakv:scope=model:signal=window+kvzip:weight=0.8", "pod:scope=model", "pod:scope=model:signal=window+kvzip:weight=0.8",
+            "pod:weight=0.8:signal=window+kvzip", "pod:protect=all", "pod:protect=kv0", "pod:protect=layer", "pod:protect=head", "razor:scope=model",
+            "razor:scope=model:compensation=none"]
 POLICIES = [n for n in policy_names() if n != "full"] + SETTINGS
 S = 600  # >= 512: the realised fraction must be within 1% of the request
 
@@ -32,7 +42,17 @@ def build(spec: str, **kw):
     """`name` or `name:setting=value` at the given settings."""
     name, *settings = spec.split(":")
     params = dict(item.split("=", 1) for item in settings)
-    return get_policy(name, **kw, **{k: int(v) if v.isdigit() else v for k, v in params.items()})
+    return get_policy(name, **kw, **{k: _value(v) for k, v in params.items()})
+
+
+def _value(v: str):
+    """A setting's value: an int, a float ("0.8") or the string."""
+    if v.isdigit():
+        return int(v)
+    try:
+        return float(v)
+    except ValueError:
+        return v
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,17 @@ from headwise.errors import InvalidInput
 from headwise.policies import get_policy
 from headwise.policies.base import Capture, CompressContext, LayerState
 from headwise.profiles.scorer import (
+    CUTOFFS,
     FEATURES,
+    READABLE_VERSIONS,
     SCORER_VERSION,
     KVScorer,
-    features,
-    CUTOFFS,
     _solve,
     doc_cutoffs,
+    features,
     fit_cutoffs,
+    fit_hidden,
+    fit_on_prediction,
     forget_loaded,
     load_scorer,
     packaged_path,
@@ -108,8 +111,75 @@ def test_an_older_format_is_rejected_with_what_to_run(runner, trained, tmp_path)
 
     old = tmp_path / "old.safetensors"
     save_file({"weight": trained.weight[:, : 96 + 1].contiguous()}, str(old), metadata={"model_id": runner.name, "version": "1"})
-    with pytest.raises(InvalidInput, match=rf"format version '1'; this headwise reads version {SCORER_VERSION}.*headwise scorer train --force"):
+    with pytest.raises(InvalidInput, match=r"format version .1.; this headwise reads versions 2, 3.*headwise scorer train --force"):
         KVScorer.load(old)
+
+
+def _hidden_scorer(model_id: str, units: int = 5, seed: int = 3) -> KVScorer:
+    g = torch.Generator().manual_seed(seed)
+    F1 = 96 + 4 + 6 + 6 + 1
+    return KVScorer(model_id, torch.randn(3, F1, 3, generator=g), {"hidden_units": units}, FEATURES,
+                    hidden_in=torch.randn(3, F1, units, generator=g), hidden_out=torch.randn(3, units, 3, generator=g))
+
+
+def test_a_hidden_layer_scorer_round_trips_and_adds_its_relu_units(runner, tmp_path):
+    sc = _hidden_scorer(runner.name)
+    path = sc.save(tmp_path / "hidden.safetensors")
+    back = KVScorer.load(path)
+    assert back.version == SCORER_VERSION == 3 and back.hidden_units == 5 and back.training == sc.training
+    assert torch.equal(back.hidden_in, sc.hidden_in) and torch.equal(back.hidden_out, sc.hidden_out)
+    st = _state(2, 11, seed=4)
+    f = torch.cat([features(st, FEATURES), torch.ones(11, 1)], 1)
+    want = f @ sc.weight[2] + torch.relu(f @ sc.hidden_in[2]) @ sc.hidden_out[2]
+    torch.testing.assert_close(back.predict(st), want.T, rtol=1e-4, atol=1e-3)
+    linear = KVScorer(runner.name, sc.weight, features=FEATURES)
+    assert not torch.allclose(linear.predict(st), back.predict(st))  # the hidden layer counts
+
+
+def test_a_version_2_scorer_still_loads_and_is_found(runner, trained, tmp_path, profile_dir):
+    """Format 2 (the linear map alone, no hidden-layer metadata) reads as a scorer without a hidden layer."""
+    from safetensors.torch import save_file
+
+    key = "2" * 64
+    v2 = scorer_path(key, 2)
+    save_file({"weight": trained.weight.contiguous()}, str(v2),
+              metadata={"model_id": key, "version": "2", "features": '["position", "key_norm", "value_norm"]'})
+    forget_loaded()
+    try:
+        sc = load_scorer(key)
+        assert sc.version == 2 and sc.hidden_units == 0 and torch.equal(sc.weight, trained.weight)
+        st = _state(0, 9)
+        assert torch.equal(sc.predict(st), trained.predict(st))
+    finally:
+        v2.unlink()
+        forget_loaded()
+
+
+def test_a_damaged_hidden_layer_is_rejected(runner, tmp_path):
+    from safetensors.torch import save_file
+
+    sc = _hidden_scorer(runner.name)
+    meta = {"model_id": runner.name, "version": "3", "features": '["position", "key_norm", "value_norm"]', "hidden_units": "5"}
+    lost = tmp_path / "lost.safetensors"
+    save_file({"weight": sc.weight.contiguous()}, str(lost), metadata=meta)
+    with pytest.raises(InvalidInput, match="declares 5 hidden units but holds no hidden layer"):
+        KVScorer.load(lost)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"weight": sc.weight.contiguous(), "hidden_in": sc.hidden_in.contiguous(),
+               "hidden_out": sc.hidden_out[:, :4].contiguous()}, str(wrong), metadata=meta)
+    with pytest.raises(InvalidInput, match="does not fit the linear map"):
+        KVScorer.load(wrong)
+
+
+def test_a_hidden_layer_scorer_of_another_model_is_rejected(runner, profile_dir):
+    other = "e" * 64
+    _hidden_scorer(runner.name).save(scorer_path(other))
+    forget_loaded()
+    try:
+        with pytest.raises(InvalidInput, match=r"trained for model .* not for model eeeeeeeeeeeeeeee.*headwise scorer train"):
+            load_scorer(other)
+    finally:
+        scorer_path(other).unlink()
 
 
 def test_loaded_automatically_from_disk(runner, trained):
@@ -229,6 +299,45 @@ def test_cutoff_fit_ranks_the_top_where_least_squares_is_pulled_by_the_floor():
     assert float((x @ cut - y)[top].abs().mean()) < 1.2  # still a log score near the cutoffs
 
 
+def test_hidden_layer_fit_ranks_what_a_linear_map_cannot():
+    """KVzip's top rows here are where |x0| is large (quadratic in the input): the linear cutoff fit
+    cannot rank them, the hidden layer beside it does, and its predictions stay log scores."""
+    g = torch.Generator().manual_seed(1)
+    n = 6000
+    x = torch.cat([torch.randn(n, 10, generator=g), torch.ones(n, 1)], 1)
+    y = torch.stack([3 * x[:, 0].abs() + 0.5 * x[:, 1], 3 * x[:, 0].abs() - 0.5 * x[:, 2]], 1) - 8
+    y = y + 0.05 * torch.randn(n, 2, generator=g)
+    flat = y.flatten()
+    tau = torch.tensor([float(flat.topk(round(q * flat.numel())).values[-1]) for q in CUTOFFS]).expand(n, -1)
+    ridge = _solve((x.T @ x).double()[None], (x.T @ y).double()[None])[0]
+    linear = fit_cutoffs(x, y, tau, ridge)
+    w, a, b = fit_hidden(x, y, tau, ridge, units=8, iterations=200)
+    hidden = x @ w + torch.relu(x @ a) @ b
+    assert topk_overlap(x @ linear, y, 0.1) < 0.5
+    assert topk_overlap(hidden, y, 0.1) > 0.85 and topk_overlap(hidden, y, 0.25) > 0.85
+    top = y > tau[:, 2:3]
+    assert float((hidden - y)[top].abs().mean()) < 1.0  # still a log score near the cutoffs
+
+
+def test_hidden_layer_on_the_linear_prediction_is_a_hidden_layer_over_the_features():
+    """fit_on_prediction's units read the linear prediction and the extra features; mapped back into the
+    format's matrices over every feature they predict the same, and rank a planted nonlinearity of the
+    extras (a product of two norms) better than the linear map they start from."""
+    g = torch.Generator().manual_seed(4)
+    n, D, E = 5000, 20, 4
+    x = torch.cat([torch.randn(n, D + E, generator=g), torch.ones(n, 1)], 1)
+    y = torch.stack([x[:, :D].sum(1) * 0.3 + 2 * x[:, D] * x[:, D + 1], x[:, 1] - 2 * x[:, D + 2] * x[:, D + 3]], 1) - 6
+    flat = y.flatten()
+    tau = torch.tensor([float(flat.topk(round(q * flat.numel())).values[-1]) for q in CUTOFFS]).expand(n, -1)
+    lin = fit_cutoffs(x, y, tau, _solve((x.T @ x).double()[None], (x.T @ y).double()[None])[0])
+    w, a, b = fit_on_prediction(x, y, tau, lin, units=8, hidden_size=D, iterations=150)
+    assert w.shape == (D + E + 1, 2) and a.shape == (D + E + 1, 8) and b.shape == (8, 2)
+    pred = x @ w + torch.relu(x @ a) @ b
+    assert topk_overlap(pred, y, 0.1) > topk_overlap(x @ lin, y, 0.1) + 0.1
+    # the units see the hidden-state inputs only through the linear prediction: rank <= Hkv + extras + bias
+    assert torch.linalg.matrix_rank(a[:D]) <= 2
+
+
 def test_doc_cutoffs_are_the_global_quantiles_of_the_ranked_rows():
     g = torch.Generator().manual_seed(2)
     states = [_state(2, 50, seed=i) for i in range(3)]
@@ -248,6 +357,25 @@ def test_objectives_are_recorded_and_checked(runner):
     assert sc.training["objective"] == "ridge" and "cutoffs" not in sc.training
     with pytest.raises(InvalidInput, match="objective 'mse' is not one of"):
         train_scorer(runner, docs=docs, heldout=1, objective="mse")
+    with pytest.raises(InvalidInput, match="hidden layer .* is fitted with objective 'cutoffs'"):
+        train_scorer(runner, docs=docs, heldout=1, objective="ridge", hidden_units=4)
+
+
+def test_a_hidden_layer_scorer_trains_and_compresses(runner, prefilled, tmp_path):
+    g = torch.Generator().manual_seed(9)
+    docs = [torch.randint(3, 250, (n,), generator=g).tolist() for n in (120, 100, 90)]
+    sc = train_scorer(runner, docs=docs, heldout=1, objective="cutoffs", hidden_units=4, iterations=20)
+    t = sc.training
+    assert sc.hidden_units == 4 and t["hidden_units"] == 4 and t["iterations"] == 20 and t["objective"] == "cutoffs"
+    assert t["hidden_inputs"] == "prediction"
+    assert sc.hidden_in.shape == (3, 96 + 4 + 12 + 1, 4) and bool(sc.hidden_out.abs().sum() > 0)  # the units were fitted
+    assert set(t["fit"]) >= {"spearman_global", "overlap_0.1"} and t["seconds"] >= 0
+    back = KVScorer.load(sc.save(tmp_path / "h.safetensors"))
+    assert torch.equal(back.predict(prefilled.states[1]), sc.predict(prefilled.states[1]))
+    every = train_scorer(runner, docs=docs, heldout=1, objective="cutoffs", hidden_units=3, iterations=5, hidden_inputs="features")
+    assert every.hidden_units == 3 and every.training["hidden_inputs"] == "features"
+    with pytest.raises(InvalidInput, match="hidden inputs 'keys' are not one of"):
+        train_scorer(runner, docs=docs, heldout=1, objective="cutoffs", hidden_units=3, hidden_inputs="keys")
 
 
 def test_spearman():
@@ -268,7 +396,7 @@ def test_shipped_scorer_of_the_default_model(real_runner):
     from headwise.prompt import build_segments
 
     forget_loaded()
-    assert packaged_path(real_runner.name).is_file()
+    assert any(packaged_path(real_runner.name, v).is_file() for v in READABLE_VERSIONS)
     scorer = load_scorer(real_runner.name).check_shape(real_runner.num_layers, real_runner.num_kv_heads, 576)
     tok = real_runner.tokenizer
     ids = build_segments(tok, document_tokens(tok, 700), "").context

@@ -443,7 +443,35 @@ def test_protected_retrieval_heads_keep_their_keys(prefilled, kept):
         d = out.layers[li].head_distant(h)
         assert d is None or not bool(d.any())
     assert "protect" not in get_policy("pod", kept=kept).params()  # the default keeps stored caches' keys
+    assert "protect" not in get_policy("pod", kept=kept, protect="none").params()
+    assert get_policy("pod", kept=kept).query_aware_form().protect == "head"
+    assert get_policy("pod", kept=kept, protect="none").query_aware_form().protect == "none"
     with pytest.raises(InvalidInput, match="protect"):
         get_policy("pod", kept=kept, protect="some")
+    # the ablations: one KV head's blocks dissolved, or every block (no score sharing)
+    one = [[li if h == 1 else b for h, b in enumerate(row)] for li, row in enumerate(BASE_OF)]
+    assert get_policy("pod", kept=kept, protect="kv1").blocks(c, 3) == one
+    assert get_policy("pod", kept=kept, protect="all").blocks(c, 3) == [[li] * 3 for li in range(4)]
+    for ablation, blocks in (("kv1", one), ("all", [[li] * 3 for li in range(4)])):
+        pol = get_policy("pod", kept=kept, protect=ablation)
+        out = pol.compress(prefilled.states, 0, c)
+        assert abs(out.kept_fraction() - kept) <= 0.01
+        _check_blocks(out, blocks, pol)
+    # "layer": where every head of a layer borrows (layers 1-3 of ONE_BLOCK), head (layer mod 3) keeps its keys
+    one_block = CompressContext(4, "tiny-pod", HeadProfile("tiny-pod", 4, 3, [[0.0] * 3] * 4, ind, ONE_BLOCK))
+    layer = [[0, 0, 0], [0, 1, 0], [0, 0, 2], [3, 0, 0]]
+    pol = get_policy("pod", kept=kept, protect="layer")
+    assert pol.blocks(one_block, 3) == layer and pol.blocks(c, 3) == BASE_OF  # BASE_OF: a base head in every layer
+    out = pol.compress(prefilled.states, 0, one_block)
+    assert abs(out.kept_fraction() - kept) <= 0.01
+    _check_blocks(out, layer, pol)
+    # "head": the KV head borrowing in the most layers keeps its keys (head 2 here: 3 layers, the others none)
+    lean = [[0, 0, 0], [1, 1, 0], [2, 2, 0], [3, 3, 0]]
+    c2 = CompressContext(4, "tiny-pod", HeadProfile("tiny-pod", 4, 3, [[0.0] * 3] * 4, ind, lean))
+    assert get_policy("pod", kept=kept, protect="head").blocks(c2, 3) == [[li] * 3 for li in range(4)]
+    assert get_policy("pod", kept=kept, protect="head").blocks(one_block, 3) == \
+        get_policy("pod", kept=kept, protect="kv0").blocks(one_block, 3)  # a tie (3 layers each): the lowest index
+    with pytest.raises(InvalidInput, match="KV head 3"):
+        get_policy("pod", kept=kept, protect="kv3").blocks(c, 3)
     with pytest.raises(InvalidInput, match="evict='snapkv'"):
         get_policy("pod", kept=kept, evict="kvzip", signal="window+kvzip")

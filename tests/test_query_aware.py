@@ -20,7 +20,15 @@ SPECS = [("snapkv", {}), ("adakv", {}), ("adakv", {"scorer": "ahakv"}), ("ahakv"
          ("adakv", {"signal": "window+kvzip"}), ("adakv", {"signal": "window+kvzip", "scope": "model"}), ("ems", {"signal": "window+kvzip", "lam": 0.0}), ("ems", {"lam": 0.5}),
          ("ems", {"lam": 0.0}), ("adakv", {"alpha": 0.2}), ("pod", {"signal": "window+kvzip"}), ("pod", {"protect": "retrieval"}),
          ("snapkv", {"signal": "window"}), ("taskkv", {"signal": "window"}), ("ahakv", {"signal": "window"}),
-         ("adakv", {"signal": "window"}), ("ems", {"signal": "window"}), ("pod", {"signal": "window"})]
+         ("adakv", {"signal": "window"}), ("ems", {"signal": "window"}), ("pod", {"signal": "window"}),
+         # scope "model" (the whole model's rows ranked at once) and the reconstruction's weight in the mix
+         ("snapkv", {"scope": "model"}), ("snapkv", {"scope": "head"}), ("snapkv", {"scope": "model", "weight": 0.8}),
+         ("ahakv", {"scope": "model"}), ("ahakv", {"scope": "model", "weight": 0.8}), ("taskkv", {"scope": "model"}),
+         ("taskkv", {"scope": "model", "whole": 0.0}), ("taskkv", {"scope": "head"}), ("ems", {"scope": "model"}),
+         ("ems", {"scope": "model", "weight": 0.8}), ("ems", {"scope": "head"}), ("adakv", {"scope": "model", "weight": 0.8}),
+         ("adakv", {"scope": "layer"}), ("pod", {"protect": "all"}), ("pod", {"protect": "kv0"}),
+         ("pod", {"scope": "model"}), ("pod", {"scope": "model", "weight": 0.8}), ("pod", {"protect": "head"}),
+         ("pod", {"protect": "none"}), ("pod", {"protect": "layer"})]
 D, Q = 600, 24  # document >= 512 rows: the realised fraction must be within 1% of the request
 
 
@@ -279,3 +287,28 @@ def test_regime_defaults_of_the_signal_lam_and_alpha(runner, ctx):
         assert not _same(got, compress_prefilled(out, D, get_policy(name, kept=0.25, **{field: other}), ctx, rec).document)
         a = unset.compress(plain.states, 0, ctx)
         assert _same(a, get_policy(name, kept=0.25, **{field: reuse}).compress(plain.states, 0, ctx))
+
+
+def test_regime_defaults_of_scope_and_weight(runner, ctx):
+    """Unset, scope and weight take the query-aware regime's defaults (model, 0.8: the model's rows
+    ranked at once, leaning on the reconstruction) for the five methods; the reuse regime keeps the
+    papers' per-head split and its segment keys; pod keeps its uniform split in both."""
+    from headwise.models.query_aware import compress_prefilled, document_reconstruction
+
+    out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q, column_sums=True))
+    rec = document_reconstruction(runner, out, DOC, Capture(reconstruction=True))
+    plain = runner.prefill(DOC, capture=Capture(window=32, column_sums=True))
+    for name in ("snapkv", "ahakv", "taskkv", "ems", "adakv"):
+        unset = get_policy(name, kept=0.25)
+        form = unset.query_aware_form()
+        assert form.scope == "model" and (form.scorer if name == "adakv" else form).weight == 0.8, name
+        assert "scope" not in unset.params() and "weight" not in unset.params()
+        got = compress_prefilled(out, D, unset, ctx, rec).document
+        explicit = get_policy(name, kept=0.25, scope="model", weight=0.8, signal="window+kvzip")
+        assert _same(got, compress_prefilled(out, D, explicit, ctx, rec).document), name
+        head = "layer" if name == "adakv" else "head"
+        per_head = get_policy(name, kept=0.25, scope=head, weight=0.8, signal="window+kvzip")
+        assert not _same(got, compress_prefilled(out, D, per_head, ctx, rec).document), name
+        assert _same(unset.compress(plain.states, 0, ctx), get_policy(name, kept=0.25, scope=head).compress(plain.states, 0, ctx))
+    form = get_policy("pod", kept=0.25).query_aware_form()
+    assert form.scope is None and form.weight is None

@@ -431,7 +431,7 @@ class ModelRunner:
             view, n = views.write(i, idx, k.transpose(0, 1).reshape(B * H, d), v.transpose(0, 1).reshape(B * H, d))
             if i in views.last_use:
                 held[i] = qb
-            o, hits = decode(qb, view, n, scaling, _base_rows(view, held) if view.dist_keys is not None else None, thr)
+            o, hits = decode(qb, view, n, scaling, _base_rows(view, held) if view.bases else None, thr)
             for b in [b for b, last in views.last_use.items() if last == i]:
                 held.pop(b, None)
             for b, share in paged_shares(hits, H):

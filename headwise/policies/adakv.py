@@ -22,6 +22,7 @@ from headwise.policies.base import (
     keep_top,
     optional,
 )
+from headwise.policies.scoring import check_scope, model_scores
 
 
 def head_budgets(scores: Tensor, free: int, alpha: float) -> tuple[Tensor, Tensor]:
@@ -62,22 +63,27 @@ class AdaKVPolicy(Policy):
     name = "adakv"
     query_aware_signal: ClassVar[str | None] = None
     query_aware_alpha: ClassVar[float] = 0.2
+    query_aware_scope: ClassVar[str] = "model"  # tuned on bench.quality --text stdlib (docs/policies.md)
+    query_aware_weight: ClassVar[float | None] = None  # None: the scorer class's own
     scorer: ScorerPolicy | str = "snapkv"
     alpha: float | None = None  # unset: the regime's default, 0.2 ([F]) in the reuse regime, `query_aware_alpha` in the query-aware one
     window: int = 32
     sinks: int = 4
     signal: str | None = optional(None)  # the scorer's observation signal, when the scorer is given by name
     # [P] "model": the free rows of every (layer, head) of the model go to the model's best rows at once
-    # (KVzip's global ranking with AdaKV's safeguard); "layer": each layer's own ([F])
-    scope: str = optional("layer")
+    # (KVzip's global ranking with AdaKV's safeguard; the scorer's mix over model-wide means); "layer":
+    # each layer's own ([F]). Unset: "layer", and `query_aware_scope` in the query-aware regime
+    scope: str | None = optional(None)
+    weight: float | None = optional(None)  # the scorer's reconstruction share of window+kvzip, for a scorer by name
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, window=self.window, sinks=self.sinks)
-        if self.scope not in SCOPES:
+        if self.scope is not None and self.scope not in SCOPES:
             raise InvalidInput(f"policy 'adakv': scope={self.scope!r}; allowed: {', '.join(SCOPES)}")
         if self.alpha is not None and (not isinstance(self.alpha, (int, float)) or not 0.0 <= self.alpha <= 1.0):
             raise InvalidInput(f"policy 'adakv': alpha={self.alpha!r} must be in [0, 1]")
+        check_scope(self, None, self.weight)
         if not isinstance(self.scorer, ScorerPolicy):
             object.__setattr__(self, "scorer", self._build(self.scorer))  # frozen: set once, here
 
@@ -88,12 +94,14 @@ class AdaKVPolicy(Policy):
         if cls is None or not issubclass(cls, ScorerPolicy):
             allowed = sorted(n for n, c in _discover().items() if issubclass(c, ScorerPolicy))
             raise InvalidInput(f"policy 'adakv': scorer {name!r} is not a scorer; allowed: {', '.join(allowed)}")
-        return cls(kept=self.kept, window=self.window, sinks=self.sinks, signal=self.signal)
+        return cls(kept=self.kept, window=self.window, sinks=self.sinks, signal=self.signal, weight=self.weight)
 
     def params(self) -> dict:
         """The scorer by name when it is the one its name builds (the segment key as for a name),
         else by all its settings."""
         out = super().params()
+        if out.get("scope") == "layer":  # the reuse regime's (caches stored before keep their keys)
+            del out["scope"]
         if out.get("alpha") is None:  # unset: the reuse regime's 0.2 (query-aware caches are never stored)
             out["alpha"] = 0.2
         s = self.scorer
@@ -107,11 +115,20 @@ class AdaKVPolicy(Policy):
     def query_aware_form(self) -> "AdaKVPolicy":
         """Unset settings take the query-aware regime's defaults: for a scorer given by name, the
         signal `query_aware_signal` (None: the scorer class's own)."""
-        s = self.scorer
-        if self.signal is not None or s != self._build(s.name):
-            return self
-        signal = self.query_aware_signal or s.query_aware_form().signal
-        return self if signal in (None, "window") else dataclasses.replace(self, scorer=s.name, signal=signal)
+        s, changes = self.scorer, {}
+        if self.scope is None and self.query_aware_scope != "layer":
+            changes["scope"] = self.query_aware_scope
+        if s == self._build(s.name):  # a scorer by name: its regime's signal and weight
+            qs = s.query_aware_form()
+            signal = self.query_aware_signal or qs.signal
+            if self.signal is None and signal not in (None, "window"):
+                changes["signal"] = signal
+            weight = self.query_aware_weight if self.query_aware_weight is not None else qs.weight
+            if self.weight is None and weight is not None:
+                changes["weight"] = weight
+            if "signal" in changes or "weight" in changes:
+                changes["scorer"] = s.name
+        return dataclasses.replace(self, **changes) if changes else self
 
     def alpha_for(self, state: LayerState) -> float:
         """The safeguard in force: the setting, else `query_aware_alpha` in the query-aware regime and
@@ -121,7 +138,7 @@ class AdaKVPolicy(Policy):
         return self.query_aware_alpha if state.window_keys is not None else 0.2
 
     def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
-        if self.scope == "layer":
+        if self.scope in (None, "layer"):
             return super().compress(states, start, ctx)
         ctx = ctx or CompressContext(num_layers=len(states))
         S = states[0].num_tokens
@@ -131,7 +148,7 @@ class AdaKVPolicy(Policy):
         else:
             W = forced_window(states[0], self.window)
             check_budget(self, b, self.sinks + W)
-            scores = torch.stack([self.scorer.score(st, ctx).float() for st in states])  # [L, Hkv, S]
+            scores = model_scores(self.scorer.score, states, ctx)  # [L, Hkv, S], the mix over model-wide means
             L, H = scores.shape[:2]
             alpha = self.alpha_for(states[0])
             _, budgets = head_budgets(scores.reshape(L * H, S)[:, self.sinks : S - W], b - self.sinks - W, alpha)

@@ -7,7 +7,16 @@ from torch import Tensor
 
 from headwise.errors import InvalidInput
 from headwise.policies.base import CompressContext, LayerState, ScorerPolicy, check_ints, optional
-from headwise.policies.scoring import POOLINGS, group_reduce, mix, observation, pool1d, value_prior, window_scores
+from headwise.policies.scoring import (
+    POOLINGS,
+    group_reduce,
+    mix,
+    mix_weights,
+    observation,
+    pool1d,
+    value_prior,
+    window_scores,
+)
 
 
 @dataclass(frozen=True)
@@ -24,6 +33,8 @@ class AhaKVPolicy(ScorerPolicy):
 
     name = "ahakv"
     query_aware_signal = "window+kvzip"  # tuned on bench.quality --text stdlib (docs/policies.md)
+    query_aware_scope = "model"  # the model's rows ranked at once (KVzip's global ranking), tuned there too
+    query_aware_weight = 0.8  # the reconstruction's share of the mix, tuned there too
     kernel: int = 7
     faithful: bool = False
     # [P] SnapKV's pooling of the attention score too ("avg", "max"), kernel `kernel`; unset: the
@@ -61,5 +72,6 @@ class AhaKVPolicy(ScorerPolicy):
         gain = self.gains(S + after, W, self.budget(S)).to(state.keys.device)
         s = group_reduce(window_scores(state, W, gain), state.num_kv_heads)  # [Hkv, N]
         if self.signal == "window+kvzip":  # the step-gain window score beside the reconstruction's
-            s = mix(s, observation(state, "kvzip", self.window, ctx.model_id))
+            s = mix(s, observation(state, "kvzip", self.window, ctx.model_id), weights=mix_weights(self.weight), norm=ctx.norm,
+                    tag="signal")
         return value_prior(state.values, self.kernel) * pool1d(s, self.kernel, self.pooling_for(state))

@@ -88,6 +88,7 @@ class CompressContext:
     num_layers: int
     model_id: str = ""
     profile: Any = None  # a HeadProfile where the policy family needs one
+    norm: Any = None  # scoring.ModelNorm while a scope="model" policy scores (model-wide means of its mix)
 
 
 @dataclass(frozen=True)
@@ -237,19 +238,28 @@ class ScorerPolicy(Policy):
     observation the score reads (policies/scoring.py `observation`): the window queries,
     KVzip's reconstruction attention, kvzap's prediction of it, or window + reconstruction.
     Unset (None), the regime's: the window, and `query_aware_signal` in the query-aware regime.
+    `weight`: the reconstruction's share of the window+kvzip mix (None: 0.5). `scope` "head"
+    (the papers' uniform per-head budget) or "model" ([P]: every row of the model ranked at once,
+    as KVzip ranks, the mix normalised by model-wide means); unset: "head", and
+    `query_aware_scope` in the query-aware regime.
     """
 
     query_aware_signal: ClassVar[str] = "window"
+    query_aware_scope: ClassVar[str] = "head"
+    query_aware_weight: ClassVar[float | None] = None
     window: int = 32
     sinks: int = 4
     signal: str | None = optional(None)
+    scope: str | None = optional(None)
+    weight: float | None = optional(None)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, window=self.window, sinks=self.sinks)
-        from headwise.policies.scoring import check_signal
+        from headwise.policies.scoring import check_scope, check_signal
 
         check_signal(self, self.signal)
+        check_scope(self, self.scope, self.weight)
 
     @property
     def capture(self) -> Capture:
@@ -258,12 +268,32 @@ class ScorerPolicy(Policy):
         return signal_capture(self.signal, self.window)
 
     def query_aware_form(self) -> "ScorerPolicy":
-        if self.signal is not None or self.query_aware_signal == "window":
-            return self
-        return dataclasses.replace(self, signal=self.query_aware_signal)
+        return query_aware_defaults(self)
 
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
         raise NotImplementedError
+
+    def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
+        if self.scope != "model":
+            return super().compress(states, start, ctx)
+        ctx = ctx or CompressContext(num_layers=len(states))
+        keep = self.model_keep(states, ctx)
+        S = states[0].num_tokens
+        layers = [keep_all(st) for st in states] if keep is None else [gather_mask(st, keep[i]) for i, st in enumerate(states)]
+        return CompactCache(layers, seq_len=start + S, start=start, meta={"policy": self.params()})
+
+    def model_keep(self, states: list[LayerState], ctx: CompressContext) -> Tensor | None:
+        """scope "model": [L, Hkv, S] bool of the kept rows (None: all), round(kept L Hkv S) of them,
+        every head's sinks and forced window included, the rest the model's best scores."""
+        from headwise.policies.scoring import model_scores
+
+        S, L, H = states[0].num_tokens, len(states), states[0].num_kv_heads
+        if self.budget(S) >= S:
+            return None
+        W = forced_window(states[0], self.window)
+        check_budget(self, self.budget(S), self.sinks + W)
+        total = max(L * H * (self.sinks + W), round(self.kept * L * H * S))
+        return keep_top_global(model_scores(self.score, states, ctx), total, self.sinks, W)
 
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S = state.num_tokens
@@ -274,3 +304,16 @@ class ScorerPolicy(Policy):
         check_budget(self, b, self.sinks + W)
         scores = self.score(state, ctx).float()  # [Hkv, S]
         return gather_rows(state, keep_top(scores, b - self.sinks - W, self.sinks, W))
+
+
+def query_aware_defaults(policy):
+    """`policy` with its unset signal / scope / weight given the query-aware regime's defaults
+    (its class's `query_aware_signal`, `query_aware_scope`, `query_aware_weight`)."""
+    changes = {}
+    if policy.signal is None and policy.query_aware_signal != "window":
+        changes["signal"] = policy.query_aware_signal
+    if getattr(policy, "scope", "head") is None and getattr(policy, "query_aware_scope", "head") != "head":
+        changes["scope"] = policy.query_aware_scope
+    if getattr(policy, "weight", None) is None and getattr(policy, "query_aware_weight", None) is not None:
+        changes["weight"] = policy.query_aware_weight
+    return dataclasses.replace(policy, **changes) if changes else policy

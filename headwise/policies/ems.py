@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -8,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from headwise.cache.compact import NO_RECALL, LayerCache, RecallTable
+from headwise.cache.compact import NO_RECALL, CompactCache, LayerCache, RecallTable
 from headwise.errors import InvalidInput
 from headwise.policies.base import (
     Capture,
@@ -21,10 +20,22 @@ from headwise.policies.base import (
     forced_window,
     keep_all,
     keep_top,
+    keep_top_global,
     optional,
+    query_aware_defaults,
     rows_cache,
 )
-from headwise.policies.scoring import check_signal, group_reduce, observation, pool1d, signal_capture
+from headwise.policies.scoring import (
+    ModelNorm,
+    check_scope,
+    check_signal,
+    group_reduce,
+    mix,
+    model_scores,
+    observation,
+    pool1d,
+    signal_capture,
+)
 
 LOG_WEIGHTS = ("none", "count", "mass")
 
@@ -71,6 +82,13 @@ class EMSPolicy(Policy):
     # [P] SnapKV's average pooling of the score (0: none); unset: the regime's default, 0 (the
     # reconstruction's) in the reuse regime, 7 in the query-aware one (tuned on --text stdlib)
     kernel: int | None = optional(None)
+    # [P] "model": the class centres are the model's best rows ranked at once (KVzip's global
+    # ranking; the score's parts over model-wide means), then each head merges into its own; "head":
+    # every head B rows (the paper's). Unset: "head", and `query_aware_scope` in the query-aware regime
+    scope: str | None = optional(None)
+    weight: float | None = optional(None)  # the reconstruction's share of the window+kvzip mix (None: 0.5)
+    query_aware_scope: ClassVar[str] = "model"  # tuned on bench.quality --text stdlib (docs/policies.md)
+    query_aware_weight: ClassVar[float | None] = 0.8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,28 +104,29 @@ class EMSPolicy(Policy):
         if self.log_weight not in LOG_WEIGHTS:
             raise InvalidInput(f"policy 'ems': log_weight={self.log_weight!r}; allowed: {', '.join(LOG_WEIGHTS)}")
         check_signal(self, self.signal)
+        check_scope(self, self.scope, self.weight)
 
     @property
     def capture(self) -> Capture:
         return signal_capture(self.signal, self.window).merge(Capture(column_sums=True))
 
     def query_aware_form(self) -> "EMSPolicy":
-        if self.signal is not None or self.query_aware_signal == "window":
-            return self
-        return dataclasses.replace(self, signal=self.query_aware_signal)
+        return query_aware_defaults(self)
 
-    def score(self, state: LayerState, model_id: str = "") -> Tensor:
-        """Global-local score [Hkv, S], >= 0."""
+    def score(self, state: LayerState, model_id: str = "", norm: ModelNorm | None = None) -> Tensor:
+        """Global-local score [Hkv, S], >= 0 (`norm`: scope "model", the parts over model-wide means)."""
         S, W, H = state.num_tokens, self.window, state.num_kv_heads
         if state.column_sums is None:
             raise InvalidInput("policy 'ems' needs column sums; prefill with the policy's capture")
         seen_by = torch.arange(S, 0, -1, device=state.keys.device, dtype=torch.float32)
         g = group_reduce(state.column_sums.float() / seen_by, H)
-        loc = observation(state, self.signal, W, model_id)
+        loc = observation(state, self.signal, W, model_id, weight=self.weight, norm=norm)
+        lam = self.lam_for(state)
+        if norm is not None:
+            return pool1d(mix(g, loc, weights=(2 * lam, 2 * (1 - lam)), norm=norm, tag="ems"), self.kernel_for(state), "avg")
         p = max(1, S - forced_window(state, W))
         g = g / g[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
         loc = loc / loc[:, :p].mean(-1, keepdim=True).clamp_min(1e-30)
-        lam = self.lam_for(state)
         return pool1d(lam * g + (1 - lam) * loc, self.kernel_for(state), "avg")
 
     def lam_for(self, state: LayerState) -> float:
@@ -137,6 +156,31 @@ class EMSPolicy(Policy):
         centers = keep_top(score[None], n_c - self.sinks, self.sinks, 0)[0]  # sinks + the top: [n_c] sorted
         budget = n_c + self.window if budget is None else budget
         return merge_plan(keys, values, score, centers, int(self.candidates * budget), self.tau)
+
+    def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
+        if self.scope != "model":
+            return super().compress(states, start, ctx)
+        ctx = ctx or CompressContext(num_layers=len(states))
+        S, L, H = states[0].num_tokens, len(states), states[0].num_kv_heads
+        meta = {"policy": self.params()}
+        if self.budget(S) >= S:
+            return CompactCache([keep_all(st) for st in states], start + S, start, meta)
+        W = forced_window(states[0], self.window)
+        check_budget(self, self.budget(S), self.sinks + W)
+        total = max(L * H * (self.sinks + W), round(self.kept * L * H * S))
+        scores = model_scores(lambda st, c: self.score(st, c.model_id, c.norm), states, ctx)  # [L, Hkv, S]
+        keep = keep_top_global(scores, total, self.sinks, W)
+        P = S - W
+        layers = []
+        for i, st in enumerate(states):
+            rows = []
+            for h in range(H):
+                centers = keep[i, h, :P].nonzero().flatten()
+                plan = merge_plan(st.keys[h, :P], st.values[h, :P], scores[i, h, :P], centers,
+                                  int(self.candidates * (centers.numel() + W)), self.tau)
+                rows.append(merge_rows(st, h, scores[i, h, :P], plan, self.log_weight))
+            layers.append(merged_layer(st, rows))
+        return CompactCache(layers, start + S, start, meta)
 
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S, W = state.num_tokens, forced_window(state, self.window)

@@ -10,14 +10,14 @@ from headwise.policies.kvzip import KVzipPolicy
 class KVzapPolicy(KVzipPolicy):
     """KVzip's scores predicted from the prefill's own hidden states (KVzap, arXiv 2601.07891), global ragged budget.
 
-    A per-layer linear map, trained once per model on KVzip's reconstruction scores
-    (`headwise scorer train`, stored by the weights' hash like the head profiles; the default
-    model's ships in the package), turns each layer's normed input of a token, its place in
-    the segment and the norms of its key and value rows into the predicted log KVzip score of
-    its row in every KV head. Rows are then ranked over ALL
+    A per-layer linear map (format 3: with an optional small hidden layer beside it), trained
+    once per model on KVzip's reconstruction scores (`headwise scorer train`, stored by the
+    weights' hash like the head profiles; the default model's ships in the package), turns each
+    layer's normed input of a token, its place in the segment and the norms of its key and value
+    rows into the predicted log KVzip score of its row in every KV head. Rows are then ranked over ALL
     layers and heads at once exactly as `kvzip` ranks its measured scores (`sinks` first and
     `window` last rows of every head forced), so no second pass over the segment is run:
-    the compression costs one small matmul per layer on top of the plain prefill.
+    the compression costs a few small matmuls per layer on top of the plain prefill.
     Query-agnostic, hence reusable.
     """
 

@@ -38,7 +38,7 @@ from headwise.policies.base import (
 )
 
 EVICTORS = ("snapkv", "kvzip", "none")
-PROTECTS = ("none", "retrieval")
+PROTECTS = ("none", "retrieval", "head", "layer", "all", "kv<N>")  # kv<N>: KV head N's blocks (ablation of score sharing)
 BLOCK_SCORES = ("mean", "max")
 
 
@@ -119,23 +119,44 @@ class PoDPolicy(Policy):
     kernel: int = 7
     block_score: str = "mean"
     # [P] "retrieval": the head profile's retrieval heads (RazorAttention's, induction 0.14 + echo 0.01)
-    # keep their own keys in every layer (each is the base of its own block); "none": the profile's blocks
-    protect: str = optional("none")
+    # keep their own keys in every layer (each is the base of its own block); "none": the profile's blocks;
+    # "head": the KV head that borrows its distant logits in the most layers (ties: the lowest index) keeps
+    # its own keys in every layer (its blocks dissolved); "layer": in a layer where every KV head borrows,
+    # head (layer mod Hkv) keeps its own keys;
+    # ablations of score sharing: "kv<N>" (e.g. "kv0") dissolves KV head N's blocks, "all" every block
+    # (every layer keeps its own keys: no sharing, the same scorer and uniform allocation, fewer tokens)
+    # unset: "none" in the reuse regime, `query_aware_protect` in the query-aware one (tuned on --text stdlib)
+    protect: str | None = optional(None)
+    query_aware_protect: ClassVar[str] = "head"
     # the snapkv eviction score's observation signal (policies/scoring.py); unset: the regime's
     # (window; `query_aware_signal` in the query-aware regime)
     signal: str | None = optional(None)
     query_aware_signal: ClassVar[str] = "window+kvzip"  # tuned on bench.quality --text stdlib
+    # [P] "model": the eviction stage's tokens chosen over every (block, head) of the model at once
+    # (the mix over model-wide means; a token of an m-layer block costs m + 1 rows and is ranked by its
+    # block's summed score per row); "head": every (layer, head) the same count (the uniform split).
+    # Unset: "head", and `query_aware_scope` in the query-aware regime
+    scope: str | None = optional(None)
+    weight: float | None = optional(None)  # the reconstruction's share of the window+kvzip mix (None: 0.5)
+    query_aware_scope: ClassVar[str] = "head"
+    query_aware_weight: ClassVar[float | None] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_ints(self, sinks=self.sinks, window=self.window, kernel=self.kernel)
         if self.evict not in EVICTORS:
             raise InvalidInput(f"policy 'pod': evict={self.evict!r}; allowed: {', '.join(EVICTORS)}")
-        if self.protect not in PROTECTS:
+        if self.protect is not None and self.protect not in PROTECTS[:5] and not (
+                self.protect[:2] == "kv" and self.protect[2:].isdigit()):
             raise InvalidInput(f"policy 'pod': protect={self.protect!r}; allowed: {', '.join(PROTECTS)}")
         from headwise.policies.scoring import check_signal
 
         check_signal(self, self.signal)
+        from headwise.policies.scoring import check_scope
+
+        check_scope(self, self.scope, self.weight)
+        if self.evict != "snapkv" and (self.scope == "model" or self.weight is not None):
+            raise InvalidInput("policy 'pod': scope and weight are the snapkv eviction's; they need evict='snapkv'")
         if self.signal not in (None, "window") and self.evict != "snapkv":
             raise InvalidInput(f"policy 'pod': signal={self.signal!r} is the snapkv eviction's; it needs evict='snapkv'")
         if self.block_score not in BLOCK_SCORES:
@@ -156,9 +177,19 @@ class PoDPolicy(Policy):
         return Capture()
 
     def query_aware_form(self) -> "PoDPolicy":
-        if self.signal is not None or self.query_aware_signal == "window" or self.evict != "snapkv":
+        if self.evict != "snapkv":
             return self
-        return dataclasses.replace(self, signal=self.query_aware_signal)
+        from headwise.policies.base import query_aware_defaults
+
+        form = query_aware_defaults(self)
+        return form if self.protect is not None else dataclasses.replace(form, protect=self.query_aware_protect)
+
+    def params(self) -> dict:
+        """`protect` "none" is the unset reuse regime's (stored caches keep their keys)."""
+        out = super().params()
+        if out.get("protect") == "none":
+            del out["protect"]
+        return out
 
     @property
     def floor(self) -> int:
@@ -182,6 +213,21 @@ class PoDPolicy(Policy):
             base_of = [list(row) for row in base_of]
             for li, h in ctx.profile.retrieval_order():
                 base_of[li][h] = li
+        elif self.protect == "layer":  # no layer with every head borrowing: one of them leaves its block
+            base_of = [list(row) for row in base_of]
+            for li, row in enumerate(base_of):
+                if all(b != li for b in row):
+                    row[li % num_kv_heads] = li
+        elif self.protect not in (None, "none"):  # "head", "all" or "kv<N>": those blocks dissolved
+            if self.protect == "head":
+                borrows = [sum(row[h] != li for li, row in enumerate(base_of)) for h in range(num_kv_heads)]
+                heads = [max(range(num_kv_heads), key=lambda h: (borrows[h], -h))]
+            else:
+                heads = range(num_kv_heads) if self.protect == "all" else [int(self.protect[2:])]
+            if max(heads) >= num_kv_heads:
+                raise InvalidInput(f"policy 'pod': protect={self.protect!r} names KV head {max(heads)}; the model has "
+                                   f"{num_kv_heads}")
+            base_of = [[li if h in heads else b for h, b in enumerate(row)] for li, row in enumerate(base_of)]
         return base_of
 
     def realised(self, S: int, base_of: list[list[int]], recent: int) -> float:
@@ -241,12 +287,14 @@ class PoDPolicy(Policy):
         from headwise.policies.snapkv import SnapKVPolicy
 
         return SnapKVPolicy(kept=self.kept, window=self.window, sinks=self.sinks, kernel=self.kernel,
-                            signal=self.signal).score(state, ctx).float()
+                            signal=self.signal, weight=self.weight).score(state, ctx).float()
 
     def select(self, states: list[LayerState], base_of: list[list[int]], ctx: CompressContext) -> dict[tuple[int, int], Tensor]:
         """Eviction stage: (base layer, KV head) -> sorted int64 indices of the tokens the block keeps."""
         S, W = states[0].num_tokens, forced_window(states[0], self.window)
         counts = self.token_counts(S, base_of, W)
+        if self.scope == "model":
+            return self.select_global(states, base_of, ctx, W)
         scores = torch.stack([self.layer_scores(st, ctx) for st in states])  # [L, Hkv, S]
         forced = int(proximal(S, self.sinks, W).sum())
         out = {}
@@ -255,6 +303,32 @@ class PoDPolicy(Policy):
             s = s.mean(0) if self.block_score == "mean" else s.amax(0)
             out[(b, h)] = keep_top(s[None], counts[(b, h)] - forced, self.sinks, W)[0]
         return out
+
+    def select_global(self, states: list[LayerState], base_of: list[list[int]], ctx: CompressContext,
+                      W: int) -> dict[tuple[int, int], Tensor]:
+        """scope "model": every block's forced (proximal) tokens, then the model's best (block, token)
+        pairs by the block's summed score per row it costs (m + 1 rows for an m-layer block: K and V
+        in the base layer, V in the others), until the budget's rows are spent."""
+        from headwise.policies.scoring import model_scores
+
+        S, L, H = states[0].num_tokens, len(states), states[0].num_kv_heads
+        scores = model_scores(self.layer_scores, states, ctx)  # [L, Hkv, S]
+        prox = proximal(S, self.sinks, W).to(scores.device)
+        members = block_members(base_of)
+        free = round(self.kept * 2 * L * H * S) - 2 * L * H * int(prox.sum())  # rows left after the forced tokens
+        value, cost = [], []
+        for (_, h), layers in members.items():
+            m = len(layers)
+            v = scores[layers, h].sum(0) / (m + 1)
+            value.append(v.masked_fill(prox, float("-inf")))
+            cost.append(torch.full((S,), m + 1, dtype=torch.long, device=scores.device))
+        value, cost = torch.stack(value).flatten(), torch.stack(cost).flatten()  # [blocks * S]
+        order = value.argsort(descending=True, stable=True)
+        take = order[(cost[order].cumsum(0) <= free) & torch.isfinite(value[order])]
+        chosen = torch.zeros_like(value, dtype=torch.bool)
+        chosen[take] = True
+        chosen = chosen.view(len(members), S) | prox
+        return {key: chosen[i].nonzero().flatten() for i, key in enumerate(members)}
 
     def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
         ctx = ctx or CompressContext(num_layers=len(states))

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from headwise.cache.compact import NO_RECALL, LayerCache, RecallTable
+from headwise.cache.compact import NO_RECALL, CompactCache, LayerCache, RecallTable
 from headwise.errors import InvalidInput
 from headwise.policies.base import (
     Capture,
@@ -16,6 +16,8 @@ from headwise.policies.base import (
     check_ints,
     keep_all,
     keep_top,
+    keep_top_global,
+    optional,
 )
 from headwise.policies.scoring import group_reduce, window_scores
 
@@ -53,6 +55,9 @@ class RazorPolicy(Policy):
     fill: str = "kvzip"  # rows of non-retrieval heads: "kvzip" or "snapkv" (scored + last `window`), "recent" (paper)
     window: int = 32
     compensation: str = "weighted"  # "weighted": log_weight log(N_d) (Eq. 5); "plain": 0 (golden-stick deploy code); "none": no row
+    # [P] with fill "kvzip": "model" ranks the other heads' rows over the whole model by KVzip's score (KVzip's
+    # global ranking; each head its own count, sinks + last `window` forced); "head": every other head the same count
+    scope: str = optional("head")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,6 +71,8 @@ class RazorPolicy(Policy):
             raise InvalidInput(f"policy 'razor': compensation={self.compensation!r}; allowed: {', '.join(COMPENSATIONS)}")
         if self.fill not in FILLS:
             raise InvalidInput(f"policy 'razor': fill={self.fill!r}; allowed: {', '.join(FILLS)}")
+        if self.scope not in ("head", "model") or (self.scope == "model" and self.fill != "kvzip"):
+            raise InvalidInput(f"policy 'razor': scope={self.scope!r}; allowed: head, or model with fill='kvzip'")
 
     @property
     def capture(self) -> Capture:
@@ -111,26 +118,65 @@ class RazorPolicy(Policy):
             return state.reconstruction
         return None
 
+    def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
+        if self.scope != "model":
+            return super().compress(states, start, ctx)
+        ctx = ctx or CompressContext(num_layers=len(states))
+        S, L, H = states[0].num_tokens, len(states), states[0].num_kv_heads
+        meta = {"policy": self.params()}
+        if self.budget(S) >= S:
+            return CompactCache([keep_all(st) for st in states], start + S, start, meta)
+        rows = self.head_rows(S, ctx, H)
+        whole = [(li, h) for (li, h), n in rows.items() if n >= S]
+        comp = int(self.compensation != "none")
+        others = L * H - len(whole)
+        forced = min(self.sinks + self.window, min(n for n in rows.values()) - comp)
+        sinks = min(self.sinks, forced)
+        scores = torch.stack([self.fill_scores(st, H) for st in states]).float().clone()  # [L, Hkv, S]
+        for li, h in whole:
+            scores[li, h] = float("inf")  # retrieval heads keep every row
+        keep = keep_top_global(scores, sum(rows.values()) - comp * others, sinks, forced - sinks)
+        layers = []
+        for i, st in enumerate(states):
+            keeps = [None if bool(keep[i, h].all()) else keep[i, h].nonzero().flatten() for h in range(H)]
+            layers.append(self.layer_from(st, keeps, [sinks] * H))
+        return CompactCache(layers, seq_len=start + S, start=start, meta=meta)
+
     def compress_layer(self, state: LayerState, ctx: CompressContext) -> LayerCache:
         S, Hkv = state.num_tokens, state.num_kv_heads
         if self.budget(S) >= S:
             return keep_all(state)
         rows = self.head_rows(S, ctx, Hkv)
         scores = self.fill_scores(state, Hkv)
-        ks, vs, ps, lws, rids = [], [], [], [], []
-        rec_pos, rec_heads, rec_lens = [], [], []
-        dev = state.keys.device
+        keeps, sink_counts = [], []
         for h in range(Hkv):
             n_h = rows[(state.layer, h)]
-            k, v, pos = state.keys[h], state.values[h], state.positions
             sinks = min(self.sinks, n_h)
             comp = int(self.compensation != "none")  # "none": the row goes to the recent window instead
             recent = n_h - sinks - comp
+            sink_counts.append(sinks)
             if n_h >= S or recent < 1:
+                keeps.append(None)
+                continue
+            keeps.append(self.kept_rows(S, sinks, recent, None if scores is None else scores[h]).to(state.keys.device))
+        return self.layer_from(state, keeps, sink_counts)
+
+    def layer_from(self, state: LayerState, keeps: list, sink_counts: list[int]) -> LayerCache:
+        """The layer from each head's kept rows (sorted indices, the first sink_counts[h] the sinks; None:
+        every row): the dropped rows fold into one compensation row after the sinks."""
+        S, Hkv = state.num_tokens, state.num_kv_heads
+        ks, vs, ps, lws, rids = [], [], [], [], []
+        rec_pos, rec_heads, rec_lens = [], [], []
+        dev = state.keys.device
+        comp = int(self.compensation != "none")
+        for h in range(Hkv):
+            k, v, pos = state.keys[h], state.values[h], state.positions
+            keep, sinks = keeps[h], sink_counts[h]
+            if keep is None:
                 ks.append(k); vs.append(v); ps.append(pos)
                 lws.append(torch.zeros(S, device=dev)); rids.append(torch.full((S,), NO_RECALL, device=dev))
                 continue
-            keep = self.kept_rows(S, sinks, recent, None if scores is None else scores[h]).to(dev)
+            n_h = keep.numel() + comp
             if not comp:
                 ks.append(k[keep]); vs.append(v[keep]); ps.append(pos[keep])
                 lws.append(torch.zeros(n_h, device=dev)); rids.append(torch.full((n_h,), NO_RECALL, device=dev))

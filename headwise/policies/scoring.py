@@ -76,7 +76,8 @@ def signal_capture(signal: str | None, window: int):
     return Capture(window=max(1, window))
 
 
-def observation(state: LayerState, signal: str | None, window: int, model_id: str = "", gain: Tensor | None = None) -> Tensor:
+def observation(state: LayerState, signal: str | None, window: int, model_id: str = "", gain: Tensor | None = None,
+                weight: float | None = None, norm: "ModelNorm | None" = None) -> Tensor:
     """How much each row is attended to, per KV head: [Hkv, N] fp32, >= 0.
 
     window (or None): mean attention from the last `window` queries (the document's own last tokens,
@@ -87,9 +88,12 @@ def observation(state: LayerState, signal: str | None, window: int, model_id: st
     window+kvzip: both, each divided by its mean over the head's rows (past the first MIX_SKIP,
             the sinks, whose attention would set the scale), then added: a row is kept when the
             window (in the query-aware regime: the question) or the reconstruction needs it.
+            `weight` is the reconstruction's share (None: 0.5, equal votes); with a `norm`
+            (scope "model") the means are the whole model's, so heads and layers stay comparable.
     """
     if signal == "window+kvzip":
-        return mix(observation(state, "window", window, model_id, gain), observation(state, "kvzip", window, model_id))
+        return mix(observation(state, "window", window, model_id, gain), observation(state, "kvzip", window, model_id),
+                   weights=mix_weights(weight), norm=norm, tag="signal")
     if signal == "kvzip":
         if state.reconstruction is None:
             raise InvalidInput("signal 'kvzip' needs the reconstruction scores; prefill with the policy's capture")
@@ -110,11 +114,71 @@ def value_prior(values: Tensor, kernel: int) -> Tensor:
     return gam / gam.amax(-1, keepdim=True).clamp_min(1e-30)
 
 
-def mix(*parts: Tensor) -> Tensor:
-    """Sum of [H, N] scores, each over its mean per head (rows past MIX_SKIP): scale-free, equal votes."""
+def mix_weights(weight: float | None) -> tuple[float, float] | None:
+    """(window, reconstruction) weights of the mix for the reconstruction's share `weight`
+    (None or 0.5: equal votes, returned as None so the sum is the plain one)."""
+    if weight is None or weight == 0.5:
+        return None
+    return (2.0 * (1.0 - weight), 2.0 * weight)
+
+
+class ModelNorm:
+    """Model-wide means for `mix` (a policy's scope "model"): one collecting pass over every
+    layer (`means` None: each part's sum and count are added up), then `finish()`, then the
+    scoring pass divides each part by its model-wide mean instead of the head's own, so that
+    scores of different (layer, head)s can be ranked together, as KVzip ranks its own."""
+
+    def __init__(self) -> None:
+        self.sums: dict = {}
+        self.counts: dict = {}
+        self.means: dict | None = None
+
+    def add(self, key, body: Tensor) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(body.double().sum())
+        self.counts[key] = self.counts.get(key, 0) + body.numel()
+
+    def finish(self) -> "ModelNorm":
+        self.means = {k: max(self.sums[k] / max(1, self.counts[k]), 1e-30) for k in self.sums}
+        return self
+
+
+def mix(*parts: Tensor, weights=None, norm: ModelNorm | None = None, tag: str = "") -> Tensor:
+    """Sum of [H, N] scores, each over its mean per head (rows past MIX_SKIP): scale-free, equal
+    votes, or weighted by `weights` (one per part). With a `norm` (ModelNorm), each part's
+    model-wide mean instead (collected first: see ModelNorm)."""
     out = None
-    for x in parts:
+    for i, x in enumerate(parts):
         body = x[:, MIX_SKIP:] if x.shape[1] > MIX_SKIP else x
-        x = x / body.mean(-1, keepdim=True).clamp_min(1e-30)
+        if norm is not None and norm.means is None:
+            norm.add((tag, i), body)
+        scale = body.mean(-1, keepdim=True) if norm is None or norm.means is None else norm.means[(tag, i)]
+        x = x / (scale.clamp_min(1e-30) if isinstance(scale, Tensor) else scale)
+        if weights is not None:
+            x = x * weights[i]
         out = x if out is None else out + x
     return out
+
+
+def model_scores(score, states: list[LayerState], ctx) -> Tensor:
+    """[L, Hkv, S] scores of `score(state, ctx)` for every layer, with `mix`'s means taken over
+    the whole model (two passes: collect, then score; ctx.norm set on a copy)."""
+    import dataclasses
+
+    norm = ModelNorm()
+    c = dataclasses.replace(ctx, norm=norm)
+    for st in states:
+        score(st, c)
+    norm.finish()
+    return torch.stack([score(st, c).float() for st in states])
+
+
+SCOPES = ("head", "model")
+
+
+def check_scope(policy, scope: str | None, weight: float | None) -> None:
+    """scope: None (the regime's), "head" (each head its own budget, the papers') or "model" (the
+    whole model's rows ranked at once); weight: None or the reconstruction's share in [0, 1]."""
+    if scope is not None and scope not in SCOPES:
+        raise InvalidInput(f"policy {policy.name!r}: scope={scope!r}; allowed: {', '.join(SCOPES)}")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0):
+        raise InvalidInput(f"policy {policy.name!r}: weight={weight!r} must be the reconstruction's share in [0, 1]")

@@ -23,6 +23,8 @@ class SnapKVPolicy(ScorerPolicy):
 
     name = "snapkv"
     query_aware_signal = "window+kvzip"  # tuned on bench.quality --text stdlib (docs/policies.md)
+    query_aware_scope = "model"  # the model's rows ranked at once (KVzip's global ranking), tuned there too
+    query_aware_weight = 0.8  # the reconstruction's share of the mix, tuned there too
     kernel: int = 7
     pooling: str = "avg"
 
@@ -33,5 +35,5 @@ class SnapKVPolicy(ScorerPolicy):
             raise InvalidInput(f"policy {self.name!r}: pooling={self.pooling!r}; allowed: {', '.join(POOLINGS)}")
 
     def score(self, state: LayerState, ctx: CompressContext) -> Tensor:
-        s = observation(state, self.signal, self.window, ctx.model_id)  # [Hkv, N]
+        s = observation(state, self.signal, self.window, ctx.model_id, weight=self.weight, norm=ctx.norm)  # [Hkv, N]
         return pool1d(s, self.kernel, self.pooling)

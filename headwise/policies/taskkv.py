@@ -1,13 +1,12 @@
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from headwise.cache.compact import LayerCache
+from headwise.cache.compact import CompactCache, LayerCache
 from headwise.errors import InvalidInput
 from headwise.policies.base import (
     Capture,
@@ -17,12 +16,15 @@ from headwise.policies.base import (
     check_budget,
     check_ints,
     forced_window,
+    gather_mask,
     gather_rows,
     keep_all,
     keep_top,
+    keep_top_global,
     optional,
+    query_aware_defaults,
 )
-from headwise.policies.scoring import check_signal, observation, pool1d, signal_capture
+from headwise.policies.scoring import check_scope, check_signal, model_scores, observation, pool1d, signal_capture
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,15 @@ class TaskKVPolicy(Policy):
     # regime's (window; `query_aware_signal` in the query-aware regime)
     signal: str | None = optional(None)
     query_aware_signal: ClassVar[str] = "window+kvzip"  # tuned on bench.quality --text stdlib
+    # [P] "model": the heterogeneous heads keep everything within a global ranking of every other
+    # row of the model (KVzip's, the mix over model-wide means), as many of them as fit in `whole`
+    # of the budget beyond the forced rows; "head": the paper's per-layer split. Unset: "head", and
+    # `query_aware_scope` in the query-aware regime
+    scope: str | None = optional(None)
+    weight: float | None = optional(None)  # the reconstruction's share of the window+kvzip mix (None: 0.5)
+    whole: float = optional(0.5)
+    query_aware_scope: ClassVar[str] = "model"  # tuned on bench.quality --text stdlib (docs/policies.md)
+    query_aware_weight: ClassVar[float | None] = 0.8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,15 +70,56 @@ class TaskKVPolicy(Policy):
         if not isinstance(self.beta, (int, float)) or not 0.0 <= self.beta <= 1.0:
             raise InvalidInput(f"policy 'taskkv': beta={self.beta!r} must be in [0, 1]")
         check_signal(self, self.signal)
+        check_scope(self, self.scope, self.weight)
+        if isinstance(self.whole, bool) or not isinstance(self.whole, (int, float)) or not 0.0 <= self.whole <= 1.0:
+            raise InvalidInput(f"policy 'taskkv': whole={self.whole!r} must be a share of the budget in [0, 1]")
 
     @property
     def capture(self) -> Capture:
         return signal_capture(self.signal, self.window)
 
     def query_aware_form(self) -> "TaskKVPolicy":
-        if self.signal is not None or self.query_aware_signal == "window":
-            return self
-        return dataclasses.replace(self, signal=self.query_aware_signal)
+        return query_aware_defaults(self)
+
+    def observe(self, state: LayerState, ctx: CompressContext) -> Tensor:
+        """[Hkv, N] column-mean observation (the semantic separator's C)."""
+        return observation(state, self.signal, self.window, ctx.model_id, weight=self.weight, norm=ctx.norm)
+
+    def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
+        if self.scope != "model":
+            return super().compress(states, start, ctx)
+        ctx = ctx or CompressContext(num_layers=len(states))
+        S, L, n = states[0].num_tokens, len(states), states[0].num_kv_heads
+        meta = {"policy": self.params()}
+        if self.budget(S) >= S:
+            return CompactCache([keep_all(st) for st in states], start + S, start, meta)
+        R = forced_window(states[0], self.recent)
+        protected = self.sinks + R
+        check_budget(self, self.budget(S), protected, "sinks + recent")
+        total = max(L * n * protected, round(self.kept * L * n * S))
+        C = model_scores(self.observe, states, ctx)  # [L, Hkv, S]
+        ranked = torch.stack([pool1d(C[i], self.kernel, "avg") for i in range(L)])
+        for li, g in self.whole_heads(states, ctx, C, total - L * n * protected, S - protected):
+            ranked[li, g] = float("inf")  # every row of a heterogeneous head wins the ranking
+        keep = keep_top_global(ranked, total, self.sinks, R)
+        return CompactCache([gather_mask(st, keep[i]) for i, st in enumerate(states)], start + S, start, meta)
+
+    def whole_heads(self, states: list[LayerState], ctx: CompressContext, C: Tensor, free: int,
+                    cost: int) -> list[tuple[int, int]]:
+        """scope "model": the heterogeneous heads (each layer's f(r), the semantic separator), most
+        distant first (distance over the layer's mean distance), as many as fit in `whole` of the
+        `free` rows at `cost` extra rows each."""
+        n = states[0].num_kv_heads
+        cand = []
+        for li, st in enumerate(states):
+            f = self.heterogeneous_count(st.layer, ctx.num_layers, n)
+            if f == 0:
+                continue
+            d = self.semantic_distance(C[li], st.values)
+            rel = d / d.mean().clamp_min(1e-30)
+            cand += [(float(rel[g]), li, g) for g in self.heterogeneous(C[li], st.values, f)]
+        fit = int(self.whole * free // max(1, cost))
+        return [(li, g) for _, li, g in sorted(cand, key=lambda c: (-c[0], c[1], c[2]))[:fit]]
 
     def heterogeneous_count(self, layer: int, num_layers: int, n: int) -> int:
         top = n * self.beta
@@ -101,7 +153,7 @@ class TaskKVPolicy(Policy):
         while f > 0 and (layer_budget - S * f) // (n - f) < protected:
             f -= 1
         check_budget(self, layer_budget // n, protected, "sinks + recent")
-        C = observation(state, self.signal, self.window, ctx.model_id)  # [Hkv, N]
+        C = self.observe(state, ctx)  # [Hkv, N]
         het = set(self.heterogeneous(C, state.values, f))
         score = pool1d(C, self.kernel, "avg")
         base, extra = divmod(layer_budget - S * len(het), n - len(het))

@@ -1,9 +1,11 @@
 """A scorer distilled from KVzip (KVzap, arXiv 2601.07891; Fast KVzip, arXiv 2601.17668).
 
-For each layer a linear map from features of a token that the prefill computes anyway
+For each layer a small map from features of a token that the prefill computes anyway
 (`Capture(hidden=True)`): the layer's normed input hidden state x_t, the token's place in the
 segment, and the norms of its key and value rows in every KV head, to log of KVzip's
-reconstruction score of the token's row in every KV head: `log s[h, t] ~ [f_t, 1] @ W_l[:, h]`.
+reconstruction score of the token's row in every KV head: a linear map
+`log s[h, t] ~ [f_t, 1] @ W_l[:, h]`, plus (format 3, `hidden_units` M > 0) one hidden layer of
+M ReLU units beside it, `+ relu([f_t, 1] @ A_l) @ B_l[:, h]`.
 Log scores keep the per-layer fits on one scale, so the predictions can be ranked over all
 layers and heads at once, as `kvzip` ranks its scores.
 
@@ -28,7 +30,8 @@ from torch import Tensor
 
 from headwise.errors import InvalidInput
 
-SCORER_VERSION = 2  # 1: hidden state only (read no more: train again)
+SCORER_VERSION = 3  # what `save` writes: 3 = 2 + an optional hidden layer beside the linear map
+READABLE_VERSIONS = (2, 3)  # 1: hidden state only (read no more: train again); 2: the linear map alone
 FEATURES = ("position", "key_norm", "value_norm")  # beside the hidden state; what `train_scorer` fits
 KNOWN_FEATURES = ("position", "key_norm", "value_norm")
 LOG_FLOOR = 1e-6  # scores below this are one class for the fit: log(1e-6) ~ -13.8
@@ -41,6 +44,9 @@ CUTOFFS = (0.5, 0.25, 0.1, 0.05)  # kept fractions whose global cutoffs the "cut
 TEMPERATURE = 1.0  # of the logistic at each cutoff, in log-score units
 MSE_WEIGHT = 0.1  # the squared error to the log score (raised to the kept-0.5 cutoff) beside the logistic terms
 FIT_ITERATIONS = 60  # L-BFGS iterations per layer
+HIDDEN_UNITS = 0  # the shipped scorer's hidden layer (0: the linear map alone)
+HIDDEN_INPUTS = ("prediction", "features")  # what the hidden layer is fitted on (see `fit_on_prediction`)
+MLP_ITERATIONS = 100  # L-BFGS iterations per layer of the hidden-layer fit
 PACKAGED = Path(__file__).parent / "data"
 
 Progress = Callable[[str, float], None]
@@ -80,14 +86,32 @@ def num_features(hidden_size: int, num_kv_heads: int, names: tuple[str, ...]) ->
 
 @dataclass
 class KVScorer:
-    """Per-layer linear maps. weight: [L, F + 1, Hkv] fp32 over `features(state, self.features)`
-    (F = hidden size + the extras; the last input row is the bias)."""
+    """Per-layer maps over `features(state, self.features)` (F = hidden size + the extras; the last
+    input row of each matrix is the bias). weight: [L, F + 1, Hkv] fp32, the linear map; hidden_in
+    [L, F + 1, M] and hidden_out [L, M, Hkv], the optional hidden layer (None: the linear map alone):
+    prediction = [f, 1] @ weight + relu([f, 1] @ hidden_in) @ hidden_out."""
 
     model_id: str
     weight: Tensor
     training: dict = field(default_factory=dict)
     features: tuple[str, ...] = FEATURES
     version: int = SCORER_VERSION
+    hidden_in: Tensor | None = None
+    hidden_out: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.hidden_in is None) != (self.hidden_out is None):
+            raise InvalidInput("kvzap scorer: a hidden layer needs both its input and its output matrix")
+        if self.hidden_in is not None:
+            L, F1, H = self.weight.shape
+            M = self.hidden_in.shape[-1]
+            if tuple(self.hidden_in.shape) != (L, F1, M) or tuple(self.hidden_out.shape) != (L, M, H):
+                raise InvalidInput(f"kvzap scorer: hidden layer of shape {tuple(self.hidden_in.shape)} / "
+                                   f"{tuple(self.hidden_out.shape)} does not fit the linear map {tuple(self.weight.shape)}")
+
+    @property
+    def hidden_units(self) -> int:
+        return 0 if self.hidden_in is None else self.hidden_in.shape[-1]
 
     @property
     def num_layers(self) -> int:
@@ -122,7 +146,11 @@ class KVScorer:
         """A layer's state (hidden [S, D], keys and values [Hkv, S, d]) -> [Hkv, S] predicted log KVzip score."""
         f = features(state, self.features)
         w = self.weight[state.layer].to(f.device)  # [F + 1, Hkv]
-        return torch.addmm(w[-1], f, w[:-1]).T
+        out = torch.addmm(w[-1], f, w[:-1])
+        if self.hidden_in is not None:
+            a = self.hidden_in[state.layer].to(f.device)  # [F + 1, M]
+            out = out + torch.addmm(a[-1], f, a[:-1]).relu_() @ self.hidden_out[state.layer].to(f.device)
+        return out.T
 
     # ---- storage ------------------------------------------------------------------------
     def save(self, path: Path) -> Path:
@@ -130,9 +158,12 @@ class KVScorer:
 
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        meta = {"model_id": self.model_id, "version": str(self.version), "training": json.dumps(self.training),
-                "features": json.dumps(list(self.features))}
-        save_file({"weight": self.weight.contiguous()}, str(tmp), metadata=meta)
+        meta = {"model_id": self.model_id, "version": str(SCORER_VERSION), "training": json.dumps(self.training),
+                "features": json.dumps(list(self.features)), "hidden_units": str(self.hidden_units)}
+        tensors = {"weight": self.weight.contiguous()}
+        if self.hidden_in is not None:
+            tensors |= {"hidden_in": self.hidden_in.contiguous(), "hidden_out": self.hidden_out.contiguous()}
+        save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)  # atomic: a reader never sees half a scorer
         return path
 
@@ -146,28 +177,39 @@ class KVScorer:
         try:
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}
-                weight = f.get_tensor("weight")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # truncated or foreign file: say which file, not the parser's class name
             raise InvalidInput(f"kvzap scorer at {str(p)!r} is unreadable ({e}); train it again") from None
-        if meta.get("version") != str(SCORER_VERSION):
+        if meta.get("version") not in {str(v) for v in READABLE_VERSIONS}:
             raise InvalidInput(
-                f"kvzap scorer at {str(p)!r} has format version {meta.get('version')!r}; this headwise reads version "
-                f"{SCORER_VERSION} (hidden state, place and key/value norms); train it again with `headwise scorer train --force`"
+                f"kvzap scorer at {str(p)!r} has format version {meta.get('version')!r}; this headwise reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))} (hidden state, place and key/value norms; 3: and a hidden layer); "
+                f"train it again with `headwise scorer train --force`"
             )
+        if "weight" not in tensors:
+            raise InvalidInput(f"kvzap scorer at {str(p)!r} has no linear map ('weight'); train it again")
+        units = int(meta.get("hidden_units", "0") or 0) if meta["version"] == "3" else 0
+        if units and not {"hidden_in", "hidden_out"} <= set(tensors):
+            raise InvalidInput(f"kvzap scorer at {str(p)!r} declares {units} hidden units but holds no hidden layer; train it again")
         names = tuple(json.loads(meta.get("features", "[]")))
         if unknown := [n for n in names if n not in KNOWN_FEATURES]:
             raise InvalidInput(f"kvzap scorer at {str(p)!r} reads features {unknown} this headwise does not know; train it again")
-        return cls(meta.get("model_id", ""), weight.float(), json.loads(meta.get("training", "{}")), names)
+        hidden = (tensors["hidden_in"].float(), tensors["hidden_out"].float()) if units else (None, None)
+        sc = cls(meta.get("model_id", ""), tensors["weight"].float(), json.loads(meta.get("training", "{}")), names,
+                 int(meta["version"]), *hidden)
+        if sc.hidden_units != units:
+            raise InvalidInput(f"kvzap scorer at {str(p)!r} declares {units} hidden units, its hidden layer has {sc.hidden_units}; train it again")
+        return sc
 
 
-def scorer_path(key: str) -> Path:
+def scorer_path(key: str, version: int = SCORER_VERSION) -> Path:
     from headwise.profiles import profile_dir
 
-    return profile_dir() / f"kvzap-{key}-v{SCORER_VERSION}.safetensors"
+    return profile_dir() / f"kvzap-{key}-v{version}.safetensors"
 
 
-def packaged_path(key: str) -> Path:
-    return PACKAGED / f"kvzap-{key}-v{SCORER_VERSION}.safetensors"
+def packaged_path(key: str, version: int = SCORER_VERSION) -> Path:
+    return PACKAGED / f"kvzap-{key}-v{version}.safetensors"
 
 
 _LOADED: dict[str, KVScorer] = {}
@@ -180,11 +222,11 @@ def load_scorer(model_id: str) -> KVScorer:
                            "(prefill_segment / context()) or pass CompressContext(model_id=...)")
     if model_id in _LOADED:
         return _LOADED[model_id]
-    for path in (scorer_path(model_id), packaged_path(model_id)):
-        if path.is_file():
+    for path in [p for v in sorted(READABLE_VERSIONS, reverse=True) for p in (scorer_path(model_id, v), packaged_path(model_id, v))]:
+        if path.is_file():  # the newest format first; a trained file before the shipped one
             _LOADED[model_id] = KVScorer.load(path).check_model(model_id)
             return _LOADED[model_id]
-    old = [p for p in (scorer_path(model_id).parent, PACKAGED) for p in p.glob(f"kvzap-{model_id}-v*.safetensors")]
+    old = [p for p in (scorer_path(model_id).parent, PACKAGED) for p in sorted(p.glob(f"kvzap-{model_id}-v*.safetensors"))]
     raise InvalidInput(
         f"no kvzap scorer for model {model_id[:16]} (looked in {scorer_path(model_id).parent} and the package"
         + (f"; found only another format version: {', '.join(p.name for p in old)}" if old else "")
@@ -318,6 +360,73 @@ def fit_cutoffs(x: Tensor, y: Tensor, tau: Tensor, w0: Tensor, temperature: floa
     return torch.cat([w[:-1] / sd[:, None], (w[-1] - (mu / sd) @ w[:-1])[None]], 0)
 
 
+def fit_hidden(x: Tensor, y: Tensor, tau: Tensor, w0: Tensor, units: int, temperature: float = TEMPERATURE,
+               mse: float = MSE_WEIGHT, iterations: int = MLP_ITERATIONS, seed: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer's linear map plus a hidden layer of `units` ReLU units beside it, fitted together with
+    `fit_cutoffs`' loss (the logistic terms at the documents' global cutoffs, `mse` times the squared
+    error to the log score raised to the kept-0.5 cutoff, ridge shrinkage on every matrix).
+
+    x [n, F + 1] (bias last), y [n, Hkv], tau [n, K], w0 [F + 1, Hkv] the linear start (its
+    prediction is where the fit starts: the hidden layer's output matrix starts at zero). L-BFGS
+    on standardised inputs, full batch, seeded. Returned in raw input space: the linear map
+    [F + 1, Hkv], the hidden layer's input matrix [F + 1, units] and output matrix [units, Hkv]."""
+    import math
+
+    x, y, tau, w0 = x.float(), y.float(), tau.float(), w0.float()
+    n, F1 = x.shape
+    g = torch.Generator().manual_seed(seed)
+    mu, sd = x[:, :-1].mean(0), x[:, :-1].std(0).clamp_min(1e-6)
+    xs = torch.cat([(x[:, :-1] - mu) / sd, torch.ones(n, 1, dtype=x.dtype)], 1)
+    w = torch.cat([w0[:-1] * sd[:, None], (w0[-1] + mu @ w0[:-1])[None]], 0).clone().requires_grad_(True)
+    a = (torch.randn(F1, units, generator=g) / math.sqrt(F1)).requires_grad_(True)
+    b = torch.zeros(units, y.shape[1]).requires_grad_(True)
+    above = (y[:, :, None] > tau[:, None, :]).float()
+    raised = torch.maximum(y, tau[:, :1])
+    opt = torch.optim.LBFGS([w, a, b], lr=1, max_iter=iterations, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        f = xs @ w + torch.relu(xs @ a) @ b
+        z = (f[:, :, None] - tau[:, None, :]) / temperature
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z, above) * tau.shape[1]
+        loss = loss + mse * ((f - raised) ** 2).mean()
+        loss = loss + RIDGE * ((w[:-1] ** 2).sum() / w.shape[1] + (a ** 2).sum() / units + (b ** 2).sum())
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w, a, b = w.detach(), a.detach(), b.detach()
+
+    def raw(m: Tensor) -> Tensor:  # standardised-input matrix -> raw-input matrix (bias row last)
+        return torch.cat([m[:-1] / sd[:, None], (m[-1] - (mu / sd) @ m[:-1])[None]], 0)
+
+    return raw(w), raw(a), b
+
+
+def fit_on_prediction(x: Tensor, y: Tensor, tau: Tensor, w_lin: Tensor, units: int, hidden_size: int,
+                      iterations: int = MLP_ITERATIONS) -> tuple[Tensor, Tensor, Tensor]:
+    """A hidden layer over a small input: the linear map's own prediction (one log score per KV head)
+    and the features beside the hidden state (place, key/value norms), fitted by `fit_hidden` with the
+    linear prediction as its start. Every input is linear in the features, so the result is a format-3
+    hidden layer over them (its input matrix of rank <= Hkv + extras): [F + 1, Hkv], [F + 1, units],
+    [units, Hkv]. The hidden state's 576 inputs reach the units only through the linear prediction,
+    which is what keeps 40 documents from overfitting them (a hidden layer on every input does)."""
+    H, D = w_lin.shape[1], hidden_size
+    x, w_lin = x.float(), w_lin.float()
+    z = torch.cat([x @ w_lin, x[:, D:]], 1)  # [n, H + extras + 1], the bias column last
+    start = torch.zeros(z.shape[1], H)
+    start[:H] = torch.eye(H)
+    v, a, b = fit_hidden(z, y, tau, start, units, iterations=iterations)
+
+    def to_features(m: Tensor) -> Tensor:  # z-space matrix -> feature-space matrix
+        out = w_lin @ m[:H]
+        out[D:] += m[H:]
+        return out
+
+    return to_features(v), to_features(a), b
+
+
 def _solve(xtx: Tensor, xty: Tensor) -> Tensor:
     """Ridge per layer from the normal equations; the bias (last input) is not shrunk. -> [L, D + 1, H] fp32."""
     D = xtx.shape[-1] - 1  # the inputs; the bias is last
@@ -332,18 +441,28 @@ def _solve(xtx: Tensor, xty: Tensor) -> Tensor:
 def train_scorer(
     runner, docs: list[list[int]] | None = None, heldout: int = HELDOUT_DOCS, train_docs: int = TRAIN_DOCS,
     progress: Progress | None = None, cache: Path | None = None, names: tuple[str, ...] = FEATURES,
-    objective: str = OBJECTIVE,
+    objective: str = OBJECTIVE, hidden_units: int = HIDDEN_UNITS, iterations: int | None = None,
+    hidden_inputs: str = "prediction",
 ) -> KVScorer:
     """Fit on KVzip's scores of `docs` (default: standard-library docstrings) minus the last `heldout`,
     report the fit on those. Minutes on CPU for the default model: the cost is KVzip's scoring pass
     (`cache`: a directory that keeps those scores per document, read back by a later run).
     `objective` "ridge": the least-squares fit of the log scores (normal equations, memory flat in
     the text); "cutoffs": from there, `fit_cutoffs` per layer (the rows are held, fp16: ~36 KB a token
-    for the default model)."""
+    for the default model). `hidden_units` > 0: a hidden layer of that many ReLU units beside the
+    linear map, fitted with it by the `cutoffs` loss (needs objective "cutoffs"): `hidden_inputs`
+    "prediction" on the cutoff-fitted linear map's prediction and the extra features
+    (`fit_on_prediction`), "features" on every feature (`fit_hidden`).
+    `iterations`: L-BFGS iterations per layer (default FIT_ITERATIONS, or MLP_ITERATIONS with a hidden layer)."""
     from headwise.profiles import weights_key
 
     if objective not in OBJECTIVES:
         raise InvalidInput(f"kvzap scorer objective {objective!r} is not one of {OBJECTIVES}")
+    if hidden_units < 0 or (hidden_units and objective != "cutoffs"):
+        raise InvalidInput(f"kvzap scorer: {hidden_units} hidden units; a hidden layer (> 0 units) is fitted with objective 'cutoffs'")
+    if hidden_inputs not in HIDDEN_INPUTS:
+        raise InvalidInput(f"kvzap scorer hidden inputs {hidden_inputs!r} are not one of {HIDDEN_INPUTS}")
+    iterations = iterations or (MLP_ITERATIONS if hidden_units else FIT_ITERATIONS)
     progress = progress or (lambda s, f: None)
     docs = docs if docs is not None else training_ids(runner, train_docs + heldout)
     if len(docs) <= heldout:
@@ -367,14 +486,24 @@ def train_scorer(
         del states
         progress(f"KVzip scores, training document {j + 1}/{len(fit_docs)}", (j + 1) / total)
     weight = _solve(xtx, xty)
+    hidden_in = torch.zeros(L, F + 1, hidden_units) if hidden_units else None
+    hidden_out = torch.zeros(L, hidden_units, H) if hidden_units else None
     if objective == "cutoffs":
         for i, rows in enumerate(held_rows):
             x = torch.cat([r[0] for r in rows]).float()
             tau = torch.cat([r[2].expand(r[0].shape[0], -1) for r in rows])
-            weight[i] = fit_cutoffs(x, torch.cat([r[1] for r in rows]), tau, weight[i])
+            y = torch.cat([r[1] for r in rows])
             held_rows[i] = []  # free as we go
+            if hidden_units and hidden_inputs == "prediction":
+                w = fit_cutoffs(x, y, tau, weight[i])
+                weight[i], hidden_in[i], hidden_out[i] = fit_on_prediction(x, y, tau, w, hidden_units,
+                                                                           runner.config.hidden_size, iterations)
+            elif hidden_units:
+                weight[i], hidden_in[i], hidden_out[i] = fit_hidden(x, y, tau, weight[i], hidden_units, iterations=iterations)
+            else:
+                weight[i] = fit_cutoffs(x, y, tau, weight[i], iterations=iterations)
             progress(f"fitting layer {i + 1}/{L} to the cutoffs", len(fit_docs) / total)
-    scorer = KVScorer(weights_key(runner), weight, features=tuple(names))
+    scorer = KVScorer(weights_key(runner), weight, features=tuple(names), hidden_in=hidden_in, hidden_out=hidden_out)
     fit = evaluate(runner, scorer, held, lambda s, f: progress(s, (len(fit_docs) + f * len(held)) / total), cache)
     scorer.training = {
         "source": f"Python {'.'.join(map(str, __import__('sys').version_info[:3]))} standard-library docstrings "
@@ -382,8 +511,10 @@ def train_scorer(
         "train_docs": len(fit_docs), "train_tokens": sum(map(len, fit_docs)),
         "heldout_docs": len(held), "heldout_tokens": sum(map(len, held)),
         "features": ["hidden", *names], "ridge": RIDGE, "log_floor": LOG_FLOOR, "skip": [SKIP_SINKS, SKIP_WINDOW],
-        "objective": objective} | ({"cutoffs": list(CUTOFFS), "temperature": TEMPERATURE, "mse_weight": MSE_WEIGHT,
-                                     "iterations": FIT_ITERATIONS} if objective == "cutoffs" else {}) | {
+        "objective": objective, "hidden_units": hidden_units} | (
+            {"hidden_inputs": hidden_inputs} if hidden_units else {}) | (
+            {"cutoffs": list(CUTOFFS), "temperature": TEMPERATURE, "mse_weight": MSE_WEIGHT,
+             "iterations": iterations} if objective == "cutoffs" else {}) | {
         "seconds": round(time.perf_counter() - t0, 1), "fit": fit,
     }
     progress("done", 1.0)

@@ -65,11 +65,17 @@ from services.kvstore.backend import (
     StoreFull,
     recall_field,
 )
-from services.kvstore.resp import BulkReader, LoopConnections, LoopPipe, command, command_head, set_head
+from services.kvstore.resp import BulkReader, LoopConnections, LoopPipe, ThreadSender, command, command_head, set_head
 
 STAGING_TTL_MS = 3_600_000  # staged chunks of a put that never commits vanish after an hour
 FLUSH_BYTES = 4 << 20  # chunk bytes per pipelined write (threads); between looks at the replies (loop)
 MAX_INFLIGHT = 2  # pipelined writes under way while the next batch is received
+# Who sends a put's writes on plain URLs: "loop", the event loop itself (the default), or "thread",
+# a worker thread per put (the loop only hands each checked chunk over and goes on receiving the
+# next; measured no faster on 2 cores, where the thread's copy competes with the rest: docs/kvstore.md).
+PUT_SENDERS = ("loop", "thread")
+SENDER_QUEUE_BYTES = 8 << 20  # a put's chunk bytes handed to its sender thread and not yet sent
+SEND_THREADS = 64  # puts whose sender threads run at once (more wait for a thread)
 COMMIT_RETRIES = 50
 OOM_REPLY = "used memory > 'maxmemory'"  # Redis's refusal of a write at maxmemory under noeviction
 
@@ -249,9 +255,12 @@ def _now_ms() -> int:
 class RedisBackend:
     name = "redis"
 
-    def __init__(self, url: str, deadline_s: float = 2.0):
+    def __init__(self, url: str, deadline_s: float = 2.0, put_sender: str = "loop"):
+        if put_sender not in PUT_SENDERS:
+            raise ValueError(f"put_sender {put_sender!r}: one of {', '.join(PUT_SENDERS)}")
         self.url = url
         self.deadline_s = deadline_s
+        self.put_sender = put_sender
         self.r = aioredis.Redis.from_url(
             url, socket_timeout=deadline_s, socket_connect_timeout=deadline_s, decode_responses=False,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1), health_check_interval=0,
@@ -272,6 +281,7 @@ class RedisBackend:
         # Puts on plain URLs: pipelined from the event loop, each frame written to Redis as it
         # arrives (services/kvstore/resp.py LoopPipe); None for TLS, whose puts keep the threads.
         self._pipes = LoopConnections.for_url(url, deadline_s)
+        self._send_threads = ThreadPoolExecutor(SEND_THREADS, thread_name_prefix="kvstore-redis-send")
         self._usage = self.r.register_script(_USAGE)
         self._commit = self.r.register_script(_COMMIT)
         self._manifest = self.r.register_script(_MANIFEST)
@@ -436,6 +446,8 @@ class RedisBackend:
     async def close(self):
         await self.r.aclose()
         self._threads.shutdown(wait=False, cancel_futures=True)
+        if getattr(self, "_send_threads", None) is not None:  # not in RedisClusterBackend
+            self._send_threads.shutdown(wait=False, cancel_futures=True)
         if self._read_threads is not None:
             self._read_threads.shutdown(wait=False, cancel_futures=True)
         if self._bulk is not None:
@@ -497,28 +509,67 @@ class _PipeWriter:
     _recall_bytes: int = 0
     _has_recall: bool = False
     _unpolled: int = 0
+    _sender: ThreadSender | None = None
 
     def _lost(self, what: str, e: BaseException) -> BackendUnavailable:
         return BackendUnavailable(f"redis at {self.store.where} failed {what}: {type(e).__name__}: {e}")
 
     async def _send(self, pieces: list, nbytes: int, what: str) -> None:
-        """Send one command (its pieces in one writev) without waiting for its reply."""
+        """Send one command (its pieces in one writev) without waiting for its reply: from the
+        event loop, or handed to the put's sender thread (`PUT_SENDERS`)."""
         pipe = self._pipe
         if pipe is None:
             async with self.store.guard("a connection for a put"):
                 pipe = self._pipe = await self.store._pipes.acquire()
-        try:
-            done = pipe.send_nowait(pieces)
-        except OSError as e:
-            raise self._lost(what, e) from None
-        if not done:  # the socket is full: Redis is behind; wait for it (within the deadline)
-            async with self.store.guard(what):
-                await pipe.finish_sends()
+            if self.store.put_sender == "thread":
+                self._sender = ThreadSender(pipe, self.store._send_threads.submit, SENDER_QUEUE_BYTES,
+                                            self.store.deadline_s)
+        if self._sender is not None:
+            try:
+                space = self._sender.put(pieces, nbytes)
+            except (OSError, TimeoutError) as e:
+                raise self._lost(what, e) from None
+            if space is not None:  # the thread is SENDER_QUEUE_BYTES behind: Redis is; wait for it
+                async with self.store.guard(what):
+                    await space
+                if self._sender.error is not None:
+                    raise self._lost(what, self._sender.error)
+        else:
+            try:
+                done = pipe.send_nowait(pieces)
+            except OSError as e:
+                raise self._lost(what, e) from None
+            if not done:  # the socket is full: Redis is behind; wait for it (within the deadline)
+                async with self.store.guard(what):
+                    await pipe.finish_sends()
         self._unpolled += nbytes
         if self._unpolled >= FLUSH_BYTES:
             self._unpolled = 0
             async with self.store.guard(what):
                 _first_error(pipe.poll())
+
+    async def _sent(self, what: str) -> None:
+        """Wait until the sender thread has sent everything handed to it (then the pipe is the
+        loop's again); BackendUnavailable when a send failed (the pipe is then closed)."""
+        sender, self._sender = self._sender, None
+        if sender is None:
+            return
+        sender.close()
+        try:
+            async with self.store.guard(what):
+                await asyncio.shield(sender.done)
+        except BaseException:  # the thread may still be in a send: it closes the pipe when out of it
+            sender.abandon()
+            self._pipe = None
+            raise
+        if sender.error is not None:
+            self._drop_pipe()
+            raise self._lost(what, sender.error)
+
+    def _drop_pipe(self) -> None:
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
 
     async def chunk(self, index, data, verify=None):
         if verify is not None:
@@ -542,6 +593,7 @@ class _PipeWriter:
             script = self.store._commit
             call = command(b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *(_arg(a) for a in (*keys, *args)))
             await self._send([call], 0, "the commit")
+            await self._sent("the commit")
             async with self.store.guard("the commit"):
                 replies = await self._pipe.replies()
                 _first_error(replies[:-1])  # a staged write refused (the script then changed nothing)
@@ -567,6 +619,10 @@ class _PipeWriter:
         await asyncio.shield(task)
 
     async def _cleanup(self) -> None:
+        try:  # the writes handed to the sender thread first, so the delete below comes after them
+            await self._sent("cleanup of an aborted put")
+        except (BackendUnavailable, StoreFull):
+            pass  # the pipe is closed: the delete goes on another connection
         st, pipe, self._pipe = self.store, self._pipe, None
         keys = [st._ckey(self.tenant, self.upload, i) for i in range(self.num_chunks)]
         keys.append(st._rkey(self.tenant, self.upload))

@@ -20,8 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import select
 import socket
-from collections.abc import Sequence
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
 
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -396,3 +400,138 @@ class LoopConnections:
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()
+
+
+# ---- writes from a worker thread -------------------------------------------------------
+def send_blocking(sock: socket.socket, pieces: list, deadline: float) -> None:
+    """Send every piece on `sock` (non-blocking; waiting in poll() while it is full), in order,
+    as one command: `sendmsg` of up to IOV_MAX views at a time, the GIL released in each system
+    call. TimeoutError past `deadline` (time.monotonic()); OSError when the connection is gone."""
+    views = [memoryview(p) for p in pieces]
+    poller = None
+    while views:
+        try:
+            sent = sock.sendmsg(views[:IOV_MAX])
+        except (BlockingIOError, InterruptedError):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("redis did not take a write within the deadline") from None
+            if poller is None:
+                poller = select.poll()
+                poller.register(sock.fileno(), select.POLLOUT)
+            poller.poll(max(1, int(left * 1000)))
+            continue
+        while sent and views:
+            n = len(views[0])
+            if sent < n:
+                views[0] = views[0][sent:]
+                break
+            sent -= n
+            views.pop(0)
+        while views and not len(views[0]):
+            views.pop(0)
+
+
+class ThreadSender:
+    """Sends the commands of one `LoopPipe` from a worker thread, in order, while the event loop
+    goes on receiving: the loop hands each command over (`put`, no system call) and the thread
+    does the kernel's copy of it into the socket, with the GIL released.
+
+    At most `limit` bytes wait unsent: past that, `put` returns a future the loop awaits until
+    the thread has caught up. `close()` says no more commands come; `done` (an asyncio future)
+    resolves once every command handed over has been sent, or the first failure (`error`, after
+    which the rest are not sent and the pipe is half written: close it). The pipe's replies are
+    read by the loop as before (`LoopPipe.poll` / `replies`), never by the thread; the pipe's own
+    `send` must not be used until `done`."""
+
+    def __init__(self, pipe: LoopPipe, run: "Callable[[Callable[[], None]], object]", limit: int,
+                 timeout_s: float):
+        self.pipe, self.limit, self.timeout_s = pipe, limit, timeout_s
+        self.loop = asyncio.get_running_loop()
+        self.done: asyncio.Future = self.loop.create_future()
+        self.error: BaseException | None = None
+        self._cv = threading.Condition()
+        self._queue: deque[tuple[list, int]] = deque()
+        self._queued = 0  # bytes handed over and not yet sent
+        self._closed = False
+        self._finished = False  # the thread is done with the socket
+        self._abandoned = False  # nobody takes the pipe back: the thread closes it when done
+        self._space: asyncio.Future | None = None  # the loop waits on it while over the limit
+        run(self._run)
+
+    def put(self, pieces: list, nbytes: int, commands: int = 1) -> asyncio.Future | None:
+        """Hand one command over; None, or a future to await before the next (over the limit)."""
+        if self.error is not None:
+            raise self.error
+        self.pipe.pending += commands
+        with self._cv:
+            self._queue.append((pieces, nbytes))
+            self._queued += nbytes
+            self._cv.notify()
+            if self._queued > self.limit:
+                self._space = self.loop.create_future()
+                return self._space
+        return None
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+
+    def abandon(self) -> None:
+        """The loop gives up waiting for `done` (a deadline, a cancelled call): nothing more is
+        sent and the pipe is closed, by the thread once its send in progress ends (never under
+        it: the socket's number could be reused by another connection meanwhile)."""
+        with self._cv:
+            self._closed = True
+            self._queue.clear()
+            self._abandoned = True
+            finished = self._finished
+            self._cv.notify()
+        if finished:
+            self.pipe.close()
+
+    def _run(self) -> None:
+        wake: list[asyncio.Future] = []
+        try:
+            while True:
+                with self._cv:
+                    while not self._queue and not self._closed:
+                        self._cv.wait()
+                    if not self._queue:
+                        return
+                    pieces, nbytes = self._queue[0]
+                send_blocking(self.pipe.sock, pieces, time.monotonic() + self.timeout_s)
+                with self._cv:
+                    if self._queue:  # (abandon() may have emptied it meanwhile)
+                        self._queue.popleft()
+                    self._queued -= nbytes
+                    if self._space is not None and self._queued <= self.limit:
+                        wake.append(self._space)
+                        self._space = None
+                if wake:
+                    try:
+                        self.loop.call_soon_threadsafe(_resolve, wake.pop())
+                    except RuntimeError:  # the loop is closed: nobody waits any more
+                        return
+        except BaseException as e:  # noqa: BLE001 - handed to the loop, which raises it
+            self.error = e
+        finally:
+            with self._cv:
+                self._closed = self._finished = True
+                self._queue.clear()
+                space, self._space = self._space, None
+                abandoned = self._abandoned
+            if abandoned:
+                self.pipe.close()
+            for fut in (space, self.done):
+                if fut is not None:
+                    try:
+                        self.loop.call_soon_threadsafe(_resolve, fut)
+                    except RuntimeError:  # the loop is closed: nobody waits any more
+                        pass
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

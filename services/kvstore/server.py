@@ -398,7 +398,7 @@ def make_backend(settings: KVStoreSettings) -> Backend:
         return RedisClusterBackend(settings.redis_url, settings.redis_deadline_s)
     from services.kvstore.redis_backend import RedisBackend
 
-    return RedisBackend(settings.redis_url, settings.redis_deadline_s)
+    return RedisBackend(settings.redis_url, settings.redis_deadline_s, settings.kvstore_put_sender)
 
 
 def create_server(addr: str = "127.0.0.1:0", settings: KVStoreSettings | None = None,

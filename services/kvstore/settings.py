@@ -12,6 +12,8 @@ two different quotas for one tenant are an error, not a choice.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -35,6 +37,9 @@ class KVStoreSettings(BaseSettings):
     max_segment_bytes: int = Field(4 * 1024**3, gt=0, description="largest segment one Put may carry")
     tenants_file: str = Field("", description="the tenants file (YAML/JSON): each entry's quota_bytes is enforced")
     tenants: str = Field("", description="tenants inline, id:key[:max_streams[:quota_bytes]],...")
+    kvstore_put_sender: Literal["loop", "thread"] = Field(
+        "loop", description="who writes a put's chunks to Redis (redis:// and unix:// URLs): the event loop itself, or a "
+                            "worker thread per put while the loop receives the next chunks (no faster on 2 cores)")
 
     _tenant_limits = field_validator("tenant_limits", mode="before")(parse_tenant_limits)
 
