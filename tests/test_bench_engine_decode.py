@@ -37,3 +37,27 @@ def test_kinds_taking_turns_decode_as_alone():
                     torch.testing.assert_close(la.keys, lb.keys, atol=1e-6, rtol=0)
             assert made[name][0].layers[0].tail_len == 0, "the prefilled cache itself is not decoded into"
     runner._views = None
+
+
+def test_transformers_kind_decodes_as_the_full_cache():
+    """HFKind (transformers' own forward and DynamicCache, B copies) gives the full cache's greedy tokens."""
+    from transformers import DynamicCache
+
+    from bench.engine_decode import HFKind
+
+    runner = tiny_gqa_runner()
+    ids = random_ids(120, seed=7)
+    with torch.inference_mode():
+        out = runner.model(torch.tensor([ids]), cache=DynamicCache(), use_cache=True)
+        hf = HFKind(runner, (out.cache, out.logits[:, -1], len(ids)), 2)
+        for _ in range(3):
+            hf.step()
+        res = runner.prefill_segment(ids, policy=get_policy("full"))
+        runner._views = None
+        caches = [res.cache.clone() for _ in range(2)]
+        tokens = res.logits.expand(2, -1).argmax(-1).tolist()
+        for _ in range(4):  # HFKind's untimed first step + 3
+            tokens = runner.decode_batch(tokens, caches).argmax(-1).tolist()
+    assert hf.next.flatten().tolist() == tokens
+    assert hf.steps == 4 and hf.pos == len(ids) + 4
+    runner._views = None
