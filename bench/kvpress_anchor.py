@@ -46,7 +46,7 @@ import torch
 from rich.console import Console
 
 from bench import write_json
-from bench.quality import DEFAULT_KEPT, build_cases, is_correct, print_table
+from bench.quality import DEFAULT_KEPT, build_cases, is_correct, print_table, select_cases
 
 DEFAULT_PRESSES = ("streaming_llm", "snapkv", "knorm", "expected_attention", "tova", "observed_attention",
                    "adakv_expected_attention", "kvzip")
@@ -543,12 +543,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     kept = [float(x) for x in args.kept.split(",")]
     cases = build_cases(tokenizer, args.suite, args.length, args.keyed_length)
-    if args.cases:
-        wanted = args.cases.split(",")
-        unknown = sorted(set(wanted) - {c.name for c in cases})
-        if unknown:
-            raise SystemExit(f"unknown cases {unknown}; this suite has {[c.name for c in cases]}")
-        cases = [c for c in cases if c.name in wanted]
+    cases = select_cases(cases, args.cases)
     version = getattr(kvpress, "__version__", "0.5.5")
     t0 = time.perf_counter()
     if args.regime == "query-aware":

@@ -127,6 +127,17 @@ def build_cases(tokenizer, suite: str = "default", length: int = 1500, keyed_len
     return cases
 
 
+
+def select_cases(cases: list, names: str | None) -> list:
+    """The cases named in `names` (comma-separated; None or empty: all), refusing a name the suite lacks."""
+    if not names:
+        return cases
+    wanted = names.split(",")
+    unknown = sorted(set(wanted) - {c.name for c in cases})
+    if unknown:
+        raise SystemExit(f"unknown cases {unknown}; this suite has {[c.name for c in cases]}")
+    return [c for c in cases if c.name in wanted]
+
 def is_correct(text: str, answer: str) -> bool:
     return answer.lower() in text.lower()
 
@@ -474,12 +485,7 @@ def main(argv: list[str] | None = None) -> dict:
     qa = args.regime == "query-aware"
     policies = [p for p in (args.policies or ",".join(QUERY_AWARE_POLICIES if qa else DEFAULT_POLICIES)).split(",") if p]
     cases = build_cases(runner.tokenizer, args.suite, args.length, args.keyed_length, text=args.text)
-    if args.cases:
-        wanted = args.cases.split(",")
-        unknown = sorted(set(wanted) - {c.name for c in cases})
-        if unknown:
-            raise SystemExit(f"unknown cases {unknown}; this suite has {[c.name for c in cases]}")
-        cases = [c for c in cases if c.name in wanted]
+    cases = select_cases(cases, args.cases)
     console.print(f"{len(cases)} cases, {sum(len(c.questions) for c in cases)} questions; policies {policies}; kept {kept}")
     t0 = time.perf_counter()
     precisions = [p for p in args.precisions.split(",") if p]
