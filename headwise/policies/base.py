@@ -162,6 +162,16 @@ def check_ints(policy, **values: int) -> None:
             raise InvalidInput(f"policy {policy.name!r}: {name}={v!r} must be an integer >= 0")
 
 
+def model_scope_start(policy: Policy, states: list[LayerState], start: int, ctx: CompressContext | None):
+    """The common start of a `scope="model"` compress: (ctx, S, L, Hkv, meta, whole), where `whole` is the
+    segment kept entire when the budget covers every row (nothing else to do then), else None."""
+    ctx = ctx or CompressContext(num_layers=len(states))
+    S, L, H = states[0].num_tokens, len(states), states[0].num_kv_heads
+    meta = {"policy": policy.params()}
+    whole = CompactCache([keep_all(st) for st in states], start + S, start, meta) if policy.budget(S) >= S else None
+    return ctx, S, L, H, meta, whole
+
+
 def keep_all(state: LayerState) -> LayerCache:
     return LayerCache.from_dense(state.keys, state.values, state.positions)
 

@@ -21,6 +21,7 @@ from headwise.policies.base import (
     keep_all,
     keep_top,
     keep_top_global,
+    model_scope_start,
     optional,
     query_aware_defaults,
     rows_cache,
@@ -160,11 +161,9 @@ class EMSPolicy(Policy):
     def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
         if self.scope != "model":
             return super().compress(states, start, ctx)
-        ctx = ctx or CompressContext(num_layers=len(states))
-        S, L, H = states[0].num_tokens, len(states), states[0].num_kv_heads
-        meta = {"policy": self.params()}
-        if self.budget(S) >= S:
-            return CompactCache([keep_all(st) for st in states], start + S, start, meta)
+        ctx, S, L, H, meta, whole = model_scope_start(self, states, start, ctx)
+        if whole is not None:
+            return whole
         W = forced_window(states[0], self.window)
         check_budget(self, self.budget(S), self.sinks + W)
         total = max(L * H * (self.sinks + W), round(self.kept * L * H * S))

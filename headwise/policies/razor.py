@@ -17,6 +17,7 @@ from headwise.policies.base import (
     keep_all,
     keep_top,
     keep_top_global,
+    model_scope_start,
     optional,
 )
 from headwise.policies.scoring import group_reduce, window_scores
@@ -121,11 +122,9 @@ class RazorPolicy(Policy):
     def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
         if self.scope != "model":
             return super().compress(states, start, ctx)
-        ctx = ctx or CompressContext(num_layers=len(states))
-        S, L, H = states[0].num_tokens, len(states), states[0].num_kv_heads
-        meta = {"policy": self.params()}
-        if self.budget(S) >= S:
-            return CompactCache([keep_all(st) for st in states], start + S, start, meta)
+        ctx, S, L, H, meta, whole = model_scope_start(self, states, start, ctx)
+        if whole is not None:
+            return whole
         rows = self.head_rows(S, ctx, H)
         whole = [(li, h) for (li, h), n in rows.items() if n >= S]
         comp = int(self.compensation != "none")

@@ -21,6 +21,7 @@ from headwise.policies.base import (
     keep_all,
     keep_top,
     keep_top_global,
+    model_scope_start,
     optional,
     query_aware_defaults,
 )
@@ -88,11 +89,9 @@ class TaskKVPolicy(Policy):
     def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
         if self.scope != "model":
             return super().compress(states, start, ctx)
-        ctx = ctx or CompressContext(num_layers=len(states))
-        S, L, n = states[0].num_tokens, len(states), states[0].num_kv_heads
-        meta = {"policy": self.params()}
-        if self.budget(S) >= S:
-            return CompactCache([keep_all(st) for st in states], start + S, start, meta)
+        ctx, S, L, n, meta, whole = model_scope_start(self, states, start, ctx)
+        if whole is not None:
+            return whole
         R = forced_window(states[0], self.recent)
         protected = self.sinks + R
         check_budget(self, self.budget(S), protected, "sinks + recent")
