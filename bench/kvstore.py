@@ -36,6 +36,8 @@ bytes-only variants) in turn, so a load that comes and goes on a shared machine 
 sides; `ratio_*_paired` is the median of the per-round ratios. Targets: put/floor >= 0.8
 (JSON `ratio_put_floor`: the lowest over the caches); int8 stored bytes 1/4 of fp32's
 (`stored_bytes` of the kept cache). get includes dequantising int8 rows; put from cache quantising.
+`put_unix` (`--redis-unix`): the same put through a third store that reaches Redis over a unix
+domain socket (a sidecar Redis), in the same rounds, the puts rotating which goes first.
 `cpu_ms` (a second table): CPU time the client, store, Redis and floor-server processes spent per
 call of each op (from /proc), which on a 2-core machine bounds how fast an op can be whatever its
 design; `ratio_cpu_floor_put` = the floor's CPU (client + floor server) / a put's (client + store +
@@ -122,7 +124,8 @@ def _cpu_s(pid: int) -> float:
 
 async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: CompactCache, repeats: int,
                       warmup: int = 1, pids: dict[str, int] | None = None, precision: str = "fp32", floor=None,
-                      forward=None, thread_client: KVStoreClient | None = None) -> dict:
+                      forward=None, thread_client: KVStoreClient | None = None,
+                      unix_client: KVStoreClient | None = None) -> dict:
     """Service, raw redis-py and (with `floor`, a bench.grpc_floor stub) the bare gRPC stream
     measured in turns within each round, so load that comes and goes on the machine hits all
     alike; figures are medians over the rounds. `pids` (name -> process id): CPU time each of
@@ -130,7 +133,9 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     counts in clock ticks, 10 ms here, hence the average). Rows go at `precision`. `thread_client`:
     a client of a second store whose puts are written to Redis by a sender thread per put
     (HEADWISE_KVSTORE_PUT_SENDER=thread; the store's default writes from its event loop): its put
-    is `put_thread`, measured in the same rounds, put and put_thread taking turns at going first."""
+    is `put_thread`, measured in the same rounds, put and put_thread taking turns at going first.
+    `unix_client`: a client of a store that reaches the same Redis over a unix domain socket (a
+    sidecar Redis): its put is `put_unix`, in the same rounds; the puts rotate which goes first."""
     pids = pids or {}
     seg = encode(cache, include_recall=False, precision=precision)
     blob = seg.header + b"".join(seg.chunks)
@@ -141,6 +146,7 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
         "prepare": lambda i: prepare(cache, precision),
         "put": lambda i: client.put(f"{name}-{i}", prepared),
         **({"put_thread": lambda i: thread_client.put(f"{name}-t-{i}", prepared)} if thread_client is not None else {}),
+        **({"put_unix": lambda i: unix_client.put(f"{name}-u-{i}", prepared)} if unix_client is not None else {}),
         "put_from_cache": lambda i: client.put(f"{name}-c-{i}", cache, precision),
         "raw_set": lambda i: r.set(f"raw-{name}-{i}", blob),
         "get": lambda i: _expect(client.get(f"{name}-{i}")),
@@ -157,8 +163,10 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     faults = dict.fromkeys(ops, 0)  # Redis's minor page faults per op
     for i in range(-warmup, repeats):  # rounds below 0: connections, Redis's and the store's memory warm up
         order = list(ops.items())
-        if thread_client is not None and i % 2:  # put and put_thread take turns at going first
-            order[0], order[1] = order[1], order[0]
+        # the puts (order[1:1 + k], after prepare) rotate which goes first
+        k = 1 + (thread_client is not None) + (unix_client is not None)
+        puts = order[1:1 + k]
+        order[1:1 + k] = puts[i % k:] + puts[:i % k]
         for op, fn in order:
             before = {k: _cpu_s(p) for k, p in pids.items()}
             f0 = _minflt(pids["redis"]) if "redis" in pids else 0
@@ -172,6 +180,8 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
             await client.delete(k)
         if thread_client is not None:
             await thread_client.delete(f"{name}-t-{i}")
+        if unix_client is not None:
+            await unix_client.delete(f"{name}-u-{i}")
         r.delete(f"raw-{name}-{i}")
     row = {"precision": precision, "wire_bytes": nbytes, "stored_bytes": stored_nbytes(cache, precision),
            "chunks": len(seg.chunks), "held_kv_bytes": cache.nbytes}
@@ -187,6 +197,9 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
     if thread_client is not None:
         row["put_thread_ms"] = statistics.median(times["put_thread"]) * 1e3
         row["ratio_put_thread_paired"] = statistics.median(t / p for t, p in zip(times["put_thread"], times["put"], strict=True))
+    if unix_client is not None:  # < 1: the unix-socket store's put is faster than the TCP one's
+        row["put_unix_ms"] = statistics.median(times["put_unix"]) * 1e3
+        row["ratio_put_unix_paired"] = statistics.median(u / p for u, p in zip(times["put_unix"], times["put"], strict=True))
     del row["prepare_mb_s"]
     if floor is not None:
         row["floor_mb_s"] = row.pop("floor_mb_s")
@@ -194,6 +207,10 @@ async def bench_cache(client: KVStoreClient, r: redis.Redis, name: str, cache: C
         row["ratio_put_floor_paired"] = statistics.median(f / p for f, p in zip(times["floor"], times["put"], strict=True))
         if thread_client is not None:
             row["ratio_put_thread_floor"] = row["put_thread_mb_s"] / row["floor_mb_s"]
+        if unix_client is not None:
+            row["ratio_put_unix_floor"] = row["put_unix_mb_s"] / row["floor_mb_s"]
+            row["ratio_put_unix_floor_paired"] = statistics.median(
+                f / u for f, u in zip(times["floor"], times["put_unix"], strict=True))
         # the transport alone: the already encoded segment (no quantising, no CRCs) against the same bytes bare
         row["ratio_put_bytes_only_floor"] = row["put_bytes_only_mb_s"] / row["floor_mb_s"]
         row["ratio_put_from_cache_floor"] = row["put_from_cache_mb_s"] / row["floor_mb_s"]
@@ -283,36 +300,46 @@ async def wait_ready(client: KVStoreClient, proc: subprocess.Popen, timeout_s: f
 
 async def run_async(caches: dict[str, CompactCache], repeats: int, warmup: int = 1,
                     precisions: tuple[str, ...] = ("fp32",), compare_thread: bool = True,
-                    keep_freed_pages: bool = True) -> dict:
+                    keep_freed_pages: bool = True, redis_unix: bool = False) -> dict:
     """Every cache at every precision (results named `cache/precision`). `compare_thread`: a second
     store whose puts write to Redis from a sender thread, measured as `put_thread` in the same rounds.
-    `keep_freed_pages`: Redis runs with redis_proc.REDIS_MALLOC_TUNABLES (False: glibc's defaults)."""
-    redis_proc = start_redis(keep_freed_pages=keep_freed_pages)
+    `keep_freed_pages`: Redis runs with redis_proc.REDIS_MALLOC_TUNABLES (False: glibc's defaults).
+    `redis_unix`: Redis also listens on a unix socket and a third store (default writer) reaches it
+    there (`unix_url`), measured as `put_unix` in the same rounds."""
+    redis_proc = start_redis(keep_freed_pages=keep_freed_pages, unixsocket=redis_unix)
     store, port = start_store(redis_proc.url)
     thread_store, thread_port = start_store(redis_proc.url, "thread") if compare_thread else (None, None)
+    unix_store, unix_port = start_store(redis_proc.unix_url) if redis_unix else (None, None)
     floor_proc, floor_port = start_floor(redis_proc.url)
     r = redis.Redis.from_url(redis_proc.url)
     try:
         client = KVStoreClient(f"127.0.0.1:{port}", TOKEN, "bench", timeout_s=60)
         thread_client = KVStoreClient(f"127.0.0.1:{thread_port}", TOKEN, "bench", timeout_s=60) if compare_thread else None
+        unix_client = KVStoreClient(f"127.0.0.1:{unix_port}", TOKEN, "bench", timeout_s=60) if redis_unix else None
         await wait_ready(client, store)
         if thread_client is not None:
             await wait_ready(thread_client, thread_store)
+        if unix_client is not None:
+            await wait_ready(unix_client, unix_store)
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{floor_port}", options=GRPC_OPTIONS) as ch:
                 pids = {"client": os.getpid(), "store": store.pid, "redis": redis_proc.proc.pid, "floor": floor_proc.pid}
                 if thread_store is not None:
                     pids["thread_store"] = thread_store.pid
+                if unix_store is not None:
+                    pids["unix_store"] = unix_store.pid
                 return {f"{name}/{p}": await bench_cache(client, r, f"{name}-{p}", cache, repeats, warmup, pids, p,
-                                                         floor_stub(ch), forward_stub(ch), thread_client)
+                                                         floor_stub(ch), forward_stub(ch), thread_client, unix_client)
                         for name, cache in caches.items() for p in precisions}
         finally:
             await client.close()
             if thread_client is not None:
                 await thread_client.close()
+            if unix_client is not None:
+                await unix_client.close()
     finally:
         r.close()
-        for proc in (store, thread_store):
+        for proc in (store, thread_store, unix_store):
             if proc is not None:
                 proc.terminate()
                 proc.wait(10)
@@ -353,10 +380,10 @@ def cpu_table(results: dict) -> Table:
     for col in ("client", "store", "redis", "floor server", "total", "redis faults"):
         t.add_column(col, justify="right")
     for name, r in results.items():
-        for op in ("prepare", "put", "put_thread", "put_from_cache", "raw_set", "floor", "forward", "get", "raw_get"):
+        for op in ("prepare", "put", "put_thread", "put_unix", "put_from_cache", "raw_set", "floor", "forward", "get", "raw_get"):
             c = r.get("cpu_ms", {}).get(op)
             if c:
-                store = c.get("store", 0) + c.get("thread_store", 0)
+                store = c.get("store", 0) + c.get("thread_store", 0) + c.get("unix_store", 0)
                 t.add_row(name, op, f"{c.get('client', 0):.1f}", f"{store:.1f}", f"{c.get('redis', 0):.1f}",
                           f"{c.get('floor', 0):.1f}", f"{sum(c.values()):.1f}",
                           f"{r.get('redis_minor_faults', {}).get(op, 0):.0f}")
@@ -388,6 +415,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precisions", default="fp32,int8", help="row precisions to store each cache at")
     ap.add_argument("--no-thread-compare", action="store_true",
                     help="do not also measure puts through a store that writes to Redis from a sender thread (put_thread)")
+    ap.add_argument("--redis-unix", action="store_true",
+                    help="also measure puts through a store that reaches the same Redis over a unix domain socket "
+                         "(a sidecar Redis; put_unix, in the same rounds as the TCP put)")
     ap.add_argument("--redis-glibc-defaults", action="store_true",
                     help="run Redis with glibc malloc's defaults (freed values' pages go back to the kernel)")
     a = ap.parse_args(argv)
@@ -397,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         caches = real_caches(a.model, a.tokens, a.kept)
     precisions = tuple(p for p in a.precisions.split(",") if p)
     results = asyncio.run(run_async(caches, a.repeats, a.warmup, precisions, not a.no_thread_compare,
-                                    not a.redis_glibc_defaults))
+                                    not a.redis_glibc_defaults, a.redis_unix))
     console.print(table(results))
     console.print(cpu_table(results))
     full = results[f"full/{precisions[0]}"]
@@ -419,6 +449,16 @@ def main(argv: list[str] | None = None) -> None:
             console.print(f"{name}: put {r['put_ms']:.1f} ms (put/floor {r['ratio_put_floor']:.2f}), through the sender "
                           f"thread {r['put_thread_ms']:.1f} ms (put/floor {r['ratio_put_thread_floor']:.2f}); put_thread/put "
                           f"paired {r['ratio_put_thread_paired']:.2f}")
+    if a.redis_unix:
+        doc["ratio_put_unix_floor_per_cache"] = {name: r["ratio_put_unix_floor"] for name, r in results.items()}
+        doc["ratio_put_unix_floor_paired_per_cache"] = {name: r["ratio_put_unix_floor_paired"] for name, r in results.items()}
+        doc["ratio_put_unix_paired_per_cache"] = {name: r["ratio_put_unix_paired"] for name, r in results.items()}
+        doc["ratio_put_unix_floor"] = min(doc["ratio_put_unix_floor_per_cache"].values())
+        for name, r in results.items():
+            console.print(f"{name}: put over TCP to Redis {r['put_ms']:.1f} ms (put/floor {r['ratio_put_floor']:.2f}, paired "
+                          f"{r['ratio_put_floor_paired']:.2f}), over a unix socket {r['put_unix_ms']:.1f} ms (put/floor "
+                          f"{r['ratio_put_unix_floor']:.2f}, paired {r['ratio_put_unix_floor_paired']:.2f}); unix/TCP "
+                          f"paired {r['ratio_put_unix_paired']:.2f}")
     doc["redis_malloc"] = "glibc defaults" if a.redis_glibc_defaults else "freed pages kept (redis_proc.REDIS_MALLOC_TUNABLES)"
     doc["ratio_cpu_floor_put_per_cache"] = {name: r.get("ratio_cpu_floor_put") for name, r in results.items()}
     doc["ratio_put_forward_per_cache"] = {name: r.get("ratio_put_forward") for name, r in results.items()}

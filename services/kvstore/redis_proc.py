@@ -56,11 +56,14 @@ REDIS_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_
 @dataclass
 class RedisProcess:
     """One redis-server on 127.0.0.1:port, no persistence. `kill()` then `start()` simulates an outage.
-    `keep_freed_pages`: run it with REDIS_MALLOC_TUNABLES (freed values' pages kept for reuse)."""
+    `keep_freed_pages`: run it with REDIS_MALLOC_TUNABLES (freed values' pages kept for reuse).
+    `unixsocket`: it also listens on a unix domain socket in its workdir (`unix_url`), as a Redis
+    sidecar next to the store would be reached."""
 
     port: int
     maxmemory: str | None = None
     keep_freed_pages: bool = True
+    unixsocket: bool = False
     binary: str = field(default_factory=redis_server_binary)
     proc: subprocess.Popen | None = None
     workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="headwise-redis-"))
@@ -69,11 +72,30 @@ class RedisProcess:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> "RedisProcess":
+    @property
+    def socket_path(self) -> str | None:
+        """The unix socket's path (None unless started with `unixsocket`)."""
+        return str(Path(self.workdir) / "redis.sock") if self.unixsocket else None
+
+    @property
+    def unix_url(self) -> str:
+        """unix:// URL of the same Redis (db 0); only with `unixsocket`."""
+        if not self.unixsocket:
+            raise ValueError("this redis-server has no unix socket (start it with unixsocket=True)")
+        return f"unix://{self.socket_path}?db=0"
+
+    def args(self) -> list[str]:
+        """redis-server's command line."""
         args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", self.workdir, "--protected-mode", "no", "--loglevel", "warning"]
+        if self.unixsocket:
+            args += ["--unixsocket", self.socket_path, "--unixsocketperm", "700"]
         if self.maxmemory:
             args += ["--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"]
+        return args
+
+    def start(self, timeout_s: float = 10.0) -> "RedisProcess":
+        args = self.args()
         env = dict(os.environ)
         if self.keep_freed_pages:
             env["GLIBC_TUNABLES"] = ":".join(filter(None, (env.get("GLIBC_TUNABLES"), REDIS_MALLOC_TUNABLES)))
@@ -90,7 +112,7 @@ class RedisProcess:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    if s.recv(16).startswith(b"+PONG") and (not self.unixsocket or os.path.exists(self.socket_path)):
                         return
             except OSError:
                 time.sleep(0.05)
@@ -121,6 +143,7 @@ class RedisProcess:
 
 
 def start_redis(port: int = 0, maxmemory: str | None = None, timeout_s: float = 10.0,
-                keep_freed_pages: bool = True) -> RedisProcess:
-    """Start redis-server on `port` (0 = a free one) and wait until it answers PING."""
-    return RedisProcess(port or free_port(), maxmemory, keep_freed_pages).start(timeout_s)
+                keep_freed_pages: bool = True, unixsocket: bool = False) -> RedisProcess:
+    """Start redis-server on `port` (0 = a free one), with `unixsocket` also on a unix socket
+    (`unix_url`), and wait until it answers PING."""
+    return RedisProcess(port or free_port(), maxmemory, keep_freed_pages, unixsocket).start(timeout_s)
