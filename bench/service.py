@@ -25,6 +25,8 @@ reversed every other round:
   ttft_reused_runs_s_by_precision   the per-round TTFTs (ranges: ttft_reused_range_s_by_precision)
   ttft_reused_over_first            each precision's median / the first precision's median, and
                   ttft_reused_over_first_range: the per-round ratios' lowest and highest
+  ttft_reused_server_s_by_precision  the same rounds' server-side TTFT (Figures.ttft_s), medians
+                  (per round: ttft_reused_server_runs_s_by_precision)
   stored_kv_bytes_by_precision      the cache's bytes as stored (Figures.stored_kv_bytes)
   answers_identical_by_precision    whether each precision's answer tokens equal the first's in
                   every round (answers_differ_rounds: the rounds where they do not)
@@ -143,8 +145,11 @@ def reused_question(r: int) -> str:
 
 
 def precision_figures(precisions: list[str], orders: list[list[str]], runs: dict[str, list[float]],
-                      answers: dict[str, list[list[int]]], figures: dict[str, dict]) -> dict:
-    """The JSON of the reused-TTFT-by-precision measurement from its raw per-round records."""
+                      answers: dict[str, list[list[int]]], figures: dict[str, dict],
+                      server: dict[str, list[float]] | None = None) -> dict:
+    """The JSON of the reused-TTFT-by-precision measurement from its raw per-round records
+    (`server`: the same rounds' Figures.ttft_s, request received to first delta sent)."""
+    server = server or {p: [] for p in precisions}
     first = precisions[0]
     meds = {p: median(runs[p]) for p in precisions}
     rounds = range(len(orders))
@@ -157,6 +162,8 @@ def precision_figures(precisions: list[str], orders: list[list[str]], runs: dict
         "ttft_reused_over_first_range": {
             p: [min(x), max(x)] if (x := [a / b for a, b in zip(runs[p], runs[first], strict=True) if b]) else []
             for p in precisions},
+        "ttft_reused_server_s_by_precision": {p: median(server[p]) for p in precisions},
+        "ttft_reused_server_runs_s_by_precision": {p: server[p] for p in precisions},
         "stored_kv_bytes_by_precision": {p: figures[p].get("stored_kv_bytes", 0) for p in precisions},
         "held_kv_bytes_by_precision": {p: figures[p].get("held_kv_bytes", 0) for p in precisions},
         "reused_tokens_by_precision": {p: figures[p].get("reused_tokens", 0) for p in precisions},
@@ -184,6 +191,7 @@ def reused_by_precision(addr: str, key: str, doc: str, precisions: list[str], po
             wait_stored(policy, sent)
     orders = precision_orders(precisions, repeats)
     runs: dict[str, list[float]] = {p: [] for p in precisions}
+    server: dict[str, list[float]] = {p: [] for p in precisions}
     answers: dict[str, list[list[int]]] = {p: [] for p in precisions}
     figures: dict[str, dict] = {}
     for r, order in enumerate(orders):
@@ -191,13 +199,14 @@ def reused_by_precision(addr: str, key: str, doc: str, precisions: list[str], po
             ans, _ = asyncio.run(timed_ask(addr, key, reused_question(r), doc, answer_prefix=" " + PREFIX,
                                            max_new_tokens=8, kv_precision=p, **opts))
             runs[p].append(ans.first_delta_s)
+            server[p].append(ans.figures.get("ttft_s", 0.0))
             answers[p].append(list(ans.token_ids))
             figures.setdefault(p, ans.figures)
             f = ans.figures
             print(f"reused {p} #{r + 1}: TTFT {ans.first_delta_s:.3f} s (server {f.get('ttft_s', 0):.3f}), "
                   f"{f.get('store_status')}, {f.get('kv_precision')}, stored {f.get('stored_kv_bytes', 0)} B, "
                   f"reused {f.get('reused_tokens')}/{f.get('prompt_tokens')}: {ans.text!r}", flush=True)
-    return precision_figures(precisions, orders, runs, answers, figures)
+    return precision_figures(precisions, orders, runs, answers, figures, server)
 
 
 def median(xs: list[float]) -> float:

@@ -45,12 +45,15 @@ def test_json_shape_medians_ranges_bytes_and_answer_agreement() -> None:
     answers = {"fp32": [[1, 2], [3], [4]], "int8": [[1, 2], [3], [5]]}
     figures = {"fp32": {"stored_kv_bytes": 400, "held_kv_bytes": 90, "store_status": "reused", "kv_precision": "fp32"},
                "int8": {"stored_kv_bytes": 100, "held_kv_bytes": 90, "store_status": "reused", "kv_precision": "int8"}}
-    out = precision_figures(precisions, precision_orders(precisions, 3), runs, answers, figures)
+    server = {"fp32": [0.3, 0.1, 0.2], "int8": [0.1, 0.3, 0.05]}
+    out = precision_figures(precisions, precision_orders(precisions, 3), runs, answers, figures, server)
     assert out["ttft_reused_s_by_precision"] == {"fp32": 0.3, "int8": 0.2}
     assert out["ttft_reused_runs_s_by_precision"] == runs
     assert out["ttft_reused_range_s_by_precision"] == {"fp32": [0.2, 0.4], "int8": [0.15, 0.4]}
     assert out["ttft_reused_over_first"]["int8"] == pytest.approx(0.2 / 0.3)
     assert out["ttft_reused_over_first_range"]["int8"] == pytest.approx([0.5, 2.0])
+    assert out["ttft_reused_server_s_by_precision"] == {"fp32": 0.2, "int8": 0.1}
+    assert out["ttft_reused_server_runs_s_by_precision"] == server
     assert out["stored_kv_bytes_by_precision"] == {"fp32": 400, "int8": 100}
     assert out["kv_precision_reported"] == {"fp32": "fp32", "int8": "int8"}
     assert out["answers_identical_by_precision"] == {"fp32": True, "int8": False}
