@@ -23,8 +23,8 @@ segment key), then --reused-repeats rounds ask every precision a new question on
 reversed every other round:
   ttft_reused_s_by_precision        median client-side TTFT of the reused document per precision
   ttft_reused_runs_s_by_precision   the per-round TTFTs (ranges: ttft_reused_range_s_by_precision)
-  ttft_reused_over_first            each precision's median / the first precision's median, and
-                  ttft_reused_over_first_range: the per-round ratios' lowest and highest
+  ttft_reused_over_first            each precision's median / the first precision's median;
+                  ttft_reused_over_first_round_median and _range: the per-round ratios' median, lowest, highest
   ttft_reused_server_s_by_precision  the same rounds' server-side TTFT (Figures.ttft_s), medians
                   (per round: ttft_reused_server_runs_s_by_precision)
   stored_kv_bytes_by_precision      the cache's bytes as stored (Figures.stored_kv_bytes)
@@ -153,15 +153,15 @@ def precision_figures(precisions: list[str], orders: list[list[str]], runs: dict
     first = precisions[0]
     meds = {p: median(runs[p]) for p in precisions}
     rounds = range(len(orders))
+    ratios = {p: [a / b for a, b in zip(runs[p], runs[first], strict=True) if b] for p in precisions}  # per round
     differ = [r for r in rounds if any(answers[p][r] != answers[first][r] for p in precisions)]
     return {
         "precisions": list(precisions), "precision_orders": orders,
         "ttft_reused_s_by_precision": meds, "ttft_reused_runs_s_by_precision": {p: runs[p] for p in precisions},
         "ttft_reused_range_s_by_precision": {p: [min(runs[p]), max(runs[p])] if runs[p] else [] for p in precisions},
         "ttft_reused_over_first": {p: meds[p] / meds[first] if meds[first] else 0.0 for p in precisions},
-        "ttft_reused_over_first_range": {
-            p: [min(x), max(x)] if (x := [a / b for a, b in zip(runs[p], runs[first], strict=True) if b]) else []
-            for p in precisions},
+        "ttft_reused_over_first_range": {p: [min(x), max(x)] if (x := ratios[p]) else [] for p in precisions},
+        "ttft_reused_over_first_round_median": {p: median(ratios[p]) for p in precisions},
         "ttft_reused_server_s_by_precision": {p: median(server[p]) for p in precisions},
         "ttft_reused_server_runs_s_by_precision": {p: server[p] for p in precisions},
         "stored_kv_bytes_by_precision": {p: figures[p].get("stored_kv_bytes", 0) for p in precisions},
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k:{width}s}  {brief(v)}")
     if "ttft_reused_s_by_precision" in res:
         print("reused TTFT by precision: " + ", ".join(
-            f"{p} {m:.3f} s ({res['ttft_reused_range_s_by_precision'][p]}, x{res['ttft_reused_over_first'][p]:.3f})"
+            f"{p} {m:.3f} s ({brief(res['ttft_reused_range_s_by_precision'][p])}, x{res['ttft_reused_over_first'][p]:.3f})"
             for p, m in res["ttft_reused_s_by_precision"].items())
               + f"; answers identical: {res['answers_identical_by_precision']}")
     if a.only == "reused-precision":

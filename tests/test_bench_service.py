@@ -52,6 +52,7 @@ def test_json_shape_medians_ranges_bytes_and_answer_agreement() -> None:
     assert out["ttft_reused_range_s_by_precision"] == {"fp32": [0.2, 0.4], "int8": [0.15, 0.4]}
     assert out["ttft_reused_over_first"]["int8"] == pytest.approx(0.2 / 0.3)
     assert out["ttft_reused_over_first_range"]["int8"] == pytest.approx([0.5, 2.0])
+    assert out["ttft_reused_over_first_round_median"]["int8"] == pytest.approx(0.5)
     assert out["ttft_reused_server_s_by_precision"] == {"fp32": 0.2, "int8": 0.1}
     assert out["ttft_reused_server_runs_s_by_precision"] == server
     assert out["stored_kv_bytes_by_precision"] == {"fp32": 400, "int8": 100}
