@@ -16,6 +16,21 @@ Measured through the real gRPC port, client side:
   concurrent_*    16 streams from 4 tenants at once: how many completed, p50/p95 TTFT
   concurrent_decode_*  then 16 streams over the (now stored) documents decoding at once:
                   tokens/s in all, first token to last (the decode replica batches them)
+
+With --precisions fp32,int8 (default: none, the figures above only), on the same cluster and
+document, each precision's compressed cache is stored cold once (the precision is part of the
+segment key), then --reused-repeats rounds ask every precision a new question on it, the order
+reversed every other round:
+  ttft_reused_s_by_precision        median client-side TTFT of the reused document per precision
+  ttft_reused_runs_s_by_precision   the per-round TTFTs (ranges: ttft_reused_range_s_by_precision)
+  ttft_reused_over_first            each precision's median / the first precision's median;
+                  ttft_reused_over_first_round_median and _range: the per-round ratios' median, lowest, highest
+  ttft_reused_server_s_by_precision  the same rounds' server-side TTFT (Figures.ttft_s), medians
+                  (per round: ttft_reused_server_runs_s_by_precision)
+  stored_kv_bytes_by_precision      the cache's bytes as stored (Figures.stored_kv_bytes)
+  answers_identical_by_precision    whether each precision's answer tokens equal the first's in
+                  every round (answers_differ_rounds: the rounds where they do not)
+--only reused-precision measures that alone (no cold-by-policy, decode or concurrency figures).
 """
 
 from __future__ import annotations
@@ -33,6 +48,7 @@ from cluster.local import wait_stored
 
 TENANTS = {"acme": "acme-bench", "globex": "globex-bench", "initech": "initech-bench", "umbrella": "umbrella-bench"}
 COLD = ("hooli", "hooli-bench")  # the tenant of the cold TTFT by policy: the others' documents stay cold
+PRECISION = ("wayne", "wayne-bench")  # the tenant of the reused TTFT by precision
 LONG = "Write out, in words, every number from one to two hundred, separated by commas."
 
 
@@ -103,6 +119,96 @@ def cold_by_policy(addr: str, key: str, doc: str, policies: list[str], kept: flo
     return {"runs": {p: v for p, v in runs.items() if v}, "stored": stored, "handoff": handoff}
 
 
+def parse_precisions(text: str) -> list[str]:
+    """`fp32,int8` -> ["fp32", "int8"]: known precisions, each once, in the order given."""
+    from headwise.cache.quant import PRECISIONS
+
+    out: list[str] = []
+    for name in (t.strip() for t in text.split(",")):
+        if not name:
+            continue
+        if name not in PRECISIONS:
+            raise ValueError(f"unknown precision {name!r}; allowed: {', '.join(PRECISIONS)}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def precision_orders(precisions: list[str], repeats: int) -> list[list[str]]:
+    """The order of each round: as given in even rounds, reversed in odd ones (no precision always first)."""
+    return [list(precisions) if r % 2 == 0 else list(reversed(precisions)) for r in range(repeats)]
+
+
+def reused_question(r: int) -> str:
+    """Round r's question: new to every precision's stored document (the question's rows are never reused)."""
+    return f"Question {r + 1}. {QUESTION}"
+
+
+def precision_figures(precisions: list[str], orders: list[list[str]], runs: dict[str, list[float]],
+                      answers: dict[str, list[list[int]]], figures: dict[str, dict],
+                      server: dict[str, list[float]] | None = None) -> dict:
+    """The JSON of the reused-TTFT-by-precision measurement from its raw per-round records
+    (`server`: the same rounds' Figures.ttft_s, request received to first delta sent)."""
+    server = server or {p: [] for p in precisions}
+    first = precisions[0]
+    meds = {p: median(runs[p]) for p in precisions}
+    rounds = range(len(orders))
+    ratios = {p: [a / b for a, b in zip(runs[p], runs[first], strict=True) if b] for p in precisions}  # per round
+    differ = [r for r in rounds if any(answers[p][r] != answers[first][r] for p in precisions)]
+    return {
+        "precisions": list(precisions), "precision_orders": orders,
+        "ttft_reused_s_by_precision": meds, "ttft_reused_runs_s_by_precision": {p: runs[p] for p in precisions},
+        "ttft_reused_range_s_by_precision": {p: [min(runs[p]), max(runs[p])] if runs[p] else [] for p in precisions},
+        "ttft_reused_over_first": {p: meds[p] / meds[first] if meds[first] else 0.0 for p in precisions},
+        "ttft_reused_over_first_range": {p: [min(x), max(x)] if (x := ratios[p]) else [] for p in precisions},
+        "ttft_reused_over_first_round_median": {p: median(ratios[p]) for p in precisions},
+        "ttft_reused_server_s_by_precision": {p: median(server[p]) for p in precisions},
+        "ttft_reused_server_runs_s_by_precision": {p: server[p] for p in precisions},
+        "stored_kv_bytes_by_precision": {p: figures[p].get("stored_kv_bytes", 0) for p in precisions},
+        "held_kv_bytes_by_precision": {p: figures[p].get("held_kv_bytes", 0) for p in precisions},
+        "reused_tokens_by_precision": {p: figures[p].get("reused_tokens", 0) for p in precisions},
+        "reused_store_status_by_precision": {p: figures[p].get("store_status", "") for p in precisions},
+        "kv_precision_reported": {p: figures[p].get("kv_precision", "") for p in precisions},
+        "answers_identical_by_precision": {p: all(answers[p][r] == answers[first][r] for r in rounds)
+                                           for p in precisions},
+        "answers_differ_rounds": differ,
+        "answers_by_precision": answers,
+    }
+
+
+def reused_by_precision(addr: str, key: str, doc: str, precisions: list[str], policy: str, kept: float,
+                        repeats: int) -> dict:
+    """Each precision's compressed cache stored cold once, then `repeats` interleaved rounds of a new
+    question on the stored document per precision (the order reversed every other round)."""
+    opts = {"policy": policy, "kept": kept}
+    for p in precisions:
+        sent = time.time()
+        ans, _ = asyncio.run(timed_ask(addr, key, QUESTION, doc, answer_prefix=" " + PREFIX, max_new_tokens=8,
+                                       kv_precision=p, **opts))
+        print(f"store {p}: cold TTFT {ans.first_delta_s:.2f} s, {ans.figures.get('store_status')}: {ans.text!r}",
+              flush=True)
+        if ans.figures.get("store_status") == "compressing":
+            wait_stored(policy, sent)
+    orders = precision_orders(precisions, repeats)
+    runs: dict[str, list[float]] = {p: [] for p in precisions}
+    server: dict[str, list[float]] = {p: [] for p in precisions}
+    answers: dict[str, list[list[int]]] = {p: [] for p in precisions}
+    figures: dict[str, dict] = {}
+    for r, order in enumerate(orders):
+        for p in order:
+            ans, _ = asyncio.run(timed_ask(addr, key, reused_question(r), doc, answer_prefix=" " + PREFIX,
+                                           max_new_tokens=8, kv_precision=p, **opts))
+            runs[p].append(ans.first_delta_s)
+            server[p].append(ans.figures.get("ttft_s", 0.0))
+            answers[p].append(list(ans.token_ids))
+            figures.setdefault(p, ans.figures)
+            f = ans.figures
+            print(f"reused {p} #{r + 1}: TTFT {ans.first_delta_s:.3f} s (server {f.get('ttft_s', 0):.3f}), "
+                  f"{f.get('store_status')}, {f.get('kv_precision')}, stored {f.get('stored_kv_bytes', 0)} B, "
+                  f"reused {f.get('reused_tokens')}/{f.get('prompt_tokens')}: {ans.text!r}", flush=True)
+    return precision_figures(precisions, orders, runs, answers, figures, server)
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
@@ -112,7 +218,8 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else 0.0
 
 
-def run(tokens: int, policy: str, kept: float, decode_tokens: int, cold_repeats: int = 3) -> dict:
+def run(tokens: int, policy: str, kept: float, decode_tokens: int, cold_repeats: int = 3,
+        precisions: list[str] | None = None, reused_repeats: int = 6, only: str = "all") -> dict:
     from transformers import AutoTokenizer
 
     from cluster.local import LocalCluster
@@ -131,8 +238,16 @@ def run(tokens: int, policy: str, kept: float, decode_tokens: int, cold_repeats:
     doc = insert_fact(document_tokens(tok, tokens), FACT, 0.5)
     opts = {"policy": policy, "kept": kept}
     out: dict = {"policy": policy, "kept": kept, "document_tokens": tokens, "default_policy": default}
-    with LocalCluster(settings, tenants=TENANTS | dict([COLD]), log=lambda s: print(s, flush=True)) as cluster:
+    if only == "reused-precision":
+        precisions = precisions or [settings.default_kv_precision]
+    with LocalCluster(settings, tenants=TENANTS | dict([COLD, PRECISION]), log=lambda s: print(s, flush=True)) as cluster:
         addr, key = cluster.endpoints.grpc, TENANTS["acme"]
+        if precisions:  # its own tenant: the other figures' documents stay cold
+            out["default_kv_precision"] = settings.default_kv_precision
+            out["reused_repeats"] = reused_repeats
+            out.update(reused_by_precision(addr, PRECISION[1], doc, precisions, policy, kept, reused_repeats))
+        if only == "reused-precision":
+            return out
         cold_runs = cold_by_policy(addr, COLD[1], doc, cold_policies, kept, cold_repeats)
         sent = time.time()
         cold, _ = asyncio.run(timed_ask(addr, key, QUESTION, doc, answer_prefix=" " + PREFIX, max_new_tokens=8, **opts))
@@ -185,7 +300,25 @@ def run(tokens: int, policy: str, kept: float, decode_tokens: int, cold_repeats:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def brief(v):
+    """A figure as printed: floats to 3 places, lists and dicts element by element."""
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, dict):
+        return ", ".join(f"{p} {brief(x)}" for p, x in v.items())
+    if isinstance(v, list):
+        return "[" + ", ".join(brief(x) for x in v) + "]"
+    return str(v)
+
+
+def parse_args(ap: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    a = ap.parse_args(argv)
+    if a.reused_repeats < 1:
+        ap.error("--reused-repeats must be at least 1")
+    return a
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.service", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -195,16 +328,33 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--kept", type=float, default=0.25)
     ap.add_argument("--decode-tokens", type=int, default=48)
     ap.add_argument("--cold-repeats", type=int, default=3, help="copies of the document asked cold of every policy")
-    a = ap.parse_args(argv)
-    res = run(a.tokens, a.policy, a.kept, a.decode_tokens, a.cold_repeats)
+    ap.add_argument("--precisions", type=parse_precisions, default=[],
+                    help="comma-separated kv_precision values (e.g. fp32,int8): also measure the reused TTFT of "
+                         "each, interleaved on the same cluster and document (default: none)")
+    ap.add_argument("--reused-repeats", type=int, default=6, help="rounds of the reused TTFT by precision")
+    ap.add_argument("--only", choices=("all", "reused-precision"), default="all",
+                    help="reused-precision: only the reused TTFT by precision (of --precisions, default the "
+                         "server's default_kv_precision)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(parser(), argv)
+    res = run(a.tokens, a.policy, a.kept, a.decode_tokens, a.cold_repeats, a.precisions, a.reused_repeats, a.only)
     width = max(map(len, res))
     for k, v in res.items():
-        if isinstance(v, dict):
-            v = ", ".join(f"{p} {x:.2f}" if isinstance(x, float) else f"{p} {[round(y, 2) for y in x]}"
-                          for p, x in v.items())
-        elif isinstance(v, list):
-            v = [round(x, 3) for x in v]
-        print(f"{k:{width}s}  {v:.3f}" if isinstance(v, float) else f"{k:{width}s}  {v}")
+        if k == "answers_by_precision":
+            v = {p: len(x) for p, x in v.items()}
+        print(f"{k:{width}s}  {brief(v)}")
+    if "ttft_reused_s_by_precision" in res:
+        print("reused TTFT by precision: " + ", ".join(
+            f"{p} {m:.3f} s ({brief(res['ttft_reused_range_s_by_precision'][p])}, x{res['ttft_reused_over_first'][p]:.3f})"
+            for p, m in res["ttft_reused_s_by_precision"].items())
+              + f"; answers identical: {res['answers_identical_by_precision']}")
+    if a.only == "reused-precision":
+        if a.json:
+            write_json(a.json, res)
+        return
     print(f"cold TTFT {res['default_policy']} / full {res['ttft_cold_default_over_full']:.2f} of medians, "
           f"{res['ttft_cold_default_over_full_range']} per copy (target <= 1.15); "
           f"reused/cold TTFT {res['ttft_reused_s'] / res['ttft_cold_s']:.3f} (target <= 0.1); "
