@@ -140,7 +140,7 @@ def scorer_train(
 @app.command("demo")
 def demo(
     tokens: int = typer.Option(1200, help="Document length in tokens."),
-    policy: str = typer.Option("kvzip", help="Compression policy of the document (see `headwise policies`)."),
+    policy: str = typer.Option("kvzap", help="Compression policy of the document (see `headwise policies`; kvzap is the service default)."),
     kept: float = typer.Option(0.25, help="Kept fraction of the document's KV rows, in (0, 1]."),
     engine: bool = typer.Option(False, help="Run the engine-only demo instead (no cluster)."),
 ) -> None:

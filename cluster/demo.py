@@ -163,7 +163,7 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(tokens: int = 1200, policy: str = "kvzip", kept: float = 0.25, console: Console | None = None) -> list[dict]:
+def run_demo(tokens: int = 1200, policy: str = "kvzap", kept: float = 0.25, console: Console | None = None) -> list[dict]:
     from cluster.local import DEV_TENANTS, LocalCluster
 
     console = console or Console()

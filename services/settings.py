@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         default_factory=dict, description="per-tenant overrides, JSON: {tenant: {quota_bytes, ttl_s}} (kvstore enforces)")
 
     # request defaults and limits
-    default_policy: str = Field("kvzip", description="policy of a request that names none (a registered one)")
+    default_policy: str = Field("kvzap", description="policy of a request that names none (a registered one)")
     default_kept: float = Field(0.25, gt=0, le=1, description="kept fraction of a request that gives 0")
     default_kv_precision: Literal["fp32", "bf16", "int8", "int4"] = Field(
         "fp32", description="precision of stored K/V rows when a request names none (Generate.kv_precision)")

@@ -67,3 +67,16 @@ def test_same_answers_in_every_round_are_identical() -> None:
     out = precision_figures(["fp32", "int8"], precision_orders(["fp32", "int8"], 2), {"fp32": [1.0, 1.0], "int8": [1.0, 1.0]},
                             {"fp32": [[7], [8]], "int8": [[7], [8]]}, {"fp32": {}, "int8": {}})
     assert out["answers_identical_by_precision"] == {"fp32": True, "int8": True} and out["answers_differ_rounds"] == []
+
+
+def test_cold_figures_give_the_default_over_full_of_medians_and_per_copy() -> None:
+    from bench.service import cold_figures
+
+    runs = {"runs": {"full": [10.0, 12.0, 11.0], "kvzap": [10.5, 12.0, 11.0], "kvzip": [30.0, 31.0, 29.0]},
+            "stored": {"kvzip": [40.0, 42.0, 41.0]}, "handoff": {"kvzip": [29.0, 30.0, 31.0]}}
+    f = cold_figures(runs, "kvzap")
+    assert f["ttft_cold_s_by_policy"] == {"full": 11.0, "kvzap": 11.0, "kvzip": 30.0}
+    assert f["ttft_cold_default_over_full"] == 1.0
+    assert f["ttft_cold_default_over_full_range"] == [1.0, 1.05]
+    assert f["compressed_stored_after_s"] == {"kvzip": 41.0} and f["compressed_stored_after_handoff_s"] == {"kvzip": 30.0}
+    assert cold_figures({"runs": {"kvzap": [1.0]}, "stored": {}, "handoff": {}}, "kvzap")["ttft_cold_default_over_full"] == 0.0
