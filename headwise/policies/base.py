@@ -139,6 +139,21 @@ class Policy:
         raise NotImplementedError
 
 
+class ModelScopedPolicy(Policy):
+    """A policy with a `scope` setting: "model" ranks every row of the model at once
+    (`compress_model`, given the segment's sizes and metadata); any other scope compresses layer by layer."""
+
+    def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
+        if self.scope != "model":
+            return super().compress(states, start, ctx)
+        ctx, S, L, H, meta, whole = model_scope_start(self, states, start, ctx)
+        return whole if whole is not None else self.compress_model(states, start, ctx, S, L, H, meta)
+
+    def compress_model(self, states: list[LayerState], start: int, ctx: CompressContext, S: int, L: int, H: int,
+                       meta: dict) -> CompactCache:
+        raise NotImplementedError
+
+
 def check_budget(policy, budget: int, protected: int, what: str = "sinks + window") -> None:
     """Bad parameters fail loudly instead of silently keeping something else."""
     if budget < protected:

@@ -14,14 +14,13 @@ from headwise.policies.base import (
     CompressContext,
     HeadRows,
     LayerState,
-    Policy,
+    ModelScopedPolicy,
     check_budget,
     check_ints,
     forced_window,
     keep_all,
     keep_top,
     keep_top_global,
-    model_scope_start,
     optional,
     query_aware_defaults,
     rows_cache,
@@ -51,7 +50,7 @@ class HeadMerge:
 
 
 @dataclass(frozen=True)
-class EMSPolicy(Policy):
+class EMSPolicy(ModelScopedPolicy):
     """EMS (ALGORITHMS.md 3, a [P] reconstruction): global-local score, evict-then-merge, zero class.
 
     Score = lam * global + (1 - lam) * local, each mean-aligned over the prefix: global is
@@ -158,12 +157,8 @@ class EMSPolicy(Policy):
         budget = n_c + self.window if budget is None else budget
         return merge_plan(keys, values, score, centers, int(self.candidates * budget), self.tau)
 
-    def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
-        if self.scope != "model":
-            return super().compress(states, start, ctx)
-        ctx, S, L, H, meta, whole = model_scope_start(self, states, start, ctx)
-        if whole is not None:
-            return whole
+    def compress_model(self, states: list[LayerState], start: int, ctx: CompressContext, S: int, L: int, H: int,
+                       meta: dict) -> CompactCache:
         W = forced_window(states[0], self.window)
         check_budget(self, self.budget(S), self.sinks + W)
         total = max(L * H * (self.sinks + W), round(self.kept * L * H * S))

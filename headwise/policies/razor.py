@@ -11,13 +11,12 @@ from headwise.policies.base import (
     Capture,
     CompressContext,
     LayerState,
-    Policy,
+    ModelScopedPolicy,
     check_budget,
     check_ints,
     keep_all,
     keep_top,
     keep_top_global,
-    model_scope_start,
     optional,
 )
 from headwise.policies.scoring import group_reduce, window_scores
@@ -27,7 +26,7 @@ COMPENSATIONS = ("weighted", "plain", "none")
 
 
 @dataclass(frozen=True)
-class RazorPolicy(Policy):
+class RazorPolicy(ModelScopedPolicy):
     """RazorAttention (ALGORITHMS.md 1): retrieval heads whole, the rest sinks + 1 compensation row + their own rows.
 
     [F] retrieval heads = top `induction` (0.14) of (layer, KV head) pairs by induction score
@@ -119,12 +118,8 @@ class RazorPolicy(Policy):
             return state.reconstruction
         return None
 
-    def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
-        if self.scope != "model":
-            return super().compress(states, start, ctx)
-        ctx, S, L, H, meta, whole = model_scope_start(self, states, start, ctx)
-        if whole is not None:
-            return whole
+    def compress_model(self, states: list[LayerState], start: int, ctx: CompressContext, S: int, L: int, H: int,
+                       meta: dict) -> CompactCache:
         rows = self.head_rows(S, ctx, H)
         whole = [(li, h) for (li, h), n in rows.items() if n >= S]
         comp = int(self.compensation != "none")

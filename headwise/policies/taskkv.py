@@ -12,7 +12,7 @@ from headwise.policies.base import (
     Capture,
     CompressContext,
     LayerState,
-    Policy,
+    ModelScopedPolicy,
     check_budget,
     check_ints,
     forced_window,
@@ -21,7 +21,6 @@ from headwise.policies.base import (
     keep_all,
     keep_top,
     keep_top_global,
-    model_scope_start,
     optional,
     query_aware_defaults,
 )
@@ -29,7 +28,7 @@ from headwise.policies.scoring import check_scope, check_signal, model_scores, o
 
 
 @dataclass(frozen=True)
-class TaskKVPolicy(Policy):
+class TaskKVPolicy(ModelScopedPolicy):
     """Task-KV (ALGORITHMS.md 2): semantic separator picks heterogeneous heads that keep everything.
 
     [F] head semantic vector = (top-t column-mean window attention) . V, t = 256, window 32;
@@ -86,12 +85,8 @@ class TaskKVPolicy(Policy):
         """[Hkv, N] column-mean observation (the semantic separator's C)."""
         return observation(state, self.signal, self.window, ctx.model_id, weight=self.weight, norm=ctx.norm)
 
-    def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
-        if self.scope != "model":
-            return super().compress(states, start, ctx)
-        ctx, S, L, n, meta, whole = model_scope_start(self, states, start, ctx)
-        if whole is not None:
-            return whole
+    def compress_model(self, states: list[LayerState], start: int, ctx: CompressContext, S: int, L: int, n: int,
+                       meta: dict) -> CompactCache:
         R = forced_window(states[0], self.recent)
         protected = self.sinks + R
         check_budget(self, self.budget(S), protected, "sinks + recent")
