@@ -19,7 +19,7 @@ attention views, and the kinds then take turns step by step:
 Every `--reset` steps the tails are dropped (fresh copies of the prefilled caches and one untimed
 step), so no timed step rebuilds its views when a tail outgrows their capacity. Steps are timed in
 wall and process CPU seconds. Each kind also reports what a step reads: held rows per stream and
-the slots of the pages it touches (keys and values; PoD's distant rows carry the base layer's key).
+the slots of the pages it touches (values, and keys: PoD's distant pages hold none).
 """
 
 from __future__ import annotations
@@ -98,12 +98,18 @@ class Kind:
         return wall, cpu
 
     def reads(self) -> dict:
-        """Held rows per stream and page slots a step reads now (per stream, all layers)."""
+        """Held rows per stream and page slots a step reads now (per stream, all layers): value
+        slots, key slots (PoD's distant pages hold none) and their bytes."""
         v = self.views
         C = v.views[0].keys.shape[-1]
         slots = sum(x.active(v.steps) for x in v.views) * C
+        key_slots = sum(x.active(v.steps) - x.nd for x in v.views) * C
+        row = v.views[0].values.shape[-1] * v.views[0].values.element_size()  # bytes of one key or value row
         held = sum(lc.num_rows for lc in self.base.layers)
-        return {"held_rows": held, "slots_read": slots / self.B, "slots_per_held_row": slots / self.B / held}
+        held_keys = sum(lc.num_key_rows for lc in self.base.layers)
+        return {"held_rows": held, "held_key_rows": held_keys, "slots_read": slots / self.B,
+                "key_slots_read": key_slots / self.B, "slots_per_held_row": slots / self.B / held,
+                "kv_mb_read": (slots + key_slots) * row / self.B / 1e6}
 
     def drop(self) -> None:
         self.caches, self.views = [], None
@@ -255,7 +261,7 @@ def main() -> None:
             print(f"{n:10s} step {f['step_ms']['median']:7.1f} ms (cpu {f['step_cpu_ms']['median']:7.1f}) {f['tok_s']:6.2f} tok/s"
                   f"  x full {x['median']:.3f} [{x['q1']:.3f}, {x['q3']:.3f}] cpu {xc['median']:.3f} [{xc['q1']:.3f}, {xc['q3']:.3f}]"
                   + (f"  x streaming cpu {xs['median']:.3f}" if xs else "")
-                  + (f"  slots/held row {f['slots_per_held_row']:.3f}" if "slots_per_held_row" in f else ""))
+                  + (f"  slots/held row {f['slots_per_held_row']:.3f}, K/V {f['kv_mb_read']:.1f} MB/stream" if "slots_per_held_row" in f else ""))
     if a.json:
         write_json(a.json, res)
 

@@ -3,7 +3,7 @@
 A `PagedView` holds one layer of B caches in pages of PAGE slots. (stream b, KV head h) is row
 bh = b * Hkv + h and owns the slots [0, n_bh) (its ragged rows, in head order) then
 [n_bh, n_bh + cap) (its decode tail), cut into pages of PAGE consecutive slots (a PoD head's
-distant rows, which hold no key of their own, follow in pages of their own: see below); a page is
+distant rows, which hold no key of their own, come first in pages of their own: see below); a page is
 one batch entry of the two batched matmuls, so a short head costs its own pages, not the
 layer's longest head (a padded `[B*Hkv, L, d]` block read 1.66 slots per kept row with
 kvzip at kept 0.25 on the default model; pages read 1 + PAGE / (2 n) on average).
@@ -21,11 +21,17 @@ row at most; places of pages not read stay -inf) and one max per row over its pa
 exponentials summed per row with `index_add_`, `bmm` with V and `index_add_` per row, divided by
 the sums. Logits are G / (2 d) of the K/V bytes (3/128 on the default model); the K/V reads,
 which dominate, touch only held rows. Exact per head: the same softmax over the same logits.
-Log-weights live in the bias; the recall watch reads the softmax row. PoD: a distant row's
-logit is the base layer's q_base . K_base, so its page holds the base layer's key of its token
-and is scored with the base layer's query of the step (`page_q` picks the query row per page):
-the same one `baddbmm` and one softmax, no key slot read for a row that has no key, no second
-product and no scatter of its logits.
+Log-weights live in the bias; the recall watch reads the softmax row.
+
+PoD: a distant row's logit is the base layer's q_base . K_base, the same in every layer of the
+block, and the base layer's own product computes it (the base head holds the key of every
+token of the block). So a base layer keeps its step's logits without their bias (`raw`, one
+subtraction over its `[n, G, PAGE]` logits), and a later layer of its block takes the logits of
+its distant rows from there (`torch.take` by an index built with the view) and adds its own
+log-weights. A layer's distant rows sit in the first pages of its arena, which hold values and
+bias but no keys: no key slot is read for a row that has no key, and the base layer's keys of
+a block are read once per step (by the base layer's own product), however many layers share
+them. The logits of the softmax are the same per head, so the result is exact.
 
 The caches' decode tails stay dense (`LayerCache.tail_keys` is a view of a `[B*Hkv, cap, d]`
 block per layer) and are written beside the pages each step, so `compacted()`, recall and
@@ -42,7 +48,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from headwise.attention_common import MergedShare, distant_plans
+from headwise.attention_common import MergedShare, _distant_plan
 from headwise.cache.compact import LayerCache
 
 PAGE = 64  # slots per page: waste is PAGE / 2 slots per (stream, head) on average, calls n / PAGE
@@ -52,17 +58,24 @@ PAGE = 64  # slots per page: waste is PAGE / 2 slots per (stream, head) on avera
 class PagedView:
     """One layer of B caches in pages (see the module docstring). BH = B * Hkv, N pages, C = PAGE.
 
-    keys [N, d, C] (each page's keys transposed), values [N, C, d], bias [N, 1, C]: log-weight
-    of a held row, 0 on a written tail slot, -inf elsewhere. page_bh, page_j [N]: each page's
-    row and its index among the row's pages; act: the step (since the build) from which each
-    page is needed, ascending. tail_at [BH, cap]: where tail slot t of a row lives (page * C + column).
-    pad_index [N] = page_bh * J + page_j, page_max [BH*J, G] each page's logit max (-inf for
-    pages not yet read), scratch [N, G, C] the logits. merged [N, C]: slots of merged rows
-    (recall watch), row_at [N, C] the row within its head each slot holds (with merged only).
-    PoD: a row's distant rows sit in pages of their own after its own slots, keyed with the
-    base layer's keys of their tokens; page_q [N] the row of `cat([q, base_q])` each page is
-    scored with (bh: its own queries, BH + bh: its base layer's), dist_base [BH] each row's base
-    layer (-1: none), bases the distinct ones.
+    keys [N - nd, d, C] (each page's keys transposed; the first nd pages hold none), values
+    [N, C, d], bias [N, 1, C]: log-weight of a held row, 0 on a written tail slot, -inf
+    elsewhere. page_bh, page_j [N]: each page's row and its index among the row's pages; act:
+    the step (since the build) from which each page is needed, ascending. tail_at [BH, cap]:
+    where tail slot t of a row lives (page * C + column). pad_index [N] = page_bh * J + page_j,
+    page_max [BH*J, G] each page's logit max (-inf for pages not yet read), scratch [N, G, C]
+    the logits. merged [N, C]: slots of merged rows (recall watch), row_at [N, C] the row
+    within its head each slot holds (with merged only). where [BH, J]: the arena page of page j
+    of row bh.
+
+    PoD: a layer's distant rows sit in its first nd pages (grouped by base layer, then by row),
+    which hold values and bias but no keys. shares: per base layer, (base layer, that layer's
+    `raw`, first page, end page, src [p1 - p0, G, C]): the logit of slot (page, g, column) is
+    raw.flatten()[src] plus the slot's bias (a padding slot points at a real row of its page
+    and has bias -inf). raw [N, G, C] on a layer whose logits later layers read: its step's
+    logits without the bias (allocated when the first such layer's view is built); shares_from
+    the base layers read. bases: the layers whose queries the view needs, always none here (the
+    logits are shared instead); the attribute is the decode interface's (attention_varlen).
     """
 
     keys: Tensor
@@ -79,8 +92,11 @@ class PagedView:
     built_at: int = 0  # DecodeViews.steps when built
     merged: Tensor | None = None
     row_at: Tensor | None = None
-    page_q: Tensor | None = None
-    dist_base: Tensor | None = None
+    where: Tensor | None = None
+    nd: int = 0
+    shares: tuple[tuple[int, Tensor, int, int, Tensor], ...] = ()
+    raw: Tensor | None = None
+    shares_from: tuple[int, ...] = ()
     bases: tuple[int, ...] = ()
 
     def active(self, steps: int) -> int:
@@ -88,11 +104,34 @@ class PagedView:
         return bisect.bisect_right(self.act, steps - self.built_at)
 
 
+def _distant_rows(layers: Sequence[LayerCache], base_layers, H: int) -> list[tuple[int, int, Tensor, Tensor]]:
+    """PoD over B streams' layers: for every (stream b, head h) with distant rows, (base layer,
+    b * H + h, the distant rows' indices within the head, the base head's rows of their tokens)."""
+    out = []
+    for b, lc in enumerate(layers):
+        for h in range(H):
+            if lc.head_distant(h) is None:
+                continue
+            if base_layers is None:
+                raise ValueError(f"head {h} takes its distant logits from layer {lc.distant_from[h]}; pass the "
+                                 "caches' layers (base_layers)")
+            bl = lc.distant_from[h]
+            base = base_layers[b][bl]
+            _, distant, rows = _distant_plan(lc, h, base, bl)
+            k0 = int(base.key_offsets()[h])  # the base head holds a key for each of its rows: key index = row + k0
+            if isinstance(rows, slice):
+                rows = torch.arange(rows.start, rows.stop, device=distant.device)
+            out.append((bl, b * H + h, distant, rows - k0))
+    return out
+
+
 def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Sequence[Sequence[LayerCache]] | None = None,
-                dtype: torch.dtype | None = None) -> PagedView:
+                dtype: torch.dtype | None = None, base_views: dict[int, PagedView] | None = None) -> PagedView:
     """The paged view of one layer of B caches (`layers[b]`), with `cap` tail slots per row (the
-    first tail_len of them filled from each layer's tail). Runs once per cache change: the
-    host reads and the copies here are paid once, not per step."""
+    first tail_len of them filled from each layer's tail). PoD rows need the caches' layers
+    (`base_layers[b]`) and the views of the base layers (`base_views`, built before: the
+    distant logits are read from their `raw`). Runs once per cache change: the host reads and
+    the copies here are paid once, not per step."""
     lc0 = layers[0]
     H, d, C = lc0.num_heads, lc0.head_dim, PAGE
     BH = len(layers) * H
@@ -102,22 +141,26 @@ def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Seq
     T0 = [lc.tail_len for lc in layers for _ in range(H)]
     if max(T0, default=0) > cap:
         raise ValueError(f"a view of {cap} tail slots cannot hold a tail of {max(T0)} rows")
-    # PoD: (bh, distant rows within the head, the base layer's keys of their tokens, base layer)
-    plans = distant_plans(layers, base_layers, H) if pod else []
+    # PoD: (base layer, bh, distant rows within the head, the base head's rows of their tokens)
+    plans = _distant_rows(layers, base_layers, H) if pod else []
+    if plans and (base_views is None or any(p[0] not in base_views for p in plans)):
+        raise ValueError(f"distant rows take their logits from layers {sorted({p[0] for p in plans})}; pass their views")
     nd = [0] * BH
-    for bh, rows, _, _ in plans:
-        nd[bh] = rows.numel()
+    base_of = [-1] * BH
+    for bl, bh, rows, _ in plans:
+        nd[bh], base_of[bh] = rows.numel(), bl
     nk = [n - m for n, m in zip(lens, nd, strict=True)]  # own rows: keyed, then the tail after them
-    own = [-(-(k + cap) // C) for k in nk]  # pages of the own slots [0, nk + cap)
-    npages = [o + -(-m // C) for o, m in zip(own, nd, strict=True)]  # then the distant rows' pages
+    dpages = [-(-m // C) for m in nd]  # pages of the distant rows: j in [0, dpages)
+    npages = [p + -(-(k + cap) // C) for p, k in zip(dpages, nk, strict=True)]  # then the own slots
     J = max(npages)
-    # the step (since the build) from which page j of row bh is needed: its first slot j*C is
-    # written when the tail reaches j*C - nk_bh (pages of held rows, distant pages: from the start)
-    order = sorted((max(0, j * C - k - t) if j < o else 0, bh, j)
-                   for bh, (k, t, o, p) in enumerate(zip(nk, T0, own, npages, strict=True)) for j in range(p))
+    # distant pages first (by base layer, row), then the others by the step (since the build) from
+    # which they are needed: own page j of row bh when the tail reaches its first slot
+    order = sorted(((0, 0, base_of[bh], bh, j) if j < p else (max(0, (j - p) * C - k - t), 1, 0, bh, j))
+                   for bh, (k, t, p, q) in enumerate(zip(nk, T0, dpages, npages, strict=True)) for j in range(q))
     N = len(order)
-    page_bh = torch.tensor([o[1] for o in order], dtype=torch.long)
-    page_j = torch.tensor([o[2] for o in order], dtype=torch.long)
+    n_dist = sum(dpages)
+    page_bh = torch.tensor([o[3] for o in order], dtype=torch.long)
+    page_j = torch.tensor([o[4] for o in order], dtype=torch.long)
     where = torch.full((BH, J), -1, dtype=torch.long)  # page index in the arena of (row, j)
     where[page_bh, page_j] = torch.arange(N)
     where = where.to(dev)
@@ -131,20 +174,20 @@ def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Seq
     bias = torch.full((N * C,), float("-inf"), dtype=dt, device=dev)
     merged = torch.zeros(N * C, dtype=torch.bool, device=dev)
     row_at = torch.full((N * C,), -1, dtype=torch.long, device=dev)  # row within its head of each slot (recall)
-    nk_t = torch.tensor(nk, dtype=torch.long, device=dev)
-    d0 = torch.tensor(own, dtype=torch.long, device=dev) * C  # first slot of each row's distant pages
+    own0 = torch.tensor(dpages, dtype=torch.long, device=dev) * C  # first own slot of each row (after its distant pages)
+    nk_t = own0 + torch.tensor(nk, dtype=torch.long, device=dev)  # first tail slot of each row
     for b, lc in enumerate(layers):
         off = lc.head_offsets
         R = lc.values.shape[0]
         head = torch.repeat_interleave(torch.arange(H, device=dev), off[1:] - off[:-1], output_size=R)
         row = torch.arange(R, device=dev) - off[head]  # [R] row index within its head
         if lc.distant is None:
-            slot = row
-        else:  # keyed rows at their rank among the head's keyed rows, distant ones in pages of their own
+            slot = own0[b * H + head] + row
+        else:  # distant rows in the row's first pages, keyed rows after them, each in head order
             dist = lc.distant.long()
             before = torch.cat([dist.new_zeros(1), dist.cumsum(0)])  # distant rows before each row (and the end)
             db = before[:R] - before[off[head]]  # distant rows before this one within its head
-            slot = torch.where(lc.distant, d0[b * H + head] + db, row - db)
+            slot = torch.where(lc.distant, db, own0[b * H + head] + row - db)
         at = flat(b * H + head, slot)
         keyed = at if lc.distant is None else at[~lc.distant]
         K.index_copy_(0, keyed, lc.keys.to(dt))
@@ -161,44 +204,59 @@ def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Seq
             K.index_copy_(0, at.flatten(), lc.tail_keys[:, :T].reshape(H * T, d).to(dt))
             V.index_copy_(0, at.flatten(), lc.tail_values[:, :T].reshape(H * T, d).to(dt))
             bias[at.flatten()] = 0
-    for bh, rows, keys, _ in plans:  # a distant row's key in its page: the base layer's key of its token
-        K.index_copy_(0, flat(torch.full_like(rows, bh), d0[bh] + torch.arange(rows.numel(), device=dev)), keys.to(dt))
     tail = flat(torch.arange(BH, device=dev)[:, None].expand(BH, cap), nk_t[:, None] + torch.arange(cap, device=dev))
     page_bh, page_j = page_bh.to(dev), page_j.to(dev)
     has_merged = bool(merged.any())
     view = PagedView(
-        K.view(N, C, d).transpose(1, 2).contiguous(), V.view(N, C, d), bias.view(N, 1, C), page_bh, page_j,
+        K.view(N, C, d)[n_dist:].transpose(1, 2).contiguous(), V.view(N, C, d), bias.view(N, 1, C), page_bh, page_j,
         [o[0] for o in order], tail, page_bh * J + page_j,
         torch.full((BH * J, G), float("-inf"), dtype=dt, device=dev), torch.empty(N, G, C, dtype=dt, device=dev), H,
         merged=merged.view(N, C) if has_merged else None, row_at=row_at.view(N, C) if has_merged else None,
+        where=where, nd=n_dist,
     )
     if plans:
-        # a page's queries: its row's own (q[bh]) or, on distant pages, its base layer's (base_q[bh] at BH + bh)
-        base = torch.full((BH,), -1, dtype=torch.long)
-        for bh, _, _, bl in plans:
-            base[bh] = bl
-        view.page_q = torch.where(page_j < torch.tensor(own, dtype=torch.long, device=dev)[page_bh], page_bh, page_bh + BH)
-        view.bases = tuple(sorted({p[3] for p in plans}))
-        view.dist_base = base.to(dev)
+        # each distant slot's place in its base layer's pages; padding slots: the first slot of their page
+        src_slot = torch.full((n_dist * C,), -1, dtype=torch.long, device=dev)
+        for bl, bh, rows, base_rows in plans:
+            bv = base_views[bl]
+            bhs = torch.full_like(rows, bh)
+            src_slot[flat(bhs, torch.arange(rows.numel(), device=dev))] = bv.where[bhs, base_rows // C] * C + base_rows % C
+        src_slot = src_slot.view(n_dist, C)
+        src_slot = torch.where(src_slot >= 0, src_slot, src_slot[:, :1])
+        g = torch.arange(G, device=dev)[None, :, None]
+        src = ((src_slot // C)[:, None, :] * G + g) * C + (src_slot % C)[:, None, :]  # [nd, G, C] into raw [., G, C]
+        shares = []
+        page_base = [order[i][2] for i in range(n_dist)]
+        for bl in sorted(set(page_base)):
+            p0, p1 = page_base.index(bl), len(page_base) - page_base[::-1].index(bl)
+            bv = base_views[bl]
+            if bv.raw is None:
+                bv.raw = torch.empty_like(bv.scratch)
+            shares.append((bl, bv.raw, p0, p1, src[p0:p1].contiguous()))
+        view.shares = tuple(shares)
+        view.shares_from = tuple(s[0] for s in shares)
     return view
 
 
 def paged_decode(q: Tensor, view: PagedView, n: int, scaling: float, base_q: Tensor | None = None,
                  thresholds: Tensor | None = None) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """One decode step of B sequences over the first n pages: q [BH, G, d] (sequence-major, then
-    KV head, then group); base_q the base layers' queries in the same layout (PoD views).
+    KV head, then group). base_q: not read (PoD's distant logits come from the base layers'
+    views, which ran earlier in the step); the argument is the decode interface's.
     Returns the output [BH, G, d] and, when `thresholds` [BH, 1] is given and the view has merged
     rows, the (row bh, row within the head, share) of every merged row whose share passed its
     row's threshold (one device sync per layer, only then)."""
     BH, G, d = q.shape
     pb = view.page_bh[:n]
-    if view.page_q is not None:  # PoD: distant pages are scored with the base layer's queries
-        if base_q is None:
-            raise ValueError(f"distant rows are scored with layer {view.bases[0]}; pass that layer's queries")
-        qp = torch.cat([q, base_q]).index_select(0, view.page_q[:n])
-    else:
-        qp = q.index_select(0, pb)
-    s = torch.baddbmm(view.bias[:n], qp, view.keys[:n], alpha=scaling, out=view.scratch[:n])  # [n, G, C]
+    nd = view.nd
+    s = view.scratch[:n]  # [n, G, C]
+    for _, raw, p0, p1, src in view.shares:  # PoD: the base layer's q_base . K_base of the distant rows' tokens
+        torch.take(raw, src, out=s[p0:p1])
+    if nd:
+        s[:nd].add_(view.bias[:nd])
+    torch.baddbmm(view.bias[nd:n], q.index_select(0, pb[nd:]), view.keys[: n - nd], alpha=scaling, out=s[nd:])
+    if view.raw is not None:  # later layers read these logits (without the bias: they add their own)
+        torch.sub(s, view.bias[:n], out=view.raw[:n])
     # one max per (row, query head) over its pages: the softmax of the row, in pages
     view.page_max.index_copy_(0, view.pad_index[:n], s.amax(-1))  # [BH*J, G]; places of later pages stay -inf
     top = view.page_max.view(BH, -1, G).amax(1)  # [BH, G]
@@ -293,8 +351,9 @@ class DecodeViews:
             self.tails.append((tk, tv))
 
     def _make_view(self, lcs: Sequence[LayerCache], base_layers: Sequence[Sequence[LayerCache]]) -> PagedView:
-        """One layer's view of the B caches (a subclass holds another layout: attention_varlen)."""
-        return build_paged(lcs, self.cap, self.G, base_layers)
+        """One layer's view of the B caches (a subclass holds another layout: attention_varlen).
+        PoD: the views of the earlier layers are built already (their logits are shared)."""
+        return build_paged(lcs, self.cap, self.G, base_layers, base_views=dict(enumerate(self.views)))
 
     def fits(self, caches: Sequence) -> bool:
         """The same caches, in the same order, untouched since the last step, with a free slot."""
@@ -303,10 +362,15 @@ class DecodeViews:
         return all(c.layers[0].tail_len == t and t < self.cap for c, t in zip(caches, self.lens, strict=True))
 
     def refresh(self, caches: Sequence) -> None:
-        """Rebuild the views of layers replaced since the last step (recall swaps a layer object)."""
+        """Rebuild the views of layers replaced since the last step (recall swaps a layer object),
+        and of the layers that read a rebuilt layer's logits or queries (PoD)."""
+        rebuilt: set[int] = set()
         for i, installed in enumerate(self.layers):
-            if any(c.layers[i] is not lc or lc.tail_keys is not tk for c, (lc, tk) in zip(caches, installed, strict=True)):
+            deps = set(getattr(self.views[i], "shares_from", ())) | set(getattr(self.views[i], "bases", ()))
+            if deps & rebuilt or any(c.layers[i] is not lc or lc.tail_keys is not tk
+                                     for c, (lc, tk) in zip(caches, installed, strict=True)):
                 self._build(i, caches)
+                rebuilt.add(i)
 
     def step_index(self) -> "StepIndex":
         """Where this step's token goes in every layer, computed once per step for all layers."""
@@ -317,8 +381,9 @@ class DecodeViews:
         at = torch.stack([v.tail_at for v in self.views])[:, bh, t]  # [layers, BH]: page * C + column
         d = self.views[0].values.shape[-1]
         C = PAGE
-        # keys are [N, d, C]: element j of a key at page * d * C + j * C + column
-        key_at = ((at // C) * (d * C) + at % C)[:, :, None] + torch.arange(d, device=dev) * C  # [layers, BH, d]
+        # keys are [N - nd, d, C] (pages nd.. of the arena): element j of a key at (page - nd) * d * C + j * C + column
+        nd = torch.tensor([v.nd for v in self.views], dtype=torch.long, device=dev)[:, None]
+        key_at = ((at // C - nd) * (d * C) + at % C)[:, :, None] + torch.arange(d, device=dev) * C  # [layers, BH, d]
         return StepIndex(at, key_at.flatten(1), bh * cap + t)
 
     def write(self, i: int, idx: "StepIndex", k: Tensor, v: Tensor) -> tuple[PagedView, int]:

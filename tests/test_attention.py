@@ -141,10 +141,11 @@ def _reference_step(runner, token: int, cache: CompactCache, thr, stats: DecodeS
     return runner.model.lm_head(runner._inner.norm(h[0])).float()[0]
 
 
-def _swap_merged_row(cache: CompactCache) -> bool:
-    """Recall's change mid-decode: replace one merged row by its originals (a new layer object)."""
+def _swap_merged_row(cache: CompactCache, only: set[int] | None = None) -> bool:
+    """Recall's change mid-decode: replace one merged row by its originals (a new layer object),
+    in the first layer (of `only`, when given) that holds one."""
     for i, lc in enumerate(cache.layers):
-        if lc.recall is None or lc.recall.num_groups == 0:
+        if lc.recall is None or lc.recall.num_groups == 0 or (only is not None and i not in only):
             continue
         for h in range(lc.num_heads):
             a, b = int(lc.head_offsets[h]), int(lc.head_offsets[h + 1])
@@ -252,4 +253,113 @@ def test_decode_batch_pod_with_merged_rows_equals_reference(runner, ctx, monkeyp
         assert [(i, s.head, s.row) for i, s in a.recalls] == [(i, s.head, s.row) for i, s in b.recalls]
         assert [s.share for _, s in a.recalls] == pytest.approx([s.share for _, s in b.recalls], abs=ATOL)
     assert any(i in both for i, _ in s_mine[0].recalls), "merged rows of a layer with distant rows were watched"
+    runner._views = None
+
+
+def _pod_layer(g: torch.Generator, S: int, d: int, keep: list[list[int]], distant: list[list[int]],
+               distant_from: list[int]) -> LayerCache:
+    """A hand-made layer: head h holds the tokens keep[h] (ascending), those in distant[h] without
+    a key (their logits from layer distant_from[h]); random keys, values and log-weights."""
+    ks, vs, ps, lws, ds = [], [], [], [], []
+    for h, toks in enumerate(keep):
+        dist = torch.tensor([t in distant[h] for t in toks], dtype=torch.bool)
+        ks.append(torch.randn(int((~dist).sum()), d, generator=g))
+        vs.append(torch.randn(len(toks), d, generator=g))
+        ps.append(torch.tensor(toks, dtype=torch.long))
+        lws.append(torch.rand(len(toks), generator=g) * 2)  # every row weighted: log-weights of base rows too
+        ds.append(dist)
+    any_dist = any(bool(x.any()) for x in ds)
+    return LayerCache.from_heads(ks, vs, ps, lws, distant=ds if any_dist else None,
+                                 distant_from=[b if distant[h] else -1 for h, b in enumerate(distant_from)] if any_dist else None)
+
+
+def _pod_cache(seed: int, S: int = 40, d: int = 8) -> CompactCache:
+    """Four layers, three KV heads: layer 0 the base of heads 0 and 1, layer 1 the base of head 2
+    and a member of head 0's block, layers 2 and 3 members of blocks of both bases. Each member
+    has its own distant tokens (subsets of the base head's, different per layer), so the distant
+    logits of a layer are not those of another layer of its block."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = torch.Generator().manual_seed(seed + 1)
+
+    def pick(toks: list[int], n: int) -> list[int]:
+        return sorted(toks[i] for i in torch.randperm(len(toks), generator=rnd)[:n].tolist())
+
+    base0 = [pick(list(range(S)), 30), pick(list(range(S)), 25), pick(list(range(S)), 28)]
+    base1_h2 = pick(list(range(S)), 33)
+    layers = [_pod_layer(g, S, d, base0, [[], [], []], [-1, -1, -1])]
+    k1 = [pick(base0[0], 26), pick(list(range(S)), 20), base1_h2]
+    layers.append(_pod_layer(g, S, d, k1, [pick(k1[0], 17), [], []], [0, -1, -1]))
+    k2 = [pick(base0[0], 24), pick(base0[1], 22), pick(base1_h2, 30)]
+    layers.append(_pod_layer(g, S, d, k2, [pick(k2[0], 9), pick(k2[1], 14), pick(k2[2], 21)], [0, 0, 1]))
+    k3 = [pick(base0[0], 29), pick(list(range(S)), 18), pick(base1_h2, 31)]
+    layers.append(_pod_layer(g, S, d, k3, [pick(k3[0], 23), [], pick(k3[2], 12)], [0, -1, 1]))
+    return CompactCache(layers, S)
+
+
+@pytest.mark.parametrize("page", [64, 5])
+def test_paged_distant_logits_per_layer_equal_reference(monkeypatch, page):
+    """PoD's distant logits shared from the base layer's product: members of a block whose
+    distant tokens differ per layer (subsets of the base head's, in several pages with 5-slot
+    pages), a layer holding rows of two bases and being a base itself, log-weights on base and
+    distant rows, two streams with different layouts; every layer's decode output over three
+    steps equals the per-head reference (q_base . K_base of each distant row's own token), and
+    the distant pages hold no keys."""
+    from headwise import attention_paged as ap
+
+    monkeypatch.setattr(ap, "PAGE", page)
+    H, G, d, scaling = 3, 2, 8, 0.35
+    mine = [_pod_cache(200), _pod_cache(300)]
+    theirs = [c.clone() for c in mine]
+    B = len(mine)
+    views = ap.DecodeViews(mine, 64, G)
+    for i, v in enumerate(views.views):
+        assert v.keys.shape[0] == v.values.shape[0] - v.nd, "distant pages hold no keys"
+        assert (v.nd > 0) == (i > 0) and v.shares_from == tuple(sorted({b for c in mine for b in c.layers[i].distant_from or () if b >= 0}))
+    g = torch.Generator().manual_seed(7)
+    for step in range(3):
+        idx = views.step_index()
+        qs = [list(torch.randn(B, H * G, 1, d, generator=g)) for _ in mine[0].layers]  # [layer][b]: [Hq, 1, d]
+        kv = [(torch.randn(B, H, d, generator=g), torch.randn(B, H, d, generator=g)) for _ in mine[0].layers]
+        for i in range(len(mine[0].layers)):
+            k, v = kv[i]
+            view, n = views.write(i, idx, k.reshape(B * H, d), v.reshape(B * H, d))
+            qb = torch.stack([qs[i][b][:, 0] for b in range(B)]).reshape(B * H, G, d)
+            got = ap.paged_decode(qb, view, n, scaling)[0].view(B, H * G, d)
+            for b, c in enumerate(theirs):
+                c.layers[i].append(k[b][:, None], v[b][:, None], torch.tensor([c.seq_len]))
+                shared = BaseQueries(c.layers, {j: qs[j][b] for j in range(i)}, c.shared_bases())
+                want = ref.ragged_decode_attention(qs[i][b], c.layers[i], scaling, None, shared)[0][:, 0]
+                torch.testing.assert_close(got[b], want, atol=ATOL, rtol=0, msg=f"step {step}, layer {i}, stream {b}")
+        views.advance(mine, torch.tensor([c.seq_len for c in mine]))
+        for c in mine + theirs:
+            c.advance(1)
+
+
+def test_decode_batch_pod_recall_in_base_layer_equals_reference(runner, ctx, monkeypatch):
+    """A recall swap in a PoD base layer (a PoD cache extended by EMS: the base layer's merged
+    rows) rebuilds that layer's view, and with it the views of the layers that read its logits:
+    decoding on equals the reference."""
+    from headwise import attention_paged
+
+    monkeypatch.setattr(attention_paged, "PAGE", 5)
+    runner._views = None
+    pod = _cache(runner, ctx, "pod", 230, seed=130)
+    chain = runner.prefill_segment(_ids(190, 131), cache=pod, policy=get_policy("ems", kept=0.3), ctx=ctx).cache
+    bases = set(chain.shared_bases())
+    assert bases, "the PoD cache has blocks"
+    theirs = chain.clone()
+    st_m, st_t = DecodeStats(), DecodeStats()
+    swapped = False
+    for step in range(6):
+        tok = int(6 + 11 * step % 250)
+        got = runner.decode_batch([tok], [chain], [0.02], [st_m])
+        want = _reference_step(runner, tok, theirs, 0.02, st_t)[None]
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"step {step}")
+        if step == 2:
+            old = list(runner._views.views)
+            swapped = _swap_merged_row(chain, only=bases) and _swap_merged_row(theirs, only=bases)
+            assert swapped, "a base layer holds a merged row with originals"
+    new = runner._views.views
+    i = next(i for i in range(len(new)) if new[i] is not old[i])
+    assert i in bases and all(new[j] is not old[j] for j in range(len(new)) if i in new[j].shares_from)
     runner._views = None
