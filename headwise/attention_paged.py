@@ -104,9 +104,10 @@ class PagedView:
         return bisect.bisect_right(self.act, steps - self.built_at)
 
 
-def _distant_rows(layers: Sequence[LayerCache], base_layers, H: int) -> list[tuple[int, int, Tensor, Tensor]]:
+def _distant_rows(layers: Sequence[LayerCache], base_layers, H: int) -> list[tuple[int, int, Tensor, Tensor, Tensor]]:
     """PoD over B streams' layers: for every (stream b, head h) with distant rows, (base layer,
-    b * H + h, the distant rows' indices within the head, the base head's rows of their tokens)."""
+    b * H + h, the distant rows' indices within the head, the base head's rows of their tokens
+    (within the head), the log-weights of those base rows)."""
     out = []
     for b, lc in enumerate(layers):
         for h in range(H):
@@ -121,7 +122,8 @@ def _distant_rows(layers: Sequence[LayerCache], base_layers, H: int) -> list[tup
             k0 = int(base.key_offsets()[h])  # the base head holds a key for each of its rows: key index = row + k0
             if isinstance(rows, slice):
                 rows = torch.arange(rows.start, rows.stop, device=distant.device)
-            out.append((bl, b * H + h, distant, rows - k0))
+            within = rows - k0
+            out.append((bl, b * H + h, distant, within, base.log_weights[base.head_offsets[h] + within]))
     return out
 
 
@@ -141,16 +143,19 @@ def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Seq
     T0 = [lc.tail_len for lc in layers for _ in range(H)]
     if max(T0, default=0) > cap:
         raise ValueError(f"a view of {cap} tail slots cannot hold a tail of {max(T0)} rows")
-    # PoD: (base layer, bh, distant rows within the head, the base head's rows of their tokens)
+    # PoD: (base layer, bh, distant rows within the head, the base head's rows of their tokens, their log-weights)
     plans = _distant_rows(layers, base_layers, H) if pod else []
     if plans and (base_views is None or any(p[0] not in base_views for p in plans)):
         raise ValueError(f"distant rows take their logits from layers {sorted({p[0] for p in plans})}; pass their views")
     nd = [0] * BH
     base_of = [-1] * BH
-    for bl, bh, rows, _ in plans:
+    first = [0] * BH  # the base head's first page that holds one of the distant rows' tokens
+    dpages = [0] * BH  # distant pages of the row: they mirror the base head's pages first .. first + dpages - 1
+    for bl, bh, rows, within, _ in plans:
         nd[bh], base_of[bh] = rows.numel(), bl
+        lo, hi = (int(x) for x in torch.aminmax(within))
+        first[bh], dpages[bh] = lo // C, hi // C - lo // C + 1
     nk = [n - m for n, m in zip(lens, nd, strict=True)]  # own rows: keyed, then the tail after them
-    dpages = [-(-m // C) for m in nd]  # pages of the distant rows: j in [0, dpages)
     npages = [p + -(-(k + cap) // C) for p, k in zip(dpages, nk, strict=True)]  # then the own slots
     J = max(npages)
     # distant pages first (by base layer, row), then the others by the step (since the build) from
@@ -183,16 +188,23 @@ def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Seq
         row = torch.arange(R, device=dev) - off[head]  # [R] row index within its head
         if lc.distant is None:
             slot = own0[b * H + head] + row
-        else:  # distant rows in the row's first pages, keyed rows after them, each in head order
+        else:  # a distant row at its base row's slot in the mirrored pages, keyed rows after them in head order
             dist = lc.distant.long()
             before = torch.cat([dist.new_zeros(1), dist.cumsum(0)])  # distant rows before each row (and the end)
             db = before[:R] - before[off[head]]  # distant rows before this one within its head
-            slot = torch.where(lc.distant, db, own0[b * H + head] + row - db)
+            mirror = torch.zeros(R, dtype=torch.long, device=dev)
+            for _, bh, rows, within, _ in (p for p in plans if p[1] // H == b):
+                mirror[off[bh % H] + rows] = within - first[bh] * C
+            slot = torch.where(lc.distant, mirror, own0[b * H + head] + row - db)
         at = flat(b * H + head, slot)
         keyed = at if lc.distant is None else at[~lc.distant]
         K.index_copy_(0, keyed, lc.keys.to(dt))
         V.index_copy_(0, at, lc.values.to(dt))
         bias.index_copy_(0, at, lc.log_weights.to(dt))
+        if lc.distant is not None:  # the base layer's logits carry its rows' log-weights: take them off
+            for _, bh, rows, within, base_lw in (p for p in plans if p[1] // H == b):
+                i = at[off[bh % H] + rows]
+                bias.index_copy_(0, i, (lc.log_weights[off[bh % H] + rows] - base_lw).to(dt))
         if lc.recall is not None and lc.recall.num_groups > 0:  # watched for recall only when originals exist
             m = lc.recall_ids >= 0
             merged.index_fill_(0, at[m], True)
@@ -214,25 +226,16 @@ def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Seq
         merged=merged.view(N, C) if has_merged else None, row_at=row_at.view(N, C) if has_merged else None,
         where=where, nd=n_dist,
     )
-    if plans:
-        # each distant slot's place in its base layer's pages; padding slots: the first slot of their page
-        src_slot = torch.full((n_dist * C,), -1, dtype=torch.long, device=dev)
-        for bl, bh, rows, base_rows in plans:
-            bv = base_views[bl]
-            bhs = torch.full_like(rows, bh)
-            src_slot[flat(bhs, torch.arange(rows.numel(), device=dev))] = bv.where[bhs, base_rows // C] * C + base_rows % C
-        src_slot = src_slot.view(n_dist, C)
-        src_slot = torch.where(src_slot >= 0, src_slot, src_slot[:, :1])
-        g = torch.arange(G, device=dev)[None, :, None]
-        src = ((src_slot // C)[:, None, :] * G + g) * C + (src_slot % C)[:, None, :]  # [nd, G, C] into raw [., G, C]
+    if plans:  # distant page i mirrors page `first + j` of its row in the base layer's arena
+        src = torch.tensor([base_views[o[2]].where[o[3], first[o[3]] + o[4]] for o in order[:n_dist]], dtype=torch.long)
+        page_base = [o[2] for o in order[:n_dist]]
         shares = []
-        page_base = [order[i][2] for i in range(n_dist)]
         for bl in sorted(set(page_base)):
             p0, p1 = page_base.index(bl), len(page_base) - page_base[::-1].index(bl)
             bv = base_views[bl]
             if bv.raw is None:
                 bv.raw = torch.empty_like(bv.scratch)
-            shares.append((bl, bv.raw, p0, p1, src[p0:p1].contiguous()))
+            shares.append((bl, bv.raw, p0, p1, src[p0:p1].to(dev)))
         view.shares = tuple(shares)
         view.shares_from = tuple(s[0] for s in shares)
     return view
@@ -249,18 +252,20 @@ def paged_decode(q: Tensor, view: PagedView, n: int, scaling: float, base_q: Ten
     BH, G, d = q.shape
     pb = view.page_bh[:n]
     nd = view.nd
-    s = view.scratch[:n]  # [n, G, C]
-    for _, raw, p0, p1, src in view.shares:  # PoD: the base layer's q_base . K_base of the distant rows' tokens
-        torch.take(raw, src, out=s[p0:p1])
+    # the logits [n, G, C]: in `raw` where later layers read them, else in the scratch the softmax runs in
+    s = view.raw[:n] if view.raw is not None else view.scratch[:n]
+    for _, raw, p0, p1, src in view.shares:  # PoD: the base layer's logits of the mirrored pages
+        torch.index_select(raw, 0, src, out=s[p0:p1])
     if nd:
-        s[:nd].add_(view.bias[:nd])
+        s[:nd].add_(view.bias[:nd])  # the row's log-weight less the base row's (-inf on slots it does not hold)
     torch.baddbmm(view.bias[nd:n], q.index_select(0, pb[nd:]), view.keys[: n - nd], alpha=scaling, out=s[nd:])
-    if view.raw is not None:  # later layers read these logits (without the bias: they add their own)
-        torch.sub(s, view.bias[:n], out=view.raw[:n])
     # one max per (row, query head) over its pages: the softmax of the row, in pages
     view.page_max.index_copy_(0, view.pad_index[:n], s.amax(-1))  # [BH*J, G]; places of later pages stay -inf
     top = view.page_max.view(BH, -1, G).amax(1)  # [BH, G]
-    s.sub_(top.index_select(0, pb)[..., None]).exp_()
+    if view.raw is not None:  # keep the logits: the exponentials go to the scratch
+        s = torch.sub(s, top.index_select(0, pb)[..., None], out=view.scratch[:n]).exp_()
+    else:
+        s.sub_(top.index_select(0, pb)[..., None]).exp_()
     z = q.new_zeros(BH, G).index_add_(0, pb, s.sum(-1))  # [BH, G] softmax denominators
     out = q.new_zeros(BH, G, d).index_add_(0, pb, torch.bmm(s, view.values[:n])).div_(z[..., None])
     if thresholds is None or view.merged is None:

@@ -301,7 +301,8 @@ def test_paged_distant_logits_per_layer_equal_reference(monkeypatch, page):
     """PoD's distant logits shared from the base layer's product: members of a block whose
     distant tokens differ per layer (subsets of the base head's, in several pages with 5-slot
     pages), a layer holding rows of two bases and being a base itself, log-weights on base and
-    distant rows, two streams with different layouts; every layer's decode output over three
+    distant rows, holes in the mirrored pages (slots of base rows a layer does not hold as
+    distant), two streams with different layouts; every layer's decode output over three
     steps equals the per-head reference (q_base . K_base of each distant row's own token), and
     the distant pages hold no keys."""
     from headwise import attention_paged as ap
