@@ -203,7 +203,7 @@ def build_paged(layers: Sequence[LayerCache], cap: int, G: int, base_layers: Seq
         V.index_copy_(0, at, lc.values.to(dt))
         bias.index_copy_(0, at, lc.log_weights.to(dt))
         if lc.distant is not None:  # the base layer's logits carry its rows' log-weights: take them off
-            for _, bh, rows, within, base_lw in (p for p in plans if p[1] // H == b):
+            for _, bh, rows, _, base_lw in (p for p in plans if p[1] // H == b):
                 i = at[off[bh % H] + rows]
                 bias.index_copy_(0, i, (lc.log_weights[off[bh % H] + rows] - base_lw).to(dt))
         if lc.recall is not None and lc.recall.num_groups > 0:  # watched for recall only when originals exist
