@@ -444,7 +444,8 @@ def test_protected_retrieval_heads_keep_their_keys(prefilled, kept):
         assert d is None or not bool(d.any())
     assert "protect" not in get_policy("pod", kept=kept).params()  # the default keeps stored caches' keys
     assert "protect" not in get_policy("pod", kept=kept, protect="none").params()
-    assert get_policy("pod", kept=kept).query_aware_form().protect == "head"
+    assert get_policy("pod", kept=kept).query_aware_form().protect == "none"  # the share gate decides there
+    assert get_policy("pod", kept=kept, protect="head").query_aware_form().protect == "head"
     assert get_policy("pod", kept=kept, protect="none").query_aware_form().protect == "none"
     with pytest.raises(InvalidInput, match="protect"):
         get_policy("pod", kept=kept, protect="some")

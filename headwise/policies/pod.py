@@ -148,7 +148,7 @@ class PoDPolicy(Policy):
     # (every layer keeps its own keys: no sharing, the same scorer and uniform allocation, fewer tokens)
     # unset: "none" in the reuse regime, `query_aware_protect` in the query-aware one (tuned on --text stdlib)
     protect: str | None = optional(None)
-    query_aware_protect: ClassVar[str] = "head"
+    query_aware_protect: ClassVar[str] = "none"  # the `share` gate decides which pairs borrow
     # the snapkv eviction score's observation signal (policies/scoring.py); unset: the regime's
     # (window; `query_aware_signal` in the query-aware regime)
     signal: str | None = optional(None)
@@ -156,18 +156,18 @@ class PoDPolicy(Policy):
     # [P] "model": the eviction stage's tokens chosen over every (block, head) of the model at once
     # (the mix over model-wide means; a token of an m-layer block costs m + 1 rows and is ranked by its
     # block's summed score per row); "head": every (layer, head) the same count (the uniform split).
-    # Unset: "head", and `query_aware_scope` in the query-aware regime
+    # Unset: "head", and `query_aware_scope` ("model") in the query-aware regime
     scope: str | None = optional(None)
     weight: float | None = optional(None)  # the reconstruction's share of the window+kvzip mix (None: 0.5)
-    query_aware_scope: ClassVar[str] = "head"
-    query_aware_weight: ClassVar[float | None] = None
+    query_aware_scope: ClassVar[str] = "model"  # tuned on --text stdlib --suite full
+    query_aware_weight: ClassVar[float | None] = 0.8
     # [P] PoD's inter-layer attention similarity measured per request (query-aware regime: the question's
     # queries over the segment's rows past the sinks): a non-base (layer, KV head) pair keeps borrowing its
     # distant logits only where 1 - JSD (base 2, mean over the window queries and the GQA group) between its
     # own attention and its base layer's is >= `share`; below it the pair keeps its own keys (leaves its
     # block). Unset: no gate in the reuse regime, `query_aware_share` in the query-aware one
     share: float | None = optional(None)
-    query_aware_share: ClassVar[float | None] = None
+    query_aware_share: ClassVar[float | None] = 0.85  # tuned on --text stdlib --suite full
 
     def __post_init__(self) -> None:
         super().__post_init__()
