@@ -33,6 +33,7 @@ SETTINGS = ["razor:fill=recent", "razor:fill=kvzip", "razor:fill=snapkv", "razor
             "ems:scope=model:signal=window+kvzip:lam=0:weight=0.8", "ems:scope=model",
             "adakv:scope=model:signal=window+kvzip:weight=0.8", "pod:scope=model", "pod:scope=model:signal=window+kvzip:weight=0.8",
             "pod:weight=0.8:signal=window+kvzip", "pod:protect=all", "pod:protect=kv0", "pod:protect=layer", "pod:protect=head", "razor:scope=model",
+            "pod:share=0.7", "pod:protect=none:share=0.7", "pod:protect=none:share=0.6",
             "razor:scope=model:compensation=none"]
 POLICIES = [n for n in policy_names() if n != "full"] + SETTINGS
 S = 600  # >= 512: the realised fraction must be within 1% of the request

@@ -19,7 +19,7 @@ from torch import Tensor
 from headwise.errors import InvalidInput
 from headwise.policies import get_policy
 from headwise.policies.base import Capture, CompressContext
-from headwise.policies.pod import PoDPolicy, block_members, proximal, spread
+from headwise.policies.pod import PoDPolicy, block_members, proximal, similarity, spread
 from headwise.policies.snapkv import SnapKVPolicy
 from headwise.profiles import HeadProfile
 
@@ -444,7 +444,8 @@ def test_protected_retrieval_heads_keep_their_keys(prefilled, kept):
         assert d is None or not bool(d.any())
     assert "protect" not in get_policy("pod", kept=kept).params()  # the default keeps stored caches' keys
     assert "protect" not in get_policy("pod", kept=kept, protect="none").params()
-    assert get_policy("pod", kept=kept).query_aware_form().protect == "head"
+    assert get_policy("pod", kept=kept).query_aware_form().protect == "none"  # the share gate decides there
+    assert get_policy("pod", kept=kept, protect="head").query_aware_form().protect == "head"
     assert get_policy("pod", kept=kept, protect="none").query_aware_form().protect == "none"
     with pytest.raises(InvalidInput, match="protect"):
         get_policy("pod", kept=kept, protect="some")
@@ -475,3 +476,44 @@ def test_protected_retrieval_heads_keep_their_keys(prefilled, kept):
         get_policy("pod", kept=kept, protect="kv3").blocks(c, 3)
     with pytest.raises(InvalidInput, match="evict='snapkv'"):
         get_policy("pod", kept=kept, evict="kvzip", signal="window+kvzip")
+
+
+def test_similarity_is_one_for_the_same_layer_and_lower_for_another(prefilled):
+    st = prefilled.states
+    assert similarity(st[2], st[2], 0, 16) == pytest.approx(1.0, abs=1e-5)
+    other = similarity(st[2], st[1], 0, 16)
+    assert 0.0 <= other < 1.0 - 1e-4
+
+
+@pytest.mark.parametrize("kept", [0.25, 0.1])
+def test_share_gate_dissolves_exactly_the_dissimilar_pairs(prefilled, ctx, kept):
+    """share: a non-base pair keeps borrowing only where its measured similarity to its base is >= share;
+    share 0 is the profile's blocks, share above every similarity is no sharing; budget and block
+    invariants hold for each, and the result is deterministic."""
+    st = prefilled.states
+    sims = {(li, h): similarity(st[li], st[b], h, 16) for li, row in enumerate(BASE_OF)
+            for h, b in enumerate(row) if b != li}
+    cut = sorted(sims.values())[len(sims) // 2]
+    expect = [[li if (li, h) in sims and sims[li, h] < cut else b for h, b in enumerate(row)]
+              for li, row in enumerate(BASE_OF)]
+    pol = get_policy("pod", kept=kept, share=cut)
+    assert pol.gate(st, BASE_OF) == expect and expect != BASE_OF and any(
+        expect[li][h] != li for li, h in sims)  # some pairs left, some kept
+    out = pol.compress(st, 0, ctx)
+    assert abs(out.kept_fraction() - kept) <= 0.01
+    _check_blocks(out, expect, pol)
+    assert _same(out, pol.compress(st, 0, ctx))
+    assert _same(get_policy("pod", kept=kept, share=0.0).compress(st, 0, ctx), get_policy("pod", kept=kept).compress(st, 0, ctx))
+    assert _same(get_policy("pod", kept=kept, share=1.0).compress(st, 0, ctx),
+                 get_policy("pod", kept=kept, protect="all").compress(st, 0, ctx))
+    assert "share" not in get_policy("pod", kept=kept).params()
+    assert get_policy("pod", kept=kept, share=cut).params()["share"] == cut
+    for bad in (-0.1, 1.5, True, "x"):
+        with pytest.raises(InvalidInput, match="share"):
+            get_policy("pod", kept=kept, share=bad)
+
+
+def test_share_gate_at_full_budget_equals_full(runner, ctx, seg_ids):
+    full = runner.prefill_segment(seg_ids)
+    got = runner.prefill_segment(seg_ids, policy=get_policy("pod", kept=1.0, share=0.7), ctx=ctx)
+    assert _same(got.segment, full.segment) and all(layer.distant is None for layer in got.segment.layers)

@@ -28,7 +28,8 @@ SPECS = [("snapkv", {}), ("adakv", {}), ("adakv", {"scorer": "ahakv"}), ("ahakv"
          ("ems", {"scope": "model", "weight": 0.8}), ("ems", {"scope": "head"}), ("adakv", {"scope": "model", "weight": 0.8}),
          ("adakv", {"scope": "layer"}), ("pod", {"protect": "all"}), ("pod", {"protect": "kv0"}),
          ("pod", {"scope": "model"}), ("pod", {"scope": "model", "weight": 0.8}), ("pod", {"protect": "head"}),
-         ("pod", {"protect": "none"}), ("pod", {"protect": "layer"})]
+         ("pod", {"protect": "none"}), ("pod", {"protect": "layer"}), ("pod", {"share": 0.7}), ("pod", {"share": 0.0}),
+         ("pod", {"protect": "head", "share": 0.0, "scope": "head", "weight": 0.5})]
 D, Q = 600, 24  # document >= 512 rows: the realised fraction must be within 1% of the request
 
 
@@ -292,7 +293,8 @@ def test_regime_defaults_of_the_signal_lam_and_alpha(runner, ctx):
 def test_regime_defaults_of_scope_and_weight(runner, ctx):
     """Unset, scope and weight take the query-aware regime's defaults (model, 0.8: the model's rows
     ranked at once, leaning on the reconstruction) for the five methods; the reuse regime keeps the
-    papers' per-head split and its segment keys; pod keeps its uniform split in both."""
+    papers' per-head split and its segment keys; pod's query-aware form also gates its score sharing
+    (share 0.85, protect none) and its reuse form is the profile's blocks, uniform split."""
     from headwise.models.query_aware import compress_prefilled, document_reconstruction
 
     out = runner.prefill(DOC + QUESTION, capture=Capture(window=Q, column_sums=True))
@@ -310,5 +312,14 @@ def test_regime_defaults_of_scope_and_weight(runner, ctx):
         per_head = get_policy(name, kept=0.25, scope=head, weight=0.8, signal="window+kvzip")
         assert not _same(got, compress_prefilled(out, D, per_head, ctx, rec).document), name
         assert _same(unset.compress(plain.states, 0, ctx), get_policy(name, kept=0.25, scope=head).compress(plain.states, 0, ctx))
-    form = get_policy("pod", kept=0.25).query_aware_form()
-    assert form.scope is None and form.weight is None
+    unset = get_policy("pod", kept=0.25)
+    form = unset.query_aware_form()
+    assert (form.scope, form.weight, form.share, form.protect, form.signal) == ("model", 0.8, 0.85, "none", "window+kvzip")
+    assert not {"scope", "weight", "share", "protect", "signal"} & set(unset.params())
+    got = compress_prefilled(out, D, unset, ctx, rec).document
+    explicit = get_policy("pod", kept=0.25, scope="model", weight=0.8, share=0.85, protect="none", signal="window+kvzip")
+    assert _same(got, compress_prefilled(out, D, explicit, ctx, rec).document)
+    assert abs(got.kept_fraction() - 0.25) <= 0.01
+    assert _same(unset.compress(plain.states, 0, ctx), get_policy("pod", kept=0.25, share=None).compress(plain.states, 0, ctx))
+    explicit = get_policy("pod", kept=0.25, share=0.0, protect="none").query_aware_form()
+    assert explicit.share == 0.0 and explicit.protect == "none"

@@ -50,6 +50,27 @@ def proximal(S: int, sinks: int, recent: int) -> Tensor:
     return m
 
 
+def similarity(own: LayerState, base: LayerState, h: int, skip: int) -> float:
+    """1 - JSD (base 2, in [0, 1]) between KV head h's attention in layer `own` and in its base layer
+    `base` from their own window queries (the GQA group's), over the segment's rows past the first
+    `skip` (the rows that become distant), mean over the queries and the group."""
+    S = own.num_tokens
+    G = own.window_queries.shape[0] // own.num_kv_heads
+    lo = min(skip, S - 1)
+    dists = []
+    for st in (own, base):
+        q = st.window_queries[h * G:(h + 1) * G].float()  # [G, W, d]
+        logits = q @ st.keys[h, lo:].float().T * st.scaling  # [G, W, S - lo]
+        dists.append(torch.softmax(logits, -1))
+    p, r = dists
+    m = 0.5 * (p + r)
+
+    def kl(a: Tensor) -> Tensor:
+        return (a * (a.clamp_min(1e-30).log2() - m.clamp_min(1e-30).log2())).sum(-1)
+
+    return float(1.0 - 0.5 * (kl(p) + kl(r)).mean())
+
+
 def block_members(base_of: list[list[int]]) -> dict[tuple[int, int], list[int]]:
     """(base layer, KV head) -> the layers of that block, base first, for every block of the profile."""
     out: dict[tuple[int, int], list[int]] = {}
@@ -127,7 +148,7 @@ class PoDPolicy(Policy):
     # (every layer keeps its own keys: no sharing, the same scorer and uniform allocation, fewer tokens)
     # unset: "none" in the reuse regime, `query_aware_protect` in the query-aware one (tuned on --text stdlib)
     protect: str | None = optional(None)
-    query_aware_protect: ClassVar[str] = "head"
+    query_aware_protect: ClassVar[str] = "none"  # the `share` gate decides which pairs borrow
     # the snapkv eviction score's observation signal (policies/scoring.py); unset: the regime's
     # (window; `query_aware_signal` in the query-aware regime)
     signal: str | None = optional(None)
@@ -135,11 +156,18 @@ class PoDPolicy(Policy):
     # [P] "model": the eviction stage's tokens chosen over every (block, head) of the model at once
     # (the mix over model-wide means; a token of an m-layer block costs m + 1 rows and is ranked by its
     # block's summed score per row); "head": every (layer, head) the same count (the uniform split).
-    # Unset: "head", and `query_aware_scope` in the query-aware regime
+    # Unset: "head", and `query_aware_scope` ("model") in the query-aware regime
     scope: str | None = optional(None)
     weight: float | None = optional(None)  # the reconstruction's share of the window+kvzip mix (None: 0.5)
-    query_aware_scope: ClassVar[str] = "head"
-    query_aware_weight: ClassVar[float | None] = None
+    query_aware_scope: ClassVar[str] = "model"  # tuned on --text stdlib --suite full
+    query_aware_weight: ClassVar[float | None] = 0.8
+    # [P] PoD's inter-layer attention similarity measured per request (query-aware regime: the question's
+    # queries over the segment's rows past the sinks): a non-base (layer, KV head) pair keeps borrowing its
+    # distant logits only where 1 - JSD (base 2, mean over the window queries and the GQA group) between its
+    # own attention and its base layer's is >= `share`; below it the pair keeps its own keys (leaves its
+    # block). Unset: no gate in the reuse regime, `query_aware_share` in the query-aware one
+    share: float | None = optional(None)
+    query_aware_share: ClassVar[float | None] = 0.85  # tuned on --text stdlib --suite full
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -159,6 +187,9 @@ class PoDPolicy(Policy):
             raise InvalidInput("policy 'pod': scope and weight are the snapkv eviction's; they need evict='snapkv'")
         if self.signal not in (None, "window") and self.evict != "snapkv":
             raise InvalidInput(f"policy 'pod': signal={self.signal!r} is the snapkv eviction's; it needs evict='snapkv'")
+        if self.share is not None and (isinstance(self.share, bool) or not isinstance(self.share, (int, float))
+                                       or not 0.0 <= self.share <= 1.0):
+            raise InvalidInput(f"policy 'pod': share={self.share!r} must be a similarity in [0, 1]")
         if self.block_score not in BLOCK_SCORES:
             raise InvalidInput(f"policy 'pod': block_score={self.block_score!r}; allowed: {', '.join(BLOCK_SCORES)}")
         if self.evict == "none" and self.kept < 0.5:
@@ -182,6 +213,8 @@ class PoDPolicy(Policy):
         from headwise.policies.base import query_aware_defaults
 
         form = query_aware_defaults(self)
+        if self.share is None and self.query_aware_share is not None:
+            form = dataclasses.replace(form, share=self.query_aware_share)
         return form if self.protect is not None else dataclasses.replace(form, protect=self.query_aware_protect)
 
     def params(self) -> dict:
@@ -229,6 +262,18 @@ class PoDPolicy(Policy):
                                    f"{num_kv_heads}")
             base_of = [[li if h in heads else b for h, b in enumerate(row)] for li, row in enumerate(base_of)]
         return base_of
+
+    def gate(self, states: list[LayerState], base_of: list[list[int]]) -> list[list[int]]:
+        """`share` set and window queries captured: each non-base pair whose attention similarity
+        to its base layer (`similarity`) is below `share` leaves its block (keeps its own keys)."""
+        if self.share is None or states[0].window_queries is None:
+            return base_of
+        out = [list(row) for row in base_of]
+        for li, row in enumerate(base_of):
+            for h, b in enumerate(row):
+                if b != li and similarity(states[li], states[b], h, self.sinks) < self.share:
+                    out[li][h] = li
+        return out
 
     def realised(self, S: int, base_of: list[list[int]], recent: int) -> float:
         """(K rows + V rows) / (2 L Hkv S) for PoD alone with a recent window of `recent` tokens."""
@@ -333,7 +378,7 @@ class PoDPolicy(Policy):
     def compress(self, states: list[LayerState], start: int, ctx: CompressContext | None = None) -> CompactCache:
         ctx = ctx or CompressContext(num_layers=len(states))
         S, H = states[0].num_tokens, states[0].num_kv_heads
-        base_of = self.blocks(ctx, H)
+        base_of = self.gate(states, self.blocks(ctx, H))
         meta = {"policy": self.params()}
         if not self.evicts(S, base_of):
             prox = proximal(S, self.sinks, self.recent_for(S, base_of)).to(states[0].keys.device)
