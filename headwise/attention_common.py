@@ -52,21 +52,28 @@ class BaseQueries:
                 self.queries.pop(b, None)
 
 
-def distant_plans(layers, base_layers, num_heads: int, offset: int = 0) -> list[tuple[int, Tensor, Tensor, int]]:
-    """PoD over B streams' layers: for every (stream b, head h) with distant rows, (b * H + h, the
-    rows' slots within the head plus `offset`, the base layer's keys of their tokens, the base layer)."""
-    plans = []
+def distant_heads(layers, base_layers, num_heads: int):
+    """PoD over B streams' layers: for every (stream b, head h) with distant rows, (b, h, the base
+    layer's index, the base LayerCache, the distant rows within the head, where their tokens' keys
+    are in the base's keys: `_distant_plan`'s)."""
     for b, lc in enumerate(layers):
         for h in range(num_heads):
             if lc.head_distant(h) is None:
                 continue
             if base_layers is None:
                 raise ValueError(f"head {h} scores its distant rows with layer {lc.distant_from[h]}; "
-                                 "pass that layer's queries (BaseQueries)")
+                                 "pass the caches' layers (BaseQueries or base_layers)")
             bl = lc.distant_from[h]
-            _, distant, rows = _distant_plan(lc, h, base_layers[b][bl], bl)
-            plans.append((b * num_heads + h, distant + offset, base_layers[b][bl].keys[rows], bl))
-    return plans
+            base = base_layers[b][bl]
+            _, distant, rows = _distant_plan(lc, h, base, bl)
+            yield b, h, bl, base, distant, rows
+
+
+def distant_plans(layers, base_layers, num_heads: int, offset: int = 0) -> list[tuple[int, Tensor, Tensor, int]]:
+    """PoD over B streams' layers: for every (stream b, head h) with distant rows, (b * H + h, the
+    rows' slots within the head plus `offset`, the base layer's keys of their tokens, the base layer)."""
+    return [(b * num_heads + h, distant + offset, base.keys[rows], bl)
+            for b, h, bl, base, distant, rows in distant_heads(layers, base_layers, num_heads)]
 
 
 def _distant_plan(layer: LayerCache, h: int, base: LayerCache, b: int) -> tuple[Tensor, Tensor, Tensor | slice]:

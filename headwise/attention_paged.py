@@ -48,7 +48,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from headwise.attention_common import MergedShare, _distant_plan
+from headwise.attention_common import MergedShare, distant_heads
 from headwise.cache.compact import LayerCache
 
 PAGE = 32  # slots per page: waste is PAGE / 2 slots per (stream, head) on average, calls n / PAGE (32 against 64:
@@ -110,21 +110,12 @@ def _distant_rows(layers: Sequence[LayerCache], base_layers, H: int) -> list[tup
     b * H + h, the distant rows' indices within the head, the base head's rows of their tokens
     (within the head), the log-weights of those base rows)."""
     out = []
-    for b, lc in enumerate(layers):
-        for h in range(H):
-            if lc.head_distant(h) is None:
-                continue
-            if base_layers is None:
-                raise ValueError(f"head {h} takes its distant logits from layer {lc.distant_from[h]}; pass the "
-                                 "caches' layers (base_layers)")
-            bl = lc.distant_from[h]
-            base = base_layers[b][bl]
-            _, distant, rows = _distant_plan(lc, h, base, bl)
-            k0 = int(base.key_offsets()[h])  # the base head holds a key for each of its rows: key index = row + k0
-            if isinstance(rows, slice):
-                rows = torch.arange(rows.start, rows.stop, device=distant.device)
-            within = rows - k0
-            out.append((bl, b * H + h, distant, within, base.log_weights[base.head_offsets[h] + within]))
+    for b, h, bl, base, distant, rows in distant_heads(layers, base_layers, H):
+        k0 = int(base.key_offsets()[h])  # the base head holds a key for each of its rows: key index = row + k0
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop, device=distant.device)
+        within = rows - k0
+        out.append((bl, b * H + h, distant, within, base.log_weights[base.head_offsets[h] + within]))
     return out
 
 
