@@ -50,19 +50,24 @@ def proximal(S: int, sinks: int, recent: int) -> Tensor:
     return m
 
 
+def window_attention(st: LayerState, h: int, skip: int) -> Tensor:
+    """KV head h's attention from its own window queries (the GQA group's) over the segment's rows
+    past the first `skip` (the rows that become distant): [G, W, S - skip] (skip capped at S - 1)."""
+    G = st.window_queries.shape[0] // st.num_kv_heads
+    lo = min(skip, st.num_tokens - 1)
+    q = st.window_queries[h * G:(h + 1) * G].float()  # [G, W, d]
+    return torch.softmax(q @ st.keys[h, lo:].float().T * st.scaling, -1)  # [G, W, S - lo]
+
+
 def similarity(own: LayerState, base: LayerState, h: int, skip: int) -> float:
     """1 - JSD (base 2, in [0, 1]) between KV head h's attention in layer `own` and in its base layer
     `base` from their own window queries (the GQA group's), over the segment's rows past the first
     `skip` (the rows that become distant), mean over the queries and the group."""
-    S = own.num_tokens
-    G = own.window_queries.shape[0] // own.num_kv_heads
-    lo = min(skip, S - 1)
-    dists = []
-    for st in (own, base):
-        q = st.window_queries[h * G:(h + 1) * G].float()  # [G, W, d]
-        logits = q @ st.keys[h, lo:].float().T * st.scaling  # [G, W, S - lo]
-        dists.append(torch.softmax(logits, -1))
-    p, r = dists
+    return attention_similarity(window_attention(own, h, skip), window_attention(base, h, skip))
+
+
+def attention_similarity(p: Tensor, r: Tensor) -> float:
+    """1 - JSD (base 2) of two `window_attention`s of one KV head, mean over the queries and the group."""
     m = 0.5 * (p + r)
 
     def kl(a: Tensor) -> Tensor:
@@ -269,9 +274,16 @@ class PoDPolicy(Policy):
         if self.share is None or states[0].window_queries is None:
             return base_of
         out = [list(row) for row in base_of]
+        attn: dict[tuple[int, int], Tensor] = {}  # a base layer's attention, once for all of its block
+
+        def of(li: int, h: int) -> Tensor:
+            if (li, h) not in attn:
+                attn[li, h] = window_attention(states[li], h, self.sinks)
+            return attn[li, h]
+
         for li, row in enumerate(base_of):
             for h, b in enumerate(row):
-                if b != li and similarity(states[li], states[b], h, self.sinks) < self.share:
+                if b != li and attention_similarity(of(li, h), of(b, h)) < self.share:
                     out[li][h] = li
         return out
 
